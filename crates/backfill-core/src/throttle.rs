@@ -1,0 +1,1801 @@
+//! Adaptive throttle controller: decides the size of the next batch and how long to wait
+//! before it, or whether to hold completely, from the latest health sample and the outcome
+//! of the last batch.
+//!
+//! The controller is pure: no I/O and no clock. The caller passes `now` (a monotonic
+//! [`Duration`] since any origin it likes), so every decision is deterministic and can be
+//! replayed in tests with simulated time.
+//!
+//! # How it decides
+//!
+//! - **Growth** (additive): after a batch that committed within the target duration on a
+//!   healthy database, the size grows by a fixed step, but never past the size that the
+//!   last batch's per-row cost predicts would take exactly the target.
+//! - **Slow batches** (proportional): a batch over the target scales the size to the one
+//!   predicted to hit the target. Overshooting by up to twice the target is ordinary
+//!   regulation; beyond that the decision carries reason `slow_batch`.
+//! - **Trouble** (multiplicative): lock timeout and transient errors cut the size by
+//!   `cut_factor` (×0.5), a statement timeout to the smaller of that and the size predicted
+//!   to hit the target; being cancelled for blocking production, or a health sample
+//!   showing sessions blocked by us, cuts by `blocking_cut_factor` (×0.25).
+//!   All of these also start an exponential backoff pause (100 ms doubling to 5 s) that a
+//!   committed batch resets. At most one multiplicative cut is applied per batch: the
+//!   deepest applicable one, never a product of several.
+//! - **Replication lag**: at or above the soft limit (half the hard limit by default) the
+//!   size is cut once per batch and a pause is inserted between batches, because smaller
+//!   batches alone do not reduce the WAL rate, only idle time does. At or above the hard
+//!   limit the controller holds completely, and stays holding until every replica is below
+//!   half the limit in both seconds and bytes (hysteresis, so it cannot flap around one
+//!   threshold).
+//! - **Fail safe**: a standby the operator declared that is missing counts as unbounded
+//!   lag (hold, `standby_missing`, same hysteresis as lag). A failed probe holds briefly
+//!   (`probe_failed`) without touching the lag hysteresis.
+//! - **Rate budget**: `max_rows_per_second` is enforced with a next-allowed-start time
+//!   (GCRA without burst credit): a batch that committed `n` rows and started at `s` lets
+//!   the next one start no earlier than `s + n / budget`. Idle time is never banked, so
+//!   after a hold the daemon does not burst. A batch is also capped at one second of
+//!   budget, which keeps the pauses between batches short and the load smooth.
+//!
+//! # Replication lag: time and bytes
+//!
+//! Each replica reports time lag (`replay_lag`) and byte lag (`pg_current_wal_lsn() -
+//! replay_lsn`), either possibly unknown. A replica is over a limit when *either* known
+//! measure is at or above its limit, and below half only when *every* known measure is.
+//! The two cover each other's blind spots: on an idle primary `replay_lag` is stale and
+//! then NULL while bytes are 0, so bytes alone say "caught up"; under load bytes grow as
+//! soon as we write WAL, before the standby's feedback updates `replay_lag`. A replica that
+//! reports neither cannot be judged and is treated as over the limit (fail safe).
+//!
+//! # Defaults and why
+//!
+//! The hard limit is **2 s or 64 MiB**, whichever trips first; the soft limit and the
+//! resume point are both **half** of it (1 s / 32 MiB). For comparison, gh-ost throttles
+//! at `--max-lag-millis` 1500 ms, measured by its own heartbeat written every 100 ms, and
+//! pt-archiver (when `--check-slave-lag` is given) pauses while lag exceeds `--max-lag`
+//! 1 s, re-checking every `--check-interval` 1 s; both stop and restart at one threshold.
+//! PostgreSQL's `replay_lag` is not a heartbeat: it is derived from standby feedback, so
+//! it moves in steps and carries the standby's reporting delay, and it goes stale or NULL
+//! when the primary is idle. A single 1–1.5 s threshold on such a signal would flap; a
+//! 2 s hold with resume below 1 s keeps the same middle ground as gh-ost, and because we
+//! already start slowing down at 1 s we back off where pt-archiver would stop. The byte
+//! limit catches lag before `replay_lag` reports it and bounds the catch-up work: 64 MiB
+//! (four default WAL segments) is one to a few seconds of replay for a standby's
+//! single-threaded startup process replaying a few tens of MiB/s, consistent with the time
+//! limit.
+//!
+//! Batch defaults: sizes 10..=10 000 starting at 1 000 (gh-ost's default chunk size),
+//! target duration 500 ms (short enough that row locks and a cancelled statement cost
+//! little, long enough that per-statement overhead stays small). Growth is +10 % of the
+//! maximum per healthy batch: additive increase with multiplicative decrease (as in TCP
+//! congestion control) converges instead of oscillating, and a step relative to the
+//! maximum climbs the whole range in about ten healthy batches (~5 s at target) whatever
+//! the configured scale, while the prediction cap keeps any single step from overshooting
+//! the target. Holds are re-checked every second, the cadence of pt-archiver's checks and
+//! of the daemon's health probes.
+
+use std::fmt;
+use std::time::Duration;
+
+/// A batch that took more than this many times the target is reported as `slow_batch`;
+/// smaller overshoots are corrected silently as normal regulation.
+const SLOW_BATCH_FACTOR: u32 = 2;
+
+/// A batch never carries more rows than this much of the rate budget, so the pause that
+/// pays for it stays about this short.
+const RATE_BUDGET_WINDOW: Duration = Duration::from_secs(1);
+
+/// Smallest rate budget, also used in place of a nonsense one (zero, negative, NaN): failing
+/// safe means crawling, never running unlimited, and the floor keeps every rate pause finite
+/// and safe to add to a clock.
+const MIN_ROWS_PER_SECOND: f64 = 1.0;
+
+/// Tuning of the throttle controller; [`Default`] holds the documented defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ThrottleSettings {
+    /// Smallest batch the controller will ask for (rows/keys).
+    pub min_batch_size: u32,
+    /// Largest batch the controller will ask for.
+    pub max_batch_size: u32,
+    /// Size of the first batch.
+    pub start_batch_size: u32,
+    /// Batch duration the size is steered towards.
+    pub target_batch: Duration,
+    /// Hard time-lag limit: at or above it on any replica, hold.
+    pub max_lag: Duration,
+    /// Hard byte-lag limit: at or above it on any replica, hold.
+    pub max_lag_bytes: u64,
+    /// Fraction of the hard limits at which cutting starts (the soft limit), in `(0, 1]`.
+    pub soft_lag_fraction: f64,
+    /// Pause inserted before each batch while lag is at or above the soft limit.
+    pub soft_lag_pause: Duration,
+    /// Rows committed per second this controller may spend; `None` means unlimited.
+    pub max_rows_per_second: Option<f64>,
+    /// Additive growth per healthy batch, as a fraction of `max_batch_size`, in `(0, 1]`.
+    pub growth_step_fraction: f64,
+    /// Multiplicative cut on lag, lock timeout, statement timeout and transient errors.
+    pub cut_factor: f64,
+    /// Multiplicative cut when our batch blocked production sessions.
+    pub blocking_cut_factor: f64,
+    /// First backoff pause after trouble; doubles on each consecutive trouble.
+    pub backoff_initial: Duration,
+    /// Upper bound of the backoff pause.
+    pub backoff_max: Duration,
+    /// How long to wait before re-checking while holding.
+    pub hold_recheck: Duration,
+}
+
+impl Default for ThrottleSettings {
+    fn default() -> Self {
+        Self {
+            min_batch_size: 10,
+            max_batch_size: 10_000,
+            start_batch_size: 1_000,
+            target_batch: Duration::from_millis(500),
+            max_lag: Duration::from_secs(2),
+            max_lag_bytes: 64 * 1024 * 1024,
+            soft_lag_fraction: 0.5,
+            soft_lag_pause: Duration::from_millis(500),
+            max_rows_per_second: None,
+            growth_step_fraction: 0.1,
+            cut_factor: 0.5,
+            blocking_cut_factor: 0.25,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            hold_recheck: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why a set of [`ThrottleSettings`] makes no sense.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ThrottleSettingsError {
+    /// `min_batch_size` is zero.
+    #[error("min_batch_size must be at least 1")]
+    ZeroMinBatchSize,
+    /// `min_batch_size` exceeds `max_batch_size`.
+    #[error("min_batch_size ({min}) is larger than max_batch_size ({max})")]
+    MinAboveMax {
+        /// The configured minimum.
+        min: u32,
+        /// The configured maximum.
+        max: u32,
+    },
+    /// `start_batch_size` lies outside the min..=max range.
+    #[error(
+        "start_batch_size ({start}) is outside min_batch_size..=max_batch_size ({min}..={max})"
+    )]
+    StartOutOfRange {
+        /// The configured start size.
+        start: u32,
+        /// The configured minimum.
+        min: u32,
+        /// The configured maximum.
+        max: u32,
+    },
+    /// A duration that must be positive is zero.
+    #[error("{name} must be greater than zero")]
+    ZeroDuration {
+        /// Name of the setting.
+        name: &'static str,
+    },
+    /// `max_lag_bytes` is zero.
+    #[error("max_lag_bytes must be greater than zero")]
+    ZeroMaxLagBytes,
+    /// `max_rows_per_second` is not a finite number of at least 1.
+    #[error("max_rows_per_second must be a number of at least 1, got {0}")]
+    InvalidRowsPerSecond(f64),
+    /// A fraction or factor is outside its allowed range.
+    #[error("{name} must be in {range}, got {value}")]
+    FactorOutOfRange {
+        /// Name of the setting.
+        name: &'static str,
+        /// The configured value.
+        value: f64,
+        /// The allowed range, for the message.
+        range: &'static str,
+    },
+    /// `backoff_initial` is longer than `backoff_max`.
+    #[error("backoff_initial ({initial:?}) is longer than backoff_max ({max:?})")]
+    BackoffInitialAboveMax {
+        /// The configured initial backoff.
+        initial: Duration,
+        /// The configured maximum backoff.
+        max: Duration,
+    },
+}
+
+impl ThrottleSettings {
+    /// Checks the settings, reporting the first nonsense value with a message for the user.
+    pub fn validate(&self) -> Result<(), ThrottleSettingsError> {
+        let (min, max, start) = (
+            self.min_batch_size,
+            self.max_batch_size,
+            self.start_batch_size,
+        );
+        if min == 0 {
+            return Err(ThrottleSettingsError::ZeroMinBatchSize);
+        }
+        if min > max {
+            return Err(ThrottleSettingsError::MinAboveMax { min, max });
+        }
+        if !(min..=max).contains(&start) {
+            return Err(ThrottleSettingsError::StartOutOfRange { start, min, max });
+        }
+        for (name, value) in [
+            ("target_batch", self.target_batch),
+            ("max_lag", self.max_lag),
+            ("backoff_initial", self.backoff_initial),
+            ("hold_recheck", self.hold_recheck),
+        ] {
+            if value.is_zero() {
+                return Err(ThrottleSettingsError::ZeroDuration { name });
+            }
+        }
+        if self.max_lag_bytes == 0 {
+            return Err(ThrottleSettingsError::ZeroMaxLagBytes);
+        }
+        if let Some(budget) = self.max_rows_per_second {
+            if !(budget.is_finite() && budget >= MIN_ROWS_PER_SECOND) {
+                return Err(ThrottleSettingsError::InvalidRowsPerSecond(budget));
+            }
+        }
+        for (name, value, allowed) in [
+            ("soft_lag_fraction", self.soft_lag_fraction, UNIT_RANGE),
+            (
+                "growth_step_fraction",
+                self.growth_step_fraction,
+                UNIT_RANGE,
+            ),
+            ("cut_factor", self.cut_factor, CUT_RANGE),
+            ("blocking_cut_factor", self.blocking_cut_factor, CUT_RANGE),
+        ] {
+            if !allowed.contains(value) {
+                return Err(ThrottleSettingsError::FactorOutOfRange {
+                    name,
+                    value,
+                    range: allowed.label,
+                });
+            }
+        }
+        if self.backoff_initial > self.backoff_max {
+            return Err(ThrottleSettingsError::BackoffInitialAboveMax {
+                initial: self.backoff_initial,
+                max: self.backoff_max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Returns settings the controller can always work with: sizes ordered and at least 1,
+    /// and every other nonsense value replaced by its default (a rate budget below 1 row/s,
+    /// or nonsense, by 1 row/s rather than none).
+    pub fn normalized(&self) -> Self {
+        let defaults = Self::default();
+        let min = self.min_batch_size.max(1);
+        let max = self.max_batch_size.max(min);
+        let positive_or = |value: Duration, fallback: Duration| {
+            if value.is_zero() {
+                fallback
+            } else {
+                value
+            }
+        };
+        let factor_or = |value: f64, allowed: FactorRange, fallback: f64| {
+            if allowed.contains(value) {
+                value
+            } else {
+                fallback
+            }
+        };
+        let backoff_initial = positive_or(self.backoff_initial, defaults.backoff_initial);
+        Self {
+            min_batch_size: min,
+            max_batch_size: max,
+            start_batch_size: self.start_batch_size.clamp(min, max),
+            target_batch: positive_or(self.target_batch, defaults.target_batch),
+            max_lag: positive_or(self.max_lag, defaults.max_lag),
+            max_lag_bytes: if self.max_lag_bytes == 0 {
+                defaults.max_lag_bytes
+            } else {
+                self.max_lag_bytes
+            },
+            soft_lag_fraction: factor_or(
+                self.soft_lag_fraction,
+                UNIT_RANGE,
+                defaults.soft_lag_fraction,
+            ),
+            soft_lag_pause: self.soft_lag_pause,
+            max_rows_per_second: normalize_budget(self.max_rows_per_second),
+            growth_step_fraction: factor_or(
+                self.growth_step_fraction,
+                UNIT_RANGE,
+                defaults.growth_step_fraction,
+            ),
+            cut_factor: factor_or(self.cut_factor, CUT_RANGE, defaults.cut_factor),
+            blocking_cut_factor: factor_or(
+                self.blocking_cut_factor,
+                CUT_RANGE,
+                defaults.blocking_cut_factor,
+            ),
+            backoff_initial,
+            backoff_max: self.backoff_max.max(backoff_initial),
+            hold_recheck: positive_or(self.hold_recheck, defaults.hold_recheck),
+        }
+    }
+}
+
+/// An open-or-closed range of allowed factor values, with its label for error messages.
+#[derive(Clone, Copy)]
+struct FactorRange {
+    max_inclusive: bool,
+    label: &'static str,
+}
+
+/// Fractions that may reach 1 (a soft limit equal to the hard one, a step of the whole range).
+const UNIT_RANGE: FactorRange = FactorRange {
+    max_inclusive: true,
+    label: "(0, 1]",
+};
+
+/// Cut factors must actually cut.
+const CUT_RANGE: FactorRange = FactorRange {
+    max_inclusive: false,
+    label: "(0, 1)",
+};
+
+impl FactorRange {
+    fn contains(self, value: f64) -> bool {
+        value > 0.0 && (value < 1.0 || (self.max_inclusive && value == 1.0))
+    }
+}
+
+/// Maps a rate budget to one the controller can use: infinity means unlimited, and a
+/// nonsense budget means the slowest rate (fail safe).
+fn normalize_budget(budget: Option<f64>) -> Option<f64> {
+    match budget {
+        Some(rate) if rate == f64::INFINITY => None,
+        Some(rate) if rate.is_finite() && rate > 0.0 => Some(rate.max(MIN_ROWS_PER_SECOND)),
+        Some(_) => Some(MIN_ROWS_PER_SECOND),
+        None => None,
+    }
+}
+
+/// Replication lag of one physical standby, as measured by the health probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaLag {
+    /// Standby name (`application_name`, or the name the operator gave a replica DSN).
+    pub name: String,
+    /// Time lag (`replay_lag`); `None` when PostgreSQL reports NULL, e.g. on an idle primary.
+    /// When measured on the replica itself, report zero while nothing is left to replay,
+    /// since `now() - pg_last_xact_replay_timestamp()` grows on an idle primary.
+    pub lag: Option<Duration>,
+    /// Byte lag (`pg_current_wal_lsn() - replay_lsn`); `None` when unknown.
+    pub lag_bytes: Option<u64>,
+}
+
+impl ReplicaLag {
+    /// A replica with the given time and byte lag.
+    pub fn new(name: impl Into<String>, lag: Option<Duration>, lag_bytes: Option<u64>) -> Self {
+        Self {
+            name: name.into(),
+            lag,
+            lag_bytes,
+        }
+    }
+
+    /// True when neither measure is known, so the replica cannot be judged.
+    fn is_unmeasured(&self) -> bool {
+        self.lag.is_none() && self.lag_bytes.is_none()
+    }
+
+    /// True when either known measure is at or above its limit.
+    fn reaches(&self, lag_limit: Duration, bytes_limit: u64) -> bool {
+        self.lag.is_some_and(|lag| lag >= lag_limit)
+            || self.lag_bytes.is_some_and(|bytes| bytes >= bytes_limit)
+    }
+
+    /// True when every known measure is strictly below half its hard limit (integer
+    /// arithmetic, so the boundary is exact); never for an unmeasured replica.
+    fn below_half(&self, max_lag: Duration, max_lag_bytes: u64) -> bool {
+        let lag_ok = self.lag.map(|lag| lag.saturating_mul(2) < max_lag);
+        let bytes_ok = self
+            .lag_bytes
+            .map(|bytes| bytes.saturating_mul(2) < max_lag_bytes);
+        match (lag_ok, bytes_ok) {
+            (None, None) => false,
+            (lag_ok, bytes_ok) => lag_ok != Some(false) && bytes_ok != Some(false),
+        }
+    }
+}
+
+/// One reading of the database's health (built by the probes in the data plane).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HealthSample {
+    /// Lag of every standby that was found.
+    pub replicas: Vec<ReplicaLag>,
+    /// Standbys the operator declared that are absent or unreachable.
+    pub missing_standbys: Vec<String>,
+    /// Sessions currently waiting on a lock held by the backfill's backend.
+    pub sessions_blocked_by_us: u32,
+    /// Longest wait among those blocked sessions.
+    pub longest_block: Duration,
+    /// The probe itself failed; nothing else in the sample can be trusted.
+    pub probe_failed: bool,
+}
+
+impl HealthSample {
+    /// A sample of a healthy database with no standbys.
+    pub fn healthy() -> Self {
+        Self::default()
+    }
+
+    /// A sample in which the probe failed.
+    pub fn probe_failed() -> Self {
+        Self {
+            probe_failed: true,
+            ..Self::default()
+        }
+    }
+
+    /// A sample with the given standbys and nothing else wrong.
+    pub fn with_replicas(replicas: Vec<ReplicaLag>) -> Self {
+        Self {
+            replicas,
+            ..Self::default()
+        }
+    }
+}
+
+/// How a batch ended (row-level data errors are handled by bisection elsewhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// The batch committed `rows` rows in `duration`.
+    Committed {
+        /// Rows written by the batch.
+        rows: u64,
+        /// Wall time of the batch.
+        duration: Duration,
+    },
+    /// Our batch waited on another session's lock past `lock_timeout` (map deadlocks here too).
+    LockTimeout {
+        /// Wall time until the error.
+        duration: Duration,
+    },
+    /// Our batch was cancelled because it blocked production sessions.
+    CancelledForBlocking {
+        /// Wall time until the cancellation.
+        duration: Duration,
+    },
+    /// The batch ran past `statement_timeout`.
+    StatementTimeout {
+        /// Wall time until the timeout.
+        duration: Duration,
+    },
+    /// Another transient failure: connection loss, serialization failure, failover.
+    TransientError {
+        /// Wall time until the error.
+        duration: Duration,
+    },
+}
+
+impl BatchOutcome {
+    /// Wall time the batch took, whatever its outcome.
+    pub fn duration(&self) -> Duration {
+        match *self {
+            Self::Committed { duration, .. }
+            | Self::LockTimeout { duration }
+            | Self::CancelledForBlocking { duration }
+            | Self::StatementTimeout { duration }
+            | Self::TransientError { duration } => duration,
+        }
+    }
+}
+
+/// What happened to the batch that ran since the previous decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Number of keys the batch was run with.
+    pub size: u32,
+    /// How it ended.
+    pub outcome: BatchOutcome,
+}
+
+/// Why the controller slowed down, cut or held; `as_str` gives the metric/log label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ThrottleReason {
+    /// A replica's lag is above the soft or hard limit, or not yet back below half of it.
+    ReplicationLag,
+    /// A declared standby is absent or unreachable.
+    StandbyMissing,
+    /// Our batch waited on a lock past `lock_timeout`.
+    LockTimeout,
+    /// Our batch blocked production sessions.
+    BlockingProduction,
+    /// The last batch took much longer than the target, or hit `statement_timeout`.
+    SlowBatch,
+    /// The last batch failed with a transient error.
+    TransientError,
+    /// The rows-per-second budget is being enforced.
+    RateLimit,
+    /// The health probe failed.
+    ProbeFailed,
+}
+
+impl ThrottleReason {
+    /// Every reason, e.g. to initialise one metric series per label.
+    pub const ALL: [ThrottleReason; 8] = [
+        Self::ReplicationLag,
+        Self::StandbyMissing,
+        Self::LockTimeout,
+        Self::BlockingProduction,
+        Self::SlowBatch,
+        Self::TransientError,
+        Self::RateLimit,
+        Self::ProbeFailed,
+    ];
+
+    /// The snake_case label used in logs, metrics and `backfill.job_status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ReplicationLag => "replication_lag",
+            Self::StandbyMissing => "standby_missing",
+            Self::LockTimeout => "lock_timeout",
+            Self::BlockingProduction => "blocking_production",
+            Self::SlowBatch => "slow_batch",
+            Self::TransientError => "transient_error",
+            Self::RateLimit => "rate_limit",
+            Self::ProbeFailed => "probe_failed",
+        }
+    }
+
+    /// Rank used to pick one reason when several apply: harm to production first.
+    fn severity(self) -> u8 {
+        match self {
+            Self::BlockingProduction => 7,
+            Self::StandbyMissing => 6,
+            Self::ReplicationLag => 5,
+            Self::ProbeFailed => 4,
+            Self::LockTimeout => 3,
+            Self::SlowBatch => 2,
+            Self::TransientError => 1,
+            Self::RateLimit => 0,
+        }
+    }
+
+    /// The more severe of an optional current reason and a new one.
+    fn worst(current: Option<Self>, candidate: Self) -> Option<Self> {
+        match current {
+            Some(reason) if reason.severity() >= candidate.severity() => Some(reason),
+            _ => Some(candidate),
+        }
+    }
+}
+
+impl fmt::Display for ThrottleReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the worker should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThrottleDecision {
+    /// Sleep `pause_before`, then run a batch of `batch_size` keys.
+    Run {
+        /// Keys in the next batch.
+        batch_size: u32,
+        /// Time to wait before starting it.
+        pause_before: Duration,
+        /// Why the pause or cut, if any.
+        reason: Option<ThrottleReason>,
+    },
+    /// Run nothing; sample health again after `recheck_after` and ask again.
+    Hold {
+        /// Why the controller holds.
+        reason: ThrottleReason,
+        /// Time to wait before the next decision.
+        recheck_after: Duration,
+    },
+}
+
+impl ThrottleDecision {
+    /// The reason attached to the decision, if any.
+    pub fn reason(&self) -> Option<ThrottleReason> {
+        match *self {
+            Self::Run { reason, .. } => reason,
+            Self::Hold { reason, .. } => Some(reason),
+        }
+    }
+
+    /// True for [`ThrottleDecision::Hold`].
+    pub fn is_hold(&self) -> bool {
+        matches!(self, Self::Hold { .. })
+    }
+
+    /// How long to wait before acting: the pause before a batch or the hold's recheck delay.
+    pub fn wait(&self) -> Duration {
+        match *self {
+            Self::Run { pause_before, .. } => pause_before,
+            Self::Hold { recheck_after, .. } => recheck_after,
+        }
+    }
+}
+
+/// Start time and row count of the last committed batch, which prices the next start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CommitMark {
+    started_at: Duration,
+    rows: u64,
+}
+
+/// A multiplicative-cut signal from the last batch or the health sample.
+#[derive(Debug, Clone, Copy)]
+struct Trouble {
+    reason: ThrottleReason,
+    /// Minimum pause, e.g. as long as we made production wait.
+    at_least: Duration,
+}
+
+/// The lag picture of one health sample against the configured limits.
+#[derive(Debug, Clone, Copy)]
+struct LagAssessment {
+    /// Some replica is at or above the hard limit, unmeasured, or a standby is missing.
+    at_or_over_limit: bool,
+    /// Some replica is at or above the soft limit (implied by `at_or_over_limit`).
+    at_or_over_soft: bool,
+    /// Every standby is present and below half the hard limit in both measures.
+    all_below_half: bool,
+    /// A declared standby is missing.
+    standby_missing: bool,
+}
+
+/// The adaptive throttle controller of one worker; see the module docs for its rules.
+///
+/// Drive it once before every batch:
+///
+/// ```
+/// use std::time::Duration;
+/// use backfill_core::throttle::*;
+///
+/// let mut throttle = ThrottleController::new(ThrottleSettings::default());
+/// let mut now = Duration::ZERO; // the caller's monotonic clock
+/// let mut last_batch = None;
+/// for _ in 0..3 {
+///     let health = HealthSample::healthy(); // from the health probe
+///     match throttle.decide(now, &health, last_batch.take().as_ref()) {
+///         ThrottleDecision::Run { batch_size, pause_before, .. } => {
+///             now += pause_before; // sleep, then run the batch
+///             let duration = Duration::from_millis(100);
+///             now += duration;
+///             let outcome = BatchOutcome::Committed { rows: u64::from(batch_size), duration };
+///             last_batch = Some(BatchReport { size: batch_size, outcome });
+///         }
+///         ThrottleDecision::Hold { recheck_after, .. } => now += recheck_after,
+///     }
+/// }
+/// assert_eq!(throttle.state_label(), "running");
+/// ```
+#[derive(Debug, Clone)]
+pub struct ThrottleController {
+    settings: ThrottleSettings,
+    /// Learned batch size, before the rate-budget cap.
+    batch_size: u32,
+    /// Latched when lag reached the hard limit; cleared only once all lag is below half.
+    holding_for_lag: bool,
+    /// Consecutive troubled batches; drives the exponential backoff.
+    consecutive_troubles: u32,
+    /// No batch may start before this time (backoff).
+    backoff_until: Duration,
+    /// What caused the current backoff.
+    backoff_reason: Option<ThrottleReason>,
+    /// Prices the next start against the rate budget.
+    last_commit: Option<CommitMark>,
+    /// A health-driven cut was already applied since the last batch; repeated decisions
+    /// without a batch in between (hold rechecks) must not compound it.
+    health_cut_since_last_batch: bool,
+    last_decision: Option<ThrottleDecision>,
+}
+
+impl ThrottleController {
+    /// A controller starting at `start_batch_size`; nonsense settings are normalised (see
+    /// [`ThrottleSettings::normalized`]) so the controller never panics on user input.
+    pub fn new(settings: ThrottleSettings) -> Self {
+        let settings = settings.normalized();
+        Self {
+            batch_size: settings.start_batch_size,
+            settings,
+            holding_for_lag: false,
+            consecutive_troubles: 0,
+            backoff_until: Duration::ZERO,
+            backoff_reason: None,
+            last_commit: None,
+            health_cut_since_last_batch: false,
+            last_decision: None,
+        }
+    }
+
+    /// Decides what to do next.
+    ///
+    /// `now` is a monotonic Duration since an arbitrary origin (the caller passes elapsed
+    /// time), so the controller can enforce rate budgets and hysteresis without a clock.
+    /// `last_batch` is the report of the batch that ran since the previous decision, and
+    /// `None` when none ran (the first decision, or after a hold); passing one report twice
+    /// counts it twice.
+    pub fn decide(
+        &mut self,
+        now: Duration,
+        health: &HealthSample,
+        last_batch: Option<&BatchReport>,
+    ) -> ThrottleDecision {
+        let base = self.batch_size;
+        let mut next_size = base;
+        let mut reason = None;
+        let mut trouble = None;
+
+        if let Some(report) = last_batch {
+            self.health_cut_since_last_batch = false;
+            let (size, report_reason, report_trouble) = self.absorb_report(now, base, report);
+            next_size = size;
+            reason = report_reason;
+            trouble = report_trouble;
+        }
+
+        // A failed probe says nothing reliable: no health-driven cut, no lag judgement.
+        let lag = (!health.probe_failed).then(|| self.assess_lag(health));
+        if let Some(lag) = &lag {
+            if !self.health_cut_since_last_batch {
+                let mut factor: f64 = 1.0;
+                if health.sessions_blocked_by_us > 0 {
+                    factor = self.settings.blocking_cut_factor;
+                    trouble = worse_trouble(
+                        trouble,
+                        Trouble {
+                            reason: ThrottleReason::BlockingProduction,
+                            at_least: health.longest_block,
+                        },
+                    );
+                }
+                if lag.at_or_over_soft {
+                    factor = factor.min(self.settings.cut_factor);
+                }
+                if factor < 1.0 {
+                    next_size = next_size.min(scale(base, factor));
+                    self.health_cut_since_last_batch = true;
+                }
+            }
+        }
+        if let Some(trouble) = trouble {
+            self.start_backoff(now, trouble);
+        }
+        self.batch_size = self.clamp_size(next_size);
+
+        let decision = match lag {
+            // Hold briefly and leave the lag latch alone: the database may be unreachable.
+            None => ThrottleDecision::Hold {
+                reason: ThrottleReason::ProbeFailed,
+                recheck_after: self.settings.hold_recheck,
+            },
+            Some(lag) => self.lag_decision(now, &lag, reason),
+        };
+        self.last_decision = Some(decision);
+        decision
+    }
+
+    /// Current batch size: what the next batch would use, with the rate cap applied, barring
+    /// new signals.
+    pub fn batch_size(&self) -> u32 {
+        match self.rate_cap() {
+            Some(cap) => self.batch_size.min(cap),
+            None => self.batch_size,
+        }
+    }
+
+    /// Changes the rows-per-second budget at run time (e.g. a share of a budget split across
+    /// workers); `None` or infinity removes it, and anything below 1 row/s (or nonsense)
+    /// means 1 row/s.
+    pub fn set_max_rows_per_second(&mut self, budget: Option<f64>) {
+        self.settings.max_rows_per_second = normalize_budget(budget);
+    }
+
+    /// The rows-per-second budget in force.
+    pub fn max_rows_per_second(&self) -> Option<f64> {
+        self.settings.max_rows_per_second
+    }
+
+    /// `"running"`, `"throttled"` (the last decision paused or cut) or `"holding"`.
+    pub fn state_label(&self) -> &'static str {
+        match self.last_decision {
+            Some(ThrottleDecision::Hold { .. }) => "holding",
+            Some(ThrottleDecision::Run {
+                reason: Some(_), ..
+            }) => "throttled",
+            _ => "running",
+        }
+    }
+
+    /// Reason attached to the last decision, if any.
+    pub fn reason(&self) -> Option<ThrottleReason> {
+        self.last_decision.and_then(|decision| decision.reason())
+    }
+
+    /// The last decision made, if any.
+    pub fn last_decision(&self) -> Option<ThrottleDecision> {
+        self.last_decision
+    }
+
+    /// The settings in force (normalised).
+    pub fn settings(&self) -> &ThrottleSettings {
+        &self.settings
+    }
+
+    /// Learns from the last batch: the proposed next size, a reason to report, and the
+    /// trouble (if any) that must cut and back off.
+    fn absorb_report(
+        &mut self,
+        now: Duration,
+        base: u32,
+        report: &BatchReport,
+    ) -> (u32, Option<ThrottleReason>, Option<Trouble>) {
+        let settings = &self.settings;
+        let trouble = |reason| {
+            Some(Trouble {
+                reason,
+                at_least: Duration::ZERO,
+            })
+        };
+        match report.outcome {
+            BatchOutcome::Committed { rows, duration } => {
+                self.consecutive_troubles = 0;
+                self.last_commit = Some(CommitMark {
+                    // Approximates the batch start; a late call only makes it later, so the
+                    // rate estimate errs on the slow side.
+                    started_at: now.saturating_sub(duration),
+                    rows,
+                });
+                let on_target = self.size_for_target(report.size, duration);
+                if duration <= settings.target_batch {
+                    // An under-target batch never shrinks the size: a short tail batch is
+                    // dominated by fixed overhead and would underestimate the good size.
+                    let grown = base.saturating_add(self.growth_step());
+                    (base.max(grown.min(on_target)), None, None)
+                } else {
+                    let slow = duration > settings.target_batch.saturating_mul(SLOW_BATCH_FACTOR);
+                    let reason = slow.then_some(ThrottleReason::SlowBatch);
+                    (base.min(on_target), reason, None)
+                }
+            }
+            BatchOutcome::LockTimeout { .. } => (
+                scale(base, settings.cut_factor),
+                None,
+                trouble(ThrottleReason::LockTimeout),
+            ),
+            BatchOutcome::CancelledForBlocking { .. } => (
+                scale(base, settings.blocking_cut_factor),
+                None,
+                trouble(ThrottleReason::BlockingProduction),
+            ),
+            BatchOutcome::StatementTimeout { duration } => {
+                let halved = scale(base, settings.cut_factor);
+                let on_target = self.size_for_target(report.size, duration);
+                (
+                    halved.min(on_target),
+                    None,
+                    trouble(ThrottleReason::SlowBatch),
+                )
+            }
+            BatchOutcome::TransientError { .. } => (
+                scale(base, settings.cut_factor),
+                None,
+                trouble(ThrottleReason::TransientError),
+            ),
+        }
+    }
+
+    /// Holds for lag (with hysteresis) or plans the next batch.
+    fn lag_decision(
+        &mut self,
+        now: Duration,
+        lag: &LagAssessment,
+        reason: Option<ThrottleReason>,
+    ) -> ThrottleDecision {
+        if lag.at_or_over_limit {
+            self.holding_for_lag = true;
+        } else if self.holding_for_lag && lag.all_below_half {
+            self.holding_for_lag = false;
+        }
+        if self.holding_for_lag {
+            let reason = if lag.standby_missing {
+                ThrottleReason::StandbyMissing
+            } else {
+                ThrottleReason::ReplicationLag
+            };
+            return ThrottleDecision::Hold {
+                reason,
+                recheck_after: self.settings.hold_recheck,
+            };
+        }
+        self.plan_run(now, lag, reason)
+    }
+
+    /// Batch size and pause for the next batch: the longest of the pending backoff, the
+    /// soft-lag pause and the rate-budget pause; the reason is the most severe one active.
+    fn plan_run(
+        &self,
+        now: Duration,
+        lag: &LagAssessment,
+        mut reason: Option<ThrottleReason>,
+    ) -> ThrottleDecision {
+        let mut pause = self.backoff_until.saturating_sub(now);
+        if !pause.is_zero() {
+            if let Some(backoff_reason) = self.backoff_reason {
+                reason = ThrottleReason::worst(reason, backoff_reason);
+            }
+        }
+        if lag.at_or_over_soft {
+            pause = pause.max(self.settings.soft_lag_pause);
+            reason = ThrottleReason::worst(reason, ThrottleReason::ReplicationLag);
+        }
+        let mut batch_size = self.batch_size;
+        if let Some(cap) = self.rate_cap() {
+            if cap < batch_size {
+                batch_size = cap;
+                reason = ThrottleReason::worst(reason, ThrottleReason::RateLimit);
+            }
+        }
+        let rate_pause = self.rate_pause(now);
+        if !rate_pause.is_zero() {
+            pause = pause.max(rate_pause);
+            reason = ThrottleReason::worst(reason, ThrottleReason::RateLimit);
+        }
+        ThrottleDecision::Run {
+            batch_size,
+            pause_before: pause,
+            reason,
+        }
+    }
+
+    /// Escalates the exponential backoff once and pushes the earliest next start out.
+    fn start_backoff(&mut self, now: Duration, trouble: Trouble) {
+        self.consecutive_troubles = self.consecutive_troubles.saturating_add(1);
+        let doublings = (self.consecutive_troubles - 1).min(31);
+        let backoff = self
+            .settings
+            .backoff_initial
+            .saturating_mul(1 << doublings)
+            .min(self.settings.backoff_max);
+        let pause = backoff.max(trouble.at_least.min(self.settings.backoff_max));
+        self.backoff_until = self.backoff_until.max(now.saturating_add(pause));
+        self.backoff_reason = Some(trouble.reason);
+    }
+
+    fn assess_lag(&self, health: &HealthSample) -> LagAssessment {
+        let settings = &self.settings;
+        let soft_lag = settings.max_lag.mul_f64(settings.soft_lag_fraction);
+        // Truncation only moves the soft byte limit down by less than a byte.
+        let soft_bytes = (settings.max_lag_bytes as f64 * settings.soft_lag_fraction) as u64;
+        let standby_missing = !health.missing_standbys.is_empty();
+        let replicas = &health.replicas;
+        let at_or_over_limit = standby_missing
+            || replicas.iter().any(|replica| {
+                replica.is_unmeasured() || replica.reaches(settings.max_lag, settings.max_lag_bytes)
+            });
+        LagAssessment {
+            at_or_over_limit,
+            at_or_over_soft: at_or_over_limit
+                || replicas
+                    .iter()
+                    .any(|replica| replica.reaches(soft_lag, soft_bytes)),
+            all_below_half: !standby_missing
+                && replicas
+                    .iter()
+                    .all(|replica| replica.below_half(settings.max_lag, settings.max_lag_bytes)),
+            standby_missing,
+        }
+    }
+
+    /// Size the last batch's per-row cost predicts would take exactly the target.
+    fn size_for_target(&self, size: u32, took: Duration) -> u32 {
+        if took.is_zero() || size == 0 {
+            return u32::MAX;
+        }
+        let rows = f64::from(size) * self.settings.target_batch.as_secs_f64() / took.as_secs_f64();
+        // `as` saturates, which is what we want for huge predictions.
+        rows.floor() as u32
+    }
+
+    fn growth_step(&self) -> u32 {
+        let step = f64::from(self.settings.max_batch_size) * self.settings.growth_step_fraction;
+        (step.ceil() as u32).max(1)
+    }
+
+    fn clamp_size(&self, size: u32) -> u32 {
+        size.clamp(self.settings.min_batch_size, self.settings.max_batch_size)
+    }
+
+    /// Largest batch allowed by the rate budget: one window's worth of rows.
+    fn rate_cap(&self) -> Option<u32> {
+        self.settings.max_rows_per_second.map(|budget| {
+            let rows = (budget * RATE_BUDGET_WINDOW.as_secs_f64()).floor() as u32;
+            self.clamp_size(rows)
+        })
+    }
+
+    /// Wait until the last committed batch is paid for at the current budget.
+    fn rate_pause(&self, now: Duration) -> Duration {
+        match (self.settings.max_rows_per_second, self.last_commit) {
+            (Some(budget), Some(mark)) => {
+                let cost =
+                    Duration::try_from_secs_f64(mark.rows as f64 / budget).unwrap_or(Duration::MAX);
+                mark.started_at.saturating_add(cost).saturating_sub(now)
+            }
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// Multiplies a size by a factor, rounding down.
+fn scale(size: u32, factor: f64) -> u32 {
+    (f64::from(size) * factor).floor() as u32
+}
+
+/// Combines two trouble signals of one decision into one backoff step.
+fn worse_trouble(current: Option<Trouble>, candidate: Trouble) -> Option<Trouble> {
+    Some(match current {
+        None => candidate,
+        Some(current) => Trouble {
+            reason: ThrottleReason::worst(Some(current.reason), candidate.reason)
+                .unwrap_or(candidate.reason),
+            at_least: current.at_least.max(candidate.at_least),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1024 * 1024;
+
+    fn ms(millis: u64) -> Duration {
+        Duration::from_millis(millis)
+    }
+
+    fn committed(size: u32, duration: Duration) -> BatchReport {
+        BatchReport {
+            size,
+            outcome: BatchOutcome::Committed {
+                rows: u64::from(size),
+                duration,
+            },
+        }
+    }
+
+    fn failed(size: u32, outcome: BatchOutcome) -> BatchReport {
+        BatchReport { size, outcome }
+    }
+
+    /// One standby with the given time lag and unknown byte lag.
+    fn time_lag(lag: Duration) -> HealthSample {
+        HealthSample::with_replicas(vec![ReplicaLag::new("standby1", Some(lag), None)])
+    }
+
+    /// One standby with the given byte lag and unknown time lag.
+    fn byte_lag(bytes: u64) -> HealthSample {
+        HealthSample::with_replicas(vec![ReplicaLag::new("standby1", None, Some(bytes))])
+    }
+
+    fn run_size(decision: ThrottleDecision) -> u32 {
+        match decision {
+            ThrottleDecision::Run { batch_size, .. } => batch_size,
+            hold => panic!("expected Run, got {hold:?}"),
+        }
+    }
+
+    /// Drives a controller in simulated time with a model of how long a batch takes.
+    struct Simulation {
+        throttle: ThrottleController,
+        now: Duration,
+        pending_report: Option<BatchReport>,
+        rows_committed: u64,
+        first_batch_start: Option<Duration>,
+    }
+
+    impl Simulation {
+        fn new(settings: ThrottleSettings) -> Self {
+            Self {
+                throttle: ThrottleController::new(settings),
+                now: Duration::ZERO,
+                pending_report: None,
+                rows_committed: 0,
+                first_batch_start: None,
+            }
+        }
+
+        /// One decision; a Run is followed by the batch, whose outcome `run_batch` models.
+        fn step(
+            &mut self,
+            health: &HealthSample,
+            run_batch: impl Fn(u32) -> BatchOutcome,
+        ) -> ThrottleDecision {
+            let report = self.pending_report.take();
+            let decision = self.throttle.decide(self.now, health, report.as_ref());
+            self.now += decision.wait();
+            if let ThrottleDecision::Run { batch_size, .. } = decision {
+                self.first_batch_start.get_or_insert(self.now);
+                let outcome = run_batch(batch_size);
+                if let BatchOutcome::Committed { rows, .. } = outcome {
+                    self.rows_committed += rows;
+                }
+                self.now += outcome.duration();
+                self.pending_report = Some(BatchReport {
+                    size: batch_size,
+                    outcome,
+                });
+            }
+            decision
+        }
+
+        fn elapsed_since_first_batch(&self) -> Duration {
+            self.now - self.first_batch_start.unwrap_or_default()
+        }
+    }
+
+    /// Batch duration proportional to its size: `fixed + size * per_row`.
+    fn cost_model(fixed: Duration, per_row: Duration) -> impl Fn(u32) -> BatchOutcome {
+        move |size| BatchOutcome::Committed {
+            rows: u64::from(size),
+            duration: fixed + per_row * size,
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_as_documented() {
+        let defaults = ThrottleSettings::default();
+        assert_eq!(defaults.validate(), Ok(()));
+        assert_eq!(defaults.max_lag, Duration::from_secs(2));
+        assert_eq!(defaults.max_lag_bytes, 64 * MIB);
+        assert_eq!(defaults.target_batch, ms(500));
+        assert_eq!(defaults.normalized(), defaults);
+    }
+
+    #[test]
+    fn validate_reports_nonsense_settings() {
+        let check = |edit: fn(&mut ThrottleSettings)| {
+            let mut settings = ThrottleSettings::default();
+            edit(&mut settings);
+            settings.validate().unwrap_err()
+        };
+        assert_eq!(
+            check(|s| s.min_batch_size = 0),
+            ThrottleSettingsError::ZeroMinBatchSize
+        );
+        assert_eq!(
+            check(|s| s.max_batch_size = 5),
+            ThrottleSettingsError::MinAboveMax { min: 10, max: 5 }
+        );
+        assert!(matches!(
+            check(|s| s.start_batch_size = 20_000),
+            ThrottleSettingsError::StartOutOfRange { start: 20_000, .. }
+        ));
+        assert_eq!(
+            check(|s| s.target_batch = Duration::ZERO),
+            ThrottleSettingsError::ZeroDuration {
+                name: "target_batch"
+            }
+        );
+        assert_eq!(
+            check(|s| s.max_lag_bytes = 0),
+            ThrottleSettingsError::ZeroMaxLagBytes
+        );
+        assert!(matches!(
+            check(|s| s.max_rows_per_second = Some(f64::NAN)),
+            ThrottleSettingsError::InvalidRowsPerSecond(_)
+        ));
+        assert_eq!(
+            check(|s| s.max_rows_per_second = Some(0.5)),
+            ThrottleSettingsError::InvalidRowsPerSecond(0.5)
+        );
+        let cut = check(|s| s.cut_factor = 1.0);
+        assert_eq!(
+            cut.to_string(),
+            "cut_factor must be in (0, 1), got 1",
+            "messages are for users"
+        );
+        assert!(matches!(
+            check(|s| s.backoff_max = ms(10)),
+            ThrottleSettingsError::BackoffInitialAboveMax { .. }
+        ));
+    }
+
+    #[test]
+    fn new_normalises_nonsense_settings_instead_of_panicking() {
+        let throttle = ThrottleController::new(ThrottleSettings {
+            min_batch_size: 0,
+            max_batch_size: 0,
+            start_batch_size: 7,
+            cut_factor: 3.0,
+            max_lag: Duration::ZERO,
+            max_rows_per_second: Some(-4.0),
+            backoff_max: Duration::ZERO,
+            ..ThrottleSettings::default()
+        });
+        let settings = throttle.settings();
+        assert_eq!(settings.validate(), Ok(()));
+        assert_eq!((settings.min_batch_size, settings.max_batch_size), (1, 1));
+        assert_eq!(throttle.batch_size(), 1);
+        assert_eq!(settings.cut_factor, 0.5);
+        assert_eq!(settings.max_lag, Duration::from_secs(2));
+        assert_eq!(settings.max_rows_per_second, Some(MIN_ROWS_PER_SECOND));
+        assert_eq!(settings.backoff_max, settings.backoff_initial);
+    }
+
+    #[test]
+    fn reasons_have_stable_snake_case_labels() {
+        let labels: Vec<&str> = ThrottleReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "replication_lag",
+                "standby_missing",
+                "lock_timeout",
+                "blocking_production",
+                "slow_batch",
+                "transient_error",
+                "rate_limit",
+                "probe_failed"
+            ]
+        );
+        assert_eq!(ThrottleReason::SlowBatch.to_string(), "slow_batch");
+    }
+
+    #[test]
+    fn decision_accessors() {
+        let run = ThrottleDecision::Run {
+            batch_size: 5,
+            pause_before: ms(3),
+            reason: None,
+        };
+        let hold = ThrottleDecision::Hold {
+            reason: ThrottleReason::ProbeFailed,
+            recheck_after: ms(7),
+        };
+        assert_eq!(
+            (run.is_hold(), run.reason(), run.wait()),
+            (false, None, ms(3))
+        );
+        assert_eq!(
+            (hold.is_hold(), hold.reason(), hold.wait()),
+            (true, Some(ThrottleReason::ProbeFailed), ms(7))
+        );
+    }
+
+    #[test]
+    fn grows_additively_to_max_on_a_calm_database() {
+        let mut sim = Simulation::new(ThrottleSettings::default());
+        // 10 µs per row: even the largest batch (0.1 s) stays under the 0.5 s target.
+        let calm = cost_model(Duration::ZERO, Duration::from_micros(10));
+        let sizes: Vec<u32> = (0..12)
+            .map(|_| {
+                let decision = sim.step(&HealthSample::healthy(), &calm);
+                assert_eq!(decision.wait(), Duration::ZERO);
+                assert_eq!(decision.reason(), None);
+                run_size(decision)
+            })
+            .collect();
+        let expected: Vec<u32> = (1..=10)
+            .map(|k| k * 1_000)
+            .chain([10_000, 10_000])
+            .collect();
+        assert_eq!(
+            sizes, expected,
+            "+10% of max per healthy batch, capped at max"
+        );
+        assert_eq!(sim.throttle.state_label(), "running");
+    }
+
+    #[test]
+    fn duration_settles_near_target_with_per_row_cost() {
+        let mut sim = Simulation::new(ThrottleSettings::default());
+        // 100 µs per row: 5 000 rows take exactly the 0.5 s target.
+        let per_row = Duration::from_micros(100);
+        let model = cost_model(Duration::ZERO, per_row);
+        for _ in 0..30 {
+            sim.step(&HealthSample::healthy(), &model);
+        }
+        for _ in 0..10 {
+            let size = run_size(sim.step(&HealthSample::healthy(), &model));
+            let duration = per_row * size;
+            assert!(
+                duration <= ms(500) && duration >= ms(490),
+                "settled at {size} rows = {duration:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn duration_settles_near_target_with_fixed_overhead() {
+        let mut sim = Simulation::new(ThrottleSettings::default());
+        // 20 ms per statement + 80 µs per row: 6 000 rows hit the target.
+        let model = cost_model(ms(20), Duration::from_micros(80));
+        for _ in 0..40 {
+            sim.step(&HealthSample::healthy(), &model);
+        }
+        let size = run_size(sim.step(&HealthSample::healthy(), &model));
+        let duration = model(size).duration();
+        assert!(
+            duration <= ms(500) && duration >= ms(475),
+            "settled at {size} rows = {duration:?}"
+        );
+    }
+
+    #[test]
+    fn slow_batch_scales_proportionally_towards_target() {
+        let start_at_max = ThrottleSettings {
+            start_batch_size: 10_000,
+            ..ThrottleSettings::default()
+        };
+        let mut throttle = ThrottleController::new(start_at_max.clone());
+        let healthy = HealthSample::healthy();
+        // 10 000 rows took 2 s: four times the target.
+        let decision = throttle.decide(ms(2_000), &healthy, Some(&committed(10_000, ms(2_000))));
+        assert_eq!(
+            decision,
+            ThrottleDecision::Run {
+                batch_size: 2_500,
+                pause_before: Duration::ZERO,
+                reason: Some(ThrottleReason::SlowBatch),
+            }
+        );
+        assert_eq!(throttle.state_label(), "throttled");
+
+        // Slightly over target is ordinary regulation: trimmed, not reported.
+        let mut throttle = ThrottleController::new(start_at_max);
+        let decision = throttle.decide(ms(600), &healthy, Some(&committed(10_000, ms(600))));
+        assert_eq!(decision.reason(), None);
+        assert_eq!(run_size(decision), 8_333);
+        assert_eq!(throttle.state_label(), "running");
+    }
+
+    #[test]
+    fn short_tail_batch_under_target_does_not_shrink_the_size() {
+        let mut throttle = ThrottleController::new(ThrottleSettings {
+            start_batch_size: 5_000,
+            ..ThrottleSettings::default()
+        });
+        // Only 10 keys were left; the statement overhead dominates their 20 ms.
+        let decision = throttle.decide(
+            ms(20),
+            &HealthSample::healthy(),
+            Some(&committed(10, ms(20))),
+        );
+        assert_eq!(run_size(decision), 5_000);
+    }
+
+    #[test]
+    fn lag_above_soft_limit_cuts_once_per_batch_and_pauses() {
+        let mut throttle = ThrottleController::new(ThrottleSettings::default());
+        let soft = time_lag(ms(1_200));
+        let expected = ThrottleDecision::Run {
+            batch_size: 500,
+            pause_before: ms(500),
+            reason: Some(ThrottleReason::ReplicationLag),
+        };
+        assert_eq!(throttle.decide(ms(0), &soft, None), expected);
+        // Asking again without a batch in between must not compound the cut.
+        assert_eq!(throttle.decide(ms(100), &soft, None), expected);
+        assert_eq!(throttle.state_label(), "throttled");
+        // The next batch, still in the soft band, cuts again even though it was fast.
+        let decision = throttle.decide(ms(700), &soft, Some(&committed(500, ms(50))));
+        assert_eq!(run_size(decision), 250);
+        // Bytes alone trip the soft limit too (32 MiB by default).
+        let decision = throttle.decide(ms(900), &byte_lag(40 * MIB), Some(&committed(250, ms(5))));
+        assert_eq!(run_size(decision), 125);
+        assert_eq!(decision.reason(), Some(ThrottleReason::ReplicationLag));
+    }
+
+    #[test]
+    fn holds_at_the_hard_limit_in_time_or_bytes() {
+        for over in [time_lag(ms(2_000)), byte_lag(64 * MIB)] {
+            let mut throttle = ThrottleController::new(ThrottleSettings::default());
+            let decision = throttle.decide(ms(0), &over, None);
+            assert_eq!(
+                decision,
+                ThrottleDecision::Hold {
+                    reason: ThrottleReason::ReplicationLag,
+                    recheck_after: Duration::from_secs(1),
+                }
+            );
+            assert_eq!(throttle.state_label(), "holding");
+            // Entering the hold cut the size once; rechecks do not cut further.
+            for recheck in 1..5 {
+                throttle.decide(Duration::from_secs(recheck), &over, None);
+            }
+            assert_eq!(throttle.batch_size(), 500);
+        }
+        // Either measure over its limit is enough, whatever the other says.
+        let mut throttle = ThrottleController::new(ThrottleSettings::default());
+        let mixed = HealthSample::with_replicas(vec![ReplicaLag::new(
+            "standby1",
+            Some(ms(100)),
+            Some(100 * MIB),
+        )]);
+        assert!(throttle.decide(ms(0), &mixed, None).is_hold());
+    }
+
+    #[test]
+    fn resumes_only_once_lag_is_below_half_the_limit() {
+        let mut throttle = ThrottleController::new(ThrottleSettings::default());
+        let mut decide = |at: u64, health: HealthSample| throttle.decide(ms(at), &health, None);
+        assert!(decide(0, time_lag(ms(3_000))).is_hold());
+        assert!(
+            decide(1_000, time_lag(ms(1_900))).is_hold(),
+            "below limit, above half"
+        );
+        assert!(
+            decide(2_000, time_lag(ms(1_000))).is_hold(),
+            "exactly half is not below"
+        );
+        assert!(
+            decide(3_000, byte_lag(32 * MIB)).is_hold(),
+            "bytes: exactly half"
+        );
+        let two_replicas = HealthSample::with_replicas(vec![
+            ReplicaLag::new("standby1", Some(ms(10)), Some(0)),
+            ReplicaLag::new("standby2", Some(ms(1_500)), Some(MIB)),
+        ]);
+        assert!(
+            decide(4_000, two_replicas).is_hold(),
+            "every replica must be below half"
+        );
+        let time_fine_bytes_not = HealthSample::with_replicas(vec![ReplicaLag::new(
+            "standby1",
+            Some(ms(10)),
+            Some(40 * MIB),
+        )]);
+        assert!(
+            decide(5_000, time_fine_bytes_not).is_hold(),
+            "both measures"
+        );
+        let decision = decide(6_000, time_lag(ms(999)));
+        assert!(!decision.is_hold(), "below half: resume");
+        assert_eq!(decision.reason(), None);
+        // Back in the band between half and the limit, it keeps running (cutting on the
+        // soft limit) instead of flapping back to a hold.
+        assert!(!decide(7_000, time_lag(ms(1_900))).is_hold());
+    }
+
+    #[test]
+    fn missing_standby_holds_until_it_is_back_and_caught_up() {
+        let mut throttle = ThrottleController::new(ThrottleSettings::default());
+        let missing = HealthSample {
+            missing_standbys: vec!["standby2".to_owned()],
+            ..time_lag(ms(10))
+        };
+        assert_eq!(
+            throttle.decide(ms(0), &missing, None).reason(),
+            Some(ThrottleReason::StandbyMissing)
+        );
+        assert_eq!(throttle.state_label(), "holding");
+        let back_but_behind = time_lag(ms(1_500));
+        assert_eq!(
+            throttle.decide(ms(1_000), &back_but_behind, None),
+            ThrottleDecision::Hold {
+                reason: ThrottleReason::ReplicationLag,
+                recheck_after: Duration::from_secs(1),
+            }
+        );
+        assert!(!throttle
+            .decide(ms(2_000), &time_lag(ms(200)), None)
+            .is_hold());
+    }
+
+    #[test]
+    fn unmeasured_replica_holds_but_idle_primary_runs() {
+        let mut throttle = ThrottleController::new(ThrottleSettings::default());
+        let unmeasured = HealthSample::with_replicas(vec![ReplicaLag::new("standby1", None, None)]);
+        assert_eq!(
+            throttle.decide(ms(0), &unmeasured, None).reason(),
+            Some(ThrottleReason::ReplicationLag)
+        );
+        // Idle primary: replay_lag is NULL, nothing left to replay.
+        let idle = HealthSample::with_replicas(vec![ReplicaLag::new("standby1", None, Some(0))]);
+        let decision = throttle.decide(ms(1_000), &idle, None);
+        assert!(!decision.is_hold());
+        assert_eq!(decision.reason(), None);
+    }
+
+    #[test]
+    fn lock_timeout_cuts_and_backs_off_exponentially_until_a_commit() {
+        let mut sim = Simulation::new(ThrottleSettings::default());
+        let healthy = HealthSample::healthy();
+        let lock_timeout = |_| BatchOutcome::LockTimeout { duration: ms(50) };
+        sim.step(&healthy, lock_timeout);
+        let mut observed = Vec::new();
+        for _ in 0..8 {
+            let decision = sim.step(&healthy, lock_timeout);
+            assert_eq!(decision.reason(), Some(ThrottleReason::LockTimeout));
+            observed.push((run_size(decision), decision.wait().as_millis()));
+        }
+        assert_eq!(
+            observed,
+            [
+                (500, 100),
+                (250, 200),
+                (125, 400),
+                (62, 800),
+                (31, 1_600),
+                (15, 3_200),
+                (10, 5_000),
+                (10, 5_000)
+            ],
+            "halved down to min, pause doubling from 100 ms up to 5 s"
+        );
+        // A committed batch resets the backoff.
+        let fast = cost_model(Duration::ZERO, Duration::from_micros(10));
+        sim.step(&healthy, &fast);
+        assert_eq!(sim.step(&healthy, lock_timeout).wait(), Duration::ZERO);
+        assert_eq!(sim.step(&healthy, &fast).wait(), ms(100));
+    }
+
+    #[test]
+    fn cancelled_for_blocking_cuts_hard_and_pauses() {
+        let mut throttle = ThrottleController::new(ThrottleSettings::default());
+        let report = failed(
+            1_000,
+            BatchOutcome::CancelledForBlocking { duration: ms(300) },
+        );
+        let decision = throttle.decide(ms(300), &HealthSample::healthy(), Some(&report));
+        assert_eq!(
+            decision,
+            ThrottleDecision::Run {
+                batch_size: 250,
+                pause_before: ms(100),
+                reason: Some(ThrottleReason::BlockingProduction),
+            }
+        );
+    }
+
+    #[test]
+    fn sessions_blocked_by_us_cut_hard_and_pause_at_least_as_long_as_they_waited() {
+        let mut throttle = ThrottleController::new(ThrottleSettings::default());
+        let blocking = HealthSample {
+            sessions_blocked_by_us: 3,
+            longest_block: ms(1_500),
+            ..HealthSample::healthy()
+        };
+        let decision = throttle.decide(ms(40), &blocking, Some(&committed(1_000, ms(40))));
+        assert_eq!(
+            decision,
+            ThrottleDecision::Run {
+                batch_size: 250,
+                pause_before: ms(1_500),
+                reason: Some(ThrottleReason::BlockingProduction),
+            }
+        );
+    }
+
+    #[test]
+    fn simultaneous_signals_cut_once_by_the_deepest_factor() {
+        let mut throttle = ThrottleController::new(ThrottleSettings::default());
+        let blocking_and_lagging = HealthSample {
+            sessions_blocked_by_us: 1,
+            ..time_lag(ms(1_500))
+        };
+        let report = failed(
+            1_000,
+            BatchOutcome::CancelledForBlocking { duration: ms(300) },
+        );
+        let decision = throttle.decide(ms(300), &blocking_and_lagging, Some(&report));
+        assert_eq!(run_size(decision), 250, "×0.25 once, not ×0.25×0.25×0.5");
+        assert_eq!(
+            decision.wait(),
+            ms(500),
+            "soft-lag pause beats one backoff step"
+        );
+        assert_eq!(decision.reason(), Some(ThrottleReason::BlockingProduction));
+        // The backoff escalated once: the next trouble waits 200 ms, not 400 ms.
+        let report = failed(250, BatchOutcome::LockTimeout { duration: ms(10) });
+        let decision = throttle.decide(ms(2_000), &HealthSample::healthy(), Some(&report));
+        assert_eq!(decision.wait(), ms(200));
+    }
+
+    #[test]
+    fn statement_timeout_cuts_to_the_smaller_of_half_and_the_target_size() {
+        let mut throttle = ThrottleController::new(ThrottleSettings::default());
+        let report = failed(
+            1_000,
+            BatchOutcome::StatementTimeout {
+                duration: Duration::from_secs(5),
+            },
+        );
+        let decision = throttle.decide(ms(5_000), &HealthSample::healthy(), Some(&report));
+        assert_eq!(
+            decision,
+            ThrottleDecision::Run {
+                batch_size: 100,
+                pause_before: ms(100),
+                reason: Some(ThrottleReason::SlowBatch),
+            }
+        );
+    }
+
+    #[test]
+    fn transient_error_cuts_and_backs_off() {
+        let mut throttle = ThrottleController::new(ThrottleSettings::default());
+        let report = failed(1_000, BatchOutcome::TransientError { duration: ms(5) });
+        let decision = throttle.decide(ms(5), &HealthSample::healthy(), Some(&report));
+        assert_eq!(
+            decision,
+            ThrottleDecision::Run {
+                batch_size: 500,
+                pause_before: ms(100),
+                reason: Some(ThrottleReason::TransientError),
+            }
+        );
+    }
+
+    #[test]
+    fn backoff_pause_still_applies_after_a_hold() {
+        let mut throttle = ThrottleController::new(ThrottleSettings {
+            backoff_initial: Duration::from_secs(3),
+            ..ThrottleSettings::default()
+        });
+        let report = failed(1_000, BatchOutcome::LockTimeout { duration: ms(100) });
+        assert!(throttle
+            .decide(ms(0), &time_lag(ms(2_500)), Some(&report))
+            .is_hold());
+        let decision = throttle.decide(ms(1_000), &time_lag(ms(100)), None);
+        assert_eq!(decision.wait(), ms(2_000));
+        assert_eq!(decision.reason(), Some(ThrottleReason::LockTimeout));
+    }
+
+    #[test]
+    fn probe_failure_holds_briefly_and_keeps_lag_hysteresis() {
+        let mut throttle = ThrottleController::new(ThrottleSettings::default());
+        assert_eq!(
+            throttle.decide(ms(0), &HealthSample::probe_failed(), None),
+            ThrottleDecision::Hold {
+                reason: ThrottleReason::ProbeFailed,
+                recheck_after: Duration::from_secs(1),
+            }
+        );
+        assert!(!throttle
+            .decide(ms(1_000), &time_lag(ms(1_500)), None)
+            .is_hold());
+
+        let mut throttle = ThrottleController::new(ThrottleSettings::default());
+        assert!(throttle.decide(ms(0), &time_lag(ms(3_000)), None).is_hold());
+        assert!(throttle
+            .decide(ms(1_000), &HealthSample::probe_failed(), None)
+            .is_hold());
+        assert_eq!(
+            throttle
+                .decide(ms(2_000), &time_lag(ms(1_500)), None)
+                .reason(),
+            Some(ThrottleReason::ReplicationLag),
+            "still latched after the probe failure"
+        );
+        assert!(!throttle
+            .decide(ms(3_000), &time_lag(ms(500)), None)
+            .is_hold());
+    }
+
+    #[test]
+    fn rate_budget_is_respected_over_a_simulated_run() {
+        for (budget, per_row) in [(2_000.0, 20), (333.3, 1_000), (7_500.0, 5)] {
+            let mut sim = Simulation::new(ThrottleSettings {
+                max_rows_per_second: Some(budget),
+                ..ThrottleSettings::default()
+            });
+            let model = cost_model(Duration::ZERO, Duration::from_micros(per_row));
+            for _ in 0..500 {
+                let decision = sim.step(&HealthSample::healthy(), &model);
+                assert!(run_size(decision) as f64 <= budget.max(10.0));
+            }
+            let rate = sim.rows_committed as f64 / sim.elapsed_since_first_batch().as_secs_f64();
+            assert!(
+                rate <= budget * 1.01 && rate >= budget * 0.97,
+                "budget {budget}: measured {rate:.1} rows/s"
+            );
+            assert_eq!(sim.throttle.reason(), Some(ThrottleReason::RateLimit));
+        }
+    }
+
+    #[test]
+    fn rate_budget_does_not_slow_a_database_bound_run() {
+        let mut sim = Simulation::new(ThrottleSettings {
+            max_rows_per_second: Some(100_000.0),
+            ..ThrottleSettings::default()
+        });
+        // The database manages 10 000 rows/s, far below the budget.
+        let model = cost_model(Duration::ZERO, Duration::from_micros(100));
+        for _ in 0..20 {
+            sim.step(&HealthSample::healthy(), &model);
+        }
+        let decision = sim.step(&HealthSample::healthy(), &model);
+        assert_eq!((decision.wait(), decision.reason()), (Duration::ZERO, None));
+    }
+
+    #[test]
+    fn rate_budget_changes_take_effect_at_run_time() {
+        let mut sim = Simulation::new(ThrottleSettings {
+            max_rows_per_second: Some(1_000.0),
+            ..ThrottleSettings::default()
+        });
+        let model = cost_model(Duration::ZERO, Duration::from_micros(10));
+        for _ in 0..50 {
+            sim.step(&HealthSample::healthy(), &model);
+        }
+        sim.throttle.set_max_rows_per_second(Some(4_000.0));
+        let (rows_before, start) = (sim.rows_committed, sim.now);
+        for _ in 0..200 {
+            sim.step(&HealthSample::healthy(), &model);
+        }
+        let rate = (sim.rows_committed - rows_before) as f64 / (sim.now - start).as_secs_f64();
+        assert!(
+            (3_880.0..=4_040.0).contains(&rate),
+            "measured {rate:.1} rows/s"
+        );
+
+        sim.throttle.set_max_rows_per_second(None);
+        assert_eq!(sim.throttle.max_rows_per_second(), None);
+        let decision = sim.step(&HealthSample::healthy(), &model);
+        assert_eq!(decision.wait(), Duration::ZERO);
+        assert!(run_size(decision) > 4_000, "no longer capped by the budget");
+    }
+
+    #[test]
+    fn nonsense_budget_means_slowest_not_unlimited() {
+        let mut throttle = ThrottleController::new(ThrottleSettings::default());
+        for nonsense in [f64::NAN, 0.0, -5.0, f64::NEG_INFINITY] {
+            throttle.set_max_rows_per_second(Some(nonsense));
+            assert_eq!(throttle.max_rows_per_second(), Some(MIN_ROWS_PER_SECOND));
+            assert_eq!(throttle.batch_size(), 10, "capped to the minimum batch");
+        }
+        throttle.set_max_rows_per_second(Some(1e-300));
+        assert_eq!(throttle.max_rows_per_second(), Some(MIN_ROWS_PER_SECOND));
+        throttle.set_max_rows_per_second(Some(2.5));
+        assert_eq!(throttle.max_rows_per_second(), Some(2.5));
+        throttle.set_max_rows_per_second(Some(f64::INFINITY));
+        assert_eq!(throttle.max_rows_per_second(), None);
+    }
+
+    #[test]
+    fn state_label_follows_decisions() {
+        let mut throttle = ThrottleController::new(ThrottleSettings::default());
+        assert_eq!(
+            (throttle.state_label(), throttle.reason()),
+            ("running", None)
+        );
+        throttle.decide(ms(0), &time_lag(ms(1_500)), None);
+        assert_eq!(
+            (throttle.state_label(), throttle.reason()),
+            ("throttled", Some(ThrottleReason::ReplicationLag))
+        );
+        throttle.decide(ms(1_000), &time_lag(ms(2_500)), None);
+        assert_eq!(throttle.state_label(), "holding");
+        throttle.decide(ms(2_000), &time_lag(ms(100)), None);
+        assert_eq!(throttle.state_label(), "running");
+        assert!(throttle.last_decision().is_some());
+    }
+
+    #[test]
+    fn size_never_leaves_the_configured_range() {
+        let mut sim = Simulation::new(ThrottleSettings::default());
+        let healthy = HealthSample::healthy();
+        for _ in 0..20 {
+            let size = run_size(sim.step(&healthy, |_| BatchOutcome::CancelledForBlocking {
+                duration: ms(1),
+            }));
+            assert!(size >= 10);
+        }
+        let instant = |size| BatchOutcome::Committed {
+            rows: u64::from(size),
+            duration: Duration::ZERO,
+        };
+        for _ in 0..50 {
+            assert!(run_size(sim.step(&healthy, instant)) <= 10_000);
+        }
+        assert_eq!(sim.throttle.batch_size(), 10_000);
+    }
+}

@@ -1,0 +1,48 @@
+//! Throwaway PostgreSQL clusters on free loopback ports, for backfilld's tests and its
+//! `demo` command.
+//!
+//! - [`PgCluster::start_primary`] initializes and starts a primary in its own temp dir;
+//!   [`PgCluster::start_standby`] adds a streaming replica of it.
+//! - [`shared_primary`] is one primary per test binary; isolate tests with
+//!   [`PgCluster::create_database`].
+//! - [`TcpProxy`] sits in front of a cluster and cuts connections on demand.
+//!
+//! Servers are direct children of the calling process and die with it, even on SIGKILL; their
+//! directories are removed on drop and at normal process exit. When run as root (CI
+//! containers) the server programs run as the `postgres` system user, since they refuse
+//! root.
+//!
+//! ```no_run
+//! use pg_testkit::shared_primary;
+//!
+//! let pg = shared_primary();
+//! let db = pg.create_database("my_test")?;
+//! pg.psql(&db, "create table t (id bigint primary key); insert into t values (1)")?;
+//! assert_eq!(pg.psql(&db, "select count(*) from t")?, "1");
+//! let url = pg.url(&db); // for sqlx / tokio-postgres
+//! # let _ = url;
+//! # Ok::<(), pg_testkit::TestkitError>(())
+//! ```
+//!
+//! PostgreSQL is found via `$PG_BINDIR`, `PATH`, `pg_config` or `/usr/lib/postgresql/*/bin`
+//! (see [`PgBinaries::locate`]).
+
+mod binaries;
+mod cluster;
+pub mod demo_data;
+mod error;
+mod process;
+mod proxy;
+
+pub use binaries::PgBinaries;
+pub use cluster::{shared_primary, PgCluster, StopMode};
+pub use error::TestkitError;
+pub use proxy::TcpProxy;
+
+/// Makes `path` owned by the user the server runs as — the `postgres` system user when this
+/// process is root, else a no-op — e.g. for an `ssl_key_file` a test wrote, which PostgreSQL
+/// requires to be owned by the server user with mode 0600. The directories above it must be
+/// searchable by that user too.
+pub fn chown_to_server_user(path: &std::path::Path) -> Result<(), TestkitError> {
+    process::chown_to_server_user(path)
+}
