@@ -1,0 +1,20 @@
+//! Data plane of backfilld: runs each batch of a job's SQL on the target table
+//! together with the job's checkpoint in one fenced transaction, isolates
+//! failing rows, probes the database's health and cancels what must not wait.
+//!
+//! Built on deadpool-postgres/tokio-postgres rather than sqlx because the batch
+//! path needs things sqlx does not expose: per-session settings on every pooled
+//! connection, cancellation of a running statement, and full control of the
+//! transaction around user SQL.
+
+mod batch;
+mod error;
+mod health;
+mod pool;
+mod target;
+
+pub use batch::{BatchRunner, BatchStats, Fence, KeySource, RetryBackoff, RunOutcome};
+pub use error::{BatchError, DataPlaneError};
+pub use health::HealthProbe;
+pub use pool::{connect_pool, SessionSettings};
+pub use target::{BatchTarget, JobDefinition};

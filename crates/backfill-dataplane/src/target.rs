@@ -1,0 +1,229 @@
+//! A job's definition resolved against the live catalog: quoted names, the key's
+//! real type, the batch statement with bound placeholders, and the key queries.
+
+use backfill_core::placeholders::{bind_placeholders, BoundSql};
+use tokio_postgres::Client;
+
+use crate::{BatchError, DataPlaneError};
+
+/// The parts of a job row the data plane needs.
+#[derive(Debug, Clone)]
+pub struct JobDefinition {
+    pub job_id: i64,
+    pub name: String,
+    pub table_name: String,
+    pub key_column: String,
+    pub batch_sql: String,
+    pub pending_predicate: Option<String>,
+}
+
+/// A job checked against the catalog and ready to run batches.
+#[derive(Debug, Clone)]
+pub struct BatchTarget {
+    pub job_id: i64,
+    pub job_name: String,
+    /// Schema-qualified, quoted table name.
+    pub table: String,
+    /// Quoted key column name.
+    pub key_column: String,
+    /// The key column's type as SQL (`bigint`, `uuid`, `timestamp with time zone`…).
+    pub key_type: String,
+    /// The batch statement with `$n` parameters in place of the placeholders.
+    pub batch: BoundSql,
+    pub(crate) sql: TargetSql,
+}
+
+/// The SQL texts derived from a job once, at claim.
+#[derive(Debug, Clone)]
+pub(crate) struct TargetSql {
+    pub first_keys: String,
+    pub next_keys: String,
+    pub first_keys_excluding_failed: String,
+    pub next_keys_excluding_failed: String,
+    pub retry_keys: String,
+    pub count_pending_after: String,
+    pub count_pending_all: String,
+    pub count_pending_excluding_failed: String,
+}
+
+impl BatchTarget {
+    /// Resolves `job` against the catalog and has the server parse every
+    /// statement, so a job that cannot run fails now with a clear message
+    /// instead of at its first batch.
+    pub async fn resolve(
+        client: &Client,
+        job: &JobDefinition,
+    ) -> Result<BatchTarget, DataPlaneError> {
+        let definition_error = |msg: String| DataPlaneError::JobDefinition(msg);
+        let row = client
+            .query_opt(
+                "SELECT format('%I.%I', n.nspname, c.relname), quote_ident(a.attname), \
+                        format_type(a.atttypid, a.atttypmod), \
+                        EXISTS (SELECT 1 FROM pg_index i \
+                                 WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid \
+                                   AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum \
+                                   AND i.indpred IS NULL AND i.indexprs IS NULL) \
+                   FROM pg_class c \
+                   JOIN pg_namespace n ON n.oid = c.relnamespace \
+                   LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = $2 \
+                                           AND a.attnum > 0 AND NOT a.attisdropped \
+                  WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p')",
+                &[&job.table_name, &job.key_column],
+            )
+            .await
+            .map_err(|e| {
+                definition_error(format!(
+                    "table_name {:?} cannot be resolved: {}",
+                    job.table_name,
+                    db_message(&e)
+                ))
+            })?
+            .ok_or_else(|| {
+                definition_error(format!(
+                    "table {} does not exist (or is not a table)",
+                    job.table_name
+                ))
+            })?;
+        let table: String = row.get(0);
+        let key_column: Option<String> = row.get(1);
+        let key_column = key_column.ok_or_else(|| {
+            definition_error(format!(
+                "key_column {:?} does not exist in table {table}",
+                job.key_column
+            ))
+        })?;
+        let key_type: String = row.get(2);
+        let key_is_unique: bool = row.get(3);
+        if !key_is_unique {
+            return Err(definition_error(format!(
+                "key_column {key_column} of table {table} has no unique index on it alone; batches need a unique, ordered key"
+            )));
+        }
+        let batch = bind_placeholders(&job.batch_sql, &key_type)
+            .map_err(|e| definition_error(e.to_string()))?;
+        let sql = TargetSql::new(
+            job.job_id,
+            &table,
+            &key_column,
+            &key_type,
+            job.pending_predicate.as_deref(),
+        );
+        let target = BatchTarget {
+            job_id: job.job_id,
+            job_name: job.name.clone(),
+            table,
+            key_column,
+            key_type,
+            batch,
+            sql,
+        };
+        target.check_statements(client).await?;
+        Ok(target)
+    }
+
+    /// Has the server parse and plan each statement without running it.
+    async fn check_statements(&self, client: &Client) -> Result<(), DataPlaneError> {
+        let statement = client.prepare(&self.batch.sql).await.map_err(|e| {
+            DataPlaneError::JobDefinition(format!("batch_sql is not valid: {}", db_message(&e)))
+        })?;
+        if !statement.columns().is_empty() {
+            return Err(DataPlaneError::JobDefinition(
+                "batch_sql returns rows (a SELECT, or RETURNING); it must be a statement that only writes".to_string(),
+            ));
+        }
+        for sql in [
+            &self.sql.first_keys,
+            &self.sql.next_keys,
+            &self.sql.count_pending_all,
+        ] {
+            client.prepare(sql).await.map_err(|e| {
+                DataPlaneError::JobDefinition(format!(
+                    "pending_predicate is not valid: {}",
+                    db_message(&e)
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Rows for which the pending predicate holds above `after` (all rows when
+    /// `after` is `None`), excluding keys already in `failed_rows` if asked.
+    pub async fn count_pending(
+        &self,
+        client: &Client,
+        after: Option<&str>,
+        excluding_failed: bool,
+    ) -> Result<i64, BatchError> {
+        let context = || {
+            format!(
+                "counting pending rows of job {:?} in {}",
+                self.job_name, self.table
+            )
+        };
+        let row = match (after, excluding_failed) {
+            (_, true) => {
+                client
+                    .query_one(&self.sql.count_pending_excluding_failed, &[])
+                    .await
+            }
+            (Some(after), false) => {
+                client
+                    .query_one(&self.sql.count_pending_after, &[&after])
+                    .await
+            }
+            (None, false) => client.query_one(&self.sql.count_pending_all, &[]).await,
+        }
+        .map_err(|e| BatchError::from_driver(context(), &e))?;
+        Ok(row.get(0))
+    }
+}
+
+impl TargetSql {
+    fn new(
+        job_id: i64,
+        table: &str,
+        key: &str,
+        key_type: &str,
+        predicate: Option<&str>,
+    ) -> TargetSql {
+        let pending = predicate.map_or_else(|| "true".to_string(), |p| format!("({p})"));
+        let not_failed = format!(
+            "NOT EXISTS (SELECT 1 FROM backfill.failed_rows f WHERE f.job_id = {job_id} AND f.key = t.{key}::text)"
+        );
+        let keys = |filter: &str| {
+            format!(
+                "SELECT t.{key}::text FROM {table} t WHERE {filter} ORDER BY t.{key} LIMIT $LIMIT"
+            )
+        };
+        let after = format!("t.{key} > $1::text::{key_type}");
+        TargetSql {
+            first_keys: keys(&pending).replace("$LIMIT", "$1"),
+            next_keys: keys(&format!("{after} AND {pending}")).replace("$LIMIT", "$2"),
+            first_keys_excluding_failed: keys(&format!("{pending} AND {not_failed}"))
+                .replace("$LIMIT", "$1"),
+            next_keys_excluding_failed: keys(&format!("{after} AND {pending} AND {not_failed}"))
+                .replace("$LIMIT", "$2"),
+            retry_keys: format!(
+                "SELECT f.key FROM backfill.failed_rows f \
+                  WHERE f.job_id = {job_id} AND f.reason = 'error' AND f.attempts < $1 \
+                    AND f.next_attempt_at <= now() \
+                  ORDER BY f.key::{key_type} LIMIT $2"
+            ),
+            count_pending_after: format!(
+                "SELECT count(*) FROM {table} t WHERE {after} AND {pending}"
+            ),
+            count_pending_all: format!("SELECT count(*) FROM {table} t WHERE {pending}"),
+            count_pending_excluding_failed: format!(
+                "SELECT count(*) FROM {table} t WHERE {pending} AND {not_failed}"
+            ),
+        }
+    }
+}
+
+/// The server's message (with detail) when there is one, else the driver's.
+pub(crate) fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}

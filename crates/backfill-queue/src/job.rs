@@ -1,0 +1,222 @@
+//! A backfill job as stored in `backfill.jobs`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::{Context, QueueError};
+
+/// Where a job is in its life: pending → running → succeeded | failed | cancelled; running ⇄ paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Pending,
+    Running,
+    Paused,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    /// Every state, for exporting a gauge per state.
+    pub const ALL: [JobState; 6] = [
+        JobState::Pending,
+        JobState::Running,
+        JobState::Paused,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
+    /// The state's name in SQL and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Paused => "paused",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// True once the job will not run again without someone acting.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| format!("unknown job state {s:?}"))
+    }
+}
+
+/// Which pass over the table a job is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Walking the key range from the checkpoint.
+    Scan,
+    /// Retrying keys recorded in `backfill.failed_rows`.
+    Retry,
+    /// Re-walking the table for rows still pending after the scan.
+    Verify,
+}
+
+impl Phase {
+    /// The phase's name in SQL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Scan => "scan",
+            Phase::Retry => "retry",
+            Phase::Verify => "verify",
+        }
+    }
+}
+
+impl FromStr for Phase {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "scan" => Ok(Phase::Scan),
+            "retry" => Ok(Phase::Retry),
+            "verify" => Ok(Phase::Verify),
+            other => Err(format!("unknown job phase {other:?}")),
+        }
+    }
+}
+
+/// A job's definition and progress, as a worker sees it after claiming.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: i64,
+    pub name: String,
+    pub table_name: String,
+    pub key_column: String,
+    pub batch_sql: String,
+    pub pending_predicate: Option<String>,
+    pub check_predicate: Option<String>,
+    pub batch_size: Option<i32>,
+    pub min_batch_size: Option<i32>,
+    pub max_batch_size: Option<i32>,
+    pub target_batch_ms: Option<i32>,
+    pub max_rows_per_second: Option<f64>,
+    pub max_attempts: Option<i32>,
+    pub state: JobState,
+    pub phase: Phase,
+    pub checkpoint: Option<String>,
+    pub rows_done: i64,
+    pub batches_done: i64,
+    pub rows_total_estimate: Option<i64>,
+    pub verify_sweeps: i32,
+    pub started_at: Option<DateTime<Utc>>,
+}
+
+/// The columns of `backfill.jobs` that [`Job`] reads, in one place.
+pub(crate) const JOB_COLUMNS: &str = "j.id, j.name, j.table_name, j.key_column, j.batch_sql, \
+    j.pending_predicate, j.check_predicate, j.batch_size, j.min_batch_size, j.max_batch_size, \
+    j.target_batch_ms, j.max_rows_per_second, j.max_attempts, j.state, j.phase, j.checkpoint, \
+    j.rows_done, j.batches_done, j.rows_total_estimate, j.verify_sweeps, j.started_at";
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Job {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        let decode = |column: &str, e: String| sqlx::Error::ColumnDecode {
+            index: column.to_string(),
+            source: e.into(),
+        };
+        let state: String = row.try_get("state")?;
+        let phase: String = row.try_get("phase")?;
+        Ok(Job {
+            id: row.try_get("id")?,
+            name: row.try_get("name")?,
+            table_name: row.try_get("table_name")?,
+            key_column: row.try_get("key_column")?,
+            batch_sql: row.try_get("batch_sql")?,
+            pending_predicate: row.try_get("pending_predicate")?,
+            check_predicate: row.try_get("check_predicate")?,
+            batch_size: row.try_get("batch_size")?,
+            min_batch_size: row.try_get("min_batch_size")?,
+            max_batch_size: row.try_get("max_batch_size")?,
+            target_batch_ms: row.try_get("target_batch_ms")?,
+            max_rows_per_second: row.try_get("max_rows_per_second")?,
+            max_attempts: row.try_get("max_attempts")?,
+            state: state.parse().map_err(|e| decode("state", e))?,
+            phase: phase.parse().map_err(|e| decode("phase", e))?,
+            checkpoint: row.try_get("checkpoint")?,
+            rows_done: row.try_get("rows_done")?,
+            batches_done: row.try_get("batches_done")?,
+            rows_total_estimate: row.try_get("rows_total_estimate")?,
+            verify_sweeps: row.try_get("verify_sweeps")?,
+            started_at: row.try_get("started_at")?,
+        })
+    }
+}
+
+/// A job to enqueue: the same columns an engineer would INSERT.
+#[derive(Debug, Clone, Default)]
+pub struct NewJob {
+    pub name: String,
+    pub table_name: String,
+    pub key_column: String,
+    pub batch_sql: String,
+    pub pending_predicate: Option<String>,
+    pub check_predicate: Option<String>,
+    pub batch_size: Option<i32>,
+    pub min_batch_size: Option<i32>,
+    pub max_batch_size: Option<i32>,
+    pub target_batch_ms: Option<i32>,
+    pub max_rows_per_second: Option<f64>,
+    pub max_attempts: Option<i32>,
+    pub priority: Option<i32>,
+    pub not_before: Option<DateTime<Utc>>,
+}
+
+impl NewJob {
+    /// Inserts the job exactly as an engineer's INSERT would, so the same
+    /// validation trigger refuses bad definitions; returns the job id.
+    pub async fn enqueue(&self, pool: &PgPool) -> Result<i64, QueueError> {
+        sqlx::query_scalar(
+            "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, \
+                 check_predicate, batch_size, min_batch_size, max_batch_size, target_batch_ms, \
+                 max_rows_per_second, max_attempts, priority, not_before) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, coalesce($13, 0), coalesce($14, now())) \
+             RETURNING id",
+        )
+        .bind(&self.name)
+        .bind(&self.table_name)
+        .bind(&self.key_column)
+        .bind(&self.batch_sql)
+        .bind(&self.pending_predicate)
+        .bind(&self.check_predicate)
+        .bind(self.batch_size)
+        .bind(self.min_batch_size)
+        .bind(self.max_batch_size)
+        .bind(self.target_batch_ms)
+        .bind(self.max_rows_per_second)
+        .bind(self.max_attempts)
+        .bind(self.priority)
+        .bind(self.not_before)
+        .fetch_one(pool)
+        .await
+        .context(&format!("enqueueing job {:?}", self.name))
+    }
+}

@@ -1,0 +1,278 @@
+//! Claims and leases: who may work on a job, and for how long.
+//!
+//! A claim picks the next runnable job with `FOR UPDATE SKIP LOCKED` and stamps
+//! it with a fresh [`LeaseToken`]. Every later write by the worker (heartbeat,
+//! batch commit, state change) is conditional on that token, so a worker whose
+//! lease was taken over — or whose job was paused or cancelled, which clears the
+//! token — can no longer change anything.
+
+use std::fmt;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::job::{Job, JobState, Phase, JOB_COLUMNS};
+use crate::{Context, QueueError};
+
+/// The fencing token of one claim of one job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseToken(pub Uuid);
+
+impl fmt::Display for LeaseToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A job this worker now holds, with the token that fences its writes.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub job: Job,
+    pub token: LeaseToken,
+}
+
+/// What a heartbeat found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeartbeatReport {
+    /// The lease is ours and was extended.
+    Held,
+    /// The lease is gone: paused, cancelled, finished or taken over; `state` is the job's state now.
+    Lost { state: Option<JobState> },
+}
+
+/// Live numbers a worker publishes with each heartbeat, for `job_status`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobProgress {
+    pub rows_per_second: Option<f64>,
+    pub batch_size: Option<i32>,
+    pub throttle_state: Option<String>,
+    pub throttle_reason: Option<String>,
+}
+
+/// The queue as a worker uses it.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    pool: PgPool,
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Queue {
+    /// Wraps a pool connected to the target database.
+    pub fn new(pool: PgPool) -> Self {
+        Queue { pool }
+    }
+
+    /// The underlying pool, for status queries and steering.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Claims the next runnable job (highest priority, then oldest; `not_before`
+    /// passed; unleased or lease expired), or `None` when nothing is runnable.
+    pub async fn claim(
+        &self,
+        worker: &str,
+        lease: Duration,
+    ) -> Result<Option<ClaimedJob>, QueueError> {
+        let token = LeaseToken(Uuid::new_v4());
+        let job: Option<Job> = sqlx::query_as(&format!(
+            "WITH next AS ( \
+                 SELECT id FROM backfill.jobs \
+                  WHERE state IN ('pending', 'running') AND not_before <= now() \
+                    AND (lease_expires_at IS NULL OR lease_expires_at < now()) \
+                  ORDER BY priority DESC, created_at, id \
+                  LIMIT 1 FOR UPDATE SKIP LOCKED) \
+             UPDATE backfill.jobs j \
+                SET state = 'running', lease_token = $1, leased_by = $2, \
+                    lease_expires_at = now() + $3 * interval '1 millisecond', heartbeat_at = now(), \
+                    started_at = coalesce(j.started_at, now()), updated_at = now(), \
+                    throttle_state = NULL, throttle_reason = NULL \
+               FROM next WHERE j.id = next.id \
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(token.0)
+        .bind(worker)
+        .bind(millis(lease))
+        .fetch_optional(&self.pool)
+        .await
+        .context("claiming a job")?;
+        Ok(job.map(|job| ClaimedJob { job, token }))
+    }
+
+    /// Extends the lease and publishes live progress; reports whether the lease is still ours.
+    pub async fn heartbeat(
+        &self,
+        job_id: i64,
+        token: LeaseToken,
+        lease: Duration,
+        progress: &JobProgress,
+    ) -> Result<HeartbeatReport, QueueError> {
+        let extended = sqlx::query(
+            "UPDATE backfill.jobs \
+                SET lease_expires_at = now() + $3 * interval '1 millisecond', heartbeat_at = now(), \
+                    rows_per_second = $4, current_batch_size = $5, throttle_state = $6, \
+                    throttle_reason = $7, updated_at = now() \
+              WHERE id = $1 AND lease_token = $2 AND state = 'running'",
+        )
+        .bind(job_id)
+        .bind(token.0)
+        .bind(millis(lease))
+        .bind(progress.rows_per_second)
+        .bind(progress.batch_size)
+        .bind(&progress.throttle_state)
+        .bind(&progress.throttle_reason)
+        .execute(&self.pool)
+        .await
+        .context(&format!("heartbeat of job {job_id}"))?
+        .rows_affected();
+        if extended == 1 {
+            return Ok(HeartbeatReport::Held);
+        }
+        Ok(HeartbeatReport::Lost {
+            state: self.state_of(job_id).await?,
+        })
+    }
+
+    /// The job's state now, or `None` if it was deleted.
+    pub async fn state_of(&self, job_id: i64) -> Result<Option<JobState>, QueueError> {
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM backfill.jobs WHERE id = $1")
+                .bind(job_id)
+                .fetch_optional(&self.pool)
+                .await
+                .context(&format!("reading the state of job {job_id}"))?;
+        Ok(state.and_then(|s| s.parse().ok()))
+    }
+
+    /// Gives the job back without finishing it (shutdown): another worker may claim it at once.
+    pub async fn release(&self, job_id: i64, token: LeaseToken) -> Result<bool, QueueError> {
+        let released = sqlx::query(
+            "UPDATE backfill.jobs \
+                SET lease_token = NULL, leased_by = NULL, lease_expires_at = NULL, \
+                    throttle_state = NULL, throttle_reason = NULL, rows_per_second = NULL, updated_at = now() \
+              WHERE id = $1 AND lease_token = $2",
+        )
+        .bind(job_id)
+        .bind(token.0)
+        .execute(&self.pool)
+        .await
+        .context(&format!("releasing the lease of job {job_id}"))?
+        .rows_affected();
+        Ok(released == 1)
+    }
+
+    /// Ends the job as succeeded or failed (with `last_error`) and lets go of it.
+    pub async fn finish(
+        &self,
+        job_id: i64,
+        token: LeaseToken,
+        state: JobState,
+        last_error: Option<&str>,
+    ) -> Result<bool, QueueError> {
+        let finished = sqlx::query(
+            "UPDATE backfill.jobs \
+                SET state = $3, last_error = $4, finished_at = now(), lease_token = NULL, \
+                    leased_by = NULL, lease_expires_at = NULL, throttle_state = NULL, \
+                    throttle_reason = NULL, rows_per_second = NULL, updated_at = now() \
+              WHERE id = $1 AND lease_token = $2",
+        )
+        .bind(job_id)
+        .bind(token.0)
+        .bind(state.as_str())
+        .bind(last_error)
+        .execute(&self.pool)
+        .await
+        .context(&format!("finishing job {job_id} as {state}"))?
+        .rows_affected();
+        Ok(finished == 1)
+    }
+
+    /// Records how many rows the job is expected to touch in all (done + pending).
+    pub async fn set_total_estimate(
+        &self,
+        job_id: i64,
+        token: LeaseToken,
+        total: i64,
+    ) -> Result<bool, QueueError> {
+        let updated = sqlx::query(
+            "UPDATE backfill.jobs SET rows_total_estimate = $3, updated_at = now() \
+              WHERE id = $1 AND lease_token = $2",
+        )
+        .bind(job_id)
+        .bind(token.0)
+        .bind(total)
+        .execute(&self.pool)
+        .await
+        .context(&format!("recording the row estimate of job {job_id}"))?
+        .rows_affected();
+        Ok(updated == 1)
+    }
+
+    /// Moves the job to another pass; a verify pass restarts from the first key.
+    pub async fn enter_phase(
+        &self,
+        job_id: i64,
+        token: LeaseToken,
+        phase: Phase,
+    ) -> Result<bool, QueueError> {
+        let updated = sqlx::query(
+            "UPDATE backfill.jobs \
+                SET phase = $3, \
+                    checkpoint = CASE WHEN $3 = 'verify' THEN NULL ELSE checkpoint END, \
+                    verify_sweeps = verify_sweeps + CASE WHEN $3 = 'verify' THEN 1 ELSE 0 END, \
+                    updated_at = now() \
+              WHERE id = $1 AND lease_token = $2",
+        )
+        .bind(job_id)
+        .bind(token.0)
+        .bind(phase.as_str())
+        .execute(&self.pool)
+        .await
+        .context(&format!("moving job {job_id} to phase {}", phase.as_str()))?
+        .rows_affected();
+        Ok(updated == 1)
+    }
+
+    /// True while some job is pending or running (and due): what `--exit-when-idle` waits out.
+    pub async fn has_unfinished_work(&self) -> Result<bool, QueueError> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM backfill.jobs WHERE state IN ('pending', 'running') AND not_before <= now())",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .context("looking for unfinished jobs")
+    }
+
+    /// When the next failed row of the job is due for a retry (zero: now), or
+    /// `None` when no failed row has attempts left.
+    pub async fn failed_rows_to_retry(
+        &self,
+        job_id: i64,
+        max_attempts: i32,
+    ) -> Result<Option<Duration>, QueueError> {
+        let due_in: Option<f64> = sqlx::query_scalar(
+            "SELECT CASE WHEN count(*) > 0 THEN greatest(extract(epoch FROM min(next_attempt_at) - now()), 0) END::float8 \
+               FROM backfill.failed_rows \
+              WHERE job_id = $1 AND reason = 'error' AND attempts < $2",
+        )
+        .bind(job_id)
+        .bind(max_attempts)
+        .fetch_one(&self.pool)
+        .await
+        .context(&format!("reading failed rows of job {job_id}"))?;
+        Ok(due_in.map(Duration::from_secs_f64))
+    }
+
+    /// Rows of the job currently in `backfill.failed_rows`.
+    pub async fn failed_row_count(&self, job_id: i64) -> Result<i64, QueueError> {
+        sqlx::query_scalar("SELECT count(*) FROM backfill.failed_rows WHERE job_id = $1")
+            .bind(job_id)
+            .fetch_one(&self.pool)
+            .await
+            .context(&format!("counting failed rows of job {job_id}"))
+    }
+}

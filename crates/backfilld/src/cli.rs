@@ -1,0 +1,94 @@
+//! The command line: `backfilld [--config FILE] <verb>`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Safe, throttled, resumable data backfills on live PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "backfilld", version, about)]
+pub struct Cli {
+    /// Configuration file overriding config/default.toml (then BACKFILLD_* variables apply).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub verb: Verb,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Verb {
+    /// Claim and run backfill jobs until SIGTERM (or until idle).
+    Run {
+        /// Exit 0 once no unfinished job is left (the Kubernetes Job mode).
+        #[arg(long)]
+        exit_when_idle: bool,
+    },
+    /// Install or upgrade schema `backfill` (idempotent).
+    Migrate,
+    /// Enqueue a job, exactly as an INSERT into backfill.jobs would.
+    Enqueue(EnqueueArgs),
+    /// Show jobs: state, progress, rate, ETA, throttle, failures.
+    Status {
+        /// Only this job.
+        name: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause a job; workers let go of it within about a second.
+    Pause { name: String },
+    /// Resume a paused job.
+    Resume { name: String },
+    /// Cancel a job for good.
+    Cancel { name: String },
+    /// Re-run a finished job's failed rows (after the data was fixed).
+    Retry { name: String },
+    /// Run the embedded demo: a throwaway PostgreSQL, a messy users table, a live backfill.
+    Demo(DemoArgs),
+}
+
+/// The job's definition, as columns of backfill.jobs.
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// Unique job name.
+    #[arg(long)]
+    pub name: String,
+    /// Target table, e.g. public.users.
+    #[arg(long)]
+    pub table: String,
+    /// Unique, indexed key column walked in order.
+    #[arg(long)]
+    pub key: String,
+    /// The batch statement, using :keys, :first_key and/or :last_key.
+    #[arg(long)]
+    pub sql: String,
+    /// Boolean expression true for rows that still need work.
+    #[arg(long)]
+    pub pending: Option<String>,
+    /// Boolean expression true for rows whose new shape disagrees with the old.
+    #[arg(long)]
+    pub check: Option<String>,
+    #[arg(long)]
+    pub batch_size: Option<i32>,
+    #[arg(long)]
+    pub min_batch_size: Option<i32>,
+    #[arg(long)]
+    pub max_batch_size: Option<i32>,
+    #[arg(long)]
+    pub target_batch_ms: Option<i32>,
+    #[arg(long)]
+    pub max_rows_per_second: Option<f64>,
+    #[arg(long)]
+    pub max_attempts: Option<i32>,
+    #[arg(long)]
+    pub priority: Option<i32>,
+}
+
+/// Options of the demo.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Rows in the demo users table.
+    #[arg(long, default_value_t = 300_000)]
+    pub rows: i64,
+}

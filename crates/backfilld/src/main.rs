@@ -1,0 +1,106 @@
+//! backfilld: runs large data backfills against live PostgreSQL safely.
+//!
+//! `main` reads the command line and configuration, then hands over to the
+//! verb. `run_daemon` below is the daemon's whole life in one screen.
+
+mod cli;
+mod commands;
+mod demo;
+mod redact;
+mod settings;
+mod shutdown;
+mod telemetry;
+mod worker;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+
+use crate::cli::{Cli, Verb};
+use crate::commands::{CliFailure, Database};
+use crate::settings::Settings;
+use crate::shutdown::Shutdown;
+use crate::worker::Worker;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse(); // usage errors exit 2
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("backfilld: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut log = settings.log.clone();
+    if matches!(cli.verb, Verb::Demo(_)) {
+        log.level = "warn".to_string(); // the demo draws a progress line instead
+    }
+    telemetry::init_logging(&log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("backfilld: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let outcome = runtime.block_on(async move {
+        match cli.verb {
+            Verb::Run { exit_when_idle } => run_daemon(settings, exit_when_idle)
+                .await
+                .map_err(CliFailure::from_daemon),
+            Verb::Demo(args) => demo::run(settings, args)
+                .await
+                .map_err(CliFailure::from_daemon),
+            verb => commands::run(verb, settings).await,
+        }
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliFailure::Usage(message)) => {
+            eprintln!("backfilld: {message}");
+            ExitCode::from(2)
+        }
+        Err(CliFailure::Fatal(e)) => {
+            eprintln!("backfilld: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The daemon: connect, migrate, serve metrics, probe health, work the queue
+/// until SIGTERM (or idle), let go of everything, exit 0.
+async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<()> {
+    let settings = Arc::new(settings);
+    let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
+    let metrics = telemetry::install_metrics().map_err(anyhow::Error::msg)?;
+    let db = Database::connect(&settings).await?;
+    backfill_queue::migrate(&db.control)
+        .await
+        .context("applying the backfill schema")?;
+    if !settings.http.listen.is_empty() {
+        let address = telemetry::serve_http(&settings.http.listen, metrics, db.control.clone())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        tracing::info!(%address, "serving /metrics, /healthz, /readyz");
+    }
+    let health = commands::spawn_health_probes(&settings, &db, shutdown.clone())?;
+    let worker = Arc::new(Worker {
+        queue: backfill_queue::Queue::new(db.control.clone()),
+        runner: db.batch_runner(&settings),
+        worker_id: settings.worker_id(),
+        settings: Arc::clone(&settings),
+        health,
+    });
+    tracing::info!(worker = %worker.worker_id, database = %db.redacted_url, "worker started");
+    worker.run(shutdown, exit_when_idle).await;
+    db.data.close();
+    db.control.close().await;
+    tracing::info!("worker stopped");
+    Ok(())
+}

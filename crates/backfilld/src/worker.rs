@@ -1,0 +1,759 @@
+//! The worker: claims jobs from the queue and drives each one through its
+//! phases (scan → retry failed keys → verify) batch by batch, under the
+//! throttle, until it ends or is taken away.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backfill_core::error_class::{ErrorClass, TransientKind};
+use backfill_core::throttle::{
+    BatchOutcome, BatchReport, HealthSample, ThrottleController, ThrottleDecision, ThrottleReason,
+    ThrottleSettings,
+};
+use backfill_dataplane::{
+    BatchRunner, BatchTarget, DataPlaneError, Fence, JobDefinition, KeySource, RunOutcome,
+};
+use backfill_queue::{
+    ClaimedJob, HeartbeatReport, Job, JobProgress, JobState, LeaseToken, Phase, Queue,
+};
+use tokio::sync::watch;
+use tracing::{info, warn, Instrument};
+
+use crate::settings::Settings;
+use crate::shutdown::Shutdown;
+use crate::telemetry::JobMetrics;
+
+/// Everything a worker needs, shared by its claim loops.
+pub struct Worker {
+    pub queue: Queue,
+    pub runner: BatchRunner,
+    pub settings: Arc<Settings>,
+    pub worker_id: String,
+    pub health: watch::Receiver<HealthSample>,
+}
+
+/// Why a job stopped on this worker before it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    /// Paused, cancelled or taken over: the lease is gone.
+    LeaseLost(Option<JobState>),
+    /// SIGTERM/SIGINT.
+    Shutdown,
+    /// The database cannot be reached; the job goes back to the queue.
+    Unreachable,
+}
+
+impl Worker {
+    /// Runs `worker.concurrency` claim loops until shutdown, or, with
+    /// `exit_when_idle`, until no unfinished job is left for anyone.
+    pub async fn run(self: Arc<Self>, shutdown: Shutdown, exit_when_idle: bool) {
+        let loops: Vec<_> = (0..self.settings.worker.concurrency)
+            .map(|slot| {
+                let worker = Arc::clone(&self);
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move { worker.claim_loop(slot, shutdown, exit_when_idle).await })
+            })
+            .collect();
+        for handle in loops {
+            if let Err(e) = handle.await {
+                warn!(error = %e, "a claim loop ended abnormally");
+            }
+        }
+    }
+
+    async fn claim_loop(&self, slot: usize, shutdown: Shutdown, exit_when_idle: bool) {
+        let mut backoff = ConnectionBackoff::default();
+        while !shutdown.is_triggered() {
+            match self
+                .queue
+                .claim(&self.worker_id, self.settings.worker.lease)
+                .await
+            {
+                Ok(Some(claimed)) => {
+                    backoff.reset();
+                    let span = tracing::info_span!("job", job = %claimed.job.name, job_id = claimed.job.id, slot);
+                    self.drive(claimed, &shutdown).instrument(span).await;
+                }
+                Ok(None) => {
+                    backoff.reset();
+                    if exit_when_idle {
+                        match self.queue.has_unfinished_work().await {
+                            Ok(false) => {
+                                info!("no unfinished job left; exiting (--exit-when-idle)");
+                                return;
+                            }
+                            Ok(true) => {}
+                            Err(e) => warn!(error = %e, "cannot tell whether work is left"),
+                        }
+                    }
+                    shutdown.sleep(self.settings.worker.poll_interval).await;
+                }
+                Err(e) => {
+                    let wait = backoff.next();
+                    warn!(error = %e, retry_in = ?wait, "cannot claim jobs; retrying");
+                    shutdown.sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    /// Works on one claimed job until it ends, is taken away, or we shut down.
+    async fn drive(&self, claimed: ClaimedJob, shutdown: &Shutdown) {
+        let ClaimedJob { job, token } = claimed;
+        info!(phase = job.phase.as_str(), checkpoint = ?job.checkpoint, rows_done = job.rows_done, "claimed job");
+        let mut run = JobRun::start(self, job, token, shutdown.clone());
+        let end = run.execute().await;
+        run.stop_heartbeat();
+        match end {
+            JobEnd::Finished(state) => info!(
+                state = state.as_str(),
+                rows_done = run.rows_done,
+                "job finished"
+            ),
+            JobEnd::Stopped(StopReason::Shutdown) => {
+                match self.queue.release(run.job.id, token).await {
+                    Ok(true) => {
+                        info!(checkpoint = ?run.checkpoint, "shutting down: lease released")
+                    }
+                    Ok(false) => info!("shutting down: the lease was already gone"),
+                    Err(e) => {
+                        warn!(error = %e, "shutting down: could not release the lease; it expires by itself")
+                    }
+                }
+            }
+            JobEnd::Stopped(StopReason::LeaseLost(state)) => {
+                info!(
+                    state = state.map_or("deleted", JobState::as_str),
+                    "stopped working on the job: lease gone"
+                )
+            }
+            JobEnd::Stopped(StopReason::Unreachable) => {
+                match self.queue.release(run.job.id, token).await {
+                    Ok(_) => warn!("database trouble: job given back to the queue"),
+                    Err(e) => {
+                        warn!(error = %e, "database trouble: job not released; its lease expires by itself")
+                    }
+                }
+            }
+        }
+        run.metrics.job_left();
+    }
+}
+
+/// How driving a job ended on this worker.
+#[derive(Debug)]
+enum JobEnd {
+    /// Succeeded, failed or cancelled for good.
+    Finished(JobState),
+    /// Not finished; someone (maybe us, later) carries on.
+    Stopped(StopReason),
+}
+
+/// What to do after the key source ran dry.
+enum PhaseStep {
+    Continue,
+    End(JobEnd),
+}
+
+/// One job on this worker: its lease, throttle, progress and metrics.
+struct JobRun<'w> {
+    worker: &'w Worker,
+    job: Job,
+    fence: Fence,
+    shutdown: Shutdown,
+    throttle: ThrottleController,
+    last_report: Option<BatchReport>,
+    last_reason: Option<Option<ThrottleReason>>,
+    checkpoint: Option<String>,
+    phase: Phase,
+    rows_done: i64,
+    rows_total: Option<i64>,
+    rate: RateEstimate,
+    started: Instant,
+    stop: watch::Receiver<Option<StopReason>>,
+    progress: watch::Sender<JobProgress>,
+    heartbeat: tokio::task::JoinHandle<()>,
+    metrics: JobMetrics,
+}
+
+impl<'w> JobRun<'w> {
+    fn start(worker: &'w Worker, job: Job, token: LeaseToken, shutdown: Shutdown) -> Self {
+        let settings = &worker.settings;
+        let fence = Fence {
+            job_id: job.id,
+            token: token.0,
+            lease: settings.worker.lease,
+        };
+        let (stop_tx, stop) = watch::channel(None);
+        let (progress, progress_rx) = watch::channel(JobProgress::default());
+        let heartbeat = tokio::spawn(heartbeat_loop(
+            worker.queue.clone(),
+            job.id,
+            token,
+            settings.worker.lease,
+            settings.worker.heartbeat,
+            progress_rx,
+            stop_tx,
+        ));
+        JobRun {
+            worker,
+            fence,
+            shutdown,
+            throttle: ThrottleController::new(throttle_settings(settings, &job)),
+            last_report: None,
+            last_reason: None,
+            checkpoint: job.checkpoint.clone(),
+            phase: job.phase,
+            rows_done: job.rows_done,
+            rows_total: job.rows_total_estimate,
+            rate: RateEstimate::default(),
+            started: Instant::now(),
+            stop,
+            progress,
+            heartbeat,
+            metrics: JobMetrics::new(&job.name),
+            job,
+        }
+    }
+
+    fn stop_heartbeat(&self) {
+        self.heartbeat.abort();
+    }
+
+    fn stop_reason(&self) -> Option<StopReason> {
+        if self.shutdown.is_triggered() {
+            return Some(StopReason::Shutdown);
+        }
+        *self.stop.borrow()
+    }
+
+    /// Waits `duration`, or less if the job must stop.
+    async fn wait(&self, duration: Duration) {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            () = tokio::time::sleep(duration) => {}
+            () = self.shutdown.triggered() => {}
+            () = until(&mut stop, Option::is_some) => {}
+        }
+    }
+
+    /// Completes when the in-flight batch must be cancelled: at once when the
+    /// lease is gone or when it has blocked production sessions longer than
+    /// `throttle.max_blocking`, after the grace period on shutdown.
+    fn batch_stop(&self) -> impl std::future::Future<Output = ()> + 'static {
+        let mut stop = self.stop.clone();
+        let mut health = self.worker.health.clone();
+        let max_blocking = self.worker.settings.throttle.max_blocking;
+        let shutdown = self.shutdown.clone();
+        let grace = self.worker.settings.worker.shutdown_grace;
+        async move {
+            tokio::select! {
+                () = until(&mut stop, Option::is_some) => {}
+                () = until(&mut health, |h| h.sessions_blocked_by_us > 0 && h.longest_block >= max_blocking) => {
+                    warn!(?max_blocking, "the batch is blocking other sessions; cancelling it");
+                }
+                () = async { shutdown.triggered().await; tokio::time::sleep(grace).await } => {}
+            }
+        }
+    }
+
+    async fn execute(&mut self) -> JobEnd {
+        let definition = JobDefinition {
+            job_id: self.job.id,
+            name: self.job.name.clone(),
+            table_name: self.job.table_name.clone(),
+            key_column: self.job.key_column.clone(),
+            batch_sql: self.job.batch_sql.clone(),
+            pending_predicate: self.job.pending_predicate.clone(),
+        };
+        let target = match self.resolve(&definition).await {
+            Ok(target) => target,
+            Err(DataPlaneError::JobDefinition(message)) => {
+                return self.finish(JobState::Failed, Some(message)).await
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot resolve the job's table");
+                return JobEnd::Stopped(StopReason::Unreachable);
+            }
+        };
+        if self.rows_total.is_none() {
+            self.estimate_total(&target).await;
+        }
+        loop {
+            if let Some(reason) = self.stop_reason() {
+                return JobEnd::Stopped(reason);
+            }
+            let health = self.worker.health.borrow().clone();
+            let decision = self.throttle.decide(
+                self.started.elapsed(),
+                &health,
+                self.last_report.take().as_ref(),
+            );
+            self.note_decision(&decision, &health);
+            let batch_size = match decision {
+                ThrottleDecision::Hold {
+                    reason,
+                    recheck_after,
+                } => {
+                    self.wait(recheck_after).await;
+                    self.metrics.slept(reason.as_str(), recheck_after);
+                    continue;
+                }
+                ThrottleDecision::Run {
+                    batch_size,
+                    pause_before,
+                    reason,
+                } => {
+                    if !pause_before.is_zero() {
+                        self.wait(pause_before).await;
+                        self.metrics
+                            .slept(reason.map_or("pause", ThrottleReason::as_str), pause_before);
+                        if let Some(reason) = self.stop_reason() {
+                            return JobEnd::Stopped(reason);
+                        }
+                    }
+                    batch_size
+                }
+            };
+            self.metrics.batch_size(batch_size);
+            let source = match self.phase {
+                Phase::Scan => KeySource::After(self.checkpoint.as_deref()),
+                Phase::Verify => KeySource::AfterExcludingFailed(self.checkpoint.as_deref()),
+                Phase::Retry => KeySource::FailedRows {
+                    max_attempts: self.max_attempts(),
+                },
+            };
+            let outcome = self
+                .worker
+                .runner
+                .run(&target, self.fence, source, batch_size, self.batch_stop())
+                .await;
+            match outcome {
+                RunOutcome::Committed { stats, duration } => {
+                    if self.phase != Phase::Retry {
+                        self.checkpoint = stats.last_key.clone();
+                    }
+                    self.rows_done += i64::try_from(stats.applied).unwrap_or(i64::MAX);
+                    self.rate.record(stats.keys, Instant::now());
+                    self.metrics.committed(&stats, duration);
+                    for (key, error) in stats.failures.iter().take(10) {
+                        warn!(key = %key, sqlstate = error.sqlstate.as_deref().unwrap_or(""), message = %error.message, "row failed; recorded in backfill.failed_rows");
+                    }
+                    if stats.failures.len() > 10 {
+                        warn!(
+                            more = stats.failures.len() - 10,
+                            "more rows failed in this batch"
+                        );
+                    }
+                    self.publish_progress();
+                    let rows = u64::try_from(stats.keys).unwrap_or(u64::MAX);
+                    self.last_report = Some(BatchReport {
+                        size: batch_size,
+                        outcome: BatchOutcome::Committed { rows, duration },
+                    });
+                }
+                RunOutcome::NoKeys => match self.next_phase(&target).await {
+                    PhaseStep::Continue => {}
+                    PhaseStep::End(end) => return end,
+                },
+                RunOutcome::Fenced => {
+                    self.metrics.batch_outcome("fenced");
+                    let state = self.worker.queue.state_of(self.job.id).await.ok().flatten();
+                    return JobEnd::Stopped(StopReason::LeaseLost(state));
+                }
+                RunOutcome::Failed { error, duration } => {
+                    if let Some(reason) = self.stop_reason() {
+                        // Cancelled by us on the way out: nothing was committed.
+                        return JobEnd::Stopped(reason);
+                    }
+                    match error.class() {
+                        ErrorClass::Transient(kind) => {
+                            self.metrics.batch_outcome("transient_error");
+                            warn!(error = %error, kind = kind.as_str(), "batch rolled back; will retry it smaller after a pause");
+                            let outcome = match kind {
+                                TransientKind::LockTimeout | TransientKind::Deadlock => {
+                                    BatchOutcome::LockTimeout { duration }
+                                }
+                                TransientKind::StatementTimeout => {
+                                    BatchOutcome::StatementTimeout { duration }
+                                }
+                                TransientKind::QueryCanceled => {
+                                    BatchOutcome::CancelledForBlocking { duration }
+                                }
+                                _ => BatchOutcome::TransientError { duration },
+                            };
+                            self.last_report = Some(BatchReport {
+                                size: batch_size,
+                                outcome,
+                            });
+                        }
+                        ErrorClass::RowLevel | ErrorClass::JobLevel => {
+                            self.metrics.batch_outcome("job_error");
+                            return self.finish(JobState::Failed, Some(error.to_string())).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn resolve(&self, definition: &JobDefinition) -> Result<BatchTarget, DataPlaneError> {
+        let client = self.worker.runner.pool().get().await.map_err(|e| {
+            DataPlaneError::Batch(backfill_dataplane::BatchError::from_pool(
+                "connecting to resolve the job",
+                &e,
+            ))
+        })?;
+        BatchTarget::resolve(&client, definition).await
+    }
+
+    /// Counts the rows the job still has to touch, once per job.
+    async fn estimate_total(&mut self, target: &BatchTarget) {
+        let client = match self.worker.runner.pool().get().await {
+            Ok(client) => client,
+            Err(e) => return warn!(error = %e, "cannot estimate the job's size"),
+        };
+        let pending = if self.job.pending_predicate.is_some() || self.phase == Phase::Scan {
+            target
+                .count_pending(&client, self.checkpoint.as_deref(), false)
+                .await
+        } else {
+            Ok(0)
+        };
+        match pending {
+            Ok(pending) => {
+                let total = self.rows_done + pending;
+                self.rows_total = Some(total);
+                if let Err(e) = self
+                    .worker
+                    .queue
+                    .set_total_estimate(self.job.id, self.fence_token(), total)
+                    .await
+                {
+                    warn!(error = %e, "cannot record the job's size");
+                }
+                info!(rows_pending = pending, "sized the job");
+            }
+            Err(e) => warn!(error = %e, "cannot estimate the job's size"),
+        }
+    }
+
+    fn fence_token(&self) -> LeaseToken {
+        LeaseToken(self.fence.token)
+    }
+
+    fn max_attempts(&self) -> i32 {
+        self.job
+            .max_attempts
+            .unwrap_or(self.worker.settings.batch.max_attempts)
+    }
+
+    /// The key source ran dry: move on to retries, verification or the end.
+    async fn next_phase(&mut self, target: &BatchTarget) -> PhaseStep {
+        let queue = &self.worker.queue;
+        let retry = match queue
+            .failed_rows_to_retry(self.job.id, self.max_attempts())
+            .await
+        {
+            Ok(retry) => retry,
+            Err(e) => {
+                warn!(error = %e, "cannot read failed rows");
+                return PhaseStep::End(JobEnd::Stopped(StopReason::Unreachable));
+            }
+        };
+        if let Some(due_in) = retry {
+            if self.phase != Phase::Retry {
+                info!("scan complete; retrying failed rows");
+                if !self.enter_phase(Phase::Retry).await {
+                    return PhaseStep::End(JobEnd::Stopped(StopReason::LeaseLost(None)));
+                }
+            }
+            // Wait for the next failed row to be due, staying responsive to stops.
+            if !due_in.is_zero() {
+                self.wait(due_in.min(self.worker.settings.worker.heartbeat))
+                    .await;
+            }
+            return PhaseStep::Continue;
+        }
+        self.verify(target).await
+    }
+
+    async fn enter_phase(&mut self, phase: Phase) -> bool {
+        match self
+            .worker
+            .queue
+            .enter_phase(self.job.id, self.fence_token(), phase)
+            .await
+        {
+            Ok(true) => {
+                self.phase = phase;
+                if phase == Phase::Verify {
+                    self.checkpoint = None;
+                }
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                warn!(error = %e, "cannot change phase");
+                false
+            }
+        }
+    }
+
+    /// Counts what is left; succeeds only at 100 %.
+    async fn verify(&mut self, target: &BatchTarget) -> PhaseStep {
+        let client = match self.worker.runner.pool().get().await {
+            Ok(client) => client,
+            Err(e) => {
+                warn!(error = %e, "cannot verify");
+                return PhaseStep::End(JobEnd::Stopped(StopReason::Unreachable));
+            }
+        };
+        let pending = if self.job.pending_predicate.is_some() {
+            match target.count_pending(&client, None, true).await {
+                Ok(pending) => pending,
+                Err(e) => {
+                    warn!(error = %e, "verification count failed");
+                    return PhaseStep::End(JobEnd::Stopped(StopReason::Unreachable));
+                }
+            }
+        } else {
+            0 // Without a pending predicate every row was visited once; nothing to count.
+        };
+        drop(client);
+        let failed = match self.worker.queue.failed_row_count(self.job.id).await {
+            Ok(failed) => failed,
+            Err(e) => {
+                warn!(error = %e, "cannot count failed rows");
+                return PhaseStep::End(JobEnd::Stopped(StopReason::Unreachable));
+            }
+        };
+        info!(pending, failed, "verification pass");
+        if pending > 0 {
+            let sweeps = self.job.verify_sweeps + i32::from(self.phase == Phase::Verify);
+            if sweeps < self.worker.settings.worker.max_verify_sweeps {
+                info!(
+                    pending,
+                    "rows still pending after the scan; sweeping the table again"
+                );
+                self.job.verify_sweeps = sweeps;
+                return if self.enter_phase(Phase::Verify).await {
+                    PhaseStep::Continue
+                } else {
+                    PhaseStep::End(JobEnd::Stopped(StopReason::LeaseLost(None)))
+                };
+            }
+            let message = format!(
+                "{pending} rows still match pending_predicate after {sweeps} verification sweeps; \
+                 something keeps making rows pending (or batch_sql does not change what pending_predicate tests)"
+            );
+            return PhaseStep::End(self.finish(JobState::Failed, Some(message)).await);
+        }
+        if failed > 0 {
+            let message = format!(
+                "{failed} rows failed (see backfill.failed_rows where job_id = {}); fix them, then select backfill.retry_failed('{}')",
+                self.job.id,
+                self.job.name.replace('\'', "''")
+            );
+            return PhaseStep::End(self.finish(JobState::Failed, Some(message)).await);
+        }
+        PhaseStep::End(self.finish(JobState::Succeeded, None).await)
+    }
+
+    async fn finish(&mut self, state: JobState, last_error: Option<String>) -> JobEnd {
+        if let Some(error) = &last_error {
+            warn!(error = %error, "job failed");
+        }
+        match self
+            .worker
+            .queue
+            .finish(
+                self.job.id,
+                self.fence_token(),
+                state,
+                last_error.as_deref(),
+            )
+            .await
+        {
+            Ok(true) => {
+                self.metrics.finished(state == JobState::Succeeded);
+                JobEnd::Finished(state)
+            }
+            Ok(false) => JobEnd::Stopped(StopReason::LeaseLost(
+                self.worker.queue.state_of(self.job.id).await.ok().flatten(),
+            )),
+            Err(e) => {
+                warn!(error = %e, "cannot record the job's end");
+                JobEnd::Stopped(StopReason::Unreachable)
+            }
+        }
+    }
+
+    /// Logs a throttle decision when its reason changes, and exports it.
+    fn note_decision(&mut self, decision: &ThrottleDecision, health: &HealthSample) {
+        let reason = decision.reason();
+        self.metrics.throttled(reason.map(ThrottleReason::as_str));
+        self.metrics.lock_waits(health.sessions_blocked_by_us);
+        if self.last_reason != Some(reason) {
+            match decision {
+                ThrottleDecision::Hold { reason, .. } => {
+                    info!(
+                        reason = reason.as_str(),
+                        state = "holding",
+                        "throttle: holding"
+                    )
+                }
+                ThrottleDecision::Run {
+                    batch_size,
+                    reason: Some(reason),
+                    ..
+                } => {
+                    info!(
+                        reason = reason.as_str(),
+                        batch_size,
+                        state = "throttled",
+                        "throttle: slowing down"
+                    )
+                }
+                ThrottleDecision::Run {
+                    batch_size,
+                    reason: None,
+                    ..
+                } => {
+                    info!(batch_size, state = "running", "throttle: running freely")
+                }
+            }
+            self.last_reason = Some(reason);
+            self.publish_progress();
+        }
+    }
+
+    /// Hands live numbers to the heartbeat (for job_status) and to the metrics.
+    fn publish_progress(&self) {
+        let rate = self.rate.rows_per_second();
+        let remaining = self.rows_total.map(|total| (total - self.rows_done).max(0));
+        self.metrics.progress(self.rows_done, remaining, rate);
+        let progress = JobProgress {
+            rows_per_second: rate,
+            batch_size: i32::try_from(self.throttle.batch_size()).ok(),
+            throttle_state: Some(self.throttle.state_label().to_string()),
+            throttle_reason: self.throttle.reason().map(|r| r.as_str().to_string()),
+        };
+        self.progress.send_replace(progress);
+    }
+}
+
+/// The job's throttle: deployment defaults, overridden by the job's own columns.
+fn throttle_settings(settings: &Settings, job: &Job) -> ThrottleSettings {
+    let positive = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok()).filter(|v| *v > 0);
+    let min_batch_size = positive(job.min_batch_size).unwrap_or(settings.batch.min_size);
+    let max_batch_size = positive(job.max_batch_size)
+        .unwrap_or(settings.batch.max_size)
+        .max(min_batch_size);
+    let start_batch_size = positive(job.batch_size)
+        .unwrap_or(settings.batch.size)
+        .clamp(min_batch_size, max_batch_size);
+    let target_batch = positive(job.target_batch_ms)
+        .map(|ms| Duration::from_millis(u64::from(ms)))
+        .unwrap_or(settings.batch.target);
+    let max_rows_per_second = job
+        .max_rows_per_second
+        .or(Some(settings.throttle.max_rows_per_second))
+        .filter(|rate| *rate > 0.0);
+    ThrottleSettings {
+        min_batch_size,
+        max_batch_size,
+        start_batch_size,
+        target_batch,
+        max_lag: settings.throttle.max_lag,
+        max_lag_bytes: settings.throttle.max_lag_bytes,
+        max_rows_per_second,
+        ..ThrottleSettings::default()
+    }
+}
+
+/// Extends the lease every `interval` and publishes progress; tells the job to
+/// stop as soon as the lease turns out to be gone (paused, cancelled, taken over).
+async fn heartbeat_loop(
+    queue: Queue,
+    job_id: i64,
+    token: LeaseToken,
+    lease: Duration,
+    interval: Duration,
+    progress: watch::Receiver<JobProgress>,
+    stop: watch::Sender<Option<StopReason>>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let current = progress.borrow().clone();
+        match queue.heartbeat(job_id, token, lease, &current).await {
+            Ok(HeartbeatReport::Held) => {}
+            Ok(HeartbeatReport::Lost { state }) => {
+                info!(
+                    state = state.map_or("deleted", JobState::as_str),
+                    "lease lost"
+                );
+                stop.send_replace(Some(StopReason::LeaseLost(state)));
+                return;
+            }
+            // The database may be restarting; the batch fence keeps us safe meanwhile.
+            Err(e) => warn!(error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+/// Rows per second over recent batches (exponentially weighted).
+#[derive(Debug, Default)]
+struct RateEstimate {
+    last: Option<Instant>,
+    rows_per_second: Option<f64>,
+}
+
+impl RateEstimate {
+    fn record(&mut self, rows: usize, at: Instant) {
+        if let Some(last) = self.last {
+            let elapsed = at.duration_since(last).as_secs_f64();
+            if elapsed > 0.0 {
+                let sample = rows as f64 / elapsed;
+                self.rows_per_second = Some(match self.rows_per_second {
+                    Some(previous) => 0.7 * previous + 0.3 * sample,
+                    None => sample,
+                });
+            }
+        }
+        self.last = Some(at);
+    }
+
+    fn rows_per_second(&self) -> Option<f64> {
+        self.rows_per_second
+    }
+}
+
+/// Completes once `condition` holds for the channel's value; never, if the
+/// sender is gone first (a closed channel must not read as "stop now").
+async fn until<T>(channel: &mut watch::Receiver<T>, condition: impl FnMut(&T) -> bool) {
+    if channel.wait_for(condition).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Exponential backoff for a database that cannot be reached: 0.5 s doubling to 30 s.
+#[derive(Debug, Default)]
+struct ConnectionBackoff {
+    failures: u32,
+}
+
+impl ConnectionBackoff {
+    fn next(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let wait = Duration::from_millis(500).saturating_mul(1 << self.failures.min(6));
+        wait.min(Duration::from_secs(30))
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}

@@ -1,0 +1,261 @@
+//! Shared helpers of the end-to-end suite: a database per test on the shared
+//! primary, the real `backfilld` binary as a child process, and bounded polling.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use pg_testkit::{shared_primary, PgCluster};
+
+/// The `backfilld` binary built next to this test binary (`target/<profile>/backfilld`).
+pub fn backfilld_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("BACKFILLD_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>/backfilld
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("backfilld");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first (`cargo build -p backfilld`, which scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A fresh database on the shared primary, for one test.
+pub struct TestDb {
+    pub cluster: &'static PgCluster,
+    pub name: String,
+}
+
+impl TestDb {
+    /// Creates a database named after `prefix`.
+    pub fn new(prefix: &str) -> TestDb {
+        let cluster = shared_primary();
+        let name = cluster.create_database(prefix).expect("create database");
+        TestDb { cluster, name }
+    }
+
+    /// Its connection URL.
+    pub fn url(&self) -> String {
+        self.cluster.url(&self.name)
+    }
+
+    /// Runs SQL (psql -At), panicking with the server's message on failure.
+    pub fn sql(&self, sql: &str) -> String {
+        self.cluster
+            .psql(&self.name, sql)
+            .unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"))
+    }
+
+    /// Runs SQL that must fail; returns the error text.
+    pub fn sql_err(&self, sql: &str) -> String {
+        match self.cluster.psql(&self.name, sql) {
+            Ok(out) => panic!("SQL unexpectedly succeeded ({out}):\n{sql}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// A single integer result.
+    pub fn int(&self, sql: &str) -> i64 {
+        let out = self.sql(sql);
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("not an integer: {out:?} from {sql}"))
+    }
+
+    /// Installs the schema with `backfilld migrate`.
+    pub fn migrate(&self) {
+        let out = self.backfilld(&["migrate"]);
+        assert!(out.status.success(), "migrate failed: {}", out.stderr);
+    }
+
+    /// Runs a `backfilld` verb to completion against this database.
+    pub fn backfilld(&self, args: &[&str]) -> CommandOutput {
+        let output = base_command(&self.url(), &[])
+            .args(args)
+            .output()
+            .expect("run backfilld");
+        CommandOutput {
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// The state of a job.
+    pub fn job_state(&self, name: &str) -> String {
+        self.sql(&format!(
+            "SELECT state FROM backfill.jobs WHERE name = '{name}'"
+        ))
+    }
+
+    /// Adds an audit trigger to `table` that records every update of a row
+    /// (key, session application_name, time) in `<table>_audit`.
+    pub fn audit_updates(&self, table: &str, key: &str) {
+        self.sql(&format!(
+            "CREATE TABLE {table}_audit (key text NOT NULL, app text, at timestamptz NOT NULL DEFAULT clock_timestamp());
+             CREATE FUNCTION {table}_audit_fn() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO {table}_audit (key, app) VALUES (NEW.{key}::text, current_setting('application_name'));
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER {table}_audit AFTER UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION {table}_audit_fn();"
+        ));
+    }
+
+    /// Asserts that each of `expected_rows` keys of `table` was updated exactly once.
+    pub fn assert_updated_exactly_once(&self, table: &str, expected_rows: i64) {
+        let twice = self.int(&format!(
+            "SELECT count(*) FROM (SELECT key FROM {table}_audit GROUP BY key HAVING count(*) > 1) d"
+        ));
+        assert_eq!(twice, 0, "some rows of {table} were updated more than once");
+        let once = self.int(&format!("SELECT count(DISTINCT key) FROM {table}_audit"));
+        assert_eq!(once, expected_rows, "rows of {table} updated once");
+    }
+}
+
+/// Output of a finished `backfilld` command.
+#[derive(Debug)]
+pub struct CommandOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+fn base_command(database_url: &str, env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(backfilld_bin());
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", database_url)
+        .env("BACKFILLD_HTTP__LISTEN", "")
+        .env("BACKFILLD_LOG__LEVEL", "info");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command
+}
+
+/// A running `backfilld run` process; killed on drop.
+pub struct Daemon {
+    child: Child,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts `backfilld run <args>` against `database_url` with extra `env`.
+    pub fn start(database_url: &str, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("daemon.log");
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = base_command(database_url, env)
+            .arg("run")
+            .args(args)
+            .stdout(Stdio::from(file.try_clone().expect("dup")))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("spawn backfilld");
+        Daemon {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe {
+            libc::kill(self.pid(), signal);
+        }
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILLs the process and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for a clean exit (code 0), panicking with the log otherwise.
+    pub fn expect_success(&mut self, timeout: Duration) {
+        match self.wait(timeout) {
+            Some(status) if status.success() => {}
+            Some(status) => panic!("backfilld exited with {status}:\n{}", self.log_text()),
+            None => {
+                self.kill();
+                panic!(
+                    "backfilld did not exit within {timeout:?}:\n{}",
+                    self.log_text()
+                )
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds, panicking with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        if condition() {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Env for a fast-reacting test worker named `id`: short lease, quick heartbeat and poll.
+pub fn quick_worker(id: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("BACKFILLD_WORKER__ID", id.to_string()),
+        ("BACKFILLD_WORKER__LEASE", "3s".to_string()),
+        ("BACKFILLD_WORKER__HEARTBEAT", "300ms".to_string()),
+        ("BACKFILLD_WORKER__POLL_INTERVAL", "200ms".to_string()),
+        ("BACKFILLD_BATCH__RETRY_BACKOFF", "100ms".to_string()),
+    ]
+}
+
+/// Borrows a `Vec<(&str, String)>` as the `&[(&str, &str)]` that [`Daemon::start`] takes.
+pub fn env_refs<'a>(env: &'a [(&'a str, String)]) -> Vec<(&'a str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
