@@ -79,6 +79,7 @@ async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<
     let settings = Arc::new(settings);
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
     let metrics = telemetry::install_metrics().map_err(anyhow::Error::msg)?;
+    telemetry::record_lag_limits(settings.throttle.max_lag, settings.throttle.max_lag_bytes);
     let db = Database::connect(&settings).await?;
     backfill_queue::migrate(&db.control)
         .await

@@ -250,6 +250,12 @@ pub fn record_replication_lag(sample: &backfill_core::throttle::HealthSample) {
     }
 }
 
+/// Exports the configured lag limits, so dashboards and alerts can draw and compare against them.
+pub fn record_lag_limits(max_lag: Duration, max_lag_bytes: u64) {
+    gauge!("backfill_throttle_max_lag_seconds").set(max_lag.as_secs_f64());
+    gauge!("backfill_throttle_max_lag_bytes").set(max_lag_bytes as f64);
+}
+
 /// Exports the queue's job counts by state.
 pub fn record_job_states(counts: &[(String, i64)]) {
     for state in JobState::ALL {
