@@ -346,6 +346,17 @@ impl<'w> JobRun<'w> {
                         );
                     }
                     self.publish_progress();
+                    // One line per batch, for tuning and for tests that check the controller's path.
+                    tracing::debug!(
+                        target: "backfilld::batch",
+                        batch_size,
+                        keys = stats.keys,
+                        applied = stats.applied,
+                        failed = stats.failed,
+                        statements = stats.statements,
+                        duration_ms = duration.as_secs_f64() * 1000.0,
+                        "batch committed"
+                    );
                     let rows = u64::try_from(stats.keys).unwrap_or(u64::MAX);
                     self.last_report = Some(BatchReport {
                         size: batch_size,
