@@ -198,13 +198,13 @@ LANGUAGE sql AS $fn$ SELECT pg_notify('backfill_control', job_name) $fn$;
 CREATE FUNCTION backfill.job_named(job_name text) RETURNS backfill.jobs
 LANGUAGE plpgsql AS $fn$
 DECLARE
-    found backfill.jobs;
+    job_row backfill.jobs;
 BEGIN
-    SELECT * INTO found FROM backfill.jobs WHERE name = job_name FOR UPDATE;
+    SELECT * INTO job_row FROM backfill.jobs WHERE name = job_name FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'no backfill job named %', quote_literal(job_name) USING ERRCODE = 'no_data_found';
     END IF;
-    RETURN found;
+    RETURN job_row;
 END
 $fn$;
 

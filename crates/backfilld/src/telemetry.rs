@@ -27,9 +27,12 @@ pub fn init_logging(settings: &LogSettings) {
                 settings.level
             ))
         });
+    // Colours only for a terminal: log files and pipelines get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let _ = match settings.format {
         LogFormat::Json => builder
             .json()
