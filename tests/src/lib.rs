@@ -28,15 +28,23 @@ pub fn backfilld_bin() -> PathBuf {
 }
 
 /// A fresh database on the shared primary, for one test.
-pub struct TestDb {
-    pub cluster: &'static PgCluster,
+pub struct TestDb<'c> {
+    pub cluster: &'c PgCluster,
     pub name: String,
 }
 
-impl TestDb {
-    /// Creates a database named after `prefix`.
-    pub fn new(prefix: &str) -> TestDb {
+impl TestDb<'static> {
+    /// Creates a database named after `prefix` on the shared primary.
+    pub fn new(prefix: &str) -> TestDb<'static> {
         let cluster = shared_primary();
+        let name = cluster.create_database(prefix).expect("create database");
+        TestDb { cluster, name }
+    }
+}
+
+impl<'c> TestDb<'c> {
+    /// Creates a database named after `prefix` on `cluster` (for tests that restart it).
+    pub fn on(cluster: &'c PgCluster, prefix: &str) -> TestDb<'c> {
         let name = cluster.create_database(prefix).expect("create database");
         TestDb { cluster, name }
     }
@@ -95,11 +103,17 @@ impl TestDb {
         ))
     }
 
+    /// A connection of the test's own that stays open between statements.
+    pub fn session(&self) -> Session {
+        Session::connect(&self.url())
+    }
+
     /// Adds an audit trigger to `table` that records every update of a row
-    /// (key, session application_name, time) in `<table>_audit`.
+    /// (key, session application_name, time, top-level transaction id) in `<table>_audit`.
     pub fn audit_updates(&self, table: &str, key: &str) {
         self.sql(&format!(
-            "CREATE TABLE {table}_audit (key text NOT NULL, app text, at timestamptz NOT NULL DEFAULT clock_timestamp());
+            "CREATE TABLE {table}_audit (key text NOT NULL, app text, at timestamptz NOT NULL DEFAULT clock_timestamp(),
+                                         xid bigint NOT NULL DEFAULT txid_current());
              CREATE FUNCTION {table}_audit_fn() RETURNS trigger LANGUAGE plpgsql AS $$
              BEGIN
                  INSERT INTO {table}_audit (key, app) VALUES (NEW.{key}::text, current_setting('application_name'));
@@ -111,12 +125,54 @@ impl TestDb {
 
     /// Asserts that each of `expected_rows` keys of `table` was updated exactly once.
     pub fn assert_updated_exactly_once(&self, table: &str, expected_rows: i64) {
+        self.assert_audited_exactly_once(table, "true", expected_rows);
+    }
+
+    /// Like [`TestDb::assert_updated_exactly_once`], counting only updates by
+    /// backfilld's data-plane sessions (not the test's own fixes of the data).
+    pub fn assert_backfilled_exactly_once(&self, table: &str, expected_rows: i64) {
+        self.assert_audited_exactly_once(table, "app LIKE 'backfilld/%'", expected_rows);
+    }
+
+    fn assert_audited_exactly_once(&self, table: &str, filter: &str, expected_rows: i64) {
         let twice = self.int(&format!(
-            "SELECT count(*) FROM (SELECT key FROM {table}_audit GROUP BY key HAVING count(*) > 1) d"
+            "SELECT count(*) FROM (SELECT key FROM {table}_audit WHERE {filter} GROUP BY key HAVING count(*) > 1) d"
         ));
         assert_eq!(twice, 0, "some rows of {table} were updated more than once");
-        let once = self.int(&format!("SELECT count(DISTINCT key) FROM {table}_audit"));
+        let once = self.int(&format!(
+            "SELECT count(DISTINCT key) FROM {table}_audit WHERE {filter}"
+        ));
         assert_eq!(once, expected_rows, "rows of {table} updated once");
+    }
+}
+
+/// A connection kept open between statements, e.g. to hold a lock while the
+/// daemon runs; closed (rolling back what it has open) on drop.
+pub struct Session {
+    client: tokio_postgres::Client,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Session {
+    /// Connects to `url`.
+    pub fn connect(url: &str) -> Session {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let (client, connection) = runtime
+            .block_on(tokio_postgres::connect(url, tokio_postgres::NoTls))
+            .expect("connect a session");
+        runtime.spawn(connection);
+        Session { client, runtime }
+    }
+
+    /// Runs `sql` (one or more statements), panicking with the server's message on failure.
+    pub fn execute(&self, sql: &str) {
+        self.runtime
+            .block_on(self.client.batch_execute(sql))
+            .unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"));
     }
 }
 
@@ -207,6 +263,15 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The log lines of `target` (with `BACKFILLD_LOG__FORMAT=json`), parsed.
+    pub fn json_lines(&self, target: &str) -> Vec<serde_json::Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|line| line["target"] == target)
+            .collect()
+    }
+
     /// Waits for a clean exit (code 0), panicking with the log otherwise.
     pub fn expect_success(&mut self, timeout: Duration) {
         match self.wait(timeout) {
@@ -258,4 +323,31 @@ pub fn quick_worker(id: &str) -> Vec<(&'static str, String)> {
 /// Borrows a `Vec<(&str, String)>` as the `&[(&str, &str)]` that [`Daemon::start`] takes.
 pub fn env_refs<'a>(env: &'a [(&'a str, String)]) -> Vec<(&'a str, &'a str)> {
     env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// A free loopback port for a daemon's HTTP server.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// `GET path` on 127.0.0.1:`port`; the status code and body, or `None` if nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
 }

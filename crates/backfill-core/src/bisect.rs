@@ -245,6 +245,14 @@ impl<E> Bisection<E> {
         self.walked_key_by_key
     }
 
+    /// How many leading indexes are resolved. Ranges are resolved left to right, so
+    /// the applied and failed indexes are always exactly `0..resolved_prefix()`: a
+    /// caller that must stop early (say, to bound the savepoints of one transaction)
+    /// can keep that prefix and hand the rest of the keys to another batch.
+    pub fn resolved_prefix(&self) -> usize {
+        self.resolved
+    }
+
     /// Whether every index is resolved.
     pub fn is_done(&self) -> bool {
         self.in_flight.is_none() && self.pending.is_empty()
@@ -308,6 +316,7 @@ mod tests {
                 bisection.report_ok();
             }
             assert_regret_lemma(&bisection, len);
+            assert_resolved_prefix(&bisection);
         }
         assert!(bisection.is_done());
         assert_eq!(bisection.next_step(), BisectStep::Done);
@@ -333,6 +342,16 @@ mod tests {
             bisection.statements_tried <= bisection.resolved + regret_ceiling,
             "regret over {regret_ceiling}"
         );
+    }
+
+    /// What is resolved lies inside `0..resolved_prefix()` and fills it: with the
+    /// final partition check, that makes it exactly the prefix at every step.
+    fn assert_resolved_prefix<E>(bisection: &Bisection<E>) {
+        let prefix = bisection.resolved_prefix();
+        let applied: usize = bisection.applied().iter().map(Range::len).sum();
+        assert_eq!(applied + bisection.failed().len(), prefix);
+        assert!(bisection.applied().iter().all(|r| r.end <= prefix));
+        assert!(bisection.failed().iter().all(|(i, _)| *i < prefix));
     }
 
     /// Every index exactly once in `applied` or `failed`, both ascending.

@@ -1,6 +1,49 @@
-//! One batch: select the next keys, run the job's statement on them, record
-//! failed keys, advance the checkpoint and counters — all in one transaction
-//! that commits only while the worker still holds the job's lease.
+//! One batch: select the next keys, run the job's statement on them, check the
+//! result, record failed keys, advance the checkpoint and counters — all in one
+//! transaction that commits only while the worker still holds the job's lease.
+//!
+//! # Failing rows
+//!
+//! The statement first runs once on the whole batch, without a savepoint. When it
+//! fails with a row-level error, the transaction is rolled back and the batch is
+//! run again in a new one, bisecting with savepoints (see
+//! [`backfill_core::bisect`]) until the failing keys are isolated; every other
+//! key is applied, and the failing keys are recorded in `backfill.failed_rows`
+//! in the same transaction as the checkpoint.
+//!
+//! Savepoints rather than separate transactions, because the applied keys, the
+//! failed-row records and the checkpoint must commit together for a batch to
+//! apply exactly once. Their cost: a released savepoint keeps its subtransaction
+//! ID in the backend's cache until the transaction ends, and past 64 of them
+//! (`PGPROC_MAX_CACHED_SUBXIDS`) the cache overflows and every snapshot on the
+//! primary and its standbys gets slower while the transaction lasts. A bisecting
+//! transaction therefore releases at most [`MAX_RELEASED_SAVEPOINTS`]; at that
+//! point it commits the resolved prefix of its keys and leaves the rest to the
+//! next batch. Rolled-back savepoints leave the cache, so a batch in which every
+//! key fails never fills it.
+//!
+//! # check_predicate
+//!
+//! A job's optional `check_predicate` is true for rows whose new shape disagrees
+//! with the old. It is evaluated on the keys of every statement run, right after
+//! the statement and in the same transaction, and it works like a CHECK
+//! constraint: a row for which it holds is not applied (its change is rolled
+//! back with the rest of the statement and bisection isolates it) and its key is
+//! recorded with reason `verification`. Such a row keeps its old shape, so the
+//! job cannot end `succeeded` while it is recorded. Automatic retries skip
+//! verification failures, as batch_sql would compute the same values from the
+//! same data again; `backfill.retry_failed(name)` re-runs them once the data or
+//! the job is fixed.
+//!
+//! # A first batch where every key fails
+//!
+//! When every key of a job's first batch fails alone with the same SQLSTATE (or
+//! check_predicate holds for all of them), and there were enough of them for the
+//! bisection to walk key by key, the statement itself is almost certainly wrong
+//! (say, a cast that cannot work for any row). Recording every key of the table in
+//! `failed_rows` would help no one, so the batch rolls back and the job fails with
+//! a message saying so. Only the first batch is judged this way: later batches,
+//! retries and verification sweeps may legitimately consist of bad rows only.
 
 use std::future::Future;
 use std::pin::pin;
@@ -16,6 +59,11 @@ use uuid::Uuid;
 
 use crate::target::BatchTarget;
 use crate::BatchError;
+
+/// Savepoints a bisecting transaction may release before it commits what it has
+/// resolved: well under PostgreSQL's 64 cached subtransactions per backend, with
+/// room for subtransactions of the job's own (PL/pgSQL exception blocks).
+pub const MAX_RELEASED_SAVEPOINTS: usize = 48;
 
 /// The lease a batch must still hold to commit.
 #[derive(Debug, Clone, Copy)]
@@ -44,21 +92,51 @@ pub struct RetryBackoff {
     pub max: Duration,
 }
 
+/// Why a key was set aside: the `reason` column of `backfill.failed_rows`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureReason {
+    /// The batch statement failed for this key alone.
+    Error,
+    /// The statement ran, but check_predicate held for the row afterwards.
+    Verification,
+}
+
+impl FailureReason {
+    /// The value stored in `backfill.failed_rows.reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::Error => "error",
+            FailureReason::Verification => "verification",
+        }
+    }
+}
+
+/// A key set aside in `backfill.failed_rows`, with why.
+#[derive(Debug, Clone)]
+pub struct RowFailure {
+    pub key: String,
+    pub reason: FailureReason,
+    /// The statement's error; for a verification failure, what disagreed (no SQLSTATE).
+    pub error: BatchError,
+}
+
 /// What a committed batch did.
 #[derive(Debug, Clone, Default)]
 pub struct BatchStats {
-    /// Keys selected for the batch.
+    /// Keys the batch settled: applied or recorded. Usually all keys selected; fewer
+    /// when a bisection stopped at [`MAX_RELEASED_SAVEPOINTS`].
     pub keys: usize,
     /// Keys whose statement committed.
     pub applied: usize,
-    /// Keys recorded in `failed_rows` (row-level errors).
+    /// Keys recorded in `failed_rows`.
     pub failed: usize,
-    /// The batch's largest key: the new checkpoint when scanning.
+    /// The batch's largest settled key: the new checkpoint when scanning.
     pub last_key: Option<String>,
-    /// Statements run, counting bisection attempts.
+    /// Batch statements run, bisection attempts included (check_predicate
+    /// queries are not counted).
     pub statements: usize,
     /// Isolated failing keys with their error, for logging.
-    pub failures: Vec<(String, BatchError)>,
+    pub failures: Vec<RowFailure>,
 }
 
 /// How a batch ended.
@@ -94,13 +172,13 @@ const FENCE_SQL: &str = "UPDATE backfill.jobs \
            heartbeat_at = now(), updated_at = now() \
      WHERE id = $1 AND lease_token = $2 AND state = 'running'";
 
-const RECORD_FAILED_SQL: &str = "INSERT INTO backfill.failed_rows AS f (job_id, key, sqlstate, message, reason, next_attempt_at) \
-     SELECT $1, k, s, m, 'error', now() + $5::int8 * interval '1 millisecond' \
-       FROM unnest($2::text[], $3::text[], $4::text[]) AS u(k, s, m) \
+const RECORD_FAILED_SQL: &str = "INSERT INTO backfill.failed_rows AS f (job_id, key, reason, sqlstate, message, next_attempt_at) \
+     SELECT $1, k, r, s, m, now() + $6::int8 * interval '1 millisecond' \
+       FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) AS u(k, r, s, m) \
      ON CONFLICT (job_id, key) DO UPDATE \
-       SET attempts = f.attempts + 1, sqlstate = excluded.sqlstate, message = excluded.message, \
-           last_failed_at = now(), \
-           next_attempt_at = now() + least($5::int8 * power(2, f.attempts), $6::int8) * interval '1 millisecond'";
+       SET attempts = f.attempts + 1, reason = excluded.reason, sqlstate = excluded.sqlstate, \
+           message = excluded.message, last_failed_at = now(), \
+           next_attempt_at = now() + least($6::int8 * power(2, f.attempts), $7::int8) * interval '1 millisecond'";
 
 const FORGET_FAILED_SQL: &str =
     "DELETE FROM backfill.failed_rows WHERE job_id = $1 AND key = ANY($2::text[])";
@@ -187,33 +265,37 @@ impl BatchRunner {
             return Ok(None);
         };
         let range = format!("job {name:?}, keys {first}..={last}");
-        let mut stats = BatchStats {
-            keys: keys.len(),
-            last_key: Some(last.clone()),
-            ..BatchStats::default()
-        };
 
         // Happy path first: the whole batch in one statement, no savepoint cost.
-        stats.statements += 1;
-        match run_statement(&tx, target, &keys).await {
-            Ok(()) => stats.applied = keys.len(),
-            Err(e) => {
+        let applied = apply(&tx, target, &keys).await;
+        if !matches!(applied, Ok(Verdict::Applied)) {
+            if let Err(e) = applied {
                 let error = BatchError::from_driver(format!("{range}: batch statement"), &e);
                 if error.class() != ErrorClass::RowLevel {
                     return Err(error.into());
                 }
-                // The failed statement aborted the transaction: start over and bisect.
-                drop(tx.rollback().await);
-                return Box::pin(self.bisect_on(client, target, fence, source, keys, stats)).await;
             }
+            // A row failed or disagrees with check_predicate. The statement's
+            // changes must go (a failed one also aborted the transaction): start
+            // over and bisect.
+            drop(tx.rollback().await);
+            return Box::pin(self.bisect_on(client, target, fence, source, keys)).await;
         }
+        let stats = BatchStats {
+            keys: keys.len(),
+            applied: keys.len(),
+            last_key: Some(last.clone()),
+            statements: 1,
+            ..BatchStats::default()
+        };
         self.commit(tx, target, fence, source, &keys, stats)
             .await
             .map(Some)
     }
 
     /// Re-runs the batch's keys in savepoints, halving failing ranges until the
-    /// failing keys are isolated; every other key is applied.
+    /// failing keys are isolated; every other key is applied. Stops early, with
+    /// the resolved prefix of the keys, after [`MAX_RELEASED_SAVEPOINTS`].
     async fn bisect_on(
         &self,
         client: &mut deadpool_postgres::Object,
@@ -221,15 +303,20 @@ impl BatchRunner {
         fence: Fence,
         source: KeySource<'_>,
         keys: Vec<String>,
-        mut stats: BatchStats,
     ) -> Result<Option<BatchStats>, BatchFailure> {
         let name = &target.job_name;
         let tx = client
             .transaction()
             .await
             .map_err(|e| BatchError::from_driver(format!("job {name:?}: BEGIN"), &e))?;
-        let mut bisection: Bisection<BatchError> = Bisection::new(keys.len());
-        while let BisectStep::Try(range) = bisection.next_step() {
+        // The whole-batch statement that failed before counts too.
+        let mut statements = 1;
+        let mut released = 0;
+        let mut bisection: Bisection<(FailureReason, BatchError)> = Bisection::new(keys.len());
+        while released < MAX_RELEASED_SAVEPOINTS {
+            let BisectStep::Try(range) = bisection.next_step() else {
+                break;
+            };
             let slice = &keys[range.clone()];
             let context = format!(
                 "job {name:?}, keys {}..={}",
@@ -246,11 +333,19 @@ impl BatchRunner {
                 }
             };
             savepoint("SAVEPOINT bisect").await?;
-            stats.statements += 1;
-            match run_statement(&tx, target, slice).await {
-                Ok(()) => {
+            statements += 1;
+            match apply(&tx, target, slice).await {
+                Ok(Verdict::Applied) => {
                     savepoint("RELEASE SAVEPOINT bisect").await?;
+                    released += 1;
                     bisection.report_ok();
+                }
+                Ok(Verdict::CheckPredicateHolds) => {
+                    savepoint("ROLLBACK TO SAVEPOINT bisect").await?;
+                    bisection.report_failed((
+                        FailureReason::Verification,
+                        check_predicate_error(context),
+                    ));
                 }
                 Err(e) => {
                     let error = BatchError::from_driver(format!("{context}: batch statement"), &e);
@@ -258,23 +353,39 @@ impl BatchRunner {
                         return Err(error.into());
                     }
                     savepoint("ROLLBACK TO SAVEPOINT bisect").await?;
-                    bisection.report_failed(error);
+                    bisection.report_failed((FailureReason::Error, error));
                 }
             }
         }
-        stats.failures = bisection
+        let settled = &keys[..bisection.resolved_prefix()];
+        let failures: Vec<RowFailure> = bisection
             .failed()
             .iter()
-            .map(|(index, error)| (keys[*index].clone(), error.clone()))
+            .map(|(index, (reason, error))| RowFailure {
+                key: keys[*index].clone(),
+                reason: *reason,
+                error: error.clone(),
+            })
             .collect();
-        stats.failed = stats.failures.len();
-        stats.applied = keys.len() - stats.failed;
-        self.commit(tx, target, fence, source, &keys, stats)
+        if let Some(verdict) = first_batch_verdict(target, source, &bisection, &keys, &failures) {
+            drop(tx.rollback().await);
+            return Err(verdict.into());
+        }
+        let stats = BatchStats {
+            keys: settled.len(),
+            applied: settled.len() - failures.len(),
+            failed: failures.len(),
+            last_key: settled.last().cloned(),
+            statements,
+            failures,
+        };
+        self.commit(tx, target, fence, source, settled, stats)
             .await
             .map(Some)
     }
 
     /// Records failures, advances the checkpoint under the fence, commits.
+    /// `keys` are the keys the batch settled.
     async fn commit(
         &self,
         tx: Transaction<'_>,
@@ -287,24 +398,17 @@ impl BatchRunner {
         let context = |step: &str| format!("job {:?}: {step}", target.job_name);
         let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         if !stats.failures.is_empty() {
-            let failed_keys: Vec<&str> = stats.failures.iter().map(|(k, _)| k.as_str()).collect();
-            let states: Vec<Option<&str>> = stats
-                .failures
-                .iter()
-                .map(|(_, e)| e.sqlstate.as_deref())
-                .collect();
-            let messages: Vec<&str> = stats
-                .failures
-                .iter()
-                .map(|(_, e)| e.message.as_str())
-                .collect();
+            let column = |field: fn(&RowFailure) -> Option<&str>| -> Vec<Option<&str>> {
+                stats.failures.iter().map(field).collect()
+            };
             tx.execute(
                 RECORD_FAILED_SQL,
                 &[
                     &fence.job_id,
-                    &failed_keys,
-                    &states,
-                    &messages,
+                    &column(|f| Some(f.key.as_str())),
+                    &column(|f| Some(f.reason.as_str())),
+                    &column(|f| f.error.sqlstate.as_deref()),
+                    &column(|f| Some(f.error.message.as_str())),
                     &millis(self.backoff.base),
                     &millis(self.backoff.max),
                 ],
@@ -317,7 +421,7 @@ impl BatchRunner {
             KeySource::FailedRows { .. } => {
                 // Retried keys that now apply leave failed_rows.
                 let failed: std::collections::HashSet<&str> =
-                    stats.failures.iter().map(|(k, _)| k.as_str()).collect();
+                    stats.failures.iter().map(|f| f.key.as_str()).collect();
                 let applied: Vec<&str> = keys
                     .iter()
                     .map(String::as_str)
@@ -394,6 +498,86 @@ async fn select_keys(
         )
     })?;
     Ok(rows.into_iter().map(|row| row.get(0)).collect())
+}
+
+/// How a statement run that did not fail turned out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Applied, and check_predicate (if any) holds for none of the keys.
+    Applied,
+    /// Applied, but check_predicate holds for some of the keys: to be rolled back.
+    CheckPredicateHolds,
+}
+
+/// Runs the job's statement on `keys`, then its check_predicate on the same keys.
+async fn apply(
+    tx: &Transaction<'_>,
+    target: &BatchTarget,
+    keys: &[String],
+) -> Result<Verdict, tokio_postgres::Error> {
+    run_statement(tx, target, keys).await?;
+    let Some(check) = &target.sql.check_mismatches else {
+        return Ok(Verdict::Applied);
+    };
+    let check = tx.prepare_cached(check).await?;
+    let disagreeing = tx.query(&check, &[&keys]).await?;
+    Ok(if disagreeing.is_empty() {
+        Verdict::Applied
+    } else {
+        Verdict::CheckPredicateHolds
+    })
+}
+
+/// What a key whose row disagrees with check_predicate is recorded with.
+fn check_predicate_error(context: String) -> BatchError {
+    BatchError {
+        context,
+        sqlstate: None,
+        message: "check_predicate holds after batch_sql: the new values disagree with the old ones, \
+                  so the row was left unchanged"
+            .to_string(),
+        connection_closed: false,
+        canceled_by_us: false,
+    }
+}
+
+/// The job-level error for a first batch in which every key failed alone the same
+/// way (see the module docs), or `None` when the failures are the rows' own.
+fn first_batch_verdict(
+    target: &BatchTarget,
+    source: KeySource<'_>,
+    bisection: &Bisection<(FailureReason, BatchError)>,
+    keys: &[String],
+    failures: &[RowFailure],
+) -> Option<BatchError> {
+    let first = failures.first()?;
+    let same_failure = |f: &RowFailure| f.reason == first.reason && f.error.sqlstate == first.error.sqlstate;
+    let judged = matches!(source, KeySource::After(None))
+        && bisection.walked_key_by_key()
+        && failures.len() == keys.len()
+        && failures.iter().all(same_failure);
+    if !judged {
+        return None;
+    }
+    let name = &target.job_name;
+    let what = match first.reason {
+        FailureReason::Error => "failed alone with the same error",
+        FailureReason::Verification => "disagreed with check_predicate",
+    };
+    Some(BatchError {
+        context: format!(
+            "job {name:?}: every one of the {} keys of its first batch ({}..={}) {what}, so batch_sql \
+             (or check_predicate) most likely cannot work for any row; nothing was applied or recorded. \
+             Fix the job (UPDATE backfill.jobs SET batch_sql = …) or the rows, then select \
+             backfill.retry_failed('{}'). Key {}",
+            keys.len(),
+            first.key,
+            keys[keys.len() - 1],
+            name.replace('\'', "''"),
+            first.key,
+        ),
+        ..first.error.clone()
+    })
 }
 
 /// Runs the job's statement on `keys` (in key order), binding each placeholder.

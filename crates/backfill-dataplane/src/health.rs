@@ -1,10 +1,70 @@
 //! Health probes: replication lag of every standby and the lock trouble our
 //! sessions cause, sampled on their own connection with a timeout each.
+//!
+//! # Replication lag, measured on the primary
+//!
+//! `pg_stat_replication` gives two readings per physical standby, and neither is right
+//! on its own:
+//!
+//! - `replay_lag` (time) comes from the standby's feedback messages (every
+//!   `wal_receiver_status_interval`), so it trails reality by up to one interval, and once
+//!   the standby has replayed everything on an idle primary it keeps showing the last
+//!   measured value for one interval and then goes NULL.
+//! - `pg_current_wal_lsn() - replay_lsn` (bytes) is exact about what is left to replay as
+//!   of the standby's last report, and grows the moment we write WAL, before `replay_lag`
+//!   notices anything.
+//!
+//! So a standby with zero bytes outstanding is caught up, 0 s behind whatever `replay_lag`
+//! still says (idle periods read right), and one with bytes outstanding is judged on both
+//! readings, the controller holding when either is over its limit (busy periods read
+//! right). A standby that reports neither is passed on as unmeasured, which the controller
+//! treats as over the limit.
+//!
+//! # Replicas probed directly
+//!
+//! `throttle.replica_urls` name physical standbys the primary cannot see (cascaded ones).
+//! On a standby, bytes are WAL received but not replayed, and time is the age of the last
+//! replayed commit while anything is left to replay; WAL the standby has not received yet
+//! (a broken upstream) is invisible from there, which is why the primary's view comes
+//! first. An unreachable replica, or one that is not in recovery, counts as missing.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use backfill_core::throttle::{HealthSample, ReplicaLag};
 use deadpool_postgres::Pool;
+use futures::future::join_all;
+
+/// Lag of every standby streaming from the primary. `state` filters out standbys that are
+/// still starting or taking a base backup: those have no meaningful positions yet.
+const PRIMARY_LAG_SQL: &str = "SELECT application_name, \
+        extract(epoch FROM replay_lag)::float8, \
+        greatest(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::float8 \
+   FROM pg_stat_replication \
+  WHERE state IN ('streaming', 'catchup')";
+
+/// Sessions waiting on a lock that one of our sessions holds, and the longest such wait.
+///
+/// Our sessions are recognised by application_name, which pg_stat_activity truncates to
+/// `max_identifier_length` bytes (the name is ASCII: PostgreSQL replaces anything else).
+/// The wait is counted from the start of the waiting statement: never shorter than the
+/// lock wait itself, so we may cancel a little early, never late.
+const BLOCKED_BY_US_SQL: &str = "WITH ours AS ( \
+        SELECT pid FROM pg_stat_activity \
+         WHERE application_name = left($1, current_setting('max_identifier_length')::int)) \
+     SELECT count(*)::int8, \
+            coalesce(max(extract(epoch FROM clock_timestamp() - coalesce(a.query_start, a.state_change))), 0)::float8 \
+       FROM pg_stat_activity a \
+      WHERE a.wait_event_type = 'Lock' \
+        AND a.pid NOT IN (SELECT pid FROM ours) \
+        AND pg_blocking_pids(a.pid) && ARRAY(SELECT pid FROM ours)";
+
+/// Lag as a standby sees it itself (see the module docs).
+const REPLICA_LAG_SQL: &str = "SELECT pg_is_in_recovery(), \
+        CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
+             ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END::float8, \
+        greatest(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0)::float8";
 
 /// Samples the signals the throttle controller runs on.
 #[derive(Clone)]
@@ -14,6 +74,7 @@ pub struct HealthProbe {
     expected_standbys: Vec<String>,
     our_application_name: String,
     timeout: Duration,
+    failing: FailureLog,
 }
 
 impl HealthProbe {
@@ -32,101 +93,206 @@ impl HealthProbe {
             expected_standbys,
             our_application_name,
             timeout,
+            failing: FailureLog::default(),
         }
     }
 
-    /// One sample. A probe that fails or times out yields a sample with
-    /// `probe_failed` set: the throttle treats not knowing as not healthy.
+    /// One sample. A probe of the primary that fails or times out yields a sample with
+    /// `probe_failed` set: the throttle treats not knowing as not healthy. A replica that
+    /// cannot be probed is reported missing.
     pub async fn sample(&self) -> HealthSample {
-        match tokio::time::timeout(self.timeout, self.sample_primary()).await {
-            Ok(Ok(mut sample)) => {
-                for (name, pool) in &self.replicas {
-                    match tokio::time::timeout(self.timeout, replica_lag(pool, name)).await {
-                        Ok(Ok(lag)) => sample.replicas.push(lag),
-                        _ => sample.missing_standbys.push(name.clone()),
-                    }
-                }
+        let primary = tokio::time::timeout(self.timeout, self.sample_primary());
+        let replicas = join_all(self.replicas.iter().map(|(name, pool)| async move {
+            let lag = tokio::time::timeout(self.timeout, replica_lag(pool, name)).await;
+            (name, lag.unwrap_or_else(|_| Err(self.timed_out())))
+        }));
+        let (primary, replicas) = tokio::join!(primary, replicas);
+        let mut sample = match primary.unwrap_or_else(|_| Err(self.timed_out())) {
+            Ok(sample) => {
+                self.failing.ok("primary");
                 sample
             }
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "health probe failed");
-                HealthSample::probe_failed()
+            Err(error) => {
+                self.failing.failed("primary", &error);
+                return HealthSample::probe_failed();
             }
-            Err(_) => HealthSample::probe_failed(),
+        };
+        for (name, lag) in replicas {
+            match lag {
+                Ok(lag) => {
+                    self.failing.ok(name);
+                    sample.replicas.push(lag);
+                }
+                Err(error) => {
+                    self.failing.failed(name, &error);
+                    sample.missing_standbys.push(name.clone());
+                }
+            }
         }
+        sample
+    }
+
+    fn timed_out(&self) -> String {
+        format!(
+            "no answer within throttle.probe_timeout ({:?})",
+            self.timeout
+        )
     }
 
     async fn sample_primary(&self) -> Result<HealthSample, String> {
-        let client = self.primary.get().await.map_err(|e| e.to_string())?;
-        // replay_lag goes NULL (or stale) once a standby has replayed everything
-        // on an idle primary, while byte lag is exact: a standby with nothing
-        // left to replay is 0 s behind whatever replay_lag says, and one with
-        // bytes outstanding is judged on both numbers.
-        let rows = client
-            .query(
-                "SELECT application_name, \
-                        extract(epoch FROM replay_lag)::float8, \
-                        greatest(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::float8 \
-                   FROM pg_stat_replication \
-                  WHERE state IN ('streaming', 'catchup')",
-                &[],
-            )
+        let client = self
+            .primary
+            .get()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("getting a connection: {e}"))?;
+        let rows = client
+            .query(PRIMARY_LAG_SQL, &[])
+            .await
+            .map_err(|e| format!("reading pg_stat_replication: {e}"))?;
         let mut sample = HealthSample::default();
         for row in rows {
             let name: String = row.get(0);
-            let lag_seconds: Option<f64> = row.get(1);
-            let lag_bytes: Option<f64> = row.get(2);
-            let lag_bytes = lag_bytes.map(|b| b as u64);
-            let lag = match lag_bytes {
-                Some(0) => Some(Duration::ZERO),
-                _ => lag_seconds.map(Duration::from_secs_f64),
-            };
+            let (lag, lag_bytes) = combine_lag(row.get(1), row.get(2));
             sample.replicas.push(ReplicaLag::new(name, lag, lag_bytes));
         }
-        for expected in &self.expected_standbys {
-            if !sample.replicas.iter().any(|r| &r.name == expected) {
-                sample.missing_standbys.push(expected.clone());
-            }
-        }
+        sample.missing_standbys = missing_standbys(&self.expected_standbys, &sample.replicas);
         let blocked = client
-            .query_one(
-                "SELECT count(*)::int8, \
-                        coalesce(max(extract(epoch FROM now() - coalesce(a.query_start, a.state_change))), 0)::float8 \
-                   FROM pg_stat_activity a \
-                  WHERE a.wait_event_type = 'Lock' \
-                    AND pg_blocking_pids(a.pid) && ARRAY(SELECT pid FROM pg_stat_activity WHERE application_name = $1)",
-                &[&self.our_application_name],
-            )
+            .query_one(BLOCKED_BY_US_SQL, &[&self.our_application_name])
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("reading sessions blocked by ours: {e}"))?;
         let count: i64 = blocked.get(0);
         let longest: f64 = blocked.get(1);
         sample.sessions_blocked_by_us = u32::try_from(count).unwrap_or(u32::MAX);
-        sample.longest_block = Duration::from_secs_f64(longest.max(0.0));
+        sample.longest_block = seconds(longest);
         Ok(sample)
     }
 }
 
-/// Lag measured on a replica itself: time since the last replayed transaction,
-/// counted as zero when it has replayed everything it received.
+/// Time and byte lag of one standby from `pg_stat_replication` (see the module docs): zero
+/// bytes outstanding means caught up, whatever a stale or NULL `replay_lag` says.
+fn combine_lag(
+    replay_lag_seconds: Option<f64>,
+    lag_bytes: Option<f64>,
+) -> (Option<Duration>, Option<u64>) {
+    // float8 → u64 saturates, and greatest(…, 0) already ruled out negatives.
+    let lag_bytes = lag_bytes.map(|bytes| bytes as u64);
+    let lag = match lag_bytes {
+        Some(0) => Some(Duration::ZERO),
+        _ => replay_lag_seconds.map(seconds),
+    };
+    (lag, lag_bytes)
+}
+
+/// The declared standbys that are not among the `found` ones.
+fn missing_standbys(expected: &[String], found: &[ReplicaLag]) -> Vec<String> {
+    expected
+        .iter()
+        .filter(|name| !found.iter().any(|replica| &replica.name == *name))
+        .cloned()
+        .collect()
+}
+
+/// A duration from seconds the database computed; negative (clock skew) or NaN read as 0.
+fn seconds(value: f64) -> Duration {
+    Duration::try_from_secs_f64(value.max(0.0)).unwrap_or(Duration::MAX)
+}
+
+/// Lag measured on a replica itself (see the module docs).
 async fn replica_lag(pool: &Pool, name: &str) -> Result<ReplicaLag, String> {
-    let client = pool.get().await.map_err(|e| e.to_string())?;
+    let client = pool.get().await.map_err(|e| format!("connecting: {e}"))?;
     let row = client
-        .query_one(
-            "SELECT CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
-                         ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END::float8, \
-                    greatest(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0)::float8",
-            &[],
-        )
+        .query_one(REPLICA_LAG_SQL, &[])
         .await
-        .map_err(|e| e.to_string())?;
-    let seconds: Option<f64> = row.get(0);
-    let bytes: Option<f64> = row.get(1);
+        .map_err(|e| format!("reading its replay position: {e}"))?;
+    let in_recovery: bool = row.get(0);
+    if !in_recovery {
+        return Err(
+            "it is not a standby (pg_is_in_recovery() is false); throttle.replica_urls takes physical standbys"
+                .to_string(),
+        );
+    }
+    let lag_seconds: Option<f64> = row.get(1);
+    let lag_bytes: Option<f64> = row.get(2);
     Ok(ReplicaLag::new(
         name,
-        seconds.map(|s| Duration::from_secs_f64(s.max(0.0))),
-        bytes.map(|b| b as u64),
+        lag_seconds.map(seconds),
+        lag_bytes.map(|bytes| bytes as u64),
     ))
+}
+
+/// Which probe targets are failing, so each failure is logged once when it starts and once
+/// when it ends, not at every probe interval.
+#[derive(Clone, Default)]
+struct FailureLog {
+    failing: Arc<Mutex<HashSet<String>>>,
+}
+
+impl FailureLog {
+    fn failed(&self, target: &str, error: &str) {
+        let newly = self.lock().insert(target.to_owned());
+        if newly {
+            tracing::warn!(
+                probed = target,
+                error,
+                "health probe failed; the throttle holds until it works again"
+            );
+        } else {
+            tracing::debug!(probed = target, error, "health probe still failing");
+        }
+    }
+
+    fn ok(&self, target: &str) {
+        if self.lock().remove(target) {
+            tracing::info!(probed = target, "health probe works again");
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.failing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caught_up_standby_is_zero_behind_whatever_replay_lag_says() {
+        // Idle primary: replay_lag stale for an interval, then NULL.
+        assert_eq!(
+            combine_lag(Some(3.5), Some(0.0)),
+            (Some(Duration::ZERO), Some(0))
+        );
+        assert_eq!(
+            combine_lag(None, Some(0.0)),
+            (Some(Duration::ZERO), Some(0))
+        );
+    }
+
+    #[test]
+    fn standby_with_wal_outstanding_keeps_both_readings() {
+        assert_eq!(
+            combine_lag(Some(1.5), Some(4096.0)),
+            (Some(Duration::from_millis(1_500)), Some(4096))
+        );
+        // Writes started after an idle spell: replay_lag not measured yet, bytes are.
+        assert_eq!(combine_lag(None, Some(4096.0)), (None, Some(4096)));
+        // Not reported at all (just connected): unmeasured, which the controller holds on.
+        assert_eq!(combine_lag(None, None), (None, None));
+    }
+
+    #[test]
+    fn nonsense_seconds_do_not_panic() {
+        assert_eq!(seconds(-0.2), Duration::ZERO);
+        assert_eq!(seconds(f64::NAN), Duration::ZERO);
+        assert_eq!(seconds(f64::INFINITY), Duration::MAX);
+    }
+
+    #[test]
+    fn declared_standbys_not_streaming_are_missing() {
+        let found = [ReplicaLag::new("a", None, Some(0))];
+        let expected = ["a".to_owned(), "b".to_owned()];
+        assert_eq!(missing_standbys(&expected, &found), ["b"]);
+        assert!(missing_standbys(&[], &found).is_empty());
+    }
 }

@@ -10,11 +10,16 @@
 mod batch;
 mod error;
 mod health;
+mod plan;
 mod pool;
 mod target;
 
-pub use batch::{BatchRunner, BatchStats, Fence, KeySource, RetryBackoff, RunOutcome};
+pub use batch::{
+    BatchRunner, BatchStats, FailureReason, Fence, KeySource, RetryBackoff, RowFailure, RunOutcome,
+    MAX_RELEASED_SAVEPOINTS,
+};
 pub use error::{BatchError, DataPlaneError};
 pub use health::HealthProbe;
+pub use plan::TrialBatch;
 pub use pool::{connect_pool, SessionSettings};
 pub use target::{BatchTarget, JobDefinition};

@@ -15,6 +15,9 @@ pub struct JobDefinition {
     pub key_column: String,
     pub batch_sql: String,
     pub pending_predicate: Option<String>,
+    /// True for rows whose new shape disagrees with the old; checked after each
+    /// batch statement (see the batch module).
+    pub check_predicate: Option<String>,
 }
 
 /// A job checked against the catalog and ready to run batches.
@@ -41,6 +44,8 @@ pub(crate) struct TargetSql {
     pub first_keys_excluding_failed: String,
     pub next_keys_excluding_failed: String,
     pub retry_keys: String,
+    /// Keys among `$1` for which check_predicate holds; `None` without one.
+    pub check_mismatches: Option<String>,
     pub count_pending_after: String,
     pub count_pending_all: String,
     pub count_pending_excluding_failed: String,
@@ -107,6 +112,7 @@ impl BatchTarget {
             &key_column,
             &key_type,
             job.pending_predicate.as_deref(),
+            job.check_predicate.as_deref(),
         );
         let target = BatchTarget {
             job_id: job.job_id,
@@ -139,6 +145,14 @@ impl BatchTarget {
             client.prepare(sql).await.map_err(|e| {
                 DataPlaneError::JobDefinition(format!(
                     "pending_predicate is not valid: {}",
+                    db_message(&e)
+                ))
+            })?;
+        }
+        if let Some(check) = &self.sql.check_mismatches {
+            client.prepare(check).await.map_err(|e| {
+                DataPlaneError::JobDefinition(format!(
+                    "check_predicate is not valid: {}",
                     db_message(&e)
                 ))
             })?;
@@ -185,6 +199,7 @@ impl TargetSql {
         key: &str,
         key_type: &str,
         predicate: Option<&str>,
+        check_predicate: Option<&str>,
     ) -> TargetSql {
         let pending = predicate.map_or_else(|| "true".to_string(), |p| format!("({p})"));
         let not_failed = format!(
@@ -203,12 +218,22 @@ impl TargetSql {
                 .replace("$LIMIT", "$1"),
             next_keys_excluding_failed: keys(&format!("{after} AND {pending} AND {not_failed}"))
                 .replace("$LIMIT", "$2"),
+            // Verification failures are retried only when retry_failed() reset
+            // their attempts to 0: without a change to the data or the job,
+            // batch_sql computes the same disagreeing values again.
             retry_keys: format!(
                 "SELECT f.key FROM backfill.failed_rows f \
-                  WHERE f.job_id = {job_id} AND f.reason = 'error' AND f.attempts < $1 \
+                  WHERE f.job_id = {job_id} AND f.attempts < $1 \
+                    AND (f.reason = 'error' OR f.attempts = 0) \
                     AND f.next_attempt_at <= now() \
                   ORDER BY f.key::{key_type} LIMIT $2"
             ),
+            check_mismatches: check_predicate.map(|check| {
+                format!(
+                    "SELECT t.{key}::text FROM {table} t \
+                      WHERE t.{key} = ANY($1::text[]::{key_type}[]) AND ({check})"
+                )
+            }),
             count_pending_after: format!(
                 "SELECT count(*) FROM {table} t WHERE {after} AND {pending}"
             ),

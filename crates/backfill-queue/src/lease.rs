@@ -73,17 +73,25 @@ impl Queue {
 
     /// Claims the next runnable job (highest priority, then oldest; `not_before`
     /// passed; unleased or lease expired), or `None` when nothing is runnable.
+    ///
+    /// A job still leased to this `worker` but not among `driving` (the jobs
+    /// this process is working on now) was left behind by an earlier attempt of
+    /// ours — a lost connection, a restart with the same worker id — and is
+    /// taken back at once instead of after its lease expires. Fencing makes
+    /// this safe even if that earlier attempt is somehow still alive.
     pub async fn claim(
         &self,
         worker: &str,
         lease: Duration,
+        driving: &[i64],
     ) -> Result<Option<ClaimedJob>, QueueError> {
         let token = LeaseToken(Uuid::new_v4());
         let job: Option<Job> = sqlx::query_as(&format!(
             "WITH next AS ( \
                  SELECT id FROM backfill.jobs \
                   WHERE state IN ('pending', 'running') AND not_before <= now() \
-                    AND (lease_expires_at IS NULL OR lease_expires_at < now()) \
+                    AND (lease_expires_at IS NULL OR lease_expires_at < now() \
+                         OR (leased_by = $2 AND id <> ALL($4))) \
                   ORDER BY priority DESC, created_at, id \
                   LIMIT 1 FOR UPDATE SKIP LOCKED) \
              UPDATE backfill.jobs j \
@@ -97,6 +105,7 @@ impl Queue {
         .bind(token.0)
         .bind(worker)
         .bind(millis(lease))
+        .bind(driving)
         .fetch_optional(&self.pool)
         .await
         .context("claiming a job")?;

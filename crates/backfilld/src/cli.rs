@@ -1,6 +1,7 @@
 //! The command line: `backfilld [--config FILE] <verb>`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -32,6 +33,24 @@ pub enum Verb {
     Status {
         /// Only this job.
         name: Option<String>,
+        /// Machine-readable output (with --watch: one JSON array per line and refresh).
+        #[arg(long)]
+        json: bool,
+        /// Refresh every --interval until every job shown has finished (or Ctrl-C).
+        #[arg(long)]
+        watch: bool,
+        /// Time between refreshes with --watch, e.g. 500ms, 2s.
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration, requires = "watch")]
+        interval: Duration,
+    },
+    /// Dry run: estimated pending rows, batches, a timed trial batch (rolled back) and the
+    /// expected duration; changes nothing.
+    Plan {
+        /// The job to plan.
+        name: String,
+        /// Also count the pending rows exactly (reads every pending row once).
+        #[arg(long)]
+        exact: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,

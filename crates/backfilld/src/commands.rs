@@ -1,13 +1,17 @@
-//! The operator verbs (migrate, enqueue, status, pause/resume/cancel/retry) and
+//! The operator verbs (migrate, enqueue, status, plan, pause/resume/cancel/retry) and
 //! the database connections every verb shares.
 
-use std::io::Write as _;
-use std::time::Duration;
+use std::io::{IsTerminal as _, Write as _};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use backfill_core::throttle::HealthSample;
-use backfill_dataplane::{connect_pool, BatchRunner, HealthProbe, RetryBackoff, SessionSettings};
-use backfill_queue::{JobStatus, NewJob, QueueError, SteeringVerb};
+use backfill_dataplane::{
+    connect_pool, BatchRunner, BatchTarget, HealthProbe, JobDefinition, RetryBackoff,
+    SessionSettings,
+};
+use backfill_queue::{Job, JobState, JobStatus, NewJob, Phase, QueueError, SteeringVerb};
+use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -115,8 +119,11 @@ fn session_settings(settings: &Settings) -> SessionSettings {
     }
 }
 
+/// How often the probe task refreshes `backfill_jobs{state}` (one query on the queue).
+const JOB_STATES_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Samples health every `throttle.probe_interval` on a task of its own and
-/// publishes the latest sample; also refreshes the job-state gauges.
+/// publishes the latest sample; also refreshes the daemon-wide gauges.
 pub fn spawn_health_probes(
     settings: &Settings,
     db: &Database,
@@ -142,20 +149,24 @@ pub fn spawn_health_probes(
         settings.throttle.probe_timeout,
     );
     let interval = settings.throttle.probe_interval;
+    let (max_lag, max_lag_bytes) = (settings.throttle.max_lag, settings.throttle.max_lag_bytes);
     let control = db.control.clone();
     let (tx, rx) = watch::channel(HealthSample::default());
     tokio::spawn(async move {
-        let mut ticks: u64 = 0;
+        let mut job_states_at: Option<Instant> = None;
         while !shutdown.is_triggered() {
             let sample = probe.sample().await;
             telemetry::record_replication_lag(&sample);
             tx.send_replace(sample);
-            if ticks.is_multiple_of(8) {
-                if let Ok(counts) = JobStatus::count_by_state(&control).await {
-                    telemetry::record_job_states(&counts);
+            // Re-set every tick, or the exporter's idle timeout would drop them.
+            telemetry::record_daemon_info(max_lag, max_lag_bytes);
+            if job_states_at.is_none_or(|at| at.elapsed() >= JOB_STATES_INTERVAL) {
+                job_states_at = Some(Instant::now());
+                match JobStatus::count_by_state(&control).await {
+                    Ok(counts) => telemetry::record_job_states(&counts),
+                    Err(e) => tracing::debug!(error = %e, "cannot count jobs by state"),
                 }
             }
-            ticks += 1;
             shutdown.sleep(interval).await;
         }
     });
@@ -177,11 +188,13 @@ pub async fn run(verb: Verb, settings: Settings) -> Result<(), CliFailure> {
             let id = new_job(args).enqueue(pool).await?;
             println!("enqueued job {id}");
         }
-        Verb::Status { name, json } => {
-            let statuses = JobStatus::fetch(pool, name.as_deref()).await?;
-            if let Some(name) = name.filter(|_| statuses.is_empty()) {
-                return Err(CliFailure::Usage(format!("no backfill job named '{name}'")));
-            }
+        Verb::Status {
+            name,
+            json,
+            watch: false,
+            ..
+        } => {
+            let statuses = fetch_status(pool, name.as_deref()).await?;
             let mut out = std::io::stdout().lock();
             if json {
                 serde_json::to_writer_pretty(&mut out, &statuses)
@@ -191,6 +204,28 @@ pub async fn run(verb: Verb, settings: Settings) -> Result<(), CliFailure> {
                 let _ = write!(out, "{}", render_status_table(&statuses));
             }
         }
+        Verb::Status {
+            name,
+            json,
+            watch: true,
+            interval,
+        } => watch_status(pool, name.as_deref(), json, interval).await?,
+        Verb::Plan { name, exact, json } => {
+            let report = plan(&settings, &db, &name, exact).await?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &report)
+                    .map_err(|e| CliFailure::Fatal(e.into()))?;
+                let _ = writeln!(out);
+            } else {
+                let _ = write!(out, "{}", report.render());
+            }
+            if let Some(error) = report.trial_error {
+                return Err(CliFailure::Fatal(anyhow::anyhow!(
+                    "the trial batch of job {name} failed: {error}"
+                )));
+            }
+        }
         Verb::Pause { name } => steer(pool, SteeringVerb::Pause, &name).await?,
         Verb::Resume { name } => steer(pool, SteeringVerb::Resume, &name).await?,
         Verb::Cancel { name } => steer(pool, SteeringVerb::Cancel, &name).await?,
@@ -198,6 +233,63 @@ pub async fn run(verb: Verb, settings: Settings) -> Result<(), CliFailure> {
         Verb::Run { .. } | Verb::Demo(_) => unreachable!("handled in main"),
     }
     Ok(())
+}
+
+/// The status of every job, or of the named one (which must exist).
+async fn fetch_status(pool: &PgPool, name: Option<&str>) -> Result<Vec<JobStatus>, CliFailure> {
+    let statuses = JobStatus::fetch(pool, name).await?;
+    match name {
+        Some(name) if statuses.is_empty() => Err(CliFailure::Usage(format!(
+            "no backfill job named '{name}'"
+        ))),
+        _ => Ok(statuses),
+    }
+}
+
+/// `status --watch`: redraws the status every `interval` until every job shown has
+/// finished (after drawing it once more) or Ctrl-C. On a terminal each frame replaces the
+/// last; otherwise frames follow each other, each under its own header line.
+async fn watch_status(
+    pool: &PgPool,
+    name: Option<&str>,
+    json: bool,
+    interval: Duration,
+) -> Result<(), CliFailure> {
+    let terminal = std::io::stdout().is_terminal();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut interrupted = std::pin::pin!(tokio::signal::ctrl_c());
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = &mut interrupted => return Ok(()),
+        }
+        let statuses = fetch_status(pool, name).await?;
+        let mut out = std::io::stdout().lock();
+        if json {
+            serde_json::to_writer(&mut out, &statuses).map_err(|e| CliFailure::Fatal(e.into()))?;
+            let _ = writeln!(out);
+        } else {
+            if terminal {
+                let _ = write!(out, "\x1b[H\x1b[2J"); // cursor home, clear screen
+            }
+            let _ = writeln!(
+                out,
+                "backfilld status at {}, every {} until the jobs end (Ctrl-C to stop)",
+                chrono::Local::now().format("%Y-%m-%d %H:%M:%S"),
+                humantime::format_duration(interval)
+            );
+            let _ = write!(out, "{}", render_status_table(&statuses));
+            if !terminal {
+                let _ = writeln!(out);
+            }
+        }
+        let _ = out.flush();
+        let finished = |s: &JobStatus| s.state.parse().is_ok_and(JobState::is_finished);
+        if statuses.iter().all(finished) {
+            return Ok(());
+        }
+    }
 }
 
 async fn steer(pool: &PgPool, verb: SteeringVerb, name: &str) -> Result<(), CliFailure> {
@@ -266,4 +358,213 @@ pub fn render_status_table(statuses: &[JobStatus]) -> String {
         }
     }
     out
+}
+
+/// What `backfilld plan` found out about a job; nothing in the database changed.
+#[derive(Debug, Serialize)]
+pub struct PlanReport {
+    pub job: String,
+    pub table: String,
+    pub key_column: String,
+    pub state: String,
+    pub phase: String,
+    /// The checkpoint the job would continue after (`None`: from the first key).
+    pub after_key: Option<String>,
+    /// The planner's estimate of the rows still pending.
+    pub estimated_pending_rows: Option<i64>,
+    /// The exact count (`--exact` only).
+    pub exact_pending_rows: Option<i64>,
+    pub exact_count_seconds: Option<f64>,
+    /// The job's first batch size (its `batch_size`, else `batch.size`).
+    pub batch_size: u32,
+    /// Batches of `batch_size` for the pending rows.
+    pub batches: Option<u64>,
+    /// The trial batch, run and rolled back.
+    pub trial_keys: Option<usize>,
+    pub trial_first_key: Option<String>,
+    pub trial_last_key: Option<String>,
+    pub trial_select_seconds: Option<f64>,
+    pub trial_statement_seconds: Option<f64>,
+    /// Why the trial batch failed, if it did.
+    pub trial_error: Option<String>,
+    /// The trial batch's speed, capped by the job's rows-per-second limit.
+    pub expected_rows_per_second: Option<f64>,
+    /// The job's rows-per-second limit (`max_rows_per_second`, else `throttle.max_rows_per_second`).
+    pub max_rows_per_second: Option<f64>,
+    /// Batch duration the throttle steers towards.
+    pub target_batch_seconds: f64,
+    /// Pending rows at the expected rate, on a healthy database (no lag holds).
+    pub expected_seconds: Option<f64>,
+    /// How long planning took.
+    pub planning_seconds: f64,
+}
+
+/// `backfilld plan NAME`: the job's pending rows (planner estimate, exact count with
+/// `exact`), batches at its first batch size, one trial batch timed and rolled back, and
+/// the duration to expect at that speed under the job's throttle settings.
+pub async fn plan(
+    settings: &Settings,
+    db: &Database,
+    name: &str,
+    exact: bool,
+) -> Result<PlanReport, CliFailure> {
+    let started = Instant::now();
+    let job: Job = sqlx::query_as("SELECT * FROM backfill.jobs WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&db.control)
+        .await
+        .with_context(|| format!("reading job {name:?}"))
+        .map_err(CliFailure::Fatal)?
+        .ok_or_else(|| CliFailure::Usage(format!("no backfill job named '{name}'")))?;
+    let throttle = crate::worker::throttle_settings(settings, &job);
+    let definition = JobDefinition {
+        job_id: job.id,
+        name: job.name.clone(),
+        table_name: job.table_name.clone(),
+        key_column: job.key_column.clone(),
+        batch_sql: job.batch_sql.clone(),
+        pending_predicate: job.pending_predicate.clone(),
+        check_predicate: job.check_predicate.clone(),
+    };
+    let fatal = |e: &dyn std::fmt::Display| CliFailure::Fatal(anyhow::anyhow!("job {name}: {e}"));
+    let mut client = db.data.get().await.map_err(|e| fatal(&e))?;
+    let target = BatchTarget::resolve(&client, &definition)
+        .await
+        .map_err(|e| fatal(&e))?;
+    // Retry and verification passes re-walk the table from the start.
+    let after = match job.phase {
+        Phase::Scan => job.checkpoint.clone(),
+        Phase::Retry | Phase::Verify => None,
+    };
+    let estimated_pending_rows = target
+        .estimate_pending(&mut client, after.as_deref())
+        .await
+        .map_err(|e| fatal(&e))?;
+    let (exact_pending_rows, exact_count_seconds) = if exact {
+        let counting = Instant::now();
+        let count = target
+            .count_pending(&client, after.as_deref(), false)
+            .await
+            .map_err(|e| fatal(&e))?;
+        (Some(count), Some(counting.elapsed().as_secs_f64()))
+    } else {
+        (None, None)
+    };
+    let batch_size = throttle.start_batch_size;
+    let trial = target
+        .trial_batch(&mut client, after.as_deref(), batch_size)
+        .await;
+    let pending = exact_pending_rows.or(estimated_pending_rows);
+    let max_rows_per_second = throttle.max_rows_per_second;
+    let expected_rows_per_second = trial.as_ref().ok().and_then(|trial| {
+        let seconds = trial.duration().as_secs_f64();
+        let speed = (trial.keys > 0 && seconds > 0.0).then(|| trial.keys as f64 / seconds)?;
+        Some(max_rows_per_second.map_or(speed, |limit| speed.min(limit)))
+    });
+    let expected_seconds = match (pending, expected_rows_per_second) {
+        (Some(0), _) => Some(0.0),
+        (Some(pending), Some(rate)) => Some(pending as f64 / rate),
+        _ => None,
+    };
+    let trial_ok = trial.as_ref().ok();
+    Ok(PlanReport {
+        job: job.name,
+        table: target.table.clone(),
+        key_column: target.key_column.clone(),
+        state: job.state.to_string(),
+        phase: job.phase.as_str().to_string(),
+        after_key: after,
+        estimated_pending_rows,
+        exact_pending_rows,
+        exact_count_seconds,
+        batch_size,
+        batches: pending.map(|rows| u64::try_from(rows).unwrap_or(0).div_ceil(u64::from(batch_size))),
+        trial_keys: trial_ok.map(|t| t.keys),
+        trial_first_key: trial_ok.and_then(|t| t.key_range.as_ref().map(|r| r.0.clone())),
+        trial_last_key: trial_ok.and_then(|t| t.key_range.as_ref().map(|r| r.1.clone())),
+        trial_select_seconds: trial_ok.map(|t| t.select.as_secs_f64()),
+        trial_statement_seconds: trial_ok.map(|t| t.statement.as_secs_f64()),
+        trial_error: trial.as_ref().err().map(ToString::to_string),
+        expected_rows_per_second,
+        max_rows_per_second,
+        target_batch_seconds: throttle.target_batch.as_secs_f64(),
+        expected_seconds,
+        planning_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+impl PlanReport {
+    /// The report for a terminal.
+    pub fn render(&self) -> String {
+        let rows = |n: Option<i64>| n.map_or("unknown".to_string(), |n| n.to_string());
+        let seconds = |s: f64| {
+            if s < 10.0 {
+                format!("{s:.2} s")
+            } else {
+                humantime::format_duration(Duration::from_secs(s.round() as u64)).to_string()
+            }
+        };
+        let millis = |s: Option<f64>| format!("{:.0} ms", s.unwrap_or(0.0) * 1000.0);
+        let mut out = format!(
+            "plan for job {} on {} by key {} (state {}, phase {}, {})\n",
+            self.job,
+            self.table,
+            self.key_column,
+            self.state,
+            self.phase,
+            self.after_key
+                .as_ref()
+                .map_or("from the first key".to_string(), |key| format!(
+                    "after key {key}"
+                ))
+        );
+        out.push_str(&format!(
+            "  pending rows   ~{} (planner estimate)",
+            rows(self.estimated_pending_rows)
+        ));
+        if let (Some(exact), Some(took)) = (self.exact_pending_rows, self.exact_count_seconds) {
+            out.push_str(&format!(", {exact} counted in {}", seconds(took)));
+        }
+        out.push('\n');
+        out.push_str(&format!(
+            "  batches        {} of {} keys (the job's first batch size; the throttle adapts it)\n",
+            self.batches.map_or("unknown".to_string(), |n| n.to_string()),
+            self.batch_size
+        ));
+        match (&self.trial_error, self.trial_keys) {
+            (Some(error), _) => out.push_str(&format!(
+                "  trial batch    FAILED (rolled back): {error}\n"
+            )),
+            (None, Some(0)) => out.push_str("  trial batch    nothing pending: no keys to try\n"),
+            (None, Some(keys)) => out.push_str(&format!(
+                "  trial batch    {keys} keys ({}..={}) in {}: keys {}, statement {}; rolled back\n",
+                self.trial_first_key.as_deref().unwrap_or("?"),
+                self.trial_last_key.as_deref().unwrap_or("?"),
+                millis(Some(
+                    self.trial_select_seconds.unwrap_or(0.0)
+                        + self.trial_statement_seconds.unwrap_or(0.0)
+                )),
+                millis(self.trial_select_seconds),
+                millis(self.trial_statement_seconds),
+            )),
+            (None, None) => {}
+        }
+        let limit = self.max_rows_per_second.map_or("no rate limit".to_string(), |limit| {
+            format!("max_rows_per_second {limit}")
+        });
+        match (self.expected_seconds, self.expected_rows_per_second) {
+            (Some(expected), Some(rate)) => out.push_str(&format!(
+                "  expected       ~{} at ~{rate:.0} rows/s ({limit}, batches steered towards {}, a healthy database; lag holds add to it)\n",
+                seconds(expected),
+                seconds(self.target_batch_seconds),
+            )),
+            (Some(_), None) => out.push_str("  expected       nothing to do\n"),
+            _ => out.push_str("  expected       unknown (no trial batch timing)\n"),
+        }
+        out.push_str(&format!(
+            "planned in {}; nothing was changed\n",
+            seconds(self.planning_seconds)
+        ));
+        out
+    }
 }

@@ -78,8 +78,8 @@ fn main() -> ExitCode {
 async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
-    let metrics = telemetry::install_metrics().map_err(anyhow::Error::msg)?;
-    telemetry::record_lag_limits(settings.throttle.max_lag, settings.throttle.max_lag_bytes);
+    let metrics = telemetry::install_metrics(settings.http.metrics_idle_timeout())
+        .map_err(anyhow::Error::msg)?;
     let db = Database::connect(&settings).await?;
     backfill_queue::migrate(&db.control)
         .await
@@ -97,6 +97,7 @@ async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<
         worker_id: settings.worker_id(),
         settings: Arc::clone(&settings),
         health,
+        driving: Default::default(),
     });
     tracing::info!(worker = %worker.worker_id, database = %db.redacted_url, "worker started");
     worker.run(shutdown, exit_when_idle).await;

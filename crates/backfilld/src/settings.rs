@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use backfill_core::throttle::ThrottleSettings;
 use serde::Deserialize;
 
 /// The built-in defaults: the same file operators read and copy.
@@ -75,7 +76,9 @@ pub struct ThrottleConfig {
     #[serde(with = "humantime_serde")]
     pub max_lag: Duration,
     pub max_lag_bytes: u64,
+    #[serde(deserialize_with = "name_list")]
     pub expected_standbys: Vec<String>,
+    #[serde(deserialize_with = "name_list")]
     pub replica_urls: Vec<String>,
     pub max_rows_per_second: f64,
     #[serde(with = "humantime_serde")]
@@ -86,11 +89,71 @@ pub struct ThrottleConfig {
     pub probe_timeout: Duration,
 }
 
+/// Reads a list from a TOML array or from one comma-separated string (how
+/// `BACKFILLD_THROTTLE__EXPECTED_STANDBYS=a,b` arrives), trimming every entry and dropping
+/// empty ones: an empty variable must mean "none", not one standby called "" that is
+/// always missing and would hold every job forever.
+fn name_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    struct NameList;
+
+    impl<'de> serde::de::Visitor<'de> for NameList {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of names or one comma-separated string")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Self::Value, E> {
+            Ok(value
+                .split(',')
+                .map(str::trim)
+                .filter(|name| !name.is_empty())
+                .map(str::to_owned)
+                .collect())
+        }
+
+        // The environment source parses a lone "1" as a number; it is still a name.
+        fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Self::Value, E> {
+            Ok(vec![value.to_string()])
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Self::Value, E> {
+            Ok(vec![value.to_string()])
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut names = Vec::new();
+            while let Some(name) = seq.next_element::<String>()? {
+                let name = name.trim();
+                if !name.is_empty() {
+                    names.push(name.to_owned());
+                }
+            }
+            Ok(names)
+        }
+    }
+
+    deserializer.deserialize_any(NameList)
+}
+
 /// `[http]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     pub listen: String,
+    /// Series no update touched for this long leave /metrics (zero: never).
+    #[serde(with = "humantime_serde")]
+    pub metrics_idle_timeout: Duration,
+}
+
+impl HttpSettings {
+    /// The exporter's idle timeout: `None` keeps every series for ever.
+    pub fn metrics_idle_timeout(&self) -> Option<Duration> {
+        Some(self.metrics_idle_timeout).filter(|timeout| !timeout.is_zero())
+    }
 }
 
 /// `[log]`
@@ -107,6 +170,17 @@ pub struct LogSettings {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// The `BACKFILLD_<SECTION>__<KEY>` source; list keys take comma-separated values.
+fn environment() -> config::Environment {
+    config::Environment::with_prefix("BACKFILLD")
+        .prefix_separator("_")
+        .separator("__")
+        .list_separator(",")
+        .with_list_parse_key("throttle.expected_standbys")
+        .with_list_parse_key("throttle.replica_urls")
+        .try_parsing(true)
 }
 
 /// A configuration that cannot be used; the message names the file, key or value.
@@ -130,15 +204,7 @@ impl Settings {
             }
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
-        builder = builder.add_source(
-            config::Environment::with_prefix("BACKFILLD")
-                .prefix_separator("_")
-                .separator("__")
-                .list_separator(",")
-                .with_list_parse_key("throttle.expected_standbys")
-                .with_list_parse_key("throttle.replica_urls")
-                .try_parsing(true),
-        );
+        builder = builder.add_source(environment());
         if let Ok(url) = std::env::var("DATABASE_URL") {
             builder = builder
                 .set_override("database.url", url)
@@ -230,6 +296,11 @@ impl Settings {
                 "throttle.probe_interval and throttle.probe_timeout must be positive".to_string(),
             );
         }
+        self.throttle_defaults().validate().map_err(|e| {
+            SettingsError(format!(
+                "[batch]/[throttle]: {e} (the throttle cannot work with these values)"
+            ))
+        })?;
         for replica in &self.throttle.replica_urls {
             crate::redact::parse_database_url(replica)
                 .map_err(|e| SettingsError(format!("throttle.replica_urls: {e}")))?;
@@ -241,6 +312,17 @@ impl Settings {
                 self.http.listen
             ));
         }
+        if let Some(timeout) = self.http.metrics_idle_timeout() {
+            // A running job's series are refreshed between batches, so a shorter timeout
+            // would make them blink out during every long batch.
+            if timeout <= self.batch.statement_timeout {
+                return fail(format!(
+                    "http.metrics_idle_timeout ({}) must be 0 (keep every series) or longer than batch.statement_timeout ({})",
+                    humantime::format_duration(timeout),
+                    humantime::format_duration(self.batch.statement_timeout)
+                ));
+            }
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             SettingsError(format!(
                 "log.level {:?} is not a valid filter: {e}",
@@ -248,6 +330,24 @@ impl Settings {
             ))
         })?;
         Ok(())
+    }
+
+    /// The throttle controller's settings for a job that overrides nothing: `[batch]` sizes
+    /// and target, `[throttle]` limits; health-driven holds are re-checked at the probe cadence,
+    /// so a hold ends as soon as a fresh sample allows it.
+    pub fn throttle_defaults(&self) -> ThrottleSettings {
+        ThrottleSettings {
+            min_batch_size: self.batch.min_size,
+            max_batch_size: self.batch.max_size,
+            start_batch_size: self.batch.size,
+            target_batch: self.batch.target,
+            max_lag: self.throttle.max_lag,
+            max_lag_bytes: self.throttle.max_lag_bytes,
+            // 0 in the config means no limit.
+            max_rows_per_second: Some(self.throttle.max_rows_per_second).filter(|rate| *rate > 0.0),
+            hold_recheck: self.throttle.probe_interval,
+            ..ThrottleSettings::default()
+        }
     }
 
     /// This worker's name in `job_status`.
@@ -273,5 +373,77 @@ mod tests {
         assert_eq!(settings.throttle.max_lag, Duration::from_secs(2));
         assert_eq!(settings.throttle.max_lag_bytes, 64 * 1024 * 1024);
         assert_eq!(settings.log.format, LogFormat::Text);
+        assert_eq!(settings.throttle.max_blocking, Duration::from_millis(200));
+        assert!(settings.throttle.expected_standbys.is_empty());
+        let throttle = settings.throttle_defaults();
+        assert_eq!(throttle.max_rows_per_second, None, "0 means no limit");
+        assert_eq!(throttle.hold_recheck, settings.throttle.probe_interval);
+    }
+
+    /// The defaults overridden by `vars` as if they were the process environment.
+    fn with_env(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        let vars = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let settings: Settings = config::Config::builder()
+            .add_source(config::File::from_str(
+                DEFAULT_TOML,
+                config::FileFormat::Toml,
+            ))
+            .add_source(environment().source(Some(vars)))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| SettingsError(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    #[test]
+    fn standby_lists_come_from_comma_separated_variables() {
+        let standbys = |value: &str| {
+            with_env(&[("BACKFILLD_THROTTLE__EXPECTED_STANDBYS", value)])
+                .expect("valid")
+                .throttle
+                .expected_standbys
+        };
+        assert_eq!(standbys("standby1"), ["standby1"]);
+        assert_eq!(standbys("a, b ,c"), ["a", "b", "c"]);
+        assert_eq!(standbys("7"), ["7"], "a numeric name stays a name");
+        assert!(
+            standbys("").is_empty(),
+            "empty means none, not one named \"\""
+        );
+        assert!(standbys(" , ").is_empty());
+        let settings = with_env(&[(
+            "BACKFILLD_THROTTLE__REPLICA_URLS",
+            "postgres://r1/app,postgres://r2/app",
+        )])
+        .expect("valid");
+        assert_eq!(
+            settings.throttle.replica_urls,
+            ["postgres://r1/app", "postgres://r2/app"]
+        );
+        // Other keys are not split on commas.
+        let settings = with_env(&[("BACKFILLD_LOG__LEVEL", "info,backfilld=debug")]).unwrap();
+        assert_eq!(settings.log.level, "info,backfilld=debug");
+    }
+
+    #[test]
+    fn nonsense_throttle_values_are_refused() {
+        for (key, value, mentions) in [
+            (
+                "BACKFILLD_THROTTLE__MAX_ROWS_PER_SECOND",
+                "0.5",
+                "max_rows_per_second",
+            ),
+            ("BACKFILLD_THROTTLE__MAX_LAG", "0s", "max_lag"),
+            ("BACKFILLD_THROTTLE__MAX_LAG_BYTES", "0", "max_lag_bytes"),
+            ("BACKFILLD_THROTTLE__PROBE_INTERVAL", "0s", "probe_interval"),
+            ("BACKFILLD_BATCH__TARGET", "0s", "batch.target"),
+        ] {
+            let error = with_env(&[(key, value)]).expect_err(key).to_string();
+            assert!(error.contains(mentions), "{key}={value}: {error}");
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! Logs, Prometheus metrics and the HTTP endpoints (`/metrics`, `/healthz`, `/readyz`).
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -13,6 +14,7 @@ use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 use sqlx::PgPool;
 
 use crate::settings::{LogFormat, LogSettings};
@@ -48,9 +50,17 @@ const BATCH_DURATION_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// How often histogram samples are folded into their buckets when nobody scrapes.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Installs the Prometheus recorder and describes every metric (help text, units).
-pub fn install_metrics() -> Result<PrometheusHandle, String> {
+///
+/// A series that no update touched for `idle_timeout` leaves `/metrics` (`None`: never):
+/// that is how finished jobs stop being exported. Must be called inside the Tokio runtime,
+/// which runs the exporter's upkeep.
+pub fn install_metrics(idle_timeout: Option<Duration>) -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
+        .idle_timeout(MetricKindMask::ALL, idle_timeout)
         .set_buckets_for_metric(
             Matcher::Full("backfill_batch_duration_seconds".into()),
             BATCH_DURATION_BUCKETS,
@@ -58,6 +68,16 @@ pub fn install_metrics() -> Result<PrometheusHandle, String> {
         .map_err(|e| format!("metrics buckets: {e}"))?
         .install_recorder()
         .map_err(|e| format!("installing the metrics recorder: {e}"))?;
+    // Samples of the batch histogram pile up in memory until folded into buckets; a
+    // scrape does that too, but a daemon nobody scrapes must not grow.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(UPKEEP_INTERVAL);
+        loop {
+            ticker.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     describe_counter!(
         "backfill_rows_processed_total",
         "Rows whose batch statement committed."
@@ -127,21 +147,54 @@ pub fn install_metrics() -> Result<PrometheusHandle, String> {
         Unit::Bytes,
         "Configured replication lag limit in bytes."
     );
-    gauge!("backfill_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(handle)
 }
 
-/// Metric handles of one job, labelled with its name.
+/// Every `outcome` label of `backfill_batches_total`.
+pub const BATCH_OUTCOMES: [&str; 5] = [
+    "committed",
+    "row_failures",
+    "transient_error",
+    "fenced",
+    "job_error",
+];
+
+/// How often a held job's unchanged series are touched (see [`JobMetrics`]).
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Metric series of one job, labelled with its name.
+///
+/// The exporter drops a series no update touched for `http.metrics_idle_timeout`: that is
+/// how a finished job leaves `/metrics`. While a worker holds the job, each throttle
+/// decision ([`JobMetrics::throttled`]) also re-exports the series that did not move, so a
+/// job held back for a long time keeps them all (but its batch duration histogram, which
+/// only a batch can touch). Counters start at 0, so `increase()` sees their first rise.
 pub struct JobMetrics {
     job: String,
+    latest: Mutex<LatestValues>,
+}
+
+/// The gauge values a job last exported, for re-exporting them unchanged.
+#[derive(Debug, Default)]
+struct LatestValues {
+    batch_size: Option<f64>,
+    rows_remaining: Option<f64>,
+    progress_ratio: Option<f64>,
+    eta_seconds: Option<f64>,
+    refreshed_at: Option<Instant>,
 }
 
 impl JobMetrics {
-    /// Metrics for the job called `job`.
+    /// Metrics for the job called `job`; exports its counters at 0.
     pub fn new(job: &str) -> Self {
-        JobMetrics {
+        let metrics = JobMetrics {
             job: job.to_string(),
-        }
+            latest: Mutex::new(LatestValues::default()),
+        };
+        metrics.touch_counters();
+        metrics.export_throttled(None);
+        metrics.lock_waits(0);
+        metrics
     }
 
     /// A batch committed.
@@ -162,15 +215,21 @@ impl JobMetrics {
         }
     }
 
-    /// A batch ended without committing.
+    /// A batch ended without committing; `outcome` is one of [`BATCH_OUTCOMES`].
     pub fn batch_outcome(&self, outcome: &'static str) {
+        debug_assert!(
+            BATCH_OUTCOMES.contains(&outcome),
+            "unknown outcome {outcome}"
+        );
         counter!("backfill_batches_total", "job" => self.job.clone(), "outcome" => outcome)
             .increment(1);
     }
 
     /// The size of the next batch.
     pub fn batch_size(&self, size: u32) {
-        gauge!("backfill_batch_size", "job" => self.job.clone()).set(f64::from(size));
+        let size = f64::from(size);
+        self.latest().batch_size = Some(size);
+        gauge!("backfill_batch_size", "job" => self.job.clone()).set(size);
     }
 
     /// Time waited because of the throttle.
@@ -181,8 +240,65 @@ impl JobMetrics {
             .increment(duration.as_secs_f64());
     }
 
-    /// Which throttle reason is active now (at most one).
+    /// Which throttle reason is active now (at most one). Called on every throttle
+    /// decision, holds included, so it also keeps the job's other series alive.
     pub fn throttled(&self, active: Option<&str>) {
+        self.export_throttled(active);
+        self.keep_alive();
+    }
+
+    /// Sessions waiting on our locks.
+    pub fn lock_waits(&self, sessions: u32) {
+        gauge!("backfill_lock_waits", "job" => self.job.clone()).set(f64::from(sessions));
+    }
+
+    /// Progress and ETA.
+    pub fn progress(&self, rows_done: i64, remaining: Option<i64>, rows_per_second: Option<f64>) {
+        let Some(remaining) = remaining else {
+            return;
+        };
+        let total = rows_done + remaining;
+        let ratio = if total > 0 {
+            rows_done as f64 / total as f64
+        } else {
+            1.0
+        };
+        let eta = rows_per_second
+            .filter(|rate| *rate > 0.0)
+            .map(|rate| remaining as f64 / rate);
+        self.export_progress(remaining as f64, ratio.clamp(0.0, 1.0), eta);
+    }
+
+    /// The job ended here.
+    pub fn finished(&self, succeeded: bool) {
+        let (remaining, ratio) = if succeeded {
+            (Some(0.0), Some(1.0))
+        } else {
+            let latest = self.latest();
+            (latest.rows_remaining, latest.progress_ratio)
+        };
+        match (remaining, ratio) {
+            (Some(remaining), Some(ratio)) => self.export_progress(remaining, ratio, Some(0.0)),
+            _ => {
+                self.latest().eta_seconds = Some(0.0);
+                gauge!("backfill_job_eta_seconds", "job" => self.job.clone()).set(0.0);
+            }
+        }
+    }
+
+    /// This worker no longer works on the job: it is not throttled by us any more. The
+    /// job's series are left alone from here on and expire after the idle timeout.
+    pub fn job_left(&self) {
+        self.export_throttled(None);
+        self.lock_waits(0);
+    }
+
+    fn latest(&self) -> std::sync::MutexGuard<'_, LatestValues> {
+        // The values are plain numbers: a panic elsewhere cannot leave them inconsistent.
+        self.latest.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn export_throttled(&self, active: Option<&str>) {
         // Every reason is exported, so a reason's gauge drops to 0 when it ends.
         for reason in ThrottleReason::ALL {
             let value = if Some(reason.as_str()) == active {
@@ -195,43 +311,66 @@ impl JobMetrics {
         }
     }
 
-    /// Sessions waiting on our locks.
-    pub fn lock_waits(&self, sessions: u32) {
-        gauge!("backfill_lock_waits", "job" => self.job.clone()).set(f64::from(sessions));
-    }
-
-    /// Progress and ETA.
-    pub fn progress(&self, rows_done: i64, remaining: Option<i64>, rows_per_second: Option<f64>) {
+    fn export_progress(&self, remaining: f64, ratio: f64, eta: Option<f64>) {
+        let mut latest = self.latest();
+        latest.rows_remaining = Some(remaining);
+        latest.progress_ratio = Some(ratio);
+        latest.eta_seconds = eta.or(latest.eta_seconds);
+        let eta = latest.eta_seconds;
+        drop(latest);
         let job = self.job.clone();
-        if let Some(remaining) = remaining {
-            gauge!("backfill_job_rows_remaining", "job" => job.clone()).set(remaining as f64);
-            let total = rows_done + remaining;
-            let ratio = if total > 0 {
-                rows_done as f64 / total as f64
-            } else {
-                1.0
-            };
-            gauge!("backfill_job_progress_ratio", "job" => job.clone()).set(ratio.clamp(0.0, 1.0));
-            if let Some(rate) = rows_per_second.filter(|r| *r > 0.0) {
-                gauge!("backfill_job_eta_seconds", "job" => job).set(remaining as f64 / rate);
-            }
+        gauge!("backfill_job_rows_remaining", "job" => job.clone()).set(remaining);
+        gauge!("backfill_job_progress_ratio", "job" => job.clone()).set(ratio);
+        if let Some(eta) = eta {
+            gauge!("backfill_job_eta_seconds", "job" => job).set(eta);
         }
     }
 
-    /// The job ended here.
-    pub fn finished(&self, succeeded: bool) {
-        let job = self.job.clone();
-        if succeeded {
-            gauge!("backfill_job_rows_remaining", "job" => job.clone()).set(0.0);
-            gauge!("backfill_job_progress_ratio", "job" => job.clone()).set(1.0);
+    /// Touches the counters without changing them: creates them at 0, keeps them exported.
+    fn touch_counters(&self) {
+        let job = &self.job;
+        counter!("backfill_rows_processed_total", "job" => job.clone()).increment(0);
+        counter!("backfill_failed_rows_total", "job" => job.clone()).increment(0);
+        for outcome in BATCH_OUTCOMES {
+            counter!("backfill_batches_total", "job" => job.clone(), "outcome" => outcome)
+                .increment(0);
         }
-        gauge!("backfill_job_eta_seconds", "job" => job).set(0.0);
+        for reason in ThrottleReason::ALL {
+            gauge!("backfill_throttle_sleep_seconds_total", "job" => job.clone(), "reason" => reason.as_str())
+                .increment(0.0);
+        }
     }
 
-    /// This worker no longer works on the job: it is not throttled by us any more.
-    pub fn job_left(&self) {
-        self.throttled(None);
-        self.lock_waits(0);
+    /// Re-exports the series that did not move, at most every [`KEEP_ALIVE_INTERVAL`].
+    fn keep_alive(&self) {
+        let mut latest = self.latest();
+        if latest
+            .refreshed_at
+            .is_some_and(|at| at.elapsed() < KEEP_ALIVE_INTERVAL)
+        {
+            return;
+        }
+        latest.refreshed_at = Some(Instant::now());
+        let LatestValues {
+            batch_size,
+            rows_remaining,
+            progress_ratio,
+            eta_seconds,
+            ..
+        } = *latest;
+        drop(latest);
+        self.touch_counters();
+        let job = &self.job;
+        if let Some(size) = batch_size {
+            gauge!("backfill_batch_size", "job" => job.clone()).set(size);
+        }
+        if let (Some(remaining), Some(ratio)) = (rows_remaining, progress_ratio) {
+            gauge!("backfill_job_rows_remaining", "job" => job.clone()).set(remaining);
+            gauge!("backfill_job_progress_ratio", "job" => job.clone()).set(ratio);
+        }
+        if let Some(eta) = eta_seconds {
+            gauge!("backfill_job_eta_seconds", "job" => job.clone()).set(eta);
+        }
     }
 }
 
@@ -253,8 +392,10 @@ pub fn record_replication_lag(sample: &backfill_core::throttle::HealthSample) {
     }
 }
 
-/// Exports the configured lag limits, so dashboards and alerts can draw and compare against them.
-pub fn record_lag_limits(max_lag: Duration, max_lag_bytes: u64) {
+/// Exports the build and the configured lag limits (so dashboards and alerts can compare
+/// against them). Called periodically: a series set once would expire like a finished job's.
+pub fn record_daemon_info(max_lag: Duration, max_lag_bytes: u64) {
+    gauge!("backfill_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     gauge!("backfill_throttle_max_lag_seconds").set(max_lag.as_secs_f64());
     gauge!("backfill_throttle_max_lag_bytes").set(max_lag_bytes as f64);
 }
@@ -269,6 +410,9 @@ pub fn record_job_states(counts: &[(String, i64)]) {
         gauge!("backfill_jobs", "state" => state.as_str()).set(count as f64);
     }
 }
+
+/// How long `/readyz` waits for the database before answering "not ready".
+const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listen` until the process ends.
 pub async fn serve_http(
@@ -291,7 +435,13 @@ pub async fn serve_http(
             get(move || {
                 let control = control.clone();
                 async move {
-                    match backfill_queue::schema_is_current(&control).await {
+                    // A probe must answer quickly even while the database hangs.
+                    let check = backfill_queue::schema_is_current(&control);
+                    let answer = match tokio::time::timeout(READINESS_TIMEOUT, check).await {
+                        Ok(result) => result.map_err(|e| e.to_string()),
+                        Err(_) => Err(format!("no answer within {READINESS_TIMEOUT:?}")),
+                    };
+                    match answer {
                         Ok(true) => (StatusCode::OK, "ready\n".to_string()),
                         Ok(false) => (
                             StatusCode::SERVICE_UNAVAILABLE,

@@ -11,7 +11,8 @@ use backfill_core::throttle::{
     ThrottleSettings,
 };
 use backfill_dataplane::{
-    BatchRunner, BatchTarget, DataPlaneError, Fence, JobDefinition, KeySource, RunOutcome,
+    BatchRunner, BatchTarget, DataPlaneError, Fence, JobDefinition, KeySource, RowFailure,
+    RunOutcome,
 };
 use backfill_queue::{
     ClaimedJob, HeartbeatReport, Job, JobProgress, JobState, LeaseToken, Phase, Queue,
@@ -30,6 +31,9 @@ pub struct Worker {
     pub settings: Arc<Settings>,
     pub worker_id: String,
     pub health: watch::Receiver<HealthSample>,
+    /// Jobs this process is driving now, so a claim never takes one of them
+    /// back; held across each claim so two slots cannot race.
+    pub driving: tokio::sync::Mutex<Vec<i64>>,
 }
 
 /// Why a job stopped on this worker before it ended.
@@ -64,15 +68,24 @@ impl Worker {
     async fn claim_loop(&self, slot: usize, shutdown: Shutdown, exit_when_idle: bool) {
         let mut backoff = ConnectionBackoff::default();
         while !shutdown.is_triggered() {
-            match self
-                .queue
-                .claim(&self.worker_id, self.settings.worker.lease)
-                .await
-            {
+            let claimed = {
+                let mut driving = self.driving.lock().await;
+                let claimed = self
+                    .queue
+                    .claim(&self.worker_id, self.settings.worker.lease, &driving)
+                    .await;
+                if let Ok(Some(claimed)) = &claimed {
+                    driving.push(claimed.job.id);
+                }
+                claimed
+            };
+            match claimed {
                 Ok(Some(claimed)) => {
                     backoff.reset();
-                    let span = tracing::info_span!("job", job = %claimed.job.name, job_id = claimed.job.id, slot);
+                    let job_id = claimed.job.id;
+                    let span = tracing::info_span!("job", job = %claimed.job.name, job_id, slot);
                     self.drive(claimed, &shutdown).instrument(span).await;
+                    self.driving.lock().await.retain(|id| *id != job_id);
                 }
                 Ok(None) => {
                     backoff.reset();
@@ -136,6 +149,7 @@ impl Worker {
                 }
             }
         }
+        run.failure_log.flush();
         run.metrics.job_left();
     }
 }
@@ -174,6 +188,7 @@ struct JobRun<'w> {
     progress: watch::Sender<JobProgress>,
     heartbeat: tokio::task::JoinHandle<()>,
     metrics: JobMetrics,
+    failure_log: FailureLog,
 }
 
 impl<'w> JobRun<'w> {
@@ -212,6 +227,7 @@ impl<'w> JobRun<'w> {
             progress,
             heartbeat,
             metrics: JobMetrics::new(&job.name),
+            failure_log: FailureLog::default(),
             job,
         }
     }
@@ -265,6 +281,7 @@ impl<'w> JobRun<'w> {
             key_column: self.job.key_column.clone(),
             batch_sql: self.job.batch_sql.clone(),
             pending_predicate: self.job.pending_predicate.clone(),
+            check_predicate: self.job.check_predicate.clone(),
         };
         let target = match self.resolve(&definition).await {
             Ok(target) => target,
@@ -336,15 +353,7 @@ impl<'w> JobRun<'w> {
                     self.rows_done += i64::try_from(stats.applied).unwrap_or(i64::MAX);
                     self.rate.record(stats.keys, Instant::now());
                     self.metrics.committed(&stats, duration);
-                    for (key, error) in stats.failures.iter().take(10) {
-                        warn!(key = %key, sqlstate = error.sqlstate.as_deref().unwrap_or(""), message = %error.message, "row failed; recorded in backfill.failed_rows");
-                    }
-                    if stats.failures.len() > 10 {
-                        warn!(
-                            more = stats.failures.len() - 10,
-                            "more rows failed in this batch"
-                        );
-                    }
+                    self.failure_log.record(&stats.failures, Instant::now());
                     self.publish_progress();
                     // One line per batch, for tuning and for tests that check the controller's path.
                     tracing::debug!(
@@ -655,7 +664,7 @@ impl<'w> JobRun<'w> {
 }
 
 /// The job's throttle: deployment defaults, overridden by the job's own columns.
-fn throttle_settings(settings: &Settings, job: &Job) -> ThrottleSettings {
+pub(crate) fn throttle_settings(settings: &Settings, job: &Job) -> ThrottleSettings {
     let positive = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok()).filter(|v| *v > 0);
     let min_batch_size = positive(job.min_batch_size).unwrap_or(settings.batch.min_size);
     let max_batch_size = positive(job.max_batch_size)
@@ -743,6 +752,69 @@ impl RateEstimate {
     }
 }
 
+/// Log lines per isolated failing key allowed in each [`FAILURE_LOG_WINDOW`].
+const FAILURE_LINES_PER_WINDOW: usize = 20;
+/// The window of [`FAILURE_LINES_PER_WINDOW`].
+const FAILURE_LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// Rate-limits the log line per isolated failing key (key, SQLSTATE, message):
+/// at most [`FAILURE_LINES_PER_WINDOW`] per [`FAILURE_LOG_WINDOW`], then one
+/// summary line for the rest when the window ends. A job whose every row fails
+/// must not flood the log; `backfill.failed_rows` has them all.
+#[derive(Debug, Default)]
+struct FailureLog {
+    window_start: Option<Instant>,
+    logged: usize,
+    suppressed: usize,
+}
+
+impl FailureLog {
+    /// Logs a committed batch's failures, within the limit.
+    fn record(&mut self, failures: &[RowFailure], now: Instant) {
+        if self
+            .window_start
+            .is_some_and(|start| now.duration_since(start) >= FAILURE_LOG_WINDOW)
+        {
+            self.flush();
+        }
+        for failure in failures {
+            if self.admit(now) {
+                warn!(
+                    key = %failure.key,
+                    reason = failure.reason.as_str(),
+                    sqlstate = failure.error.sqlstate.as_deref().unwrap_or(""),
+                    message = %failure.error.message,
+                    "row failed; recorded in backfill.failed_rows"
+                );
+            }
+        }
+    }
+
+    /// Whether one more line fits in the current window; counts it either way.
+    fn admit(&mut self, now: Instant) -> bool {
+        self.window_start.get_or_insert(now);
+        if self.logged < FAILURE_LINES_PER_WINDOW {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    /// Ends the window, summing up the lines it held back.
+    fn flush(&mut self) {
+        if self.suppressed > 0 {
+            warn!(
+                rows = self.suppressed,
+                window = ?FAILURE_LOG_WINDOW,
+                "more rows failed than are logged one by one; all are in backfill.failed_rows"
+            );
+        }
+        *self = FailureLog::default();
+    }
+}
+
 /// Completes once `condition` holds for the channel's value; never, if the
 /// sender is gone first (a closed channel must not read as "stop now").
 async fn until<T>(channel: &mut watch::Receiver<T>, condition: impl FnMut(&T) -> bool) {
@@ -766,5 +838,28 @@ impl ConnectionBackoff {
 
     fn reset(&mut self) {
         self.failures = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_lines_are_limited_per_window_and_the_rest_summed_up() {
+        let start = Instant::now();
+        let mut log = FailureLog::default();
+        let admitted = (0..50).filter(|_| log.admit(start)).count();
+        assert_eq!(admitted, FAILURE_LINES_PER_WINDOW);
+        assert_eq!(log.suppressed, 50 - FAILURE_LINES_PER_WINDOW);
+        // Still the same window just before it ends: nothing more is logged.
+        log.record(&[], start + FAILURE_LOG_WINDOW - Duration::from_millis(1));
+        assert!(!log.admit(start + FAILURE_LOG_WINDOW - Duration::from_millis(1)));
+        // A batch after the window ends it (with its summary) and opens a new one.
+        log.record(&[], start + FAILURE_LOG_WINDOW);
+        assert_eq!((log.logged, log.suppressed, log.window_start), (0, 0, None));
+        assert!(log.admit(start + FAILURE_LOG_WINDOW));
+        log.flush();
+        assert_eq!((log.logged, log.suppressed), (0, 0));
     }
 }

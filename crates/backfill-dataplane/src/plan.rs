@@ -1,0 +1,198 @@
+//! Dry runs for `backfilld plan`: the planner's estimate of a job's pending rows, and one
+//! trial batch — the job's own key query and statement — inside a transaction that is
+//! always rolled back, timed.
+
+use std::time::{Duration, Instant};
+
+use backfill_core::placeholders::Placeholder;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Client;
+
+use crate::target::BatchTarget;
+use crate::BatchError;
+
+/// What one trial batch did before it was rolled back.
+#[derive(Debug, Clone)]
+pub struct TrialBatch {
+    /// Keys the batch selected (fewer than asked near the end of the table; 0 when nothing is pending).
+    pub keys: usize,
+    /// The batch's first and last key.
+    pub key_range: Option<(String, String)>,
+    /// Time to select the keys.
+    pub select: Duration,
+    /// Time of the batch statement on those keys.
+    pub statement: Duration,
+    /// Rows the statement reported as written.
+    pub rows_written: u64,
+}
+
+impl TrialBatch {
+    /// Key selection plus statement: what a batch costs before its commit.
+    pub fn duration(&self) -> Duration {
+        self.select + self.statement
+    }
+}
+
+impl BatchTarget {
+    /// The planner's estimate of the rows still pending above `after` (every pending row when
+    /// `None`), without reading the table; `None` when the plan carries no estimate.
+    pub async fn estimate_pending(
+        &self,
+        client: &mut Client,
+        after: Option<&str>,
+    ) -> Result<Option<i64>, BatchError> {
+        let context = || {
+            format!(
+                "estimating pending rows of job {:?} in {}",
+                self.job_name, self.table
+            )
+        };
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| BatchError::from_driver(context(), &e))?;
+        // A parallel plan reports rows per worker below its Gather; a serial one reports
+        // the whole estimate on the node under the count's Aggregate.
+        tx.batch_execute("SET LOCAL max_parallel_workers_per_gather = 0")
+            .await
+            .map_err(|e| BatchError::from_driver(context(), &e))?;
+        let rows = match after {
+            Some(after) => {
+                tx.query(
+                    &format!("EXPLAIN {}", self.sql.count_pending_after),
+                    &[&after],
+                )
+                .await
+            }
+            None => {
+                tx.query(&format!("EXPLAIN {}", self.sql.count_pending_all), &[])
+                    .await
+            }
+        }
+        .map_err(|e| BatchError::from_driver(context(), &e))?;
+        tx.rollback()
+            .await
+            .map_err(|e| BatchError::from_driver(context(), &e))?;
+        let plan: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+        Ok(rows_under_aggregate(&plan))
+    }
+
+    /// Runs one batch of at most `limit` keys above `after` exactly as a worker would (key
+    /// query, then the job's statement) and rolls it back, whatever happens: the table,
+    /// the job and its checkpoint are left as they were. Like a real batch it takes row
+    /// locks, waits at most the session's `lock_timeout` for them, and fires triggers.
+    pub async fn trial_batch(
+        &self,
+        client: &mut Client,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<TrialBatch, BatchError> {
+        let name = &self.job_name;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| BatchError::from_driver(format!("job {name:?}: BEGIN"), &e))?;
+        let limit = i64::from(limit);
+        let started = Instant::now();
+        let rows = match after {
+            Some(after) => tx.query(&self.sql.next_keys, &[&after, &limit]).await,
+            None => tx.query(&self.sql.first_keys, &[&limit]).await,
+        }
+        .map_err(|e| BatchError::from_driver(format!("job {name:?}: selecting keys"), &e))?;
+        let keys: Vec<String> = rows.into_iter().map(|row| row.get(0)).collect();
+        let select = started.elapsed();
+        let mut trial = TrialBatch {
+            keys: keys.len(),
+            key_range: keys.first().cloned().zip(keys.last().cloned()),
+            select,
+            statement: Duration::ZERO,
+            rows_written: 0,
+        };
+        if !keys.is_empty() {
+            let started = Instant::now();
+            let written = tx
+                .execute(&self.batch.sql, &statement_params(self, &keys))
+                .await;
+            trial.statement = started.elapsed();
+            trial.rows_written = written.map_err(|e| {
+                let (first, last) = (&keys[0], &keys[keys.len() - 1]);
+                BatchError::from_driver(
+                    format!("job {name:?}, keys {first}..={last}: batch statement"),
+                    &e,
+                )
+            })?;
+        }
+        // Dropping the transaction would roll back too, but only by a message sent later;
+        // the caller must see the rollback done (or failed) before reporting.
+        tx.rollback()
+            .await
+            .map_err(|e| BatchError::from_driver(format!("job {name:?}: ROLLBACK"), &e))?;
+        Ok(trial)
+    }
+}
+
+/// The batch statement's parameters for `keys` (in key order), one per placeholder.
+pub(crate) fn statement_params<'a>(
+    target: &BatchTarget,
+    keys: &'a Vec<String>,
+) -> Vec<&'a (dyn ToSql + Sync)> {
+    let first = &keys[0];
+    let last = &keys[keys.len() - 1];
+    target
+        .batch
+        .params
+        .iter()
+        .map(|placeholder| -> &(dyn ToSql + Sync) {
+            match placeholder {
+                Placeholder::Keys => keys,
+                Placeholder::FirstKey => first,
+                Placeholder::LastKey => last,
+            }
+        })
+        .collect()
+}
+
+/// The row estimate of the node directly under a count's Aggregate, from EXPLAIN's text
+/// output: the first line that starts a child node (`->`) carries `rows=N`.
+fn rows_under_aggregate(plan: &[String]) -> Option<i64> {
+    let child = plan.iter().find(|line| line.trim_start().starts_with("->"))?;
+    let rows = child.split("rows=").nth(1)?;
+    rows.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rows_under_aggregate;
+
+    fn plan(text: &str) -> Vec<String> {
+        text.lines().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn the_estimate_is_read_from_the_node_under_the_aggregate() {
+        let seq_scan = plan(
+            "Aggregate  (cost=20406.00..20406.01 rows=1 width=8)\n\
+             \x20 ->  Seq Scan on users t  (cost=0.00..17906.00 rows=999987 width=0)\n\
+             \x20       Filter: (first_name IS NULL)",
+        );
+        assert_eq!(rows_under_aggregate(&seq_scan), Some(999_987));
+        let index_scan = plan(
+            "Aggregate  (cost=8.31..8.32 rows=1 width=8)\n\
+             \x20 ->  Index Scan using users_pkey on users t  (cost=0.29..8.31 rows=12 width=0)\n\
+             \x20       Index Cond: (id > '5'::bigint)",
+        );
+        assert_eq!(rows_under_aggregate(&index_scan), Some(12));
+    }
+
+    #[test]
+    fn a_plan_without_a_child_node_has_no_estimate() {
+        assert_eq!(
+            rows_under_aggregate(&plan("Result  (cost=0.00..0.01 rows=1 width=8)")),
+            None
+        );
+        assert_eq!(rows_under_aggregate(&[]), None);
+    }
+}
