@@ -4,4 +4,5 @@
 pub mod bisect;
 pub mod error_class;
 pub mod placeholders;
+pub mod slicing;
 pub mod throttle;

@@ -128,13 +128,34 @@ pub struct Job {
     pub rows_total_estimate: Option<i64>,
     pub verify_sweeps: i32,
     pub started_at: Option<DateTime<Utc>>,
+    /// Slices to cut the job into (1: no slicing).
+    pub parallelism: i32,
+    /// Set on a slice: the job it is a slice of.
+    pub parent_id: Option<i64>,
+    /// A slice's keys start above this key (exclusive); `None`: from the first key.
+    pub lower_key: Option<String>,
+    /// A slice's keys end at this key (inclusive); `None`: at the last key.
+    pub upper_key: Option<String>,
+}
+
+impl Job {
+    /// True for a job that is cut into slices (the parent, not a slice).
+    pub fn is_sliced(&self) -> bool {
+        self.parallelism > 1 && self.parent_id.is_none()
+    }
+
+    /// The job that owns failed rows and verification: the parent for a slice.
+    pub fn owner_id(&self) -> i64 {
+        self.parent_id.unwrap_or(self.id)
+    }
 }
 
 /// The columns of `backfill.jobs` that [`Job`] reads, in one place.
 pub(crate) const JOB_COLUMNS: &str = "j.id, j.name, j.table_name, j.key_column, j.batch_sql, \
     j.pending_predicate, j.check_predicate, j.batch_size, j.min_batch_size, j.max_batch_size, \
     j.target_batch_ms, j.max_rows_per_second, j.max_attempts, j.state, j.phase, j.checkpoint, \
-    j.rows_done, j.batches_done, j.rows_total_estimate, j.verify_sweeps, j.started_at";
+    j.rows_done, j.batches_done, j.rows_total_estimate, j.verify_sweeps, j.started_at, \
+    j.parallelism, j.parent_id, j.lower_key, j.upper_key";
 
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Job {
     fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
@@ -167,6 +188,10 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Job {
             rows_total_estimate: row.try_get("rows_total_estimate")?,
             verify_sweeps: row.try_get("verify_sweeps")?,
             started_at: row.try_get("started_at")?,
+            parallelism: row.try_get("parallelism")?,
+            parent_id: row.try_get("parent_id")?,
+            lower_key: row.try_get("lower_key")?,
+            upper_key: row.try_get("upper_key")?,
         })
     }
 }
@@ -188,6 +213,7 @@ pub struct NewJob {
     pub max_attempts: Option<i32>,
     pub priority: Option<i32>,
     pub not_before: Option<DateTime<Utc>>,
+    pub parallelism: Option<i32>,
 }
 
 impl NewJob {
@@ -197,8 +223,9 @@ impl NewJob {
         sqlx::query_scalar(
             "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, \
                  check_predicate, batch_size, min_batch_size, max_batch_size, target_batch_ms, \
-                 max_rows_per_second, max_attempts, priority, not_before) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, coalesce($13, 0), coalesce($14, now())) \
+                 max_rows_per_second, max_attempts, priority, not_before, parallelism) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, coalesce($13, 0), coalesce($14, now()), \
+                     coalesce($15, 1)) \
              RETURNING id",
         )
         .bind(&self.name)
@@ -215,6 +242,7 @@ impl NewJob {
         .bind(self.max_attempts)
         .bind(self.priority)
         .bind(self.not_before)
+        .bind(self.parallelism)
         .fetch_one(pool)
         .await
         .context(&format!("enqueueing job {:?}", self.name))

@@ -79,6 +79,9 @@ impl Queue {
     /// ours — a lost connection, a restart with the same worker id — and is
     /// taken back at once instead of after its lease expires. Fencing makes
     /// this safe even if that earlier attempt is somehow still alive.
+    ///
+    /// A sliced job is not claimable while any of its slices is unfinished;
+    /// once they all are, it is claimed to retry failed rows and verify.
     pub async fn claim(
         &self,
         worker: &str,
@@ -88,11 +91,13 @@ impl Queue {
         let token = LeaseToken(Uuid::new_v4());
         let job: Option<Job> = sqlx::query_as(&format!(
             "WITH next AS ( \
-                 SELECT id FROM backfill.jobs \
-                  WHERE state IN ('pending', 'running') AND not_before <= now() \
-                    AND (lease_expires_at IS NULL OR lease_expires_at < now() \
-                         OR (leased_by = $2 AND id <> ALL($4))) \
-                  ORDER BY priority DESC, created_at, id \
+                 SELECT q.id FROM backfill.jobs q \
+                  WHERE q.state IN ('pending', 'running') AND q.not_before <= now() \
+                    AND (q.lease_expires_at IS NULL OR q.lease_expires_at < now() \
+                         OR (q.leased_by = $2 AND q.id <> ALL($4))) \
+                    AND NOT EXISTS (SELECT 1 FROM backfill.jobs c WHERE c.parent_id = q.id \
+                                       AND c.state IN ('pending', 'running', 'paused')) \
+                  ORDER BY q.priority DESC, q.created_at, q.parent_id NULLS FIRST, q.id \
                   LIMIT 1 FOR UPDATE SKIP LOCKED) \
              UPDATE backfill.jobs j \
                 SET state = 'running', lease_token = $1, leased_by = $2, \

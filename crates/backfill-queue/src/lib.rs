@@ -6,11 +6,13 @@
 mod job;
 mod lease;
 mod schema;
+mod slices;
 mod status;
 
 pub use job::{Job, JobState, NewJob, Phase};
 pub use lease::{ClaimedJob, HeartbeatReport, JobProgress, LeaseToken, Queue};
 pub use schema::{migrate, schema_is_current, MIGRATOR};
+pub use slices::{SliceSummary, Slices, StealCandidate};
 pub use status::{JobStatus, SteeringVerb};
 
 /// What can go wrong in the control plane.

@@ -102,6 +102,9 @@ pub struct EnqueueArgs {
     pub max_attempts: Option<i32>,
     #[arg(long)]
     pub priority: Option<i32>,
+    /// Cut the job into this many key-range slices that workers run side by side.
+    #[arg(long)]
+    pub parallelism: Option<i32>,
 }
 
 /// Options of the demo.

@@ -239,9 +239,9 @@ pub async fn run(verb: Verb, settings: Settings) -> Result<(), CliFailure> {
 async fn fetch_status(pool: &PgPool, name: Option<&str>) -> Result<Vec<JobStatus>, CliFailure> {
     let statuses = JobStatus::fetch(pool, name).await?;
     match name {
-        Some(name) if statuses.is_empty() => Err(CliFailure::Usage(format!(
-            "no backfill job named '{name}'"
-        ))),
+        Some(name) if statuses.is_empty() => {
+            Err(CliFailure::Usage(format!("no backfill job named '{name}'")))
+        }
         _ => Ok(statuses),
     }
 }
@@ -314,6 +314,7 @@ fn new_job(args: EnqueueArgs) -> NewJob {
         max_attempts: args.max_attempts,
         priority: args.priority,
         not_before: None,
+        parallelism: args.parallelism,
     }
 }
 
@@ -385,6 +386,8 @@ pub struct PlanReport {
     pub trial_last_key: Option<String>,
     pub trial_select_seconds: Option<f64>,
     pub trial_statement_seconds: Option<f64>,
+    /// Rows the trial's statement wrote before the rollback.
+    pub trial_rows_written: Option<u64>,
     /// Why the trial batch failed, if it did.
     pub trial_error: Option<String>,
     /// The trial batch's speed, capped by the job's rows-per-second limit.
@@ -478,12 +481,17 @@ pub async fn plan(
         exact_pending_rows,
         exact_count_seconds,
         batch_size,
-        batches: pending.map(|rows| u64::try_from(rows).unwrap_or(0).div_ceil(u64::from(batch_size))),
+        batches: pending.map(|rows| {
+            u64::try_from(rows)
+                .unwrap_or(0)
+                .div_ceil(u64::from(batch_size))
+        }),
         trial_keys: trial_ok.map(|t| t.keys),
         trial_first_key: trial_ok.and_then(|t| t.key_range.as_ref().map(|r| r.0.clone())),
         trial_last_key: trial_ok.and_then(|t| t.key_range.as_ref().map(|r| r.1.clone())),
         trial_select_seconds: trial_ok.map(|t| t.select.as_secs_f64()),
         trial_statement_seconds: trial_ok.map(|t| t.statement.as_secs_f64()),
+        trial_rows_written: trial_ok.map(|t| t.rows_written),
         trial_error: trial.as_ref().err().map(ToString::to_string),
         expected_rows_per_second,
         max_rows_per_second,
@@ -528,7 +536,8 @@ impl PlanReport {
         out.push('\n');
         out.push_str(&format!(
             "  batches        {} of {} keys (the job's first batch size; the throttle adapts it)\n",
-            self.batches.map_or("unknown".to_string(), |n| n.to_string()),
+            self.batches
+                .map_or("unknown".to_string(), |n| n.to_string()),
             self.batch_size
         ));
         match (&self.trial_error, self.trial_keys) {
@@ -549,9 +558,11 @@ impl PlanReport {
             )),
             (None, None) => {}
         }
-        let limit = self.max_rows_per_second.map_or("no rate limit".to_string(), |limit| {
-            format!("max_rows_per_second {limit}")
-        });
+        let limit = self
+            .max_rows_per_second
+            .map_or("no rate limit".to_string(), |limit| {
+                format!("max_rows_per_second {limit}")
+            });
         match (self.expected_seconds, self.expected_rows_per_second) {
             (Some(expected), Some(rate)) => out.push_str(&format!(
                 "  expected       ~{} at ~{rate:.0} rows/s ({limit}, batches steered towards {}, a healthy database; lag holds add to it)\n",
