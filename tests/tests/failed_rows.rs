@@ -36,7 +36,9 @@ fn failed_rows(db: &TestDb, job: &str) -> String {
 
 /// The `last_error` a job with `count` failed rows ends with.
 fn rows_failed_message(db: &TestDb, job: &str, count: usize) -> String {
-    let id = db.int(&format!("SELECT id FROM backfill.jobs WHERE name = '{job}'"));
+    let id = db.int(&format!(
+        "SELECT id FROM backfill.jobs WHERE name = '{job}'"
+    ));
     format!(
         "{count} rows failed (see backfill.failed_rows where job_id = {id}); fix them, then select backfill.retry_failed('{job}')"
     )
@@ -89,10 +91,9 @@ fn poison_rows_are_set_aside_and_retry_failed_finishes_the_job() {
     db.sql(SPLIT_NAME_JOB_SQL);
 
     let started = Instant::now();
-    let daemon = run_until_idle(&db, &quick_worker("poison"));
+    let daemon = run_until_idle(&db, &quick_worker_with_batch_lines("poison"));
     let ran_for = started.elapsed();
-    let log = daemon.log_text();
-    assert_eq!(db.job_state(SPLIT_JOB), "failed", "{log}");
+    assert_eq!(db.job_state(SPLIT_JOB), "failed", "{}", daemon.log_text());
     assert_eq!(failed_rows(&db, SPLIT_JOB), poison_keys);
     assert_eq!(
         db.sql("SELECT DISTINCT attempts FROM backfill.failed_rows"),
@@ -103,25 +104,47 @@ fn poison_rows_are_set_aside_and_retry_failed_finishes_the_job() {
         last_error(&db, SPLIT_JOB),
         rows_failed_message(&db, SPLIT_JOB, 150)
     );
-    assert_eq!(
-        db.sql("SELECT failed_rows FROM backfill.job_status"),
-        "150"
-    );
+    assert_eq!(db.sql("SELECT failed_rows FROM backfill.job_status"), "150");
     db.assert_backfilled_exactly_once("users", 100_000 - 150);
 
     // A line per isolated key, rate-limited: at most 20 per 10 s window, then a summary.
-    let key_lines = log
-        .matches("row failed; recorded in backfill.failed_rows")
-        .count();
+    let worker_lines = daemon.json_lines("backfilld::worker");
+    let key_lines: Vec<_> = worker_lines
+        .iter()
+        .filter(|line| line["message"] == "row failed; recorded in backfill.failed_rows")
+        .collect();
     let windows = ran_for.as_secs() / 10 + 1;
     assert!(
-        (1..=20 * windows as usize).contains(&key_lines),
-        "{key_lines} key lines in {ran_for:?}"
+        (1..=20 * windows as usize).contains(&key_lines.len()),
+        "{} key lines in {ran_for:?}",
+        key_lines.len()
     );
-    assert!(log.contains("sqlstate=\"23514\""), "{log}");
-    assert!(
-        log.contains("more rows failed than are logged one by one"),
-        "{log}"
+    assert!(key_lines.iter().all(|line| line["sqlstate"] == "23514"
+        && line["key"].is_string()
+        && line["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("first_name_is_no_poison"))));
+    let summarised: i64 = worker_lines
+        .iter()
+        .filter(|line| {
+            line["message"]
+                == "more rows failed than are logged one by one; all are in backfill.failed_rows"
+        })
+        .filter_map(|line| line["rows"].as_i64())
+        .sum();
+    assert_eq!(
+        key_lines.len() as i64 + summarised,
+        150 * 3,
+        "every failure (150 keys, 3 attempts each) is logged or summed up"
+    );
+    let batches = daemon.json_lines("backfilld::batch");
+    let statements: i64 = batches
+        .iter()
+        .filter_map(|line| line["statements"].as_i64())
+        .sum();
+    println!(
+        "100k rows, 150 poison: {ran_for:?}, {} batches, {statements} statements",
+        batches.len()
     );
 
     // Someone fixes the data and asks for a retry from the command line.
@@ -170,7 +193,8 @@ fn trigger_exceptions_and_bad_casts_are_set_aside_with_their_sqlstate() {
         "SELECT string_agg(id || CASE WHEN note = 'frozen' THEN ':P0001' ELSE ':22P02' END || ':error', ',' ORDER BY id)
            FROM orders WHERE note = 'frozen' OR amount_text = 'n/a'",
     );
-    let failing = db.int("SELECT count(*) FROM orders WHERE note = 'frozen' OR amount_text = 'n/a'");
+    let failing =
+        db.int("SELECT count(*) FROM orders WHERE note = 'frozen' OR amount_text = 'n/a'");
     db.audit_updates("orders", "id");
     db.migrate();
     db.sql(
@@ -277,7 +301,9 @@ fn a_batch_in_which_every_row_fails_costs_statements_linear_in_its_size() {
         .iter()
         .filter_map(|line| line["duration_ms"].as_f64())
         .fold(0.0, f64::max);
-    println!("all-failing batch of {batch}: {bad_batch} statements (bound {bound}), {slowest:.0} ms");
+    println!(
+        "all-failing batch of {batch}: {bad_batch} statements (bound {bound}), {slowest:.0} ms"
+    );
 }
 
 #[test]
@@ -363,6 +389,7 @@ fn dense_failures_commit_in_short_transactions_without_overflowing_subtransactio
         (2..=48).contains(&most_released),
         "{most_released} savepoints released in one transaction"
     );
+    println!("at most {most_released} savepoints released in one transaction");
     let partial = daemon
         .json_lines("backfilld::batch")
         .iter()
@@ -389,12 +416,7 @@ fn rows_that_disagree_with_check_predicate_are_left_unchanged_and_recorded() {
     );
 
     let daemon = run_until_idle(&db, &quick_worker("check_predicate"));
-    assert_eq!(
-        db.job_state(SPLIT_JOB),
-        "failed",
-        "{}",
-        daemon.log_text()
-    );
+    assert_eq!(db.job_state(SPLIT_JOB), "failed", "{}", daemon.log_text());
     assert_eq!(failed_rows(&db, SPLIT_JOB), disagreeing);
     assert_eq!(
         db.sql("SELECT DISTINCT attempts || ':' || message FROM backfill.failed_rows"),

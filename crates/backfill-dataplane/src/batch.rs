@@ -533,9 +533,10 @@ fn check_predicate_error(context: String) -> BatchError {
     BatchError {
         context,
         sqlstate: None,
-        message: "check_predicate holds after batch_sql: the new values disagree with the old ones, \
+        message:
+            "check_predicate holds after batch_sql: the new values disagree with the old ones, \
                   so the row was left unchanged"
-            .to_string(),
+                .to_string(),
         connection_closed: false,
         canceled_by_us: false,
     }
@@ -551,7 +552,8 @@ fn first_batch_verdict(
     failures: &[RowFailure],
 ) -> Option<BatchError> {
     let first = failures.first()?;
-    let same_failure = |f: &RowFailure| f.reason == first.reason && f.error.sqlstate == first.error.sqlstate;
+    let same_failure =
+        |f: &RowFailure| f.reason == first.reason && f.error.sqlstate == first.error.sqlstate;
     let judged = matches!(source, KeySource::After(None))
         && bisection.walked_key_by_key()
         && failures.len() == keys.len()

@@ -783,7 +783,8 @@ impl FailureLog {
                     key = %failure.key,
                     reason = failure.reason.as_str(),
                     sqlstate = failure.error.sqlstate.as_deref().unwrap_or(""),
-                    message = %failure.error.message,
+                    // Not `message`: JSON logs would carry two fields of that name.
+                    error = %failure.error.message,
                     "row failed; recorded in backfill.failed_rows"
                 );
             }
