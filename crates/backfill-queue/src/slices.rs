@@ -22,7 +22,7 @@ pub struct SliceSummary {
 }
 
 /// A running slice worth splitting: its remaining keys are many.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct StealCandidate {
     pub slice_id: i64,
     pub parent_id: i64,
@@ -152,8 +152,8 @@ impl Slices {
         &self,
         min_remaining: i64,
     ) -> Result<Option<StealCandidate>, QueueError> {
-        let candidate: Option<(i64, i64, Option<String>, Option<String>, i64)> = sqlx::query_as(
-            "SELECT id, parent_id, coalesce(checkpoint, lower_key), upper_key, \
+        sqlx::query_as(
+            "SELECT id AS slice_id, parent_id, coalesce(checkpoint, lower_key) AS after, upper_key, \
                     rows_total_estimate - rows_done AS remaining \
                FROM backfill.jobs \
               WHERE parent_id IS NOT NULL AND state = 'running' AND phase = 'scan' \
@@ -163,16 +163,7 @@ impl Slices {
         .bind(min_remaining)
         .fetch_optional(&self.pool)
         .await
-        .context("looking for a slice to split")?;
-        Ok(candidate.map(
-            |(slice_id, parent_id, after, upper_key, remaining)| StealCandidate {
-                slice_id,
-                parent_id,
-                after,
-                upper_key,
-                remaining,
-            },
-        ))
+        .context("looking for a slice to split")
     }
 
     /// Splits `candidate` at `mid` (a key of type `key_type` strictly inside its
