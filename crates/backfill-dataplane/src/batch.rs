@@ -267,17 +267,15 @@ impl BatchRunner {
         let range = format!("job {name:?}, keys {first}..={last}");
 
         // Happy path first: the whole batch in one statement, no savepoint cost.
-        let applied = apply(&tx, target, &keys).await;
-        if !matches!(applied, Ok(Verdict::Applied)) {
-            if let Err(e) = applied {
-                let error = BatchError::from_driver(format!("{range}: batch statement"), &e);
-                if error.class() != ErrorClass::RowLevel {
-                    return Err(error.into());
-                }
-            }
-            // A row failed or disagrees with check_predicate. The statement's
-            // changes must go (a failed one also aborted the transaction): start
-            // over and bisect.
+        let bisect = match apply(&tx, target, &keys).await {
+            Ok(Checked::Agrees) => false,
+            // The disagreeing rows' changes must go, and only theirs.
+            Ok(Checked::Disagrees) => true,
+            // A row-level error (which aborted the transaction) is bisected; any
+            // other error ends the batch.
+            Err(e) => row_error(&range, &e).map(|_| true)?,
+        };
+        if bisect {
             drop(tx.rollback().await);
             return Box::pin(self.bisect_on(client, target, fence, source, keys)).await;
         }
@@ -335,12 +333,12 @@ impl BatchRunner {
             savepoint("SAVEPOINT bisect").await?;
             statements += 1;
             match apply(&tx, target, slice).await {
-                Ok(Verdict::Applied) => {
+                Ok(Checked::Agrees) => {
                     savepoint("RELEASE SAVEPOINT bisect").await?;
                     released += 1;
                     bisection.report_ok();
                 }
-                Ok(Verdict::CheckPredicateHolds) => {
+                Ok(Checked::Disagrees) => {
                     savepoint("ROLLBACK TO SAVEPOINT bisect").await?;
                     bisection.report_failed((
                         FailureReason::Verification,
@@ -348,10 +346,7 @@ impl BatchRunner {
                     ));
                 }
                 Err(e) => {
-                    let error = BatchError::from_driver(format!("{context}: batch statement"), &e);
-                    if error.class() != ErrorClass::RowLevel {
-                        return Err(error.into());
-                    }
+                    let error = row_error(&context, &e)?;
                     savepoint("ROLLBACK TO SAVEPOINT bisect").await?;
                     bisection.report_failed((FailureReason::Error, error));
                 }
@@ -367,9 +362,9 @@ impl BatchRunner {
                 error: error.clone(),
             })
             .collect();
-        if let Some(verdict) = first_batch_verdict(target, source, &bisection, &keys, &failures) {
+        if let Some(error) = wrong_statement_error(target, source, &bisection, &keys, &failures) {
             drop(tx.rollback().await);
-            return Err(verdict.into());
+            return Err(error.into());
         }
         let stats = BatchStats {
             keys: settled.len(),
@@ -500,13 +495,13 @@ async fn select_keys(
     Ok(rows.into_iter().map(|row| row.get(0)).collect())
 }
 
-/// How a statement run that did not fail turned out.
+/// What check_predicate says about the rows a statement changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
-    /// Applied, and check_predicate (if any) holds for none of the keys.
-    Applied,
-    /// Applied, but check_predicate holds for some of the keys: to be rolled back.
-    CheckPredicateHolds,
+enum Checked {
+    /// It holds for none of them (or the job has none): the changes may stay.
+    Agrees,
+    /// It holds for some: the statement's changes must be rolled back.
+    Disagrees,
 }
 
 /// Runs the job's statement on `keys`, then its check_predicate on the same keys.
@@ -514,18 +509,28 @@ async fn apply(
     tx: &Transaction<'_>,
     target: &BatchTarget,
     keys: &[String],
-) -> Result<Verdict, tokio_postgres::Error> {
+) -> Result<Checked, tokio_postgres::Error> {
     run_statement(tx, target, keys).await?;
     let Some(check) = &target.sql.check_mismatches else {
-        return Ok(Verdict::Applied);
+        return Ok(Checked::Agrees);
     };
     let check = tx.prepare_cached(check).await?;
     let disagreeing = tx.query(&check, &[&keys]).await?;
     Ok(if disagreeing.is_empty() {
-        Verdict::Applied
+        Checked::Agrees
     } else {
-        Verdict::CheckPredicateHolds
+        Checked::Disagrees
     })
+}
+
+/// The statement's error for keys `context`, when a row is to blame (bisect);
+/// else the failure that ends the batch (transient or job-level).
+fn row_error(context: &str, e: &tokio_postgres::Error) -> Result<BatchError, BatchFailure> {
+    let error = BatchError::from_driver(format!("{context}: batch statement"), e);
+    match error.class() {
+        ErrorClass::RowLevel => Ok(error),
+        _ => Err(error.into()),
+    }
 }
 
 /// What a key whose row disagrees with check_predicate is recorded with.
@@ -544,7 +549,7 @@ fn check_predicate_error(context: String) -> BatchError {
 
 /// The job-level error for a first batch in which every key failed alone the same
 /// way (see the module docs), or `None` when the failures are the rows' own.
-fn first_batch_verdict(
+fn wrong_statement_error(
     target: &BatchTarget,
     source: KeySource<'_>,
     bisection: &Bisection<(FailureReason, BatchError)>,
