@@ -177,7 +177,8 @@ struct JobRun<'w> {
     shutdown: Shutdown,
     throttle: ThrottleController,
     last_report: Option<BatchReport>,
-    last_reason: Option<Option<ThrottleReason>>,
+    /// State label and reason of the last decision, to log each change once.
+    last_decision: Option<(&'static str, Option<ThrottleReason>)>,
     checkpoint: Option<String>,
     phase: Phase,
     rows_done: i64,
@@ -216,7 +217,7 @@ impl<'w> JobRun<'w> {
             shutdown,
             throttle: ThrottleController::new(throttle_settings(settings, &job)),
             last_report: None,
-            last_reason: None,
+            last_decision: None,
             checkpoint: job.checkpoint.clone(),
             phase: job.phase,
             rows_done: job.rows_done,
@@ -253,20 +254,57 @@ impl<'w> JobRun<'w> {
         }
     }
 
+    /// Pauses before a batch; `false` as soon as a health sample taken meanwhile makes the
+    /// controller hold. A decision made before a pause (up to `soft_lag_pause` or a 5 s
+    /// backoff) must not run its batch on health that has gone bad since: lag crossing the
+    /// limit during the pause stops commits at once, not one batch later.
+    async fn pause_before_batch(&self, pause: Duration) -> bool {
+        let would_hold = |sample: &HealthSample| {
+            // A dry run on a copy: the real controller decides once per batch.
+            let mut controller = self.throttle.clone();
+            controller
+                .decide(self.started.elapsed(), sample, None)
+                .is_hold()
+        };
+        let mut health = self.worker.health.clone();
+        health.mark_unchanged();
+        let pause_ends = tokio::time::Instant::now() + pause;
+        let rest = || pause_ends.saturating_duration_since(tokio::time::Instant::now());
+        loop {
+            tokio::select! {
+                () = self.wait(rest()) => break,
+                changed = health.changed() => match changed {
+                    Ok(()) if would_hold(&health.borrow_and_update()) => return false,
+                    Ok(()) => {}
+                    // No more samples (shutting down): just finish the pause.
+                    Err(_) => {
+                        self.wait(rest()).await;
+                        break;
+                    }
+                },
+            }
+        }
+        let holds = would_hold(&health.borrow());
+        !holds
+    }
+
     /// Completes when the in-flight batch must be cancelled: at once when the
-    /// lease is gone or when it has blocked production sessions longer than
+    /// lease is gone, when it has blocked production sessions for
     /// `throttle.max_blocking`, after the grace period on shutdown.
     fn batch_stop(&self) -> impl std::future::Future<Output = ()> + 'static {
         let mut stop = self.stop.clone();
         let mut health = self.worker.health.clone();
+        // Only samples taken while this batch runs count: the one at hand may still
+        // show the sessions that an earlier, already cancelled batch blocked.
+        health.mark_unchanged();
         let max_blocking = self.worker.settings.throttle.max_blocking;
         let shutdown = self.shutdown.clone();
         let grace = self.worker.settings.worker.shutdown_grace;
         async move {
             tokio::select! {
                 () = until(&mut stop, Option::is_some) => {}
-                () = until(&mut health, |h| h.sessions_blocked_by_us > 0 && h.longest_block >= max_blocking) => {
-                    warn!(?max_blocking, "the batch is blocking other sessions; cancelling it");
+                sessions = blocked_for(&mut health, max_blocking) => {
+                    warn!(sessions, ?max_blocking, "the batch is blocking other sessions; cancelling it");
                 }
                 () = async { shutdown.triggered().await; tokio::time::sleep(grace).await } => {}
             }
@@ -322,11 +360,17 @@ impl<'w> JobRun<'w> {
                     reason,
                 } => {
                     if !pause_before.is_zero() {
-                        self.wait(pause_before).await;
-                        self.metrics
-                            .slept(reason.map_or("pause", ThrottleReason::as_str), pause_before);
+                        let paused = Instant::now();
+                        let still_runnable = self.pause_before_batch(pause_before).await;
+                        self.metrics.slept(
+                            reason.map_or("pause", ThrottleReason::as_str),
+                            paused.elapsed(),
+                        );
                         if let Some(reason) = self.stop_reason() {
                             return JobEnd::Stopped(reason);
+                        }
+                        if !still_runnable {
+                            continue; // decide again on the sample that calls for a hold
                         }
                     }
                     batch_size
@@ -609,43 +653,41 @@ impl<'w> JobRun<'w> {
         }
     }
 
-    /// Logs a throttle decision when its reason changes, and exports it.
+    /// Logs a throttle decision when its state or reason changes, with the health
+    /// readings behind it, and exports it.
     fn note_decision(&mut self, decision: &ThrottleDecision, health: &HealthSample) {
         let reason = decision.reason();
         self.metrics.throttled(reason.map(ThrottleReason::as_str));
         self.metrics.lock_waits(health.sessions_blocked_by_us);
-        if self.last_reason != Some(reason) {
-            match decision {
-                ThrottleDecision::Hold { reason, .. } => {
-                    info!(
-                        reason = reason.as_str(),
-                        state = "holding",
-                        "throttle: holding"
-                    )
-                }
-                ThrottleDecision::Run {
-                    batch_size,
-                    reason: Some(reason),
-                    ..
-                } => {
-                    info!(
-                        reason = reason.as_str(),
-                        batch_size,
-                        state = "throttled",
-                        "throttle: slowing down"
-                    )
-                }
-                ThrottleDecision::Run {
-                    batch_size,
-                    reason: None,
-                    ..
-                } => {
-                    info!(batch_size, state = "running", "throttle: running freely")
-                }
-            }
-            self.last_reason = Some(reason);
-            self.publish_progress();
+        let current = (self.throttle.state_label(), reason);
+        if self.last_decision == Some(current) {
+            return;
         }
+        self.last_decision = Some(current);
+        let (state, reason) = (current.0, reason.map_or("", ThrottleReason::as_str));
+        let lag = describe_lag(health);
+        let missing = health.missing_standbys.join(",");
+        let blocked = health.sessions_blocked_by_us;
+        match decision {
+            ThrottleDecision::Hold { recheck_after, .. } => info!(
+                state, reason, ?recheck_after, %lag, missing_standbys = %missing, sessions_blocked = blocked,
+                "throttle: holding"
+            ),
+            ThrottleDecision::Run {
+                batch_size,
+                pause_before,
+                reason: Some(_),
+            } => info!(
+                state, reason, batch_size, ?pause_before, %lag, missing_standbys = %missing, sessions_blocked = blocked,
+                "throttle: slowing down"
+            ),
+            ThrottleDecision::Run {
+                batch_size,
+                reason: None,
+                ..
+            } => info!(state, batch_size, "throttle: running freely"),
+        }
+        self.publish_progress();
     }
 
     /// Hands live numbers to the heartbeat (for job_status) and to the metrics.
@@ -665,30 +707,80 @@ impl<'w> JobRun<'w> {
 
 /// The job's throttle: deployment defaults, overridden by the job's own columns.
 pub(crate) fn throttle_settings(settings: &Settings, job: &Job) -> ThrottleSettings {
+    let defaults = settings.throttle_defaults();
     let positive = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok()).filter(|v| *v > 0);
-    let min_batch_size = positive(job.min_batch_size).unwrap_or(settings.batch.min_size);
+    let min_batch_size = positive(job.min_batch_size).unwrap_or(defaults.min_batch_size);
     let max_batch_size = positive(job.max_batch_size)
-        .unwrap_or(settings.batch.max_size)
+        .unwrap_or(defaults.max_batch_size)
         .max(min_batch_size);
     let start_batch_size = positive(job.batch_size)
-        .unwrap_or(settings.batch.size)
+        .unwrap_or(defaults.start_batch_size)
         .clamp(min_batch_size, max_batch_size);
     let target_batch = positive(job.target_batch_ms)
         .map(|ms| Duration::from_millis(u64::from(ms)))
-        .unwrap_or(settings.batch.target);
+        .unwrap_or(defaults.target_batch);
     let max_rows_per_second = job
         .max_rows_per_second
-        .or(Some(settings.throttle.max_rows_per_second))
+        .or(defaults.max_rows_per_second)
         .filter(|rate| *rate > 0.0);
     ThrottleSettings {
         min_batch_size,
         max_batch_size,
         start_batch_size,
         target_batch,
-        max_lag: settings.throttle.max_lag,
-        max_lag_bytes: settings.throttle.max_lag_bytes,
         max_rows_per_second,
-        ..ThrottleSettings::default()
+        ..defaults
+    }
+}
+
+/// Every standby's lag for the log, e.g. `standby1=1.52s/310kB`, `-` when unknown.
+fn describe_lag(health: &HealthSample) -> String {
+    let lags: Vec<String> = health
+        .replicas
+        .iter()
+        .map(|replica| {
+            let time = replica
+                .lag
+                .map_or("-".to_string(), |lag| format!("{:.2}s", lag.as_secs_f64()));
+            let bytes = replica
+                .lag_bytes
+                .map_or("-".to_string(), |bytes| format!("{}kB", bytes / 1024));
+            format!("{}={time}/{bytes}", replica.name)
+        })
+        .collect();
+    lags.join(",")
+}
+
+/// Completes with the number of blocked sessions once sessions our batch blocks have
+/// waited `max_blocking`. A fresh sample showing a shorter wait sets a deadline for the
+/// rest of it instead of waiting for the next sample: a session blocked by our
+/// transaction keeps waiting until it ends, so production never waits a whole probe
+/// interval past the limit. A sample showing nobody blocked (they gave up) clears it.
+async fn blocked_for(health: &mut watch::Receiver<HealthSample>, max_blocking: Duration) -> u32 {
+    let mut deadline: Option<(tokio::time::Instant, u32)> = None;
+    loop {
+        let expiry = async {
+            match deadline {
+                Some((at, _)) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = health.changed() => {
+                if changed.is_err() {
+                    // The probe task is gone: no more samples, no verdict from them.
+                    std::future::pending::<()>().await;
+                }
+                let sample = health.borrow_and_update();
+                deadline = (sample.sessions_blocked_by_us > 0).then(|| {
+                    let at = tokio::time::Instant::now()
+                        + max_blocking.saturating_sub(sample.longest_block);
+                    let earliest = deadline.map_or(at, |(previous, _)| previous.min(at));
+                    (earliest, sample.sessions_blocked_by_us)
+                });
+            }
+            () = expiry => return deadline.map_or(0, |(_, sessions)| sessions),
+        }
     }
 }
 
