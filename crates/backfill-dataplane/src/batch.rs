@@ -511,15 +511,15 @@ async fn apply(
     keys: &[String],
 ) -> Result<Checked, tokio_postgres::Error> {
     run_statement(tx, target, keys).await?;
-    let Some(check) = &target.sql.check_mismatches else {
+    let Some(check) = &target.sql.check_disagrees else {
         return Ok(Checked::Agrees);
     };
     let check = tx.prepare_cached(check).await?;
-    let disagreeing = tx.query(&check, &[&keys]).await?;
-    Ok(if disagreeing.is_empty() {
-        Checked::Agrees
-    } else {
+    let disagrees: bool = tx.query_one(&check, &[&keys]).await?.get(0);
+    Ok(if disagrees {
         Checked::Disagrees
+    } else {
+        Checked::Agrees
     })
 }
 

@@ -16,7 +16,6 @@ mod target;
 
 pub use batch::{
     BatchRunner, BatchStats, FailureReason, Fence, KeySource, RetryBackoff, RowFailure, RunOutcome,
-    MAX_RELEASED_SAVEPOINTS,
 };
 pub use error::{BatchError, DataPlaneError};
 pub use health::HealthProbe;

@@ -44,8 +44,8 @@ pub(crate) struct TargetSql {
     pub first_keys_excluding_failed: String,
     pub next_keys_excluding_failed: String,
     pub retry_keys: String,
-    /// Keys among `$1` for which check_predicate holds; `None` without one.
-    pub check_mismatches: Option<String>,
+    /// Whether check_predicate holds for any of the keys in `$1`; `None` without one.
+    pub check_disagrees: Option<String>,
     pub count_pending_after: String,
     pub count_pending_all: String,
     pub count_pending_excluding_failed: String,
@@ -149,7 +149,7 @@ impl BatchTarget {
                 ))
             })?;
         }
-        if let Some(check) = &self.sql.check_mismatches {
+        if let Some(check) = &self.sql.check_disagrees {
             client.prepare(check).await.map_err(|e| {
                 DataPlaneError::JobDefinition(format!(
                     "check_predicate is not valid: {}",
@@ -228,10 +228,10 @@ impl TargetSql {
                     AND f.next_attempt_at <= now() \
                   ORDER BY f.key::{key_type} LIMIT $2"
             ),
-            check_mismatches: check_predicate.map(|check| {
+            check_disagrees: check_predicate.map(|check| {
                 format!(
-                    "SELECT t.{key}::text FROM {table} t \
-                      WHERE t.{key} = ANY($1::text[]::{key_type}[]) AND ({check})"
+                    "SELECT EXISTS (SELECT FROM {table} t \
+                      WHERE t.{key} = ANY($1::text[]::{key_type}[]) AND ({check}))"
                 )
             }),
             count_pending_after: format!(
