@@ -174,6 +174,21 @@ impl Session {
             .block_on(self.client.batch_execute(sql))
             .unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"));
     }
+
+    /// Like [`Session::execute`], returning how long the statements took as the client
+    /// saw it (e.g. how long an UPDATE waited on a lock).
+    pub fn timed(&self, sql: &str) -> Duration {
+        let started = Instant::now();
+        self.execute(sql);
+        started.elapsed()
+    }
+
+    /// The rows of one query, panicking with the server's message on failure.
+    pub fn query(&self, sql: &str) -> Vec<tokio_postgres::Row> {
+        self.runtime
+            .block_on(self.client.query(sql, &[]))
+            .unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"))
+    }
 }
 
 /// Output of a finished `backfilld` command.
@@ -318,6 +333,15 @@ pub fn quick_worker(id: &str) -> Vec<(&'static str, String)> {
         ("BACKFILLD_WORKER__POLL_INTERVAL", "200ms".to_string()),
         ("BACKFILLD_BATCH__RETRY_BACKOFF", "100ms".to_string()),
     ]
+}
+
+/// [`quick_worker`] logging JSON lines, with one debug record per committed batch
+/// (target `backfilld::batch`), for tests that read the worker's decisions from its log.
+pub fn quick_worker_json_log(id: &str) -> Vec<(&'static str, String)> {
+    let mut env = quick_worker(id);
+    env.push(("BACKFILLD_LOG__FORMAT", "json".to_string()));
+    env.push(("RUST_LOG", "backfilld::batch=debug,info".to_string()));
+    env
 }
 
 /// Borrows a `Vec<(&str, String)>` as the `&[(&str, &str)]` that [`Daemon::start`] takes.
