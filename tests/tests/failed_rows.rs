@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use backfilld_e2e::{env_refs, quick_worker, wait_until, Daemon, TestDb};
+use backfilld_e2e::{env_refs, quick_worker, quick_worker_json_log, wait_until, Daemon, TestDb};
 use pg_testkit::demo_data::{users_table_sql, SPLIT_NAME_JOB_SQL};
 
 const RUN_LIMIT: Duration = Duration::from_secs(60);
@@ -16,14 +16,6 @@ fn run_until_idle(db: &TestDb, env: &[(&'static str, String)]) -> Daemon {
     let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(env));
     daemon.expect_success(RUN_LIMIT);
     daemon
-}
-
-/// A quick worker that also logs one JSON line per committed batch.
-fn quick_worker_with_batch_lines(id: &str) -> Vec<(&'static str, String)> {
-    let mut env = quick_worker(id);
-    env.push(("BACKFILLD_LOG__FORMAT", "json".to_string()));
-    env.push(("RUST_LOG", "backfilld::batch=debug,info".to_string()));
-    env
 }
 
 /// `key:sqlstate:reason` of every failed row of `job`, in key order.
@@ -91,7 +83,7 @@ fn poison_rows_are_set_aside_and_retry_failed_finishes_the_job() {
     db.sql(SPLIT_NAME_JOB_SQL);
 
     let started = Instant::now();
-    let daemon = run_until_idle(&db, &quick_worker_with_batch_lines("poison"));
+    let daemon = run_until_idle(&db, &quick_worker_json_log("poison"));
     let ran_for = started.elapsed();
     assert_eq!(db.job_state(SPLIT_JOB), "failed", "{}", daemon.log_text());
     assert_eq!(failed_rows(&db, SPLIT_JOB), poison_keys);
@@ -252,6 +244,18 @@ fn numbers_table(db: &TestDb, rows: i64, bad: &str) {
     ));
 }
 
+/// Enqueues `parse_numbers` over [`numbers_table`]: batches of exactly `batch`
+/// keys, one attempt per key (no retries).
+fn enqueue_parse_numbers(db: &TestDb, batch: i64) {
+    db.sql(&format!(
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate,
+                                    batch_size, min_batch_size, max_batch_size, max_attempts)
+         VALUES ('parse_numbers', 'numbers', 'id',
+                 'UPDATE numbers SET n = raw::int WHERE id = ANY(:keys)', 'n IS NULL',
+                 {batch}, {batch}, {batch}, 1)"
+    ));
+}
+
 #[test]
 fn a_batch_in_which_every_row_fails_costs_statements_linear_in_its_size() {
     let db = TestDb::new("all_fail");
@@ -261,15 +265,9 @@ fn a_batch_in_which_every_row_fails_costs_statements_linear_in_its_size() {
     count_statements(&db, "numbers");
     db.audit_updates("numbers", "id");
     db.migrate();
-    db.sql(&format!(
-        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate,
-                                    batch_size, min_batch_size, max_batch_size, max_attempts)
-         VALUES ('parse_numbers', 'numbers', 'id',
-                 'UPDATE numbers SET n = raw::int WHERE id = ANY(:keys)', 'n IS NULL',
-                 {batch}, {batch}, {batch}, 1)"
-    ));
+    enqueue_parse_numbers(&db, batch);
 
-    let daemon = run_until_idle(&db, &quick_worker_with_batch_lines("all_fail"));
+    let daemon = run_until_idle(&db, &quick_worker_json_log("all_fail"));
     assert_eq!(db.job_state("parse_numbers"), "failed");
     assert_eq!(
         db.sql("SELECT count(*) || ':' || min(key::int) || ':' || max(key::int) || ':' || string_agg(DISTINCT sqlstate, ',') FROM backfill.failed_rows"),
@@ -363,14 +361,8 @@ fn dense_failures_commit_in_short_transactions_without_overflowing_subtransactio
     numbers_table(&db, 10_000, "id % 10 = 7");
     db.audit_updates("numbers", "id");
     db.migrate();
-    db.sql(&format!(
-        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate,
-                                    batch_size, min_batch_size, max_batch_size, max_attempts)
-         VALUES ('parse_numbers', 'numbers', 'id',
-                 'UPDATE numbers SET n = raw::int WHERE id = ANY(:keys)', 'n IS NULL',
-                 {batch}, {batch}, {batch}, 1)"
-    ));
-    let daemon = run_until_idle(&db, &quick_worker_with_batch_lines("dense"));
+    enqueue_parse_numbers(&db, batch);
+    let daemon = run_until_idle(&db, &quick_worker_json_log("dense"));
     assert_eq!(db.job_state("parse_numbers"), "failed");
     assert_eq!(
         db.sql("SELECT count(*) || ':' || bool_and(key::int % 10 = 7) FROM backfill.failed_rows"),
@@ -464,7 +456,7 @@ fn a_lock_held_past_lock_timeout_is_waited_out_without_blaming_rows() {
     let holder = db.session();
     holder.execute("BEGIN; SELECT 1 FROM users WHERE id = 2500 FOR UPDATE;");
 
-    let mut env = quick_worker_with_batch_lines("lock_wait");
+    let mut env = quick_worker_json_log("lock_wait");
     env.push(("BACKFILLD_BATCH__LOCK_TIMEOUT", "100ms".to_string()));
     let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
     let lock_timeouts = |daemon: &Daemon| {
@@ -513,7 +505,7 @@ fn a_statement_timeout_shrinks_the_batch_and_the_job_succeeds() {
     db.sql(&format!(
         "UPDATE backfill.jobs SET batch_size = {rows}, max_batch_size = {rows}, target_batch_ms = 200"
     ));
-    let mut env = quick_worker_with_batch_lines("statement_timeout");
+    let mut env = quick_worker_json_log("statement_timeout");
     env.push(("BACKFILLD_BATCH__STATEMENT_TIMEOUT", "1s".to_string()));
 
     let daemon = run_until_idle(&db, &env);
