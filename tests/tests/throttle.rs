@@ -190,6 +190,8 @@ fn paused_replay_stops_commits_within_a_second_and_resumes_by_itself() {
     let port = free_port();
     let mut env = lag_test_env("lag", "lagging");
     env.push(("BACKFILLD_HTTP__LISTEN", format!("127.0.0.1:{port}")));
+    // The same standby probed directly too, as replica0.
+    env.push(("BACKFILLD_THROTTLE__REPLICA_URLS", standby.url("postgres")));
     let sampler = LagSampler::start(&db, "lagging");
     let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
     wait_until("the first batch", RUN_LIMIT, || batches_done(&db) >= 1);
@@ -266,10 +268,12 @@ fn paused_replay_stops_commits_within_a_second_and_resumes_by_itself() {
         "backfill_replication_lag_bytes{",
         "backfill_replication_lag_seconds{",
     ] {
-        assert!(
-            metric_value(&metrics, lag_metric, &["replica=\"lagging\""]).is_some(),
-            "{lag_metric} missing: {metrics}"
-        );
+        for replica in ["replica=\"lagging\"", "replica=\"replica0\""] {
+            assert!(
+                metric_value(&metrics, lag_metric, &[replica]).is_some(),
+                "{lag_metric} of {replica} missing: {metrics}"
+            );
+        }
     }
 
     for decision in daemon.json_lines("backfilld::worker") {
@@ -381,6 +385,36 @@ fn stopped_declared_standby_holds_the_job_until_it_is_back() {
     );
     assert_eq!(db.job_state("split_full_name"), "succeeded");
     db.assert_backfilled_exactly_once("users", rows);
+}
+
+#[test]
+fn replica_url_that_is_not_a_standby_holds_the_job() {
+    let db = TestDb::new("not_a_standby");
+    db.sql(&users_table_sql(1_000));
+    db.migrate();
+    db.sql(SPLIT_NAME_JOB_SQL);
+    let mut env = quick_worker_json_log("not_a_standby");
+    // Fail safe: the primary itself, given as a replica, cannot tell any standby's lag.
+    env.push(("BACKFILLD_THROTTLE__REPLICA_URLS", db.url()));
+    let daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    wait_until("job_status: holding for standby_missing", RUN_LIMIT, || {
+        throttle_status(&db) == "holding|standby_missing"
+    });
+    assert_eq!(batches_done(&db), 0);
+    let failures: Vec<_> = daemon
+        .json_lines("backfill_dataplane::health")
+        .into_iter()
+        .filter(|line| line["probed"] == "replica0")
+        .collect();
+    assert!(
+        failures.iter().any(|line| line["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("health probe failed"))
+            && line["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("not a standby"))),
+        "{failures:?}"
+    );
 }
 
 #[test]
