@@ -207,7 +207,6 @@ fn paused_replay_stops_commits_within_a_second_and_resumes_by_itself() {
     wait_until("job_status: holding for replication_lag", RUN_LIMIT, || {
         throttle_status(&db) == "holding|replication_lag"
     });
-    let metrics = http_get(port, "/metrics").expect("/metrics answers").1;
     // Keep replay paused for a while, so a daemon that did not stop would show it.
     wait_until("2.5 s of lag over the limit", RUN_LIMIT, || {
         sampler
@@ -215,6 +214,7 @@ fn paused_replay_stops_commits_within_a_second_and_resumes_by_itself() {
             .last()
             .is_some_and(|s| s.at >= crossed.at + 2.5)
     });
+    let metrics = http_get(port, "/metrics").expect("/metrics answers").1;
     standby
         .psql("postgres", "SELECT pg_wal_replay_resume()")
         .expect("resume replay");
@@ -263,6 +263,15 @@ fn paused_replay_stops_commits_within_a_second_and_resumes_by_itself() {
         ),
         Some(1.0),
         "{metrics}"
+    );
+    let held_seconds = metric_value(
+        &metrics,
+        "backfill_throttle_sleep_seconds_total{",
+        &["job=\"split_full_name\"", "reason=\"replication_lag\""],
+    );
+    assert!(
+        held_seconds.is_some_and(|s| s >= 1.0),
+        "time held for replication_lag: {held_seconds:?}"
     );
     for lag_metric in [
         "backfill_replication_lag_bytes{",
