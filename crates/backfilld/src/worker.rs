@@ -254,6 +254,21 @@ impl<'w> JobRun<'w> {
         }
     }
 
+    /// Waits for the health probes' first sample. Until it comes, the channel holds a
+    /// placeholder that knows nothing of standbys or blocked sessions, and the first batch
+    /// must not run on it (a declared standby may be missing right now).
+    async fn first_health_sample(&self) {
+        // The worker's own receiver is never marked seen, so a clone of it sees the
+        // first sample as a change, whenever it came.
+        let mut health = self.worker.health.clone();
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            _ = health.changed() => {}
+            () = self.shutdown.triggered() => {}
+            () = until(&mut stop, Option::is_some) => {}
+        }
+    }
+
     /// Pauses before a batch; `false` as soon as a health sample taken meanwhile makes the
     /// controller hold. A decision made before a pause (up to `soft_lag_pause` or a 5 s
     /// backoff) must not run its batch on health that has gone bad since: lag crossing the
@@ -312,6 +327,7 @@ impl<'w> JobRun<'w> {
     }
 
     async fn execute(&mut self) -> JobEnd {
+        self.first_health_sample().await;
         let definition = JobDefinition {
             job_id: self.job.id,
             name: self.job.name.clone(),
