@@ -1,0 +1,161 @@
+//! backfilld as production runs it: the real release binary as a child process,
+//! configured by environment, measured by the kernel's accounting when it exits.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+use crate::procfs::{wait_with_usage, ChildUsage};
+
+/// A committed batch, from the daemon's `backfilld::batch` debug line.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Batch {
+    /// Keys the batch settled.
+    pub keys: u64,
+    pub duration_ms: f64,
+}
+
+/// One `backfilld run --exit-when-idle` from start to exit.
+#[derive(Debug)]
+pub struct DaemonRun {
+    pub wall: Duration,
+    pub usage: ChildUsage,
+    pub batches: Vec<Batch>,
+}
+
+impl DaemonRun {
+    /// The longest committed batch.
+    pub fn longest_batch(&self) -> Duration {
+        let ms = self
+            .batches
+            .iter()
+            .map(|b| b.duration_ms)
+            .fold(0.0, f64::max);
+        Duration::from_secs_f64(ms / 1000.0)
+    }
+
+    /// The largest committed batch, in keys.
+    pub fn largest_batch(&self) -> u64 {
+        self.batches.iter().map(|b| b.keys).max().unwrap_or(0)
+    }
+}
+
+/// The backfilld binary under test.
+#[derive(Debug, Clone)]
+pub struct Daemon {
+    pub binary: PathBuf,
+}
+
+impl Daemon {
+    /// Installs the `backfill` schema in the database at `url` (`backfilld migrate`).
+    pub fn migrate(&self, url: &str) -> anyhow::Result<()> {
+        let output = self
+            .command(url, &[])
+            .arg("migrate")
+            .output()
+            .with_context(|| format!("running {} migrate", self.binary.display()))?;
+        if !output.status.success() {
+            bail!(
+                "backfilld migrate failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `backfilld run --exit-when-idle` on `url` with `settings`
+    /// (`BACKFILLD_<SECTION>__<KEY>` pairs) until it exits; its log goes to `log`.
+    pub fn run(
+        &self,
+        url: &str,
+        settings: &[(String, String)],
+        log: &Path,
+    ) -> anyhow::Result<DaemonRun> {
+        let log_file = std::fs::File::create(log)
+            .with_context(|| format!("creating the daemon log {}", log.display()))?;
+        let started = Instant::now();
+        let child = self
+            .command(url, settings)
+            .args(["run", "--exit-when-idle"])
+            .stdout(log_file.try_clone().context("sharing the daemon log")?)
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        let usage = wait_with_usage(child)?;
+        let wall = started.elapsed();
+        let text = std::fs::read_to_string(log)
+            .with_context(|| format!("reading the daemon log {}", log.display()))?;
+        if !usage.status.success() {
+            let tail: Vec<&str> = text.lines().rev().take(20).collect();
+            bail!(
+                "backfilld exited with {}; last log lines:\n{}",
+                usage.status,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        Ok(DaemonRun {
+            wall,
+            usage,
+            batches: text.lines().filter_map(parse_batch_line).collect(),
+        })
+    }
+
+    /// The daemon's command with a clean environment: only what the benchmark sets.
+    fn command(&self, url: &str, settings: &[(String, String)]) -> Command {
+        let mut command = Command::new(&self.binary);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("BACKFILLD_") || key.starts_with("PG") || key == "RUST_LOG" {
+                command.env_remove(key);
+            }
+        }
+        command
+            .env("DATABASE_URL", url)
+            .env("BACKFILLD_HTTP__LISTEN", "")
+            .env("BACKFILLD_WORKER__ID", "bench")
+            .env("BACKFILLD_LOG__FORMAT", "json")
+            // One line per committed batch: sizes and durations for the report.
+            .env("BACKFILLD_LOG__LEVEL", "info,backfilld::batch=debug")
+            .envs(settings.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null());
+        command
+    }
+}
+
+/// A `backfilld::batch` JSON log line, `None` for any other line.
+fn parse_batch_line(line: &str) -> Option<Batch> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    if value.get("target")?.as_str()? != "backfilld::batch" {
+        return None;
+    }
+    Some(Batch {
+        keys: value.get("keys")?.as_u64()?,
+        duration_ms: value.get("duration_ms")?.as_f64()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_batch_lines_and_skips_the_rest() {
+        let line = r#"{"timestamp":"t","level":"DEBUG","message":"batch committed","batch_size":1000,"keys":1000,"applied":1000,"failed":0,"statements":1,"duration_ms":41.5,"target":"backfilld::batch"}"#;
+        assert_eq!(
+            parse_batch_line(line),
+            Some(Batch {
+                keys: 1000,
+                duration_ms: 41.5
+            })
+        );
+        assert_eq!(
+            parse_batch_line(
+                r#"{"level":"INFO","message":"claimed job","target":"backfilld::worker"}"#
+            ),
+            None
+        );
+        assert_eq!(parse_batch_line("not json"), None);
+    }
+}

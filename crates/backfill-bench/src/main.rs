@@ -1,0 +1,340 @@
+//! backfill-bench: how close backfilld comes to the database's own speed on an idle
+//! primary, and how little production notices it on a busy one — in one run, side by side.
+//!
+//! On a throwaway primary with a streaming standby it seeds the split-name table once,
+//! then runs on a fresh copy each: (1) the single UPDATE, (2) a PL/pgSQL keyset loop
+//! committing every 10 000 keys, (3) backfilld with its limits off, (4) backfilld with
+//! default throttling under a fixed-rate pgbench load, and pgbench alone as the baseline;
+//! then, unless `--quick`, memory-only runs of backfilld at other table sizes. It prints
+//! one table and the targets, and writes them into docs/BENCHMARKS.md.
+//! `scripts/bench` builds the release binaries and runs this.
+
+mod daemon;
+mod fixture;
+mod lockwaits;
+mod pgbench;
+mod procfs;
+mod report;
+mod sampler;
+mod scenarios;
+mod stats;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, ValueEnum};
+
+use crate::daemon::Daemon;
+use crate::fixture::Fixture;
+use crate::pgbench::LoadShape;
+use crate::report::Report;
+use crate::scenarios::{expected_standby_setting, Bench, JobForm};
+
+/// backfilld's best settings with its limits off (scenario 3 and the memory runs): lag
+/// limits out of reach; batch sizing as measured best (see docs/BENCHMARKS.md).
+const UNTHROTTLED_SETTINGS: &[(&str, &str)] = &[
+    ("BACKFILLD_THROTTLE__MAX_LAG", "1h"),
+    ("BACKFILLD_THROTTLE__MAX_LAG_BYTES", "1099511627776"),
+    ("BACKFILLD_BATCH__SIZE", "10000"),
+    ("BACKFILLD_BATCH__MAX_SIZE", "10000"),
+];
+
+/// The benchmark's scenarios, for `--only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Single,
+    Plpgsql,
+    Unthrottled,
+    Throttled,
+    Memory,
+}
+
+/// Benchmarks backfilld against a single UPDATE and a PL/pgSQL loop, idle and under load.
+#[derive(Debug, Parser)]
+#[command(name = "backfill-bench")]
+struct Options {
+    /// Rows in the table each scenario backfills.
+    #[arg(long, default_value_t = 2_000_000)]
+    rows: i64,
+    /// A short run for CI: no memory-only runs, short pgbench warm-up and baseline, and the
+    /// doc is left alone unless --out is given.
+    #[arg(long)]
+    quick: bool,
+    /// The backfilld binary (default: the one next to this program).
+    #[arg(long)]
+    backfilld: Option<PathBuf>,
+    /// Markdown file whose generated section receives the results
+    /// (default: docs/BENCHMARKS.md, except with --quick).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Transactions per second pgbench offers.
+    #[arg(long, default_value_t = 200)]
+    pgbench_rate: u32,
+    /// pgbench client sessions.
+    #[arg(long, default_value_t = 8)]
+    pgbench_clients: u32,
+    /// Table sizes of the memory-only runs.
+    #[arg(long, value_delimiter = ',', default_values_t = [100_000, 10_000_000])]
+    memory_rows: Vec<i64>,
+    /// Run only these scenarios (comma-separated).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<Scenario>,
+    /// Job statement forms of the limits-off runs (each its own row); the memory-only
+    /// runs use the first.
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [JobForm::KeyArray, JobForm::Range])]
+    forms: Vec<JobForm>,
+    /// Extra KEY=VALUE environment for the limits-off runs, e.g.
+    /// BACKFILLD_BATCH__MAX_SIZE=50000 (to try settings).
+    #[arg(long = "unthrottled-setting", value_parser = parse_setting)]
+    unthrottled_settings: Vec<(String, String)>,
+    /// Keep the daemon logs in this directory (default: a temporary one).
+    #[arg(long)]
+    logs: Option<PathBuf>,
+}
+
+fn parse_setting(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    Ok((key.to_string(), value.to_string()))
+}
+
+fn main() -> ExitCode {
+    let options = Options::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build();
+    let result = runtime
+        .context("starting the async runtime")
+        .and_then(|runtime| runtime.block_on(run(options)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("backfill-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(options: Options) -> anyhow::Result<()> {
+    if options.rows < 1 {
+        bail!("--rows must be at least 1, got {}", options.rows);
+    }
+    let daemon = Daemon {
+        binary: match &options.backfilld {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()
+                .context("locating this program")?
+                .with_file_name("backfilld"),
+        },
+    };
+    if !daemon.binary.is_file() {
+        bail!(
+            "{} is missing: build it first (scripts/bench does: cargo build --release -p backfilld)",
+            daemon.binary.display()
+        );
+    }
+    let wants = |s: Scenario| options.only.is_empty() || options.only.contains(&s);
+    let load_before = load_average();
+    let temp_logs = tempfile::tempdir().context("creating a temp dir for daemon logs")?;
+    let work_dir = options
+        .logs
+        .clone()
+        .unwrap_or_else(|| temp_logs.path().to_path_buf());
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("creating {}", work_dir.display()))?;
+
+    progress(format_args!(
+        "starting a throwaway primary and standby, seeding {} rows…",
+        options.rows
+    ));
+    let fixture = Fixture::start()?;
+    fixture.seed_template("bench_template", options.rows)?;
+    let load = LoadShape {
+        rate: options.pgbench_rate,
+        clients: options.pgbench_clients,
+        users_rows: options.rows,
+    };
+    let mut bench = Bench {
+        fixture,
+        daemon,
+        template: "bench_template".to_string(),
+        rows: options.rows,
+        work_dir,
+        load,
+        warmup: Duration::from_secs(if options.quick { 1 } else { 3 }),
+        reference: None,
+    };
+    let mut unthrottled: Vec<(String, String)> = UNTHROTTLED_SETTINGS
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    unthrottled.extend(options.unthrottled_settings.iter().cloned());
+    let throttled = vec![expected_standby_setting()];
+
+    let mut report = Report {
+        context: Vec::new(),
+        single: None,
+        plpgsql: None,
+        unthrottled: Vec::new(),
+        loaded: None,
+        baseline: None,
+        memory: Vec::new(),
+    };
+    if wants(Scenario::Single) {
+        report.single = Some(done(bench.single_update().await?));
+    }
+    if wants(Scenario::Plpgsql) {
+        report.plpgsql = Some(done(bench.plpgsql_loop().await?));
+    }
+    if wants(Scenario::Unthrottled) {
+        for &form in &options.forms {
+            let measurement = bench.backfilld_unthrottled(&unthrottled, form).await?;
+            report.unthrottled.push(done(measurement));
+        }
+    }
+    if wants(Scenario::Throttled) {
+        let bounds = if options.quick {
+            (Duration::from_secs(2), Duration::from_secs(10))
+        } else {
+            (Duration::from_secs(10), Duration::from_secs(120))
+        };
+        let (loaded, baseline) = bench.backfilld_under_load(&throttled, bounds).await?;
+        report.loaded = Some(done(loaded));
+        report.baseline = Some(done(baseline));
+    }
+    if wants(Scenario::Memory) && !options.quick {
+        for &rows in &options.memory_rows {
+            progress(format_args!("memory-only run at {rows} rows…"));
+            let form = options.forms.first().copied().unwrap_or(JobForm::KeyArray);
+            let run = bench.daemon_memory(rows, &unthrottled, form).await?;
+            progress(format_args!(
+                "  {rows} rows: {:.1} s, peak RSS {:.1} MiB",
+                run.wall.as_secs_f64(),
+                run.usage.peak_rss_bytes as f64 / (1024.0 * 1024.0)
+            ));
+            report.memory.push((rows, run));
+        }
+    }
+    report.context = context_lines(&options, &bench, &unthrottled, load_before)?;
+
+    let markdown = report.to_markdown();
+    println!("\n{markdown}");
+    let out = match (&options.out, options.quick) {
+        (Some(out), _) => Some(out.clone()),
+        (None, false) => Some(PathBuf::from("docs/BENCHMARKS.md")),
+        (None, true) => None,
+    };
+    if let Some(out) = out {
+        report::write_into_doc(&out, &markdown)?;
+        progress(format_args!("results written to {}", out.display()));
+    }
+    Ok(())
+}
+
+/// Reports a finished scenario on stderr and passes it on.
+fn done(measurement: scenarios::Measurement) -> scenarios::Measurement {
+    progress(format_args!(
+        "{}: {:.2} s",
+        measurement.name,
+        measurement.observed.wall.as_secs_f64()
+    ));
+    measurement
+}
+
+fn progress(message: std::fmt::Arguments<'_>) {
+    eprintln!("backfill-bench: {message}");
+}
+
+/// Where, when and how the run happened, one line each.
+fn context_lines(
+    options: &Options,
+    bench: &Bench,
+    unthrottled: &[(String, String)],
+    load_before: String,
+) -> anyhow::Result<Vec<String>> {
+    let fixture = &bench.fixture;
+    let when = fixture.psql(
+        "postgres",
+        "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') || ' UTC'",
+    )?;
+    let postgres = fixture.psql("postgres", "SHOW server_version")?;
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map_or("unknown CPU", |l| l.trim_start_matches([' ', '\t', ':']));
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let settings: Vec<String> = unthrottled
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let command = if options.quick {
+        format!("scripts/bench --rows {} --quick", options.rows)
+    } else {
+        format!("scripts/bench --rows {}", options.rows)
+    };
+    Ok(vec![
+        format!("Run: {when}, commit {}, `{command}`", git_commit()),
+        format!(
+            "Machine: {cpu}, {cpus} CPUs, {memory_gib:.1} GiB RAM, Linux {}; PostgreSQL {postgres} \
+             (primary + streaming standby on the same machine, fsync off, shared_buffers 512MB)",
+            kernel.trim()
+        ),
+        format!(
+            "Load average (1/5/15 min) before: {load_before}; after: {}",
+            load_average()
+        ),
+        format!("Load of scenario 4: {}", bench.load.describe()),
+        format!(
+            "Scenario 3 (limits off) settings: {}; scenario 4: config/default.toml with \
+             BACKFILLD_THROTTLE__EXPECTED_STANDBYS={}",
+            settings.join(" "),
+            fixture::STANDBY_NAME
+        ),
+    ])
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+/// The commit the benchmarked code came from, `-dirty` with uncommitted changes.
+fn git_commit() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(commit) => {
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
+            format!("{commit}{}", if dirty { "-dirty" } else { "" })
+        }
+        None => "unknown".to_string(),
+    }
+}

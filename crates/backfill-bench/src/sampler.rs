@@ -1,0 +1,87 @@
+//! Samples the standby's replication lag on the primary every 100 ms while a scenario
+//! runs, and notes which backends belong to backfilld (to attribute lock waits).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_postgres::NoTls;
+
+use crate::fixture::STANDBY_NAME;
+
+/// How often lag is sampled.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The standby's replay lag in time and bytes as the primary sees it, and backfilld's
+/// backend pids. Bytes are exact as of the standby's last report. Time comes from the
+/// standby's feedback and keeps its last value for a while after the standby caught up,
+/// so with nothing left to replay it reads 0 — as backfilld's own probe reads it.
+const SAMPLE_SQL: &str = "SELECT \
+        coalesce(max(CASE WHEN behind > 0 THEN extract(epoch FROM replay_lag) ELSE 0 END), 0)::float8, \
+        coalesce(max(behind), 0)::float8, \
+        ARRAY(SELECT pid FROM pg_stat_activity WHERE application_name = 'backfilld') \
+   FROM (SELECT replay_lag, pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn) AS behind \
+           FROM pg_stat_replication WHERE application_name = $1) AS standby";
+
+/// What the sampler saw over one scenario.
+#[derive(Debug, Default)]
+pub struct Samples {
+    /// Replay lag in seconds, one value per sample.
+    pub lag_seconds: Vec<f64>,
+    /// Replay lag in bytes, one value per sample.
+    pub lag_bytes: Vec<f64>,
+    /// Backends whose application_name was `backfilld` at any sample.
+    pub backfilld_pids: HashSet<i32>,
+}
+
+/// A running sampler; [`Sampler::finish`] stops it and hands over its samples.
+pub struct Sampler {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<Samples>>,
+}
+
+impl Sampler {
+    /// Connects to `url` (the primary) and starts sampling.
+    pub async fn start(url: &str) -> anyhow::Result<Sampler> {
+        let (client, connection) = tokio_postgres::connect(url, NoTls)
+            .await
+            .context("connecting the lag sampler")?;
+        tokio::spawn(connection);
+        client
+            .batch_execute("SET application_name = 'backfill-bench'")
+            .await
+            .context("naming the sampler's session")?;
+        let statement = client
+            .prepare(SAMPLE_SQL)
+            .await
+            .context("preparing the lag sample")?;
+        let (stop, mut stopped) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut samples = Samples::default();
+            let mut ticker = tokio::time::interval(SAMPLE_INTERVAL);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return Ok(samples),
+                    _ = ticker.tick() => {}
+                }
+                let row = client
+                    .query_one(&statement, &[&STANDBY_NAME])
+                    .await
+                    .context("sampling replication lag")?;
+                samples.lag_seconds.push(row.get(0));
+                samples.lag_bytes.push(row.get(1));
+                samples.backfilld_pids.extend(row.get::<_, Vec<i32>>(2));
+            }
+        });
+        Ok(Sampler { stop, task })
+    }
+
+    /// Stops sampling and returns what was seen.
+    pub async fn finish(self) -> anyhow::Result<Samples> {
+        let _ = self.stop.send(());
+        self.task.await.context("the lag sampler panicked")?
+    }
+}

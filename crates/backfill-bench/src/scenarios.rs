@@ -1,0 +1,389 @@
+//! The scenarios, each on a fresh copy of the seeded database, each measured the same
+//! way: wall time, WAL written, the standby's lag, the primary's CPU.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, ensure, Context as _};
+use pg_testkit::demo_data::{split_name_single_update, SPLIT_NAME_JOB_SQL};
+use tokio_postgres::NoTls;
+
+use crate::daemon::{Daemon, DaemonRun};
+use crate::fixture::{Fixture, STANDBY_NAME};
+use crate::lockwaits;
+use crate::pgbench::{epoch_micros, LatencySummary, Load, LoadShape};
+use crate::procfs::tree_cpu_seconds;
+use crate::sampler::{Sampler, Samples};
+use crate::stats::{peak, percentile};
+
+/// Keys per batch of the PL/pgSQL loop (scenario 2), as the issue prescribes.
+pub const PLPGSQL_BATCH: u32 = 10_000;
+
+/// How the split-name job's statement picks its batch's rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum JobForm {
+    /// `WHERE id = ANY(:keys)`: the job exactly as DESIGN.md writes it.
+    KeyArray,
+    /// `WHERE id BETWEEN :first_key AND :last_key AND first_name IS NULL`: one index range
+    /// scan instead of one index descent per key.
+    Range,
+}
+
+impl JobForm {
+    /// The enqueueing INSERT for this form.
+    pub fn job_sql(self) -> anyhow::Result<String> {
+        const KEY_ARRAY: &str = "WHERE id = ANY(:keys)$$";
+        ensure!(
+            SPLIT_NAME_JOB_SQL.contains(KEY_ARRAY),
+            "the demo job no longer selects rows with {KEY_ARRAY:?}; update the benchmark"
+        );
+        Ok(match self {
+            JobForm::KeyArray => SPLIT_NAME_JOB_SQL.to_string(),
+            JobForm::Range => SPLIT_NAME_JOB_SQL.replace(
+                KEY_ARRAY,
+                "WHERE id BETWEEN :first_key AND :last_key AND first_name IS NULL$$",
+            ),
+        })
+    }
+
+    /// How the form shows in the table.
+    pub fn label(self) -> &'static str {
+        match self {
+            JobForm::KeyArray => "= ANY(:keys)",
+            JobForm::Range => "BETWEEN :first_key AND :last_key",
+        }
+    }
+}
+
+/// What is measured around every scenario.
+#[derive(Debug)]
+pub struct Observation {
+    pub wall: Duration,
+    pub wal_bytes: u64,
+    pub samples: Samples,
+    /// CPU seconds of the primary's processes (postmaster and every backend).
+    pub primary_cpu: f64,
+}
+
+impl Observation {
+    /// Peak and p99 of the standby's replay lag in seconds.
+    pub fn lag_seconds(&self) -> (f64, f64) {
+        spread(&self.samples.lag_seconds)
+    }
+
+    /// Peak and p99 of the standby's replay lag in bytes.
+    pub fn lag_bytes(&self) -> (f64, f64) {
+        spread(&self.samples.lag_bytes)
+    }
+}
+
+fn spread(values: &[f64]) -> (f64, f64) {
+    (
+        peak(values).unwrap_or(0.0),
+        percentile(values, 99.0).unwrap_or(0.0),
+    )
+}
+
+/// One row of the results table.
+#[derive(Debug)]
+pub struct Measurement {
+    pub name: String,
+    /// Rows the scenario changed (0 for pgbench alone).
+    pub rows: i64,
+    pub observed: Observation,
+    pub daemon: Option<DaemonRun>,
+    /// pgbench over the scenario's window.
+    pub load: Option<LatencySummary>,
+    /// Longest wait of a pgbench transaction on a lock held by backfilld, in ms.
+    pub longest_lock_wait_ms: Option<f64>,
+}
+
+impl Measurement {
+    /// Rows changed per second of wall time.
+    pub fn rows_per_second(&self) -> f64 {
+        self.rows as f64 / self.observed.wall.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Everything the scenarios share.
+pub struct Bench {
+    pub fixture: Fixture,
+    pub daemon: Daemon,
+    /// The seeded database every scenario copies.
+    pub template: String,
+    pub rows: i64,
+    /// Where daemon logs go.
+    pub work_dir: PathBuf,
+    pub load: LoadShape,
+    /// pgbench runs this long before the measured window opens.
+    pub warmup: Duration,
+    /// The fingerprint of the single UPDATE's result, which every other scenario must match.
+    pub reference: Option<String>,
+}
+
+impl Bench {
+    /// Scenario 1: the database's own speed, one UPDATE over the whole table.
+    pub async fn single_update(&mut self) -> anyhow::Result<Measurement> {
+        let db = self.copy("bench_single")?;
+        let client = self.connect(&db).await?;
+        let update = split_name_single_update("public.users");
+        let observed = self
+            .observe(async {
+                client
+                    .batch_execute(&update)
+                    .await
+                    .context("running the single UPDATE")
+            })
+            .await?
+            .1;
+        self.check_result(&db, "1")?;
+        Ok(self.measurement("1. single UPDATE", observed))
+    }
+
+    /// Scenario 2: the PL/pgSQL keyset loop committing every [`PLPGSQL_BATCH`] keys.
+    pub async fn plpgsql_loop(&mut self) -> anyhow::Result<Measurement> {
+        let db = self.copy("bench_plpgsql")?;
+        let client = self.connect(&db).await?;
+        let call = format!("CALL public.split_names_in_batches({PLPGSQL_BATCH})");
+        let observed = self
+            .observe(async {
+                client
+                    .batch_execute(&call)
+                    .await
+                    .context("running the PL/pgSQL loop")
+            })
+            .await?
+            .1;
+        self.check_result(&db, "2")?;
+        Ok(self.measurement(
+            &format!("2. PL/pgSQL loop, {PLPGSQL_BATCH} per COMMIT"),
+            observed,
+        ))
+    }
+
+    /// Scenario 3: backfilld with its limits off, at the given settings, running the job
+    /// in `form`.
+    pub async fn backfilld_unthrottled(
+        &mut self,
+        settings: &[(String, String)],
+        form: JobForm,
+    ) -> anyhow::Result<Measurement> {
+        let db = self.copy("bench_unthrottled")?;
+        let url = self.enqueue(&db, form)?;
+        let label = format!("unthrottled-{form:?}");
+        let (run, observed) = self
+            .observe(self.run_daemon(&url, settings, &label))
+            .await?;
+        self.check_result(&db, "3")?;
+        let name = format!("3. backfilld, limits off, {}", form.label());
+        let mut measurement = self.measurement(&name, observed);
+        measurement.daemon = Some(run);
+        Ok(measurement)
+    }
+
+    /// Scenario 4: backfilld with default throttling while pgbench runs, then pgbench
+    /// alone on a fresh copy for as long as the loaded window lasted, as the baseline.
+    pub async fn backfilld_under_load(
+        &mut self,
+        settings: &[(String, String)],
+        baseline_bounds: (Duration, Duration),
+    ) -> anyhow::Result<(Measurement, Measurement)> {
+        let db = self.copy("bench_throttled")?;
+        let url = self.enqueue(&db, JobForm::KeyArray)?;
+        let log = self.fixture.primary.log_path().to_path_buf();
+        let log_offset = lockwaits::log_offset(&log)?;
+        let pgbench = self.fixture.primary.binaries().path("pgbench");
+        let conninfo = self.fixture.primary.conninfo(&db);
+        let ((run, transactions, window), observed) = self
+            .observe(async {
+                let load = Load::start(&pgbench, &conninfo, self.load)?;
+                tokio::time::sleep(self.warmup).await;
+                let opened = SystemTime::now();
+                let run = self.run_daemon(&url, settings, "throttled").await;
+                let closed = SystemTime::now();
+                let transactions = load.stop()?;
+                Ok((run?, transactions, (opened, closed)))
+            })
+            .await?;
+        self.check_result(&db, "4")?;
+        let waits = lockwaits::read_since(&log, log_offset)?;
+        let longest_wait =
+            lockwaits::longest_wait_on(&waits, "pgbench", &observed.samples.backfilld_pids);
+        let window_micros = (epoch_micros(window.0), epoch_micros(window.1));
+        let window_length = window.1.duration_since(window.0).unwrap_or_default();
+        let name = format!(
+            "4. backfilld, default throttle, {}, under pgbench",
+            JobForm::KeyArray.label()
+        );
+        let mut loaded = self.measurement(&name, observed);
+        loaded.load = LatencySummary::over(&transactions, window_micros);
+        loaded.longest_lock_wait_ms = Some(longest_wait);
+        loaded.daemon = Some(run);
+
+        let baseline_length = window_length.clamp(baseline_bounds.0, baseline_bounds.1);
+        let baseline = self.pgbench_alone(baseline_length).await?;
+        Ok((loaded, baseline))
+    }
+
+    /// pgbench alone on a fresh copy, measured over `length` after the warm-up.
+    async fn pgbench_alone(&mut self, length: Duration) -> anyhow::Result<Measurement> {
+        let db = self.copy("bench_baseline")?;
+        let pgbench = self.fixture.primary.binaries().path("pgbench");
+        let conninfo = self.fixture.primary.conninfo(&db);
+        let ((transactions, window), observed) = self
+            .observe(async {
+                let load = Load::start(&pgbench, &conninfo, self.load)?;
+                tokio::time::sleep(self.warmup).await;
+                let opened = SystemTime::now();
+                tokio::time::sleep(length).await;
+                let closed = SystemTime::now();
+                Ok((load.stop()?, (epoch_micros(opened), epoch_micros(closed))))
+            })
+            .await?;
+        self.fixture.drop_database(&db)?;
+        let mut measurement = self.measurement("pgbench alone (baseline)", observed);
+        measurement.rows = 0;
+        measurement.load = LatencySummary::over(&transactions, window);
+        Ok(measurement)
+    }
+
+    /// A memory-only run: backfilld with its limits off over a fresh table of `rows` rows.
+    pub async fn daemon_memory(
+        &mut self,
+        rows: i64,
+        settings: &[(String, String)],
+        form: JobForm,
+    ) -> anyhow::Result<DaemonRun> {
+        let db = format!("bench_memory_{rows}");
+        self.fixture.drop_database(&db)?;
+        self.fixture.seed_users(&db, rows)?;
+        self.fixture.settle()?;
+        let url = self.enqueue(&db, form)?;
+        let run = self
+            .run_daemon(&url, settings, &format!("memory-{rows}"))
+            .await?;
+        self.fixture.drop_database(&db)?;
+        Ok(run)
+    }
+
+    fn copy(&self, name: &str) -> anyhow::Result<String> {
+        self.fixture.fresh_copy(&self.template, name)?;
+        Ok(name.to_string())
+    }
+
+    async fn connect(&self, db: &str) -> anyhow::Result<tokio_postgres::Client> {
+        let (client, connection) = tokio_postgres::connect(&self.fixture.primary.url(db), NoTls)
+            .await
+            .with_context(|| format!("connecting to {db}"))?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    /// Installs backfilld's schema in `db` and enqueues the split-name job in `form` by
+    /// SQL, as an engineer would; returns the database's URL.
+    fn enqueue(&self, db: &str, form: JobForm) -> anyhow::Result<String> {
+        let url = self.fixture.primary.url(db);
+        self.daemon.migrate(&url)?;
+        self.fixture.psql(db, &form.job_sql()?)?;
+        Ok(url)
+    }
+
+    /// Runs the daemon to its exit and checks that the job succeeded.
+    async fn run_daemon(
+        &self,
+        url: &str,
+        settings: &[(String, String)],
+        label: &str,
+    ) -> anyhow::Result<DaemonRun> {
+        let daemon = self.daemon.clone();
+        let log = self.work_dir.join(format!("backfilld-{label}.log"));
+        let (url_owned, settings_owned) = (url.to_string(), settings.to_vec());
+        let run =
+            tokio::task::spawn_blocking(move || daemon.run(&url_owned, &settings_owned, &log))
+                .await
+                .context("the daemon runner panicked")??;
+        let db = url.rsplit('/').next().unwrap_or_default();
+        let state = self.fixture.psql(
+            db,
+            "SELECT state || ' ' || coalesce(last_error, '') FROM backfill.jobs WHERE name = 'split_full_name'",
+        )?;
+        ensure!(
+            state.starts_with("succeeded"),
+            "backfilld exited but the job is {state:?} ({label})"
+        );
+        Ok(run)
+    }
+
+    /// Runs `work` between two readings of WAL position and primary CPU, with the lag
+    /// sampler running.
+    async fn observe<T>(
+        &self,
+        work: impl Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<(T, Observation)> {
+        let postmaster = self
+            .fixture
+            .primary
+            .pid()
+            .context("the primary is not running")?;
+        let sampler = Sampler::start(&self.fixture.primary.url("postgres")).await?;
+        let wal_before = self.fixture.wal_position()?;
+        let cpu_before = tree_cpu_seconds(postmaster)?;
+        let started = Instant::now();
+        let result = work.await;
+        let wall = started.elapsed();
+        let cpu_after = tree_cpu_seconds(postmaster)?;
+        let wal_after = self.fixture.wal_position()?;
+        let samples = sampler.finish().await?;
+        Ok((
+            result?,
+            Observation {
+                wall,
+                wal_bytes: wal_after.saturating_sub(wal_before),
+                samples,
+                primary_cpu: cpu_after - cpu_before,
+            },
+        ))
+    }
+
+    fn measurement(&self, name: &str, observed: Observation) -> Measurement {
+        Measurement {
+            name: name.to_string(),
+            rows: self.rows,
+            observed,
+            daemon: None,
+            load: None,
+            longest_lock_wait_ms: None,
+        }
+    }
+
+    /// Checks that every row was split exactly as the single UPDATE splits it, then drops
+    /// the copy.
+    fn check_result(&mut self, db: &str, scenario: &str) -> anyhow::Result<()> {
+        let fingerprint = self.fixture.psql(
+            db,
+            "SELECT count(*) FILTER (WHERE first_name IS NULL) || ' pending, hash ' || \
+                    coalesce(sum(hashtext(id || '|' || first_name || '|' || coalesce(last_name, '-'))), 0) \
+               FROM public.users",
+        )?;
+        if !fingerprint.starts_with("0 pending") {
+            bail!("scenario {scenario} left rows unsplit: {fingerprint}");
+        }
+        match &self.reference {
+            None => self.reference = Some(fingerprint),
+            Some(reference) if *reference == fingerprint => {}
+            Some(reference) => bail!(
+                "scenario {scenario} split the names differently: {fingerprint} vs {reference}"
+            ),
+        }
+        self.fixture.drop_database(db)
+    }
+}
+
+/// The standby this benchmark declares to backfilld (`throttle.expected_standbys`).
+pub fn expected_standby_setting() -> (String, String) {
+    (
+        "BACKFILLD_THROTTLE__EXPECTED_STANDBYS".to_string(),
+        STANDBY_NAME.to_string(),
+    )
+}
