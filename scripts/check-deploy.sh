@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Validate backfilld's deployment artifacts: Prometheus rules and their unit tests, the
-# PrometheusRule copy, the Grafana dashboard, metric names, the Dockerfile, and every
+# PrometheusRule copy, the Grafana dashboard, metric names, the Dockerfile, the release
+# binary the image ships (built with the Dockerfile's own cargo command), and every
 # kustomize overlay rendered and schema-validated.
 #
 #   scripts/check-deploy.sh               install missing tools, run every check
 #   scripts/check-deploy.sh --no-install  never install anything (missing tool = failure)
+#   scripts/check-deploy.sh --no-build    skip the release build (quick manifest iterations)
 #   scripts/check-deploy.sh --sync-rules  rewrite deploy/k8s/base/prometheusrule.yaml from
 #                                         deploy/prometheus/alerts.yaml, then check
 #
@@ -25,9 +27,11 @@ cd "$ROOT" || exit 2
 
 INSTALL=1
 SYNC_RULES=0
+BUILD=1
 for arg in "$@"; do
   case "$arg" in
     --no-install) INSTALL=0 ;;
+    --no-build) BUILD=0 ;;
     --sync-rules) SYNC_RULES=1 ;;
     -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "check-deploy: unknown argument: $arg (see --help)" >&2; exit 2 ;;
@@ -159,6 +163,24 @@ step "metric names used are exported (deploy/metric-names.txt)" "$PY" "$CHECKS" 
 step "hadolint Dockerfile" "$HADOLINT" Dockerfile
 step "Dockerfile / .dockerignore invariants" "$PY" "$CHECKS" docker
 step "config keys used under deploy/ exist in config/default.toml" "$PY" "$CHECKS" config-keys
+
+# The binary the image ships, built by the Dockerfile's own command: CI builds exactly what
+# `docker build` would (locked dependencies, release profile), without needing Docker.
+RELEASE_BUILD=(cargo build --release --locked -p backfilld)
+release_build() {
+  grep -qF "${RELEASE_BUILD[*]}" Dockerfile || {
+    echo "ERROR: the Dockerfile no longer runs '${RELEASE_BUILD[*]}'; update RELEASE_BUILD here to match it"
+    return 1
+  }
+  command -v cargo >/dev/null 2>&1 || { echo "ERROR: cargo not found"; return 1; }
+  "${RELEASE_BUILD[@]}" --quiet || return 1
+  local target_dir
+  target_dir=$(cargo metadata --format-version 1 --no-deps | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])') || return 1
+  "$target_dir/release/backfilld" --version
+}
+if [ "$BUILD" = 1 ]; then
+  step "release build as in the Dockerfile (${RELEASE_BUILD[*]})" release_build
+fi
 
 validate_rendered() { # NAME FILE
   local name=$1 file=$2

@@ -155,7 +155,9 @@ pub(crate) fn statement_params<'a>(
 /// The row estimate of the node directly under a count's Aggregate, from EXPLAIN's text
 /// output: the first line that starts a child node (`->`) carries `rows=N`.
 fn rows_under_aggregate(plan: &[String]) -> Option<i64> {
-    let child = plan.iter().find(|line| line.trim_start().starts_with("->"))?;
+    let child = plan
+        .iter()
+        .find(|line| line.trim_start().starts_with("->"))?;
     let rows = child.split("rows=").nth(1)?;
     rows.split(|c: char| !c.is_ascii_digit())
         .next()?
