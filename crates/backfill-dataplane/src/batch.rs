@@ -170,7 +170,8 @@ const FENCE_SQL: &str = "UPDATE backfill.jobs \
            batches_done = batches_done + 1, \
            lease_expires_at = greatest(lease_expires_at, now() + $5::int8 * interval '1 millisecond'), \
            heartbeat_at = now(), updated_at = now() \
-     WHERE id = $1 AND lease_token = $2 AND state = 'running'";
+     WHERE id = $1 AND lease_token = $2 AND state = 'running' \
+       AND upper_key IS NOT DISTINCT FROM $6";
 
 const RECORD_FAILED_SQL: &str = "INSERT INTO backfill.failed_rows AS f (job_id, key, reason, sqlstate, message, next_attempt_at) \
      SELECT $1, k, r, s, m, now() + $6::int8 * interval '1 millisecond' \
@@ -399,7 +400,7 @@ impl BatchRunner {
             tx.execute(
                 RECORD_FAILED_SQL,
                 &[
-                    &fence.job_id,
+                    &target.owner_id,
                     &column(|f| Some(f.key.as_str())),
                     &column(|f| Some(f.reason.as_str())),
                     &column(|f| f.error.sqlstate.as_deref()),
@@ -422,7 +423,7 @@ impl BatchRunner {
                     .map(String::as_str)
                     .filter(|k| !failed.contains(k))
                     .collect();
-                tx.execute(FORGET_FAILED_SQL, &[&fence.job_id, &applied])
+                tx.execute(FORGET_FAILED_SQL, &[&target.owner_id, &applied])
                     .await
                     .map_err(|e| BatchError::from_driver(context("forgetting retried rows"), &e))?;
                 None
@@ -438,6 +439,9 @@ impl BatchRunner {
                     &checkpoint,
                     &applied,
                     &millis(fence.lease),
+                    // A slice split meanwhile has a lower upper bound: keys of this
+                    // batch may now belong to another slice, so it must not commit.
+                    &target.upper_key,
                 ],
             )
             .await
@@ -472,17 +476,24 @@ async fn select_keys(
 ) -> Result<Vec<String>, BatchError> {
     let limit = i64::from(limit);
     let sql = &target.sql;
-    let rows = match source {
-        KeySource::After(None) => tx.query(&sql.first_keys, &[&limit]).await,
-        KeySource::After(Some(after)) => tx.query(&sql.next_keys, &[&after, &limit]).await,
-        KeySource::AfterExcludingFailed(None) => {
+    let rows = match (source, &target.upper_key) {
+        (KeySource::After(None), None) => tx.query(&sql.first_keys, &[&limit]).await,
+        (KeySource::After(Some(after)), None) => tx.query(&sql.next_keys, &[&after, &limit]).await,
+        (KeySource::After(None), Some(upper)) => {
+            tx.query(&sql.first_keys_below, &[upper, &limit]).await
+        }
+        (KeySource::After(Some(after)), Some(upper)) => {
+            tx.query(&sql.next_keys_below, &[&after, upper, &limit])
+                .await
+        }
+        (KeySource::AfterExcludingFailed(None), _) => {
             tx.query(&sql.first_keys_excluding_failed, &[&limit]).await
         }
-        KeySource::AfterExcludingFailed(Some(after)) => {
+        (KeySource::AfterExcludingFailed(Some(after)), _) => {
             tx.query(&sql.next_keys_excluding_failed, &[&after, &limit])
                 .await
         }
-        KeySource::FailedRows { max_attempts } => {
+        (KeySource::FailedRows { max_attempts }, _) => {
             tx.query(&sql.retry_keys, &[&max_attempts, &limit]).await
         }
     }

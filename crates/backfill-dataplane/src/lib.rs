@@ -12,6 +12,7 @@ mod error;
 mod health;
 mod plan;
 mod pool;
+mod slicing;
 mod target;
 
 pub use batch::{

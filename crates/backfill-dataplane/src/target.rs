@@ -18,6 +18,10 @@ pub struct JobDefinition {
     /// True for rows whose new shape disagrees with the old; checked after each
     /// batch statement (see the batch module).
     pub check_predicate: Option<String>,
+    /// The job whose failed rows these are: the parent of a slice, else the job.
+    pub owner_id: i64,
+    /// A slice's inclusive upper key bound; `None` for a whole job.
+    pub upper_key: Option<String>,
 }
 
 /// A job checked against the catalog and ready to run batches.
@@ -33,14 +37,24 @@ pub struct BatchTarget {
     pub key_type: String,
     /// The batch statement with `$n` parameters in place of the placeholders.
     pub batch: BoundSql,
+    /// The job whose failed rows these are (the parent of a slice).
+    pub owner_id: i64,
+    /// A slice's inclusive upper key bound; it shrinks when another worker
+    /// splits the slice, and every commit is fenced on the value it used.
+    pub upper_key: Option<String>,
     pub(crate) sql: TargetSql,
 }
 
 /// The SQL texts derived from a job once, at claim.
 #[derive(Debug, Clone)]
 pub(crate) struct TargetSql {
+    /// `pending_predicate` as a filter over alias `t` (`true` without one).
+    pub pending: String,
     pub first_keys: String,
     pub next_keys: String,
+    /// As `first_keys`/`next_keys`, bounded above by a slice's upper key.
+    pub first_keys_below: String,
+    pub next_keys_below: String,
     pub first_keys_excluding_failed: String,
     pub next_keys_excluding_failed: String,
     pub retry_keys: String,
@@ -107,7 +121,7 @@ impl BatchTarget {
         let batch = bind_placeholders(&job.batch_sql, &key_type)
             .map_err(|e| definition_error(e.to_string()))?;
         let sql = TargetSql::new(
-            job.job_id,
+            job.owner_id,
             &table,
             &key_column,
             &key_type,
@@ -121,6 +135,8 @@ impl BatchTarget {
             key_column,
             key_type,
             batch,
+            owner_id: job.owner_id,
+            upper_key: job.upper_key.clone(),
             sql,
         };
         target.check_statements(client).await?;
@@ -194,7 +210,7 @@ impl BatchTarget {
 
 impl TargetSql {
     fn new(
-        job_id: i64,
+        owner_id: i64,
         table: &str,
         key: &str,
         key_type: &str,
@@ -203,7 +219,7 @@ impl TargetSql {
     ) -> TargetSql {
         let pending = predicate.map_or_else(|| "true".to_string(), |p| format!("({p})"));
         let not_failed = format!(
-            "NOT EXISTS (SELECT 1 FROM backfill.failed_rows f WHERE f.job_id = {job_id} AND f.key = t.{key}::text)"
+            "NOT EXISTS (SELECT 1 FROM backfill.failed_rows f WHERE f.job_id = {owner_id} AND f.key = t.{key}::text)"
         );
         let keys = |filter: &str| {
             format!(
@@ -211,9 +227,14 @@ impl TargetSql {
             )
         };
         let after = format!("t.{key} > $1::text::{key_type}");
+        let below = |n: &str| format!("t.{key} <= {n}::text::{key_type}");
         TargetSql {
             first_keys: keys(&pending).replace("$LIMIT", "$1"),
             next_keys: keys(&format!("{after} AND {pending}")).replace("$LIMIT", "$2"),
+            first_keys_below: keys(&format!("{} AND {pending}", below("$1")))
+                .replace("$LIMIT", "$2"),
+            next_keys_below: keys(&format!("{after} AND {} AND {pending}", below("$2")))
+                .replace("$LIMIT", "$3"),
             first_keys_excluding_failed: keys(&format!("{pending} AND {not_failed}"))
                 .replace("$LIMIT", "$1"),
             next_keys_excluding_failed: keys(&format!("{after} AND {pending} AND {not_failed}"))
@@ -223,7 +244,7 @@ impl TargetSql {
             // batch_sql computes the same disagreeing values again.
             retry_keys: format!(
                 "SELECT f.key FROM backfill.failed_rows f \
-                  WHERE f.job_id = {job_id} AND f.attempts < $1 \
+                  WHERE f.job_id = {owner_id} AND f.attempts < $1 \
                     AND (f.reason = 'error' OR f.attempts = 0) \
                     AND f.next_attempt_at <= now() \
                   ORDER BY f.key::{key_type} LIMIT $2"
@@ -241,6 +262,7 @@ impl TargetSql {
             count_pending_excluding_failed: format!(
                 "SELECT count(*) FROM {table} t WHERE {pending} AND {not_failed}"
             ),
+            pending,
         }
     }
 }

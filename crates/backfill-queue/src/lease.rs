@@ -151,6 +151,17 @@ impl Queue {
         })
     }
 
+    /// The job with id `job_id` as it is now, or `None` if it was deleted.
+    pub async fn job(&self, job_id: i64) -> Result<Option<Job>, QueueError> {
+        sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS} FROM backfill.jobs j WHERE j.id = $1"
+        ))
+        .bind(job_id)
+        .fetch_optional(&self.pool)
+        .await
+        .context(&format!("reading job {job_id}"))
+    }
+
     /// The job's state now, or `None` if it was deleted.
     pub async fn state_of(&self, job_id: i64) -> Result<Option<JobState>, QueueError> {
         let state: Option<String> =

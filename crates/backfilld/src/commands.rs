@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use backfill_core::throttle::HealthSample;
 use backfill_dataplane::{
-    connect_pool, BatchRunner, BatchTarget, HealthProbe, JobDefinition, RetryBackoff,
-    SessionSettings,
+    connect_pool, BatchRunner, BatchTarget, HealthProbe, RetryBackoff, SessionSettings,
 };
 use backfill_queue::{Job, JobState, JobStatus, NewJob, Phase, QueueError, SteeringVerb};
 use serde::Serialize;
@@ -420,15 +419,7 @@ pub async fn plan(
         .map_err(CliFailure::Fatal)?
         .ok_or_else(|| CliFailure::Usage(format!("no backfill job named '{name}'")))?;
     let throttle = crate::worker::throttle_settings(settings, &job);
-    let definition = JobDefinition {
-        job_id: job.id,
-        name: job.name.clone(),
-        table_name: job.table_name.clone(),
-        key_column: job.key_column.clone(),
-        batch_sql: job.batch_sql.clone(),
-        pending_predicate: job.pending_predicate.clone(),
-        check_predicate: job.check_predicate.clone(),
-    };
+    let definition = crate::slicing::job_definition(&job);
     let fatal = |e: &dyn std::fmt::Display| CliFailure::Fatal(anyhow::anyhow!("job {name}: {e}"));
     let mut client = db.data.get().await.map_err(|e| fatal(&e))?;
     let target = BatchTarget::resolve(&client, &definition)

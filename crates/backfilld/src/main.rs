@@ -9,6 +9,7 @@ mod demo;
 mod redact;
 mod settings;
 mod shutdown;
+mod slicing;
 mod telemetry;
 mod worker;
 

@@ -6,16 +6,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backfill_core::error_class::{ErrorClass, TransientKind};
+use backfill_core::slicing::rate_share;
 use backfill_core::throttle::{
     BatchOutcome, BatchReport, HealthSample, ThrottleController, ThrottleDecision, ThrottleReason,
     ThrottleSettings,
 };
 use backfill_dataplane::{
-    BatchRunner, BatchTarget, DataPlaneError, Fence, JobDefinition, KeySource, RowFailure,
-    RunOutcome,
+    BatchRunner, BatchTarget, DataPlaneError, Fence, KeySource, RowFailure, RunOutcome,
 };
 use backfill_queue::{
-    ClaimedJob, HeartbeatReport, Job, JobProgress, JobState, LeaseToken, Phase, Queue,
+    ClaimedJob, HeartbeatReport, Job, JobProgress, JobState, LeaseToken, Phase, Queue, Slices,
 };
 use tokio::sync::watch;
 use tracing::{info, warn, Instrument};
@@ -45,6 +45,8 @@ enum StopReason {
     Shutdown,
     /// The database cannot be reached; the job goes back to the queue.
     Unreachable,
+    /// The job was cut into slices and given back; it returns once they are done.
+    Sliced,
 }
 
 impl Worker {
@@ -87,6 +89,8 @@ impl Worker {
                     self.drive(claimed, &shutdown).instrument(span).await;
                     self.driving.lock().await.retain(|id| *id != job_id);
                 }
+                // Idle: split the busiest slice of some job, then claim its second half.
+                Ok(None) if crate::slicing::steal(self).await => backoff.reset(),
                 Ok(None) => {
                     backoff.reset();
                     if exit_when_idle {
@@ -140,6 +144,9 @@ impl Worker {
                     "stopped working on the job: lease gone"
                 )
             }
+            JobEnd::Stopped(StopReason::Sliced) => {
+                info!("job cut into slices; any worker may claim them")
+            }
             JobEnd::Stopped(StopReason::Unreachable) => {
                 match self.queue.release(run.job.id, token).await {
                     Ok(_) => warn!("database trouble: job given back to the queue"),
@@ -190,6 +197,10 @@ struct JobRun<'w> {
     heartbeat: tokio::task::JoinHandle<()>,
     metrics: JobMetrics,
     failure_log: FailureLog,
+    /// The job's rows-per-second budget; a slice runs on its share of it.
+    rate_budget: Option<f64>,
+    /// When a slice last re-read how many slices share the budget.
+    budget_checked: Option<Instant>,
 }
 
 impl<'w> JobRun<'w> {
@@ -211,11 +222,14 @@ impl<'w> JobRun<'w> {
             progress_rx,
             stop_tx,
         ));
+        let throttle_settings = throttle_settings(settings, &job);
         JobRun {
             worker,
             fence,
             shutdown,
-            throttle: ThrottleController::new(throttle_settings(settings, &job)),
+            rate_budget: throttle_settings.max_rows_per_second,
+            budget_checked: None,
+            throttle: ThrottleController::new(throttle_settings),
             last_report: None,
             last_decision: None,
             checkpoint: job.checkpoint.clone(),
@@ -328,16 +342,7 @@ impl<'w> JobRun<'w> {
 
     async fn execute(&mut self) -> JobEnd {
         self.first_health_sample().await;
-        let definition = JobDefinition {
-            job_id: self.job.id,
-            name: self.job.name.clone(),
-            table_name: self.job.table_name.clone(),
-            key_column: self.job.key_column.clone(),
-            batch_sql: self.job.batch_sql.clone(),
-            pending_predicate: self.job.pending_predicate.clone(),
-            check_predicate: self.job.check_predicate.clone(),
-        };
-        let target = match self.resolve(&definition).await {
+        let mut target = match crate::slicing::resolve(self.worker, &self.job).await {
             Ok(target) => target,
             Err(DataPlaneError::JobDefinition(message)) => {
                 return self.finish(JobState::Failed, Some(message)).await
@@ -347,10 +352,15 @@ impl<'w> JobRun<'w> {
                 return JobEnd::Stopped(StopReason::Unreachable);
             }
         };
-        if self.rows_total.is_none() {
+        if self.job.is_sliced() {
+            if let Some(end) = self.drive_sliced(&target).await {
+                return end;
+            }
+        } else if self.rows_total.is_none() {
             self.estimate_total(&target).await;
         }
         loop {
+            self.share_rate_budget().await;
             if let Some(reason) = self.stop_reason() {
                 return JobEnd::Stopped(reason);
             }
@@ -394,7 +404,10 @@ impl<'w> JobRun<'w> {
             };
             self.metrics.batch_size(batch_size);
             let source = match self.phase {
-                Phase::Scan => KeySource::After(self.checkpoint.as_deref()),
+                // A slice starts above its lower bound.
+                Phase::Scan => {
+                    KeySource::After(self.checkpoint.as_deref().or(self.job.lower_key.as_deref()))
+                }
                 Phase::Verify => KeySource::AfterExcludingFailed(self.checkpoint.as_deref()),
                 Phase::Retry => KeySource::FailedRows {
                     max_attempts: self.max_attempts(),
@@ -432,10 +445,18 @@ impl<'w> JobRun<'w> {
                         outcome: BatchOutcome::Committed { rows, duration },
                     });
                 }
+                // A slice is done when its range is; the parent retries and verifies.
+                RunOutcome::NoKeys if self.job.parent_id.is_some() => {
+                    return self.finish(JobState::Succeeded, None).await;
+                }
                 RunOutcome::NoKeys => match self.next_phase(&target).await {
                     PhaseStep::Continue => {}
                     PhaseStep::End(end) => return end,
                 },
+                RunOutcome::Fenced if self.slice_was_split(&mut target).await => {
+                    self.metrics.batch_outcome("fenced");
+                    info!(upper_key = ?target.upper_key, "another worker took the upper part of this slice; carrying on below it");
+                }
                 RunOutcome::Fenced => {
                     self.metrics.batch_outcome("fenced");
                     let state = self.worker.queue.state_of(self.job.id).await.ok().flatten();
@@ -477,14 +498,103 @@ impl<'w> JobRun<'w> {
         }
     }
 
-    async fn resolve(&self, definition: &JobDefinition) -> Result<BatchTarget, DataPlaneError> {
-        let client = self.worker.runner.pool().get().await.map_err(|e| {
-            DataPlaneError::Batch(backfill_dataplane::BatchError::from_pool(
-                "connecting to resolve the job",
-                &e,
-            ))
-        })?;
-        BatchTarget::resolve(&client, definition).await
+    /// A sliced job: cut it on its first claim; once every slice is done,
+    /// go on to retries and verification over the whole table.
+    async fn drive_sliced(&mut self, target: &BatchTarget) -> Option<JobEnd> {
+        let slices = Slices::new(self.worker.queue.pool().clone());
+        let summary = match slices.summary(self.job.id).await {
+            Ok(summary) => summary,
+            Err(e) => {
+                warn!(error = %e, "cannot read the job's slices");
+                return Some(JobEnd::Stopped(StopReason::Unreachable));
+            }
+        };
+        if summary.total == 0 {
+            return Some(
+                match crate::slicing::cut(self.worker, target, &self.job, self.fence_token()).await
+                {
+                    Ok(Some(_)) => JobEnd::Stopped(StopReason::Sliced),
+                    Ok(None) => JobEnd::Stopped(StopReason::LeaseLost(None)),
+                    Err(e) => {
+                        warn!(error = %e, "cannot cut the job into slices");
+                        JobEnd::Stopped(StopReason::Unreachable)
+                    }
+                },
+            );
+        }
+        if let Some((slice, error)) = summary.failed.first() {
+            let message = format!(
+                "slice {slice} failed: {}",
+                error.as_deref().unwrap_or("(no error recorded)")
+            );
+            return Some(self.finish(JobState::Failed, Some(message)).await);
+        }
+        if summary.cancelled > 0 {
+            let message = format!(
+                "{} of its slices were cancelled; the job is incomplete",
+                summary.cancelled
+            );
+            return Some(self.finish(JobState::Failed, Some(message)).await);
+        }
+        info!(slices = summary.total, "every slice is done");
+        match self.next_phase(target).await {
+            PhaseStep::Continue => None,
+            PhaseStep::End(end) => Some(end),
+        }
+    }
+
+    /// After a fenced commit of a slice: true when the lease is still ours and
+    /// only the slice's upper bound moved (another worker split it); the new
+    /// bound is taken over and the batch can be retried.
+    async fn slice_was_split(&self, target: &mut BatchTarget) -> bool {
+        if self.job.parent_id.is_none() {
+            return false;
+        }
+        let slices = Slices::new(self.worker.queue.pool().clone());
+        let Ok(upper_key) = slices.upper_key(self.job.id).await else {
+            return false;
+        };
+        if upper_key == target.upper_key {
+            return false;
+        }
+        let progress = self.progress.borrow().clone();
+        let held = self
+            .worker
+            .queue
+            .heartbeat(
+                self.job.id,
+                self.fence_token(),
+                self.worker.settings.worker.lease,
+                &progress,
+            )
+            .await;
+        if !matches!(held, Ok(HeartbeatReport::Held)) {
+            return false;
+        }
+        target.upper_key = upper_key;
+        true
+    }
+
+    /// A slice takes its share of the job's rows-per-second budget: the budget
+    /// divided by the slices running now, re-read every probe interval.
+    async fn share_rate_budget(&mut self) {
+        let (Some(parent_id), Some(budget)) = (self.job.parent_id, self.rate_budget) else {
+            return;
+        };
+        // As often as health is probed: slices starting or ending change the share.
+        let every = self.worker.settings.throttle.probe_interval;
+        if self.budget_checked.is_some_and(|at| at.elapsed() < every) {
+            return;
+        }
+        self.budget_checked = Some(Instant::now());
+        let slices = Slices::new(self.worker.queue.pool().clone());
+        if let Ok(active) = slices.active(parent_id).await {
+            let share = rate_share(Some(budget), active);
+            if share != self.throttle.max_rows_per_second() {
+                info!(active_slices = active, rows_per_second = ?share, "sharing the job's rate budget");
+                self.throttle.set_max_rows_per_second(share);
+            }
+        }
     }
 
     /// Counts the rows the job still has to touch, once per job.

@@ -1,0 +1,131 @@
+//! Scale-out: cutting a job with `parallelism > 1` into key-range slices, and
+//! an idle worker splitting the busiest running slice (work stealing), so the
+//! job ends when its last rows are done, not when its slowest slice is.
+
+use backfill_core::slicing::{cut_fractions, distinct_cuts, even_estimates, worth_stealing};
+use backfill_dataplane::{BatchTarget, DataPlaneError, JobDefinition};
+use backfill_queue::{Job, LeaseToken, Slices};
+use tracing::{debug, info};
+
+use crate::worker::Worker;
+
+/// What the data plane needs to know of a job (or slice) to run its batches.
+pub fn job_definition(job: &Job) -> JobDefinition {
+    JobDefinition {
+        job_id: job.id,
+        name: job.name.clone(),
+        table_name: job.table_name.clone(),
+        key_column: job.key_column.clone(),
+        batch_sql: job.batch_sql.clone(),
+        pending_predicate: job.pending_predicate.clone(),
+        check_predicate: job.check_predicate.clone(),
+        owner_id: job.owner_id(),
+        upper_key: job.upper_key.clone(),
+    }
+}
+
+/// Resolves a job against the catalog on a pooled data-plane connection.
+pub async fn resolve(worker: &Worker, job: &Job) -> Result<BatchTarget, DataPlaneError> {
+    let client = worker.runner.pool().get().await.map_err(|e| {
+        DataPlaneError::Batch(backfill_dataplane::BatchError::from_pool(
+            format!("job {:?}: connecting to resolve the job", job.name),
+            &e,
+        ))
+    })?;
+    BatchTarget::resolve(&client, &job_definition(job)).await
+}
+
+/// Cuts the leased `job` into `job.parallelism` slices of about equal pending
+/// rows (cut keys from a row sample) and gives it back to the queue. Returns
+/// the number of slices, or `None` when the lease was lost meanwhile.
+pub async fn cut(
+    worker: &Worker,
+    target: &BatchTarget,
+    job: &Job,
+    token: LeaseToken,
+) -> Result<Option<usize>, String> {
+    let client = worker
+        .runner
+        .pool()
+        .get()
+        .await
+        .map_err(|e| e.to_string())?;
+    let parallelism = u32::try_from(job.parallelism).unwrap_or(1);
+    let cuts = distinct_cuts(
+        target
+            .sample_cuts(&client, &cut_fractions(parallelism))
+            .await
+            .map_err(|e| e.to_string())?,
+    );
+    let pending = target
+        .count_pending(&client, None, false)
+        .await
+        .map_err(|e| e.to_string())?;
+    drop(client);
+    let estimates = even_estimates(pending, cuts.len() + 1);
+    let slices = Slices::new(worker.queue.pool().clone());
+    let cut = slices
+        .cut(job.id, token, &cuts, &estimates)
+        .await
+        .map_err(|e| e.to_string())?;
+    if cut {
+        info!(slices = estimates.len(), rows_pending = pending, cuts = ?cuts, "cut the job into slices");
+    }
+    Ok(cut.then_some(estimates.len()))
+}
+
+/// Splits the running slice with the most rows left, if one is worth it, so
+/// this idle worker can claim its second half. True when a new slice exists.
+pub async fn steal(worker: &Worker) -> bool {
+    let slices = Slices::new(worker.queue.pool().clone());
+    let min_remaining = 4 * i64::from(worker.settings.batch.max_size);
+    let candidate = match slices.steal_candidate(min_remaining).await {
+        Ok(Some(candidate))
+            if worth_stealing(candidate.remaining, worker.settings.batch.max_size) =>
+        {
+            candidate
+        }
+        Ok(_) => return false,
+        Err(e) => {
+            debug!(error = %e, "cannot look for a slice to split");
+            return false;
+        }
+    };
+    let Ok(Some(slice)) = worker.queue.job(candidate.slice_id).await else {
+        return false;
+    };
+    let target = match resolve(worker, &slice).await {
+        Ok(target) => target,
+        Err(e) => {
+            debug!(error = %e, slice = %slice.name, "cannot resolve a slice to split");
+            return false;
+        }
+    };
+    let Ok(client) = worker.runner.pool().get().await else {
+        return false;
+    };
+    let half = candidate.remaining / 2;
+    let mid = target
+        .key_at_offset(
+            &client,
+            candidate.after.as_deref(),
+            candidate.upper_key.as_deref(),
+            half,
+        )
+        .await;
+    drop(client);
+    let Ok(Some(mid)) = mid else {
+        return false;
+    };
+    match slices.split(&candidate, &target.key_type, &mid, half).await {
+        Ok(true) => {
+            info!(slice = %slice.name, at = %mid, rows_moved = half, "split a busy slice for an idle worker");
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            debug!(error = %e, slice = %slice.name, "splitting a slice failed");
+            false
+        }
+    }
+}
