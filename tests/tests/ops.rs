@@ -527,6 +527,67 @@ fn a_finished_jobs_series_expire_but_the_daemons_stay() {
 }
 
 #[test]
+fn a_held_jobs_series_stay_while_it_is_held() {
+    let db = TestDb::new("ops_held");
+    db.sql(&users_table_sql(1_000));
+    db.migrate();
+    db.sql(SPLIT_NAME_JOB_SQL);
+    // A declared standby that does not exist holds every job for good (fail safe).
+    let env = ops_env(
+        "ops-held",
+        &[
+            ("BACKFILLD_THROTTLE__EXPECTED_STANDBYS", "ghost_standby"),
+            ("BACKFILLD_HTTP__METRICS_IDLE_TIMEOUT", "5s"),
+            ("BACKFILLD_BATCH__STATEMENT_TIMEOUT", "4s"),
+        ],
+    );
+    let mut daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    let address = http_address(&daemon);
+    let held = [("job", JOB), ("reason", "standby_missing")];
+    wait_until("the job to be held", RUN_LIMIT, || {
+        let metrics = scrape(address);
+        !metrics.find("backfill_throttled", &held).is_empty()
+            && metrics.value("backfill_throttled", &held) == 1.0
+    });
+    let first = scrape(address);
+    // Twice the idle timeout without a batch: nothing the job exports may expire.
+    let quiet_until = Instant::now() + Duration::from_secs(10);
+    wait_until("two idle timeouts to pass", RUN_LIMIT, || {
+        let metrics = scrape(address);
+        for sample in first
+            .samples
+            .iter()
+            .filter(|s| s.labels.contains_key("job"))
+        {
+            let labels: Vec<(&str, &str)> = sample
+                .labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            assert!(
+                !metrics.find(&sample.name, &labels).is_empty(),
+                "{} {labels:?} expired while the job was held",
+                sample.name
+            );
+        }
+        Instant::now() >= quiet_until
+    });
+    let metrics = scrape(address);
+    assert_eq!(metrics.value("backfill_throttled", &held), 1.0);
+    assert_eq!(
+        metrics.value("backfill_rows_processed_total", &[("job", JOB)]),
+        0.0
+    );
+    assert_eq!(
+        metrics.value("backfill_job_rows_remaining", &[("job", JOB)]),
+        1_000.0
+    );
+    assert_eq!(db.job_state(JOB), "running");
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_success(Duration::from_secs(15));
+}
+
+#[test]
 fn plan_on_a_million_rows_estimates_and_changes_nothing() {
     let rows: i64 = 1_000_000;
     let db = TestDb::new("ops_plan");
