@@ -85,15 +85,7 @@ impl<'c> TestDb<'c> {
 
     /// Runs a `backfilld` verb to completion against this database.
     pub fn backfilld(&self, args: &[&str]) -> CommandOutput {
-        let output = base_command(&self.url(), &[])
-            .args(args)
-            .output()
-            .expect("run backfilld");
-        CommandOutput {
-            status: output.status,
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
+        backfilld_at(&self.url(), args, &[])
     }
 
     /// The state of a job.
@@ -197,6 +189,30 @@ pub struct CommandOutput {
     pub status: ExitStatus,
     pub stdout: String,
     pub stderr: String,
+}
+
+/// Runs `backfilld <args>` to completion against `database_url` with extra `env`.
+pub fn backfilld_at(database_url: &str, args: &[&str], env: &[(&str, &str)]) -> CommandOutput {
+    let output = base_command(database_url, env)
+        .args(args)
+        .output()
+        .expect("run backfilld");
+    CommandOutput {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+impl CommandOutput {
+    /// Asserts the command exited 2 (bad usage or configuration) with exactly one line
+    /// on stderr, and returns that line.
+    pub fn usage_error(&self) -> &str {
+        assert_eq!(self.status.code(), Some(2), "exit code of {self:?}");
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one line on stderr: {self:?}");
+        lines[0]
+    }
 }
 
 fn base_command(database_url: &str, env: &[(&str, &str)]) -> Command {

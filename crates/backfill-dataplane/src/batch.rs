@@ -55,8 +55,10 @@ use backfill_core::placeholders::Placeholder;
 use deadpool_postgres::{Pool, Transaction};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 use uuid::Uuid;
 
+use crate::pool::Endpoint;
 use crate::target::BatchTarget;
 use crate::BatchError;
 
@@ -163,6 +165,8 @@ pub enum RunOutcome {
 pub struct BatchRunner {
     pool: Pool,
     backoff: RetryBackoff,
+    /// How cancel requests reach the server: like the pool's connections (TLS or not).
+    cancel_tls: Option<MakeRustlsConnect>,
 }
 
 const FENCE_SQL: &str = "UPDATE backfill.jobs \
@@ -187,7 +191,18 @@ const FORGET_FAILED_SQL: &str =
 impl BatchRunner {
     /// A runner on `pool`; failed keys are retried with `backoff`.
     pub fn new(pool: Pool, backoff: RetryBackoff) -> Self {
-        BatchRunner { pool, backoff }
+        BatchRunner {
+            pool,
+            backoff,
+            cancel_tls: None,
+        }
+    }
+
+    /// Sends cancel requests the way `endpoint` connects: a pool on `sslmode=require`
+    /// or stricter refuses a plaintext cancel request.
+    pub fn cancelling_over(mut self, endpoint: &Endpoint) -> Self {
+        self.cancel_tls = Some(endpoint.tls());
+        self
     }
 
     /// The pool, for probes and counts.
@@ -232,7 +247,10 @@ impl BatchRunner {
                 () = &mut stop, if !canceled => {
                     canceled = true;
                     // The statement ends with query_canceled; its transaction rolls back.
-                    let _ = cancel.cancel_query(NoTls).await;
+                    let _ = match &self.cancel_tls {
+                        Some(tls) => cancel.cancel_query(tls.clone()).await,
+                        None => cancel.cancel_query(NoTls).await,
+                    };
                 }
             }
         };

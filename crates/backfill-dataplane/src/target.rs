@@ -91,11 +91,12 @@ impl BatchTarget {
             )
             .await
             .map_err(|e| {
-                definition_error(format!(
-                    "table_name {:?} cannot be resolved: {}",
-                    job.table_name,
-                    db_message(&e)
-                ))
+                definition_or_transient(&job.name, "resolving table_name", &e, |message| {
+                    format!(
+                        "table_name {:?} cannot be resolved: {message}",
+                        job.table_name
+                    )
+                })
             })?
             .ok_or_else(|| {
                 definition_error(format!(
@@ -145,9 +146,15 @@ impl BatchTarget {
 
     /// Has the server parse and plan each statement without running it.
     async fn check_statements(&self, client: &Client) -> Result<(), DataPlaneError> {
-        let statement = client.prepare(&self.batch.sql).await.map_err(|e| {
-            DataPlaneError::JobDefinition(format!("batch_sql is not valid: {}", db_message(&e)))
-        })?;
+        let invalid = |what: &'static str, e: &tokio_postgres::Error| {
+            definition_or_transient(&self.job_name, "preparing its statements", e, |message| {
+                format!("{what} is not valid: {message}")
+            })
+        };
+        let statement = client
+            .prepare(&self.batch.sql)
+            .await
+            .map_err(|e| invalid("batch_sql", &e))?;
         if !statement.columns().is_empty() {
             return Err(DataPlaneError::JobDefinition(
                 "batch_sql returns rows (a SELECT, or RETURNING); it must be a statement that only writes".to_string(),
@@ -158,20 +165,16 @@ impl BatchTarget {
             &self.sql.next_keys,
             &self.sql.count_pending_all,
         ] {
-            client.prepare(sql).await.map_err(|e| {
-                DataPlaneError::JobDefinition(format!(
-                    "pending_predicate is not valid: {}",
-                    db_message(&e)
-                ))
-            })?;
+            client
+                .prepare(sql)
+                .await
+                .map_err(|e| invalid("pending_predicate", &e))?;
         }
         if let Some(check) = &self.sql.check_disagrees {
-            client.prepare(check).await.map_err(|e| {
-                DataPlaneError::JobDefinition(format!(
-                    "check_predicate is not valid: {}",
-                    db_message(&e)
-                ))
-            })?;
+            client
+                .prepare(check)
+                .await
+                .map_err(|e| invalid("check_predicate", &e))?;
         }
         Ok(())
     }
@@ -264,6 +267,24 @@ impl TargetSql {
             ),
             pending,
         }
+    }
+}
+
+/// What a statement that failed while resolving job `job_name` means: a transient error
+/// (another session holds a lock the statement needs, the connection dropped) is no fault
+/// of the job, which is tried again later; anything else is, with `message` made of the
+/// server's words.
+fn definition_or_transient(
+    job_name: &str,
+    step: &str,
+    e: &tokio_postgres::Error,
+    message: impl FnOnce(String) -> String,
+) -> DataPlaneError {
+    let error = BatchError::from_driver(format!("job {job_name:?}: {step}"), e);
+    if error.class().is_transient() {
+        DataPlaneError::Batch(error)
+    } else {
+        DataPlaneError::JobDefinition(message(db_message(e)))
     }
 }
 

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use backfill_core::throttle::HealthSample;
 use backfill_dataplane::{
-    connect_pool, BatchRunner, BatchTarget, HealthProbe, RetryBackoff, SessionSettings,
+    connect_pool, BatchRunner, BatchTarget, Endpoint, HealthProbe, RetryBackoff, SessionSettings,
+    SslMode,
 };
 use backfill_queue::{Job, JobState, JobStatus, NewJob, Phase, QueueError, SteeringVerb};
 use serde::Serialize;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::sync::watch;
 
 use crate::cli::{EnqueueArgs, Verb};
@@ -34,7 +35,9 @@ impl CliFailure {
     /// Classifies a daemon error: an unreachable database at start-up is a
     /// configuration problem (exit 2), anything else is fatal (exit 1).
     pub fn from_daemon(e: anyhow::Error) -> Self {
-        if e.downcast_ref::<DatabaseUnreachable>().is_some() {
+        if e.downcast_ref::<DatabaseUnreachable>().is_some()
+            || e.downcast_ref::<ProbesBlind>().is_some()
+        {
             CliFailure::Usage(e.to_string())
         } else {
             CliFailure::Fatal(e)
@@ -59,15 +62,27 @@ pub struct DatabaseUnreachable {
     reason: String,
 }
 
+/// The role cannot see what the throttle's probes read, and `throttle.allow_blind` is
+/// off: a configuration problem (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{0}; GRANT pg_monitor to it, or set throttle.allow_blind = true to run without these probes"
+)]
+pub struct ProbesBlind(String);
+
 /// Connections to the target database: sqlx for the queue, deadpool for batches.
 pub struct Database {
     pub control: PgPool,
     pub data: deadpool_postgres::Pool,
     pub redacted_url: String,
+    /// How the data plane reaches the database (TLS included), for cancel requests.
+    pub endpoint: Endpoint,
 }
 
 impl Database {
-    /// Connects both planes, failing fast with a clear error when unreachable.
+    /// Connects both planes with the same TLS settings, and opens one connection on each
+    /// at once, so an unreachable database, a refused login or a certificate that does not
+    /// verify is reported now, with its reason, rather than by the first batch.
     pub async fn connect(settings: &Settings) -> Result<Database, DatabaseUnreachable> {
         let url = &settings.database.url;
         let redacted_url = redacted(url);
@@ -75,22 +90,78 @@ impl Database {
             url: redacted_url.clone(),
             reason,
         };
+        let timeout = settings.database.connect_timeout;
+        let timed_out = || {
+            unreachable(format!(
+                "no answer within database.connect_timeout ({})",
+                humantime::format_duration(timeout)
+            ))
+        };
+        let endpoint = Endpoint::parse(url).map_err(|e| unreachable(e.to_string()))?;
         let options: PgConnectOptions = url
             .parse()
             .map_err(|e: sqlx::Error| unreachable(e.to_string()))?;
+        let options = with_tls_of(options, &endpoint).application_name("backfilld-control");
+        // One plain attempt first: a pool retries until its timeout and then says only
+        // that it timed out, hiding why (refused, wrong password, bad certificate).
+        let probe = tokio::time::timeout(timeout, PgConnection::connect_with(&options))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let _ = probe.close().await;
         let control = PgPoolOptions::new()
             .max_connections(4)
-            .acquire_timeout(settings.database.connect_timeout)
-            .connect_with(options.application_name("backfilld-control"))
-            .await
+            .acquire_timeout(timeout)
+            .connect_lazy_with(options);
+        let data = endpoint
+            .pool(&session_settings(settings))
             .map_err(|e| unreachable(e.to_string()))?;
-        let data = connect_pool(url, &session_settings(settings))
-            .map_err(|e| unreachable(e.to_string()))?;
+        let first = data.get().await.map_err(|e| {
+            unreachable(match e {
+                deadpool_postgres::PoolError::Timeout(_) => timed_out().reason,
+                deadpool_postgres::PoolError::Backend(e) => format!("data plane: {e}"),
+                other => format!("data plane: {other}"),
+            })
+        })?;
+        drop(first); // back into the pool
         Ok(Database {
             control,
             data,
             redacted_url,
+            endpoint,
         })
+    }
+
+    /// Refuses to run blind: PostgreSQL shows a role without `pg_read_all_stats` (part of
+    /// `pg_monitor`) NULL positions in `pg_stat_replication` and NULL wait events for other
+    /// roles' sessions in `pg_stat_activity`, so the lag probe would see no standby and the
+    /// lock probe no blocked session, and the throttle would never hold. With
+    /// `throttle.allow_blind` it only warns.
+    pub async fn check_probes_can_see(&self, settings: &Settings) -> anyhow::Result<()> {
+        let (role, reads_all_stats, hidden_standbys): (String, bool, i64) = sqlx::query_as(
+            "SELECT current_user::text, pg_has_role(current_user, 'pg_read_all_stats', 'USAGE'), \
+                    (SELECT count(*) FROM pg_stat_replication WHERE state IS NULL)",
+        )
+        .fetch_one(&self.control)
+        .await
+        .context("checking what the health probes can see")?;
+        if reads_all_stats && hidden_standbys == 0 {
+            return Ok(());
+        }
+        let blind = format!(
+            "role {role} cannot see other sessions' statistics (it has neither pg_monitor nor \
+             pg_read_all_stats): pg_stat_replication hides standby positions from it \
+             ({hidden_standbys} standbys hidden now) and pg_stat_activity hides other sessions' \
+             lock waits, so the replication-lag and lock probes are blind"
+        );
+        if !settings.throttle.allow_blind {
+            return Err(ProbesBlind(blind).into());
+        }
+        tracing::warn!(
+            "{blind}; running anyway (throttle.allow_blind = true): only batch duration and \
+             max_rows_per_second slow the backfill down"
+        );
+        Ok(())
     }
 
     /// The batch runner on the data-plane pool.
@@ -99,7 +170,25 @@ impl Database {
             base: settings.batch.retry_backoff,
             max: settings.batch.retry_backoff_max,
         };
-        BatchRunner::new(self.data.clone(), backoff)
+        BatchRunner::new(self.data.clone(), backoff).cancelling_over(&self.endpoint)
+    }
+}
+
+/// sqlx options carrying the TLS decisions the data plane made for the same URL, so
+/// both planes encrypt and verify alike (`require` with `sslrootcert` verifies the chain,
+/// as in libpq).
+fn with_tls_of(options: PgConnectOptions, endpoint: &Endpoint) -> PgConnectOptions {
+    let mode = match endpoint.ssl_mode() {
+        SslMode::Disable => PgSslMode::Disable,
+        SslMode::Prefer => PgSslMode::Prefer,
+        SslMode::Require if endpoint.root_cert().is_some() => PgSslMode::VerifyCa,
+        SslMode::Require => PgSslMode::Require,
+        SslMode::VerifyCa => PgSslMode::VerifyCa,
+        SslMode::VerifyFull => PgSslMode::VerifyFull,
+    };
+    match endpoint.root_cert() {
+        Some(root_cert) => options.ssl_mode(mode).ssl_root_cert(root_cert),
+        None => options.ssl_mode(mode),
     }
 }
 

@@ -26,7 +26,15 @@ use crate::shutdown::Shutdown;
 use crate::worker::Worker;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse(); // usage errors exit 2
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print to stdout and exit 0.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprintln!("backfilld: {}", usage_error_line(&e));
+            return ExitCode::from(2);
+        }
+    };
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(e) => {
@@ -34,6 +42,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    redact::scrub_panics(redact::passwords(
+        std::iter::once(&settings.database.url).chain(&settings.throttle.replica_urls),
+    ));
     let mut log = settings.log.clone();
     if matches!(cli.verb, Verb::Demo(_)) {
         log.level = "warn".to_string(); // the demo draws a progress line instead
@@ -74,6 +85,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// clap's usage error on one line, like every other error exiting 2: its message
+/// without the usage block clap draws under it.
+fn usage_error_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let message: Vec<&str> = rendered
+        .lines()
+        .take_while(|line| !line.starts_with("Usage:"))
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with("For more information"))
+        .collect();
+    let message = message.join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    format!("{message} (see backfilld --help)")
+}
+
 /// The daemon: connect, migrate, serve metrics, probe health, work the queue
 /// until SIGTERM (or idle), let go of everything, exit 0.
 async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<()> {
@@ -82,6 +108,7 @@ async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<
     let metrics = telemetry::install_metrics(settings.http.metrics_idle_timeout())
         .map_err(anyhow::Error::msg)?;
     let db = Database::connect(&settings).await?;
+    db.check_probes_can_see(&settings).await?;
     backfill_queue::migrate(&db.control)
         .await
         .context("applying the backfill schema")?;

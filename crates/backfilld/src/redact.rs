@@ -41,6 +41,67 @@ pub fn redacted(raw: &str) -> String {
     }
 }
 
+/// The passwords in `urls` (user info or `password=` parameter), as written and
+/// percent-decoded, for [`scrub`].
+pub fn passwords<'a>(urls: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    let mut secrets = Vec::new();
+    for url in urls {
+        let Ok(url) = Url::parse(url) else { continue };
+        if let Some(password) = url.password() {
+            secrets.push(password.to_string());
+            if let Ok(decoded) = percent_encoding::percent_decode_str(password).decode_utf8() {
+                secrets.push(decoded.into_owned());
+            }
+        }
+        for (key, value) in url.query_pairs() {
+            if key == "password" {
+                secrets.push(value.into_owned());
+            }
+        }
+    }
+    secrets.retain(|secret| !secret.is_empty());
+    // Longest first, so a password containing another is replaced whole.
+    secrets.sort_by_key(|secret| std::cmp::Reverse(secret.len()));
+    secrets.dedup();
+    secrets
+}
+
+/// `text` with every one of `secrets` replaced by `***`.
+pub fn scrub(text: &str, secrets: &[String]) -> String {
+    secrets.iter().fold(text.to_string(), |text, secret| {
+        text.replace(secret.as_str(), "***")
+    })
+}
+
+/// Makes panics print their message with `secrets` scrubbed: a panic message may quote
+/// anything the code had at hand, connection strings included.
+pub fn scrub_panics(secrets: Vec<String>) {
+    if secrets.is_empty() {
+        return;
+    }
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "Box<dyn Any>".to_string());
+        let thread = std::thread::current();
+        let location = info
+            .location()
+            .map_or(String::new(), |l| format!(" at {l}"));
+        eprintln!(
+            "thread '{}' panicked{location}:\n{}",
+            thread.name().unwrap_or("<unnamed>"),
+            scrub(&message, &secrets)
+        );
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            eprintln!("{backtrace}");
+        }
+    }));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +123,24 @@ mod tests {
     fn parse_errors_do_not_echo_the_url() {
         let err = parse_database_url("mysql://u:s3cret@h/db").unwrap_err();
         assert!(!err.contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn passwords_are_found_as_written_and_decoded_and_scrubbed() {
+        let urls = [
+            "postgres://app:p%40ss%3Aw0rd@db/x".to_string(),
+            "postgres://db/x?password=s3cret&sslmode=require".to_string(),
+            "postgres://nopassword@db/x".to_string(),
+            "not a url".to_string(),
+        ];
+        let secrets = passwords(&urls);
+        assert_eq!(secrets, ["p%40ss%3Aw0rd", "p@ss:w0rd", "s3cret"]);
+        assert_eq!(
+            scrub(
+                "connect to postgres://app:p%40ss%3Aw0rd@db with p@ss:w0rd or s3cret",
+                &secrets
+            ),
+            "connect to postgres://app:***@db with *** or ***"
+        );
     }
 }

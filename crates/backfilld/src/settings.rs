@@ -87,6 +87,9 @@ pub struct ThrottleConfig {
     pub probe_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub probe_timeout: Duration,
+    /// Run even when the role cannot see standby positions and other sessions' lock
+    /// waits (no pg_monitor): the lag and lock probes are then blind.
+    pub allow_blind: bool,
 }
 
 /// Reads a list from a TOML array or from one comma-separated string (how
@@ -166,10 +169,34 @@ pub struct LogSettings {
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum LogFormat {
     Text,
     Json,
+}
+
+impl TryFrom<String> for LogFormat {
+    type Error = String;
+
+    // serde's own enum error ("does not have variant constructor") names Rust, not the file.
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        match value.as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!(
+                "log.format must be \"text\" or \"json\", not {other:?}"
+            )),
+        }
+    }
+}
+
+/// Refuses a connection string either plane could not use (scheme, syntax, sslmode,
+/// sslrootcert, options tokio-postgres does not know), naming the key but never
+/// repeating the URL, which may hold a password.
+fn check_database_url(key: &str, url: &str) -> Result<(), SettingsError> {
+    crate::redact::parse_database_url(url).map_err(|e| SettingsError(format!("{key}: {e}")))?;
+    backfill_dataplane::Endpoint::parse(url).map_err(|e| SettingsError(format!("{key}: {e}")))?;
+    Ok(())
 }
 
 /// The `BACKFILLD_<SECTION>__<KEY>` source; list keys take comma-separated values.
@@ -183,10 +210,72 @@ fn environment() -> config::Environment {
         .try_parsing(true)
 }
 
-/// A configuration that cannot be used; the message names the file, key or value.
+/// A configuration that cannot be used; the message names the file, key or value, on
+/// one line (it is what `backfilld` prints before exiting 2).
 #[derive(Debug, thiserror::Error)]
 #[error("configuration error: {0}")]
 pub struct SettingsError(String);
+
+impl From<config::ConfigError> for SettingsError {
+    fn from(e: config::ConfigError) -> Self {
+        let mut message = one_line(&e.to_string());
+        if message.contains("expected a duration") {
+            message.push_str(" (write a number with a unit, e.g. \"500ms\", \"2s\", \"1m\")");
+        }
+        SettingsError(message)
+    }
+}
+
+/// A type error naming `file` as the operator wrote it: config names it relative to the
+/// working directory (`../../../etc/backfilld.toml`).
+fn named_as_given(e: config::ConfigError, file: Option<&Path>) -> config::ConfigError {
+    match (e, file) {
+        (
+            config::ConfigError::Type {
+                origin: Some(origin),
+                unexpected,
+                expected,
+                key,
+            },
+            Some(path),
+        ) if origin != ENVIRONMENT_ORIGIN => config::ConfigError::Type {
+            origin: Some(path.display().to_string()),
+            unexpected,
+            expected,
+            key,
+        },
+        (e, _) => e,
+    }
+}
+
+/// How config names the environment as the origin of a value.
+const ENVIRONMENT_ORIGIN: &str = "the environment";
+
+/// `text` on one line: line breaks and the indentation after them become one space.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Refuses a config file that is not TOML with one line naming the place, instead of the
+/// multi-line snippet the parser draws.
+fn check_toml(path: &Path) -> Result<(), SettingsError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| SettingsError(format!("cannot read config file {}: {e}", path.display())))?;
+    toml::from_str::<toml::Table>(&text).map_err(|e| {
+        let place = e.span().map_or(String::new(), |span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(" at line {line}, column {column}")
+        });
+        SettingsError(format!(
+            "config file {} is not valid TOML{place}: {}",
+            path.display(),
+            one_line(e.message())
+        ))
+    })?;
+    Ok(())
+}
 
 impl Settings {
     /// Loads defaults, then `file` if given, then the environment.
@@ -202,36 +291,24 @@ impl Settings {
                     path.display()
                 )));
             }
+            check_toml(path)?;
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
         builder = builder.add_source(environment());
         if let Ok(url) = std::env::var("DATABASE_URL") {
-            builder = builder
-                .set_override("database.url", url)
-                .map_err(|e| SettingsError(e.to_string()))?;
+            builder = builder.set_override("database.url", url)?;
         }
         let settings: Settings = builder
             .build()
             .and_then(|c| c.try_deserialize())
-            .map_err(|e| SettingsError(e.to_string()))?;
+            .map_err(|e| named_as_given(e, file))?;
         settings.validate()?;
         Ok(settings)
     }
 
     fn validate(&self) -> Result<(), SettingsError> {
         let fail = |msg: String| Err(SettingsError(msg));
-        let url = crate::redact::parse_database_url(&self.database.url).map_err(SettingsError)?;
-        if let Some(mode) = url
-            .query_pairs()
-            .find(|(k, _)| k == "sslmode")
-            .map(|(_, v)| v.into_owned())
-        {
-            if !["disable", "prefer"].contains(&mode.as_str()) {
-                return fail(format!(
-                    "database.url: sslmode={mode} is not supported by this build (no TLS yet); use disable or prefer"
-                ));
-            }
-        }
+        check_database_url("database.url", &self.database.url)?;
         if self.database.pool_size < 2 {
             return fail(format!(
                 "database.pool_size must be at least 2 (batches and probes), got {}",
@@ -301,9 +378,8 @@ impl Settings {
                 "[batch]/[throttle]: {e} (the throttle cannot work with these values)"
             ))
         })?;
-        for replica in &self.throttle.replica_urls {
-            crate::redact::parse_database_url(replica)
-                .map_err(|e| SettingsError(format!("throttle.replica_urls: {e}")))?;
+        for (i, replica) in self.throttle.replica_urls.iter().enumerate() {
+            check_database_url(&format!("throttle.replica_urls[{i}]"), replica)?;
         }
         if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err()
         {
@@ -394,7 +470,7 @@ mod tests {
             .add_source(environment().source(Some(vars)))
             .build()
             .and_then(|c| c.try_deserialize())
-            .map_err(|e| SettingsError(e.to_string()))?;
+            .map_err(SettingsError::from)?;
         settings.validate()?;
         Ok(settings)
     }

@@ -342,14 +342,30 @@ impl<'w> JobRun<'w> {
 
     async fn execute(&mut self) -> JobEnd {
         self.first_health_sample().await;
-        let mut target = match crate::slicing::resolve(self.worker, &self.job).await {
-            Ok(target) => target,
-            Err(DataPlaneError::JobDefinition(message)) => {
-                return self.finish(JobState::Failed, Some(message)).await
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot resolve the job's table");
-                return JobEnd::Stopped(StopReason::Unreachable);
+        // A lock held by another session (say on a table batch_sql also writes) is no
+        // fault of the job: keep the lease and try again after a pause, as a batch would,
+        // rather than hand the job back and have it claimed straight away again.
+        let mut backoff = ConnectionBackoff::default();
+        let mut target = loop {
+            match crate::slicing::resolve(self.worker, &self.job).await {
+                Ok(target) => break target,
+                Err(DataPlaneError::JobDefinition(message)) => {
+                    return self.finish(JobState::Failed, Some(message)).await
+                }
+                Err(DataPlaneError::Batch(e))
+                    if e.class() == ErrorClass::Transient(TransientKind::LockTimeout) =>
+                {
+                    let wait = backoff.next();
+                    warn!(error = %e, retry_in = ?wait, "cannot prepare the job's statements yet; retrying");
+                    self.wait(wait).await;
+                    if let Some(reason) = self.stop_reason() {
+                        return JobEnd::Stopped(reason);
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot resolve the job's table");
+                    return JobEnd::Stopped(StopReason::Unreachable);
+                }
             }
         };
         if self.job.is_sliced() {
