@@ -668,6 +668,44 @@ fn plan_on_a_million_rows_estimates_and_changes_nothing() {
 }
 
 #[test]
+fn plan_reports_a_failing_trial_batch_and_rolls_it_back() {
+    let db = TestDb::new("ops_plan_fails");
+    db.sql(
+        "CREATE TABLE numbers (id int PRIMARY KEY, raw text NOT NULL, n int);
+         INSERT INTO numbers SELECT g, CASE WHEN g = 7 THEN 'seven' ELSE g::text END FROM generate_series(1, 50) g;",
+    );
+    db.migrate();
+    db.sql(
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate)
+         VALUES ('parse_numbers', 'numbers', 'id',
+                 $$UPDATE numbers SET n = raw::int WHERE id = ANY(:keys)$$, 'n IS NULL')",
+    );
+    let out = db.backfilld(&["plan", "parse_numbers"]);
+    eprintln!("{}{}", out.stdout, out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("trial batch    FAILED (rolled back)")
+            && out.stdout.contains("invalid input syntax for type integer")
+            && out
+                .stdout
+                .contains("sets those aside in backfill.failed_rows"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stderr
+            .contains("the trial batch of job parse_numbers failed"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        db.int("SELECT count(*) FROM numbers WHERE n IS NOT NULL"),
+        0
+    );
+    assert_eq!(db.int("SELECT count(*) FROM backfill.failed_rows"), 0);
+}
+
+#[test]
 #[ignore = "backfill.job_status.rows_done is numeric since migration 0003_slices (sum of bigint): \
             `backfilld status` cannot decode it; un-ignore once the view casts it back to bigint"]
 fn status_watch_follows_a_job_until_it_ends() {

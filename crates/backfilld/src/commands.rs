@@ -5,6 +5,7 @@ use std::io::{IsTerminal as _, Write as _};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use backfill_core::error_class::ErrorClass;
 use backfill_core::throttle::HealthSample;
 use backfill_dataplane::{
     connect_pool, BatchRunner, BatchTarget, Endpoint, HealthProbe, RetryBackoff, SessionSettings,
@@ -478,6 +479,9 @@ pub struct PlanReport {
     pub trial_rows_written: Option<u64>,
     /// Why the trial batch failed, if it did.
     pub trial_error: Option<String>,
+    /// Its class (`row_level`, `transient`, `job_level`) and what a worker would do about it.
+    pub trial_error_class: Option<&'static str>,
+    pub trial_error_consequence: Option<&'static str>,
     /// The trial batch's speed, capped by the job's rows-per-second limit.
     pub expected_rows_per_second: Option<f64>,
     /// The job's rows-per-second limit (`max_rows_per_second`, else `throttle.max_rows_per_second`).
@@ -573,6 +577,14 @@ pub async fn plan(
         trial_statement_seconds: trial_ok.map(|t| t.statement.as_secs_f64()),
         trial_rows_written: trial_ok.map(|t| t.rows_written),
         trial_error: trial.as_ref().err().map(ToString::to_string),
+        trial_error_class: trial.as_ref().err().map(|e| e.class().as_str()),
+        trial_error_consequence: trial.as_ref().err().map(|e| match e.class() {
+            ErrorClass::RowLevel => {
+                "some rows fail: a worker applies the others and sets those aside in backfill.failed_rows"
+            }
+            ErrorClass::Transient(_) => "transient: a worker backs off and retries smaller",
+            ErrorClass::JobLevel => "the job would end failed with this error",
+        }),
         expected_rows_per_second,
         max_rows_per_second,
         target_batch_seconds: throttle.target_batch.as_secs_f64(),
@@ -610,8 +622,11 @@ impl PlanReport {
             "  pending rows   ~{} (planner estimate)",
             rows(self.estimated_pending_rows)
         ));
-        if let (Some(exact), Some(took)) = (self.exact_pending_rows, self.exact_count_seconds) {
-            out.push_str(&format!(", {exact} counted in {}", seconds(took)));
+        match (self.exact_pending_rows, self.exact_count_seconds) {
+            (Some(exact), Some(took)) => {
+                out.push_str(&format!(", {exact} counted in {}", seconds(took)))
+            }
+            _ => out.push_str("; --exact counts them"),
         }
         out.push('\n');
         out.push_str(&format!(
@@ -621,9 +636,14 @@ impl PlanReport {
             self.batch_size
         ));
         match (&self.trial_error, self.trial_keys) {
-            (Some(error), _) => out.push_str(&format!(
-                "  trial batch    FAILED (rolled back): {error}\n"
-            )),
+            (Some(error), _) => {
+                out.push_str(&format!(
+                    "  trial batch    FAILED (rolled back): {error}\n"
+                ));
+                if let Some(consequence) = self.trial_error_consequence {
+                    out.push_str(&format!("                 ({consequence})\n"));
+                }
+            }
             (None, Some(0)) => out.push_str("  trial batch    nothing pending: no keys to try\n"),
             (None, Some(keys)) => out.push_str(&format!(
                 "  trial batch    {keys} keys ({}..={}) in {}: keys {}, statement {}; rolled back\n",
