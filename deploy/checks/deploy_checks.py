@@ -26,6 +26,9 @@ from pathlib import Path
 
 import yaml
 
+# How panels select the chosen jobs: a job also selects its slices (name#1, name#2, ...).
+JOB_SELECTOR = 'job=~"($job)(#.*)?"'
+
 try:
     import tomllib  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover
@@ -258,8 +261,10 @@ def cmd_dashboard(args: list[str]) -> None:
                     r.check("[$__rate_interval]" in expr[m.end():] or "[$__range]" in expr[m.end():],
                             f"panel {title!r}: {fn}() without [$__rate_interval]: {expr}")
             if "job=~" in expr:
-                r.check('job=~"$job"' in expr, f"panel {title!r}: filter jobs with job=~\"$job\": {expr}")
-            concrete = expr
+                # A selected job also selects its slices (name#1, name#2, ...).
+                r.check(JOB_SELECTOR in expr, f"panel {title!r}: filter jobs with {JOB_SELECTOR}: {expr}")
+            # label_replace() replacements like "$1" are capture groups, not variables.
+            concrete = re.sub(r'"\$\d+"', '"x"', expr)
             for k in sorted(PROMQL_VARS, key=len, reverse=True):
                 concrete = concrete.replace(k, PROMQL_VARS[k])
             r.check("$" not in concrete, f"panel {title!r}: unknown variable in {expr}")

@@ -706,8 +706,6 @@ fn plan_reports_a_failing_trial_batch_and_rolls_it_back() {
 }
 
 #[test]
-#[ignore = "backfill.job_status.rows_done is numeric since migration 0003_slices (sum of bigint): \
-            `backfilld status` cannot decode it; un-ignore once the view casts it back to bigint"]
 fn status_watch_follows_a_job_until_it_ends() {
     let db = TestDb::new("ops_watch");
     db.sql(&users_table_sql(3_000));

@@ -77,8 +77,9 @@ DROP VIEW backfill.job_status;
 CREATE VIEW backfill.job_status AS
 WITH progress AS (
     SELECT j.id,
-           j.rows_done + coalesce(sum(c.rows_done), 0) AS rows_done,
-           coalesce(j.rows_total_estimate, sum(c.rows_total_estimate)) AS rows_total,
+           -- sum(bigint) is numeric: cast back so the view keeps its column types.
+           (j.rows_done + coalesce(sum(c.rows_done), 0))::bigint AS rows_done,
+           coalesce(j.rows_total_estimate, sum(c.rows_total_estimate)::bigint) AS rows_total,
            CASE WHEN count(c.id) = 0 THEN j.rows_per_second ELSE sum(c.rows_per_second) END AS rows_per_second,
            count(c.id) AS slices,
            count(c.id) FILTER (WHERE c.state = 'running' AND c.lease_token IS NOT NULL) AS slices_running,
