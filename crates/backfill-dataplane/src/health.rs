@@ -36,6 +36,8 @@ use backfill_core::throttle::{HealthSample, ReplicaLag};
 use deadpool_postgres::Pool;
 use futures::future::join_all;
 
+use crate::pool::error_chain;
+
 /// Lag of every standby streaming from the primary. `state` filters out standbys that are
 /// still starting or taking a base backup: those have no meaningful positions yet.
 const PRIMARY_LAG_SQL: &str = "SELECT application_name, \
@@ -144,7 +146,7 @@ impl HealthProbe {
             .primary
             .get()
             .await
-            .map_err(|e| format!("getting a connection: {e}"))?;
+            .map_err(|e| format!("getting a connection: {}", error_chain(&e)))?;
         let rows = client
             .query(PRIMARY_LAG_SQL, &[])
             .await
@@ -199,7 +201,10 @@ fn seconds(value: f64) -> Duration {
 
 /// Lag measured on a replica itself (see the module docs).
 async fn replica_lag(pool: &Pool, name: &str) -> Result<ReplicaLag, String> {
-    let client = pool.get().await.map_err(|e| format!("connecting: {e}"))?;
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| format!("connecting: {}", error_chain(&e)))?;
     let row = client
         .query_one(REPLICA_LAG_SQL, &[])
         .await

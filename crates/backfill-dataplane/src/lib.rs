@@ -21,5 +21,5 @@ pub use batch::{
 pub use error::{BatchError, DataPlaneError};
 pub use health::HealthProbe;
 pub use plan::TrialBatch;
-pub use pool::{connect_pool, Endpoint, SessionSettings, SslMode};
+pub use pool::{connect_pool, error_chain, Endpoint, SessionSettings, SslMode};
 pub use target::{BatchTarget, JobDefinition};

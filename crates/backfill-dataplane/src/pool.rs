@@ -247,6 +247,23 @@ pub fn connect_pool(
     Endpoint::parse(database_url)?.pool(settings)
 }
 
+/// `e` with the errors beneath it, on one line: tokio-postgres and deadpool say only
+/// "error performing TLS handshake" where the cause ("invalid peer certificate:
+/// UnknownIssuer") is one level down. A level already quoted by the one above is skipped.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Refuses a URL parameter tokio-postgres does not take (`sslcert`, a typo…) by name:
 /// its parser says only "invalid connection string". The value is not repeated.
 fn check_parameter(key: &str, value: &str) -> Result<(), String> {
@@ -438,6 +455,25 @@ mod tests {
         assert_eq!(
             error("postgres://app:s3cret@db/x?sslcert=/client.crt"),
             "the database URL's parameter sslcert is not supported"
+        );
+    }
+
+    #[test]
+    fn error_chains_name_the_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("error performing TLS handshake")]
+        struct Outer(#[source] std::io::Error);
+        #[derive(Debug, thiserror::Error)]
+        #[error("connect failed: {0}")]
+        struct Quoting(#[source] std::io::Error);
+        let cause = || std::io::Error::other("invalid peer certificate: UnknownIssuer");
+        assert_eq!(
+            error_chain(&Outer(cause())),
+            "error performing TLS handshake: invalid peer certificate: UnknownIssuer"
+        );
+        assert_eq!(
+            error_chain(&Quoting(cause())),
+            "connect failed: invalid peer certificate: UnknownIssuer"
         );
     }
 

@@ -19,10 +19,18 @@ pub async fn migrate(pool: &PgPool) -> Result<(), QueueError> {
         .acquire()
         .await
         .context("connecting to run migrations")?;
-    sqlx::query("CREATE SCHEMA IF NOT EXISTS backfill")
-        .execute(&mut *conn)
+    // CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema is
+    // there: a least-privilege role is given schema backfill (README), not that.
+    let exists: bool = sqlx::query_scalar("SELECT to_regnamespace('backfill') IS NOT NULL")
+        .fetch_one(&mut *conn)
         .await
-        .context("creating schema backfill")?;
+        .context("looking for schema backfill")?;
+    if !exists {
+        sqlx::query("CREATE SCHEMA IF NOT EXISTS backfill")
+            .execute(&mut *conn)
+            .await
+            .context("creating schema backfill")?;
+    }
     let mut session: PgConnection = conn.detach();
     sqlx::query("SET search_path TO backfill")
         .execute(&mut session)

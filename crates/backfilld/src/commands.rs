@@ -8,8 +8,8 @@ use anyhow::Context as _;
 use backfill_core::error_class::ErrorClass;
 use backfill_core::throttle::HealthSample;
 use backfill_dataplane::{
-    connect_pool, BatchRunner, BatchTarget, Endpoint, HealthProbe, RetryBackoff, SessionSettings,
-    SslMode,
+    connect_pool, error_chain, BatchRunner, BatchTarget, Endpoint, HealthProbe, RetryBackoff,
+    SessionSettings, SslMode,
 };
 use backfill_queue::{Job, JobState, JobStatus, NewJob, Phase, QueueError, SteeringVerb};
 use serde::Serialize;
@@ -120,8 +120,10 @@ impl Database {
         let first = data.get().await.map_err(|e| {
             unreachable(match e {
                 deadpool_postgres::PoolError::Timeout(_) => timed_out().reason,
-                deadpool_postgres::PoolError::Backend(e) => format!("data plane: {e}"),
-                other => format!("data plane: {other}"),
+                deadpool_postgres::PoolError::Backend(e) => {
+                    format!("data plane: {}", error_chain(&e))
+                }
+                other => format!("data plane: {}", error_chain(&other)),
             })
         })?;
         drop(first); // back into the pool

@@ -21,18 +21,20 @@ pub fn redacted(raw: &str) -> String {
             if url.password().is_some() {
                 let _ = url.set_password(Some("***"));
             }
-            let pairs: Vec<(String, String)> = url
-                .query_pairs()
-                .map(|(k, v)| {
-                    let v = if k == "password" {
-                        "***".to_string()
-                    } else {
-                        v.into_owned()
-                    };
-                    (k.into_owned(), v)
-                })
-                .collect();
-            if !pairs.is_empty() {
+            // Only a query holding a password is rewritten: re-encoding would turn an
+            // sslrootcert=/path into %2Fpath for nothing.
+            if url.query_pairs().any(|(k, _)| k == "password") {
+                let pairs: Vec<(String, String)> = url
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if k == "password" {
+                            "***".to_string()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
                 url.query_pairs_mut().clear().extend_pairs(pairs);
             }
             url.to_string()
@@ -117,6 +119,10 @@ mod tests {
             "postgres://db/x?password=***&sslmode=disable"
         );
         assert_eq!(redacted("not a url s3cret"), "<unparseable database URL>");
+        assert_eq!(
+            redacted("postgres://db/x?sslmode=verify-full&sslrootcert=/etc/ca.crt"),
+            "postgres://db/x?sslmode=verify-full&sslrootcert=/etc/ca.crt"
+        );
     }
 
     #[test]

@@ -193,10 +193,28 @@ impl TryFrom<String> for LogFormat {
 /// Refuses a connection string either plane could not use (scheme, syntax, sslmode,
 /// sslrootcert, options tokio-postgres does not know), naming the key but never
 /// repeating the URL, which may hold a password.
-fn check_database_url(key: &str, url: &str) -> Result<(), SettingsError> {
+fn check_database_url(key: &str, url: &str) -> Result<backfill_dataplane::Endpoint, SettingsError> {
     crate::redact::parse_database_url(url).map_err(|e| SettingsError(format!("{key}: {e}")))?;
-    backfill_dataplane::Endpoint::parse(url).map_err(|e| SettingsError(format!("{key}: {e}")))?;
-    Ok(())
+    backfill_dataplane::Endpoint::parse(url).map_err(|e| SettingsError(format!("{key}: {e}")))
+}
+
+/// Refuses a chain-only check (verify-ca, or require with sslrootcert as in libpq) for
+/// the main database: sqlx 0.8, which the control plane runs on, lets such a check fail
+/// on the host name with rustls 0.23 (it expects rustls' older name-mismatch error), so
+/// the daemon could not connect. Replicas are probed by the data plane alone and may.
+fn check_control_plane_tls(endpoint: &backfill_dataplane::Endpoint) -> Result<(), SettingsError> {
+    use backfill_dataplane::SslMode;
+    let chain_only = match endpoint.ssl_mode() {
+        SslMode::VerifyCa => "sslmode=verify-ca",
+        SslMode::Require if endpoint.root_cert().is_some() => {
+            "sslmode=require with sslrootcert (which verifies the chain only, as in libpq)"
+        }
+        _ => return Ok(()),
+    };
+    Err(SettingsError(format!(
+        "database.url: {chain_only} is not supported for the main database (its control-plane \
+         driver cannot check a certificate chain without the host name); use sslmode=verify-full"
+    )))
 }
 
 /// The `BACKFILLD_<SECTION>__<KEY>` source; list keys take comma-separated values.
@@ -308,7 +326,7 @@ impl Settings {
 
     fn validate(&self) -> Result<(), SettingsError> {
         let fail = |msg: String| Err(SettingsError(msg));
-        check_database_url("database.url", &self.database.url)?;
+        check_control_plane_tls(&check_database_url("database.url", &self.database.url)?)?;
         if self.database.pool_size < 2 {
             return fail(format!(
                 "database.pool_size must be at least 2 (batches and probes), got {}",
