@@ -243,6 +243,14 @@ fn jobs_that_pass_the_insert_but_cannot_run_fail_alone_with_a_clear_last_error()
            VALUES ('quoted', '"Odd ""Name"""', 'Key "K"',
                    $$UPDATE "Odd ""Name""" SET "v;alue" = 1 WHERE "Key ""K""" = ANY(:keys)$$, '"v;alue" <> 1')"#,
     );
+    // Enqueued before the INSERT refused such predicates (migration 0004): the daemon
+    // refuses it too, or `… AND (v = 0) OR (true)` would re-select the first keys forever.
+    db.sql(
+        "ALTER TABLE backfill.jobs DISABLE TRIGGER jobs_validate;
+         INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, priority)
+         VALUES ('escaping', 'public.items', 'k', $$UPDATE items SET v = v + 1 WHERE k = ANY(:keys)$$, 'v = 0) OR (true', 10);
+         ALTER TABLE backfill.jobs ENABLE TRIGGER jobs_validate;",
+    );
     good_job(&db);
 
     let env = quick_worker("cannot_run");
@@ -255,6 +263,10 @@ fn jobs_that_pass_the_insert_but_cannot_run_fail_alone_with_a_clear_last_error()
             "job {name}"
         );
     }
+    assert_eq!(
+        last_error(&db, "escaping"),
+        "failed: pending_predicate must be a single boolean expression, but it does not parse on its own: syntax error at or near \")\" (SQLSTATE 42601)"
+    );
     assert_eq!(
         last_error(&db, "quoted"),
         "succeeded: ",

@@ -543,7 +543,7 @@ fn a_role_without_pg_monitor_is_refused_unless_blind_running_is_allowed() {
         ("standby_a".to_string(), true, true)
     );
 
-    let blind = "role unmonitored cannot see other sessions' statistics (it has neither pg_monitor nor pg_read_all_stats): pg_stat_replication hides standby positions from it (1 standbys hidden now) and pg_stat_activity hides other sessions' lock waits, so the replication-lag and lock probes are blind";
+    let blind = "role unmonitored cannot see other sessions' statistics (it has neither pg_monitor nor pg_read_all_stats): pg_stat_replication hides standby positions from it (standbys hidden from it now: 1) and pg_stat_activity hides other sessions' lock waits, so the replication-lag and lock probes are blind";
     let env = quick_worker("blind");
     let refused = backfilld_at(&as_role, &["run", "--exit-when-idle"], &env_refs(&env));
     assert_eq!(

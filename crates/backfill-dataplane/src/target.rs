@@ -140,6 +140,14 @@ impl BatchTarget {
             upper_key: job.upper_key.clone(),
             sql,
         };
+        for (column, predicate) in [
+            ("pending_predicate", &job.pending_predicate),
+            ("check_predicate", &job.check_predicate),
+        ] {
+            if let Some(predicate) = predicate {
+                check_stands_alone(client, &target, column, predicate).await?;
+            }
+        }
         target.check_statements(client).await?;
         Ok(target)
     }
@@ -268,6 +276,29 @@ impl TargetSql {
             pending,
         }
     }
+}
+
+/// Our queries paste a predicate inside `(…)`; one that closes that parenthesis itself
+/// (`v = 0) OR (true`) parses there but changes what they select: `… AND (v = 0) OR
+/// (true)` selects the first keys after every checkpoint. Where nothing encloses it,
+/// between CASE WHEN and THEN, it must parse too. The INSERT checks the same (migration
+/// 0004); this catches jobs enqueued before.
+async fn check_stands_alone(
+    client: &Client,
+    target: &BatchTarget,
+    column: &str,
+    predicate: &str,
+) -> Result<(), DataPlaneError> {
+    let sql = format!(
+        "SELECT CASE WHEN {predicate} THEN 1 END FROM {} t LIMIT 0",
+        target.table
+    );
+    client.prepare(&sql).await.map_err(|e| {
+        definition_or_transient(&target.job_name, "preparing its statements", &e, |message| {
+            format!("{column} must be a single boolean expression, but it does not parse on its own: {message}")
+        })
+    })?;
+    Ok(())
 }
 
 /// What a statement that failed while resolving job `job_name` means: a transient error

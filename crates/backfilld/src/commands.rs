@@ -154,7 +154,7 @@ impl Database {
         let blind = format!(
             "role {role} cannot see other sessions' statistics (it has neither pg_monitor nor \
              pg_read_all_stats): pg_stat_replication hides standby positions from it \
-             ({hidden_standbys} standbys hidden now) and pg_stat_activity hides other sessions' \
+             (standbys hidden from it now: {hidden_standbys}) and pg_stat_activity hides other sessions' \
              lock waits, so the replication-lag and lock probes are blind"
         );
         if !settings.throttle.allow_blind {
