@@ -380,6 +380,18 @@ fn verify_full_against_a_certificate_for_another_host_fails_with_one_line() {
     let other_ca = files.dir.path().join("other-ca.crt");
     let other = CertifiedIssuer::self_signed(ca_params("another CA"), key_pair()).expect("CA");
     write(&other_ca, &other.pem(), 0o644);
+    let untrusted = url(
+        "postgres",
+        None,
+        "localhost",
+        cluster,
+        &db.name,
+        &format!("sslmode=verify-full&sslrootcert={}", other_ca.display()),
+    );
+    assert_eq!(
+        backfilld_at(&untrusted, &["status"], &[]).usage_error(),
+        format!("backfilld: cannot connect to the database at {untrusted}: error communicating with database: invalid peer certificate: UnknownIssuer")
+    );
     let replicas = [
         url(
             "postgres",
