@@ -448,9 +448,13 @@ impl BatchRunner {
             }
         };
         let applied = i64::try_from(stats.applied).unwrap_or(i64::MAX);
+        let fence_statement = tx
+            .prepare_cached(FENCE_SQL)
+            .await
+            .map_err(|e| BatchError::from_driver(context("advancing the checkpoint"), &e))?;
         let fenced = tx
             .execute(
-                FENCE_SQL,
+                &fence_statement,
                 &[
                     &fence.job_id,
                     &fence.token,
@@ -494,27 +498,30 @@ async fn select_keys(
 ) -> Result<Vec<String>, BatchError> {
     let limit = i64::from(limit);
     let sql = &target.sql;
-    let rows = match (source, &target.upper_key) {
-        (KeySource::After(None), None) => tx.query(&sql.first_keys, &[&limit]).await,
-        (KeySource::After(Some(after)), None) => tx.query(&sql.next_keys, &[&after, &limit]).await,
-        (KeySource::After(None), Some(upper)) => {
-            tx.query(&sql.first_keys_below, &[upper, &limit]).await
-        }
+    let (query, params): (&str, Vec<&(dyn ToSql + Sync)>) = match (&source, &target.upper_key) {
+        (KeySource::After(None), None) => (&sql.first_keys, vec![&limit]),
+        (KeySource::After(Some(after)), None) => (&sql.next_keys, vec![after, &limit]),
+        (KeySource::After(None), Some(upper)) => (&sql.first_keys_below, vec![upper, &limit]),
         (KeySource::After(Some(after)), Some(upper)) => {
-            tx.query(&sql.next_keys_below, &[&after, upper, &limit])
-                .await
+            (&sql.next_keys_below, vec![after, upper, &limit])
         }
         (KeySource::AfterExcludingFailed(None), _) => {
-            tx.query(&sql.first_keys_excluding_failed, &[&limit]).await
+            (&sql.first_keys_excluding_failed, vec![&limit])
         }
         (KeySource::AfterExcludingFailed(Some(after)), _) => {
-            tx.query(&sql.next_keys_excluding_failed, &[&after, &limit])
-                .await
+            (&sql.next_keys_excluding_failed, vec![after, &limit])
         }
         (KeySource::FailedRows { max_attempts }, _) => {
-            tx.query(&sql.retry_keys, &[&max_attempts, &limit]).await
+            (&sql.retry_keys, vec![max_attempts, &limit])
         }
+    };
+    // Prepared once per connection, like the batch statement: a plain query would be
+    // parsed and planned again for every batch, one more round trip each time.
+    let rows = async {
+        let statement = tx.prepare_cached(query).await?;
+        tx.query(&statement, &params).await
     }
+    .await
     .map_err(|e| {
         BatchError::from_driver(
             format!("job {:?}: selecting the next keys", target.job_name),
