@@ -85,6 +85,10 @@ struct Options {
     /// runs use the first.
     #[arg(long, value_delimiter = ',', value_enum, default_values_t = [JobForm::KeyArray, JobForm::Range])]
     forms: Vec<JobForm>,
+    /// Slices (`parallelism`, run by one daemon with as many job slots) of the limits-off
+    /// runs: each count with each form; the memory-only runs use the first.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 2])]
+    parallelism: Vec<u32>,
     /// Extra KEY=VALUE environment for the limits-off runs, e.g.
     /// BACKFILLD_BATCH__MAX_SIZE=50000 (to try settings).
     #[arg(long = "unthrottled-setting", value_parser = parse_setting)]
@@ -192,8 +196,12 @@ async fn run(options: Options) -> anyhow::Result<()> {
     }
     if wants(Scenario::Unthrottled) {
         for &form in &options.forms {
-            let measurement = bench.backfilld_unthrottled(&unthrottled, form).await?;
-            report.unthrottled.push(done(measurement));
+            for &parallelism in &options.parallelism {
+                let measurement = bench
+                    .backfilld_unthrottled(&unthrottled, form, parallelism)
+                    .await?;
+                report.unthrottled.push(done(measurement));
+            }
         }
     }
     if wants(Scenario::Throttled) {
@@ -220,6 +228,11 @@ async fn run(options: Options) -> anyhow::Result<()> {
         }
     }
     report.context = context_lines(&options, &bench, &unthrottled, load_before)?;
+    if options.logs.is_some() {
+        let log = bench.work_dir.join("postgres-primary.log");
+        std::fs::copy(bench.fixture.primary.log_path(), &log)
+            .with_context(|| format!("copying the primary's log to {}", log.display()))?;
+    }
 
     let markdown = report.to_markdown();
     println!("\n{markdown}");

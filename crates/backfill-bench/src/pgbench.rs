@@ -46,6 +46,8 @@ impl LoadShape {
 /// One completed pgbench transaction.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Transaction {
+    /// Which script ran: 0 `simple-update`, 1 the users script.
+    pub script: u32,
     /// When it completed, in microseconds since the Unix epoch.
     pub completed_at_us: i64,
     /// Latency from its scheduled start (so time queued behind a slow one counts), in ms.
@@ -129,9 +131,11 @@ fn log_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 fn parse_log_line(line: &str) -> Option<Transaction> {
     let fields: Vec<&str> = line.split_whitespace().collect();
     let latency_us: f64 = fields.get(2)?.parse().ok()?;
+    let script: u32 = fields.get(3)?.parse().ok()?;
     let epoch: i64 = fields.get(4)?.parse().ok()?;
     let micros: i64 = fields.get(5)?.parse().ok()?;
     Some(Transaction {
+        script,
         completed_at_us: epoch * 1_000_000 + micros,
         latency_ms: latency_us / 1000.0,
     })
@@ -150,22 +154,33 @@ pub struct LatencySummary {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// p99 of each script alone: `simple-update`, then the users script.
+    pub p99_by_script_ms: [Option<f64>; 2],
 }
 
 impl LatencySummary {
     /// Summarizes `transactions` completed within `window` (epoch microseconds).
     pub fn over(transactions: &[Transaction], window: (i64, i64)) -> Option<LatencySummary> {
-        let latencies: Vec<f64> = transactions
+        let in_window: Vec<&Transaction> = transactions
             .iter()
             .filter(|t| (window.0..=window.1).contains(&t.completed_at_us))
-            .map(|t| t.latency_ms)
             .collect();
+        let latencies: Vec<f64> = in_window.iter().map(|t| t.latency_ms).collect();
+        let p99_of_script = |script: u32| {
+            let of_script: Vec<f64> = in_window
+                .iter()
+                .filter(|t| t.script == script)
+                .map(|t| t.latency_ms)
+                .collect();
+            percentile(&of_script, 99.0)
+        };
         let seconds = Duration::from_micros(u64::try_from(window.1 - window.0).ok()?).as_secs_f64();
         Some(LatencySummary {
             tps: latencies.len() as f64 / seconds.max(1e-6),
             p50_ms: percentile(&latencies, 50.0)?,
             p99_ms: percentile(&latencies, 99.0)?,
             max_ms: crate::stats::peak(&latencies)?,
+            p99_by_script_ms: [p99_of_script(0), p99_of_script(1)],
         })
     }
 }
@@ -178,6 +193,7 @@ mod tests {
     fn parses_rate_limited_log_lines() {
         let t = parse_log_line("3 17 2345 1 1700000000 123456 210").unwrap();
         assert_eq!(t.completed_at_us, 1_700_000_000_123_456);
+        assert_eq!(t.script, 1);
         assert_eq!(t.latency_ms, 2.345);
         assert_eq!(parse_log_line("3 18 skipped 1 1700000000 123456 210"), None);
         assert_eq!(parse_log_line(""), None);
@@ -186,6 +202,7 @@ mod tests {
     #[test]
     fn summary_counts_only_the_window() {
         let at = |s: i64, ms: f64| Transaction {
+            script: 0,
             completed_at_us: s * 1_000_000,
             latency_ms: ms,
         };

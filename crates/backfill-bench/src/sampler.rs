@@ -1,7 +1,8 @@
 //! Samples the standby's replication lag on the primary every 100 ms while a scenario
-//! runs, and notes which backends belong to backfilld (to attribute lock waits).
+//! runs, notes which backends belong to backfilld (to attribute lock waits), and what
+//! active pgbench sessions are waiting for (to explain their latency).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -21,7 +22,9 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
 const SAMPLE_SQL: &str = "SELECT \
         coalesce(max(CASE WHEN behind > 0 THEN extract(epoch FROM replay_lag) ELSE 0 END), 0)::float8, \
         coalesce(max(behind), 0)::float8, \
-        ARRAY(SELECT pid FROM pg_stat_activity WHERE application_name = 'backfilld') \
+        ARRAY(SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'backfilld%'), \
+        ARRAY(SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') FROM pg_stat_activity \
+               WHERE application_name = 'pgbench' AND state = 'active') \
    FROM (SELECT replay_lag, pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn) AS behind \
            FROM pg_stat_replication WHERE application_name = $1) AS standby";
 
@@ -32,8 +35,24 @@ pub struct Samples {
     pub lag_seconds: Vec<f64>,
     /// Replay lag in bytes, one value per sample.
     pub lag_bytes: Vec<f64>,
-    /// Backends whose application_name was `backfilld` at any sample.
+    /// Backends whose application_name started with `backfilld` at any sample.
     pub backfilld_pids: HashSet<i32>,
+    /// How often an active pgbench session was seen in each wait event (`CPU`: none).
+    pub pgbench_waits: BTreeMap<String, u32>,
+}
+
+impl Samples {
+    /// The most frequent wait events of active pgbench sessions, e.g. `CPU 40, LWLock:WALWrite 12`.
+    pub fn describe_pgbench_waits(&self) -> String {
+        let mut waits: Vec<(&String, &u32)> = self.pgbench_waits.iter().collect();
+        waits.sort_by(|a, b| b.1.cmp(a.1));
+        let top: Vec<String> = waits
+            .iter()
+            .take(6)
+            .map(|(e, n)| format!("{e} {n}"))
+            .collect();
+        top.join(", ")
+    }
 }
 
 /// A running sampler; [`Sampler::finish`] stops it and hands over its samples.
@@ -74,6 +93,9 @@ impl Sampler {
                 samples.lag_seconds.push(row.get(0));
                 samples.lag_bytes.push(row.get(1));
                 samples.backfilld_pids.extend(row.get::<_, Vec<i32>>(2));
+                for event in row.get::<_, Vec<String>>(3) {
+                    *samples.pgbench_waits.entry(event).or_default() += 1;
+                }
             }
         });
         Ok(Sampler { stop, task })

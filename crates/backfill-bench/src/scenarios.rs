@@ -163,20 +163,39 @@ impl Bench {
     }
 
     /// Scenario 3: backfilld with its limits off, at the given settings, running the job
-    /// in `form`.
+    /// in `form` cut into `parallelism` slices, all driven by the one daemon process.
     pub async fn backfilld_unthrottled(
         &mut self,
         settings: &[(String, String)],
         form: JobForm,
+        parallelism: u32,
     ) -> anyhow::Result<Measurement> {
         let db = self.copy("bench_unthrottled")?;
         let url = self.enqueue(&db, form)?;
-        let label = format!("unthrottled-{form:?}");
+        let mut settings = settings.to_vec();
+        if parallelism > 1 {
+            self.fixture.psql(
+                &db,
+                &format!(
+                    "UPDATE backfill.jobs SET parallelism = {parallelism} WHERE name = 'split_full_name'"
+                ),
+            )?;
+            settings.push((
+                "BACKFILLD_WORKER__CONCURRENCY".to_string(),
+                parallelism.to_string(),
+            ));
+        }
+        let label = format!("unthrottled-{form:?}-{parallelism}");
         let (run, observed) = self
-            .observe(self.run_daemon(&url, settings, &label))
+            .observe(self.run_daemon(&url, &settings, &label))
             .await?;
         self.check_result(&db, "3")?;
-        let name = format!("3. backfilld, limits off, {}", form.label());
+        let slices = if parallelism == 1 {
+            "1 slice".to_string()
+        } else {
+            format!("{parallelism} slices")
+        };
+        let name = format!("3. backfilld, limits off, {}, {slices}", form.label());
         let mut measurement = self.measurement(&name, observed);
         measurement.daemon = Some(run);
         Ok(measurement)
@@ -207,6 +226,10 @@ impl Bench {
             })
             .await?;
         self.check_result(&db, "4")?;
+        eprintln!(
+            "backfill-bench: active pgbench sessions under backfill, by wait event (samples): {}",
+            observed.samples.describe_pgbench_waits()
+        );
         let waits = lockwaits::read_since(&log, log_offset)?;
         let longest_wait =
             lockwaits::longest_wait_on(&waits, "pgbench", &observed.samples.backfilld_pids);
@@ -242,6 +265,10 @@ impl Bench {
             })
             .await?;
         self.fixture.drop_database(&db)?;
+        eprintln!(
+            "backfill-bench: active pgbench sessions alone, by wait event (samples): {}",
+            observed.samples.describe_pgbench_waits()
+        );
         let mut measurement = self.measurement("pgbench alone (baseline)", observed);
         measurement.rows = 0;
         measurement.load = LatencySummary::over(&transactions, window);
@@ -332,6 +359,9 @@ impl Bench {
         let started = Instant::now();
         let result = work.await;
         let wall = started.elapsed();
+        // Backends of a client that just exited may still be on their way out; once the
+        // postmaster has reaped them their time shows in its cutime, not before.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let cpu_after = tree_cpu_seconds(postmaster)?;
         let wal_after = self.fixture.wal_position()?;
         let samples = sampler.finish().await?;

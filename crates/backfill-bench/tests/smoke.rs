@@ -29,8 +29,10 @@ fn a_tiny_quick_run_prints_every_scenario() {
     for row in [
         "| 1. single UPDATE |",
         "| 2. PL/pgSQL loop",
-        "| 3. backfilld, limits off, = ANY(:keys) |",
-        "| 3. backfilld, limits off, BETWEEN :first_key AND :last_key |",
+        "| 3. backfilld, limits off, = ANY(:keys), 1 slice |",
+        "| 3. backfilld, limits off, = ANY(:keys), 2 slices |",
+        "| 3. backfilld, limits off, BETWEEN :first_key AND :last_key, 1 slice |",
+        "| 3. backfilld, limits off, BETWEEN :first_key AND :last_key, 2 slices |",
         "| 4. backfilld, default throttle",
         "| pgbench alone (baseline) |",
         "| target | measured | met |",
