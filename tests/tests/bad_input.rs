@@ -392,7 +392,7 @@ fn bad_configuration_exits_2_with_one_clear_line() {
         ),
         (
             with_env("BACKFILLD_DATABASE__POOL_SIZE", "1"),
-            "backfilld: configuration error: database.pool_size must be at least 2 (batches and probes), got 1".into(),
+            "backfilld: configuration error: database.pool_size (1) must be greater than worker.concurrency (1): one connection per job plus one for the health probes".into(),
         ),
         (
             with_env("BACKFILLD_WORKER__HEARTBEAT", "20s"),

@@ -327,14 +327,16 @@ impl Settings {
     fn validate(&self) -> Result<(), SettingsError> {
         let fail = |msg: String| Err(SettingsError(msg));
         check_control_plane_tls(&check_database_url("database.url", &self.database.url)?)?;
-        if self.database.pool_size < 2 {
-            return fail(format!(
-                "database.pool_size must be at least 2 (batches and probes), got {}",
-                self.database.pool_size
-            ));
-        }
         if self.worker.concurrency == 0 {
             return fail("worker.concurrency must be at least 1".to_string());
+        }
+        // Each job holds a connection for its batch; the health probe needs one
+        // more, or it starves and every job holds on a failed probe.
+        if self.database.pool_size <= self.worker.concurrency {
+            return fail(format!(
+                "database.pool_size ({}) must be greater than worker.concurrency ({}): one connection per job plus one for the health probes",
+                self.database.pool_size, self.worker.concurrency
+            ));
         }
         if self.worker.heartbeat.is_zero() || self.worker.heartbeat * 2 > self.worker.lease {
             return fail(format!(
