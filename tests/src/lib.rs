@@ -21,7 +21,7 @@ pub fn backfilld_bin() -> PathBuf {
         .join("backfilld");
     assert!(
         bin.is_file(),
-        "{} is missing: build it first (`cargo build -p backfilld`, which scripts/test does)",
+        "{} is missing: build it first (`cargo build [--release] -p backfilld`, the profile the tests run in; scripts/test does)",
         bin.display()
     );
     bin
