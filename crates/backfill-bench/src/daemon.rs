@@ -18,7 +18,7 @@ pub struct Batch {
 }
 
 /// One `backfilld run --exit-when-idle` from start to exit.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct DaemonRun {
     pub wall: Duration,
     pub usage: ChildUsage,

@@ -93,6 +93,14 @@ struct Options {
     /// BACKFILLD_BATCH__MAX_SIZE=50000 (to try settings).
     #[arg(long = "unthrottled-setting", value_parser = parse_setting)]
     unthrottled_settings: Vec<(String, String)>,
+    /// Extra KEY=VALUE environment for the run under load, on top of the defaults (e.g.
+    /// BACKFILLD_THROTTLE__MAX_ROWS_PER_SECOND=20000, to see what it takes).
+    #[arg(long = "throttled-setting", value_parser = parse_setting)]
+    throttled_settings: Vec<(String, String)>,
+    /// Also run scenario 4 with this `throttle.max_rows_per_second` (0: don't; never
+    /// with --quick), to show what it takes to stay out of production's way.
+    #[arg(long, default_value_t = 20_000)]
+    rate_limited: u32,
     /// Keep the daemon logs in this directory (default: a temporary one).
     #[arg(long)]
     logs: Option<PathBuf>,
@@ -177,14 +185,15 @@ async fn run(options: Options) -> anyhow::Result<()> {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     unthrottled.extend(options.unthrottled_settings.iter().cloned());
-    let throttled = vec![expected_standby_setting()];
+    let mut throttled = vec![expected_standby_setting()];
+    throttled.extend(options.throttled_settings.iter().cloned());
 
     let mut report = Report {
         context: Vec::new(),
         single: None,
         plpgsql: None,
         unthrottled: Vec::new(),
-        loaded: None,
+        loaded: Vec::new(),
         baseline: None,
         memory: Vec::new(),
     };
@@ -210,15 +219,46 @@ async fn run(options: Options) -> anyhow::Result<()> {
         } else {
             (Duration::from_secs(10), Duration::from_secs(120))
         };
-        let (loaded, baseline) = bench.backfilld_under_load(&throttled, bounds).await?;
-        report.loaded = Some(done(loaded));
-        report.baseline = Some(done(baseline));
+        let name = format!(
+            "4. backfilld, default throttle, {}, under pgbench",
+            JobForm::KeyArray.label()
+        );
+        let loaded = done(bench.backfilld_under_load(&throttled, &name).await?);
+        let mut longest = loaded.observed.wall;
+        report.loaded.push(loaded);
+        if options.rate_limited > 0 && !options.quick {
+            let rate = options.rate_limited;
+            let mut settings = throttled.clone();
+            settings.push((
+                "BACKFILLD_THROTTLE__MAX_ROWS_PER_SECOND".to_string(),
+                rate.to_string(),
+            ));
+            let name = format!(
+                "4b. backfilld, default throttle + max_rows_per_second = {rate}, under pgbench"
+            );
+            let limited = done(bench.backfilld_under_load(&settings, &name).await?);
+            longest = longest.max(limited.observed.wall);
+            report.loaded.push(limited);
+        }
+        let length = longest
+            .saturating_sub(bench.warmup)
+            .clamp(bounds.0, bounds.1);
+        report.baseline = Some(done(bench.pgbench_alone(length).await?));
+    }
+    let memory_form = options.forms.first().copied().unwrap_or(JobForm::KeyArray);
+    let memory_slices = options.parallelism.first().copied().unwrap_or(1);
+    if let Some(same_settings) = report.unthrottled.first() {
+        // Scenario 3's first run has the memory runs' settings: the same curve.
+        if let Some(run) = &same_settings.daemon {
+            report.memory.push((options.rows, run.clone()));
+        }
     }
     if wants(Scenario::Memory) && !options.quick {
         for &rows in &options.memory_rows {
             progress(format_args!("memory-only run at {rows} rows…"));
-            let form = options.forms.first().copied().unwrap_or(JobForm::KeyArray);
-            let run = bench.daemon_memory(rows, &unthrottled, form).await?;
+            let run = bench
+                .daemon_memory(rows, &unthrottled, memory_form, memory_slices)
+                .await?;
             progress(format_args!(
                 "  {rows} rows: {:.1} s, peak RSS {:.1} MiB",
                 run.wall.as_secs_f64(),
@@ -227,7 +267,8 @@ async fn run(options: Options) -> anyhow::Result<()> {
             report.memory.push((rows, run));
         }
     }
-    report.context = context_lines(&options, &bench, &unthrottled, load_before)?;
+    report.memory.sort_by_key(|(rows, _)| *rows);
+    report.context = context_lines(&options, &bench, &unthrottled, &throttled, load_before)?;
     if options.logs.is_some() {
         let log = bench.work_dir.join("postgres-primary.log");
         std::fs::copy(bench.fixture.primary.log_path(), &log)
@@ -267,6 +308,7 @@ fn context_lines(
     options: &Options,
     bench: &Bench,
     unthrottled: &[(String, String)],
+    throttled: &[(String, String)],
     load_before: String,
 ) -> anyhow::Result<Vec<String>> {
     let fixture = &bench.fixture;
@@ -296,10 +338,10 @@ fn context_lines(
         })
         .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let settings: Vec<String> = unthrottled
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+    let describe = |settings: &[(String, String)]| {
+        let pairs: Vec<String> = settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        pairs.join(" ")
+    };
     let command = if options.quick {
         format!("scripts/bench --rows {} --quick", options.rows)
     } else {
@@ -318,10 +360,10 @@ fn context_lines(
         ),
         format!("Load of scenario 4: {}", bench.load.describe()),
         format!(
-            "Scenario 3 (limits off) settings: {}; scenario 4: config/default.toml with \
-             BACKFILLD_THROTTLE__EXPECTED_STANDBYS={}",
-            settings.join(" "),
-            fixture::STANDBY_NAME
+            "Scenario 3 (limits off): config/default.toml with {}; scenario 4: \
+             config/default.toml with {}",
+            describe(unthrottled),
+            describe(throttled)
         ),
     ])
 }

@@ -172,19 +172,7 @@ impl Bench {
     ) -> anyhow::Result<Measurement> {
         let db = self.copy("bench_unthrottled")?;
         let url = self.enqueue(&db, form)?;
-        let mut settings = settings.to_vec();
-        if parallelism > 1 {
-            self.fixture.psql(
-                &db,
-                &format!(
-                    "UPDATE backfill.jobs SET parallelism = {parallelism} WHERE name = 'split_full_name'"
-                ),
-            )?;
-            settings.push((
-                "BACKFILLD_WORKER__CONCURRENCY".to_string(),
-                parallelism.to_string(),
-            ));
-        }
+        let settings = self.with_slices(&db, settings, parallelism)?;
         let label = format!("unthrottled-{form:?}-{parallelism}");
         let (run, observed) = self
             .observe(self.run_daemon(&url, &settings, &label))
@@ -201,13 +189,13 @@ impl Bench {
         Ok(measurement)
     }
 
-    /// Scenario 4: backfilld with default throttling while pgbench runs, then pgbench
-    /// alone on a fresh copy for as long as the loaded window lasted, as the baseline.
+    /// Scenario 4: backfilld with `settings` (on top of the defaults) while pgbench runs;
+    /// `name` labels the row. The measured window is the daemon's run.
     pub async fn backfilld_under_load(
         &mut self,
         settings: &[(String, String)],
-        baseline_bounds: (Duration, Duration),
-    ) -> anyhow::Result<(Measurement, Measurement)> {
+        name: &str,
+    ) -> anyhow::Result<Measurement> {
         let db = self.copy("bench_throttled")?;
         let url = self.enqueue(&db, JobForm::KeyArray)?;
         let log = self.fixture.primary.log_path().to_path_buf();
@@ -219,7 +207,8 @@ impl Bench {
                 let load = Load::start(&pgbench, &conninfo, self.load)?;
                 tokio::time::sleep(self.warmup).await;
                 let opened = SystemTime::now();
-                let run = self.run_daemon(&url, settings, "throttled").await;
+                let label = format!("loaded-{}", name.split(',').next().unwrap_or("4"));
+                let run = self.run_daemon(&url, settings, &label).await;
                 let closed = SystemTime::now();
                 let transactions = load.stop()?;
                 Ok((run?, transactions, (opened, closed)))
@@ -234,23 +223,16 @@ impl Bench {
         let longest_wait =
             lockwaits::longest_wait_on(&waits, "pgbench", &observed.samples.backfilld_pids);
         let window_micros = (epoch_micros(window.0), epoch_micros(window.1));
-        let window_length = window.1.duration_since(window.0).unwrap_or_default();
-        let name = format!(
-            "4. backfilld, default throttle, {}, under pgbench",
-            JobForm::KeyArray.label()
-        );
-        let mut loaded = self.measurement(&name, observed);
+        let mut loaded = self.measurement(name, observed);
         loaded.load = LatencySummary::over(&transactions, window_micros);
         loaded.longest_lock_wait_ms = Some(longest_wait);
         loaded.daemon = Some(run);
-
-        let baseline_length = window_length.clamp(baseline_bounds.0, baseline_bounds.1);
-        let baseline = self.pgbench_alone(baseline_length).await?;
-        Ok((loaded, baseline))
+        Ok(loaded)
     }
 
-    /// pgbench alone on a fresh copy, measured over `length` after the warm-up.
-    async fn pgbench_alone(&mut self, length: Duration) -> anyhow::Result<Measurement> {
+    /// pgbench alone on a fresh copy, measured over `length` after the warm-up: the
+    /// baseline of scenario 4.
+    pub async fn pgbench_alone(&mut self, length: Duration) -> anyhow::Result<Measurement> {
         let db = self.copy("bench_baseline")?;
         let pgbench = self.fixture.primary.binaries().path("pgbench");
         let conninfo = self.fixture.primary.conninfo(&db);
@@ -275,23 +257,50 @@ impl Bench {
         Ok(measurement)
     }
 
-    /// A memory-only run: backfilld with its limits off over a fresh table of `rows` rows.
+    /// A memory-only run: backfilld with its limits off over a fresh table of `rows` rows,
+    /// as scenario 3 runs it in `form` with `parallelism` slices.
     pub async fn daemon_memory(
         &mut self,
         rows: i64,
         settings: &[(String, String)],
         form: JobForm,
+        parallelism: u32,
     ) -> anyhow::Result<DaemonRun> {
         let db = format!("bench_memory_{rows}");
         self.fixture.drop_database(&db)?;
         self.fixture.seed_users(&db, rows)?;
         self.fixture.settle()?;
         let url = self.enqueue(&db, form)?;
+        let settings = self.with_slices(&db, settings, parallelism)?;
         let run = self
-            .run_daemon(&url, settings, &format!("memory-{rows}"))
+            .run_daemon(&url, &settings, &format!("memory-{rows}"))
             .await?;
         self.fixture.drop_database(&db)?;
         Ok(run)
+    }
+
+    /// Cuts the enqueued job in `db` into `parallelism` slices and gives the daemon as
+    /// many job slots; returns `settings` with that.
+    fn with_slices(
+        &self,
+        db: &str,
+        settings: &[(String, String)],
+        parallelism: u32,
+    ) -> anyhow::Result<Vec<(String, String)>> {
+        let mut settings = settings.to_vec();
+        if parallelism > 1 {
+            self.fixture.psql(
+                db,
+                &format!(
+                    "UPDATE backfill.jobs SET parallelism = {parallelism} WHERE name = 'split_full_name'"
+                ),
+            )?;
+            settings.push((
+                "BACKFILLD_WORKER__CONCURRENCY".to_string(),
+                parallelism.to_string(),
+            ));
+        }
+        Ok(settings)
     }
 
     fn copy(&self, name: &str) -> anyhow::Result<String> {
