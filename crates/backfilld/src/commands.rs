@@ -219,7 +219,7 @@ pub fn spawn_health_probes(
     settings: &Settings,
     db: &Database,
     shutdown: Shutdown,
-) -> anyhow::Result<watch::Receiver<HealthSample>> {
+) -> anyhow::Result<(watch::Receiver<HealthSample>, tokio::task::JoinHandle<()>)> {
     let mut replicas = Vec::new();
     for (i, url) in settings.throttle.replica_urls.iter().enumerate() {
         let pool = connect_pool(
@@ -243,7 +243,7 @@ pub fn spawn_health_probes(
     let (max_lag, max_lag_bytes) = (settings.throttle.max_lag, settings.throttle.max_lag_bytes);
     let control = db.control.clone();
     let (tx, rx) = watch::channel(HealthSample::default());
-    tokio::spawn(async move {
+    let probes = tokio::spawn(async move {
         let mut job_states_at: Option<Instant> = None;
         while !shutdown.is_triggered() {
             let sample = probe.sample().await;
@@ -261,7 +261,7 @@ pub fn spawn_health_probes(
             shutdown.sleep(interval).await;
         }
     });
-    Ok(rx)
+    Ok((rx, probes))
 }
 
 /// Runs an operator verb (everything but `run` and `demo`).

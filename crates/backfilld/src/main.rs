@@ -118,7 +118,7 @@ async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<
             .map_err(anyhow::Error::msg)?;
         tracing::info!(%address, "serving /metrics, /healthz, /readyz");
     }
-    let health = commands::spawn_health_probes(&settings, &db, shutdown.clone())?;
+    let (health, probes) = commands::spawn_health_probes(&settings, &db, shutdown.clone())?;
     let worker = Arc::new(Worker {
         queue: backfill_queue::Queue::new(db.control.clone()),
         runner: db.batch_runner(&settings),
@@ -129,6 +129,9 @@ async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<
     });
     tracing::info!(worker = %worker.worker_id, database = %db.redacted_url, "worker started");
     worker.run(shutdown, exit_when_idle).await;
+    // Stop probing before the pools close under it.
+    probes.abort();
+    let _ = probes.await;
     db.data.close();
     db.control.close().await;
     tracing::info!("worker stopped");
