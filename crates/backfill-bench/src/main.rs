@@ -87,7 +87,7 @@ struct Options {
     forms: Vec<JobForm>,
     /// Slices (`parallelism`, run by one daemon with as many job slots) of the limits-off
     /// runs: each count with each form; the memory-only runs use the first.
-    #[arg(long, value_delimiter = ',', default_values_t = [1, 2])]
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4])]
     parallelism: Vec<u32>,
     /// Extra KEY=VALUE environment for the limits-off runs, e.g.
     /// BACKFILLD_BATCH__MAX_SIZE=50000 (to try settings).

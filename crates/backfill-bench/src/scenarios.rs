@@ -299,6 +299,11 @@ impl Bench {
                 "BACKFILLD_WORKER__CONCURRENCY".to_string(),
                 parallelism.to_string(),
             ));
+            // One data-plane connection per job slot, plus one for the health probes.
+            settings.push((
+                "BACKFILLD_DATABASE__POOL_SIZE".to_string(),
+                (parallelism + 1).to_string(),
+            ));
         }
         Ok(settings)
     }
