@@ -51,7 +51,6 @@ use std::time::{Duration, Instant};
 
 use backfill_core::bisect::{BisectStep, Bisection};
 use backfill_core::error_class::ErrorClass;
-use backfill_core::placeholders::Placeholder;
 use deadpool_postgres::{Pool, Transaction};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
@@ -630,19 +629,7 @@ async fn run_statement(
     keys: &[String],
 ) -> Result<(), tokio_postgres::Error> {
     let statement = tx.prepare_cached(&target.batch.sql).await?;
-    let first = &keys[0];
-    let last = &keys[keys.len() - 1];
-    let params: Vec<&(dyn ToSql + Sync)> = target
-        .batch
-        .params
-        .iter()
-        .map(|p| -> &(dyn ToSql + Sync) {
-            match p {
-                Placeholder::Keys => &keys,
-                Placeholder::FirstKey => first,
-                Placeholder::LastKey => last,
-            }
-        })
-        .collect();
-    tx.execute(&statement, &params).await.map(|_| ())
+    tx.execute(&statement, &target.statement_params(&keys))
+        .await
+        .map(|_| ())
 }

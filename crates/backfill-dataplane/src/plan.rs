@@ -4,8 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use backfill_core::placeholders::Placeholder;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
 use crate::target::BatchTarget;
@@ -110,8 +108,9 @@ impl BatchTarget {
         };
         if !keys.is_empty() {
             let started = Instant::now();
+            let key_slice = keys.as_slice();
             let written = tx
-                .execute(&self.batch.sql, &statement_params(self, &keys))
+                .execute(&self.batch.sql, &self.statement_params(&key_slice))
                 .await;
             trial.statement = started.elapsed();
             trial.rows_written = written.map_err(|e| {
@@ -129,27 +128,6 @@ impl BatchTarget {
             .map_err(|e| BatchError::from_driver(format!("job {name:?}: ROLLBACK"), &e))?;
         Ok(trial)
     }
-}
-
-/// The batch statement's parameters for `keys` (in key order), one per placeholder.
-pub(crate) fn statement_params<'a>(
-    target: &BatchTarget,
-    keys: &'a Vec<String>,
-) -> Vec<&'a (dyn ToSql + Sync)> {
-    let first = &keys[0];
-    let last = &keys[keys.len() - 1];
-    target
-        .batch
-        .params
-        .iter()
-        .map(|placeholder| -> &(dyn ToSql + Sync) {
-            match placeholder {
-                Placeholder::Keys => keys,
-                Placeholder::FirstKey => first,
-                Placeholder::LastKey => last,
-            }
-        })
-        .collect()
 }
 
 /// The row estimate of the node directly under a count's Aggregate, from EXPLAIN's text

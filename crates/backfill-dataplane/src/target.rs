@@ -1,7 +1,8 @@
 //! A job's definition resolved against the live catalog: quoted names, the key's
 //! real type, the batch statement with bound placeholders, and the key queries.
 
-use backfill_core::placeholders::{bind_placeholders, BoundSql};
+use backfill_core::placeholders::{bind_placeholders, BoundSql, Placeholder};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
 use crate::{BatchError, DataPlaneError};
@@ -185,6 +186,27 @@ impl BatchTarget {
                 .map_err(|e| invalid("check_predicate", &e))?;
         }
         Ok(())
+    }
+
+    /// The batch statement's parameters for `keys` (non-empty, in key order), one
+    /// per placeholder.
+    pub(crate) fn statement_params<'a>(
+        &self,
+        keys: &'a &'a [String],
+    ) -> Vec<&'a (dyn ToSql + Sync)> {
+        let first = &keys[0];
+        let last = &keys[keys.len() - 1];
+        self.batch
+            .params
+            .iter()
+            .map(|placeholder| -> &(dyn ToSql + Sync) {
+                match placeholder {
+                    Placeholder::Keys => keys,
+                    Placeholder::FirstKey => first,
+                    Placeholder::LastKey => last,
+                }
+            })
+            .collect()
     }
 
     /// Rows for which the pending predicate holds above `after` (all rows when
