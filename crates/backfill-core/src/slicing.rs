@@ -31,10 +31,10 @@ pub fn rate_share(budget: Option<f64>, active: i64) -> Option<f64> {
     budget.map(|b| b / active.max(1) as f64)
 }
 
-/// A slice is worth splitting for an idle worker only when the rest of it
-/// would keep both workers busy for several batches.
-pub fn worth_stealing(remaining: i64, max_batch_size: u32) -> bool {
-    remaining >= 4 * i64::from(max_batch_size.max(1))
+/// Rows a running slice must have left before an idle worker splits it: enough
+/// to keep both workers busy for several batches.
+pub fn steal_threshold(max_batch_size: u32) -> i64 {
+    4 * i64::from(max_batch_size.max(1))
 }
 
 #[cfg(test)]
@@ -71,7 +71,7 @@ mod tests {
 
     #[test]
     fn only_large_remainders_are_stolen() {
-        assert!(worth_stealing(40_000, 10_000));
-        assert!(!worth_stealing(39_999, 10_000));
+        assert_eq!(steal_threshold(10_000), 40_000);
+        assert_eq!(steal_threshold(0), 4);
     }
 }

@@ -85,26 +85,9 @@ impl Slices {
             .map(|k| Some(k.as_str()))
             .chain(std::iter::once(None))
             .collect();
-        sqlx::query(
-            "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, \
-                 check_predicate, batch_size, min_batch_size, max_batch_size, target_batch_ms, \
-                 max_rows_per_second, max_attempts, priority, not_before, created_at, \
-                 parent_id, slice_no, lower_key, upper_key, rows_total_estimate) \
-             SELECT p.name || '#' || s.n, p.table_name, p.key_column, p.batch_sql, p.pending_predicate, \
-                    p.check_predicate, p.batch_size, p.min_batch_size, p.max_batch_size, p.target_batch_ms, \
-                    p.max_rows_per_second, p.max_attempts, p.priority, p.not_before, p.created_at, \
-                    p.id, s.n, s.lower_key, s.upper_key, s.estimate \
-               FROM backfill.jobs p, \
-                    unnest($2::text[], $3::text[], $4::int8[]) WITH ORDINALITY AS s(lower_key, upper_key, estimate, n) \
-              WHERE p.id = $1",
-        )
-        .bind(parent_id)
-        .bind(&lowers)
-        .bind(&uppers)
-        .bind(estimates)
-        .execute(&mut *tx)
-        .await
-        .context(&context)?;
+        add_slices(&mut tx, parent_id, &lowers, &uppers, estimates)
+            .await
+            .context(&context)?;
         tx.commit().await.context(&context)?;
         Ok(true)
     }
@@ -200,24 +183,13 @@ impl Slices {
         if shrunk != 1 {
             return Ok(false);
         }
-        sqlx::query(
-            "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, \
-                 check_predicate, batch_size, min_batch_size, max_batch_size, target_batch_ms, \
-                 max_rows_per_second, max_attempts, priority, not_before, created_at, \
-                 parent_id, slice_no, lower_key, upper_key, rows_total_estimate) \
-             SELECT p.name || '#' || n.next, p.table_name, p.key_column, p.batch_sql, p.pending_predicate, \
-                    p.check_predicate, p.batch_size, p.min_batch_size, p.max_batch_size, p.target_batch_ms, \
-                    p.max_rows_per_second, p.max_attempts, p.priority, p.not_before, p.created_at, \
-                    p.id, n.next, $2, $3, $4 \
-               FROM backfill.jobs p, \
-                    (SELECT max(slice_no) + 1 AS next FROM backfill.jobs WHERE parent_id = $1) n \
-              WHERE p.id = $1",
+        add_slices(
+            &mut tx,
+            candidate.parent_id,
+            &[Some(mid)],
+            &[candidate.upper_key.as_deref()],
+            &[rows_moved],
         )
-        .bind(candidate.parent_id)
-        .bind(mid)
-        .bind(&candidate.upper_key)
-        .bind(rows_moved)
-        .execute(&mut *tx)
         .await
         .context(&context)?;
         tx.commit().await.context(&context)?;
@@ -232,4 +204,38 @@ impl Slices {
             .await
             .context(&format!("reading the bounds of slice {slice_id}"))
     }
+}
+
+/// Adds slices of `parent_id`, one per (lower, upper, estimate), numbered after
+/// the slices it already has and copying its definition. Used both to cut a job
+/// and to split off the upper part of a running slice.
+async fn add_slices(
+    tx: &mut sqlx::PgConnection,
+    parent_id: i64,
+    lowers: &[Option<&str>],
+    uppers: &[Option<&str>],
+    estimates: &[i64],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, \
+             check_predicate, batch_size, min_batch_size, max_batch_size, target_batch_ms, \
+             max_rows_per_second, max_attempts, priority, not_before, created_at, \
+             parent_id, slice_no, lower_key, upper_key, rows_total_estimate) \
+         SELECT p.name || '#' || (n.taken + s.n), p.table_name, p.key_column, p.batch_sql, \
+                p.pending_predicate, p.check_predicate, p.batch_size, p.min_batch_size, \
+                p.max_batch_size, p.target_batch_ms, p.max_rows_per_second, p.max_attempts, \
+                p.priority, p.not_before, p.created_at, \
+                p.id, n.taken + s.n, s.lower_key, s.upper_key, s.estimate \
+           FROM backfill.jobs p, \
+                (SELECT coalesce(max(slice_no), 0) AS taken FROM backfill.jobs WHERE parent_id = $1) n, \
+                unnest($2::text[], $3::text[], $4::int8[]) WITH ORDINALITY AS s(lower_key, upper_key, estimate, n) \
+          WHERE p.id = $1",
+    )
+    .bind(parent_id)
+    .bind(lowers)
+    .bind(uppers)
+    .bind(estimates)
+    .execute(&mut *tx)
+    .await
+    .map(|_| ())
 }

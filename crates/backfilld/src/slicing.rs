@@ -2,7 +2,7 @@
 //! an idle worker splitting the busiest running slice (work stealing), so the
 //! job ends when its last rows are done, not when its slowest slice is.
 
-use backfill_core::slicing::{cut_fractions, distinct_cuts, even_estimates, worth_stealing};
+use backfill_core::slicing::{cut_fractions, distinct_cuts, even_estimates, steal_threshold};
 use backfill_dataplane::{BatchTarget, DataPlaneError, JobDefinition};
 use backfill_queue::{Job, LeaseToken, Slices};
 use tracing::{debug, info};
@@ -78,14 +78,10 @@ pub async fn cut(
 /// this idle worker can claim its second half. True when a new slice exists.
 pub async fn steal(worker: &Worker) -> bool {
     let slices = Slices::new(worker.queue.pool().clone());
-    let min_remaining = 4 * i64::from(worker.settings.batch.max_size);
+    let min_remaining = steal_threshold(worker.settings.batch.max_size);
     let candidate = match slices.steal_candidate(min_remaining).await {
-        Ok(Some(candidate))
-            if worth_stealing(candidate.remaining, worker.settings.batch.max_size) =>
-        {
-            candidate
-        }
-        Ok(_) => return false,
+        Ok(Some(candidate)) => candidate,
+        Ok(None) => return false,
         Err(e) => {
             debug!(error = %e, "cannot look for a slice to split");
             return false;
