@@ -1,5 +1,6 @@
 //! The fault-injection TCP proxy in front of a real PostgreSQL.
 
+use std::io::{ErrorKind, Read};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::thread;
@@ -111,14 +112,28 @@ fn cut_all_breaks_open_connections_and_keeps_accepting() {
 fn dropped_proxy_stops_listening() {
     let proxy = TcpProxy::start(shared_primary().port()).unwrap();
     let port = proxy.port();
-    let held = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut held = TcpStream::connect(("127.0.0.1", port)).unwrap();
     drop(proxy);
-    // Nobody listens on the port any more: we can bind it ourselves. (A bare
-    // connect() can succeed on Linux by connecting a socket to itself when the
-    // kernel happens to pick that port as the source port.)
-    assert!(
-        TcpListener::bind(("127.0.0.1", port)).is_ok(),
-        "port {port} is still bound after the proxy was dropped"
+
+    // The connection it was forwarding is closed (EOF if it had been accepted, a reset if it
+    // was still in the backlog), not left hanging.
+    held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    match held.read(&mut [0u8; 1]) {
+        Ok(0) => {}
+        Ok(n) => panic!("read {n} bytes from a connection of a dropped proxy"),
+        Err(e) => assert!(
+            !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+            "the held connection is still open 5 s after the proxy was dropped"
+        ),
+    }
+
+    // Nobody listens on the port any more: we can bind it ourselves. (A bare connect() can
+    // succeed on Linux by connecting a socket to itself when the kernel happens to pick that
+    // port as the source port.) Waited for rather than checked once: a sibling test spawning
+    // psql at this moment holds a copy of the listening descriptor from fork until exec.
+    wait_for(
+        "the proxy's port to be free again",
+        Duration::from_secs(5),
+        || TcpListener::bind(("127.0.0.1", port)).is_ok(),
     );
-    drop(held);
 }
