@@ -3,6 +3,7 @@
 
 pub mod bisect;
 pub mod error_class;
+pub mod latency;
 pub mod placeholders;
 pub mod slicing;
 pub mod throttle;

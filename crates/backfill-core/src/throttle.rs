@@ -35,6 +35,11 @@
 //!   the next one start no earlier than `s + n / budget`. Idle time is never banked, so
 //!   after a hold the daemon does not burst. A batch is also capped at one second of
 //!   budget, which keeps the pauses between batches short and the load smooth.
+//! - **Production latency** (when the canary is on, see [`crate::latency`]): a delayed
+//!   canary pins a second budget, the latency pace, at half the rate the last batch
+//!   achieved and halves it on further delays; it is spent like the rate budget but in
+//!   bursts of at most [`PACING_WINDOW`] (10 ms), and grows back while canaries are quick.
+//!   The tighter budget bounds each batch; `production_latency` outranks `rate_limit`.
 //!
 //! # Replication lag: time and bytes
 //!
@@ -75,6 +80,8 @@
 
 use std::fmt;
 use std::time::Duration;
+
+use crate::latency::{LatencyPacer, PACING_WINDOW};
 
 /// A batch that took more than this many times the target is reported as `slow_batch`;
 /// smaller overshoots are corrected silently as normal regulation.
@@ -421,6 +428,9 @@ pub struct HealthSample {
     pub longest_block: Duration,
     /// The probe itself failed; nothing else in the sample can be trusted.
     pub probe_failed: bool,
+    /// Canary round trips judged delayed since the daemon started (monotonic; see
+    /// [`crate::latency`]); always 0 when the canary is off.
+    pub probe_delays: u64,
 }
 
 impl HealthSample {
@@ -519,11 +529,13 @@ pub enum ThrottleReason {
     RateLimit,
     /// The health probe failed.
     ProbeFailed,
+    /// Production queries (the canary) take longer than on a quiet database: paced.
+    ProductionLatency,
 }
 
 impl ThrottleReason {
     /// Every reason, e.g. to initialise one metric series per label.
-    pub const ALL: [ThrottleReason; 8] = [
+    pub const ALL: [ThrottleReason; 9] = [
         Self::ReplicationLag,
         Self::StandbyMissing,
         Self::LockTimeout,
@@ -532,6 +544,7 @@ impl ThrottleReason {
         Self::TransientError,
         Self::RateLimit,
         Self::ProbeFailed,
+        Self::ProductionLatency,
     ];
 
     /// The snake_case label used in logs, metrics and `backfill.job_status`.
@@ -545,16 +558,18 @@ impl ThrottleReason {
             Self::TransientError => "transient_error",
             Self::RateLimit => "rate_limit",
             Self::ProbeFailed => "probe_failed",
+            Self::ProductionLatency => "production_latency",
         }
     }
 
     /// Rank used to pick one reason when several apply: harm to production first.
     fn severity(self) -> u8 {
         match self {
-            Self::BlockingProduction => 7,
-            Self::StandbyMissing => 6,
-            Self::ReplicationLag => 5,
-            Self::ProbeFailed => 4,
+            Self::BlockingProduction => 8,
+            Self::StandbyMissing => 7,
+            Self::ReplicationLag => 6,
+            Self::ProbeFailed => 5,
+            Self::ProductionLatency => 4,
             Self::LockTimeout => 3,
             Self::SlowBatch => 2,
             Self::TransientError => 1,
@@ -690,6 +705,10 @@ pub struct ThrottleController {
     backoff_reason: Option<ThrottleReason>,
     /// Prices the next start against the rate budget.
     last_commit: Option<CommitMark>,
+    /// Rows per second the last committed batch achieved while it ran.
+    last_batch_rate: Option<f64>,
+    /// The pace that keeps production's latency flat (see [`crate::latency`]).
+    latency: LatencyPacer,
     /// A health-driven cut was already applied since the last batch; repeated decisions
     /// without a batch in between (hold rechecks) must not compound it.
     health_cut_since_last_batch: bool,
@@ -709,6 +728,8 @@ impl ThrottleController {
             backoff_until: Duration::ZERO,
             backoff_reason: None,
             last_commit: None,
+            last_batch_rate: None,
+            latency: LatencyPacer::default(),
             health_cut_since_last_batch: false,
             last_decision: None,
         }
@@ -762,6 +783,15 @@ impl ThrottleController {
                     next_size = next_size.min(scale(base, factor));
                     self.health_cut_since_last_batch = true;
                 }
+            }
+        }
+        if lag.is_some() {
+            let floor = f64::from(self.settings.min_batch_size) / PACING_WINDOW.as_secs_f64();
+            if self
+                .latency
+                .update(now, health.probe_delays, self.last_batch_rate, floor)
+            {
+                reason = ThrottleReason::worst(reason, ThrottleReason::ProductionLatency);
             }
         }
         if let Some(trouble) = trouble {
@@ -852,6 +882,9 @@ impl ThrottleController {
                     started_at: now.saturating_sub(duration),
                     rows,
                 });
+                if rows > 0 && !duration.is_zero() {
+                    self.last_batch_rate = Some(rows as f64 / duration.as_secs_f64());
+                }
                 let on_target = self.size_for_target(report.size, duration);
                 if duration <= settings.target_batch {
                     // An under-target batch never shrinks the size: a short tail batch is
@@ -936,16 +969,17 @@ impl ThrottleController {
             reason = ThrottleReason::worst(reason, ThrottleReason::ReplicationLag);
         }
         let mut batch_size = self.batch_size;
-        if let Some(cap) = self.rate_cap() {
+        for budget in self.budgets() {
+            let cap = self.clamp_size(budget.window_rows());
             if cap < batch_size {
                 batch_size = cap;
-                reason = ThrottleReason::worst(reason, ThrottleReason::RateLimit);
+                reason = ThrottleReason::worst(reason, budget.reason);
             }
-        }
-        let rate_pause = self.rate_pause(now);
-        if !rate_pause.is_zero() {
-            pause = pause.max(rate_pause);
-            reason = ThrottleReason::worst(reason, ThrottleReason::RateLimit);
+            let rate_pause = self.rate_pause(now, budget.rows_per_second);
+            if !rate_pause.is_zero() {
+                pause = pause.max(rate_pause);
+                reason = ThrottleReason::worst(reason, budget.reason);
+            }
         }
         ThrottleDecision::Run {
             batch_size,
@@ -1012,24 +1046,57 @@ impl ThrottleController {
         size.clamp(self.settings.min_batch_size, self.settings.max_batch_size)
     }
 
-    /// Largest batch allowed by the rate budget: one window's worth of rows.
-    fn rate_cap(&self) -> Option<u32> {
-        self.settings.max_rows_per_second.map(|budget| {
-            let rows = (budget * RATE_BUDGET_WINDOW.as_secs_f64()).floor() as u32;
-            self.clamp_size(rows)
-        })
+    /// The rate budgets in force: the configured one and the latency pace.
+    fn budgets(&self) -> impl Iterator<Item = RateBudget> {
+        let configured = self.settings.max_rows_per_second.map(|rate| RateBudget {
+            rows_per_second: rate,
+            window: RATE_BUDGET_WINDOW,
+            reason: ThrottleReason::RateLimit,
+        });
+        let paced = self.latency.rate().map(|rate| RateBudget {
+            rows_per_second: rate,
+            window: PACING_WINDOW,
+            reason: ThrottleReason::ProductionLatency,
+        });
+        configured.into_iter().chain(paced)
     }
 
-    /// Wait until the last committed batch is paid for at the current budget.
-    fn rate_pause(&self, now: Duration) -> Duration {
-        match (self.settings.max_rows_per_second, self.last_commit) {
-            (Some(budget), Some(mark)) => {
+    /// Largest batch allowed by the rate budgets: the smallest window's worth of rows.
+    fn rate_cap(&self) -> Option<u32> {
+        self.budgets()
+            .map(|budget| self.clamp_size(budget.window_rows()))
+            .min()
+    }
+
+    /// Wait until the last committed batch is paid for at `budget` rows per second.
+    fn rate_pause(&self, now: Duration, budget: f64) -> Duration {
+        match self.last_commit {
+            Some(mark) => {
                 let cost =
                     Duration::try_from_secs_f64(mark.rows as f64 / budget).unwrap_or(Duration::MAX);
                 mark.started_at.saturating_add(cost).saturating_sub(now)
             }
-            _ => Duration::ZERO,
+            None => Duration::ZERO,
         }
+    }
+
+    /// The pace production latency imposes, if any (rows per second).
+    pub fn latency_pace(&self) -> Option<f64> {
+        self.latency.rate()
+    }
+}
+
+/// A rows-per-second budget and the most of it one batch may carry.
+struct RateBudget {
+    rows_per_second: f64,
+    window: Duration,
+    reason: ThrottleReason,
+}
+
+impl RateBudget {
+    fn window_rows(&self) -> u32 {
+        // `as` saturates; the caller clamps to the batch size range.
+        (self.rows_per_second * self.window.as_secs_f64()).floor() as u32
     }
 }
 
@@ -1242,7 +1309,8 @@ mod tests {
                 "slow_batch",
                 "transient_error",
                 "rate_limit",
-                "probe_failed"
+                "probe_failed",
+                "production_latency"
             ]
         );
         assert_eq!(ThrottleReason::SlowBatch.to_string(), "slow_batch");
@@ -1714,6 +1782,79 @@ mod tests {
         }
         let decision = sim.step(&HealthSample::healthy(), &model);
         assert_eq!((decision.wait(), decision.reason()), (Duration::ZERO, None));
+    }
+
+    fn delays(total: u64) -> HealthSample {
+        HealthSample {
+            probe_delays: total,
+            ..HealthSample::healthy()
+        }
+    }
+
+    #[test]
+    fn delayed_canaries_pace_the_job_in_short_bursts_at_half_its_rate() {
+        let mut sim = Simulation::new(ThrottleSettings::default());
+        // 10 µs per row: 100 000 rows/s flat out.
+        let model = cost_model(Duration::ZERO, Duration::from_micros(10));
+        for _ in 0..30 {
+            sim.step(&delays(0), &model);
+        }
+        assert_eq!(sim.throttle.latency_pace(), None);
+        let decision = sim.step(&delays(1), &model);
+        assert_eq!(decision.reason(), Some(ThrottleReason::ProductionLatency));
+        assert_eq!(sim.throttle.latency_pace(), Some(50_000.0));
+        // A batch carries at most 10 ms of the pace.
+        assert_eq!(run_size(decision), 500);
+        // Half a second: less than a growth interval.
+        let (rows_before, start) = (sim.rows_committed, sim.now);
+        for _ in 0..50 {
+            let decision = sim.step(&delays(1), &model);
+            assert_eq!(run_size(decision), 500);
+        }
+        let rate = (sim.rows_committed - rows_before) as f64 / (sim.now - start).as_secs_f64();
+        assert!((49_000.0..=51_000.0).contains(&rate), "{rate:.0} rows/s");
+        assert_eq!(
+            sim.throttle.reason(),
+            Some(ThrottleReason::ProductionLatency)
+        );
+    }
+
+    #[test]
+    fn canary_delays_counted_before_the_first_decision_do_not_pace() {
+        let mut sim = Simulation::new(ThrottleSettings::default());
+        let model = cost_model(Duration::ZERO, Duration::from_micros(10));
+        for _ in 0..10 {
+            let decision = sim.step(&delays(40), &model);
+            assert_eq!(decision.reason(), None);
+        }
+        assert_eq!(sim.throttle.latency_pace(), None);
+    }
+
+    #[test]
+    fn the_tighter_of_rate_limit_and_latency_pace_wins() {
+        let mut sim = Simulation::new(ThrottleSettings {
+            max_rows_per_second: Some(20_000.0),
+            ..ThrottleSettings::default()
+        });
+        let model = cost_model(Duration::ZERO, Duration::from_micros(10));
+        for _ in 0..10 {
+            sim.step(&delays(0), &model);
+        }
+        // Pace: half of 100 000 rows/s, looser than the configured 20 000, but its 10 ms
+        // bursts are shorter than the rate limit's one-second ones.
+        sim.step(&delays(1), &model);
+        assert_eq!(sim.throttle.batch_size(), 500);
+        let (rows_before, start) = (sim.rows_committed, sim.now);
+        for _ in 0..40 {
+            sim.step(&delays(1), &model);
+        }
+        let rate = (sim.rows_committed - rows_before) as f64 / (sim.now - start).as_secs_f64();
+        assert!((19_500.0..=20_300.0).contains(&rate), "{rate:.0} rows/s");
+        // Both are in force; the one about production is reported.
+        assert_eq!(
+            sim.throttle.reason(),
+            Some(ThrottleReason::ProductionLatency)
+        );
     }
 
     #[test]

@@ -36,10 +36,13 @@ struct Step {
     per_row: Duration,
     /// Fraction of the batch's keys that still needed work and were written.
     written_fraction: f64,
+    /// Canaries judged delayed since the previous step.
+    new_probe_delays: u64,
 }
 
 impl Step {
-    fn health(&self) -> HealthSample {
+    /// The step's health sample; `probe_delays` is the running total of delayed canaries.
+    fn health(&self, probe_delays: u64) -> HealthSample {
         HealthSample {
             replicas: self.replicas.clone(),
             missing_standbys: if self.standby_missing {
@@ -50,6 +53,7 @@ impl Step {
             sessions_blocked_by_us: self.sessions_blocked_by_us,
             longest_block: self.longest_block,
             probe_failed: self.probe_failed,
+            probe_delays,
         }
     }
 
@@ -104,7 +108,7 @@ fn step_strategy(probe_failure_chance: f64) -> impl Strategy<Value = Step> {
         0u64..10_000,
         outcome_strategy(),
         1u64..2_000,
-        0.0f64..=1.0,
+        (0.0f64..=1.0, prop_oneof![6 => Just(0u64), 1 => 1u64..4]),
     )
         .prop_map(
             |(
@@ -116,7 +120,7 @@ fn step_strategy(probe_failure_chance: f64) -> impl Strategy<Value = Step> {
                 block_ms,
                 outcome,
                 per_row_us,
-                written_fraction,
+                (written_fraction, new_probe_delays),
             )| Step {
                 gap: Duration::from_millis(gap_ms),
                 replicas,
@@ -127,6 +131,7 @@ fn step_strategy(probe_failure_chance: f64) -> impl Strategy<Value = Step> {
                 outcome,
                 per_row: Duration::from_micros(per_row_us),
                 written_fraction,
+                new_probe_delays,
             },
         )
 }
@@ -225,10 +230,12 @@ fn simulate(settings: &ThrottleSettings, steps: &[Step]) -> (Trace, Vec<Throttle
     let mut previous: Option<ThrottleDecision> = None;
     let mut rows_committed: u64 = 0;
     let mut first_batch_start: Option<Duration> = None;
+    let mut probe_delays: u64 = 0;
 
     for (index, step) in steps.iter().enumerate() {
         now += step.gap;
-        let health = step.health();
+        probe_delays += step.new_probe_delays;
+        let health = step.health(probe_delays);
         let over_now = oracle.observe(&health, &settings);
         trace.probe_failures += usize::from(health.probe_failed);
         let decision = throttle.decide(now, &health, pending_report.take().as_ref());
