@@ -681,3 +681,44 @@ fn nonsense_throttle_configuration_is_refused_with_exit_2() {
         assert!(log.contains(mentions), "{key}={value}: {log}");
     }
 }
+
+#[test]
+fn delayed_canaries_pace_the_job_in_short_batches_and_it_still_finishes() {
+    let db = TestDb::new("canary");
+    db.sql(&users_table_sql(20_000));
+    db.migrate();
+    db.sql(SPLIT_NAME_JOB_SQL);
+    db.sql("UPDATE backfill.jobs SET batch_size = 1000");
+    let mut env = quick_worker_json_log("canary");
+    // Every canary a microsecond slower than the quickest counts as production waiting: on
+    // any machine most are, so the job is paced from its first batches on.
+    env.push(("BACKFILLD_THROTTLE__MAX_PROBE_DELAY", "1us".to_string()));
+    env.push(("BACKFILLD_THROTTLE__CANARY_INTERVAL", "10ms".to_string()));
+    let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
+    daemon.expect_success(RUN_LIMIT);
+    assert_eq!(db.job_state("split_full_name"), "succeeded");
+    assert_eq!(
+        db.sql("SELECT count(*) FROM public.users WHERE first_name IS NULL"),
+        "0"
+    );
+
+    let paced = worker_lines(&daemon, "throttle: slowing down")
+        .into_iter()
+        .find(|line| line["reason"] == "production_latency")
+        .unwrap_or_else(|| panic!("never paced for production latency: {}", daemon.log_text()));
+    let pace = paced["paced_rows_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no pace in {paced}"));
+    assert!(
+        pace >= 1_000.0,
+        "the pace never goes below its floor: {paced}"
+    );
+    // The next batch carries at most 10 ms of the pace (and at least the minimum size).
+    let next = daemon
+        .json_lines("backfilld::batch")
+        .into_iter()
+        .find(|line| line["timestamp"].as_str() > paced["timestamp"].as_str())
+        .unwrap_or_else(|| panic!("no batch after {paced}"));
+    let size = next["batch_size"].as_f64().expect("batch_size");
+    assert!(size <= (pace / 100.0).max(10.0), "{next} after {paced}");
+}

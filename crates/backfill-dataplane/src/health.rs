@@ -30,7 +30,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backfill_core::throttle::{HealthSample, ReplicaLag};
 use deadpool_postgres::Pool;
@@ -167,6 +167,35 @@ impl HealthProbe {
         sample.sessions_blocked_by_us = u32::try_from(count).unwrap_or(u32::MAX);
         sample.longest_block = seconds(longest);
         Ok(sample)
+    }
+}
+
+/// The production-latency canary (see [`backfill_core::latency`]): `SELECT 1` timed on a
+/// connection of its own, so that neither our batches nor the other probes queue before it.
+#[derive(Clone)]
+pub struct LatencyCanary {
+    pool: Pool,
+    timeout: Duration,
+}
+
+impl LatencyCanary {
+    /// A canary on `pool` (one connection is enough); a round trip is given up after
+    /// `timeout`.
+    pub fn new(pool: Pool, timeout: Duration) -> Self {
+        LatencyCanary { pool, timeout }
+    }
+
+    /// One round trip on an established connection (connecting is not timed). A canary
+    /// still unanswered after the timeout reports the timeout: production is that slow at
+    /// least. `None` when it could not run at all (no connection, an error): no verdict.
+    pub async fn round_trip(&self) -> Option<Duration> {
+        let client = self.pool.get().await.ok()?;
+        let started = Instant::now();
+        match tokio::time::timeout(self.timeout, client.simple_query("SELECT 1")).await {
+            Ok(Ok(_)) => Some(started.elapsed()),
+            Ok(Err(_)) => None,
+            Err(_) => Some(self.timeout),
+        }
     }
 }
 

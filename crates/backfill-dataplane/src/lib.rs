@@ -19,7 +19,7 @@ pub use batch::{
     BatchRunner, BatchStats, FailureReason, Fence, KeySource, RetryBackoff, RowFailure, RunOutcome,
 };
 pub use error::{BatchError, DataPlaneError};
-pub use health::HealthProbe;
+pub use health::{HealthProbe, LatencyCanary};
 pub use plan::TrialBatch;
 pub use pool::{connect_pool, error_chain, Endpoint, SessionSettings, SslMode};
 pub use target::{BatchTarget, JobDefinition};

@@ -2,14 +2,16 @@
 //! the database connections every verb shares.
 
 use std::io::{IsTerminal as _, Write as _};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use backfill_core::error_class::ErrorClass;
+use backfill_core::latency::DelayDetector;
 use backfill_core::throttle::HealthSample;
 use backfill_dataplane::{
-    connect_pool, error_chain, BatchRunner, BatchTarget, Endpoint, HealthProbe, RetryBackoff,
-    SessionSettings, SslMode,
+    connect_pool, error_chain, BatchRunner, BatchTarget, Endpoint, HealthProbe, LatencyCanary,
+    RetryBackoff, SessionSettings, SslMode,
 };
 use backfill_queue::{Job, JobState, JobStatus, NewJob, Phase, QueueError, SteeringVerb};
 use serde::Serialize;
@@ -239,16 +241,45 @@ pub fn spawn_health_probes(
         data_plane_application_name(settings),
         settings.throttle.probe_timeout,
     );
+    let canary = match settings.throttle.max_probe_delay.is_zero() {
+        true => None,
+        false => {
+            let pool = connect_pool(
+                &settings.database.url,
+                &SessionSettings {
+                    pool_size: 1,
+                    ..session_settings(settings)
+                },
+            )
+            .context("the production-latency canary's connection")?;
+            Some(LatencyCanary::new(pool, settings.throttle.probe_timeout))
+        }
+    };
     let interval = settings.throttle.probe_interval;
     let (max_lag, max_lag_bytes) = (settings.throttle.max_lag, settings.throttle.max_lag_bytes);
     let control = db.control.clone();
     let (tx, rx) = watch::channel(HealthSample::default());
-    let probes = tokio::spawn(async move {
+    let tx = Arc::new(tx);
+    let canary = canary.map(|canary| {
+        let detector = DelayDetector::new(settings.throttle.max_probe_delay);
+        run_canary(
+            canary,
+            detector,
+            settings.throttle.canary_interval,
+            Arc::clone(&tx),
+            shutdown.clone(),
+        )
+    });
+    let sampling = async move {
         let mut job_states_at: Option<Instant> = None;
         while !shutdown.is_triggered() {
-            let sample = probe.sample().await;
+            let mut sample = probe.sample().await;
             telemetry::record_replication_lag(&sample);
-            tx.send_replace(sample);
+            // The canary's count lives on in every sample.
+            tx.send_modify(|latest| {
+                sample.probe_delays = latest.probe_delays;
+                *latest = sample;
+            });
             // Re-set every tick, or the exporter's idle timeout would drop them.
             telemetry::record_daemon_info(max_lag, max_lag_bytes);
             if job_states_at.is_none_or(|at| at.elapsed() >= JOB_STATES_INTERVAL) {
@@ -260,8 +291,46 @@ pub fn spawn_health_probes(
             }
             shutdown.sleep(interval).await;
         }
+    };
+    // One task, so that aborting it stops the canary too.
+    let probes = tokio::spawn(async move {
+        match canary {
+            Some(canary) => drop(tokio::join!(canary, sampling)),
+            None => sampling.await,
+        }
     });
     Ok((rx, probes))
+}
+
+/// Times the canary every `interval` and publishes the count of delayed round trips in
+/// the health samples, between the probes' own updates: a delay should reach the
+/// throttle within one canary interval, not one probe interval.
+async fn run_canary(
+    canary: LatencyCanary,
+    mut detector: DelayDetector,
+    interval: Duration,
+    health: Arc<watch::Sender<HealthSample>>,
+    shutdown: Shutdown,
+) {
+    let origin = Instant::now();
+    while !shutdown.is_triggered() {
+        if let Some(round_trip) = canary.round_trip().await {
+            let verdict = detector.observe(origin.elapsed(), round_trip);
+            tracing::trace!(
+                target: "backfilld::canary",
+                round_trip_us = round_trip.as_micros() as u64,
+                excess_us = verdict.excess.as_micros() as u64,
+                delayed = verdict.delayed,
+                "canary"
+            );
+            telemetry::record_canary(verdict);
+            if verdict.delayed {
+                let delays = detector.delayed_total();
+                health.send_modify(|latest| latest.probe_delays = delays);
+            }
+        }
+        shutdown.sleep(interval).await;
+    }
 }
 
 /// Runs an operator verb (everything but `run` and `demo`).

@@ -87,6 +87,13 @@ pub struct ThrottleConfig {
     pub probe_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub probe_timeout: Duration,
+    /// A canary round trip this much over the quietest recent one counts as production
+    /// being delayed; zero turns the canary off.
+    #[serde(with = "humantime_serde")]
+    pub max_probe_delay: Duration,
+    /// How often the canary runs.
+    #[serde(with = "humantime_serde")]
+    pub canary_interval: Duration,
     /// Run even when the role cannot see standby positions and other sessions' lock
     /// waits (no pg_monitor): the lag and lock probes are then blind.
     pub allow_blind: bool,
@@ -392,6 +399,9 @@ impl Settings {
             return fail(
                 "throttle.probe_interval and throttle.probe_timeout must be positive".to_string(),
             );
+        }
+        if self.throttle.canary_interval.is_zero() {
+            return fail("throttle.canary_interval must be positive".to_string());
         }
         self.throttle_defaults().validate().map_err(|e| {
             SettingsError(format!(

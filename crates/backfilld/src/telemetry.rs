@@ -147,6 +147,15 @@ pub fn install_metrics(idle_timeout: Option<Duration>) -> Result<PrometheusHandl
         Unit::Bytes,
         "Configured replication lag limit in bytes."
     );
+    describe_gauge!(
+        "backfill_probe_delay_seconds",
+        Unit::Seconds,
+        "How much longer the last canary round trip (SELECT 1) took than the quickest of the last minute."
+    );
+    describe_counter!(
+        "backfill_probe_delays_total",
+        "Canary round trips over throttle.max_probe_delay: production waiting for the database."
+    );
     Ok(handle)
 }
 
@@ -390,6 +399,14 @@ pub fn record_replication_lag(sample: &backfill_core::throttle::HealthSample) {
         // A missing standby is unbounded lag: say so rather than show a stale number.
         gauge!("backfill_replication_lag_seconds", "replica" => missing.clone()).set(f64::INFINITY);
     }
+}
+
+/// Exports one canary verdict (see backfill_core::latency).
+pub fn record_canary(verdict: backfill_core::latency::CanaryVerdict) {
+    gauge!("backfill_probe_delay_seconds").set(verdict.excess.as_secs_f64());
+    let delays = counter!("backfill_probe_delays_total");
+    // Touched on every canary so the series exists (at 0) before the first delay.
+    delays.increment(u64::from(verdict.delayed));
 }
 
 /// Exports the build and the configured lag limits (so dashboards and alerts can compare

@@ -819,10 +819,14 @@ impl<'w> JobRun<'w> {
                 batch_size,
                 pause_before,
                 reason: Some(_),
-            } => info!(
-                state, reason, batch_size, ?pause_before, %lag, missing_standbys = %missing, sessions_blocked = blocked,
-                "throttle: slowing down"
-            ),
+            } => {
+                let paced_rows_per_second = self.throttle.latency_pace().map(f64::round);
+                info!(
+                    state, reason, batch_size, ?pause_before, %lag, missing_standbys = %missing, sessions_blocked = blocked,
+                    paced_rows_per_second, canary_delays = health.probe_delays,
+                    "throttle: slowing down"
+                )
+            }
             ThrottleDecision::Run {
                 batch_size,
                 reason: None,
