@@ -92,7 +92,11 @@ fn a_million_skewed_rows_four_slices_four_workers_exactly_once_and_balanced() {
     );
     let status = db.backfilld(&["status", "--json"]);
     assert!(status.status.success(), "{}", status.stderr);
-    assert!(status.stdout.contains("\"name\": \"wide#4\""), "slices are listed: {}", status.stdout);
+    assert!(
+        status.stdout.contains("\"name\": \"wide#4\""),
+        "slices are listed: {}",
+        status.stdout
+    );
     let workers_used = db.int("SELECT count(DISTINCT app) FROM items_audit");
     assert!(
         workers_used >= 2,
