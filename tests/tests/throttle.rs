@@ -685,10 +685,23 @@ fn nonsense_throttle_configuration_is_refused_with_exit_2() {
 #[test]
 fn delayed_canaries_pace_the_job_in_short_batches_and_it_still_finishes() {
     let db = TestDb::new("canary");
-    db.sql(&users_table_sql(20_000));
+    // Rows that cost a millisecond each, in batches of 20: unpaced, the job runs 15 batches
+    // over about 300 ms, dozens of canary intervals, so the pace starts while it runs.
+    db.sql(
+        "CREATE TABLE metered (id bigint PRIMARY KEY, done boolean NOT NULL DEFAULT false);
+         INSERT INTO metered (id) SELECT generate_series(1, 300);
+         CREATE FUNCTION cost_a_millisecond() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(0.001); RETURN NEW; END $$;
+         CREATE TRIGGER cost_a_millisecond BEFORE UPDATE ON metered
+             FOR EACH ROW EXECUTE FUNCTION cost_a_millisecond();",
+    );
     db.migrate();
-    db.sql(SPLIT_NAME_JOB_SQL);
-    db.sql("UPDATE backfill.jobs SET batch_size = 1000");
+    db.sql(
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate,
+                                    batch_size, max_batch_size)
+         VALUES ('metered', 'public.metered', 'id',
+                 'UPDATE public.metered SET done = true WHERE id = ANY(:keys)', 'NOT done', 20, 20)",
+    );
     let mut env = quick_worker_json_log("canary");
     // Every canary a microsecond slower than the quickest counts as production waiting: on
     // any machine most are, so the job is paced from its first batches on.
@@ -696,9 +709,9 @@ fn delayed_canaries_pace_the_job_in_short_batches_and_it_still_finishes() {
     env.push(("BACKFILLD_THROTTLE__CANARY_INTERVAL", "10ms".to_string()));
     let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
     daemon.expect_success(RUN_LIMIT);
-    assert_eq!(db.job_state("split_full_name"), "succeeded");
+    assert_eq!(db.job_state("metered"), "succeeded");
     assert_eq!(
-        db.sql("SELECT count(*) FROM public.users WHERE first_name IS NULL"),
+        db.sql("SELECT count(*) FROM public.metered WHERE NOT done"),
         "0"
     );
 
