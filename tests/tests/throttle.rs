@@ -569,6 +569,19 @@ fn application_blocked_by_a_batch_waits_no_longer_than_max_blocking_plus_a_probe
 }
 
 /// `(batch_size, duration_ms)` of every committed batch of `job`, in order.
+/// `public.metered`: `rows` rows whose update costs a millisecond each (a trigger sleeps),
+/// so batch durations follow batch sizes on any machine.
+fn create_metered_table(db: &TestDb, rows: i64) {
+    db.sql(&format!(
+        "CREATE TABLE metered (id bigint PRIMARY KEY, done boolean NOT NULL DEFAULT false);
+         INSERT INTO metered (id) SELECT generate_series(1, {rows});
+         CREATE FUNCTION cost_a_millisecond() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(0.001); RETURN NEW; END $$;
+         CREATE TRIGGER cost_a_millisecond BEFORE UPDATE ON metered
+             FOR EACH ROW EXECUTE FUNCTION cost_a_millisecond();"
+    ));
+}
+
 fn batches_of(daemon: &Daemon, job: &str) -> Vec<(u64, f64)> {
     daemon
         .json_lines("backfilld::batch")
@@ -589,14 +602,7 @@ fn healthy_database_grows_batches_to_the_max_and_settles_near_the_target() {
     db.sql(&users_table_sql(16_000));
     // Rows that cost about a millisecond each, so the target, not the maximum, bounds
     // the batch size.
-    db.sql(
-        "CREATE TABLE metered (id bigint PRIMARY KEY, done boolean NOT NULL DEFAULT false);
-         INSERT INTO metered (id) SELECT generate_series(1, 2000);
-         CREATE FUNCTION cost_a_millisecond() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN PERFORM pg_sleep(0.001); RETURN NEW; END $$;
-         CREATE TRIGGER cost_a_millisecond BEFORE UPDATE ON metered
-             FOR EACH ROW EXECUTE FUNCTION cost_a_millisecond();",
-    );
+    create_metered_table(&db, 2_000);
     db.migrate();
     db.sql(SPLIT_NAME_JOB_SQL);
     db.sql(
@@ -687,14 +693,7 @@ fn delayed_canaries_pace_the_job_in_short_batches_and_it_still_finishes() {
     let db = TestDb::new("canary");
     // Rows that cost a millisecond each, in batches of 20: unpaced, the job runs 15 batches
     // over about 300 ms, dozens of canary intervals, so the pace starts while it runs.
-    db.sql(
-        "CREATE TABLE metered (id bigint PRIMARY KEY, done boolean NOT NULL DEFAULT false);
-         INSERT INTO metered (id) SELECT generate_series(1, 300);
-         CREATE FUNCTION cost_a_millisecond() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN PERFORM pg_sleep(0.001); RETURN NEW; END $$;
-         CREATE TRIGGER cost_a_millisecond BEFORE UPDATE ON metered
-             FOR EACH ROW EXECUTE FUNCTION cost_a_millisecond();",
-    );
+    create_metered_table(&db, 300);
     db.migrate();
     db.sql(
         "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate,
