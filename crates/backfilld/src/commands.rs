@@ -241,35 +241,30 @@ pub fn spawn_health_probes(
         data_plane_application_name(settings),
         settings.throttle.probe_timeout,
     );
-    let canary = match settings.throttle.max_probe_delay.is_zero() {
-        true => None,
-        false => {
-            let pool = connect_pool(
-                &settings.database.url,
-                &SessionSettings {
-                    pool_size: 1,
-                    ..session_settings(settings)
-                },
-            )
-            .context("the production-latency canary's connection")?;
-            Some(LatencyCanary::new(pool, settings.throttle.probe_timeout))
-        }
-    };
     let interval = settings.throttle.probe_interval;
     let (max_lag, max_lag_bytes) = (settings.throttle.max_lag, settings.throttle.max_lag_bytes);
     let control = db.control.clone();
     let (tx, rx) = watch::channel(HealthSample::default());
     let tx = Arc::new(tx);
-    let canary = canary.map(|canary| {
-        let detector = DelayDetector::new(settings.throttle.max_probe_delay);
-        run_canary(
-            canary,
-            detector,
+    let canary = if settings.throttle.max_probe_delay.is_zero() {
+        None
+    } else {
+        let pool = connect_pool(
+            &settings.database.url,
+            &SessionSettings {
+                pool_size: 1,
+                ..session_settings(settings)
+            },
+        )
+        .context("the production-latency canary's connection")?;
+        Some(run_canary(
+            LatencyCanary::new(pool, settings.throttle.probe_timeout),
+            DelayDetector::new(settings.throttle.max_probe_delay),
             settings.throttle.canary_interval,
             Arc::clone(&tx),
             shutdown.clone(),
-        )
-    });
+        ))
+    };
     let sampling = async move {
         let mut job_states_at: Option<Instant> = None;
         while !shutdown.is_triggered() {
