@@ -4,8 +4,8 @@
 //! Replication lag and lock waits do not show the harm a backfill does on a busy primary
 //! whose CPUs it shares: production queries simply wait for a CPU (or for the WAL the
 //! backfill floods), a few milliseconds each, and nothing trips. So the daemon times a
-//! *canary*, `SELECT 1` on a connection of its own, many times a second, and treats the
-//! canary's round trip as what production sees right now.
+//! *canary*, a tiny committing transaction on a connection of its own, many times a
+//! second, and treats the canary's round trip as what production sees right now.
 //!
 //! The scheme follows LEDBAT (RFC 6817), the congestion control of background transfers
 //! that must yield to everything else on a link: what matters is not the round trip but
@@ -15,7 +15,8 @@
 //! [`LatencyPacer`] turns those counts into a rate: the first delayed canary pins the rate
 //! at half of what the last batch achieved, each further one halves it again (at most once
 //! per [`CUT_SPACING`], so one burst of slow canaries is one cut), and every
-//! [`GROWTH_INTERVAL`] without one grows it by a tenth of the rate before the last cut.
+//! [`GROWTH_INTERVAL`] without one grows it by [`GROWTH_FRACTION`] of the rate before the
+//! last cut.
 //! Once the rate is back where pacing began, pacing ends. The rate is spent in bursts of
 //! at most [`PACING_WINDOW`] of it, because at one average rate short bursts are what
 //! production notices least (docs/BENCHMARKS.md measures it).
@@ -36,6 +37,11 @@ pub const CUT_SPACING: Duration = Duration::from_millis(250);
 
 /// The paced rate grows once per this long without a delayed canary.
 pub const GROWTH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Each growth adds this fraction of the rate before the last cut: back where it was cut
+/// after 20 quiet intervals. Slow on purpose: a background job may take its time to find
+/// out that production has calmed down, not to find out that it suffers.
+pub const GROWTH_FRACTION: f64 = 0.025;
 
 /// One canary round trip, judged against the base.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +110,7 @@ pub struct LatencyPacer {
     rate: Option<f64>,
     /// Pacing ends once the rate grows back to this: the rate when pacing began.
     release_at: f64,
-    /// Growth per [`GROWTH_INTERVAL`]: a tenth of the rate before the last cut.
+    /// Growth per [`GROWTH_INTERVAL`]: [`GROWTH_FRACTION`] of the rate before the last cut.
     step: f64,
     /// The delayed-canary count seen at the previous update.
     seen: Option<u64>,
@@ -145,7 +151,7 @@ impl LatencyPacer {
                 (None, _) => return false,
             };
             self.rate = Some((before / 2.0).max(floor));
-            self.step = (before / 10.0).max(floor / 10.0);
+            self.step = (before * GROWTH_FRACTION).max(floor * GROWTH_FRACTION);
             self.last_cut = Some(now);
             self.last_change = now;
             return true;
@@ -241,7 +247,8 @@ mod tests {
         // Less than a growth interval: unchanged.
         pacer.update(ms(900), 1, Some(40_000.0), 1_000.0);
         assert_eq!(pacer.rate(), Some(40_000.0));
-        // Each quiet interval adds a tenth of the rate before the cut (8,000).
+        // Each quiet interval adds 2.5 % of the rate before the cut (2,000); the 20th
+        // brings it back to 80,000, where pacing began, and ends it.
         let mut now = ms(10);
         let mut rates = Vec::new();
         while let Some(rate) = pacer.rate() {
@@ -249,16 +256,10 @@ mod tests {
             pacer.update(now, 1, Some(rate), 1_000.0);
             rates.push(pacer.rate());
         }
-        assert_eq!(
-            rates,
-            [
-                Some(48_000.0),
-                Some(56_000.0),
-                Some(64_000.0),
-                Some(72_000.0),
-                None
-            ]
-        );
+        assert_eq!(rates.len(), 20, "{rates:?}");
+        assert_eq!(rates[..3], [Some(42_000.0), Some(44_000.0), Some(46_000.0)]);
+        assert_eq!(rates[18], Some(78_000.0));
+        assert_eq!(rates[19], None);
     }
 
     #[test]

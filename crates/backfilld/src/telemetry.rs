@@ -150,7 +150,7 @@ pub fn install_metrics(idle_timeout: Option<Duration>) -> Result<PrometheusHandl
     describe_gauge!(
         "backfill_probe_delay_seconds",
         Unit::Seconds,
-        "How much longer the last canary round trip (SELECT 1) took than the quickest of the last minute."
+        "How much longer the last canary round trip (a committing transaction) took than the quickest of the last minute."
     );
     describe_counter!(
         "backfill_probe_delays_total",
