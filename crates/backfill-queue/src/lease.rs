@@ -71,6 +71,11 @@ impl Queue {
         &self.pool
     }
 
+    /// The slice operations on the same pool.
+    pub fn slices(&self) -> crate::slices::Slices {
+        crate::slices::Slices::new(self.pool.clone())
+    }
+
     /// Claims the next runnable job (highest priority, then oldest; `not_before`
     /// passed; unleased or lease expired), or `None` when nothing is runnable.
     ///

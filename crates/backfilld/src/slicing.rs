@@ -4,7 +4,7 @@
 
 use backfill_core::slicing::{cut_fractions, distinct_cuts, even_estimates, steal_threshold};
 use backfill_dataplane::{BatchTarget, DataPlaneError, JobDefinition};
-use backfill_queue::{Job, LeaseToken, Slices};
+use backfill_queue::{Job, LeaseToken};
 use tracing::{debug, info};
 
 use crate::worker::Worker;
@@ -63,7 +63,7 @@ pub async fn cut(
         .map_err(|e| e.to_string())?;
     drop(client);
     let estimates = even_estimates(pending, cuts.len() + 1);
-    let slices = Slices::new(worker.queue.pool().clone());
+    let slices = worker.queue.slices();
     let cut = slices
         .cut(job.id, token, &cuts, &estimates)
         .await
@@ -77,7 +77,7 @@ pub async fn cut(
 /// Splits the running slice with the most rows left, if one is worth it, so
 /// this idle worker can claim its second half. True when a new slice exists.
 pub async fn steal(worker: &Worker) -> bool {
-    let slices = Slices::new(worker.queue.pool().clone());
+    let slices = worker.queue.slices();
     let min_remaining = steal_threshold(worker.settings.batch.max_size);
     let candidate = match slices.steal_candidate(min_remaining).await {
         Ok(Some(candidate)) => candidate,

@@ -15,7 +15,7 @@ use backfill_dataplane::{
     BatchRunner, BatchTarget, DataPlaneError, Fence, KeySource, RowFailure, RunOutcome,
 };
 use backfill_queue::{
-    ClaimedJob, HeartbeatReport, Job, JobProgress, JobState, LeaseToken, Phase, Queue, Slices,
+    ClaimedJob, HeartbeatReport, Job, JobProgress, JobState, LeaseToken, Phase, Queue,
 };
 use tokio::sync::watch;
 use tracing::{info, warn, Instrument};
@@ -517,7 +517,7 @@ impl<'w> JobRun<'w> {
     /// A sliced job: cut it on its first claim; once every slice is done,
     /// go on to retries and verification over the whole table.
     async fn drive_sliced(&mut self, target: &BatchTarget) -> Option<JobEnd> {
-        let slices = Slices::new(self.worker.queue.pool().clone());
+        let slices = self.worker.queue.slices();
         let summary = match slices.summary(self.job.id).await {
             Ok(summary) => summary,
             Err(e) => {
@@ -566,7 +566,7 @@ impl<'w> JobRun<'w> {
         if self.job.parent_id.is_none() {
             return false;
         }
-        let slices = Slices::new(self.worker.queue.pool().clone());
+        let slices = self.worker.queue.slices();
         let Ok(upper_key) = slices.upper_key(self.job.id).await else {
             return false;
         };
@@ -603,7 +603,7 @@ impl<'w> JobRun<'w> {
             return;
         }
         self.budget_checked = Some(Instant::now());
-        let slices = Slices::new(self.worker.queue.pool().clone());
+        let slices = self.worker.queue.slices();
         if let Ok(active) = slices.active(parent_id).await {
             let share = rate_share(Some(budget), active);
             if share != self.throttle.max_rows_per_second() {
