@@ -577,3 +577,35 @@ fn a_role_without_pg_monitor_is_refused_unless_blind_running_is_allowed() {
         daemon.log_text()
     );
 }
+
+#[test]
+fn a_role_that_may_not_create_the_schema_gets_one_line_naming_the_cause_once() {
+    let (_, cluster) = secured();
+    let db = TestDb::on(cluster, "no_create");
+    db.sql("CREATE ROLE no_create LOGIN PASSWORD 'pw-no_create'");
+    let as_role = url(
+        "no_create",
+        Some("pw-no_create"),
+        "127.0.0.1",
+        cluster,
+        &db.name,
+        "",
+    );
+    let env = [("BACKFILLD_THROTTLE__ALLOW_BLIND", "true")];
+    let out = backfilld_at(&as_role, &["run", "--exit-when-idle"], &env);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let fatal: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|line| line.starts_with("backfilld: "))
+        .collect();
+    let cause = format!("permission denied for database {}", db.name);
+    assert_eq!(
+        fatal,
+        [format!(
+            "backfilld: applying the backfill schema: creating schema backfill: error returned from database: {cause}"
+        )],
+        "{}",
+        out.stderr
+    );
+}

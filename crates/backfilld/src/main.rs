@@ -79,7 +79,8 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(CliFailure::Fatal(e)) => {
-            eprintln!("backfilld: {e:#}");
+            // Each cause once: many errors already quote their source in their own text.
+            eprintln!("backfilld: {}", backfill_dataplane::error_chain(e.as_ref()));
             ExitCode::from(1)
         }
     }
