@@ -289,7 +289,11 @@ fn a_demo_job_exports_every_design_and_deploy_metric_with_sane_values() {
 
     let env = ops_env(
         "ops-metrics",
-        &[("BACKFILLD_THROTTLE__EXPECTED_STANDBYS", "ops_standby")],
+        &[
+            ("BACKFILLD_THROTTLE__EXPECTED_STANDBYS", "ops_standby"),
+            // The canary on (so its series are exported too), too lenient to ever pace.
+            ("BACKFILLD_THROTTLE__MAX_PROBE_DELAY", "10s"),
+        ],
     );
     let mut daemon = Daemon::start(&url, &[], &env_refs(&env));
     let address = http_address(&daemon);
@@ -361,6 +365,9 @@ fn a_demo_job_exports_every_design_and_deploy_metric_with_sane_values() {
     );
 
     // Sane values.
+    let excess = metrics.value("backfill_probe_delay_seconds", &[]);
+    assert!((0.0..10.0).contains(&excess), "canary excess {excess} s");
+    assert_eq!(metrics.value("backfill_probe_delays_total", &[]), 0.0);
     let job = [("job", JOB)];
     let db_int = |sql: &str| -> f64 { psql(&primary, sql).parse().expect("number") };
     let rows_done = db_int("SELECT rows_done FROM backfill.jobs");
