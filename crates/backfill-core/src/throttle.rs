@@ -975,7 +975,7 @@ impl ThrottleController {
                 batch_size = cap;
                 reason = ThrottleReason::worst(reason, budget.reason);
             }
-            let rate_pause = self.rate_pause(now, budget.rows_per_second);
+            let rate_pause = self.rate_pause(now, &budget);
             if !rate_pause.is_zero() {
                 pause = pause.max(rate_pause);
                 reason = ThrottleReason::worst(reason, budget.reason);
@@ -1051,11 +1051,15 @@ impl ThrottleController {
         let configured = self.settings.max_rows_per_second.map(|rate| RateBudget {
             rows_per_second: rate,
             window: RATE_BUDGET_WINDOW,
+            max_charge: Duration::MAX,
             reason: ThrottleReason::RateLimit,
         });
+        // The batch before a cut carried far more than a window of the new pace; charging
+        // all of it would stall the job for seconds where it should be paced.
         let paced = self.latency.rate().map(|rate| RateBudget {
             rows_per_second: rate,
             window: PACING_WINDOW,
+            max_charge: PACING_WINDOW,
             reason: ThrottleReason::ProductionLatency,
         });
         configured.into_iter().chain(paced)
@@ -1068,12 +1072,14 @@ impl ThrottleController {
             .min()
     }
 
-    /// Wait until the last committed batch is paid for at `budget` rows per second.
-    fn rate_pause(&self, now: Duration, budget: f64) -> Duration {
+    /// Wait until the last committed batch is paid for at the budget's rate (at most its
+    /// `max_charge`).
+    fn rate_pause(&self, now: Duration, budget: &RateBudget) -> Duration {
         match self.last_commit {
             Some(mark) => {
-                let cost =
-                    Duration::try_from_secs_f64(mark.rows as f64 / budget).unwrap_or(Duration::MAX);
+                let cost = Duration::try_from_secs_f64(mark.rows as f64 / budget.rows_per_second)
+                    .unwrap_or(Duration::MAX)
+                    .min(budget.max_charge);
                 mark.started_at.saturating_add(cost).saturating_sub(now)
             }
             None => Duration::ZERO,
@@ -1089,7 +1095,10 @@ impl ThrottleController {
 /// A rows-per-second budget and the most of it one batch may carry.
 struct RateBudget {
     rows_per_second: f64,
+    /// A batch carries at most this much of the budget.
     window: Duration,
+    /// The pause after a batch pays for at most this much of it.
+    max_charge: Duration,
     reason: ThrottleReason,
 }
 
@@ -1204,6 +1213,16 @@ mod tests {
 
         fn elapsed_since_first_batch(&self) -> Duration {
             self.now - self.first_batch_start.unwrap_or_default()
+        }
+
+        /// Rows committed and the time now, to measure a rate from with `rate_since`.
+        fn mark(&self) -> (u64, Duration) {
+            (self.rows_committed, self.now)
+        }
+
+        /// Rows per second committed since `mark`.
+        fn rate_since(&self, (rows, at): (u64, Duration)) -> f64 {
+            (self.rows_committed - rows) as f64 / (self.now - at).as_secs_f64()
         }
     }
 
@@ -1803,15 +1822,17 @@ mod tests {
         let decision = sim.step(&delays(1), &model);
         assert_eq!(decision.reason(), Some(ThrottleReason::ProductionLatency));
         assert_eq!(sim.throttle.latency_pace(), Some(50_000.0));
-        // A batch carries at most 10 ms of the pace.
+        // A batch carries at most 10 ms of the pace, and the big batch before the cut is not
+        // charged at the new pace (10 000 rows would be a 200 ms stall).
         assert_eq!(run_size(decision), 500);
+        assert!(decision.wait() <= PACING_WINDOW, "{decision:?}");
         // Half a second: less than a growth interval.
-        let (rows_before, start) = (sim.rows_committed, sim.now);
+        let mark = sim.mark();
         for _ in 0..50 {
             let decision = sim.step(&delays(1), &model);
             assert_eq!(run_size(decision), 500);
         }
-        let rate = (sim.rows_committed - rows_before) as f64 / (sim.now - start).as_secs_f64();
+        let rate = sim.rate_since(mark);
         assert!((49_000.0..=51_000.0).contains(&rate), "{rate:.0} rows/s");
         assert_eq!(
             sim.throttle.reason(),
@@ -1844,11 +1865,11 @@ mod tests {
         // bursts are shorter than the rate limit's one-second ones.
         sim.step(&delays(1), &model);
         assert_eq!(sim.throttle.batch_size(), 500);
-        let (rows_before, start) = (sim.rows_committed, sim.now);
+        let mark = sim.mark();
         for _ in 0..40 {
             sim.step(&delays(1), &model);
         }
-        let rate = (sim.rows_committed - rows_before) as f64 / (sim.now - start).as_secs_f64();
+        let rate = sim.rate_since(mark);
         assert!((19_500.0..=20_300.0).contains(&rate), "{rate:.0} rows/s");
         // Both are in force; the one about production is reported.
         assert_eq!(
@@ -1868,11 +1889,11 @@ mod tests {
             sim.step(&HealthSample::healthy(), &model);
         }
         sim.throttle.set_max_rows_per_second(Some(4_000.0));
-        let (rows_before, start) = (sim.rows_committed, sim.now);
+        let mark = sim.mark();
         for _ in 0..200 {
             sim.step(&HealthSample::healthy(), &model);
         }
-        let rate = (sim.rows_committed - rows_before) as f64 / (sim.now - start).as_secs_f64();
+        let rate = sim.rate_since(mark);
         assert!(
             (3_880.0..=4_040.0).contains(&rate),
             "measured {rate:.1} rows/s"
