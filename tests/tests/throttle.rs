@@ -568,7 +568,6 @@ fn application_blocked_by_a_batch_waits_no_longer_than_max_blocking_plus_a_probe
     db.assert_backfilled_exactly_once("items", 400);
 }
 
-/// `(batch_size, duration_ms)` of every committed batch of `job`, in order.
 /// `public.metered`: `rows` rows whose update costs a millisecond each (a trigger sleeps),
 /// so batch durations follow batch sizes on any machine.
 fn create_metered_table(db: &TestDb, rows: i64) {
@@ -582,6 +581,7 @@ fn create_metered_table(db: &TestDb, rows: i64) {
     ));
 }
 
+/// `(batch_size, duration_ms)` of every committed batch of `job`, in order.
 fn batches_of(daemon: &Daemon, job: &str) -> Vec<(u64, f64)> {
     daemon
         .json_lines("backfilld::batch")
