@@ -568,6 +568,81 @@ fn application_blocked_by_a_batch_waits_no_longer_than_max_blocking_plus_a_probe
     db.assert_backfilled_exactly_once("items", 400);
 }
 
+#[test]
+fn only_the_batch_that_blocks_an_application_is_cancelled_when_two_jobs_share_a_process() {
+    let db = TestDb::new("blocking_two");
+    let mut setup = String::from(
+        "-- While slow_batches.on, every backfill statement keeps its row locks 2 s longer.
+         CREATE TABLE slow_batches (on_ boolean NOT NULL);
+         INSERT INTO slow_batches VALUES (true);
+         CREATE FUNCTION hold_row_locks() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF current_setting('application_name') LIKE 'backfilld/%'
+                AND (SELECT on_ FROM slow_batches) THEN
+                 PERFORM pg_sleep(2);
+             END IF;
+             RETURN NULL;
+         END $$;",
+    );
+    for table in ["items", "others"] {
+        setup.push_str(&format!(
+            "CREATE TABLE {table} (id bigint PRIMARY KEY, done boolean NOT NULL DEFAULT false,
+                                   touched int NOT NULL DEFAULT 0);
+             INSERT INTO {table} (id) SELECT generate_series(1, 300);
+             CREATE TRIGGER hold_row_locks AFTER UPDATE ON {table}
+                 FOR EACH STATEMENT EXECUTE FUNCTION hold_row_locks();
+             INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, batch_size)
+             VALUES ('mark_{table}', 'public.{table}', 'id',
+                     'UPDATE public.{table} SET done = true WHERE id = ANY(:keys)', 'NOT done', 100);"
+        ));
+    }
+    db.migrate();
+    db.sql(&setup);
+    db.audit_updates("items", "id");
+    db.audit_updates("others", "id");
+    let mut env = quick_worker_json_log("blocking_two");
+    env.push(("BACKFILLD_WORKER__CONCURRENCY", "2".to_string()));
+    let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
+    wait_until(
+        "both jobs' batches holding their row locks",
+        RUN_LIMIT,
+        || {
+            db.int(
+                "SELECT count(*) FROM pg_stat_activity \
+              WHERE application_name LIKE 'backfilld/%' AND wait_event = 'PgSleep'",
+            ) == 2
+        },
+    );
+    // The first key above its checkpoint is in mark_items' running batch, locked by it.
+    let waited = db.session().timed(
+        "UPDATE items SET touched = touched + 1 \
+          WHERE id = (SELECT coalesce(checkpoint::bigint, 0) + 1 FROM backfill.jobs \
+                       WHERE name = 'mark_items')",
+    );
+    db.sql("UPDATE slow_batches SET on_ = false");
+    daemon.expect_success(RUN_LIMIT);
+
+    assert!(
+        waited <= Duration::from_millis(200 + 250),
+        "the application waited {waited:?}"
+    );
+    let cancelled: Vec<String> = worker_lines(
+        &daemon,
+        "the batch is blocking other sessions; cancelling it",
+    )
+    .iter()
+    .map(|line| line["span"]["job"].as_str().unwrap_or_default().to_string())
+    .collect();
+    assert!(
+        !cancelled.is_empty() && cancelled.iter().all(|job| job == "mark_items"),
+        "cancelled batches by job: {cancelled:?}"
+    );
+    for table in ["items", "others"] {
+        assert_eq!(db.job_state(&format!("mark_{table}")), "succeeded");
+        db.assert_backfilled_exactly_once(table, 300);
+    }
+}
+
 /// `public.metered`: `rows` rows whose update costs a millisecond each (a trigger sleeps),
 /// so batch durations follow batch sizes on any machine.
 fn create_metered_table(db: &TestDb, rows: i64) {

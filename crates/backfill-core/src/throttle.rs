@@ -426,6 +426,9 @@ pub struct HealthSample {
     pub sessions_blocked_by_us: u32,
     /// Longest wait among those blocked sessions.
     pub longest_block: Duration,
+    /// The same per backend of ours that blocks someone, so that a batch is cancelled for
+    /// the sessions it blocks itself, not for those another job's batch blocks.
+    pub blocking_backends: Vec<BlockingBackend>,
     /// The probe itself failed; nothing else in the sample can be trusted.
     pub probe_failed: bool,
     /// Canary round trips judged delayed since the daemon started (monotonic; see
@@ -454,6 +457,17 @@ impl HealthSample {
             ..Self::default()
         }
     }
+}
+
+/// One of our backends holding locks other sessions wait for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockingBackend {
+    /// Its `pg_backend_pid()`.
+    pub pid: i32,
+    /// Sessions waiting on it.
+    pub sessions: u32,
+    /// Longest wait among them.
+    pub longest: Duration,
 }
 
 /// How a batch ended (row-level data errors are handled by bisection elsewhere).

@@ -52,6 +52,7 @@ impl Step {
             },
             sessions_blocked_by_us: self.sessions_blocked_by_us,
             longest_block: self.longest_block,
+            blocking_backends: Vec::new(),
             probe_failed: self.probe_failed,
             probe_delays,
         }

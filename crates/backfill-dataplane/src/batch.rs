@@ -47,6 +47,8 @@
 
 use std::future::Future;
 use std::pin::pin;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backfill_core::bisect::{BisectStep, Bisection};
@@ -65,6 +67,23 @@ use crate::BatchError;
 /// resolved: well under PostgreSQL's 64 cached subtransactions per backend, with
 /// room for subtransactions of the job's own (PL/pgSQL exception blocks).
 pub const MAX_RELEASED_SAVEPOINTS: usize = 48;
+
+/// Where a running batch publishes the backend pid of its connection, so that whoever
+/// watches for sessions it blocks can tell them from those another batch of this process
+/// blocks.
+#[derive(Debug, Clone, Default)]
+pub struct BatchBackend(Arc<AtomicI32>);
+
+impl BatchBackend {
+    /// The pid of the batch's backend, once the batch has started.
+    pub fn pid(&self) -> Option<i32> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|pid| *pid != 0)
+    }
+
+    fn set(&self, pid: i32) {
+        self.0.store(pid, Ordering::Relaxed);
+    }
+}
 
 /// The lease a batch must still hold to commit.
 #[derive(Debug, Clone, Copy)]
@@ -209,7 +228,8 @@ impl BatchRunner {
         &self.pool
     }
 
-    /// Runs one batch of at most `limit` keys from `source`.
+    /// Runs one batch of at most `limit` keys from `source`, publishing its backend's
+    /// pid in `backend` before its statement runs.
     ///
     /// When `stop` completes before the batch does, the running statement is
     /// cancelled on the server and the batch rolls back (`Failed` with
@@ -220,6 +240,7 @@ impl BatchRunner {
         fence: Fence,
         source: KeySource<'_>,
         limit: u32,
+        backend: &BatchBackend,
         stop: impl Future<Output = ()>,
     ) -> RunOutcome {
         let started = Instant::now();
@@ -237,7 +258,7 @@ impl BatchRunner {
             }
         };
         let cancel = client.cancel_token();
-        let mut work = pin!(self.run_on(&mut client, target, fence, source, limit));
+        let mut work = pin!(self.run_on(&mut client, target, fence, source, limit, backend));
         let mut stop = pin!(stop);
         let mut canceled = false;
         let result = loop {
@@ -272,13 +293,24 @@ impl BatchRunner {
         fence: Fence,
         source: KeySource<'_>,
         limit: u32,
+        backend: &BatchBackend,
     ) -> Result<Option<BatchStats>, BatchFailure> {
         let name = &target.job_name;
         let tx = client
             .transaction()
             .await
             .map_err(|e| BatchError::from_driver(format!("job {name:?}: BEGIN"), &e))?;
-        let keys = select_keys(&tx, target, source, limit).await?;
+        // Pipelined with the key selection: no round trip of its own.
+        let pid = async {
+            let statement = tx.prepare_cached("SELECT pg_backend_pid()").await?;
+            tx.query_one(&statement, &[]).await?.try_get::<_, i32>(0)
+        };
+        let (pid, keys) = tokio::join!(pid, select_keys(&tx, target, source, limit));
+        let pid = pid.map_err(|e| {
+            BatchError::from_driver(format!("job {name:?}: reading its backend pid"), &e)
+        })?;
+        backend.set(pid);
+        let keys = keys?;
         let (Some(first), Some(last)) = (keys.first(), keys.last()) else {
             return Ok(None);
         };

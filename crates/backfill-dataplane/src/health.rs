@@ -32,7 +32,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use backfill_core::throttle::{HealthSample, ReplicaLag};
+use backfill_core::throttle::{BlockingBackend, HealthSample, ReplicaLag};
 use deadpool_postgres::Pool;
 use futures::future::join_all;
 
@@ -46,7 +46,8 @@ const PRIMARY_LAG_SQL: &str = "SELECT application_name, \
    FROM pg_stat_replication \
   WHERE state IN ('streaming', 'catchup')";
 
-/// Sessions waiting on a lock that one of our sessions holds, and the longest such wait.
+/// Sessions waiting on a lock that one of our sessions holds, and the longest such wait:
+/// per backend of ours that blocks someone, then (blocker NULL) for all of ours together.
 ///
 /// Our sessions are recognised by application_name, which pg_stat_activity truncates to
 /// `max_identifier_length` bytes (the name is ASCII: PostgreSQL replaces anything else).
@@ -54,13 +55,17 @@ const PRIMARY_LAG_SQL: &str = "SELECT application_name, \
 /// lock wait itself, so we may cancel a little early, never late.
 const BLOCKED_BY_US_SQL: &str = "WITH ours AS ( \
         SELECT pid FROM pg_stat_activity \
-         WHERE application_name = left($1, current_setting('max_identifier_length')::int)) \
-     SELECT count(*)::int8, \
-            coalesce(max(extract(epoch FROM clock_timestamp() - coalesce(a.query_start, a.state_change))), 0)::float8 \
-       FROM pg_stat_activity a \
-      WHERE a.wait_event_type = 'Lock' \
-        AND a.pid NOT IN (SELECT pid FROM ours) \
-        AND pg_blocking_pids(a.pid) && ARRAY(SELECT pid FROM ours)";
+         WHERE application_name = left($1, current_setting('max_identifier_length')::int)), \
+     waits AS ( \
+        SELECT a.pid AS waiter, blocker, \
+               extract(epoch FROM clock_timestamp() - coalesce(a.query_start, a.state_change))::float8 AS waited \
+          FROM pg_stat_activity a CROSS JOIN LATERAL unnest(pg_blocking_pids(a.pid)) AS blocker \
+         WHERE a.wait_event_type = 'Lock' \
+           AND a.pid NOT IN (SELECT pid FROM ours) \
+           AND blocker IN (SELECT pid FROM ours)) \
+     SELECT blocker, count(DISTINCT waiter)::int8, max(waited) FROM waits GROUP BY blocker \
+     UNION ALL \
+     SELECT NULL, count(DISTINCT waiter)::int8, coalesce(max(waited), 0) FROM waits";
 
 /// Lag as a standby sees it itself (see the module docs).
 const REPLICA_LAG_SQL: &str = "SELECT pg_is_in_recovery(), \
@@ -159,13 +164,25 @@ impl HealthProbe {
         }
         sample.missing_standbys = missing_standbys(&self.expected_standbys, &sample.replicas);
         let blocked = client
-            .query_one(BLOCKED_BY_US_SQL, &[&self.our_application_name])
+            .query(BLOCKED_BY_US_SQL, &[&self.our_application_name])
             .await
             .map_err(|e| format!("reading sessions blocked by ours: {e}"))?;
-        let count: i64 = blocked.get(0);
-        let longest: f64 = blocked.get(1);
-        sample.sessions_blocked_by_us = u32::try_from(count).unwrap_or(u32::MAX);
-        sample.longest_block = seconds(longest);
+        for row in blocked {
+            let blocker: Option<i32> = row.get(0);
+            let sessions = u32::try_from(row.get::<_, i64>(1)).unwrap_or(u32::MAX);
+            let longest = seconds(row.get(2));
+            match blocker {
+                Some(pid) => sample.blocking_backends.push(BlockingBackend {
+                    pid,
+                    sessions,
+                    longest,
+                }),
+                None => {
+                    sample.sessions_blocked_by_us = sessions;
+                    sample.longest_block = longest;
+                }
+            }
+        }
         Ok(sample)
     }
 }

@@ -16,7 +16,8 @@ mod slicing;
 mod target;
 
 pub use batch::{
-    BatchRunner, BatchStats, FailureReason, Fence, KeySource, RetryBackoff, RowFailure, RunOutcome,
+    BatchBackend, BatchRunner, BatchStats, FailureReason, Fence, KeySource, RetryBackoff,
+    RowFailure, RunOutcome,
 };
 pub use error::{BatchError, DataPlaneError};
 pub use health::{HealthProbe, LatencyCanary};

@@ -12,7 +12,8 @@ use backfill_core::throttle::{
     ThrottleSettings,
 };
 use backfill_dataplane::{
-    BatchRunner, BatchTarget, DataPlaneError, Fence, KeySource, RowFailure, RunOutcome,
+    BatchBackend, BatchRunner, BatchTarget, DataPlaneError, Fence, KeySource, RowFailure,
+    RunOutcome,
 };
 use backfill_queue::{
     ClaimedJob, HeartbeatReport, Job, JobProgress, JobState, LeaseToken, Phase, Queue,
@@ -317,10 +318,10 @@ impl<'w> JobRun<'w> {
         !holds
     }
 
-    /// Completes when the in-flight batch must be cancelled: at once when the
-    /// lease is gone, when it has blocked production sessions for
+    /// Completes when the in-flight batch (on `backend`) must be cancelled: at once when
+    /// the lease is gone, when it has blocked production sessions for
     /// `throttle.max_blocking`, after the grace period on shutdown.
-    fn batch_stop(&self) -> impl std::future::Future<Output = ()> + 'static {
+    fn batch_stop(&self, backend: BatchBackend) -> impl std::future::Future<Output = ()> + 'static {
         let mut stop = self.stop.clone();
         let mut health = self.worker.health.clone();
         // Only samples taken while this batch runs count: the one at hand may still
@@ -332,7 +333,7 @@ impl<'w> JobRun<'w> {
         async move {
             tokio::select! {
                 () = until(&mut stop, Option::is_some) => {}
-                sessions = blocked_for(&mut health, max_blocking) => {
+                sessions = blocked_for(&mut health, max_blocking, &backend) => {
                     warn!(sessions, ?max_blocking, "the batch is blocking other sessions; cancelling it");
                 }
                 () = async { shutdown.triggered().await; tokio::time::sleep(grace).await } => {}
@@ -429,10 +430,12 @@ impl<'w> JobRun<'w> {
                     max_attempts: self.max_attempts(),
                 },
             };
+            let backend = BatchBackend::default();
+            let stop = self.batch_stop(backend.clone());
             let outcome = self
                 .worker
                 .runner
-                .run(&target, self.fence, source, batch_size, self.batch_stop())
+                .run(&target, self.fence, source, batch_size, &backend, stop)
                 .await;
             match outcome {
                 RunOutcome::Committed { stats, duration } => {
@@ -902,7 +905,11 @@ fn describe_lag(health: &HealthSample) -> String {
 /// rest of it instead of waiting for the next sample: a session blocked by our
 /// transaction keeps waiting until it ends, so production never waits a whole probe
 /// interval past the limit. A sample showing nobody blocked (they gave up) clears it.
-async fn blocked_for(health: &mut watch::Receiver<HealthSample>, max_blocking: Duration) -> u32 {
+async fn blocked_for(
+    health: &mut watch::Receiver<HealthSample>,
+    max_blocking: Duration,
+    backend: &BatchBackend,
+) -> u32 {
     let mut deadline: Option<(tokio::time::Instant, u32)> = None;
     loop {
         let expiry = async {
@@ -918,11 +925,16 @@ async fn blocked_for(health: &mut watch::Receiver<HealthSample>, max_blocking: D
                     std::future::pending::<()>().await;
                 }
                 let sample = health.borrow_and_update();
-                deadline = (sample.sessions_blocked_by_us > 0).then(|| {
+                // Only the sessions this batch's backend blocks: another job's batch in
+                // this process answers for its own.
+                let ours = backend.pid().and_then(|pid| {
+                    sample.blocking_backends.iter().find(|blocking| blocking.pid == pid)
+                });
+                deadline = ours.map(|blocking| {
                     let at = tokio::time::Instant::now()
-                        + max_blocking.saturating_sub(sample.longest_block);
+                        + max_blocking.saturating_sub(blocking.longest);
                     let earliest = deadline.map_or(at, |(previous, _)| previous.min(at));
-                    (earliest, sample.sessions_blocked_by_us)
+                    (earliest, blocking.sessions)
                 });
             }
             () = expiry => return deadline.map_or(0, |(_, sessions)| sessions),
