@@ -2,7 +2,6 @@
 //! the database connections every verb shares.
 
 use std::io::{IsTerminal as _, Write as _};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -224,14 +223,8 @@ pub fn spawn_health_probes(
 ) -> anyhow::Result<(watch::Receiver<HealthSample>, tokio::task::JoinHandle<()>)> {
     let mut replicas = Vec::new();
     for (i, url) in settings.throttle.replica_urls.iter().enumerate() {
-        let pool = connect_pool(
-            url,
-            &SessionSettings {
-                pool_size: 1,
-                ..session_settings(settings)
-            },
-        )
-        .with_context(|| format!("throttle.replica_urls[{i}] ({})", redacted(url)))?;
+        let pool = probe_pool(url, settings)
+            .with_context(|| format!("throttle.replica_urls[{i}] ({})", redacted(url)))?;
         replicas.push((format!("replica{i}"), pool));
     }
     let probe = HealthProbe::new(
@@ -245,23 +238,16 @@ pub fn spawn_health_probes(
     let (max_lag, max_lag_bytes) = (settings.throttle.max_lag, settings.throttle.max_lag_bytes);
     let control = db.control.clone();
     let (tx, rx) = watch::channel(HealthSample::default());
-    let tx = Arc::new(tx);
     let canary = if settings.throttle.max_probe_delay.is_zero() {
         None
     } else {
-        let pool = connect_pool(
-            &settings.database.url,
-            &SessionSettings {
-                pool_size: 1,
-                ..session_settings(settings)
-            },
-        )
-        .context("the production-latency canary's connection")?;
+        let pool = probe_pool(&settings.database.url, settings)
+            .context("the production-latency canary's connection")?;
         Some(run_canary(
             LatencyCanary::new(pool, settings.throttle.probe_timeout),
             DelayDetector::new(settings.throttle.max_probe_delay),
             settings.throttle.canary_interval,
-            Arc::clone(&tx),
+            tx.clone(),
             shutdown.clone(),
         ))
     };
@@ -297,6 +283,15 @@ pub fn spawn_health_probes(
     Ok((rx, probes))
 }
 
+/// A one-connection data-plane pool to `url`, for a probe of its own.
+fn probe_pool(url: &str, settings: &Settings) -> anyhow::Result<deadpool_postgres::Pool> {
+    let session = SessionSettings {
+        pool_size: 1,
+        ..session_settings(settings)
+    };
+    Ok(connect_pool(url, &session)?)
+}
+
 /// Times the canary every `interval` and publishes the count of delayed round trips in
 /// the health samples, between the probes' own updates: a delay should reach the
 /// throttle within one canary interval, not one probe interval.
@@ -304,7 +299,7 @@ async fn run_canary(
     canary: LatencyCanary,
     mut detector: DelayDetector,
     interval: Duration,
-    health: Arc<watch::Sender<HealthSample>>,
+    health: watch::Sender<HealthSample>,
     shutdown: Shutdown,
 ) {
     let origin = Instant::now();
