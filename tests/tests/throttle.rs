@@ -489,24 +489,27 @@ fn batch_waiting_on_an_application_lock_backs_off_and_finishes_after_release() {
     db.assert_backfilled_exactly_once("users", rows);
 }
 
+/// `hold_row_locks()`: a statement trigger function that, while `slow_batches.on_`, keeps
+/// every backfill statement (and so its row locks) 2 s longer.
+const HOLD_ROW_LOCKS_SQL: &str = "CREATE TABLE slow_batches (on_ boolean NOT NULL);
+     INSERT INTO slow_batches VALUES (true);
+     CREATE FUNCTION hold_row_locks() RETURNS trigger LANGUAGE plpgsql AS $$
+     BEGIN
+         IF current_setting('application_name') LIKE 'backfilld/%'
+            AND (SELECT on_ FROM slow_batches) THEN
+             PERFORM pg_sleep(2);
+         END IF;
+         RETURN NULL;
+     END $$;";
+
 #[test]
 fn application_blocked_by_a_batch_waits_no_longer_than_max_blocking_plus_a_probe_interval() {
     let db = TestDb::new("blocking");
+    db.sql(HOLD_ROW_LOCKS_SQL);
     db.sql(
         "CREATE TABLE items (id bigint PRIMARY KEY, done boolean NOT NULL DEFAULT false,
                              touched int NOT NULL DEFAULT 0);
          INSERT INTO items (id) SELECT generate_series(1, 400);
-         -- While slow_batches.on, every backfill statement keeps its row locks 2 s longer.
-         CREATE TABLE slow_batches (on_ boolean NOT NULL);
-         INSERT INTO slow_batches VALUES (true);
-         CREATE FUNCTION hold_row_locks() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             IF current_setting('application_name') LIKE 'backfilld/%'
-                AND (SELECT on_ FROM slow_batches) THEN
-                 PERFORM pg_sleep(2);
-             END IF;
-             RETURN NULL;
-         END $$;
          CREATE TRIGGER hold_row_locks AFTER UPDATE ON items
              FOR EACH STATEMENT EXECUTE FUNCTION hold_row_locks();",
     );
@@ -525,7 +528,8 @@ fn application_blocked_by_a_batch_waits_no_longer_than_max_blocking_plus_a_probe
         wait_until("a batch holding its row locks", RUN_LIMIT, || {
             db.int(
                 "SELECT count(*) FROM pg_stat_activity \
-                  WHERE application_name LIKE 'backfilld/%' AND wait_event = 'PgSleep'",
+                  WHERE datname = current_database() AND application_name LIKE 'backfilld/%' \
+                    AND wait_event = 'PgSleep'",
             ) == 1
         });
         // The first key above the checkpoint is in the running batch, locked by it.
@@ -571,19 +575,8 @@ fn application_blocked_by_a_batch_waits_no_longer_than_max_blocking_plus_a_probe
 #[test]
 fn only_the_batch_that_blocks_an_application_is_cancelled_when_two_jobs_share_a_process() {
     let db = TestDb::new("blocking_two");
-    let mut setup = String::from(
-        "-- While slow_batches.on, every backfill statement keeps its row locks 2 s longer.
-         CREATE TABLE slow_batches (on_ boolean NOT NULL);
-         INSERT INTO slow_batches VALUES (true);
-         CREATE FUNCTION hold_row_locks() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             IF current_setting('application_name') LIKE 'backfilld/%'
-                AND (SELECT on_ FROM slow_batches) THEN
-                 PERFORM pg_sleep(2);
-             END IF;
-             RETURN NULL;
-         END $$;",
-    );
+    db.sql(HOLD_ROW_LOCKS_SQL);
+    let mut setup = String::new();
     for table in ["items", "others"] {
         setup.push_str(&format!(
             "CREATE TABLE {table} (id bigint PRIMARY KEY, done boolean NOT NULL DEFAULT false,
@@ -609,7 +602,8 @@ fn only_the_batch_that_blocks_an_application_is_cancelled_when_two_jobs_share_a_
         || {
             db.int(
                 "SELECT count(*) FROM pg_stat_activity \
-              WHERE application_name LIKE 'backfilld/%' AND wait_event = 'PgSleep'",
+              WHERE datname = current_database() AND application_name LIKE 'backfilld/%' \
+                    AND wait_event = 'PgSleep'",
             ) == 2
         },
     );
