@@ -1,6 +1,7 @@
 //! Pure logic of backfilld: no I/O, no clocks, no database. Everything here is
 //! unit-tested in isolation and driven by the data and control planes.
 
+pub mod activity;
 pub mod bisect;
 pub mod error_class;
 pub mod latency;

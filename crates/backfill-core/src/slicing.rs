@@ -1,5 +1,6 @@
 //! Planning a job's slices: where to cut its key range, how many rows each
-//! slice is expected to hold, and each slice's share of the job's rate budget.
+//! slice is expected to hold, and each slice's share of the job's rate budget and of its
+//! duty cycle next to production.
 
 /// The cumulative fractions at which to cut a job into `parallelism` slices
 /// of equal row counts: `[1/n, 2/n, …, (n-1)/n]`.
@@ -29,6 +30,16 @@ pub fn even_estimates(pending: i64, slices: usize) -> Vec<i64> {
 /// One slice's part of the job's rows-per-second budget while `active` slices run.
 pub fn rate_share(budget: Option<f64>, active: i64) -> Option<f64> {
     budget.map(|b| b / active.max(1) as f64)
+}
+
+/// One slice's part of the job's duty cycle next to production (see
+/// [`crate::activity`]) while `active` slices run; 1 (sharing off) stays off.
+pub fn duty_share(duty_cycle: f64, active: i64) -> f64 {
+    if duty_cycle >= 1.0 {
+        1.0
+    } else {
+        duty_cycle / active.max(1) as f64
+    }
 }
 
 /// Rows a running slice must have left before an idle worker splits it: enough
@@ -67,6 +78,13 @@ mod tests {
         assert_eq!(rate_share(Some(1000.0), 4), Some(250.0));
         assert_eq!(rate_share(Some(1000.0), 0), Some(1000.0));
         assert_eq!(rate_share(None, 4), None);
+    }
+
+    #[test]
+    fn the_duty_cycle_is_shared_among_active_slices_unless_sharing_is_off() {
+        assert_eq!(duty_share(0.2, 4), 0.05);
+        assert_eq!(duty_share(0.2, 0), 0.2);
+        assert_eq!(duty_share(1.0, 4), 1.0);
     }
 
     #[test]

@@ -40,6 +40,14 @@
 //!   achieved and halves it on further delays; it is spent like the rate budget but in
 //!   bursts of at most [`PACING_WINDOW`] (10 ms), and grows back while canaries are quick.
 //!   The tighter budget bounds each batch; `production_latency` outranks `rate_limit`.
+//! - **Sharing the primary** (on by default, see [`crate::activity`]): while the health
+//!   probe sees production sessions at work, batches are steered towards
+//!   `busy_batch_target` (1 ms) instead of the target, and a batch that took `d` lets the
+//!   next start no earlier than `d / busy_duty_cycle` after it started (a duty cycle of 5 %:
+//!   rest 19 times as long as the batch ran), but no later than `backoff_max`. Short,
+//!   sparse bursts are what production's latency notices least on a primary whose CPUs the
+//!   job shares; on a quiet primary the job runs flat out. Reason `production_active`, the
+//!   mildest one.
 //!
 //! # Replication lag: time and bytes
 //!
@@ -129,6 +137,12 @@ pub struct ThrottleSettings {
     pub backoff_max: Duration,
     /// How long to wait before re-checking while holding.
     pub hold_recheck: Duration,
+    /// While production is active on the primary, the share of time batches may run, in
+    /// `(0, 1]`; 1 turns sharing off.
+    pub busy_duty_cycle: f64,
+    /// While production is active, the batch duration steered towards (if shorter than
+    /// `target_batch`).
+    pub busy_batch_target: Duration,
 }
 
 impl Default for ThrottleSettings {
@@ -149,6 +163,8 @@ impl Default for ThrottleSettings {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             hold_recheck: Duration::from_secs(1),
+            busy_duty_cycle: 0.05,
+            busy_batch_target: Duration::from_millis(1),
         }
     }
 }
@@ -233,6 +249,7 @@ impl ThrottleSettings {
             ("max_lag", self.max_lag),
             ("backoff_initial", self.backoff_initial),
             ("hold_recheck", self.hold_recheck),
+            ("busy_batch_target", self.busy_batch_target),
         ] {
             if value.is_zero() {
                 return Err(ThrottleSettingsError::ZeroDuration { name });
@@ -255,6 +272,7 @@ impl ThrottleSettings {
             ),
             ("cut_factor", self.cut_factor, CUT_RANGE),
             ("blocking_cut_factor", self.blocking_cut_factor, CUT_RANGE),
+            ("busy_duty_cycle", self.busy_duty_cycle, UNIT_RANGE),
         ] {
             if !allowed.contains(value) {
                 return Err(ThrottleSettingsError::FactorOutOfRange {
@@ -327,6 +345,8 @@ impl ThrottleSettings {
             backoff_initial,
             backoff_max: self.backoff_max.max(backoff_initial),
             hold_recheck: positive_or(self.hold_recheck, defaults.hold_recheck),
+            busy_duty_cycle: factor_or(self.busy_duty_cycle, UNIT_RANGE, defaults.busy_duty_cycle),
+            busy_batch_target: positive_or(self.busy_batch_target, defaults.busy_batch_target),
         }
     }
 }
@@ -434,6 +454,11 @@ pub struct HealthSample {
     /// Canary round trips judged delayed since the daemon started (monotonic; see
     /// [`crate::latency`]); always 0 when the canary is off.
     pub probe_delays: u64,
+    /// Client sessions not of backfilld seen active since the previous probe.
+    pub production_sessions: u32,
+    /// Production is at work on the primary, judged from recent probes' sightings of
+    /// such sessions (see [`crate::activity`]).
+    pub production_active: bool,
 }
 
 impl HealthSample {
@@ -545,11 +570,13 @@ pub enum ThrottleReason {
     ProbeFailed,
     /// Production queries (the canary) take longer than on a quiet database: paced.
     ProductionLatency,
+    /// Production is at work on the primary: short batches at a bounded duty cycle.
+    ProductionActive,
 }
 
 impl ThrottleReason {
     /// Every reason, e.g. to initialise one metric series per label.
-    pub const ALL: [ThrottleReason; 9] = [
+    pub const ALL: [ThrottleReason; 10] = [
         Self::ReplicationLag,
         Self::StandbyMissing,
         Self::LockTimeout,
@@ -559,6 +586,7 @@ impl ThrottleReason {
         Self::RateLimit,
         Self::ProbeFailed,
         Self::ProductionLatency,
+        Self::ProductionActive,
     ];
 
     /// The snake_case label used in logs, metrics and `backfill.job_status`.
@@ -573,21 +601,23 @@ impl ThrottleReason {
             Self::RateLimit => "rate_limit",
             Self::ProbeFailed => "probe_failed",
             Self::ProductionLatency => "production_latency",
+            Self::ProductionActive => "production_active",
         }
     }
 
     /// Rank used to pick one reason when several apply: harm to production first.
     fn severity(self) -> u8 {
         match self {
-            Self::BlockingProduction => 8,
-            Self::StandbyMissing => 7,
-            Self::ReplicationLag => 6,
-            Self::ProbeFailed => 5,
-            Self::ProductionLatency => 4,
-            Self::LockTimeout => 3,
-            Self::SlowBatch => 2,
-            Self::TransientError => 1,
-            Self::RateLimit => 0,
+            Self::BlockingProduction => 9,
+            Self::StandbyMissing => 8,
+            Self::ReplicationLag => 7,
+            Self::ProbeFailed => 6,
+            Self::ProductionLatency => 5,
+            Self::LockTimeout => 4,
+            Self::SlowBatch => 3,
+            Self::TransientError => 2,
+            Self::RateLimit => 1,
+            Self::ProductionActive => 0,
         }
     }
 
@@ -655,6 +685,7 @@ impl ThrottleDecision {
 struct CommitMark {
     started_at: Duration,
     rows: u64,
+    duration: Duration,
 }
 
 /// A multiplicative-cut signal from the last batch or the health sample.
@@ -726,6 +757,8 @@ pub struct ThrottleController {
     /// A health-driven cut was already applied since the last batch; repeated decisions
     /// without a batch in between (hold rechecks) must not compound it.
     health_cut_since_last_batch: bool,
+    /// Production is active and sharing is on: short batches at a bounded duty cycle.
+    sharing: bool,
     last_decision: Option<ThrottleDecision>,
 }
 
@@ -745,6 +778,7 @@ impl ThrottleController {
             last_batch_rate: None,
             latency: LatencyPacer::default(),
             health_cut_since_last_batch: false,
+            sharing: false,
             last_decision: None,
         }
     }
@@ -766,6 +800,7 @@ impl ThrottleController {
         let mut next_size = base;
         let mut reason = None;
         let mut trouble = None;
+        self.sharing = health.production_active && self.settings.busy_duty_cycle < 1.0;
 
         if let Some(report) = last_batch {
             self.health_cut_since_last_batch = false;
@@ -841,6 +876,19 @@ impl ThrottleController {
         self.settings.max_rows_per_second = normalize_budget(budget);
     }
 
+    /// Changes the duty cycle next to production at run time (a slice's share of the
+    /// job's); nonsense keeps the one in force.
+    pub fn set_busy_duty_cycle(&mut self, duty_cycle: f64) {
+        if UNIT_RANGE.contains(duty_cycle) {
+            self.settings.busy_duty_cycle = duty_cycle;
+        }
+    }
+
+    /// The duty cycle next to production in force.
+    pub fn busy_duty_cycle(&self) -> f64 {
+        self.settings.busy_duty_cycle
+    }
+
     /// The rows-per-second budget in force.
     pub fn max_rows_per_second(&self) -> Option<f64> {
         self.settings.max_rows_per_second
@@ -895,12 +943,13 @@ impl ThrottleController {
                     // rate estimate errs on the slow side.
                     started_at: now.saturating_sub(duration),
                     rows,
+                    duration,
                 });
                 if rows > 0 && !duration.is_zero() {
                     self.last_batch_rate = Some(rows as f64 / duration.as_secs_f64());
                 }
                 let on_target = self.size_for_target(report.size, duration);
-                if duration <= settings.target_batch {
+                if duration <= self.target() {
                     // An under-target batch never shrinks the size: a short tail batch is
                     // dominated by fixed overhead and would underestimate the good size.
                     let grown = base.saturating_add(self.growth_step());
@@ -982,6 +1031,10 @@ impl ThrottleController {
             pause = pause.max(self.settings.soft_lag_pause);
             reason = ThrottleReason::worst(reason, ThrottleReason::ReplicationLag);
         }
+        if self.sharing {
+            reason = ThrottleReason::worst(reason, ThrottleReason::ProductionActive);
+            pause = pause.max(self.duty_pause(now));
+        }
         let mut batch_size = self.batch_size;
         for budget in self.budgets() {
             let cap = self.clamp_size(budget.window_rows());
@@ -1041,12 +1094,41 @@ impl ThrottleController {
         }
     }
 
+    /// The batch duration steered towards: the short one while sharing the primary.
+    fn target(&self) -> Duration {
+        if self.sharing {
+            self.settings
+                .target_batch
+                .min(self.settings.busy_batch_target)
+        } else {
+            self.settings.target_batch
+        }
+    }
+
+    /// While sharing: wait until the last committed batch's run time is at most
+    /// `busy_duty_cycle` of the time since it started, but no longer than `backoff_max`
+    /// (a batch far over the target is cut to size anyway; resting 4× its length would
+    /// only stall the job).
+    fn duty_pause(&self, now: Duration) -> Duration {
+        let Some(mark) = self.last_commit else {
+            return Duration::ZERO;
+        };
+        let cycle = Duration::try_from_secs_f64(
+            mark.duration.as_secs_f64() / self.settings.busy_duty_cycle,
+        )
+        .unwrap_or(Duration::MAX);
+        mark.started_at
+            .saturating_add(cycle)
+            .saturating_sub(now)
+            .min(self.settings.backoff_max)
+    }
+
     /// Size the last batch's per-row cost predicts would take exactly the target.
     fn size_for_target(&self, size: u32, took: Duration) -> u32 {
         if took.is_zero() || size == 0 {
             return u32::MAX;
         }
-        let rows = f64::from(size) * self.settings.target_batch.as_secs_f64() / took.as_secs_f64();
+        let rows = f64::from(size) * self.target().as_secs_f64() / took.as_secs_f64();
         // `as` saturates, which is what we want for huge predictions.
         rows.floor() as u32
     }
@@ -1255,6 +1337,10 @@ mod tests {
         assert_eq!(defaults.max_lag, Duration::from_secs(2));
         assert_eq!(defaults.max_lag_bytes, 64 * MIB);
         assert_eq!(defaults.target_batch, ms(500));
+        assert_eq!(
+            (defaults.busy_duty_cycle, defaults.busy_batch_target),
+            (0.05, ms(1))
+        );
         assert_eq!(defaults.normalized(), defaults);
     }
 
@@ -1305,6 +1391,16 @@ mod tests {
             check(|s| s.backoff_max = ms(10)),
             ThrottleSettingsError::BackoffInitialAboveMax { .. }
         ));
+        assert_eq!(
+            check(|s| s.busy_duty_cycle = 0.0).to_string(),
+            "busy_duty_cycle must be in (0, 1], got 0"
+        );
+        assert_eq!(
+            check(|s| s.busy_batch_target = Duration::ZERO),
+            ThrottleSettingsError::ZeroDuration {
+                name: "busy_batch_target"
+            }
+        );
     }
 
     #[test]
@@ -1343,7 +1439,8 @@ mod tests {
                 "transient_error",
                 "rate_limit",
                 "probe_failed",
-                "production_latency"
+                "production_latency",
+                "production_active"
             ]
         );
         assert_eq!(ThrottleReason::SlowBatch.to_string(), "slow_batch");
@@ -1815,6 +1912,108 @@ mod tests {
         }
         let decision = sim.step(&HealthSample::healthy(), &model);
         assert_eq!((decision.wait(), decision.reason()), (Duration::ZERO, None));
+    }
+
+    fn production_active() -> HealthSample {
+        HealthSample {
+            production_active: true,
+            ..HealthSample::healthy()
+        }
+    }
+
+    /// A small batch's cost on a busy 2-core primary: 0.4 ms of round trips and commit,
+    /// 15 µs per row (docs/BENCHMARKS.md, 50- and 100-key batches flat out).
+    fn small_batch_cost() -> impl Fn(u32) -> BatchOutcome {
+        cost_model(Duration::from_micros(400), Duration::from_micros(15))
+    }
+
+    #[test]
+    fn while_production_is_active_batches_are_short_and_run_a_twentieth_of_the_time() {
+        let mut sim = Simulation::new(ThrottleSettings::default());
+        let model = small_batch_cost();
+        for _ in 0..50 {
+            sim.step(&production_active(), &model);
+        }
+        let (mark, busy_from) = (sim.mark(), sim.now);
+        let mut running = Duration::ZERO;
+        for _ in 0..500 {
+            let decision = sim.step(&production_active(), &model);
+            assert_eq!(decision.reason(), Some(ThrottleReason::ProductionActive));
+            let size = run_size(decision);
+            // Steered to 1 ms: about 40 keys, never a long burst.
+            assert!((20..=80).contains(&size), "batch of {size}");
+            running += model(size).duration();
+        }
+        let duty = running.as_secs_f64() / (sim.now - busy_from).as_secs_f64();
+        assert!((0.045..=0.055).contains(&duty), "duty cycle {duty:.3}");
+        // 40 keys per 20 ms cycle.
+        let rate = sim.rate_since(mark);
+        assert!((1_500.0..=2_500.0).contains(&rate), "{rate:.0} rows/s");
+        assert_eq!(sim.throttle.state_label(), "throttled");
+    }
+
+    #[test]
+    fn on_a_quiet_primary_sharing_costs_nothing_and_ends_when_production_does() {
+        let mut sim = Simulation::new(ThrottleSettings::default());
+        let model = cost_model(Duration::ZERO, Duration::from_micros(10));
+        for _ in 0..12 {
+            let decision = sim.step(&HealthSample::healthy(), &model);
+            assert_eq!((decision.wait(), decision.reason()), (Duration::ZERO, None));
+        }
+        assert_eq!(sim.throttle.batch_size(), 10_000);
+        // Production starts: one batch of the old size was measured at 100 ms, so the
+        // next is cut to the 1 ms target at once, and rests 19 times as long as it ran.
+        let decision = sim.step(&production_active(), &model);
+        assert_eq!(run_size(decision), 100);
+        assert_eq!(decision.wait(), ms(1_900));
+        let decision = sim.step(&production_active(), &model);
+        assert_eq!(decision.wait(), ms(19));
+        // Production ends: flat out again, growing back additively.
+        let sizes: Vec<u32> = (0..3)
+            .map(|_| {
+                let decision = sim.step(&HealthSample::healthy(), &model);
+                assert_eq!((decision.wait(), decision.reason()), (Duration::ZERO, None));
+                run_size(decision)
+            })
+            .collect();
+        assert_eq!(sizes, [1_100, 2_100, 3_100]);
+    }
+
+    #[test]
+    fn a_duty_cycle_of_one_turns_sharing_off() {
+        let settings = ThrottleSettings {
+            busy_duty_cycle: 1.0,
+            ..ThrottleSettings::default()
+        };
+        let mut sim = Simulation::new(settings);
+        let model = cost_model(Duration::ZERO, Duration::from_micros(10));
+        for _ in 0..12 {
+            let decision = sim.step(&production_active(), &model);
+            assert_eq!((decision.wait(), decision.reason()), (Duration::ZERO, None));
+        }
+        assert_eq!(sim.throttle.batch_size(), 10_000);
+    }
+
+    #[test]
+    fn a_long_batch_while_sharing_is_not_slow_unless_it_is_slow_for_the_target() {
+        let mut throttle = ThrottleController::new(ThrottleSettings::default());
+        throttle.decide(ms(0), &production_active(), None);
+        // 50 ms is fifty times the busy target but a tenth of the configured one.
+        let decision = throttle.decide(
+            ms(60),
+            &production_active(),
+            Some(&committed(1_000, ms(50))),
+        );
+        assert_eq!(decision.reason(), Some(ThrottleReason::ProductionActive));
+        assert_eq!(run_size(decision), 20);
+        assert_eq!(decision.wait(), ms(950));
+        // A batch that ran past the statement timeout rests no longer than backoff_max.
+        let decision = throttle.decide(
+            ms(40_000),
+            &production_active(),
+            Some(&committed(20, ms(30_000))),
+        );
+        assert_eq!(decision.wait(), ThrottleSettings::default().backoff_max);
     }
 
     fn delays(total: u64) -> HealthSample {

@@ -38,6 +38,8 @@ struct Step {
     written_fraction: f64,
     /// Canaries judged delayed since the previous step.
     new_probe_delays: u64,
+    /// Production sessions are at work on the primary.
+    production_active: bool,
 }
 
 impl Step {
@@ -55,6 +57,8 @@ impl Step {
             blocking_backends: Vec::new(),
             probe_failed: self.probe_failed,
             probe_delays,
+            production_sessions: u32::from(self.production_active),
+            production_active: self.production_active,
         }
     }
 
@@ -110,6 +114,7 @@ fn step_strategy(probe_failure_chance: f64) -> impl Strategy<Value = Step> {
         outcome_strategy(),
         1u64..2_000,
         (0.0f64..=1.0, prop_oneof![6 => Just(0u64), 1 => 1u64..4]),
+        prop::bool::weighted(0.3),
     )
         .prop_map(
             |(
@@ -122,6 +127,7 @@ fn step_strategy(probe_failure_chance: f64) -> impl Strategy<Value = Step> {
                 outcome,
                 per_row_us,
                 (written_fraction, new_probe_delays),
+                production_active,
             )| Step {
                 gap: Duration::from_millis(gap_ms),
                 replicas,
@@ -133,6 +139,7 @@ fn step_strategy(probe_failure_chance: f64) -> impl Strategy<Value = Step> {
                 per_row: Duration::from_micros(per_row_us),
                 written_fraction,
                 new_probe_delays,
+                production_active,
             },
         )
 }
