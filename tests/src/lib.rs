@@ -222,7 +222,11 @@ fn base_command(database_url: &str, env: &[(&str, &str)]) -> Command {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", database_url)
         .env("BACKFILLD_HTTP__LISTEN", "")
-        .env("BACKFILLD_LOG__LEVEL", "info");
+        .env("BACKFILLD_LOG__LEVEL", "info")
+        // The suite's own sessions (and its parallel tests' on the shared primary) would
+        // read as production at work and slow every job down unpredictably; the test of
+        // sharing the primary (tests/throttle.rs) turns it back on, on a cluster of its own.
+        .env("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "1");
     for (key, value) in env {
         command.env(key, value);
     }

@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use backfilld_e2e::{
-    env_refs, free_port, http_get, quick_worker_json_log, wait_until, Daemon, TestDb,
+    env_refs, free_port, http_get, quick_worker_json_log, wait_until, Daemon, Session, TestDb,
 };
 use pg_testkit::demo_data::{users_table_sql, SPLIT_NAME_JOB_SQL};
 use pg_testkit::{PgCluster, StopMode};
@@ -802,4 +802,118 @@ fn delayed_canaries_pace_the_job_in_short_batches_and_it_still_finishes() {
         .unwrap_or_else(|| panic!("no batch after {paced}"));
     let size = next["batch_size"].as_f64().expect("batch_size");
     assert!(size <= (pace / 100.0).max(10.0), "{next} after {paced}");
+}
+
+/// `(batch_size, duration_ms, log line)` of every committed batch of `job`.
+fn batch_lines(daemon: &Daemon, job: &str) -> Vec<serde_json::Value> {
+    daemon
+        .json_lines("backfilld::batch")
+        .into_iter()
+        .filter(|line| line["span"]["job"] == job)
+        .collect()
+}
+
+/// Runs `job` (enqueued already) to the end with sharing at its default, and returns the
+/// daemon for its log.
+fn run_sharing_worker(db: &TestDb, worker: &str) -> Daemon {
+    let mut env = quick_worker_json_log(worker);
+    env.push(("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "0.2".to_string()));
+    let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
+    daemon.expect_success(RUN_LIMIT);
+    daemon
+}
+
+#[test]
+fn a_job_shares_the_primary_while_production_is_at_work_and_runs_flat_out_when_it_is_not() {
+    // A cluster of its own: on the shared one, other tests' sessions are production too.
+    let primary = PgCluster::start_primary().expect("primary");
+    let db = TestDb::on(&primary, "sharing");
+    let rows = 20_000;
+    db.sql(&users_table_sql(rows));
+    db.audit_updates("users", "id");
+    db.migrate();
+    db.sql(SPLIT_NAME_JOB_SQL);
+
+    // Production: an application committing a small transaction every few milliseconds
+    // for as long as the job runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let application = {
+        let (url, stop) = (db.url(), stop.clone());
+        thread::spawn(move || {
+            let app = Session::connect(&format!("{url}?application_name=shop"));
+            let mut transactions = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                app.execute("BEGIN; SELECT count(*) FROM pg_class; COMMIT");
+                transactions += 1;
+                thread::sleep(Duration::from_millis(5));
+            }
+            transactions
+        })
+    };
+    let daemon = run_sharing_worker(&db, "sharing");
+    stop.store(true, Ordering::Relaxed);
+    assert!(application.join().expect("application thread") > 0);
+    db.assert_backfilled_exactly_once("users", rows);
+    let shared = batch_lines(&daemon, "split_full_name");
+    let sizes: Vec<u64> = shared
+        .iter()
+        .map(|l| l["batch_size"].as_u64().unwrap())
+        .collect();
+    eprintln!("batch sizes next to production: {sizes:?}");
+    let noticed = daemon
+        .json_lines("backfilld::commands")
+        .into_iter()
+        .filter(|line| {
+            line["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("production is at work on the primary"))
+        })
+        .count();
+    assert_eq!(noticed, 1, "{}", daemon.log_text());
+    let reasons: Vec<String> = worker_lines(&daemon, "throttle: slowing down")
+        .iter()
+        .map(|line| line["reason"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(reasons, ["production_active"], "{}", daemon.log_text());
+    // From the first batch on (the first probe saw production): short batches, a small
+    // fraction of the 1,000 it would start at and the 10,000 it would grow to.
+    assert!(sizes.len() >= 40, "{sizes:?}");
+    let median = {
+        let mut sorted = sizes.clone();
+        sorted.sort_unstable();
+        sorted[sorted.len() / 2]
+    };
+    assert!(median <= 1_000, "median batch {median}: {sizes:?}");
+    // ...and at most a fifth of the time spent in batches, give or take the time the
+    // worker takes between them: the rest after each batch is four times its length.
+    let ran_ms: f64 = shared
+        .iter()
+        .map(|l| l["duration_ms"].as_f64().unwrap())
+        .sum();
+    let (first, last) = (&shared[0], &shared[shared.len() - 1]);
+    let span_ms = (log_time(&db, last) - log_time(&db, first)) * 1000.0;
+    let duty = ran_ms / span_ms;
+    eprintln!("{ran_ms:.0} ms in batches over {span_ms:.0} ms: duty cycle {duty:.2}");
+    assert!(duty <= 0.25, "duty cycle {duty:.2}");
+
+    // No production: the same work runs flat out, batches growing to the maximum.
+    db.sql(&format!(
+        "CREATE TABLE plain (id bigint PRIMARY KEY, done boolean NOT NULL DEFAULT false);
+         INSERT INTO plain (id) SELECT generate_series(1, {rows});
+         INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate)
+         VALUES ('plain', 'public.plain', 'id',
+                 'UPDATE public.plain SET done = true WHERE id = ANY(:keys)', 'NOT done')"
+    ));
+    let daemon = run_sharing_worker(&db, "alone");
+    assert_eq!(db.int("SELECT count(*) FROM plain WHERE NOT done"), 0);
+    let sizes: Vec<u64> = batch_lines(&daemon, "plain")
+        .iter()
+        .map(|l| l["batch_size"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes[..3], [1_000, 2_000, 3_000], "{sizes:?}");
+    assert!(
+        worker_lines(&daemon, "throttle: slowing down").is_empty(),
+        "{}",
+        daemon.log_text()
+    );
 }

@@ -67,6 +67,16 @@ const BLOCKED_BY_US_SQL: &str = "WITH ours AS ( \
      UNION ALL \
      SELECT NULL, count(DISTINCT waiter)::int8, coalesce(max(waited), 0) FROM waits";
 
+/// Client sessions not of backfilld (any of our workers) that were active at any moment of
+/// the last `$1` seconds: running now, or changed state since (a transaction that began
+/// and ended between two probes). What the throttle shares the primary with; see
+/// [`backfill_core::activity`]. Without pg_read_all_stats other roles' sessions show no
+/// state and are not seen.
+const PRODUCTION_SESSIONS_SQL: &str = "SELECT count(*)::int8 FROM pg_stat_activity \
+  WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
+    AND application_name NOT LIKE 'backfilld%' \
+    AND (state = 'active' OR state_change > clock_timestamp() - make_interval(secs => $1))";
+
 /// Lag as a standby sees it itself (see the module docs).
 const REPLICA_LAG_SQL: &str = "SELECT pg_is_in_recovery(), \
         CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
@@ -81,18 +91,22 @@ pub struct HealthProbe {
     expected_standbys: Vec<String>,
     our_application_name: String,
     timeout: Duration,
+    activity_window: Duration,
     failing: FailureLog,
 }
 
 impl HealthProbe {
     /// A probe on the primary's pool; `replicas` are probed directly by name;
-    /// `expected_standbys` must appear in `pg_stat_replication` or count as missing.
+    /// `expected_standbys` must appear in `pg_stat_replication` or count as missing;
+    /// production sessions count when active within the last `activity_window` (the
+    /// interval between two samples).
     pub fn new(
         primary: Pool,
         replicas: Vec<(String, Pool)>,
         expected_standbys: Vec<String>,
         our_application_name: String,
         timeout: Duration,
+        activity_window: Duration,
     ) -> Self {
         HealthProbe {
             primary,
@@ -100,6 +114,7 @@ impl HealthProbe {
             expected_standbys,
             our_application_name,
             timeout,
+            activity_window,
             failing: FailureLog::default(),
         }
     }
@@ -183,6 +198,14 @@ impl HealthProbe {
                 }
             }
         }
+        let production = client
+            .query_one(
+                PRODUCTION_SESSIONS_SQL,
+                &[&self.activity_window.as_secs_f64()],
+            )
+            .await
+            .map_err(|e| format!("counting production sessions: {e}"))?;
+        sample.production_sessions = u32::try_from(production.get::<_, i64>(0)).unwrap_or(u32::MAX);
         Ok(sample)
     }
 }

@@ -5,6 +5,7 @@ use std::io::{IsTerminal as _, Write as _};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use backfill_core::activity::ProductionActivity;
 use backfill_core::error_class::ErrorClass;
 use backfill_core::latency::DelayDetector;
 use backfill_core::throttle::HealthSample;
@@ -233,8 +234,10 @@ pub fn spawn_health_probes(
         settings.throttle.expected_standbys.clone(),
         data_plane_application_name(settings),
         settings.throttle.probe_timeout,
+        settings.throttle.probe_interval,
     );
     let interval = settings.throttle.probe_interval;
+    let sharing = settings.throttle.busy_duty_cycle < 1.0;
     let (max_lag, max_lag_bytes) = (settings.throttle.max_lag, settings.throttle.max_lag_bytes);
     let control = db.control.clone();
     let (tx, rx) = watch::channel(HealthSample::default());
@@ -253,8 +256,15 @@ pub fn spawn_health_probes(
     };
     let sampling = async move {
         let mut job_states_at: Option<Instant> = None;
+        let (origin, mut activity) = (Instant::now(), ProductionActivity::default());
         while !shutdown.is_triggered() {
             let mut sample = probe.sample().await;
+            let was_active = activity.is_busy(origin.elapsed());
+            sample.production_active =
+                activity.observe(origin.elapsed(), sample.production_sessions);
+            if sharing && sample.production_active != was_active {
+                note_production_activity(&sample);
+            }
             telemetry::record_replication_lag(&sample);
             // The canary's count lives on in every sample.
             tx.send_modify(|latest| {
@@ -281,6 +291,20 @@ pub fn spawn_health_probes(
         }
     });
     Ok((rx, probes))
+}
+
+/// Logs when jobs start and stop sharing the primary with production.
+fn note_production_activity(sample: &HealthSample) {
+    if sample.production_active {
+        tracing::info!(
+            sessions = sample.production_sessions,
+            "production is at work on the primary: sharing it (short batches, bounded duty cycle; throttle.busy_duty_cycle)"
+        );
+    } else {
+        tracing::info!(
+            "no production sessions at work on the primary for a while: running flat out"
+        );
+    }
 }
 
 /// A one-connection data-plane pool to `url`, for a probe of its own.

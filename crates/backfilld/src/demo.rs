@@ -44,10 +44,12 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     settings.worker.id = "demo-worker".to_string();
     let url = settings.database.url.clone();
 
-    // Schema first, then the job by plain SQL; a second task draws the progress line.
+    // Schema first, then the job by plain SQL; a second task draws the progress line. Its
+    // sessions are named like ours, so the throttle does not take them for production.
+    let options: sqlx::postgres::PgConnectOptions = url.parse()?;
     let control = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
-        .connect(&url)
+        .connect_with(options.application_name("backfilld-demo"))
         .await?;
     backfill_queue::migrate(&control).await?;
     sqlx::raw_sql(SPLIT_NAME_JOB_SQL)

@@ -94,6 +94,12 @@ pub struct ThrottleConfig {
     /// How often the canary runs.
     #[serde(with = "humantime_serde")]
     pub canary_interval: Duration,
+    /// While production is at work on the primary, the share of time a job's batches may
+    /// run; 1 turns sharing off.
+    pub busy_duty_cycle: f64,
+    /// While production is at work, the batch duration steered towards.
+    #[serde(with = "humantime_serde")]
+    pub busy_batch_target: Duration,
     /// Run even when the role cannot see standby positions and other sessions' lock
     /// waits (no pg_monitor): the lag and lock probes are then blind.
     pub allow_blind: bool,
@@ -452,6 +458,8 @@ impl Settings {
             // 0 in the config means no limit.
             max_rows_per_second: Some(self.throttle.max_rows_per_second).filter(|rate| *rate > 0.0),
             hold_recheck: self.throttle.probe_interval,
+            busy_duty_cycle: self.throttle.busy_duty_cycle,
+            busy_batch_target: self.throttle.busy_batch_target,
             ..ThrottleSettings::default()
         }
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backfill_core::error_class::{ErrorClass, TransientKind};
-use backfill_core::slicing::rate_share;
+use backfill_core::slicing::{duty_share, rate_share};
 use backfill_core::throttle::{
     BatchOutcome, BatchReport, HealthSample, ThrottleController, ThrottleDecision, ThrottleReason,
     ThrottleSettings,
@@ -200,7 +200,9 @@ struct JobRun<'w> {
     failure_log: FailureLog,
     /// The job's rows-per-second budget; a slice runs on its share of it.
     rate_budget: Option<f64>,
-    /// When a slice last re-read how many slices share the budget.
+    /// The job's duty cycle next to production; a slice runs on its share of it.
+    duty_budget: f64,
+    /// When a slice last re-read how many slices share the budgets.
     budget_checked: Option<Instant>,
 }
 
@@ -229,6 +231,7 @@ impl<'w> JobRun<'w> {
             fence,
             shutdown,
             rate_budget: throttle_settings.max_rows_per_second,
+            duty_budget: throttle_settings.busy_duty_cycle,
             budget_checked: None,
             throttle: ThrottleController::new(throttle_settings),
             last_report: None,
@@ -377,7 +380,7 @@ impl<'w> JobRun<'w> {
             self.estimate_total(&target).await;
         }
         loop {
-            self.share_rate_budget().await;
+            self.share_job_budgets().await;
             if let Some(reason) = self.stop_reason() {
                 return JobEnd::Stopped(reason);
             }
@@ -594,10 +597,11 @@ impl<'w> JobRun<'w> {
         true
     }
 
-    /// A slice takes its share of the job's rows-per-second budget: the budget
-    /// divided by the slices running now, re-read every probe interval.
-    async fn share_rate_budget(&mut self) {
-        let (Some(parent_id), Some(budget)) = (self.job.parent_id, self.rate_budget) else {
+    /// A slice takes its share of the job's rows-per-second budget and of its duty cycle
+    /// next to production: each divided by the slices running now, re-read every probe
+    /// interval.
+    async fn share_job_budgets(&mut self) {
+        let Some(parent_id) = self.job.parent_id else {
             return;
         };
         // As often as health is probed: slices starting or ending change the share.
@@ -608,10 +612,19 @@ impl<'w> JobRun<'w> {
         self.budget_checked = Some(Instant::now());
         let slices = self.worker.queue.slices();
         if let Ok(active) = slices.active(parent_id).await {
-            let share = rate_share(Some(budget), active);
+            let share = rate_share(self.rate_budget, active);
             if share != self.throttle.max_rows_per_second() {
                 info!(active_slices = active, rows_per_second = ?share, "sharing the job's rate budget");
                 self.throttle.set_max_rows_per_second(share);
+            }
+            let duty = duty_share(self.duty_budget, active);
+            if duty != self.throttle.busy_duty_cycle() {
+                info!(
+                    active_slices = active,
+                    busy_duty_cycle = duty,
+                    "sharing the job's duty cycle next to production"
+                );
+                self.throttle.set_busy_duty_cycle(duty);
             }
         }
     }
