@@ -33,10 +33,12 @@ use crate::report::Report;
 use crate::scenarios::{expected_standby_setting, Bench, JobForm};
 
 /// backfilld's best settings with its limits off (scenario 3 and the memory runs): lag
-/// limits out of reach; batch sizing as measured best (see docs/BENCHMARKS.md).
+/// limits out of reach, no sharing with production (the benchmark's own sampler is a
+/// session at work on the primary); batch sizing as measured best (see docs/BENCHMARKS.md).
 const UNTHROTTLED_SETTINGS: &[(&str, &str)] = &[
     ("BACKFILLD_THROTTLE__MAX_LAG", "1h"),
     ("BACKFILLD_THROTTLE__MAX_LAG_BYTES", "1099511627776"),
+    ("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "1"),
     ("BACKFILLD_BATCH__SIZE", "10000"),
     ("BACKFILLD_BATCH__MAX_SIZE", "10000"),
 ];
@@ -97,9 +99,13 @@ struct Options {
     /// BACKFILLD_THROTTLE__MAX_ROWS_PER_SECOND=20000, to see what it takes).
     #[arg(long = "throttled-setting", value_parser = parse_setting)]
     throttled_settings: Vec<(String, String)>,
-    /// Also run scenario 4 with this `throttle.max_rows_per_second` (0: don't; never
-    /// with --quick), to show what it takes to stay out of production's way.
-    #[arg(long, default_value_t = 20_000)]
+    /// Skip scenario 4b (default throttling with sharing the primary turned off, to show
+    /// what sharing buys; never run with --quick).
+    #[arg(long)]
+    skip_unshared: bool,
+    /// Also run scenario 4 with this `throttle.max_rows_per_second` as 4c (0: don't; never
+    /// with --quick).
+    #[arg(long, default_value_t = 0)]
     rate_limited: u32,
     /// Keep the daemon logs in this directory (default: a temporary one).
     #[arg(long)]
@@ -226,19 +232,27 @@ async fn run(options: Options) -> anyhow::Result<()> {
         let loaded = done(bench.backfilld_under_load(&throttled, &name).await?);
         let mut longest = loaded.observed.wall;
         report.loaded.push(loaded);
+        let mut variants = Vec::new();
+        if !options.skip_unshared && !options.quick {
+            variants.push((
+                "4b. backfilld, default throttle without sharing (busy_duty_cycle = 1)".to_string(),
+                ("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "1".to_string()),
+            ));
+        }
         if options.rate_limited > 0 && !options.quick {
             let rate = options.rate_limited;
-            let mut settings = throttled.clone();
-            settings.push((
-                "BACKFILLD_THROTTLE__MAX_ROWS_PER_SECOND".to_string(),
-                rate.to_string(),
+            variants.push((
+                format!("4c. backfilld, default throttle + max_rows_per_second = {rate}"),
+                ("BACKFILLD_THROTTLE__MAX_ROWS_PER_SECOND", rate.to_string()),
             ));
-            let name = format!(
-                "4b. backfilld, default throttle + max_rows_per_second = {rate}, under pgbench"
-            );
-            let limited = done(bench.backfilld_under_load(&settings, &name).await?);
-            longest = longest.max(limited.observed.wall);
-            report.loaded.push(limited);
+        }
+        for (label, (key, value)) in variants {
+            let mut settings = throttled.clone();
+            settings.push((key.to_string(), value));
+            let name = format!("{label}, under pgbench");
+            let variant = done(bench.backfilld_under_load(&settings, &name).await?);
+            longest = longest.max(variant.observed.wall);
+            report.loaded.push(variant);
         }
         let length = longest
             .saturating_sub(bench.warmup)
