@@ -838,10 +838,12 @@ fn a_job_shares_the_primary_while_production_is_at_work_and_runs_flat_out_when_i
     // for as long as the job runs.
     let stop = Arc::new(AtomicBool::new(false));
     let application = {
-        let (url, stop) = (db.url(), stop.clone());
+        let app = Session::connect(&format!("{}?application_name=shop", db.url()));
+        // At work before the daemon starts, so that its first probe sees it.
+        app.execute("BEGIN; SELECT count(*) FROM pg_class; COMMIT");
+        let stop = stop.clone();
         thread::spawn(move || {
-            let app = Session::connect(&format!("{url}?application_name=shop"));
-            let mut transactions = 0u64;
+            let mut transactions = 1u64;
             while !stop.load(Ordering::Relaxed) {
                 app.execute("BEGIN; SELECT count(*) FROM pg_class; COMMIT");
                 transactions += 1;
@@ -852,7 +854,7 @@ fn a_job_shares_the_primary_while_production_is_at_work_and_runs_flat_out_when_i
     };
     let daemon = run_sharing_worker(&db, "sharing");
     stop.store(true, Ordering::Relaxed);
-    assert!(application.join().expect("application thread") > 0);
+    assert!(application.join().expect("application thread") > 1);
     db.assert_backfilled_exactly_once("users", rows);
     let shared = batch_lines(&daemon, "split_full_name");
     let sizes: Vec<u64> = shared

@@ -257,14 +257,15 @@ pub fn spawn_health_probes(
     let sampling = async move {
         let mut job_states_at: Option<Instant> = None;
         let (origin, mut activity) = (Instant::now(), ProductionActivity::default());
+        let mut was_active = false;
         while !shutdown.is_triggered() {
             let mut sample = probe.sample().await;
-            let was_active = activity.is_busy(origin.elapsed());
             sample.production_active =
                 activity.observe(origin.elapsed(), sample.production_sessions);
             if sharing && sample.production_active != was_active {
                 note_production_activity(&sample);
             }
+            was_active = sample.production_active;
             telemetry::record_replication_lag(&sample);
             // The canary's count lives on in every sample.
             tx.send_modify(|latest| {
