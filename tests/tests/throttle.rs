@@ -652,10 +652,8 @@ fn create_metered_table(db: &TestDb, rows: i64) {
 
 /// `(batch_size, duration_ms)` of every committed batch of `job`, in order.
 fn batches_of(daemon: &Daemon, job: &str) -> Vec<(u64, f64)> {
-    daemon
-        .json_lines("backfilld::batch")
+    batch_lines(daemon, job)
         .iter()
-        .filter(|line| line["span"]["job"] == job)
         .map(|line| {
             (
                 line["batch_size"].as_u64().expect("batch_size"),
@@ -804,7 +802,7 @@ fn delayed_canaries_pace_the_job_in_short_batches_and_it_still_finishes() {
     assert!(size <= (pace / 100.0).max(10.0), "{next} after {paced}");
 }
 
-/// `(batch_size, duration_ms, log line)` of every committed batch of `job`.
+/// The log record of every committed batch of `job`, in order.
 fn batch_lines(daemon: &Daemon, job: &str) -> Vec<serde_json::Value> {
     daemon
         .json_lines("backfilld::batch")
@@ -856,11 +854,8 @@ fn a_job_shares_the_primary_while_production_is_at_work_and_runs_flat_out_when_i
     stop.store(true, Ordering::Relaxed);
     assert!(application.join().expect("application thread") > 1);
     db.assert_backfilled_exactly_once("users", rows);
-    let shared = batch_lines(&daemon, "split_full_name");
-    let sizes: Vec<u64> = shared
-        .iter()
-        .map(|l| l["batch_size"].as_u64().unwrap())
-        .collect();
+    let shared = batches_of(&daemon, "split_full_name");
+    let sizes: Vec<u64> = shared.iter().map(|(size, _)| *size).collect();
     eprintln!("batch sizes next to production: {sizes:?}");
     let noticed = daemon
         .json_lines("backfilld::commands")
@@ -888,11 +883,9 @@ fn a_job_shares_the_primary_while_production_is_at_work_and_runs_flat_out_when_i
     assert!(median <= 1_000, "median batch {median}: {sizes:?}");
     // ...and at most a fifth of the time spent in batches, give or take the time the
     // worker takes between them: the rest after each batch is four times its length.
-    let ran_ms: f64 = shared
-        .iter()
-        .map(|l| l["duration_ms"].as_f64().unwrap())
-        .sum();
-    let (first, last) = (&shared[0], &shared[shared.len() - 1]);
+    let ran_ms: f64 = shared.iter().map(|(_, ms)| ms).sum();
+    let lines = batch_lines(&daemon, "split_full_name");
+    let (first, last) = (&lines[0], &lines[lines.len() - 1]);
     let span_ms = (log_time(&db, last) - log_time(&db, first)) * 1000.0;
     let duty = ran_ms / span_ms;
     eprintln!("{ran_ms:.0} ms in batches over {span_ms:.0} ms: duty cycle {duty:.2}");
@@ -908,9 +901,9 @@ fn a_job_shares_the_primary_while_production_is_at_work_and_runs_flat_out_when_i
     ));
     let daemon = run_sharing_worker(&db, "alone");
     assert_eq!(db.int("SELECT count(*) FROM plain WHERE NOT done"), 0);
-    let sizes: Vec<u64> = batch_lines(&daemon, "plain")
+    let sizes: Vec<u64> = batches_of(&daemon, "plain")
         .iter()
-        .map(|l| l["batch_size"].as_u64().unwrap())
+        .map(|(size, _)| *size)
         .collect();
     assert_eq!(sizes[..3], [1_000, 2_000, 3_000], "{sizes:?}");
     assert!(
