@@ -811,14 +811,79 @@ fn batch_lines(daemon: &Daemon, job: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Runs `job` (enqueued already) to the end with sharing at its default, and returns the
-/// daemon for its log.
-fn run_sharing_worker(db: &TestDb, worker: &str) -> Daemon {
+/// Runs the enqueued jobs to the end with sharing on (a duty cycle of 0.2) and
+/// `concurrency` job slots, and returns the daemon for its log.
+fn run_sharing_worker(db: &TestDb, worker: &str, concurrency: u32) -> Daemon {
     let mut env = quick_worker_json_log(worker);
     env.push(("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "0.2".to_string()));
+    env.push(("BACKFILLD_WORKER__CONCURRENCY", concurrency.to_string()));
     let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
     daemon.expect_success(RUN_LIMIT);
     daemon
+}
+
+/// An application at work on a database: a small transaction committed every few
+/// milliseconds on a session of its own, from before [`Application::start`] returns (so
+/// that a daemon started after it sees it at its first probe) until it is stopped.
+struct Application {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<u64>,
+}
+
+impl Application {
+    const TRANSACTION: &str = "BEGIN; SELECT count(*) FROM pg_class; COMMIT";
+
+    fn start(db: &TestDb) -> Application {
+        let app = Session::connect(&format!("{}?application_name=shop", db.url()));
+        app.execute(Self::TRANSACTION);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut transactions = 1u64;
+            while !stopped.load(Ordering::Relaxed) {
+                app.execute(Self::TRANSACTION);
+                transactions += 1;
+                thread::sleep(Duration::from_millis(5));
+            }
+            transactions
+        });
+        Application { stop, thread }
+    }
+
+    /// Stops it and returns how many transactions it committed.
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("application thread")
+    }
+}
+
+/// `public.<name>`: `rows` rows, and a job `<name>` that marks them done.
+fn plain_table_job(db: &TestDb, name: &str, rows: i64) {
+    db.sql(&format!(
+        "CREATE TABLE {name} (id bigint PRIMARY KEY, done boolean NOT NULL DEFAULT false);
+         INSERT INTO {name} (id) SELECT generate_series(1, {rows});
+         INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate)
+         VALUES ('{name}', 'public.{name}', 'id',
+                 'UPDATE public.{name} SET done = true WHERE id = ANY(:keys)', 'NOT done')"
+    ));
+}
+
+/// Milliseconds spent in the batches of `jobs` over the time from their first batch to
+/// their last (from the daemon's log; the database's clock reads the timestamps).
+fn duty_cycle_of(db: &TestDb, daemon: &Daemon, jobs: &[&str]) -> f64 {
+    let (mut ran_ms, mut first, mut last) = (0.0, f64::MAX, f64::MIN);
+    for job in jobs {
+        ran_ms += batches_of(daemon, job)
+            .iter()
+            .map(|(_, ms)| ms)
+            .sum::<f64>();
+        let lines = batch_lines(daemon, job);
+        first = first.min(log_time(db, &lines[0]));
+        last = last.max(log_time(db, &lines[lines.len() - 1]));
+    }
+    let span_ms = (last - first) * 1000.0;
+    eprintln!("{jobs:?}: {ran_ms:.0} ms in batches over {span_ms:.0} ms");
+    ran_ms / span_ms
 }
 
 #[test]
@@ -832,27 +897,10 @@ fn a_job_shares_the_primary_while_production_is_at_work_and_runs_flat_out_when_i
     db.migrate();
     db.sql(SPLIT_NAME_JOB_SQL);
 
-    // Production: an application committing a small transaction every few milliseconds
-    // for as long as the job runs.
-    let stop = Arc::new(AtomicBool::new(false));
-    let application = {
-        let app = Session::connect(&format!("{}?application_name=shop", db.url()));
-        // At work before the daemon starts, so that its first probe sees it.
-        app.execute("BEGIN; SELECT count(*) FROM pg_class; COMMIT");
-        let stop = stop.clone();
-        thread::spawn(move || {
-            let mut transactions = 1u64;
-            while !stop.load(Ordering::Relaxed) {
-                app.execute("BEGIN; SELECT count(*) FROM pg_class; COMMIT");
-                transactions += 1;
-                thread::sleep(Duration::from_millis(5));
-            }
-            transactions
-        })
-    };
-    let daemon = run_sharing_worker(&db, "sharing");
-    stop.store(true, Ordering::Relaxed);
-    assert!(application.join().expect("application thread") > 1);
+    // Production: an application at work for as long as the job runs.
+    let application = Application::start(&db);
+    let daemon = run_sharing_worker(&db, "sharing", 1);
+    assert!(application.stop() > 1);
     db.assert_backfilled_exactly_once("users", rows);
     let shared = batches_of(&daemon, "split_full_name");
     let sizes: Vec<u64> = shared.iter().map(|(size, _)| *size).collect();
@@ -883,23 +931,12 @@ fn a_job_shares_the_primary_while_production_is_at_work_and_runs_flat_out_when_i
     assert!(median <= 1_000, "median batch {median}: {sizes:?}");
     // ...and at most a fifth of the time spent in batches, give or take the time the
     // worker takes between them: the rest after each batch is four times its length.
-    let ran_ms: f64 = shared.iter().map(|(_, ms)| ms).sum();
-    let lines = batch_lines(&daemon, "split_full_name");
-    let (first, last) = (&lines[0], &lines[lines.len() - 1]);
-    let span_ms = (log_time(&db, last) - log_time(&db, first)) * 1000.0;
-    let duty = ran_ms / span_ms;
-    eprintln!("{ran_ms:.0} ms in batches over {span_ms:.0} ms: duty cycle {duty:.2}");
+    let duty = duty_cycle_of(&db, &daemon, &["split_full_name"]);
     assert!(duty <= 0.25, "duty cycle {duty:.2}");
 
     // No production: the same work runs flat out, batches growing to the maximum.
-    db.sql(&format!(
-        "CREATE TABLE plain (id bigint PRIMARY KEY, done boolean NOT NULL DEFAULT false);
-         INSERT INTO plain (id) SELECT generate_series(1, {rows});
-         INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate)
-         VALUES ('plain', 'public.plain', 'id',
-                 'UPDATE public.plain SET done = true WHERE id = ANY(:keys)', 'NOT done')"
-    ));
-    let daemon = run_sharing_worker(&db, "alone");
+    plain_table_job(&db, "plain", rows);
+    let daemon = run_sharing_worker(&db, "alone", 1);
     assert_eq!(db.int("SELECT count(*) FROM plain WHERE NOT done"), 0);
     let sizes: Vec<u64> = batches_of(&daemon, "plain")
         .iter()
@@ -911,4 +948,45 @@ fn a_job_shares_the_primary_while_production_is_at_work_and_runs_flat_out_when_i
         "{}",
         daemon.log_text()
     );
+}
+
+#[test]
+fn jobs_running_next_to_production_split_one_duty_cycle() {
+    let primary = PgCluster::start_primary().expect("primary");
+    let db = TestDb::on(&primary, "sharing_jobs");
+    db.migrate();
+    let rows = 20_000;
+    plain_table_job(&db, "left_half", rows);
+    plain_table_job(&db, "right_half", rows);
+    let application = Application::start(&db);
+    let daemon = run_sharing_worker(&db, "pair", 2);
+    assert!(application.stop() > 1);
+    for job in ["left_half", "right_half"] {
+        assert_eq!(
+            db.int(&format!("SELECT count(*) FROM {job} WHERE NOT done")),
+            0
+        );
+    }
+    // While both ran, each took half of the duty cycle...
+    let shares: Vec<(String, f64)> = worker_lines(
+        &daemon,
+        "sharing the duty cycle next to production with the other running jobs",
+    )
+    .iter()
+    .map(|line| {
+        (
+            line["span"]["job"].as_str().unwrap_or_default().to_owned(),
+            line["busy_duty_cycle"].as_f64().unwrap_or_default(),
+        )
+    })
+    .collect();
+    for job in ["left_half", "right_half"] {
+        assert!(
+            shares.contains(&(job.to_owned(), 0.1)),
+            "{job} never ran on half the duty cycle: {shares:?}"
+        );
+    }
+    // ...so that together they kept to it: one job alone would have taken all of it.
+    let duty = duty_cycle_of(&db, &daemon, &["left_half", "right_half"]);
+    assert!(duty <= 0.25, "duty cycle {duty:.2} of both jobs together");
 }

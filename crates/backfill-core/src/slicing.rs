@@ -1,6 +1,6 @@
 //! Planning a job's slices: where to cut its key range, how many rows each
-//! slice is expected to hold, and each slice's share of the job's rate budget and of its
-//! duty cycle next to production.
+//! slice is expected to hold, each slice's share of the job's rate budget, and each job's
+//! share of the duty cycle next to production.
 
 /// The cumulative fractions at which to cut a job into `parallelism` slices
 /// of equal row counts: `[1/n, 2/n, …, (n-1)/n]`.
@@ -32,13 +32,13 @@ pub fn rate_share(budget: Option<f64>, active: i64) -> Option<f64> {
     budget.map(|b| b / active.max(1) as f64)
 }
 
-/// One slice's part of the job's duty cycle next to production (see
-/// [`crate::activity`]) while `active` slices run; 1 (sharing off) stays off.
-pub fn duty_share(duty_cycle: f64, active: i64) -> f64 {
+/// One job's part of the duty cycle next to production (see [`crate::activity`]) while
+/// `running` jobs and slices run; 1 (sharing off) stays off.
+pub fn duty_share(duty_cycle: f64, running: i64) -> f64 {
     if duty_cycle >= 1.0 {
         1.0
     } else {
-        duty_cycle / active.max(1) as f64
+        duty_cycle / running.max(1) as f64
     }
 }
 
@@ -81,7 +81,7 @@ mod tests {
     }
 
     #[test]
-    fn the_duty_cycle_is_shared_among_active_slices_unless_sharing_is_off() {
+    fn the_duty_cycle_is_shared_among_running_jobs_unless_sharing_is_off() {
         assert_eq!(duty_share(0.2, 4), 0.05);
         assert_eq!(duty_share(0.2, 0), 0.2);
         assert_eq!(duty_share(1.0, 4), 1.0);

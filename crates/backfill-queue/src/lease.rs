@@ -178,6 +178,19 @@ impl Queue {
         Ok(state.and_then(|s| s.parse().ok()))
     }
 
+    /// Jobs and slices some worker is running now (at least 1): everything backfilld runs on
+    /// this database shares one duty cycle next to production.
+    pub async fn running_jobs(&self) -> Result<i64, QueueError> {
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM backfill.jobs \
+              WHERE state = 'running' AND lease_expires_at > now()",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .context("counting the running jobs")?;
+        Ok(running.max(1))
+    }
+
     /// Gives the job back without finishing it (shutdown): another worker may claim it at once.
     pub async fn release(&self, job_id: i64, token: LeaseToken) -> Result<bool, QueueError> {
         let released = sqlx::query(

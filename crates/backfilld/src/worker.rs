@@ -597,34 +597,42 @@ impl<'w> JobRun<'w> {
         true
     }
 
-    /// A slice takes its share of the job's rows-per-second budget and of its duty cycle
-    /// next to production: each divided by the slices running now, re-read every probe
-    /// interval.
+    /// A job takes its share of the duty cycle next to production, divided among every job
+    /// and slice running now on any worker, and a slice its share of its job's
+    /// rows-per-second budget, divided among the job's slices running now; both re-read
+    /// every probe interval.
     async fn share_job_budgets(&mut self) {
-        let Some(parent_id) = self.job.parent_id else {
+        let sharing = self.duty_budget < 1.0;
+        let slice_budget = self.job.parent_id.zip(self.rate_budget);
+        if !sharing && slice_budget.is_none() {
             return;
-        };
+        }
         // As often as health is probed: slices starting or ending change the share.
         let every = self.worker.settings.throttle.probe_interval;
         if self.budget_checked.is_some_and(|at| at.elapsed() < every) {
             return;
         }
         self.budget_checked = Some(Instant::now());
-        let slices = self.worker.queue.slices();
-        if let Ok(active) = slices.active(parent_id).await {
-            let share = rate_share(self.rate_budget, active);
-            if share != self.throttle.max_rows_per_second() {
-                info!(active_slices = active, rows_per_second = ?share, "sharing the job's rate budget");
-                self.throttle.set_max_rows_per_second(share);
+        if let Some((parent_id, budget)) = slice_budget {
+            if let Ok(active) = self.worker.queue.slices().active(parent_id).await {
+                let share = rate_share(Some(budget), active);
+                if share != self.throttle.max_rows_per_second() {
+                    info!(active_slices = active, rows_per_second = ?share, "sharing the job's rate budget");
+                    self.throttle.set_max_rows_per_second(share);
+                }
             }
-            let duty = duty_share(self.duty_budget, active);
-            if duty != self.throttle.busy_duty_cycle() {
-                info!(
-                    active_slices = active,
-                    busy_duty_cycle = duty,
-                    "sharing the job's duty cycle next to production"
-                );
-                self.throttle.set_busy_duty_cycle(duty);
+        }
+        if sharing {
+            if let Ok(running) = self.worker.queue.running_jobs().await {
+                let duty = duty_share(self.duty_budget, running);
+                if duty != self.throttle.busy_duty_cycle() {
+                    info!(
+                        running_jobs = running,
+                        busy_duty_cycle = duty,
+                        "sharing the duty cycle next to production with the other running jobs"
+                    );
+                    self.throttle.set_busy_duty_cycle(duty);
+                }
             }
         }
     }
