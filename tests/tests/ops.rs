@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use backfilld_e2e::{backfilld_bin, env_refs, quick_worker, wait_until, Daemon, TestDb};
+use backfilld_e2e::{
+    backfilld_at, backfilld_bin, env_refs, quick_worker, wait_until, Daemon, TestDb,
+};
 use pg_testkit::demo_data::{users_table_sql, SPLIT_NAME_JOB_SQL};
 use pg_testkit::PgCluster;
 use serde_json::Value;
@@ -660,6 +662,39 @@ fn plan_on_a_million_rows_estimates_and_changes_nothing() {
             .as_f64()
             .expect("expected_seconds")
             > 0.0
+    );
+    // The suite turns sharing the primary off; with it on (the default), plan also says the
+    // least the job takes while production is at work: the expected time over the duty
+    // cycle.
+    assert!(report["min_seconds_next_to_production"].is_null());
+    let shared = backfilld_at(
+        &db.url(),
+        &["plan", JOB, "--json"],
+        &[("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "0.05")],
+    );
+    assert!(shared.status.success(), "plan failed: {}", shared.stderr);
+    let shared: Value = serde_json::from_str(&shared.stdout).expect("plan --json is JSON");
+    let expected = shared["expected_seconds"]
+        .as_f64()
+        .expect("expected_seconds");
+    let at_least = shared["min_seconds_next_to_production"]
+        .as_f64()
+        .expect("min_seconds_next_to_production");
+    assert!(
+        (at_least - expected / 0.05).abs() <= 1e-9 * at_least,
+        "{at_least} s next to production for {expected} s alone"
+    );
+    let shared_text = backfilld_at(
+        &db.url(),
+        &["plan", JOB],
+        &[("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "0.05")],
+    );
+    assert!(
+        shared_text
+            .stdout
+            .contains("next to production  at least ~"),
+        "{}",
+        shared_text.stdout
     );
 
     // ...and rolled it back: the table and the job are exactly as before.

@@ -576,6 +576,10 @@ pub struct PlanReport {
     pub target_batch_seconds: f64,
     /// Pending rows at the expected rate, on a healthy database (no lag holds).
     pub expected_seconds: Option<f64>,
+    /// The least it takes while production is at work on the primary: the job then runs
+    /// at most `throttle.busy_duty_cycle` of the time, in batches of about a millisecond that
+    /// carry fewer rows per second than the trial's (`None` with sharing off).
+    pub min_seconds_next_to_production: Option<f64>,
     /// How long planning took.
     pub planning_seconds: f64,
 }
@@ -675,6 +679,9 @@ pub async fn plan(
         max_rows_per_second,
         target_batch_seconds: throttle.target_batch.as_secs_f64(),
         expected_seconds,
+        min_seconds_next_to_production: expected_seconds
+            .filter(|_| throttle.busy_duty_cycle < 1.0)
+            .map(|seconds| seconds / throttle.busy_duty_cycle),
         planning_seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -757,6 +764,12 @@ impl PlanReport {
             )),
             (Some(_), None) => out.push_str("  expected       nothing to do\n"),
             _ => out.push_str("  expected       unknown (no trial batch timing)\n"),
+        }
+        if let Some(at_least) = self.min_seconds_next_to_production.filter(|s| *s > 0.0) {
+            out.push_str(&format!(
+                "  next to production  at least ~{} (while other sessions are at work the job shares the primary: ~1 ms batches, throttle.busy_duty_cycle of the time)\n",
+                seconds(at_least),
+            ));
         }
         out.push_str(&format!(
             "planned in {}; nothing was changed\n",
