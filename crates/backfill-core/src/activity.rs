@@ -37,7 +37,7 @@ impl ProductionActivity {
     /// `sessions_active` other sessions active since the previous probe, and returns
     /// whether the primary is busy.
     pub fn observe(&mut self, now: Duration, sessions_active: u32) -> bool {
-        self.first_probe.get_or_insert(now);
+        let first_probe = *self.first_probe.get_or_insert(now);
         if sessions_active > 0 {
             self.sightings.push_back(now);
         }
@@ -45,16 +45,9 @@ impl ProductionActivity {
         while self.sightings.front().is_some_and(|at| *at < oldest) {
             self.sightings.pop_front();
         }
-        self.is_busy(now)
-    }
-
-    /// Whether the sightings up to `now` make the primary busy (see the module docs).
-    pub fn is_busy(&self, now: Duration) -> bool {
-        let oldest = now.saturating_sub(ACTIVITY_WINDOW);
-        let recent = self.sightings.iter().filter(|at| **at >= oldest).count();
-        let short_history = self
-            .first_probe
-            .is_none_or(|first| now.saturating_sub(first) < ACTIVITY_WINDOW);
+        // What is left are the sightings within the window.
+        let recent = self.sightings.len();
+        let short_history = now.saturating_sub(first_probe) < ACTIVITY_WINDOW;
         recent >= BUSY_SIGHTINGS || (short_history && recent > 0)
     }
 }

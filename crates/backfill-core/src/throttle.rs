@@ -876,8 +876,8 @@ impl ThrottleController {
         self.settings.max_rows_per_second = normalize_budget(budget);
     }
 
-    /// Changes the duty cycle next to production at run time (a slice's share of the
-    /// job's); nonsense keeps the one in force.
+    /// Changes the duty cycle next to production at run time (this job's share of it while
+    /// others run); nonsense keeps the one in force.
     pub fn set_busy_duty_cycle(&mut self, duty_cycle: f64) {
         if UNIT_RANGE.contains(duty_cycle) {
             self.settings.busy_duty_cycle = duty_cycle;
@@ -1107,7 +1107,7 @@ impl ThrottleController {
 
     /// While sharing: wait until the last committed batch's run time is at most
     /// `busy_duty_cycle` of the time since it started, but no longer than `backoff_max`
-    /// (a batch far over the target is cut to size anyway; resting 4× its length would
+    /// (a batch far over the target is cut to size anyway; resting 19× its length at 5 % would
     /// only stall the job).
     fn duty_pause(&self, now: Duration) -> Duration {
         let Some(mark) = self.last_commit else {

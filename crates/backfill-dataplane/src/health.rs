@@ -91,7 +91,7 @@ pub struct HealthProbe {
     expected_standbys: Vec<String>,
     our_application_name: String,
     timeout: Duration,
-    activity_window: Duration,
+    activity_window: Option<Duration>,
     failing: FailureLog,
 }
 
@@ -99,14 +99,14 @@ impl HealthProbe {
     /// A probe on the primary's pool; `replicas` are probed directly by name;
     /// `expected_standbys` must appear in `pg_stat_replication` or count as missing;
     /// production sessions count when active within the last `activity_window` (the
-    /// interval between two samples).
+    /// interval between two samples; `None`: not counted, sharing the primary is off).
     pub fn new(
         primary: Pool,
         replicas: Vec<(String, Pool)>,
         expected_standbys: Vec<String>,
         our_application_name: String,
         timeout: Duration,
-        activity_window: Duration,
+        activity_window: Option<Duration>,
     ) -> Self {
         HealthProbe {
             primary,
@@ -198,14 +198,14 @@ impl HealthProbe {
                 }
             }
         }
-        let production = client
-            .query_one(
-                PRODUCTION_SESSIONS_SQL,
-                &[&self.activity_window.as_secs_f64()],
-            )
-            .await
-            .map_err(|e| format!("counting production sessions: {e}"))?;
-        sample.production_sessions = u32::try_from(production.get::<_, i64>(0)).unwrap_or(u32::MAX);
+        if let Some(window) = self.activity_window {
+            let production = client
+                .query_one(PRODUCTION_SESSIONS_SQL, &[&window.as_secs_f64()])
+                .await
+                .map_err(|e| format!("counting production sessions: {e}"))?;
+            sample.production_sessions =
+                u32::try_from(production.get::<_, i64>(0)).unwrap_or(u32::MAX);
+        }
         Ok(sample)
     }
 }

@@ -228,16 +228,17 @@ pub fn spawn_health_probes(
             .with_context(|| format!("throttle.replica_urls[{i}] ({})", redacted(url)))?;
         replicas.push((format!("replica{i}"), pool));
     }
+    // Production sessions are counted only for sharing the primary.
+    let sharing = settings.throttle.busy_duty_cycle < 1.0;
     let probe = HealthProbe::new(
         db.data.clone(),
         replicas,
         settings.throttle.expected_standbys.clone(),
         data_plane_application_name(settings),
         settings.throttle.probe_timeout,
-        settings.throttle.probe_interval,
+        sharing.then_some(settings.throttle.probe_interval),
     );
     let interval = settings.throttle.probe_interval;
-    let sharing = settings.throttle.busy_duty_cycle < 1.0;
     let (max_lag, max_lag_bytes) = (settings.throttle.max_lag, settings.throttle.max_lag_bytes);
     let control = db.control.clone();
     let (tx, rx) = watch::channel(HealthSample::default());

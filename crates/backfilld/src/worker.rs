@@ -200,9 +200,10 @@ struct JobRun<'w> {
     failure_log: FailureLog,
     /// The job's rows-per-second budget; a slice runs on its share of it.
     rate_budget: Option<f64>,
-    /// The job's duty cycle next to production; a slice runs on its share of it.
+    /// The duty cycle next to production; the job runs on its share of it, split among
+    /// every job and slice running at the time.
     duty_budget: f64,
-    /// When a slice last re-read how many slices share the budgets.
+    /// When the budgets' shares were last re-read.
     budget_checked: Option<Instant>,
 }
 
