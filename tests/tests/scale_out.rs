@@ -205,3 +205,33 @@ fn idle_workers_split_busy_slices_and_every_row_is_still_done_once() {
         0
     );
 }
+
+#[test]
+fn idle_slots_claim_new_jobs_their_slices_and_their_parents_at_once_not_at_the_next_poll() {
+    let db = TestDb::new("scale_wake");
+    skewed_items(&db, 100_000);
+    db.audit_updates("items", "k");
+    db.migrate();
+    let mut env = quick_worker("wake");
+    // Polling once an hour: every claim below within the test's limits comes from a
+    // notification or from this worker's own slots telling each other.
+    env.push(("BACKFILLD_WORKER__POLL_INTERVAL", "1h".to_string()));
+    env.push(("BACKFILLD_WORKER__CONCURRENCY", "2".to_string()));
+    let mut daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    let quickly = Duration::from_secs(30);
+    wait_until("the worker listening for queue changes", quickly, || {
+        db.int("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'backfilld-control' AND query = 'LISTEN \"backfill_control\"'") == 1
+    });
+    // Slow enough for both slices to be seen running side by side.
+    enqueue_sliced(&db, 2, ", max_rows_per_second", ", 20000");
+    wait_until("both slices running", quickly, || {
+        db.int("SELECT count(*) FROM backfill.jobs WHERE parent_id IS NOT NULL AND state = 'running' AND rows_done > 0") == 2
+    });
+    // The parent's verification pass is claimed when its last slice ends.
+    wait_until("the job succeeded", RUN_LIMIT, || {
+        db.job_state("wide") == "succeeded"
+    });
+    db.assert_updated_exactly_once("items", 100_000);
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_success(quickly);
+}

@@ -5,12 +5,14 @@
 
 mod job;
 mod lease;
+mod notifications;
 mod schema;
 mod slices;
 mod status;
 
 pub use job::{Job, JobState, NewJob, Phase};
 pub use lease::{ClaimedJob, HeartbeatReport, JobProgress, LeaseToken, Queue};
+pub use notifications::{QueueChange, QueueNotifications, CONTROL_CHANNEL};
 pub use schema::{migrate, schema_is_current, MIGRATOR};
 pub use slices::{SliceSummary, Slices, StealCandidate};
 pub use status::{JobStatus, SteeringVerb};

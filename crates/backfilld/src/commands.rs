@@ -112,8 +112,10 @@ impl Database {
             .map_err(|_| timed_out())?
             .map_err(|e| unreachable(e.to_string()))?;
         let _ = probe.close().await;
+        // Four for claims, heartbeats and probes, one the daemon keeps listening for
+        // queue changes.
         let control = PgPoolOptions::new()
-            .max_connections(4)
+            .max_connections(5)
             .acquire_timeout(timeout)
             .connect_lazy_with(options);
         let data = endpoint

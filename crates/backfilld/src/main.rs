@@ -127,6 +127,7 @@ async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<
         settings: Arc::clone(&settings),
         health,
         driving: Default::default(),
+        work_signal: Default::default(),
     });
     tracing::info!(worker = %worker.worker_id, database = %db.redacted_url, "worker started");
     worker.run(shutdown, exit_when_idle).await;

@@ -16,7 +16,7 @@ use backfill_dataplane::{
     RunOutcome,
 };
 use backfill_queue::{
-    ClaimedJob, HeartbeatReport, Job, JobProgress, JobState, LeaseToken, Phase, Queue,
+    ClaimedJob, HeartbeatReport, Job, JobProgress, JobState, LeaseToken, Phase, Queue, QueueChange,
 };
 use tokio::sync::watch;
 use tracing::{info, warn, Instrument};
@@ -35,6 +35,34 @@ pub struct Worker {
     /// Jobs this process is driving now, so a claim never takes one of them
     /// back; held across each claim so two slots cannot race.
     pub driving: tokio::sync::Mutex<Vec<i64>>,
+    /// Wakes idle claim loops when there may be work for them.
+    pub work_signal: WorkSignal,
+}
+
+/// Raised when there may be work for an idle claim loop, so that it claims at once
+/// instead of at its next poll: a job enqueued, resumed or retried (NOTIFY on the queue),
+/// or a job that ended or was cut into slices on this worker (its slices, its parent, or
+/// the end of `--exit-when-idle` may be due).
+#[derive(Debug)]
+pub struct WorkSignal(watch::Sender<u64>);
+
+impl Default for WorkSignal {
+    fn default() -> Self {
+        WorkSignal(watch::channel(0).0)
+    }
+}
+
+impl WorkSignal {
+    /// There may be work.
+    pub fn raise(&self) {
+        self.0
+            .send_modify(|raised| *raised = raised.wrapping_add(1));
+    }
+
+    /// A receiver that sees each raise after it last looked (`borrow_and_update`).
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.subscribe()
+    }
 }
 
 /// Why a job stopped on this worker before it ended.
@@ -54,6 +82,7 @@ impl Worker {
     /// Runs `worker.concurrency` claim loops until shutdown, or, with
     /// `exit_when_idle`, until no unfinished job is left for anyone.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown, exit_when_idle: bool) {
+        let relay = tokio::spawn(relay_queue_changes(Arc::clone(&self), shutdown.clone()));
         let loops: Vec<_> = (0..self.settings.worker.concurrency)
             .map(|slot| {
                 let worker = Arc::clone(&self);
@@ -66,11 +95,16 @@ impl Worker {
                 warn!(error = %e, "a claim loop ended abnormally");
             }
         }
+        relay.abort();
+        let _ = relay.await;
     }
 
     async fn claim_loop(&self, slot: usize, shutdown: Shutdown, exit_when_idle: bool) {
         let mut backoff = ConnectionBackoff::default();
+        let mut work_signal = self.work_signal.subscribe();
         while !shutdown.is_triggered() {
+            // Whatever was raised before this claim, the claim sees.
+            work_signal.borrow_and_update();
             let claimed = {
                 let mut driving = self.driving.lock().await;
                 let claimed = self
@@ -89,6 +123,7 @@ impl Worker {
                     let span = tracing::info_span!("job", job = %claimed.job.name, job_id, slot);
                     self.drive(claimed, &shutdown).instrument(span).await;
                     self.driving.lock().await.retain(|id| *id != job_id);
+                    self.work_signal.raise();
                 }
                 // Idle: split the busiest slice of some job, then claim its second half.
                 Ok(None) if crate::slicing::steal(self).await => backoff.reset(),
@@ -104,7 +139,10 @@ impl Worker {
                             Err(e) => warn!(error = %e, "cannot tell whether work is left"),
                         }
                     }
-                    shutdown.sleep(self.settings.worker.poll_interval).await;
+                    tokio::select! {
+                        () = shutdown.sleep(self.settings.worker.poll_interval) => {}
+                        _ = work_signal.changed() => {}
+                    }
                 }
                 Err(e) => {
                     let wait = backoff.next();
@@ -159,6 +197,37 @@ impl Worker {
         }
         run.failure_log.flush();
         run.metrics.job_left();
+    }
+}
+
+/// Raises the worker's [`WorkSignal`] on every change NOTIFY reports on the queue,
+/// listening again (with backoff) whenever the listening session fails. Polling goes on
+/// meanwhile, so a lost listener delays claims, it never stops them.
+async fn relay_queue_changes(worker: Arc<Worker>, shutdown: Shutdown) {
+    let mut backoff = ConnectionBackoff::default();
+    while !shutdown.is_triggered() {
+        match worker.queue.listen_for_changes().await {
+            Ok(mut changes) => {
+                backoff.reset();
+                // Whatever changed while no one listened, the next claim finds.
+                worker.work_signal.raise();
+                loop {
+                    match changes.next().await {
+                        Ok(QueueChange::Job(name)) => {
+                            tracing::debug!(job = %name, "queue change notified");
+                            worker.work_signal.raise();
+                        }
+                        Ok(QueueChange::MaybeMissed) => worker.work_signal.raise(),
+                        Err(e) => {
+                            warn!(error = %e, "stopped listening for queue changes; polling meanwhile");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot listen for queue changes; polling meanwhile"),
+        }
+        shutdown.sleep(backoff.next()).await;
     }
 }
 
