@@ -163,6 +163,43 @@ fn poison_rows_are_set_aside_and_retry_failed_finishes_the_job() {
 }
 
 #[test]
+fn poison_rows_under_a_range_statement_are_isolated_from_the_listed_keys() {
+    // Without :keys a batch selects only its first and last key; a failing batch lists
+    // its keys for the bisection.
+    let db = TestDb::new("poison_range");
+    db.sql(&users_table_sql(20_000));
+    db.sql(
+        "UPDATE users SET full_name = 'Poison Pill' WHERE id % 1000 = 537 OR id BETWEEN 12001 AND 12010;
+         ALTER TABLE users ADD CONSTRAINT first_name_is_no_poison CHECK (first_name <> 'Poison');",
+    );
+    let poison_keys = db.sql(
+        "SELECT string_agg(id || ':23514:error', ',' ORDER BY id) FROM users WHERE full_name = 'Poison Pill'",
+    );
+    db.audit_updates("users", "id");
+    db.migrate();
+    db.sql(&SPLIT_NAME_JOB_SQL.replace(
+        "id = ANY(:keys)",
+        "id BETWEEN :first_key AND :last_key AND first_name IS NULL",
+    ));
+    let daemon = run_until_idle(&db, &quick_worker_json_log("poison-range"));
+    assert_eq!(db.job_state(SPLIT_JOB), "failed", "{}", daemon.log_text());
+    assert_eq!(failed_rows(&db, SPLIT_JOB), poison_keys);
+    assert_eq!(
+        last_error(&db, SPLIT_JOB),
+        rows_failed_message(&db, SPLIT_JOB, 30)
+    );
+    db.assert_backfilled_exactly_once("users", 20_000 - 30);
+    assert!(
+        daemon
+            .json_lines("backfilld::worker")
+            .iter()
+            .any(|line| line["message"] == "resolved the job" && line["key_selection"] == "span"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+#[test]
 fn trigger_exceptions_and_bad_casts_are_set_aside_with_their_sqlstate() {
     let db = TestDb::new("trigger_cast");
     db.sql(

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use backfilld_e2e::{env_refs, quick_worker, wait_until, Daemon, TestDb};
+use backfilld_e2e::{env_refs, quick_worker, quick_worker_json_log, wait_until, Daemon, TestDb};
 use pg_testkit::demo_data::{split_name_single_update, users_table_sql, SPLIT_NAME_JOB_SQL};
 
 const RUN_LIMIT: Duration = Duration::from_secs(120);
@@ -189,24 +189,62 @@ fn bigint_integer_uuid_text_and_timestamptz_keys_backfill_correctly() {
 
 #[test]
 fn first_key_and_last_key_placeholders_bound_a_range() {
-    let db = TestDb::new("range_placeholders");
-    items_table(&db, "bigint", "g", 3_000);
-    db.migrate();
-    db.sql(
-        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, batch_size)
-         VALUES ('by_range', 'public.items', 'k',
-                 $$UPDATE items SET v = v + 1 WHERE k BETWEEN :first_key AND :last_key$$, 1000)",
-    );
-    let env = quick_worker("range");
-    let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
-    daemon.expect_success(RUN_LIMIT);
-    assert_eq!(
-        db.job_state("by_range"),
-        "succeeded",
-        "{}",
-        daemon.log_text()
-    );
-    assert_eq!(db.int("SELECT count(*) FROM items WHERE v = 1"), 3_000);
+    // Without :keys a batch selects only its first and last key and how many there are,
+    // where the key type has min/max; uuid has none, so its keys are listed.
+    let cases = [
+        ("bigint", "g", "span"),
+        ("text", "'key-' || g", "span"),
+        (
+            "timestamptz",
+            "'2020-01-01'::timestamptz + g * interval '1 second 17 microseconds'",
+            "span",
+        ),
+        ("uuid", "md5(g::text)::uuid", "each_key"),
+    ];
+    for (key_type, key_expr, key_selection) in cases {
+        let db = TestDb::new(&format!("range_{key_type}"));
+        items_table(&db, key_type, key_expr, 3_000);
+        db.audit_updates("items", "k");
+        db.migrate();
+        db.sql(
+            "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, batch_size, max_batch_size)
+             VALUES ('by_range', 'public.items', 'k',
+                     $$UPDATE items SET v = v + 1 WHERE k BETWEEN :first_key AND :last_key AND v = 0$$, 'v = 0', 1000, 1000)",
+        );
+        let env = quick_worker_json_log(&format!("range-{key_type}"));
+        let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
+        daemon.expect_success(RUN_LIMIT);
+        assert_eq!(
+            db.job_state("by_range"),
+            "succeeded",
+            "{key_type}: {}",
+            daemon.log_text()
+        );
+        db.assert_updated_exactly_once("items", 3_000);
+        assert_eq!(
+            db.sql("SELECT batches_done || '|' || rows_done FROM backfill.jobs"),
+            "3|3000",
+            "{key_type}: three batches of 1000"
+        );
+        let resolved: Vec<_> = daemon
+            .json_lines("backfilld::worker")
+            .into_iter()
+            .filter(|line| line["message"] == "resolved the job")
+            .collect();
+        assert!(
+            !resolved.is_empty()
+                && resolved
+                    .iter()
+                    .all(|line| line["key_selection"] == key_selection),
+            "{key_type}: keys selected as {key_selection}: {resolved:?}"
+        );
+        let batch_keys: Vec<i64> = daemon
+            .json_lines("backfilld::batch")
+            .iter()
+            .filter_map(|line| line["keys"].as_i64())
+            .collect();
+        assert_eq!(batch_keys, [1000, 1000, 1000], "{key_type}");
+    }
 }
 
 #[test]

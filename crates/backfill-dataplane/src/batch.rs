@@ -60,7 +60,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use uuid::Uuid;
 
 use crate::pool::Endpoint;
-use crate::target::BatchTarget;
+use crate::target::{BatchKeys, BatchTarget};
 use crate::BatchError;
 
 /// Savepoints a bisecting transaction may release before it commits what it has
@@ -305,19 +305,20 @@ impl BatchRunner {
             let statement = tx.prepare_cached("SELECT pg_backend_pid()").await?;
             tx.query_one(&statement, &[]).await?.try_get::<_, i32>(0)
         };
-        let (pid, keys) = tokio::join!(pid, select_keys(&tx, target, source, limit));
+        let (pid, selected) = tokio::join!(pid, select_keys(&tx, target, source, limit, false));
         let pid = pid.map_err(|e| {
             BatchError::from_driver(format!("job {name:?}: reading its backend pid"), &e)
         })?;
         backend.set(pid);
-        let keys = keys?;
-        let (Some(first), Some(last)) = (keys.first(), keys.last()) else {
+        let selected = selected?;
+        let Some(keys) = selected.batch_keys() else {
             return Ok(None);
         };
+        let (first, last) = keys.first_and_last();
         let range = format!("job {name:?}, keys {first}..={last}");
 
         // Happy path first: the whole batch in one statement, no savepoint cost.
-        let bisect = match apply(&tx, target, &keys).await {
+        let bisect = match apply(&tx, target, keys).await {
             Ok(Checked::Agrees) => false,
             // The disagreeing rows' changes must go, and only theirs.
             Ok(Checked::Disagrees) => true,
@@ -327,16 +328,37 @@ impl BatchRunner {
         };
         if bisect {
             drop(tx.rollback().await);
+            let keys = match selected {
+                SelectedKeys::Each(keys) => keys,
+                // Bisection needs each key: the same selection, listed this time.
+                SelectedKeys::Span(_) => {
+                    let tx = client
+                        .transaction()
+                        .await
+                        .map_err(|e| BatchError::from_driver(format!("job {name:?}: BEGIN"), &e))?;
+                    let listed = select_keys(&tx, target, source, limit, true).await?;
+                    drop(tx.rollback().await);
+                    match listed {
+                        SelectedKeys::Each(keys) if !keys.is_empty() => keys,
+                        _ => return Ok(None),
+                    }
+                }
+            };
             return Box::pin(self.bisect_on(client, target, fence, source, keys)).await;
         }
+        let count = selected.count();
         let stats = BatchStats {
-            keys: keys.len(),
-            applied: keys.len(),
+            keys: count,
+            applied: count,
             last_key: Some(last.clone()),
             statements: 1,
             ..BatchStats::default()
         };
-        self.commit(tx, target, fence, source, &keys, stats)
+        let listed = match &selected {
+            SelectedKeys::Each(keys) => keys.as_slice(),
+            SelectedKeys::Span(_) => &[],
+        };
+        self.commit(tx, target, fence, source, listed, stats)
             .await
             .map(Some)
     }
@@ -382,7 +404,7 @@ impl BatchRunner {
             };
             savepoint("SAVEPOINT bisect").await?;
             statements += 1;
-            match apply(&tx, target, slice).await {
+            match apply(&tx, target, BatchKeys::Each(slice)).await {
                 Ok(Checked::Agrees) => {
                     savepoint("RELEASE SAVEPOINT bisect").await?;
                     released += 1;
@@ -430,7 +452,8 @@ impl BatchRunner {
     }
 
     /// Records failures, advances the checkpoint under the fence, commits.
-    /// `keys` are the keys the batch settled.
+    /// `keys` are the keys the batch settled, listed (always so for retried keys,
+    /// the only batches that need them here); empty for a span.
     async fn commit(
         &self,
         tx: Transaction<'_>,
@@ -521,27 +544,65 @@ impl From<BatchError> for BatchFailure {
     }
 }
 
+/// The keys a batch selected.
+enum SelectedKeys {
+    /// Each key, in key order.
+    Each(Vec<String>),
+    /// The first and last key and how many lie between them, for a statement that
+    /// needs no more (`TargetSql::key_spans`); `None` when there are none.
+    Span(Option<(String, String, usize)>),
+}
+
+impl SelectedKeys {
+    /// The keys to run the statement on; `None` when the selection is empty.
+    fn batch_keys(&self) -> Option<BatchKeys<'_>> {
+        match self {
+            SelectedKeys::Each(keys) if keys.is_empty() => None,
+            SelectedKeys::Each(keys) => Some(BatchKeys::Each(keys)),
+            SelectedKeys::Span(span) => span
+                .as_ref()
+                .map(|(first, last, _)| BatchKeys::Span { first, last }),
+        }
+    }
+
+    fn count(&self) -> usize {
+        match self {
+            SelectedKeys::Each(keys) => keys.len(),
+            SelectedKeys::Span(span) => span.as_ref().map_or(0, |(_, _, count)| *count),
+        }
+    }
+}
+
+/// Selects the next batch's keys from `source`: only their first, last and count where
+/// the job allows (`key_spans`, not for retried keys), else — or with `each_key` — each.
 async fn select_keys(
     tx: &Transaction<'_>,
     target: &BatchTarget,
     source: KeySource<'_>,
     limit: u32,
-) -> Result<Vec<String>, BatchError> {
+    each_key: bool,
+) -> Result<SelectedKeys, BatchError> {
     let limit = i64::from(limit);
     let sql = &target.sql;
+    let spans = sql
+        .key_spans
+        .as_ref()
+        .filter(|_| !each_key && !matches!(source, KeySource::FailedRows { .. }));
+    let queries = spans.unwrap_or(&sql.keys);
     let (query, params): (&str, Vec<&(dyn ToSql + Sync)>) = match (&source, &target.upper_key) {
-        (KeySource::After(None), None) => (&sql.first_keys, vec![&limit]),
-        (KeySource::After(Some(after)), None) => (&sql.next_keys, vec![after, &limit]),
-        (KeySource::After(None), Some(upper)) => (&sql.first_keys_below, vec![upper, &limit]),
+        (KeySource::After(None), None) => (&queries.first, vec![&limit]),
+        (KeySource::After(Some(after)), None) => (&queries.next, vec![after, &limit]),
+        (KeySource::After(None), Some(upper)) => (&queries.first_below, vec![upper, &limit]),
         (KeySource::After(Some(after)), Some(upper)) => {
-            (&sql.next_keys_below, vec![after, upper, &limit])
+            (&queries.next_below, vec![after, upper, &limit])
         }
         (KeySource::AfterExcludingFailed(None), _) => {
-            (&sql.first_keys_excluding_failed, vec![&limit])
+            (&queries.first_excluding_failed, vec![&limit])
         }
         (KeySource::AfterExcludingFailed(Some(after)), _) => {
-            (&sql.next_keys_excluding_failed, vec![after, &limit])
+            (&queries.next_excluding_failed, vec![after, &limit])
         }
+        // Retried keys are always listed: their commit forgets each one that applied.
         (KeySource::FailedRows { max_attempts }, _) => {
             (&sql.retry_keys, vec![max_attempts, &limit])
         }
@@ -559,7 +620,18 @@ async fn select_keys(
             &e,
         )
     })?;
-    Ok(rows.into_iter().map(|row| row.get(0)).collect())
+    if spans.is_none() {
+        return Ok(SelectedKeys::Each(
+            rows.into_iter().map(|row| row.get(0)).collect(),
+        ));
+    }
+    let span = rows.first().and_then(|row| {
+        let first: Option<String> = row.get(0);
+        let last: Option<String> = row.get(1);
+        let count: i64 = row.get(2);
+        Some((first?, last?, usize::try_from(count).ok()?))
+    });
+    Ok(SelectedKeys::Span(span))
 }
 
 /// What check_predicate says about the rows a statement changed.
@@ -575,11 +647,15 @@ enum Checked {
 async fn apply(
     tx: &Transaction<'_>,
     target: &BatchTarget,
-    keys: &[String],
+    keys: BatchKeys<'_>,
 ) -> Result<Checked, tokio_postgres::Error> {
-    run_statement(tx, target, keys).await?;
-    let Some(check) = &target.sql.check_disagrees else {
-        return Ok(Checked::Agrees);
+    run_statement(tx, target, &keys).await?;
+    let (check, keys) = match (&target.sql.check_disagrees, keys) {
+        (None, _) => return Ok(Checked::Agrees),
+        (Some(check), BatchKeys::Each(keys)) => (check, keys),
+        (Some(_), BatchKeys::Span { .. }) => {
+            unreachable!("key spans are never selected for a job with check_predicate")
+        }
     };
     let check = tx.prepare_cached(check).await?;
     let disagrees: bool = tx.query_one(&check, &[&keys]).await?.get(0);
@@ -654,14 +730,14 @@ fn wrong_statement_error(
     })
 }
 
-/// Runs the job's statement on `keys` (in key order), binding each placeholder.
+/// Runs the job's statement on `keys`, binding each placeholder.
 async fn run_statement(
     tx: &Transaction<'_>,
     target: &BatchTarget,
-    keys: &[String],
+    keys: &BatchKeys<'_>,
 ) -> Result<(), tokio_postgres::Error> {
     let statement = tx.prepare_cached(&target.batch.sql).await?;
-    tx.execute(&statement, &target.statement_params(&keys))
+    tx.execute(&statement, &target.statement_params(keys))
         .await
         .map(|_| ())
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use crate::target::BatchTarget;
+use crate::target::{BatchKeys, BatchTarget};
 use crate::BatchError;
 
 /// What one trial batch did before it was rolled back.
@@ -93,8 +93,8 @@ impl BatchTarget {
         let limit = i64::from(limit);
         let started = Instant::now();
         let rows = match after {
-            Some(after) => tx.query(&self.sql.next_keys, &[&after, &limit]).await,
-            None => tx.query(&self.sql.first_keys, &[&limit]).await,
+            Some(after) => tx.query(&self.sql.keys.next, &[&after, &limit]).await,
+            None => tx.query(&self.sql.keys.first, &[&limit]).await,
         }
         .map_err(|e| BatchError::from_driver(format!("job {name:?}: selecting keys"), &e))?;
         let keys: Vec<String> = rows.into_iter().map(|row| row.get(0)).collect();
@@ -108,9 +108,9 @@ impl BatchTarget {
         };
         if !keys.is_empty() {
             let started = Instant::now();
-            let key_slice = keys.as_slice();
+            let each = BatchKeys::Each(&keys);
             let written = tx
-                .execute(&self.batch.sql, &self.statement_params(&key_slice))
+                .execute(&self.batch.sql, &self.statement_params(&each))
                 .await;
             trial.statement = started.elapsed();
             trial.rows_written = written.map_err(|e| {

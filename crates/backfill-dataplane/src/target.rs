@@ -2,6 +2,7 @@
 //! real type, the batch statement with bound placeholders, and the key queries.
 
 use backfill_core::placeholders::{bind_placeholders, BoundSql, Placeholder};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
@@ -46,24 +47,57 @@ pub struct BatchTarget {
     pub(crate) sql: TargetSql,
 }
 
+/// The keys a batch statement runs on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum BatchKeys<'a> {
+    /// Each key, in key order (non-empty).
+    Each(&'a [String]),
+    /// Only the first and last key, for a statement that needs no more.
+    Span { first: &'a String, last: &'a String },
+}
+
+impl<'a> BatchKeys<'a> {
+    /// The first and the last key.
+    pub(crate) fn first_and_last(&self) -> (&'a String, &'a String) {
+        match *self {
+            BatchKeys::Each(each) => (&each[0], &each[each.len() - 1]),
+            BatchKeys::Span { first, last } => (first, last),
+        }
+    }
+}
+
 /// The SQL texts derived from a job once, at claim.
 #[derive(Debug, Clone)]
 pub(crate) struct TargetSql {
     /// `pending_predicate` as a filter over alias `t` (`true` without one).
     pub pending: String,
-    pub first_keys: String,
-    pub next_keys: String,
-    /// As `first_keys`/`next_keys`, bounded above by a slice's upper key.
-    pub first_keys_below: String,
-    pub next_keys_below: String,
-    pub first_keys_excluding_failed: String,
-    pub next_keys_excluding_failed: String,
+    /// Select each key of the next batch, as text.
+    pub keys: KeyQueries,
+    /// Select only the first and last key of the next batch and how many there are, for
+    /// a statement that needs no more (no `:keys`, no check_predicate): the server then
+    /// sends one row instead of every key. `None` when the statement needs each key, or
+    /// the key type has no `min`/`max` (uuid).
+    pub key_spans: Option<KeyQueries>,
     pub retry_keys: String,
     /// Whether check_predicate holds for any of the keys in `$1`; `None` without one.
     pub check_disagrees: Option<String>,
     pub count_pending_after: String,
     pub count_pending_all: String,
     pub count_pending_excluding_failed: String,
+}
+
+/// One query per way of walking the key order for the next batch; parameters: the
+/// checkpoint key (`next…`), a slice's upper key (`…below`), then the batch size.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyQueries {
+    pub first: String,
+    pub next: String,
+    /// As `first`/`next`, bounded above by a slice's upper key.
+    pub first_below: String,
+    pub next_below: String,
+    /// As `first`/`next`, skipping keys recorded in `failed_rows` (verification sweeps).
+    pub first_excluding_failed: String,
+    pub next_excluding_failed: String,
 }
 
 impl BatchTarget {
@@ -129,8 +163,9 @@ impl BatchTarget {
             &key_type,
             job.pending_predicate.as_deref(),
             job.check_predicate.as_deref(),
+            batch.params.contains(&Placeholder::Keys),
         );
-        let target = BatchTarget {
+        let mut target = BatchTarget {
             job_id: job.job_id,
             job_name: job.name.clone(),
             table,
@@ -150,7 +185,29 @@ impl BatchTarget {
             }
         }
         target.check_statements(client).await?;
+        target.list_keys_unless_spans_work(client).await?;
         Ok(target)
+    }
+
+    /// Drops `key_spans` when the server has no `min`/`max` for the key type (uuid):
+    /// such a job lists its keys.
+    async fn list_keys_unless_spans_work(&mut self, client: &Client) -> Result<(), DataPlaneError> {
+        let Some(spans) = &self.sql.key_spans else {
+            return Ok(());
+        };
+        match client.prepare(&spans.next).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_FUNCTION) => {
+                self.sql.key_spans = None;
+                Ok(())
+            }
+            Err(e) => Err(definition_or_transient(
+                &self.job_name,
+                "preparing its statements",
+                &e,
+                |message| format!("pending_predicate is not valid: {message}"),
+            )),
+        }
     }
 
     /// Has the server parse and plan each statement without running it.
@@ -170,8 +227,8 @@ impl BatchTarget {
             ));
         }
         for sql in [
-            &self.sql.first_keys,
-            &self.sql.next_keys,
+            &self.sql.keys.first,
+            &self.sql.keys.next,
             &self.sql.count_pending_all,
         ] {
             client
@@ -188,22 +245,35 @@ impl BatchTarget {
         Ok(())
     }
 
-    /// The batch statement's parameters for `keys` (non-empty, in key order), one
-    /// per placeholder.
+    /// How batches select their keys: `"span"` (first, last and count: the statement
+    /// needs no more) or `"each_key"`.
+    pub fn key_selection(&self) -> &'static str {
+        if self.sql.key_spans.is_some() {
+            "span"
+        } else {
+            "each_key"
+        }
+    }
+
+    /// The batch statement's parameters for `keys`, one per placeholder.
     pub(crate) fn statement_params<'a>(
         &self,
-        keys: &'a &'a [String],
+        keys: &'a BatchKeys<'a>,
     ) -> Vec<&'a (dyn ToSql + Sync)> {
-        let first = &keys[0];
-        let last = &keys[keys.len() - 1];
+        let (first, last) = keys.first_and_last();
         self.batch
             .params
             .iter()
             .map(|placeholder| -> &(dyn ToSql + Sync) {
-                match placeholder {
-                    Placeholder::Keys => keys,
-                    Placeholder::FirstKey => first,
-                    Placeholder::LastKey => last,
+                match (placeholder, keys) {
+                    (Placeholder::Keys, BatchKeys::Each(each)) => each,
+                    // A span is selected only for statements without :keys
+                    // (`TargetSql::key_spans`).
+                    (Placeholder::Keys, BatchKeys::Span { .. }) => {
+                        unreachable!("key spans are never selected for a statement with :keys")
+                    }
+                    (Placeholder::FirstKey, _) => first,
+                    (Placeholder::LastKey, _) => last,
                 }
             })
             .collect()
@@ -249,29 +319,40 @@ impl TargetSql {
         key_type: &str,
         predicate: Option<&str>,
         check_predicate: Option<&str>,
+        statement_needs_each_key: bool,
     ) -> TargetSql {
         let pending = predicate.map_or_else(|| "true".to_string(), |p| format!("({p})"));
         let not_failed = format!(
             "NOT EXISTS (SELECT 1 FROM backfill.failed_rows f WHERE f.job_id = {owner_id} AND f.key = t.{key}::text)"
         );
-        let keys = |filter: &str| {
-            format!(
-                "SELECT t.{key}::text FROM {table} t WHERE {filter} ORDER BY t.{key} LIMIT $LIMIT"
-            )
-        };
         let after = format!("t.{key} > $1::text::{key_type}");
         let below = |n: &str| format!("t.{key} <= {n}::text::{key_type}");
-        TargetSql {
-            first_keys: keys(&pending).replace("$LIMIT", "$1"),
-            next_keys: keys(&format!("{after} AND {pending}")).replace("$LIMIT", "$2"),
-            first_keys_below: keys(&format!("{} AND {pending}", below("$1")))
-                .replace("$LIMIT", "$2"),
-            next_keys_below: keys(&format!("{after} AND {} AND {pending}", below("$2")))
+        let queries = |select: &dyn Fn(&str) -> String| KeyQueries {
+            first: select(&pending).replace("$LIMIT", "$1"),
+            next: select(&format!("{after} AND {pending}")).replace("$LIMIT", "$2"),
+            first_below: select(&format!("{} AND {pending}", below("$1"))).replace("$LIMIT", "$2"),
+            next_below: select(&format!("{after} AND {} AND {pending}", below("$2")))
                 .replace("$LIMIT", "$3"),
-            first_keys_excluding_failed: keys(&format!("{pending} AND {not_failed}"))
+            first_excluding_failed: select(&format!("{pending} AND {not_failed}"))
                 .replace("$LIMIT", "$1"),
-            next_keys_excluding_failed: keys(&format!("{after} AND {pending} AND {not_failed}"))
+            next_excluding_failed: select(&format!("{after} AND {pending} AND {not_failed}"))
                 .replace("$LIMIT", "$2"),
+        };
+        let batch = |columns: &str, filter: &str| {
+            format!("SELECT {columns} FROM {table} t WHERE {filter} ORDER BY t.{key} LIMIT $LIMIT")
+        };
+        let each_key = format!("t.{key}::text");
+        let key_as_k = format!("t.{key} AS k");
+        TargetSql {
+            keys: queries(&|filter| batch(&each_key, filter)),
+            key_spans: (!statement_needs_each_key && check_predicate.is_none()).then(|| {
+                queries(&|filter| {
+                    format!(
+                        "SELECT min(b.k)::text, max(b.k)::text, count(*) FROM ({}) b",
+                        batch(&key_as_k, filter)
+                    )
+                })
+            }),
             // Verification failures are retried only when retry_failed() reset
             // their attempts to 0: without a change to the data or the job,
             // batch_sql computes the same disagreeing values again.

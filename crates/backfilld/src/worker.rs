@@ -422,7 +422,15 @@ impl<'w> JobRun<'w> {
         let mut backoff = ConnectionBackoff::default();
         let mut target = loop {
             match crate::slicing::resolve(self.worker, &self.job).await {
-                Ok(target) => break target,
+                Ok(target) => {
+                    info!(
+                        table = %target.table,
+                        key_type = %target.key_type,
+                        key_selection = target.key_selection(),
+                        "resolved the job"
+                    );
+                    break target;
+                }
                 Err(DataPlaneError::JobDefinition(message)) => {
                     return self.finish(JobState::Failed, Some(message)).await
                 }
