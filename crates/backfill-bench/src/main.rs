@@ -84,12 +84,12 @@ struct Options {
     #[arg(long, value_delimiter = ',', value_enum)]
     only: Vec<Scenario>,
     /// Job statement forms of the limits-off runs (each its own row); the memory-only
-    /// runs use the first.
-    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [JobForm::KeyArray, JobForm::Range])]
+    /// runs use the first (by default the best measured, like the slice count below).
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [JobForm::Range, JobForm::KeyArray])]
     forms: Vec<JobForm>,
     /// Slices (`parallelism`, run by one daemon with as many job slots) of the limits-off
     /// runs: each count with each form; the memory-only runs use the first.
-    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4])]
+    #[arg(long, value_delimiter = ',', default_values_t = [2, 1, 4])]
     parallelism: Vec<u32>,
     /// Extra KEY=VALUE environment for the limits-off runs, e.g.
     /// BACKFILLD_BATCH__MAX_SIZE=50000 (to try settings).

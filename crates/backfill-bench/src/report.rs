@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use crate::daemon::DaemonRun;
-use crate::scenarios::Measurement;
+use crate::scenarios::{Measurement, UNTHROTTLED_PREFIX};
 
 /// `throttle.max_lag` in config/default.toml: the bound of scenario 4's lag target.
 pub const DEFAULT_MAX_LAG: Duration = Duration::from_secs(2);
@@ -149,14 +149,32 @@ impl Report {
                     ratio >= 0.8,
                 );
             }
-            if let Some(plpgsql) = &self.plpgsql {
-                let ratio = unthrottled.rows_per_second() / plpgsql.rows_per_second();
-                row(
-                    &format!("{} ≥ PL/pgSQL loop rows/s", unthrottled.name),
-                    format!("{ratio:.2}×"),
-                    ratio >= 1.0,
-                );
-            }
+        }
+        // The bar for the loop is backfilld "at its best settings": the fastest
+        // configuration, with every other one shown beside it.
+        let best = self
+            .unthrottled
+            .iter()
+            .max_by(|a, b| a.rows_per_second().total_cmp(&b.rows_per_second()));
+        if let (Some(best), Some(plpgsql)) = (best, &self.plpgsql) {
+            let ratio = |m: &Measurement| m.rows_per_second() / plpgsql.rows_per_second();
+            let every: Vec<String> = self
+                .unthrottled
+                .iter()
+                .map(|m| format!("{}: {:.2}×", configuration(&m.name), ratio(m)))
+                .collect();
+            row(
+                &format!(
+                    "3. backfilld at its best settings ({}) ≥ PL/pgSQL loop rows/s",
+                    configuration(&best.name)
+                ),
+                format!(
+                    "{:.2}× (each configuration: {})",
+                    ratio(best),
+                    every.join("; ")
+                ),
+                ratio(best) >= 1.0,
+            );
         }
         let rss_mib = |run: &DaemonRun| run.usage.peak_rss_bytes as f64 / MIB;
         let every_run = self
@@ -292,6 +310,11 @@ pub fn write_into_doc(doc: &Path, results: &str) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     std::fs::write(doc, updated).with_context(|| format!("writing {}", doc.display()))
+}
+
+/// A limits-off run's settings (statement form, slices), from its name.
+fn configuration(name: &str) -> &str {
+    name.strip_prefix(UNTHROTTLED_PREFIX).unwrap_or(name)
 }
 
 #[cfg(test)]

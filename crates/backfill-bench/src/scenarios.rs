@@ -17,6 +17,9 @@ use crate::procfs::tree_cpu_seconds;
 use crate::sampler::{Sampler, Samples};
 use crate::stats::{peak, percentile};
 
+/// How the name of every scenario-3 row starts; its settings follow.
+pub const UNTHROTTLED_PREFIX: &str = "3. backfilld, limits off, ";
+
 /// Keys per batch of the PL/pgSQL loop (scenario 2), as the issue prescribes.
 pub const PLPGSQL_BATCH: u32 = 10_000;
 
@@ -183,7 +186,7 @@ impl Bench {
         } else {
             format!("{parallelism} slices")
         };
-        let name = format!("3. backfilld, limits off, {}, {slices}", form.label());
+        let name = format!("{UNTHROTTLED_PREFIX}{}, {slices}", form.label());
         let mut measurement = self.measurement(&name, observed);
         measurement.daemon = Some(run);
         Ok(measurement)

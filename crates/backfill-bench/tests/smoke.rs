@@ -35,6 +35,7 @@ fn a_tiny_quick_run_prints_every_scenario() {
         "| 3. backfilld, limits off, BETWEEN :first_key AND :last_key, 2 slices |",
         "| 4. backfilld, default throttle",
         "| pgbench alone (baseline) |",
+        "| 3. backfilld at its best settings (",
         "| target | measured | met |",
     ] {
         assert!(stdout.contains(row), "no {row:?} in:\n{stdout}");
