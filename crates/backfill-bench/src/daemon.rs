@@ -96,9 +96,16 @@ impl Daemon {
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
         }
+        // wait4's ru_maxrss is at least this benchmark's own resident size when it
+        // spawned the daemon (the kernel folds the old address space's peak into it at
+        // exec); the daemon's own VmHWM, logged as it stops, is its peak alone.
+        let own_peak = text.lines().find_map(parse_peak_rss_line);
         Ok(DaemonRun {
             wall,
-            usage,
+            usage: ChildUsage {
+                peak_rss_bytes: own_peak.unwrap_or(usage.peak_rss_bytes),
+                ..usage
+            },
             batches: text.lines().filter_map(parse_batch_line).collect(),
         })
     }
@@ -122,6 +129,15 @@ impl Daemon {
             .stdin(Stdio::null());
         command
     }
+}
+
+/// The peak RSS the daemon logs as it stops, `None` for any other line.
+fn parse_peak_rss_line(line: &str) -> Option<u64> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    if value.get("message")?.as_str()? != "worker stopped" {
+        return None;
+    }
+    value.get("peak_rss_bytes")?.as_u64()
 }
 
 /// A `backfilld::batch` JSON log line, `None` for any other line.
@@ -157,5 +173,21 @@ mod tests {
             None
         );
         assert_eq!(parse_batch_line("not json"), None);
+    }
+
+    #[test]
+    fn reads_the_peak_rss_the_daemon_logs_as_it_stops() {
+        let line = r#"{"timestamp":"t","level":"INFO","message":"worker stopped","peak_rss_bytes":10551296,"target":"backfilld"}"#;
+        assert_eq!(parse_peak_rss_line(line), Some(10_551_296));
+        assert_eq!(
+            parse_peak_rss_line(
+                r#"{"level":"INFO","message":"worker stopped","target":"backfilld"}"#
+            ),
+            None
+        );
+        assert_eq!(
+            parse_peak_rss_line(line.replace("worker stopped", "claimed job").as_str()),
+            None
+        );
     }
 }

@@ -12,7 +12,8 @@ pub struct ChildUsage {
     pub status: ExitStatus,
     /// User plus system CPU time.
     pub cpu: Duration,
-    /// Peak resident set size (`ru_maxrss`, the kernel's high-water mark, = VmHWM).
+    /// Peak resident set size: `ru_maxrss`, which counts the parent's resident size at
+    /// exec too — the daemon's run replaces it with the daemon's own VmHWM (see daemon.rs).
     pub peak_rss_bytes: u64,
 }
 

@@ -136,6 +136,9 @@ async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<
     let _ = probes.await;
     db.data.close();
     db.control.close().await;
-    tracing::info!("worker stopped");
+    tracing::info!(
+        peak_rss_bytes = telemetry::peak_rss_bytes(),
+        "worker stopped"
+    );
     Ok(())
 }

@@ -479,3 +479,18 @@ pub async fn serve_http(
     });
     Ok(bound)
 }
+
+/// This process's peak resident set size (`VmHWM`), where `/proc` tells. Not getrusage's
+/// `ru_maxrss`: the kernel folds the parent's resident size at our exec into that.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
