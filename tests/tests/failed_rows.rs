@@ -66,20 +66,29 @@ fn ceil_log2(n: i64) -> i64 {
     i64::from(64 - (n - 1).leading_zeros())
 }
 
-#[test]
-fn poison_rows_are_set_aside_and_retry_failed_finishes_the_job() {
-    let db = TestDb::new("poison");
-    db.sql(&users_table_sql(100_000));
-    // 0.1 % poison rows scattered over the table, plus a cluster of 50 adjacent ones.
-    db.sql(
-        "UPDATE users SET full_name = 'Poison Pill' WHERE id % 1000 = 537 OR id BETWEEN 60001 AND 60050;
+/// `users` with `rows` rows, audited, and the backfill schema: 0.1 % poison rows scattered
+/// over the table plus the adjacent `cluster`, which a CHECK constraint makes fail with
+/// 23514. Returns the failed rows they should become (`key:23514:error`, in key order).
+fn poisoned_users(db: &TestDb, rows: i64, cluster: std::ops::RangeInclusive<i64>) -> String {
+    db.sql(&users_table_sql(rows));
+    db.sql(&format!(
+        "UPDATE users SET full_name = 'Poison Pill' WHERE id % 1000 = 537 OR id BETWEEN {} AND {};
          ALTER TABLE users ADD CONSTRAINT first_name_is_no_poison CHECK (first_name <> 'Poison');",
-    );
+        cluster.start(),
+        cluster.end()
+    ));
     let poison_keys = db.sql(
         "SELECT string_agg(id || ':23514:error', ',' ORDER BY id) FROM users WHERE full_name = 'Poison Pill'",
     );
     db.audit_updates("users", "id");
     db.migrate();
+    poison_keys
+}
+
+#[test]
+fn poison_rows_are_set_aside_and_retry_failed_finishes_the_job() {
+    let db = TestDb::new("poison");
+    let poison_keys = poisoned_users(&db, 100_000, 60_001..=60_050);
     db.sql(SPLIT_NAME_JOB_SQL);
 
     let started = Instant::now();
@@ -167,16 +176,7 @@ fn poison_rows_under_a_range_statement_are_isolated_from_the_listed_keys() {
     // Without :keys a batch selects only its first and last key; a failing batch lists
     // its keys for the bisection.
     let db = TestDb::new("poison_range");
-    db.sql(&users_table_sql(20_000));
-    db.sql(
-        "UPDATE users SET full_name = 'Poison Pill' WHERE id % 1000 = 537 OR id BETWEEN 12001 AND 12010;
-         ALTER TABLE users ADD CONSTRAINT first_name_is_no_poison CHECK (first_name <> 'Poison');",
-    );
-    let poison_keys = db.sql(
-        "SELECT string_agg(id || ':23514:error', ',' ORDER BY id) FROM users WHERE full_name = 'Poison Pill'",
-    );
-    db.audit_updates("users", "id");
-    db.migrate();
+    let poison_keys = poisoned_users(&db, 20_000, 12_001..=12_010);
     db.sql(&SPLIT_NAME_JOB_SQL.replace(
         "id = ANY(:keys)",
         "id BETWEEN :first_key AND :last_key AND first_name IS NULL",
