@@ -34,13 +34,12 @@ use crate::scenarios::{expected_standby_setting, Bench, JobForm};
 
 /// backfilld's best settings with its limits off (scenario 3 and the memory runs): lag
 /// limits out of reach, no sharing with production (the benchmark's own sampler is a
-/// session at work on the primary); batch sizing as measured best (see docs/BENCHMARKS.md).
+/// session at work on the primary); the batch size is each statement form's best
+/// (`JobForm::batch_keys`, see docs/BENCHMARKS.md).
 const UNTHROTTLED_SETTINGS: &[(&str, &str)] = &[
     ("BACKFILLD_THROTTLE__MAX_LAG", "1h"),
     ("BACKFILLD_THROTTLE__MAX_LAG_BYTES", "1099511627776"),
     ("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "1"),
-    ("BACKFILLD_BATCH__SIZE", "10000"),
-    ("BACKFILLD_BATCH__MAX_SIZE", "10000"),
 ];
 
 /// The benchmark's scenarios, for `--only`.
@@ -374,9 +373,12 @@ fn context_lines(
         ),
         format!("Load of scenario 4: {}", bench.load.describe()),
         format!(
-            "Scenario 3 (limits off): config/default.toml with {}; scenario 4: \
+            "Scenario 3 (limits off): config/default.toml with {}, batch.size = batch.max_size = \
+             {} keys for the range form and {} for the key array; scenario 4: \
              config/default.toml with {}",
             describe(unthrottled),
+            JobForm::Range.batch_keys(),
+            JobForm::KeyArray.batch_keys(),
             describe(throttled)
         ),
     ])
