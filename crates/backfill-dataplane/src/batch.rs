@@ -310,10 +310,10 @@ impl BatchRunner {
             BatchError::from_driver(format!("job {name:?}: reading its backend pid"), &e)
         })?;
         backend.set(pid);
-        let selected = selected?;
-        let Some(keys) = selected.batch_keys() else {
+        let Some(selected) = selected? else {
             return Ok(None);
         };
+        let keys = selected.batch_keys();
         let (first, last) = keys.first_and_last();
         let range = format!("job {name:?}, keys {first}..={last}");
 
@@ -331,7 +331,7 @@ impl BatchRunner {
             let keys = match selected {
                 SelectedKeys::Each(keys) => keys,
                 // Bisection needs each key: the same selection, listed this time.
-                SelectedKeys::Span(_) => {
+                SelectedKeys::Span { .. } => {
                     let tx = client
                         .transaction()
                         .await
@@ -339,7 +339,7 @@ impl BatchRunner {
                     let listed = select_keys(&tx, target, source, limit, true).await?;
                     drop(tx.rollback().await);
                     match listed {
-                        SelectedKeys::Each(keys) if !keys.is_empty() => keys,
+                        Some(SelectedKeys::Each(keys)) => keys,
                         _ => return Ok(None),
                     }
                 }
@@ -354,11 +354,7 @@ impl BatchRunner {
             statements: 1,
             ..BatchStats::default()
         };
-        let listed = match &selected {
-            SelectedKeys::Each(keys) => keys.as_slice(),
-            SelectedKeys::Span(_) => &[],
-        };
-        self.commit(tx, target, fence, source, listed, stats)
+        self.commit(tx, target, fence, source, selected.listed(), stats)
             .await
             .map(Some)
     }
@@ -544,44 +540,55 @@ impl From<BatchError> for BatchFailure {
     }
 }
 
-/// The keys a batch selected.
+/// The keys a batch selected (at least one).
 enum SelectedKeys {
     /// Each key, in key order.
     Each(Vec<String>),
     /// The first and last key and how many lie between them, for a statement that
-    /// needs no more (`TargetSql::key_spans`); `None` when there are none.
-    Span(Option<(String, String, usize)>),
+    /// needs no more (`TargetSql::key_spans`).
+    Span {
+        first: String,
+        last: String,
+        count: usize,
+    },
 }
 
 impl SelectedKeys {
-    /// The keys to run the statement on; `None` when the selection is empty.
-    fn batch_keys(&self) -> Option<BatchKeys<'_>> {
+    /// The keys to run the statement on.
+    fn batch_keys(&self) -> BatchKeys<'_> {
         match self {
-            SelectedKeys::Each(keys) if keys.is_empty() => None,
-            SelectedKeys::Each(keys) => Some(BatchKeys::Each(keys)),
-            SelectedKeys::Span(span) => span
-                .as_ref()
-                .map(|(first, last, _)| BatchKeys::Span { first, last }),
+            SelectedKeys::Each(keys) => BatchKeys::Each(keys),
+            SelectedKeys::Span { first, last, .. } => BatchKeys::Span { first, last },
         }
     }
 
     fn count(&self) -> usize {
         match self {
             SelectedKeys::Each(keys) => keys.len(),
-            SelectedKeys::Span(span) => span.as_ref().map_or(0, |(_, _, count)| *count),
+            SelectedKeys::Span { count, .. } => *count,
+        }
+    }
+
+    /// Each key where they were listed (always so for retried keys, the only batches
+    /// whose commit needs them); empty for a span.
+    fn listed(&self) -> &[String] {
+        match self {
+            SelectedKeys::Each(keys) => keys,
+            SelectedKeys::Span { .. } => &[],
         }
     }
 }
 
 /// Selects the next batch's keys from `source`: only their first, last and count where
 /// the job allows (`key_spans`, not for retried keys), else — or with `each_key` — each.
+/// `None` when no key is left.
 async fn select_keys(
     tx: &Transaction<'_>,
     target: &BatchTarget,
     source: KeySource<'_>,
     limit: u32,
     each_key: bool,
-) -> Result<SelectedKeys, BatchError> {
+) -> Result<Option<SelectedKeys>, BatchError> {
     let limit = i64::from(limit);
     let sql = &target.sql;
     let spans = sql
@@ -621,17 +628,20 @@ async fn select_keys(
         )
     })?;
     if spans.is_none() {
-        return Ok(SelectedKeys::Each(
-            rows.into_iter().map(|row| row.get(0)).collect(),
-        ));
+        let keys: Vec<String> = rows.into_iter().map(|row| row.get(0)).collect();
+        return Ok((!keys.is_empty()).then_some(SelectedKeys::Each(keys)));
     }
-    let span = rows.first().and_then(|row| {
+    // min/max are NULL over no rows.
+    Ok(rows.first().and_then(|row| {
         let first: Option<String> = row.get(0);
         let last: Option<String> = row.get(1);
         let count: i64 = row.get(2);
-        Some((first?, last?, usize::try_from(count).ok()?))
-    });
-    Ok(SelectedKeys::Span(span))
+        Some(SelectedKeys::Span {
+            first: first?,
+            last: last?,
+            count: usize::try_from(count).ok()?,
+        })
+    }))
 }
 
 /// What check_predicate says about the rows a statement changed.
