@@ -27,6 +27,24 @@ pub fn backfilld_bin() -> PathBuf {
     bin
 }
 
+/// The grants README.md's "Least privilege" section gives an engineer role `role` that
+/// enqueues and steers jobs on `tables` (the daemon's role must also be a member of it).
+pub fn readme_engineer_grants(role: &str, tables: &str) -> String {
+    format!(
+        "GRANT USAGE ON SCHEMA backfill TO {role};
+         GRANT SELECT ON backfill.jobs, backfill.failed_rows, backfill.job_status TO {role};
+         GRANT INSERT (name, table_name, key_column, batch_sql, pending_predicate, check_predicate,
+                       batch_size, min_batch_size, max_batch_size, target_batch_ms, max_rows_per_second,
+                       max_attempts, priority, not_before, parallelism) ON backfill.jobs TO {role};
+         GRANT UPDATE (name, table_name, key_column, batch_sql, pending_predicate, check_predicate,
+                       batch_size, min_batch_size, max_batch_size, target_batch_ms, max_rows_per_second,
+                       max_attempts, priority, not_before, parallelism) ON backfill.jobs TO {role};
+         GRANT EXECUTE ON FUNCTION backfill.pause(text), backfill.resume(text), backfill.cancel(text),
+                                   backfill.retry_failed(text) TO {role};
+         GRANT SELECT, UPDATE ON {tables} TO {role};"
+    )
+}
+
 /// A fresh database on the shared primary, for one test.
 pub struct TestDb<'c> {
     pub cluster: &'c PgCluster,
@@ -165,6 +183,16 @@ impl Session {
         self.runtime
             .block_on(self.client.batch_execute(sql))
             .unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"));
+    }
+
+    /// Runs SQL that may fail; the error (with the server's message) when it does.
+    pub fn try_execute(&self, sql: &str) -> Result<(), String> {
+        self.runtime
+            .block_on(self.client.batch_execute(sql))
+            .map_err(|e| match e.as_db_error() {
+                Some(db) => format!("{}: {}", db.code().code(), db.message()),
+                None => e.to_string(),
+            })
     }
 
     /// Like [`Session::execute`], returning how long the statements took as the client

@@ -12,7 +12,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use backfilld_e2e::{
-    backfilld_at, env_refs, free_port, http_get, quick_worker, wait_until, Daemon, Session, TestDb,
+    backfilld_at, env_refs, free_port, http_get, quick_worker, readme_engineer_grants, wait_until,
+    Daemon, Session, TestDb,
 };
 use pg_testkit::PgCluster;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
@@ -199,8 +200,10 @@ fn passwords_never_reach_logs_status_metrics_or_connection_errors() {
 
     let migrated = backfilld_at(&with_password, &["migrate"], &[]);
     assert!(migrated.status.success(), "{migrated:?}");
+    // Enqueued as the daemon's own role: its jobs run as it.
     db.sql(
-        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, batch_size)
+        "SET ROLE app_pw;
+         INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, batch_size)
          VALUES ('fill', 'items', 'k', $$UPDATE items SET v = 1 WHERE k = ANY(:keys)$$, 'v = 0', 500),
                 ('broken', 'items', 'k', $$UPDATE items SET nope = 1 WHERE k = ANY(:keys)$$, NULL, 500)",
     );
@@ -301,7 +304,10 @@ fn tls_with_require_and_verify_full_encrypts_both_planes_and_cancels_over_tls() 
 
     // A batch cut short on SIGTERM is cancelled with a cancel request, itself over TLS:
     // tokio-postgres refuses to send one in the clear when the pool requires TLS.
-    db.sql("UPDATE items SET v = 0; UPDATE backfill.jobs SET state = 'pending', phase = 'scan', checkpoint = NULL, rows_done = 0, verify_sweeps = 0, finished_at = NULL, batch_sql = $$UPDATE items SET v = 1 WHERE k = ANY(:keys) AND slow_true(60)$$");
+    // A succeeded job's definition is what it ran: a new job takes the slow statement.
+    db.sql("UPDATE items SET v = 0;
+            INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, batch_size)
+            VALUES ('slow', 'items', 'k', $$UPDATE items SET v = 1 WHERE k = ANY(:keys) AND slow_true(60)$$, 'v = 0', 500)");
     let mut env = quick_worker("cancelled");
     env.push(("BACKFILLD_WORKER__SHUTDOWN_GRACE", "500ms".to_string()));
     let mut daemon = Daemon::start(
@@ -437,12 +443,12 @@ fn verify_full_against_a_certificate_for_another_host_fails_with_one_line() {
     daemon.expect_success(Duration::from_secs(10));
 }
 
-/// The grants README.md's "Least privilege" section documents, for role `role` on `db`.
+/// The grants README.md's "Least privilege" section documents for the daemon's role
+/// `role` on `db`: the queue's schema and the monitoring role, no table.
 fn least_privilege_role(db: &TestDb, role: &str, monitor: bool) {
     db.sql(&format!(
         "CREATE ROLE {role} LOGIN PASSWORD 'pw-{role}';
-         CREATE SCHEMA backfill AUTHORIZATION {role};
-         GRANT SELECT, UPDATE ON public.items TO {role};"
+         CREATE SCHEMA backfill AUTHORIZATION {role};"
     ));
     if monitor {
         db.sql(&format!("GRANT pg_monitor TO {role}"));
@@ -456,7 +462,8 @@ fn a_least_privilege_role_runs_a_backfill_end_to_end() {
     db.sql(
         "CREATE TABLE items (k bigint PRIMARY KEY, v int NOT NULL DEFAULT 0);
          INSERT INTO items (k) SELECT g FROM generate_series(1, 3000) g;
-         CREATE TABLE secrets (k bigint PRIMARY KEY, v int NOT NULL DEFAULT 0);",
+         CREATE TABLE secrets (k bigint PRIMARY KEY, v int NOT NULL DEFAULT 0);
+         INSERT INTO secrets (k) SELECT g FROM generate_series(1, 10) g;",
     );
     least_privilege_role(&db, "backfiller", true);
     let as_role = url(
@@ -471,14 +478,15 @@ fn a_least_privilege_role_runs_a_backfill_end_to_end() {
     assert!(migrated.status.success(), "{migrated:?}");
     // An engineer with README's grants enqueues and steers; one job reaches beyond the
     // daemon's grants.
-    db.sql(
+    // The engineer may read secrets but not write them; the daemon's role may become
+    // the engineer (its jobs run as the engineer) and has no table grants of its own.
+    db.sql(&format!(
         "CREATE ROLE engineer LOGIN PASSWORD 'pw-engineer';
-         GRANT USAGE ON SCHEMA backfill TO engineer;
-         GRANT SELECT, INSERT, UPDATE ON backfill.jobs TO engineer;
-         GRANT SELECT, UPDATE ON backfill.failed_rows TO engineer;
-         GRANT SELECT ON backfill.job_status TO engineer;
-         GRANT SELECT ON public.items, public.secrets TO engineer;",
-    );
+         {}
+         GRANT SELECT ON public.secrets TO engineer;
+         GRANT engineer TO backfiller;",
+        readme_engineer_grants("engineer", "public.items")
+    ));
     let engineer = Session::connect(&url(
         "engineer",
         Some("pw-engineer"),
@@ -501,8 +509,9 @@ fn a_least_privilege_role_runs_a_backfill_end_to_end() {
     assert_eq!(db.int("SELECT count(*) FROM items WHERE v = 1"), 3000);
     assert_eq!(
         db.sql("SELECT last_error FROM backfill.jobs WHERE name = 'beyond'"),
-        "job \"beyond\": selecting the next keys: permission denied for table secrets (SQLSTATE 42501)"
+        "job \"beyond\", keys 1..=10: batch statement: permission denied for table secrets (SQLSTATE 42501)"
     );
+    assert_eq!(db.int("SELECT count(*) FROM secrets WHERE v <> 0"), 0);
     assert!(
         !daemon.log_text().contains("blind"),
         "{}",
@@ -539,7 +548,9 @@ fn a_role_without_pg_monitor_is_refused_unless_blind_running_is_allowed() {
     );
     let migrated = backfilld_at(&as_role, &["migrate"], &[]);
     assert!(migrated.status.success(), "{migrated:?}");
-    db.sql("INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate) VALUES ('fill', 'items', 'k', $$UPDATE items SET v = 1 WHERE k = ANY(:keys)$$, 'v = 0')");
+    // Enqueued as the daemon's own role, which may write items: its jobs run as it.
+    db.sql("GRANT SELECT, UPDATE ON items TO unmonitored; SET ROLE unmonitored;
+            INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate) VALUES ('fill', 'items', 'k', $$UPDATE items SET v = 1 WHERE k = ANY(:keys)$$, 'v = 0')");
     // What the role sees: the standby, without its positions.
     let seen = Session::connect(&as_role);
     let rows = seen.query(

@@ -60,7 +60,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use uuid::Uuid;
 
 use crate::pool::Endpoint;
-use crate::target::{BatchKeys, BatchTarget};
+use crate::target::{moved_keys_error, BatchKeys, BatchTarget, PassWrites};
 use crate::BatchError;
 
 /// Savepoints a bisecting transaction may release before it commits what it has
@@ -92,6 +92,16 @@ pub struct Fence {
     pub token: Uuid,
     /// A committed batch also extends the lease by this much.
     pub lease: Duration,
+}
+
+/// What a batch is to select: up to `limit` keys from `source`; a key whose row one of
+/// `pass_writes` wrote (the pass's own batches) fails the batch: the job's statement
+/// moved it.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchRequest<'a> {
+    pub source: KeySource<'a>,
+    pub limit: u32,
+    pub pass_writes: &'a PassWrites,
 }
 
 /// Where a batch's keys come from.
@@ -150,6 +160,8 @@ pub struct BatchStats {
     pub applied: usize,
     /// Keys recorded in `failed_rows`.
     pub failed: usize,
+    /// Retried keys whose rows no longer exist: forgotten, neither applied nor failed.
+    pub vanished: Vec<String>,
     /// The batch's largest settled key: the new checkpoint when scanning.
     pub last_key: Option<String>,
     /// Batch statements run, bisection attempts included (check_predicate
@@ -157,6 +169,8 @@ pub struct BatchStats {
     pub statements: usize,
     /// Isolated failing keys with their error, for logging.
     pub failures: Vec<RowFailure>,
+    /// The batch's transaction (`txid_current()`), for [`PassWrites`].
+    pub txid: i64,
 }
 
 /// How a batch ended.
@@ -191,9 +205,10 @@ const FENCE_SQL: &str = "UPDATE backfill.jobs \
        SET checkpoint = coalesce($3, checkpoint), rows_done = rows_done + $4, \
            batches_done = batches_done + 1, \
            lease_expires_at = greatest(lease_expires_at, now() + $5::int8 * interval '1 millisecond'), \
-           heartbeat_at = now(), updated_at = now() \
+           heartbeat_at = now(), updated_at = now(), last_error = NULL \
      WHERE id = $1 AND lease_token = $2 AND state = 'running' \
-       AND upper_key IS NOT DISTINCT FROM $6";
+       AND upper_key IS NOT DISTINCT FROM $6 \
+     RETURNING txid_current()";
 
 const RECORD_FAILED_SQL: &str = "INSERT INTO backfill.failed_rows AS f (job_id, key, reason, sqlstate, message, next_attempt_at) \
      SELECT $1, k, r, s, m, now() + $6::int8 * interval '1 millisecond' \
@@ -228,8 +243,8 @@ impl BatchRunner {
         &self.pool
     }
 
-    /// Runs one batch of at most `limit` keys from `source`, publishing its backend's
-    /// pid in `backend` before its statement runs.
+    /// Runs one batch as `request` says, publishing its backend's pid in `backend` before
+    /// its statement runs.
     ///
     /// When `stop` completes before the batch does, the running statement is
     /// cancelled on the server and the batch rolls back (`Failed` with
@@ -238,8 +253,7 @@ impl BatchRunner {
         &self,
         target: &BatchTarget,
         fence: Fence,
-        source: KeySource<'_>,
-        limit: u32,
+        request: BatchRequest<'_>,
         backend: &BatchBackend,
         stop: impl Future<Output = ()>,
     ) -> RunOutcome {
@@ -258,7 +272,7 @@ impl BatchRunner {
             }
         };
         let cancel = client.cancel_token();
-        let mut work = pin!(self.run_on(&mut client, target, fence, source, limit, backend));
+        let mut work = pin!(self.run_on(&mut client, target, fence, request, backend));
         let mut stop = pin!(stop);
         let mut canceled = false;
         let result = loop {
@@ -291,41 +305,45 @@ impl BatchRunner {
         client: &mut deadpool_postgres::Object,
         target: &BatchTarget,
         fence: Fence,
-        source: KeySource<'_>,
-        limit: u32,
+        request: BatchRequest<'_>,
         backend: &BatchBackend,
     ) -> Result<Option<BatchStats>, BatchFailure> {
         let name = &target.job_name;
+        let source = request.source;
         let tx = client
             .transaction()
             .await
             .map_err(|e| BatchError::from_driver(format!("job {name:?}: BEGIN"), &e))?;
-        // Pipelined with the key selection: no round trip of its own.
-        let pid = async {
-            let statement = tx.prepare_cached("SELECT pg_backend_pid()").await?;
-            tx.query_one(&statement, &[]).await?.try_get::<_, i32>(0)
-        };
-        let (pid, selected) = tokio::join!(pid, select_keys(&tx, target, source, limit, false));
-        let pid = pid.map_err(|e| {
-            BatchError::from_driver(format!("job {name:?}: reading its backend pid"), &e)
-        })?;
-        backend.set(pid);
-        let Some(selected) = selected? else {
-            return Ok(None);
+        // The job's session first (its role reads the keys), then the key selection
+        // pipelined behind it: no round trip of its own once the statement is cached.
+        let (pid, selected) = tokio::join!(
+            target.session.enter(&tx, name),
+            select_keys(&tx, target, request, false)
+        );
+        backend.set(pid?);
+        let (selected, vanished) = selected?;
+        let Some(selected) = selected else {
+            if vanished.is_empty() {
+                return Ok(None);
+            }
+            // Only retried keys whose rows are gone: nothing to run, they are forgotten.
+            let stats = BatchStats {
+                vanished,
+                ..BatchStats::default()
+            };
+            return self
+                .commit(tx, target, fence, source, &[], stats)
+                .await
+                .map(Some);
         };
         let keys = selected.batch_keys();
         let (first, last) = keys.first_and_last();
         let range = format!("job {name:?}, keys {first}..={last}");
 
         // Happy path first: the whole batch in one statement, no savepoint cost.
-        let bisect = match apply(&tx, target, keys).await {
-            Ok(Checked::Agrees) => false,
-            // The disagreeing rows' changes must go, and only theirs.
-            Ok(Checked::Disagrees) => true,
-            // A row-level error (which aborted the transaction) is bisected; any
-            // other error ends the batch.
-            Err(e) => row_error(&range, &e).map(|_| true)?,
-        };
+        // Disagreeing rows' changes must go, and only theirs; a row-level error (which
+        // aborted the transaction) is bisected; any other error ends the batch.
+        let bisect = !matches!(apply(&tx, target, keys, &range).await?, Applied::Agrees);
         if bisect {
             drop(tx.rollback().await);
             let keys = match selected {
@@ -336,7 +354,8 @@ impl BatchRunner {
                         .transaction()
                         .await
                         .map_err(|e| BatchError::from_driver(format!("job {name:?}: BEGIN"), &e))?;
-                    let listed = select_keys(&tx, target, source, limit, true).await?;
+                    target.session.enter(&tx, name).await?;
+                    let (listed, _) = select_keys(&tx, target, request, true).await?;
                     drop(tx.rollback().await);
                     match listed {
                         Some(SelectedKeys::Each(keys)) => keys,
@@ -344,12 +363,13 @@ impl BatchRunner {
                     }
                 }
             };
-            return Box::pin(self.bisect_on(client, target, fence, source, keys)).await;
+            return Box::pin(self.bisect_on(client, target, fence, source, keys, vanished)).await;
         }
         let count = selected.count();
         let stats = BatchStats {
             keys: count,
             applied: count,
+            vanished,
             last_key: Some(last.clone()),
             statements: 1,
             ..BatchStats::default()
@@ -369,12 +389,14 @@ impl BatchRunner {
         fence: Fence,
         source: KeySource<'_>,
         keys: Vec<String>,
+        vanished: Vec<String>,
     ) -> Result<Option<BatchStats>, BatchFailure> {
         let name = &target.job_name;
         let tx = client
             .transaction()
             .await
             .map_err(|e| BatchError::from_driver(format!("job {name:?}: BEGIN"), &e))?;
+        target.session.enter(&tx, name).await?;
         // The whole-batch statement that failed before counts too.
         let mut statements = 1;
         let mut released = 0;
@@ -399,22 +421,24 @@ impl BatchRunner {
                 }
             };
             savepoint("SAVEPOINT bisect").await?;
+            // A statement released earlier in this transaction may have changed the
+            // session (its set_config(…, true) lasts): the keys below are parsed pinned.
+            target.session.repin(&tx, &context).await?;
             statements += 1;
-            match apply(&tx, target, BatchKeys::Each(slice)).await {
-                Ok(Checked::Agrees) => {
+            match apply(&tx, target, BatchKeys::Each(slice), &context).await? {
+                Applied::Agrees => {
                     savepoint("RELEASE SAVEPOINT bisect").await?;
                     released += 1;
                     bisection.report_ok();
                 }
-                Ok(Checked::Disagrees) => {
+                Applied::Disagrees => {
                     savepoint("ROLLBACK TO SAVEPOINT bisect").await?;
                     bisection.report_failed((
                         FailureReason::Verification,
                         check_predicate_error(context),
                     ));
                 }
-                Err(e) => {
-                    let error = row_error(&context, &e)?;
+                Applied::RowError(error) => {
                     savepoint("ROLLBACK TO SAVEPOINT bisect").await?;
                     bisection.report_failed((FailureReason::Error, error));
                 }
@@ -438,18 +462,21 @@ impl BatchRunner {
             keys: settled.len(),
             applied: settled.len() - failures.len(),
             failed: failures.len(),
+            vanished,
             last_key: settled.last().cloned(),
             statements,
             failures,
+            txid: 0, // set by the commit
         };
         self.commit(tx, target, fence, source, settled, stats)
             .await
             .map(Some)
     }
 
-    /// Records failures, advances the checkpoint under the fence, commits.
-    /// `keys` are the keys the batch settled, listed (always so for retried keys,
-    /// the only batches that need them here); empty for a span.
+    /// Leaves the job's session, records failures, advances the checkpoint under the
+    /// fence, commits. `keys` are the keys the batch settled, listed (always so for
+    /// retried keys, the only batches that need them here); empty for a span.
+    /// The stats' `vanished` keys (retried, their rows gone) are forgotten, not applied.
     async fn commit(
         &self,
         tx: Transaction<'_>,
@@ -460,6 +487,11 @@ impl BatchRunner {
         stats: BatchStats,
     ) -> Result<BatchStats, BatchFailure> {
         let context = |step: &str| format!("job {:?}: {step}", target.job_name);
+        // Our writes run as the daemon, and only after SQL that left the role alone.
+        target
+            .session
+            .leave(&tx, &context("after its statement"))
+            .await?;
         let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         if !stats.failures.is_empty() {
             let column = |field: fn(&RowFailure) -> Option<&str>| -> Vec<Option<&str>> {
@@ -490,6 +522,7 @@ impl BatchRunner {
                     .iter()
                     .map(String::as_str)
                     .filter(|k| !failed.contains(k))
+                    .chain(stats.vanished.iter().map(String::as_str))
                     .collect();
                 tx.execute(FORGET_FAILED_SQL, &[&target.owner_id, &applied])
                     .await
@@ -503,7 +536,7 @@ impl BatchRunner {
             .await
             .map_err(|e| BatchError::from_driver(context("advancing the checkpoint"), &e))?;
         let fenced = tx
-            .execute(
+            .query_opt(
                 &fence_statement,
                 &[
                     &fence.job_id,
@@ -518,10 +551,14 @@ impl BatchRunner {
             )
             .await
             .map_err(|e| BatchError::from_driver(context("advancing the checkpoint"), &e))?;
-        if fenced != 1 {
+        let Some(fenced) = fenced else {
             drop(tx.rollback().await);
             return Err(BatchFailure::Fenced);
-        }
+        };
+        let stats = BatchStats {
+            txid: fenced.get(0),
+            ..stats
+        };
         tx.commit()
             .await
             .map_err(|e| BatchError::from_driver(context("COMMIT"), &e))?;
@@ -581,14 +618,18 @@ impl SelectedKeys {
 
 /// Selects the next batch's keys from `source`: only their first, last and count where
 /// the job allows (`key_spans`, not for retried keys), else — or with `each_key` — each.
-/// `None` when no key is left.
+/// `None` when no key is left. Second: retried keys whose rows are gone (never run).
 async fn select_keys(
     tx: &Transaction<'_>,
     target: &BatchTarget,
-    source: KeySource<'_>,
-    limit: u32,
+    request: BatchRequest<'_>,
     each_key: bool,
-) -> Result<Option<SelectedKeys>, BatchError> {
+) -> Result<(Option<SelectedKeys>, Vec<String>), BatchError> {
+    let BatchRequest {
+        source,
+        limit,
+        pass_writes: writes,
+    } = request;
     let limit = i64::from(limit);
     let sql = &target.sql;
     let spans = sql
@@ -603,11 +644,12 @@ async fn select_keys(
         (KeySource::After(Some(after)), Some(upper)) => {
             (&queries.next_below, vec![after, upper, &limit])
         }
-        (KeySource::AfterExcludingFailed(None), _) => {
-            (&queries.first_excluding_failed, vec![&limit])
+        // A verification sweep is bounded like any pass (NULL: the table was empty).
+        (KeySource::AfterExcludingFailed(None), upper) => {
+            (&queries.first_excluding_failed, vec![upper, &limit])
         }
-        (KeySource::AfterExcludingFailed(Some(after)), _) => {
-            (&queries.next_excluding_failed, vec![after, &limit])
+        (KeySource::AfterExcludingFailed(Some(after)), upper) => {
+            (&queries.next_excluding_failed, vec![after, upper, &limit])
         }
         // Retried keys are always listed: their commit forgets each one that applied.
         (KeySource::FailedRows { max_attempts }, _) => {
@@ -627,12 +669,33 @@ async fn select_keys(
             &e,
         )
     })?;
+    if let KeySource::FailedRows { .. } = source {
+        let (present, vanished): (Vec<_>, Vec<_>) =
+            rows.into_iter().partition(|row| row.get::<_, bool>(1));
+        let keys: Vec<String> = present.into_iter().map(|row| row.get(0)).collect();
+        let vanished = vanished.into_iter().map(|row| row.get(0)).collect();
+        return Ok((
+            (!keys.is_empty()).then_some(SelectedKeys::Each(keys)),
+            vanished,
+        ));
+    }
     if spans.is_none() {
+        if let Some(moved) = rows.iter().find(|row| writes.wrote(row.get(1))) {
+            let key: String = moved.get(0);
+            return Err(moved_keys_error(
+                &target.job_name,
+                &key,
+                "ahead of the checkpoint",
+            ));
+        }
         let keys: Vec<String> = rows.into_iter().map(|row| row.get(0)).collect();
-        return Ok((!keys.is_empty()).then_some(SelectedKeys::Each(keys)));
+        return Ok((
+            (!keys.is_empty()).then_some(SelectedKeys::Each(keys)),
+            Vec::new(),
+        ));
     }
     // min/max are NULL over no rows.
-    Ok(rows.first().and_then(|row| {
+    let span = rows.first().and_then(|row| {
         let first: Option<String> = row.get(0);
         let last: Option<String> = row.get(1);
         let count: i64 = row.get(2);
@@ -641,48 +704,60 @@ async fn select_keys(
             last: last?,
             count: usize::try_from(count).ok()?,
         })
-    }))
+    });
+    Ok((span, Vec::new()))
 }
 
-/// What check_predicate says about the rows a statement changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Checked {
-    /// It holds for none of them (or the job has none): the changes may stay.
+/// What one run of the job's statement on some keys came to.
+#[derive(Debug)]
+enum Applied {
+    /// It ran, and check_predicate (if any) holds for none of the rows: the changes may stay.
     Agrees,
-    /// It holds for some: the statement's changes must be rolled back.
+    /// It ran, but check_predicate holds for some rows: its changes must be rolled back.
     Disagrees,
+    /// It failed because of a row (the transaction, or savepoint, is aborted): bisect.
+    RowError(BatchError),
 }
 
-/// Runs the job's statement on `keys`, then its check_predicate on the same keys.
+/// Runs the job's statement on `keys` (described by `context`), then its check_predicate
+/// on the same keys. Errors that no row explains end the batch.
 async fn apply(
     tx: &Transaction<'_>,
     target: &BatchTarget,
     keys: BatchKeys<'_>,
-) -> Result<Checked, tokio_postgres::Error> {
-    run_statement(tx, target, &keys).await?;
+    context: &str,
+) -> Result<Applied, BatchFailure> {
+    if let Err(e) = run_statement(tx, target, &keys).await {
+        let error = BatchError::from_driver(format!("{context}: batch statement"), &e);
+        return match error.class() {
+            ErrorClass::RowLevel => Ok(Applied::RowError(error)),
+            _ => Err(error.into()),
+        };
+    }
     let (check, keys) = match (&target.sql.check_disagrees, keys) {
-        (None, _) => return Ok(Checked::Agrees),
+        (None, _) => return Ok(Applied::Agrees),
         (Some(check), BatchKeys::Each(keys)) => (check, keys),
         (Some(_), BatchKeys::Span { .. }) => {
             unreachable!("key spans are never selected for a job with check_predicate")
         }
     };
-    let check = tx.prepare_cached(check).await?;
-    let disagrees: bool = tx.query_one(&check, &[&keys]).await?.get(0);
-    Ok(if disagrees {
-        Checked::Disagrees
-    } else {
-        Checked::Agrees
-    })
-}
-
-/// The statement's error for keys `context`, when a row is to blame (bisect);
-/// else the failure that ends the batch (transient or job-level).
-fn row_error(context: &str, e: &tokio_postgres::Error) -> Result<BatchError, BatchFailure> {
-    let error = BatchError::from_driver(format!("{context}: batch statement"), e);
-    match error.class() {
-        ErrorClass::RowLevel => Ok(error),
-        _ => Err(error.into()),
+    // The statement may have changed how keys parse: pin the session before the check.
+    target.session.repin(tx, context).await?;
+    let checked = async {
+        let check = tx.prepare_cached(check).await?;
+        tx.query_one(&check, &[&keys]).await
+    }
+    .await;
+    match checked {
+        Ok(row) if row.get::<_, bool>(0) => Ok(Applied::Disagrees),
+        Ok(_) => Ok(Applied::Agrees),
+        Err(e) => {
+            let error = BatchError::from_driver(format!("{context}: check_predicate"), &e);
+            match error.class() {
+                ErrorClass::RowLevel => Ok(Applied::RowError(error)),
+                _ => Err(error.into()),
+            }
+        }
     }
 }
 

@@ -12,15 +12,17 @@ mod error;
 mod health;
 mod plan;
 mod pool;
+mod session;
 mod slicing;
 mod target;
 
 pub use batch::{
-    BatchBackend, BatchRunner, BatchStats, FailureReason, Fence, KeySource, RetryBackoff,
-    RowFailure, RunOutcome,
+    BatchBackend, BatchRequest, BatchRunner, BatchStats, FailureReason, Fence, KeySource,
+    RetryBackoff, RowFailure, RunOutcome,
 };
 pub use error::{BatchError, DataPlaneError};
 pub use health::{HealthProbe, LatencyCanary};
 pub use plan::TrialBatch;
 pub use pool::{connect_pool, error_chain, Endpoint, SessionSettings, SslMode};
-pub use target::{BatchTarget, JobDefinition};
+pub use session::{pinned_startup_settings, JobSession};
+pub use target::{BatchTarget, JobDefinition, PassWrites};

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use tokio_postgres::Client;
+use deadpool_postgres::Client;
 
 use crate::target::{BatchKeys, BatchTarget};
 use crate::BatchError;
@@ -45,10 +45,7 @@ impl BatchTarget {
                 self.job_name, self.table
             )
         };
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|e| BatchError::from_driver(context(), &e))?;
+        let tx = self.begin(client, &context()).await?;
         // A parallel plan reports rows per worker below its Gather; a serial one reports
         // the whole estimate on the node under the count's Aggregate.
         tx.batch_execute("SET LOCAL max_parallel_workers_per_gather = 0")
@@ -86,10 +83,9 @@ impl BatchTarget {
         limit: u32,
     ) -> Result<TrialBatch, BatchError> {
         let name = &self.job_name;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|e| BatchError::from_driver(format!("job {name:?}: BEGIN"), &e))?;
+        // As the role that enqueued the job, like any batch: plan must not run an
+        // engineer's statement with the rights of whoever runs plan.
+        let tx = self.begin(client, "trial batch").await?;
         let limit = i64::from(limit);
         let started = Instant::now();
         let rows = match after {

@@ -214,11 +214,13 @@ impl Endpoint {
     /// A pool of connections to this endpoint with `settings` on every session.
     pub fn pool(&self, settings: &SessionSettings) -> Result<Pool, DataPlaneError> {
         let mut config = self.config.clone();
-        // Startup options cost no round trip and survive pool recycling.
+        // Startup options cost no round trip, outrank the role's and the database's own
+        // settings (`ALTER ROLE … SET`), and are what `RESET ALL` returns to.
         config.options(format!(
-            "-c lock_timeout={} -c statement_timeout={}",
+            "-c lock_timeout={} -c statement_timeout={} {}",
             settings.lock_timeout.as_millis(),
-            settings.statement_timeout.as_millis()
+            settings.statement_timeout.as_millis(),
+            crate::session::startup_options()
         ));
         config.application_name(&settings.application_name);
         config.connect_timeout(settings.connect_timeout);
@@ -226,7 +228,10 @@ impl Endpoint {
             config,
             self.tls.clone(),
             ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
+                // A connection goes back to the pool as it came: whatever one job's SQL
+                // set for the session (search_path, read-only, a role, temp tables,
+                // advisory locks) must not reach the next job (RESET ALL, DISCARD…).
+                recycling_method: RecyclingMethod::Clean,
             },
         );
         Pool::builder(manager)

@@ -1,7 +1,7 @@
 //! Reading the key distribution to cut a job into slices of equal row counts,
 //! and to split a running slice in two.
 
-use tokio_postgres::Client;
+use deadpool_postgres::Client;
 
 use crate::target::BatchTarget;
 use crate::BatchError;
@@ -17,7 +17,7 @@ impl BatchTarget {
     /// duplicates on tiny or low-cardinality tables.
     pub async fn sample_cuts(
         &self,
-        client: &Client,
+        client: &mut Client,
         fractions: &[f64],
     ) -> Result<Vec<String>, BatchError> {
         let context = || {
@@ -26,6 +26,7 @@ impl BatchTarget {
                 self.job_name, self.table
             )
         };
+        let client = self.begin(client, &context()).await?;
         let rows: f32 = client
             .query_one(&format!("SELECT greatest(reltuples, 0)::float4 FROM pg_class WHERE oid = '{}'::regclass", self.table), &[])
             .await
@@ -50,6 +51,7 @@ impl BatchTarget {
             .await
             .map_err(|e| BatchError::from_driver(context(), &e))?
             .get(0);
+        drop(client.rollback().await);
         Ok(cuts)
     }
 
@@ -57,7 +59,7 @@ impl BatchTarget {
     /// where to split a slice so both halves hold about the same rows.
     pub async fn key_at_offset(
         &self,
-        client: &Client,
+        client: &mut Client,
         after: Option<&str>,
         upper: Option<&str>,
         offset: i64,
@@ -72,15 +74,13 @@ impl BatchTarget {
             table = self.table,
             pending = self.sql.pending,
         );
-        let row = client
+        let context = format!("job {:?}: finding where to split a slice", self.job_name);
+        let tx = self.begin(client, &context).await?;
+        let row = tx
             .query_opt(&sql, &[&after, &upper, &offset])
             .await
-            .map_err(|e| {
-                BatchError::from_driver(
-                    format!("job {:?}: finding where to split a slice", self.job_name),
-                    &e,
-                )
-            })?;
+            .map_err(|e| BatchError::from_driver(&context, &e))?;
+        drop(tx.rollback().await);
         Ok(row.map(|row| row.get(0)))
     }
 }

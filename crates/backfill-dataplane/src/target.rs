@@ -2,10 +2,11 @@
 //! real type, the batch statement with bound placeholders, and the key queries.
 
 use backfill_core::placeholders::{bind_placeholders, BoundSql, Placeholder};
+use deadpool_postgres::{Client, Transaction};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::Client;
 
+use crate::session::JobSession;
 use crate::{BatchError, DataPlaneError};
 
 /// The parts of a job row the data plane needs.
@@ -22,8 +23,11 @@ pub struct JobDefinition {
     pub check_predicate: Option<String>,
     /// The job whose failed rows these are: the parent of a slice, else the job.
     pub owner_id: i64,
-    /// A slice's inclusive upper key bound; `None` for a whole job.
+    /// A slice's inclusive upper key bound, or the last key of a whole job's pass;
+    /// `None`: not bounded (yet).
     pub upper_key: Option<String>,
+    /// Who the job's SQL runs as, and with which search_path.
+    pub session: JobSession,
 }
 
 /// A job checked against the catalog and ready to run batches.
@@ -41,9 +45,12 @@ pub struct BatchTarget {
     pub batch: BoundSql,
     /// The job whose failed rows these are (the parent of a slice).
     pub owner_id: i64,
-    /// A slice's inclusive upper key bound; it shrinks when another worker
-    /// splits the slice, and every commit is fenced on the value it used.
+    /// A slice's inclusive upper key bound (it shrinks when another worker splits the
+    /// slice), or the last key of a whole job's pass, fixed when the pass starts; every
+    /// commit is fenced on the value it used. `None`: unbounded.
     pub upper_key: Option<String>,
+    /// Who the job's SQL runs as, and with which search_path.
+    pub session: JobSession,
     pub(crate) sql: TargetSql,
 }
 
@@ -66,6 +73,49 @@ impl<'a> BatchKeys<'a> {
     }
 }
 
+/// Rows above a finished pass's last key that are checked for ones the pass itself
+/// moved there.
+const ROWS_PAST_CHECKED: u32 = 10_000;
+
+/// The transactions (32-bit xids, as `xmin` shows them) of the batches a pass has
+/// committed in this run: a row one of them wrote, met again ahead of the checkpoint or
+/// past the pass's end, was moved there by the job's own statement.
+#[derive(Debug, Clone, Default)]
+pub struct PassWrites(std::collections::HashSet<u32>);
+
+impl PassWrites {
+    /// Remembers a committed batch's transaction (`txid_current()`, epoch and all).
+    pub fn remember(&mut self, txid: i64) {
+        // xmin is the txid without its epoch: the low 32 bits.
+        self.0.insert((txid & 0xffff_ffff) as u32);
+    }
+
+    /// Forgets every batch: a new pass starts.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// Whether the row version written by `xmin` (as text) is one of this pass's.
+    pub fn wrote(&self, xmin: &str) -> bool {
+        xmin.parse().is_ok_and(|xid: u32| self.0.contains(&xid))
+    }
+}
+
+/// The error for a job whose statement moved the row now at `key` (see [`PassWrites`]).
+pub(crate) fn moved_keys_error(job: &str, key: &str, whereabouts: &str) -> BatchError {
+    BatchError {
+        context: format!("job {job:?}, key {key}"),
+        sqlstate: None,
+        message: format!(
+            "batch_sql moves rows' keys (it changes key_column): the row now at this key was written by \
+             one of the job's own batches and lies {whereabouts}, so walking on would apply it again or miss it. \
+             A backfill statement must not change the key; this batch was rolled back"
+        ),
+        connection_closed: false,
+        canceled_by_us: false,
+    }
+}
+
 /// The SQL texts derived from a job once, at claim.
 #[derive(Debug, Clone)]
 pub(crate) struct TargetSql {
@@ -84,6 +134,10 @@ pub(crate) struct TargetSql {
     pub count_pending_after: String,
     pub count_pending_all: String,
     pub count_pending_excluding_failed: String,
+    /// The table's largest key, as text (one row, NULL when the table is empty).
+    pub last_key: String,
+    /// The first [`ROWS_PAST_CHECKED`] keys above `$1` with the transaction that wrote each.
+    pub rows_past: String,
 }
 
 /// One query per way of walking the key order for the next batch; parameters: the
@@ -95,7 +149,8 @@ pub(crate) struct KeyQueries {
     /// As `first`/`next`, bounded above by a slice's upper key.
     pub first_below: String,
     pub next_below: String,
-    /// As `first`/`next`, skipping keys recorded in `failed_rows` (verification sweeps).
+    /// As `first_below`/`next_below`, skipping keys recorded in `failed_rows`
+    /// (verification sweeps, bounded like every pass).
     pub first_excluding_failed: String,
     pub next_excluding_failed: String,
 }
@@ -105,18 +160,43 @@ impl BatchTarget {
     /// statement, so a job that cannot run fails now with a clear message
     /// instead of at its first batch.
     pub async fn resolve(
-        client: &Client,
+        client: &mut Client,
+        job: &JobDefinition,
+    ) -> Result<BatchTarget, DataPlaneError> {
+        // In the job's own session: its search_path decides what its SQL names.
+        let tx = client.transaction().await.map_err(|e| {
+            DataPlaneError::Batch(BatchError::from_driver(
+                format!("job {:?}: BEGIN", job.name),
+                &e,
+            ))
+        })?;
+        // A role the daemon cannot take (not a member, dropped) is the job's fault.
+        job.session.enter(&tx, &job.name).await.map_err(|e| {
+            if e.class().is_transient() {
+                DataPlaneError::Batch(e)
+            } else {
+                DataPlaneError::JobDefinition(e.to_string())
+            }
+        })?;
+        let target = Self::resolve_in(&tx, job).await;
+        drop(tx.rollback().await);
+        target
+    }
+
+    async fn resolve_in(
+        tx: &Transaction<'_>,
         job: &JobDefinition,
     ) -> Result<BatchTarget, DataPlaneError> {
         let definition_error = |msg: String| DataPlaneError::JobDefinition(msg);
-        let row = client
+        let row = tx
             .query_opt(
                 "SELECT format('%I.%I', n.nspname, c.relname), quote_ident(a.attname), \
                         format_type(a.atttypid, a.atttypmod), \
                         EXISTS (SELECT 1 FROM pg_index i \
                                  WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid \
                                    AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum \
-                                   AND i.indpred IS NULL AND i.indexprs IS NULL) \
+                                   AND i.indpred IS NULL AND i.indexprs IS NULL), \
+                        a.attnotnull \
                    FROM pg_class c \
                    JOIN pg_namespace n ON n.oid = c.relnamespace \
                    LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = $2 \
@@ -154,6 +234,14 @@ impl BatchTarget {
                 "key_column {key_column} of table {table} has no unique index on it alone; batches need a unique, ordered key"
             )));
         }
+        // NULL sorts after every key and compares to none: such rows cannot be walked.
+        let key_not_null: bool = row.get(4);
+        if !key_not_null {
+            return Err(definition_error(format!(
+                "key_column {key_column} of table {table} may be NULL; rows with a NULL key cannot be walked in key order \
+                 (ALTER TABLE {table} ALTER COLUMN {key_column} SET NOT NULL)"
+            )));
+        }
         let batch = bind_placeholders(&job.batch_sql, &key_type)
             .map_err(|e| definition_error(e.to_string()))?;
         let sql = TargetSql::new(
@@ -174,6 +262,7 @@ impl BatchTarget {
             batch,
             owner_id: job.owner_id,
             upper_key: job.upper_key.clone(),
+            session: job.session.clone(),
             sql,
         };
         for (column, predicate) in [
@@ -181,17 +270,20 @@ impl BatchTarget {
             ("check_predicate", &job.check_predicate),
         ] {
             if let Some(predicate) = predicate {
-                check_stands_alone(client, &target, column, predicate).await?;
+                check_stands_alone(tx, &target, column, predicate).await?;
             }
         }
-        target.check_statements(client).await?;
-        target.list_keys_unless_spans_work(client).await?;
+        target.check_statements(tx).await?;
+        target.list_keys_unless_spans_work(tx).await?;
         Ok(target)
     }
 
     /// Drops `key_spans` when the server has no `min`/`max` for the key type (uuid):
     /// such a job lists its keys.
-    async fn list_keys_unless_spans_work(&mut self, client: &Client) -> Result<(), DataPlaneError> {
+    async fn list_keys_unless_spans_work(
+        &mut self,
+        client: &Transaction<'_>,
+    ) -> Result<(), DataPlaneError> {
         let Some(spans) = &self.sql.key_spans else {
             return Ok(());
         };
@@ -211,7 +303,7 @@ impl BatchTarget {
     }
 
     /// Has the server parse and plan each statement without running it.
-    async fn check_statements(&self, client: &Client) -> Result<(), DataPlaneError> {
+    async fn check_statements(&self, client: &Transaction<'_>) -> Result<(), DataPlaneError> {
         let invalid = |what: &'static str, e: &tokio_postgres::Error| {
             definition_or_transient(&self.job_name, "preparing its statements", e, |message| {
                 format!("{what} is not valid: {message}")
@@ -279,34 +371,84 @@ impl BatchTarget {
             .collect()
     }
 
+    /// Opens a transaction on `client` in the job's own session (its role and
+    /// search_path), for reading the job's table as the job's SQL would.
+    pub(crate) async fn begin<'c>(
+        &self,
+        client: &'c mut Client,
+        step: &str,
+    ) -> Result<Transaction<'c>, BatchError> {
+        let tx = client.transaction().await.map_err(|e| {
+            BatchError::from_driver(format!("job {:?}: {step}: BEGIN", self.job_name), &e)
+        })?;
+        self.session.enter(&tx, &self.job_name).await?;
+        Ok(tx)
+    }
+
     /// Rows for which the pending predicate holds above `after` (all rows when
     /// `after` is `None`), excluding keys already in `failed_rows` if asked.
     pub async fn count_pending(
         &self,
-        client: &Client,
+        client: &mut Client,
         after: Option<&str>,
         excluding_failed: bool,
     ) -> Result<i64, BatchError> {
-        let context = || {
-            format!(
-                "counting pending rows of job {:?} in {}",
-                self.job_name, self.table
-            )
-        };
+        let context = format!(
+            "counting pending rows of job {:?} in {}",
+            self.job_name, self.table
+        );
+        let tx = self.begin(client, &context).await?;
         let row = match (after, excluding_failed) {
             (_, true) => {
-                client
-                    .query_one(&self.sql.count_pending_excluding_failed, &[])
+                tx.query_one(&self.sql.count_pending_excluding_failed, &[])
                     .await
             }
-            (Some(after), false) => {
-                client
-                    .query_one(&self.sql.count_pending_after, &[&after])
-                    .await
-            }
-            (None, false) => client.query_one(&self.sql.count_pending_all, &[]).await,
+            (Some(after), false) => tx.query_one(&self.sql.count_pending_after, &[&after]).await,
+            (None, false) => tx.query_one(&self.sql.count_pending_all, &[]).await,
         }
-        .map_err(|e| BatchError::from_driver(context(), &e))?;
+        .map_err(|e| BatchError::from_driver(&context, &e))?;
+        drop(tx.rollback().await);
+        Ok(row.get(0))
+    }
+
+    /// After a pass that ended at `last_key`: the job's error when a row above it (of the
+    /// first [`ROWS_PAST_CHECKED`]) was written by one of the pass's own batches — the
+    /// job's statement moved it past the end.
+    pub async fn row_moved_past(
+        &self,
+        client: &mut Client,
+        last_key: &str,
+        writes: &PassWrites,
+    ) -> Result<Option<BatchError>, BatchError> {
+        let context = format!("job {:?}: looking past the end of its pass", self.job_name);
+        let tx = self.begin(client, &context).await?;
+        let rows = tx
+            .query(&self.sql.rows_past, &[&last_key])
+            .await
+            .map_err(|e| BatchError::from_driver(&context, &e))?;
+        drop(tx.rollback().await);
+        Ok(rows
+            .into_iter()
+            .find(|row| writes.wrote(row.get(1)))
+            .map(|row| {
+                let key: String = row.get(0);
+                moved_keys_error(&self.job_name, &key, "past the end of its pass")
+            }))
+    }
+
+    /// The table's last key now (`None` when it is empty): where a pass that starts now
+    /// ends, so that it ends even when the job's statement moves keys forward.
+    pub async fn last_key(&self, client: &mut Client) -> Result<Option<String>, BatchError> {
+        let context = format!(
+            "job {:?}: reading the last key of {}",
+            self.job_name, self.table
+        );
+        let tx = self.begin(client, &context).await?;
+        let row = tx
+            .query_one(&self.sql.last_key, &[])
+            .await
+            .map_err(|e| BatchError::from_driver(&context, &e))?;
+        drop(tx.rollback().await);
         Ok(row.get(0))
     }
 }
@@ -333,15 +475,23 @@ impl TargetSql {
             first_below: select(&format!("{} AND {pending}", below("$1"))).replace("$LIMIT", "$2"),
             next_below: select(&format!("{after} AND {} AND {pending}", below("$2")))
                 .replace("$LIMIT", "$3"),
-            first_excluding_failed: select(&format!("{pending} AND {not_failed}"))
-                .replace("$LIMIT", "$1"),
-            next_excluding_failed: select(&format!("{after} AND {pending} AND {not_failed}"))
-                .replace("$LIMIT", "$2"),
+            first_excluding_failed: select(&format!(
+                "{} AND {pending} AND {not_failed}",
+                below("$1")
+            ))
+            .replace("$LIMIT", "$2"),
+            next_excluding_failed: select(&format!(
+                "{after} AND {} AND {pending} AND {not_failed}",
+                below("$2")
+            ))
+            .replace("$LIMIT", "$3"),
         };
         let batch = |columns: &str, filter: &str| {
             format!("SELECT {columns} FROM {table} t WHERE {filter} ORDER BY t.{key} LIMIT $LIMIT")
         };
-        let each_key = format!("t.{key}::text");
+        // Each key with the transaction that last wrote its row: a row this job's own
+        // batch wrote, met again ahead of the checkpoint, was moved there by the job.
+        let each_key = format!("t.{key}::text, t.xmin::text");
         let key_as_k = format!("t.{key} AS k");
         TargetSql {
             keys: queries(&|filter| batch(&each_key, filter)),
@@ -356,8 +506,11 @@ impl TargetSql {
             // Verification failures are retried only when retry_failed() reset
             // their attempts to 0: without a change to the data or the job,
             // batch_sql computes the same disagreeing values again.
+            // With whether the key's row still exists: a vanished row is forgotten, never
+            // counted as applied.
             retry_keys: format!(
-                "SELECT f.key FROM backfill.failed_rows f \
+                "SELECT f.key, EXISTS (SELECT FROM {table} t WHERE t.{key} = f.key::{key_type}) \
+                   FROM backfill.failed_rows f \
                   WHERE f.job_id = {owner_id} AND f.attempts < $1 \
                     AND (f.reason = 'error' OR f.attempts = 0) \
                     AND f.next_attempt_at <= now() \
@@ -376,6 +529,14 @@ impl TargetSql {
             count_pending_excluding_failed: format!(
                 "SELECT count(*) FROM {table} t WHERE {pending} AND {not_failed}"
             ),
+            // ORDER BY rather than max(): every orderable key type has it (uuid has no max).
+            rows_past: format!(
+                "SELECT t.{key}::text, t.xmin::text FROM {table} t WHERE t.{key} > $1::text::{key_type} \
+                  ORDER BY t.{key} LIMIT {ROWS_PAST_CHECKED}"
+            ),
+            last_key: format!(
+                "SELECT (SELECT t.{key}::text FROM {table} t ORDER BY t.{key} DESC LIMIT 1)"
+            ),
             pending,
         }
     }
@@ -387,7 +548,7 @@ impl TargetSql {
 /// between CASE WHEN and THEN, it must parse too. The INSERT checks the same (migration
 /// 0004); this catches jobs enqueued before.
 async fn check_stands_alone(
-    client: &Client,
+    client: &Transaction<'_>,
     target: &BatchTarget,
     column: &str,
     predicate: &str,

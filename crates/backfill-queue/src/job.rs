@@ -134,8 +134,13 @@ pub struct Job {
     pub parent_id: Option<i64>,
     /// A slice's keys start above this key (exclusive); `None`: from the first key.
     pub lower_key: Option<String>,
-    /// A slice's keys end at this key (inclusive); `None`: at the last key.
+    /// A slice's keys end at this key (inclusive); for a whole job, the last key of the
+    /// pass under way, fixed when the pass starts. `None`: not fixed yet.
     pub upper_key: Option<String>,
+    /// The role that enqueued the job: its SQL runs as this role.
+    pub enqueued_by: String,
+    /// The search_path resolved when the job was enqueued (`None`: enqueued before it was recorded).
+    pub search_path: Option<String>,
 }
 
 impl Job {
@@ -155,7 +160,8 @@ pub(crate) const JOB_COLUMNS: &str = "j.id, j.name, j.table_name, j.key_column, 
     j.pending_predicate, j.check_predicate, j.batch_size, j.min_batch_size, j.max_batch_size, \
     j.target_batch_ms, j.max_rows_per_second, j.max_attempts, j.state, j.phase, j.checkpoint, \
     j.rows_done, j.batches_done, j.rows_total_estimate, j.verify_sweeps, j.started_at, \
-    j.parallelism, j.parent_id, j.lower_key, j.upper_key";
+    j.parallelism, j.parent_id, j.lower_key, j.upper_key, j.enqueued_by::text AS enqueued_by, \
+    j.search_path";
 
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Job {
     fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
@@ -192,6 +198,8 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Job {
             parent_id: row.try_get("parent_id")?,
             lower_key: row.try_get("lower_key")?,
             upper_key: row.try_get("upper_key")?,
+            enqueued_by: row.try_get("enqueued_by")?,
+            search_path: row.try_get("search_path")?,
         })
     }
 }

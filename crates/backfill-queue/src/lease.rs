@@ -79,17 +79,18 @@ impl Queue {
     /// Claims the next runnable job (highest priority, then oldest; `not_before`
     /// passed; unleased or lease expired), or `None` when nothing is runnable.
     ///
-    /// A job still leased to this `worker` but not among `driving` (the jobs
-    /// this process is working on now) was left behind by an earlier attempt of
-    /// ours — a lost connection, a restart with the same worker id — and is
-    /// taken back at once instead of after its lease expires. Fencing makes
-    /// this safe even if that earlier attempt is somehow still alive.
+    /// A job still leased to this process (`instance`) but not among `driving` (the
+    /// jobs it is working on now) was left behind by an earlier attempt of ours — a
+    /// lost connection — and is taken back at once instead of after its lease
+    /// expires. The worker id names the lease for people; it never makes a lease
+    /// ours: two live pods given the same `worker.id` must not take each other's jobs.
     ///
     /// A sliced job is not claimable while any of its slices is unfinished;
     /// once they all are, it is claimed to retry failed rows and verify.
     pub async fn claim(
         &self,
         worker: &str,
+        instance: Uuid,
         lease: Duration,
         driving: &[i64],
     ) -> Result<Option<ClaimedJob>, QueueError> {
@@ -99,13 +100,13 @@ impl Queue {
                  SELECT q.id FROM backfill.jobs q \
                   WHERE q.state IN ('pending', 'running') AND q.not_before <= now() \
                     AND (q.lease_expires_at IS NULL OR q.lease_expires_at < now() \
-                         OR (q.leased_by = $2 AND q.id <> ALL($4))) \
+                         OR (q.leased_instance = $5 AND q.id <> ALL($4))) \
                     AND NOT EXISTS (SELECT 1 FROM backfill.jobs c WHERE c.parent_id = q.id \
                                        AND c.state IN ('pending', 'running', 'paused')) \
                   ORDER BY q.priority DESC, q.created_at, q.parent_id NULLS FIRST, q.id \
                   LIMIT 1 FOR UPDATE SKIP LOCKED) \
              UPDATE backfill.jobs j \
-                SET state = 'running', lease_token = $1, leased_by = $2, \
+                SET state = 'running', lease_token = $1, leased_by = $2, leased_instance = $5, \
                     lease_expires_at = now() + $3 * interval '1 millisecond', heartbeat_at = now(), \
                     started_at = coalesce(j.started_at, now()), updated_at = now(), \
                     throttle_state = NULL, throttle_reason = NULL \
@@ -116,6 +117,7 @@ impl Queue {
         .bind(worker)
         .bind(millis(lease))
         .bind(driving)
+        .bind(instance)
         .fetch_optional(&self.pool)
         .await
         .context("claiming a job")?;
@@ -165,6 +167,17 @@ impl Queue {
         .fetch_optional(&self.pool)
         .await
         .context(&format!("reading job {job_id}"))
+    }
+
+    /// The job named `name` as it is now, or `None` if there is none.
+    pub async fn job_named(&self, name: &str) -> Result<Option<Job>, QueueError> {
+        sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS} FROM backfill.jobs j WHERE j.name = $1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .context(&format!("reading job {name:?}"))
     }
 
     /// The job's state now, or `None` if it was deleted.
@@ -255,6 +268,58 @@ impl Queue {
         Ok(updated == 1)
     }
 
+    /// Fixes the last key of the pass a whole job (not a slice) starts: rows that
+    /// arrive above it later, or that a statement moves above it, belong to the
+    /// verification sweeps, so a pass always ends. `None`: the table is empty.
+    pub async fn fix_pass_bound(
+        &self,
+        job_id: i64,
+        token: LeaseToken,
+        last_key: Option<&str>,
+    ) -> Result<bool, QueueError> {
+        let updated = sqlx::query(
+            "UPDATE backfill.jobs SET upper_key = $3, updated_at = now() \
+              WHERE id = $1 AND lease_token = $2 AND state = 'running' AND parent_id IS NULL",
+        )
+        .bind(job_id)
+        .bind(token.0)
+        .bind(last_key)
+        .execute(&self.pool)
+        .await
+        .context(&format!("fixing the key range of job {job_id}"))?
+        .rows_affected();
+        Ok(updated == 1)
+    }
+
+    /// Gives a job that cannot progress back to the queue until `rest` has passed, with
+    /// `why` in `last_error` (so `job_status` says why it is not moving): other jobs get
+    /// the worker's slot meanwhile.
+    pub async fn rest(
+        &self,
+        job_id: i64,
+        token: LeaseToken,
+        rest: Duration,
+        why: &str,
+    ) -> Result<bool, QueueError> {
+        let rested = sqlx::query(
+            "UPDATE backfill.jobs \
+                SET state = 'pending', lease_token = NULL, leased_by = NULL, lease_expires_at = NULL, \
+                    leased_instance = NULL, throttle_state = 'holding', throttle_reason = 'stuck', \
+                    rows_per_second = NULL, last_error = $4, \
+                    not_before = now() + $3 * interval '1 millisecond', updated_at = now() \
+              WHERE id = $1 AND lease_token = $2 AND state = 'running'",
+        )
+        .bind(job_id)
+        .bind(token.0)
+        .bind(millis(rest))
+        .bind(why)
+        .execute(&self.pool)
+        .await
+        .context(&format!("resting job {job_id}"))?
+        .rows_affected();
+        Ok(rested == 1)
+    }
+
     /// Moves the job to another pass; a verify pass restarts from the first key.
     pub async fn enter_phase(
         &self,
@@ -266,6 +331,7 @@ impl Queue {
             "UPDATE backfill.jobs \
                 SET phase = $3, \
                     checkpoint = CASE WHEN $3 = 'verify' THEN NULL ELSE checkpoint END, \
+                    upper_key = CASE WHEN $3 = 'verify' AND parent_id IS NULL THEN NULL ELSE upper_key END, \
                     verify_sweeps = verify_sweeps + CASE WHEN $3 = 'verify' THEN 1 ELSE 0 END, \
                     updated_at = now() \
               WHERE id = $1 AND lease_token = $2",

@@ -47,7 +47,8 @@ impl Slices {
     }
 
     /// Cuts the leased parent job into slices at `split_keys` (ascending,
-    /// exclusive lower / inclusive upper bounds between neighbours), each with an
+    /// exclusive lower / inclusive upper bounds between neighbours; the last slice ends
+    /// at `last_key`, the job's last key when it was cut), each with an
     /// estimated row count, and gives the parent back: it is claimed again once
     /// every slice is finished. Returns false when the lease is gone.
     pub async fn cut(
@@ -55,6 +56,7 @@ impl Slices {
         parent_id: i64,
         token: LeaseToken,
         split_keys: &[String],
+        last_key: Option<&str>,
         estimates: &[i64],
     ) -> Result<bool, QueueError> {
         debug_assert_eq!(estimates.len(), split_keys.len() + 1);
@@ -83,7 +85,7 @@ impl Slices {
         let uppers: Vec<Option<&str>> = split_keys
             .iter()
             .map(|k| Some(k.as_str()))
-            .chain(std::iter::once(None))
+            .chain(std::iter::once(last_key))
             .collect();
         add_slices(&mut tx, parent_id, &lowers, &uppers, estimates)
             .await
@@ -220,12 +222,12 @@ async fn add_slices(
         "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, \
              check_predicate, batch_size, min_batch_size, max_batch_size, target_batch_ms, \
              max_rows_per_second, max_attempts, priority, not_before, created_at, \
-             parent_id, slice_no, lower_key, upper_key, rows_total_estimate) \
+             parent_id, slice_no, lower_key, upper_key, rows_total_estimate, enqueued_by, search_path) \
          SELECT p.name || '#' || (n.taken + s.n), p.table_name, p.key_column, p.batch_sql, \
                 p.pending_predicate, p.check_predicate, p.batch_size, p.min_batch_size, \
                 p.max_batch_size, p.target_batch_ms, p.max_rows_per_second, p.max_attempts, \
                 p.priority, p.not_before, p.created_at, \
-                p.id, n.taken + s.n, s.lower_key, s.upper_key, s.estimate \
+                p.id, n.taken + s.n, s.lower_key, s.upper_key, s.estimate, p.enqueued_by, p.search_path \
            FROM backfill.jobs p, \
                 (SELECT coalesce(max(slice_no), 0) AS taken FROM backfill.jobs WHERE parent_id = $1) n, \
                 unnest($2::text[], $3::text[], $4::int8[]) WITH ORDINALITY AS s(lower_key, upper_key, estimate, n) \

@@ -10,8 +10,8 @@ use backfill_core::error_class::ErrorClass;
 use backfill_core::latency::DelayDetector;
 use backfill_core::throttle::HealthSample;
 use backfill_dataplane::{
-    connect_pool, error_chain, BatchRunner, BatchTarget, Endpoint, HealthProbe, LatencyCanary,
-    RetryBackoff, SessionSettings, SslMode,
+    connect_pool, error_chain, pinned_startup_settings, BatchRunner, BatchTarget, Endpoint,
+    HealthProbe, LatencyCanary, RetryBackoff, SessionSettings, SslMode,
 };
 use backfill_queue::{Job, JobState, JobStatus, NewJob, Phase, QueueError, SteeringVerb};
 use serde::Serialize;
@@ -104,7 +104,11 @@ impl Database {
         let options: PgConnectOptions = url
             .parse()
             .map_err(|e: sqlx::Error| unreachable(e.to_string()))?;
-        let options = with_tls_of(options, &endpoint).application_name("backfilld-control");
+        // The queue's sessions parse and print keys too (slice bounds): pinned like the
+        // data plane's, whatever the role's settings.
+        let options = with_tls_of(options, &endpoint)
+            .application_name("backfilld-control")
+            .options(pinned_startup_settings());
         // One plain attempt first: a pool retries until its timeout and then says only
         // that it timed out, hiding why (refused, wrong password, bad certificate).
         let probe = tokio::time::timeout(timeout, PgConnection::connect_with(&options))
@@ -597,18 +601,15 @@ pub async fn plan(
     exact: bool,
 ) -> Result<PlanReport, CliFailure> {
     let started = Instant::now();
-    let job: Job = sqlx::query_as("SELECT * FROM backfill.jobs WHERE name = $1")
-        .bind(name)
-        .fetch_optional(&db.control)
-        .await
-        .with_context(|| format!("reading job {name:?}"))
-        .map_err(CliFailure::Fatal)?
+    let job: Job = backfill_queue::Queue::new(db.control.clone())
+        .job_named(name)
+        .await?
         .ok_or_else(|| CliFailure::Usage(format!("no backfill job named '{name}'")))?;
     let throttle = crate::worker::throttle_settings(settings, &job);
     let definition = crate::slicing::job_definition(&job);
     let fatal = |e: &dyn std::fmt::Display| CliFailure::Fatal(anyhow::anyhow!("job {name}: {e}"));
     let mut client = db.data.get().await.map_err(|e| fatal(&e))?;
-    let target = BatchTarget::resolve(&client, &definition)
+    let target = BatchTarget::resolve(&mut client, &definition)
         .await
         .map_err(|e| fatal(&e))?;
     // Retry and verification passes re-walk the table from the start.
@@ -623,7 +624,7 @@ pub async fn plan(
     let (exact_pending_rows, exact_count_seconds) = if exact {
         let counting = Instant::now();
         let count = target
-            .count_pending(&client, after.as_deref(), false)
+            .count_pending(&mut client, after.as_deref(), false)
             .await
             .map_err(|e| fatal(&e))?;
         (Some(count), Some(counting.elapsed().as_secs_f64()))

@@ -124,6 +124,7 @@ async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<
         queue: backfill_queue::Queue::new(db.control.clone()),
         runner: db.batch_runner(&settings),
         worker_id: settings.worker_id(),
+        instance: uuid::Uuid::new_v4(),
         settings: Arc::clone(&settings),
         health,
         driving: Default::default(),

@@ -47,6 +47,12 @@ pub struct WorkerSettings {
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     pub max_verify_sweeps: i32,
+    /// A job failing every batch this long, without a commit, rests (see default.toml).
+    #[serde(with = "humantime_serde")]
+    pub stuck_after: Duration,
+    /// How long a stuck job rests before it is claimed again.
+    #[serde(with = "humantime_serde")]
+    pub stuck_rest: Duration,
 }
 
 /// `[batch]`
@@ -340,6 +346,11 @@ impl Settings {
     fn validate(&self) -> Result<(), SettingsError> {
         let fail = |msg: String| Err(SettingsError(msg));
         check_control_plane_tls(&check_database_url("database.url", &self.database.url)?)?;
+        if self.worker.stuck_after.is_zero() || self.worker.stuck_rest.is_zero() {
+            return fail(
+                "worker.stuck_after and worker.stuck_rest must be longer than 0s".to_string(),
+            );
+        }
         if self.worker.concurrency == 0 {
             return fail("worker.concurrency must be at least 1".to_string());
         }

@@ -3,7 +3,7 @@
 //! job ends when its last rows are done, not when its slowest slice is.
 
 use backfill_core::slicing::{cut_fractions, distinct_cuts, even_estimates, steal_threshold};
-use backfill_dataplane::{BatchTarget, DataPlaneError, JobDefinition};
+use backfill_dataplane::{BatchTarget, DataPlaneError, JobDefinition, JobSession};
 use backfill_queue::{Job, LeaseToken};
 use tracing::{debug, info};
 
@@ -21,18 +21,22 @@ pub fn job_definition(job: &Job) -> JobDefinition {
         check_predicate: job.check_predicate.clone(),
         owner_id: job.owner_id(),
         upper_key: job.upper_key.clone(),
+        session: JobSession {
+            run_as: Some(job.enqueued_by.clone()),
+            search_path: job.search_path.clone(),
+        },
     }
 }
 
 /// Resolves a job against the catalog on a pooled data-plane connection.
 pub async fn resolve(worker: &Worker, job: &Job) -> Result<BatchTarget, DataPlaneError> {
-    let client = worker.runner.pool().get().await.map_err(|e| {
+    let mut client = worker.runner.pool().get().await.map_err(|e| {
         DataPlaneError::Batch(backfill_dataplane::BatchError::from_pool(
             format!("job {:?}: connecting to resolve the job", job.name),
             &e,
         ))
     })?;
-    BatchTarget::resolve(&client, &job_definition(job)).await
+    BatchTarget::resolve(&mut client, &job_definition(job)).await
 }
 
 /// Cuts the leased `job` into `job.parallelism` slices of about equal pending
@@ -44,7 +48,7 @@ pub async fn cut(
     job: &Job,
     token: LeaseToken,
 ) -> Result<Option<usize>, String> {
-    let client = worker
+    let mut client = worker
         .runner
         .pool()
         .get()
@@ -53,19 +57,25 @@ pub async fn cut(
     let parallelism = u32::try_from(job.parallelism).unwrap_or(1);
     let cuts = distinct_cuts(
         target
-            .sample_cuts(&client, &cut_fractions(parallelism))
+            .sample_cuts(&mut client, &cut_fractions(parallelism))
             .await
             .map_err(|e| e.to_string())?,
     );
     let pending = target
-        .count_pending(&client, None, false)
+        .count_pending(&mut client, None, false)
+        .await
+        .map_err(|e| e.to_string())?;
+    // The last slice ends where the job's keys end now: rows arriving above belong
+    // to the verification sweeps, as for a job walked whole.
+    let last_key = target
+        .last_key(&mut client)
         .await
         .map_err(|e| e.to_string())?;
     drop(client);
     let estimates = even_estimates(pending, cuts.len() + 1);
     let slices = worker.queue.slices();
     let cut = slices
-        .cut(job.id, token, &cuts, &estimates)
+        .cut(job.id, token, &cuts, last_key.as_deref(), &estimates)
         .await
         .map_err(|e| e.to_string())?;
     if cut {
@@ -97,13 +107,13 @@ pub async fn steal(worker: &Worker) -> bool {
             return false;
         }
     };
-    let Ok(client) = worker.runner.pool().get().await else {
+    let Ok(mut client) = worker.runner.pool().get().await else {
         return false;
     };
     let half = candidate.remaining / 2;
     let mid = target
         .key_at_offset(
-            &client,
+            &mut client,
             candidate.after.as_deref(),
             candidate.upper_key.as_deref(),
             half,

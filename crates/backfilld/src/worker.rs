@@ -12,8 +12,8 @@ use backfill_core::throttle::{
     ThrottleSettings,
 };
 use backfill_dataplane::{
-    BatchBackend, BatchRunner, BatchTarget, DataPlaneError, Fence, KeySource, RowFailure,
-    RunOutcome,
+    BatchBackend, BatchRequest, BatchRunner, BatchTarget, DataPlaneError, Fence, KeySource,
+    PassWrites, RowFailure, RunOutcome,
 };
 use backfill_queue::{
     ClaimedJob, HeartbeatReport, Job, JobProgress, JobState, LeaseToken, Phase, Queue, QueueChange,
@@ -31,6 +31,8 @@ pub struct Worker {
     pub runner: BatchRunner,
     pub settings: Arc<Settings>,
     pub worker_id: String,
+    /// This process: what makes a lease ours (two pods may share a `worker.id`).
+    pub instance: uuid::Uuid,
     pub health: watch::Receiver<HealthSample>,
     /// Jobs this process is driving now, so a claim never takes one of them
     /// back; held across each claim so two slots cannot race.
@@ -76,6 +78,8 @@ enum StopReason {
     Unreachable,
     /// The job was cut into slices and given back; it returns once they are done.
     Sliced,
+    /// Every batch failed for `worker.stuck_after`: the job rests, given back.
+    Stuck,
 }
 
 impl Worker {
@@ -109,7 +113,12 @@ impl Worker {
                 let mut driving = self.driving.lock().await;
                 let claimed = self
                     .queue
-                    .claim(&self.worker_id, self.settings.worker.lease, &driving)
+                    .claim(
+                        &self.worker_id,
+                        self.instance,
+                        self.settings.worker.lease,
+                        &driving,
+                    )
                     .await;
                 if let Ok(Some(claimed)) = &claimed {
                     driving.push(claimed.job.id);
@@ -121,9 +130,14 @@ impl Worker {
                     backoff.reset();
                     let job_id = claimed.job.id;
                     let span = tracing::info_span!("job", job = %claimed.job.name, job_id, slot);
-                    self.drive(claimed, &shutdown).instrument(span).await;
+                    let end = self.drive(claimed, &shutdown).instrument(span).await;
                     self.driving.lock().await.retain(|id| *id != job_id);
                     self.work_signal.raise();
+                    if matches!(end, JobEnd::Stopped(StopReason::Unreachable)) {
+                        // Not straight back to the same trouble: claiming would hand
+                        // us that job again at once.
+                        shutdown.sleep(backoff.next()).await;
+                    }
                 }
                 // Idle: split the busiest slice of some job, then claim its second half.
                 Ok(None) if crate::slicing::steal(self).await => backoff.reset(),
@@ -154,7 +168,7 @@ impl Worker {
     }
 
     /// Works on one claimed job until it ends, is taken away, or we shut down.
-    async fn drive(&self, claimed: ClaimedJob, shutdown: &Shutdown) {
+    async fn drive(&self, claimed: ClaimedJob, shutdown: &Shutdown) -> JobEnd {
         let ClaimedJob { job, token } = claimed;
         info!(phase = job.phase.as_str(), checkpoint = ?job.checkpoint, rows_done = job.rows_done, "claimed job");
         let mut run = JobRun::start(self, job, token, shutdown.clone());
@@ -186,6 +200,9 @@ impl Worker {
             JobEnd::Stopped(StopReason::Sliced) => {
                 info!("job cut into slices; any worker may claim them")
             }
+            JobEnd::Stopped(StopReason::Stuck) => {
+                warn!(rest = ?self.settings.worker.stuck_rest, "job not moving: given back to rest; other jobs get this slot")
+            }
             JobEnd::Stopped(StopReason::Unreachable) => {
                 match self.queue.release(run.job.id, token).await {
                     Ok(_) => warn!("database trouble: job given back to the queue"),
@@ -197,6 +214,7 @@ impl Worker {
         }
         run.failure_log.flush();
         run.metrics.job_left();
+        end
     }
 }
 
@@ -274,6 +292,11 @@ struct JobRun<'w> {
     duty_budget: f64,
     /// When the budgets' shares were last re-read.
     budget_checked: Option<Instant>,
+    /// Since when every batch has failed (transient errors, no commit in between).
+    failing_since: Option<Instant>,
+    /// The transactions of this pass's committed batches: rows they wrote must not turn
+    /// up again ahead of the checkpoint or past the pass's end.
+    writes: PassWrites,
 }
 
 impl<'w> JobRun<'w> {
@@ -303,6 +326,8 @@ impl<'w> JobRun<'w> {
             rate_budget: throttle_settings.max_rows_per_second,
             duty_budget: throttle_settings.busy_duty_cycle,
             budget_checked: None,
+            failing_since: None,
+            writes: PassWrites::default(),
             throttle: ThrottleController::new(throttle_settings),
             last_report: None,
             last_decision: None,
@@ -451,7 +476,7 @@ impl<'w> JobRun<'w> {
             }
         };
         if self.job.is_sliced() {
-            if let Some(end) = self.drive_sliced(&target).await {
+            if let Some(end) = self.drive_sliced(&mut target).await {
                 return end;
             }
         } else if self.rows_total.is_none() {
@@ -501,6 +526,15 @@ impl<'w> JobRun<'w> {
                 }
             };
             self.metrics.batch_size(batch_size);
+            match self.fix_pass_bound(&mut target).await {
+                Ok(true) => {}
+                // Nothing to walk in this pass: the table was empty when it started.
+                Ok(false) => match self.next_phase(&mut target).await {
+                    PhaseStep::Continue => continue,
+                    PhaseStep::End(end) => return end,
+                },
+                Err(end) => return end,
+            }
             let source = match self.phase {
                 // A slice starts above its lower bound.
                 Phase::Scan => {
@@ -516,11 +550,23 @@ impl<'w> JobRun<'w> {
             let outcome = self
                 .worker
                 .runner
-                .run(&target, self.fence, source, batch_size, &backend, stop)
+                .run(
+                    &target,
+                    self.fence,
+                    BatchRequest {
+                        source,
+                        limit: batch_size,
+                        pass_writes: &self.writes,
+                    },
+                    &backend,
+                    stop,
+                )
                 .await;
             match outcome {
                 RunOutcome::Committed { stats, duration } => {
+                    self.failing_since = None;
                     if self.phase != Phase::Retry {
+                        self.writes.remember(stats.txid);
                         self.checkpoint = stats.last_key.clone();
                     }
                     self.rows_done += i64::try_from(stats.applied).unwrap_or(i64::MAX);
@@ -545,14 +591,19 @@ impl<'w> JobRun<'w> {
                         outcome: BatchOutcome::Committed { rows, duration },
                     });
                 }
-                // A slice is done when its range is; the parent retries and verifies.
-                RunOutcome::NoKeys if self.job.parent_id.is_some() => {
-                    return self.finish(JobState::Succeeded, None).await;
+                RunOutcome::NoKeys => {
+                    if let Some(end) = self.check_pass_end(&target).await {
+                        return end;
+                    }
+                    // A slice is done when its range is; the parent retries and verifies.
+                    if self.job.parent_id.is_some() {
+                        return self.finish(JobState::Succeeded, None).await;
+                    }
+                    match self.next_phase(&mut target).await {
+                        PhaseStep::Continue => {}
+                        PhaseStep::End(end) => return end,
+                    }
                 }
-                RunOutcome::NoKeys => match self.next_phase(&target).await {
-                    PhaseStep::Continue => {}
-                    PhaseStep::End(end) => return end,
-                },
                 RunOutcome::Fenced if self.slice_was_split(&mut target).await => {
                     self.metrics.batch_outcome("fenced");
                     info!(upper_key = ?target.upper_key, "another worker took the upper part of this slice; carrying on below it");
@@ -571,6 +622,11 @@ impl<'w> JobRun<'w> {
                         ErrorClass::Transient(kind) => {
                             self.metrics.batch_outcome("transient_error");
                             warn!(error = %error, kind = kind.as_str(), "batch rolled back; will retry it smaller after a pause");
+                            let failing_since =
+                                *self.failing_since.get_or_insert_with(Instant::now);
+                            if failing_since.elapsed() >= self.worker.settings.worker.stuck_after {
+                                return self.rest(&error.to_string()).await;
+                            }
                             let outcome = match kind {
                                 TransientKind::LockTimeout | TransientKind::Deadlock => {
                                     BatchOutcome::LockTimeout { duration }
@@ -600,7 +656,7 @@ impl<'w> JobRun<'w> {
 
     /// A sliced job: cut it on its first claim; once every slice is done,
     /// go on to retries and verification over the whole table.
-    async fn drive_sliced(&mut self, target: &BatchTarget) -> Option<JobEnd> {
+    async fn drive_sliced(&mut self, target: &mut BatchTarget) -> Option<JobEnd> {
         let slices = self.worker.queue.slices();
         let summary = match slices.summary(self.job.id).await {
             Ok(summary) => summary,
@@ -640,6 +696,104 @@ impl<'w> JobRun<'w> {
         match self.next_phase(target).await {
             PhaseStep::Continue => None,
             PhaseStep::End(end) => Some(end),
+        }
+    }
+
+    /// Before a batch of a scan or verification pass of a whole job: fixes where the
+    /// pass ends (the table's last key when it starts), once per pass, so that rows the
+    /// job's own statement moves forward, or production adds, cannot keep it going.
+    /// `Ok(false)` when the table is empty: the pass has nothing to walk.
+    async fn fix_pass_bound(&mut self, target: &mut BatchTarget) -> Result<bool, JobEnd> {
+        if self.job.parent_id.is_some() || self.phase == Phase::Retry || target.upper_key.is_some()
+        {
+            return Ok(true); // a slice has bounds of its own; retries walk failed keys
+        }
+        let last_key = match self.worker.runner.pool().get().await {
+            Ok(mut client) => target
+                .last_key(&mut client)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let last_key = match last_key {
+            Ok(last_key) => last_key,
+            Err(e) => {
+                warn!(error = %e, "cannot read where the pass ends");
+                return Err(JobEnd::Stopped(StopReason::Unreachable));
+            }
+        };
+        match self
+            .worker
+            .queue
+            .fix_pass_bound(self.job.id, self.fence_token(), last_key.as_deref())
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                let state = self.worker.queue.state_of(self.job.id).await.ok().flatten();
+                return Err(JobEnd::Stopped(StopReason::LeaseLost(state)));
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot record where the pass ends");
+                return Err(JobEnd::Stopped(StopReason::Unreachable));
+            }
+        }
+        info!(phase = self.phase.as_str(), last_key = ?last_key, "pass bounded: it ends at the last key it found");
+        self.writes.clear();
+        target.upper_key = last_key;
+        Ok(target.upper_key.is_some())
+    }
+
+    /// At the end of a scan or verification pass: fails the job when a row past the pass's
+    /// last key was written by the pass's own batches (its statement moves keys forward).
+    async fn check_pass_end(&mut self, target: &BatchTarget) -> Option<JobEnd> {
+        let last_key = target.upper_key.as_deref()?;
+        if self.phase == Phase::Retry {
+            return None;
+        }
+        let moved = match self.worker.runner.pool().get().await {
+            Ok(mut client) => target
+                .row_moved_past(&mut client, last_key, &self.writes)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match moved {
+            Ok(None) => None,
+            Ok(Some(error)) => Some(self.finish(JobState::Failed, Some(error.to_string())).await),
+            Err(e) => {
+                warn!(error = %e, "cannot look past the end of the pass");
+                Some(JobEnd::Stopped(StopReason::Unreachable))
+            }
+        }
+    }
+
+    /// Gives a job whose batches have failed for `worker.stuck_after` back to the queue
+    /// to rest for `worker.stuck_rest`, saying why in `last_error`.
+    async fn rest(&mut self, error: &str) -> JobEnd {
+        let worker = &self.worker.settings.worker;
+        let why = format!(
+            "not moving: every batch failed for {} (last: {error}); resting {} before any worker tries again",
+            humantime::format_duration(worker.stuck_after),
+            humantime::format_duration(worker.stuck_rest),
+        );
+        match self
+            .worker
+            .queue
+            .rest(self.job.id, self.fence_token(), worker.stuck_rest, &why)
+            .await
+        {
+            Ok(true) => {
+                warn!(reason = %why, "job not moving");
+                JobEnd::Stopped(StopReason::Stuck)
+            }
+            Ok(false) => JobEnd::Stopped(StopReason::LeaseLost(
+                self.worker.queue.state_of(self.job.id).await.ok().flatten(),
+            )),
+            Err(e) => {
+                warn!(error = %e, "cannot give the stuck job back");
+                JobEnd::Stopped(StopReason::Unreachable)
+            }
         }
     }
 
@@ -717,13 +871,13 @@ impl<'w> JobRun<'w> {
 
     /// Counts the rows the job still has to touch, once per job.
     async fn estimate_total(&mut self, target: &BatchTarget) {
-        let client = match self.worker.runner.pool().get().await {
+        let mut client = match self.worker.runner.pool().get().await {
             Ok(client) => client,
             Err(e) => return warn!(error = %e, "cannot estimate the job's size"),
         };
         let pending = if self.job.pending_predicate.is_some() || self.phase == Phase::Scan {
             target
-                .count_pending(&client, self.checkpoint.as_deref(), false)
+                .count_pending(&mut client, self.checkpoint.as_deref(), false)
                 .await
         } else {
             Ok(0)
@@ -757,7 +911,7 @@ impl<'w> JobRun<'w> {
     }
 
     /// The key source ran dry: move on to retries, verification or the end.
-    async fn next_phase(&mut self, target: &BatchTarget) -> PhaseStep {
+    async fn next_phase(&mut self, target: &mut BatchTarget) -> PhaseStep {
         let queue = &self.worker.queue;
         let retry = match queue
             .failed_rows_to_retry(self.job.id, self.max_attempts())
@@ -809,8 +963,8 @@ impl<'w> JobRun<'w> {
     }
 
     /// Counts what is left; succeeds only at 100 %.
-    async fn verify(&mut self, target: &BatchTarget) -> PhaseStep {
-        let client = match self.worker.runner.pool().get().await {
+    async fn verify(&mut self, target: &mut BatchTarget) -> PhaseStep {
+        let mut client = match self.worker.runner.pool().get().await {
             Ok(client) => client,
             Err(e) => {
                 warn!(error = %e, "cannot verify");
@@ -818,7 +972,7 @@ impl<'w> JobRun<'w> {
             }
         };
         let pending = if self.job.pending_predicate.is_some() {
-            match target.count_pending(&client, None, true).await {
+            match target.count_pending(&mut client, None, true).await {
                 Ok(pending) => pending,
                 Err(e) => {
                     warn!(error = %e, "verification count failed");
@@ -846,6 +1000,8 @@ impl<'w> JobRun<'w> {
                 );
                 self.job.verify_sweeps = sweeps;
                 return if self.enter_phase(Phase::Verify).await {
+                    // The sweep fixes its own last key before its first batch.
+                    target.upper_key = None;
                     PhaseStep::Continue
                 } else {
                     PhaseStep::End(JobEnd::Stopped(StopReason::LeaseLost(None)))
