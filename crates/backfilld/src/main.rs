@@ -50,6 +50,12 @@ fn main() -> ExitCode {
         log.level = "warn".to_string(); // the demo draws a progress line instead
     }
     telemetry::init_logging(&log);
+    for name in &settings.ignored_variables {
+        tracing::warn!(
+            variable = %name,
+            "ignoring the environment variable: it is not BACKFILLD_<SECTION>__<KEY>"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -43,12 +43,15 @@ pub fn redacted(raw: &str) -> String {
     }
 }
 
-/// The passwords in `urls` (user info or `password=` parameter), as written and
-/// percent-decoded, for [`scrub`].
-pub fn passwords<'a>(urls: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+/// The passwords in `values` (a URL's user info or `password=` parameter, as written and
+/// percent-decoded; a keyword connection string's `password=`), for [`scrub`].
+pub fn passwords<'a>(values: impl IntoIterator<Item = &'a String>) -> Vec<String> {
     let mut secrets = Vec::new();
-    for url in urls {
-        let Ok(url) = Url::parse(url) else { continue };
+    for value in values {
+        let Ok(url) = Url::parse(value) else {
+            secrets.extend(unparsed_passwords(value));
+            continue;
+        };
         if let Some(password) = url.password() {
             secrets.push(password.to_string());
             if let Ok(decoded) = percent_encoding::percent_decode_str(password).decode_utf8() {
@@ -65,6 +68,34 @@ pub fn passwords<'a>(urls: impl IntoIterator<Item = &'a String>) -> Vec<String> 
     // Longest first, so a password containing another is replaced whole.
     secrets.sort_by_key(|secret| std::cmp::Reverse(secret.len()));
     secrets.dedup();
+    secrets
+}
+
+/// Passwords in a value that is no URL: what sits between `://user:` and `@` (a URL
+/// the parser refused), or follows `password=` (libpq's `key=value` form, maybe quoted).
+fn unparsed_passwords(value: &str) -> Vec<String> {
+    let mut secrets = Vec::new();
+    if let Some((_, rest)) = value.split_once("://") {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        if let Some((user_info, _)) = authority.rsplit_once('@') {
+            if let Some((_, password)) = user_info.split_once(':') {
+                secrets.push(password.to_string());
+            }
+        }
+    }
+    let lower = value.to_ascii_lowercase();
+    for (at, _) in lower.match_indices("password") {
+        let after = value[at + "password".len()..].trim_start();
+        let Some(after) = after.strip_prefix('=') else {
+            continue;
+        };
+        let after = after.trim_start();
+        let password = match after.strip_prefix('\'') {
+            Some(quoted) => quoted.split('\'').next().unwrap_or_default(),
+            None => after.split(char::is_whitespace).next().unwrap_or_default(),
+        };
+        secrets.push(password.to_string());
+    }
     secrets
 }
 
@@ -141,6 +172,12 @@ mod tests {
         ];
         let secrets = passwords(&urls);
         assert_eq!(secrets, ["p%40ss%3Aw0rd", "p@ss:w0rd", "s3cret"]);
+        let unparsed = [
+            "host=db password=s3cret user=app".to_string(),
+            "host=db PASSWORD = 'two words' user=app".to_string(),
+            "postgres://app:pw0rd@[bad host/x".to_string(),
+        ];
+        assert_eq!(passwords(&unparsed), ["two words", "s3cret", "pw0rd"]);
         assert_eq!(
             scrub(
                 "connect to postgres://app:p%40ss%3Aw0rd@db with p@ss:w0rd or s3cret",

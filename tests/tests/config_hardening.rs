@@ -1,0 +1,144 @@
+//! Hardening of the daemon's own surfaces: configuration that would silently misbehave
+//! is refused (exit 2, naming the key, never echoing a password), stray `BACKFILLD_*`
+//! variables are ignored with a warning, text logs cannot be forged through a job name,
+//! and a panic never ends the process with exit code 0.
+
+use backfilld_e2e::{backfilld_at, TestDb};
+
+#[test]
+fn nonsense_configuration_is_refused_naming_the_key() {
+    let db = TestDb::new("hardening_config");
+    let url = db.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let with_file = |text: &str| {
+        let path = dir.path().join("backfilld.toml");
+        std::fs::write(&path, text).expect("write config");
+        let path = path.to_string_lossy().into_owned();
+        backfilld_at(&url, &["--config", &path, "status"], &[])
+            .usage_error()
+            .to_string()
+    };
+    let with_env = |key: &str, value: &str| {
+        backfilld_at(&url, &["status"], &[(key, value)])
+            .usage_error()
+            .to_string()
+    };
+    let cases = [
+        (
+            with_env("BACKFILLD_LOG__LEVEL", "verbose!!"),
+            "backfilld: configuration error: log.level \"verbose!!\": \"verbose!!\" is not a level (trace, debug, info, warn, error, off) nor target=level",
+        ),
+        (
+            with_file("[log]\nlevel = \"info,backfilld=loud\"\n"),
+            "backfilld: configuration error: log.level \"info,backfilld=loud\": \"backfilld=loud\" is not a level (trace, debug, info, warn, error, off) nor target=level",
+        ),
+        (
+            with_env("BACKFILLD_BATCH__RETRY_BACKOFF", "2m"),
+            "backfilld: configuration error: batch.retry_backoff (2m) must be positive and not above batch.retry_backoff_max (1m)",
+        ),
+        (
+            with_env("BACKFILLD_BATCH__RETRY_BACKOFF", "0s"),
+            "backfilld: configuration error: batch.retry_backoff (0s) must be positive and not above batch.retry_backoff_max (1m)",
+        ),
+        (
+            with_env("BACKFILLD_BATCH__TARGET", "1m"),
+            "backfilld: configuration error: batch.target (1m) must be shorter than batch.statement_timeout (30s): batches steered to it would time out",
+        ),
+        (
+            with_env("BACKFILLD_DATABASE__CONNECT_TIMEOUT", "0s"),
+            "backfilld: configuration error: database.connect_timeout must be positive",
+        ),
+        (
+            with_env("BACKFILLD_WORKER__MAX_VERIFY_SWEEPS", "-1"),
+            "backfilld: configuration error: worker.max_verify_sweeps must be 0 or more, got -1",
+        ),
+        (
+            with_file("[batch]\nmin_size = 500\nmax_size = 100\n"),
+            "backfilld: configuration error: batch.min_size (500) must be positive and not above batch.max_size (100)",
+        ),
+        (
+            with_file("[throttle]\nmax_rows_per_second = nan\n"),
+            "backfilld: configuration error: throttle.max_rows_per_second must be 0 (no limit) or positive, got NaN",
+        ),
+        (
+            with_env("BACKFILLD_THROTTLE__MAX_ROWS_PER_SECOND", "Infinity"),
+            "backfilld: configuration error: throttle.max_rows_per_second must be 0 (no limit) or positive, got inf",
+        ),
+        (
+            with_file("[throttle]\nbusy_duty_cycle = -inf\n"),
+            "backfilld: configuration error: [batch]/[throttle]: busy_duty_cycle must be in (0, 1], got -inf (the throttle cannot work with these values)",
+        ),
+    ];
+    for (got, expected) in &cases {
+        assert_eq!(got, expected);
+    }
+}
+
+#[test]
+fn a_url_typed_into_another_key_is_refused_without_its_password() {
+    let db = TestDb::new("hardening_secret");
+    let url = db.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("backfilld.toml");
+    std::fs::write(
+        &path,
+        "[http]\nlisten = \"postgresql://app:t0p%2Fs3cret@db/x\"\n",
+    )
+    .expect("write config");
+    let path = path.to_string_lossy().into_owned();
+    let cases = [
+        (
+            backfilld_at(
+                &url,
+                &["status"],
+                &[("BACKFILLD_WORKER__LEASE", "postgres://u:s3cret@h/db")],
+            ),
+            "backfilld: configuration error: invalid value: string \"postgres://u:***@h/db\", expected a duration for key `worker.lease` (write a number with a unit, e.g. \"500ms\", \"2s\", \"1m\")",
+        ),
+        (
+            backfilld_at(
+                &url,
+                &["status"],
+                &[("BACKFILLD_DATABASE__POOL_SIZE", "host=db password=s3cret")],
+            ),
+            "backfilld: configuration error: invalid type: string \"host=db password=***\", expected an integer for key `database.pool_size` in the environment",
+        ),
+        (
+            backfilld_at(&url, &["--config", &path, "status"], &[]),
+            "backfilld: configuration error: http.listen \"postgresql://app:***@db/x\" is not an address like 0.0.0.0:9187",
+        ),
+    ];
+    for (output, expected) in &cases {
+        assert_eq!(output.usage_error(), *expected);
+        assert!(!output.stderr.contains("s3cret"), "{output:?}");
+    }
+}
+
+#[test]
+fn stray_backfilld_variables_are_ignored_with_a_warning_but_unknown_keys_are_not() {
+    let db = TestDb::new("hardening_stray");
+    db.migrate();
+    let url = db.url();
+    let stray = [("BACKFILLD_BIN", "/opt/backfilld"), ("BACKFILLD_FOO", "1")];
+    let output = backfilld_at(&url, &["status"], &stray);
+    assert!(output.status.success(), "{output:?}");
+    for (name, value) in stray {
+        let warnings: Vec<&str> = output
+            .stderr
+            .lines()
+            .filter(|line| line.contains(name))
+            .collect();
+        assert_eq!(warnings.len(), 1, "one warning for {name}: {output:?}");
+        assert!(
+            warnings[0].contains("WARN") && warnings[0].contains("BACKFILLD_<SECTION>__<KEY>"),
+            "{output:?}"
+        );
+        assert!(!warnings[0].contains(value), "{output:?}");
+    }
+
+    let typo = backfilld_at(&url, &["status"], &[("BACKFILLD_BATCH__SIZ", "10")]);
+    assert_eq!(
+        typo.usage_error(),
+        "backfilld: configuration error: unknown field `siz`, expected one of `size`, `min_size`, `max_size`, `target`, `lock_timeout`, `statement_timeout`, `max_attempts`, `retry_backoff`, `retry_backoff_max` for key `batch`"
+    );
+}
