@@ -3,7 +3,11 @@
 //! variables are ignored with a warning, text logs cannot be forged through a job name,
 //! and a panic never ends the process with exit code 0.
 
-use backfilld_e2e::{backfilld_at, TestDb};
+use std::time::Duration;
+
+use backfilld_e2e::{backfilld_at, env_refs, quick_worker, Daemon, TestDb};
+
+const RUN_LIMIT: Duration = Duration::from_secs(120);
 
 #[test]
 fn nonsense_configuration_is_refused_naming_the_key() {
@@ -141,4 +145,35 @@ fn stray_backfilld_variables_are_ignored_with_a_warning_but_unknown_keys_are_not
         typo.usage_error(),
         "backfilld: configuration error: unknown field `siz`, expected one of `size`, `min_size`, `max_size`, `target`, `lock_timeout`, `statement_timeout`, `max_attempts`, `retry_backoff`, `retry_backoff_max` for key `batch`"
     );
+}
+
+#[test]
+fn a_job_name_cannot_forge_text_log_lines_or_drive_the_terminal() {
+    let db = TestDb::new("hardening_log");
+    db.sql(
+        "CREATE TABLE items (k bigint PRIMARY KEY, v int NOT NULL DEFAULT 0);
+         INSERT INTO items (k) SELECT g FROM generate_series(1, 100) g;",
+    );
+    db.migrate();
+    db.sql(
+        r"INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate)
+          VALUES (E'evil\n2030-01-01T00:00:00Z  INFO forged: all good\r\u001b[2J', 'items', 'k',
+                  $$UPDATE items SET v = 1 WHERE k = ANY(:keys)$$, 'v = 0')",
+    );
+    let env = quick_worker("hardening_log");
+    let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
+    daemon.expect_success(RUN_LIMIT);
+    let log = daemon.log_text();
+    assert_eq!(db.int("SELECT count(*) FROM items WHERE v = 1"), 100);
+    assert!(
+        log.contains(r"evil\n2030-01-01T00:00:00Z  INFO forged: all good\r\u{1b}[2J"),
+        "{log}"
+    );
+    for line in log.lines() {
+        assert!(!line.starts_with("2030-01-01"), "forged line: {line:?}");
+        assert!(
+            !line.chars().any(|c| c.is_control()),
+            "control character in {line:?}"
+        );
+    }
 }

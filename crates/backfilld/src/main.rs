@@ -6,6 +6,7 @@
 mod cli;
 mod commands;
 mod demo;
+mod log_escape;
 mod redact;
 mod settings;
 mod shutdown;
