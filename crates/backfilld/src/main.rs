@@ -43,14 +43,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    redact::scrub_panics(redact::passwords(
-        std::iter::once(&settings.database.url).chain(&settings.throttle.replica_urls),
-    ));
     let mut log = settings.log.clone();
     if matches!(cli.verb, Verb::Demo(_)) {
         log.level = "warn".to_string(); // the demo draws a progress line instead
     }
     telemetry::init_logging(&log);
+    redact::exit_on_panic(redact::passwords(
+        std::iter::once(&settings.database.url).chain(&settings.throttle.replica_urls),
+    ));
     for name in &settings.ignored_variables {
         tracing::warn!(
             variable = %name,
