@@ -33,7 +33,7 @@ fn nonsense_configuration_is_refused_naming_the_key() {
             "backfilld: configuration error: log.level \"verbose!!\": \"verbose!!\" is not a level (trace, debug, info, warn, error, off) nor target=level",
         ),
         (
-            with_file("[log]\nlevel = \"info,backfilld=loud\"\n"),
+            with_env("BACKFILLD_LOG__LEVEL", "info,backfilld=loud"),
             "backfilld: configuration error: log.level \"info,backfilld=loud\": \"backfilld=loud\" is not a level (trace, debug, info, warn, error, off) nor target=level",
         ),
         (
@@ -69,7 +69,7 @@ fn nonsense_configuration_is_refused_naming_the_key() {
             "backfilld: configuration error: throttle.max_rows_per_second must be 0 (no limit) or positive, got inf",
         ),
         (
-            with_file("[throttle]\nbusy_duty_cycle = -inf\n"),
+            with_env("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "-inf"),
             "backfilld: configuration error: [batch]/[throttle]: busy_duty_cycle must be in (0, 1], got -inf (the throttle cannot work with these values)",
         ),
     ];
@@ -86,7 +86,7 @@ fn a_url_typed_into_another_key_is_refused_without_its_password() {
     let path = dir.path().join("backfilld.toml");
     std::fs::write(
         &path,
-        "[http]\nlisten = \"postgresql://app:t0p%2Fs3cret@db/x\"\n",
+        "[log]\nformat = \"postgresql://app:t0p%2Fs3cret@db/x\"\n",
     )
     .expect("write config");
     let path = path.to_string_lossy().into_owned();
@@ -109,7 +109,7 @@ fn a_url_typed_into_another_key_is_refused_without_its_password() {
         ),
         (
             backfilld_at(&url, &["--config", &path, "status"], &[]),
-            "backfilld: configuration error: http.listen \"postgresql://app:***@db/x\" is not an address like 0.0.0.0:9187",
+            "backfilld: configuration error: log.format must be \"text\" or \"json\", not \"postgresql://app:***@db/x\" for key `log.format`",
         ),
     ];
     for (output, expected) in &cases {
@@ -123,7 +123,7 @@ fn stray_backfilld_variables_are_ignored_with_a_warning_but_unknown_keys_are_not
     let db = TestDb::new("hardening_stray");
     db.migrate();
     let url = db.url();
-    let stray = [("BACKFILLD_BIN", "/opt/backfilld"), ("BACKFILLD_FOO", "1")];
+    let stray = [("BACKFILLD_BIN", "/opt/backfilld"), ("BACKFILLD_FOO", "foo-value")];
     let output = backfilld_at(&url, &["status"], &stray);
     assert!(output.status.success(), "{output:?}");
     for (name, value) in stray {
