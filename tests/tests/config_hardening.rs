@@ -123,7 +123,10 @@ fn stray_backfilld_variables_are_ignored_with_a_warning_but_unknown_keys_are_not
     let db = TestDb::new("hardening_stray");
     db.migrate();
     let url = db.url();
-    let stray = [("BACKFILLD_BIN", "/opt/backfilld"), ("BACKFILLD_FOO", "foo-value")];
+    let stray = [
+        ("BACKFILLD_BIN", "/opt/backfilld"),
+        ("BACKFILLD_FOO", "foo-value"),
+    ];
     let output = backfilld_at(&url, &["status"], &stray);
     assert!(output.status.success(), "{output:?}");
     for (name, value) in stray {
