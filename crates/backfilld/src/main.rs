@@ -6,6 +6,7 @@
 mod cli;
 mod commands;
 mod demo;
+mod log_escape;
 mod redact;
 mod settings;
 mod shutdown;
@@ -42,14 +43,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    redact::scrub_panics(redact::passwords(
-        std::iter::once(&settings.database.url).chain(&settings.throttle.replica_urls),
-    ));
     let mut log = settings.log.clone();
     if matches!(cli.verb, Verb::Demo(_)) {
         log.level = "warn".to_string(); // the demo draws a progress line instead
     }
     telemetry::init_logging(&log);
+    redact::exit_on_panic(redact::passwords(
+        std::iter::once(&settings.database.url).chain(&settings.throttle.replica_urls),
+    ));
+    for name in &settings.ignored_variables {
+        tracing::warn!(
+            variable = %name,
+            "ignoring the environment variable: it is not BACKFILLD_<SECTION>__<KEY>"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -1,4 +1,6 @@
-//! Keeps passwords out of everything we print.
+//! Keeps passwords out of everything we print, panics included.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use url::Url;
 
@@ -43,12 +45,15 @@ pub fn redacted(raw: &str) -> String {
     }
 }
 
-/// The passwords in `urls` (user info or `password=` parameter), as written and
-/// percent-decoded, for [`scrub`].
-pub fn passwords<'a>(urls: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+/// The passwords in `values` (a URL's user info or `password=` parameter, as written and
+/// percent-decoded; a keyword connection string's `password=`), for [`scrub`].
+pub fn passwords<'a>(values: impl IntoIterator<Item = &'a String>) -> Vec<String> {
     let mut secrets = Vec::new();
-    for url in urls {
-        let Ok(url) = Url::parse(url) else { continue };
+    for value in values {
+        let Ok(url) = Url::parse(value) else {
+            secrets.extend(unparsed_passwords(value));
+            continue;
+        };
         if let Some(password) = url.password() {
             secrets.push(password.to_string());
             if let Ok(decoded) = percent_encoding::percent_decode_str(password).decode_utf8() {
@@ -68,6 +73,34 @@ pub fn passwords<'a>(urls: impl IntoIterator<Item = &'a String>) -> Vec<String> 
     secrets
 }
 
+/// Passwords in a value that is no URL: what sits between `://user:` and `@` (a URL
+/// the parser refused), or follows `password=` (libpq's `key=value` form, maybe quoted).
+fn unparsed_passwords(value: &str) -> Vec<String> {
+    let mut secrets = Vec::new();
+    if let Some((_, rest)) = value.split_once("://") {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        if let Some((user_info, _)) = authority.rsplit_once('@') {
+            if let Some((_, password)) = user_info.split_once(':') {
+                secrets.push(password.to_string());
+            }
+        }
+    }
+    let lower = value.to_ascii_lowercase();
+    for (at, _) in lower.match_indices("password") {
+        let after = value[at + "password".len()..].trim_start();
+        let Some(after) = after.strip_prefix('=') else {
+            continue;
+        };
+        let after = after.trim_start();
+        let password = match after.strip_prefix('\'') {
+            Some(quoted) => quoted.split('\'').next().unwrap_or_default(),
+            None => after.split(char::is_whitespace).next().unwrap_or_default(),
+        };
+        secrets.push(password.to_string());
+    }
+    secrets
+}
+
 /// `text` with every one of `secrets` replaced by `***`.
 pub fn scrub(text: &str, secrets: &[String]) -> String {
     secrets.iter().fold(text.to_string(), |text, secret| {
@@ -75,13 +108,23 @@ pub fn scrub(text: &str, secrets: &[String]) -> String {
     })
 }
 
-/// Makes panics print their message with `secrets` scrubbed: a panic message may quote
-/// anything the code had at hand, connection strings included.
-pub fn scrub_panics(secrets: Vec<String>) {
-    if secrets.is_empty() {
-        return;
-    }
+/// Exit code of a process ended by a panic (what Rust uses for a panic on the main thread).
+pub const PANIC_EXIT_CODE: i32 = 101;
+
+/// Makes any panic, on any thread, end the process with [`PANIC_EXIT_CODE`] once it is
+/// logged, its message scrubbed of `secrets` (it may quote anything the code had at
+/// hand, connection strings included). Tokio catches a panicking task's unwind, so
+/// without this a claim loop could die and the daemon go on without it, or exit 0.
+/// Exiting rather than aborting runs the atexit hooks (the demo's cluster teardown)
+/// and leaves no core dump; the lease of a job in flight expires as after a kill -9.
+/// Call it once logging is set up.
+pub fn exit_on_panic(secrets: Vec<String>) {
+    static EXITING: AtomicBool = AtomicBool::new(false);
     std::panic::set_hook(Box::new(move |info| {
+        // A panic during exit (in an atexit hook) must not call exit() again.
+        if EXITING.swap(true, Ordering::SeqCst) {
+            return;
+        }
         let payload = info.payload();
         let message = payload
             .downcast_ref::<&str>()
@@ -89,18 +132,18 @@ pub fn scrub_panics(secrets: Vec<String>) {
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "Box<dyn Any>".to_string());
         let thread = std::thread::current();
-        let location = info
-            .location()
-            .map_or(String::new(), |l| format!(" at {l}"));
-        eprintln!(
-            "thread '{}' panicked{location}:\n{}",
-            thread.name().unwrap_or("<unnamed>"),
+        let location = info.location().map(ToString::to_string);
+        let backtrace = std::backtrace::Backtrace::capture();
+        let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+            .then(|| backtrace.to_string());
+        tracing::error!(
+            thread = thread.name().unwrap_or("<unnamed>"),
+            location,
+            backtrace,
+            "panicked, exiting with code {PANIC_EXIT_CODE}: {}",
             scrub(&message, &secrets)
         );
-        let backtrace = std::backtrace::Backtrace::capture();
-        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
-            eprintln!("{backtrace}");
-        }
+        std::process::exit(PANIC_EXIT_CODE);
     }));
 }
 
@@ -141,6 +184,12 @@ mod tests {
         ];
         let secrets = passwords(&urls);
         assert_eq!(secrets, ["p%40ss%3Aw0rd", "p@ss:w0rd", "s3cret"]);
+        let unparsed = [
+            "host=db password=s3cret user=app".to_string(),
+            "host=db PASSWORD = 'two words' user=app".to_string(),
+            "postgres://app:pw0rd@[bad host/x".to_string(),
+        ];
+        assert_eq!(passwords(&unparsed), ["two words", "s3cret", "pw0rd"]);
         assert_eq!(
             scrub(
                 "connect to postgres://app:p%40ss%3Aw0rd@db with p@ss:w0rd or s3cret",
@@ -148,5 +197,48 @@ mod tests {
             ),
             "connect to postgres://app:***@db with *** or ***"
         );
+    }
+
+    /// Set in the child process of [`a_panic_in_a_task_is_logged_scrubbed_and_exits_101`].
+    const PANIC_CHILD: &str = "REDACT_TEST_PANIC_CHILD";
+
+    /// In a child process (the test binary run again), a tokio task panics with a
+    /// password in its message, as a claim loop could.
+    #[test]
+    fn a_panic_in_a_task_is_logged_scrubbed_and_exits_101() {
+        if std::env::var_os(PANIC_CHILD).is_some() {
+            crate::telemetry::init_logging(&crate::settings::LogSettings {
+                format: crate::settings::LogFormat::Text,
+                level: "info".to_string(),
+            });
+            exit_on_panic(passwords(&["postgres://app:s3cret@db/x".to_string()]));
+            let runtime = tokio::runtime::Runtime::new().expect("runtime");
+            // Without the hook tokio catches the panic, and the test passes: exit 0.
+            let task = runtime.spawn(async {
+                panic!("lost postgres://app:s3cret@db/x");
+            });
+            let _ = runtime.block_on(task);
+            return;
+        }
+        let output = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "redact::tests::a_panic_in_a_task_is_logged_scrubbed_and_exits_101",
+                "--nocapture",
+            ])
+            .env(PANIC_CHILD, "1")
+            .output()
+            .expect("run the test binary");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(PANIC_EXIT_CODE), "{stderr}");
+        let logged: Vec<&str> = stderr.lines().filter(|l| l.contains("panicked")).collect();
+        assert_eq!(logged.len(), 1, "{stderr}");
+        assert!(
+            logged[0].contains(
+                "ERROR panicked, exiting with code 101: lost postgres://app:***@db/x thread=\"tokio-"
+            ),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("s3cret"), "{stderr}");
     }
 }

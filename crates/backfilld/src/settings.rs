@@ -1,6 +1,7 @@
 //! Configuration: `config/default.toml` (compiled in), then `--config FILE`, then
 //! `BACKFILLD_<SECTION>__<KEY>` environment variables, then `DATABASE_URL`.
 
+use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
 
@@ -20,6 +21,10 @@ pub struct Settings {
     pub throttle: ThrottleConfig,
     pub http: HttpSettings,
     pub log: LogSettings,
+    /// `BACKFILLD_*` variables ignored because they name no `<SECTION>__<KEY>` (e.g. a
+    /// test harness' `BACKFILLD_BIN`), for a warning once logging is up.
+    #[serde(skip)]
+    pub ignored_variables: Vec<String>,
 }
 
 /// `[database]`
@@ -236,8 +241,103 @@ fn check_control_plane_tls(endpoint: &backfill_dataplane::Endpoint) -> Result<()
     )))
 }
 
-/// The `BACKFILLD_<SECTION>__<KEY>` source; list keys take comma-separated values.
-fn environment() -> config::Environment {
+/// The configuration's view of the process environment.
+struct EnvVars {
+    /// `BACKFILLD_<SECTION>__<KEY>` variables, as named.
+    settings: config::Map<String, String>,
+    /// `DATABASE_URL`.
+    database_url: Option<String>,
+    /// `BACKFILLD_*` variables without a section separator.
+    ignored: Vec<String>,
+}
+
+/// How every variable of ours begins (config matches it in any case).
+const PREFIX: &str = "backfilld_";
+
+impl EnvVars {
+    /// Sorts `vars` into settings, `DATABASE_URL` and ignored names. A value that is not
+    /// UTF-8 is refused naming the variable only (config's own error would print it).
+    fn read(vars: impl IntoIterator<Item = (OsString, OsString)>) -> Result<Self, SettingsError> {
+        let mut env = EnvVars {
+            settings: config::Map::new(),
+            database_url: None,
+            ignored: Vec::new(),
+        };
+        for (name, value) in vars {
+            let Ok(name) = name.into_string() else {
+                continue;
+            };
+            if name == "DATABASE_URL" {
+                env.database_url = Some(utf8(&name, value)?);
+                continue;
+            }
+            let lower = name.to_ascii_lowercase();
+            let Some(key) = lower.strip_prefix(PREFIX) else {
+                continue;
+            };
+            // Harnesses and wrappers set BACKFILLD_BIN, BACKFILLD_HOME…: not ours to
+            // refuse. A section with an unknown key still reaches serde and is refused.
+            if !key.contains("__") {
+                env.ignored.push(name);
+                continue;
+            }
+            let value = utf8(&name, value)?;
+            env.settings.insert(name, value);
+        }
+        env.ignored.sort();
+        Ok(env)
+    }
+
+    /// Every value a password could hide in.
+    fn values(&self) -> impl Iterator<Item = &String> {
+        self.settings.values().chain(&self.database_url)
+    }
+}
+
+/// `value` of variable `name`, refused without repeating it if it is not UTF-8.
+fn utf8(name: &str, value: OsString) -> Result<String, SettingsError> {
+    value
+        .into_string()
+        .map_err(|_| SettingsError(format!("environment variable {name} is not valid UTF-8")))
+}
+
+/// The levels a log filter may name.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Refuses a log filter that is not a list of `level` and `target=level` directives.
+/// tracing's own parser takes any bare word ("verbose!!") for a target name and enables
+/// that target alone, which silences every line the daemon writes.
+fn check_log_filter(key: &str, filter: &str) -> Result<(), SettingsError> {
+    let is_level = |word: &str| LEVELS.iter().any(|level| word.eq_ignore_ascii_case(level));
+    let is_target = |word: &str| {
+        !word.is_empty()
+            && word
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-'))
+    };
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let valid = match directive.rsplit_once('=') {
+            // A span filter (`target[span{field=value}]=level`) is left to tracing.
+            Some((target, level)) => {
+                is_level(level.trim()) && (is_target(target.trim()) || target.contains('['))
+            }
+            None => is_level(directive),
+        };
+        if !valid {
+            return Err(SettingsError(format!(
+                "{key} {filter:?}: {directive:?} is not a level ({}) nor target=level",
+                LEVELS.join(", ")
+            )));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| SettingsError(format!("{key} {filter:?} is not a valid filter: {e}")))?;
+    Ok(())
+}
+
+/// The `BACKFILLD_<SECTION>__<KEY>` source over `vars`; list keys take comma-separated
+/// values.
+fn environment(vars: config::Map<String, String>) -> config::Environment {
     config::Environment::with_prefix("BACKFILLD")
         .prefix_separator("_")
         .separator("__")
@@ -245,6 +345,7 @@ fn environment() -> config::Environment {
         .with_list_parse_key("throttle.expected_standbys")
         .with_list_parse_key("throttle.replica_urls")
         .try_parsing(true)
+        .source(Some(vars))
 }
 
 /// A configuration that cannot be used; the message names the file, key or value, on
@@ -252,6 +353,14 @@ fn environment() -> config::Environment {
 #[derive(Debug, thiserror::Error)]
 #[error("configuration error: {0}")]
 pub struct SettingsError(String);
+
+impl SettingsError {
+    /// The error with every one of `secrets` replaced by `***`: config quotes the value
+    /// it could not use, and a URL pasted into the wrong key carries its password.
+    fn scrubbed(self, secrets: &[String]) -> Self {
+        SettingsError(crate::redact::scrub(&self.0, secrets))
+    }
+}
 
 impl From<config::ConfigError> for SettingsError {
     fn from(e: config::ConfigError) -> Self {
@@ -293,9 +402,9 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Refuses a config file that is not TOML with one line naming the place, instead of the
-/// multi-line snippet the parser draws.
-fn check_toml(path: &Path) -> Result<(), SettingsError> {
+/// Reads a config file, refusing one that is not TOML with one line naming the place,
+/// instead of the multi-line snippet the parser draws.
+fn read_toml(path: &Path) -> Result<toml::Table, SettingsError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| SettingsError(format!("cannot read config file {}: {e}", path.display())))?;
     toml::from_str::<toml::Table>(&text).map_err(|e| {
@@ -310,36 +419,66 @@ fn check_toml(path: &Path) -> Result<(), SettingsError> {
             path.display(),
             one_line(e.message())
         ))
-    })?;
-    Ok(())
+    })
+}
+
+/// Every string in `value`, however deeply nested.
+fn strings(value: &toml::Value) -> Vec<&String> {
+    match value {
+        toml::Value::String(text) => vec![text],
+        toml::Value::Array(items) => items.iter().flat_map(strings).collect(),
+        toml::Value::Table(table) => table.values().flat_map(strings).collect(),
+        _ => Vec::new(),
+    }
 }
 
 impl Settings {
     /// Loads defaults, then `file` if given, then the environment.
     pub fn load(file: Option<&Path>) -> Result<Settings, SettingsError> {
+        Self::load_from(file, std::env::vars_os())
+    }
+
+    /// [`Settings::load`] with `vars` standing for the process environment. No error
+    /// repeats a password found in any value given, whichever key it was typed into.
+    fn load_from(
+        file: Option<&Path>,
+        vars: impl IntoIterator<Item = (OsString, OsString)>,
+    ) -> Result<Settings, SettingsError> {
+        let env = EnvVars::read(vars)?;
+        let table = match file {
+            Some(path) if !path.is_file() => {
+                return Err(SettingsError(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )))
+            }
+            Some(path) => Some(toml::Value::Table(read_toml(path)?)),
+            None => None,
+        };
+        let secrets = crate::redact::passwords(env.values().chain(table.iter().flat_map(strings)));
+        Self::build(file, env)
+            .and_then(|settings| settings.validate().map(|()| settings))
+            .map_err(|e| e.scrubbed(&secrets))
+    }
+
+    /// Merges the sources, refusing unknown keys and values of the wrong type.
+    fn build(file: Option<&Path>, env: EnvVars) -> Result<Settings, SettingsError> {
         let mut builder = config::Config::builder().add_source(config::File::from_str(
             DEFAULT_TOML,
             config::FileFormat::Toml,
         ));
         if let Some(path) = file {
-            if !path.is_file() {
-                return Err(SettingsError(format!(
-                    "config file {} does not exist",
-                    path.display()
-                )));
-            }
-            check_toml(path)?;
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
-        builder = builder.add_source(environment());
-        if let Ok(url) = std::env::var("DATABASE_URL") {
+        builder = builder.add_source(environment(env.settings));
+        if let Some(url) = env.database_url {
             builder = builder.set_override("database.url", url)?;
         }
-        let settings: Settings = builder
+        let mut settings: Settings = builder
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| named_as_given(e, file))?;
-        settings.validate()?;
+        settings.ignored_variables = env.ignored;
         Ok(settings)
     }
 
@@ -372,6 +511,16 @@ impl Settings {
         if self.worker.poll_interval.is_zero() {
             return fail("worker.poll_interval must be positive".to_string());
         }
+        if self.worker.max_verify_sweeps < 0 {
+            return fail(format!(
+                "worker.max_verify_sweeps must be 0 or more, got {}",
+                self.worker.max_verify_sweeps
+            ));
+        }
+        // tokio-postgres would time out every connection attempt at once.
+        if self.database.connect_timeout.is_zero() {
+            return fail("database.connect_timeout must be positive".to_string());
+        }
         if self.batch.min_size == 0 || self.batch.min_size > self.batch.max_size {
             return fail(format!(
                 "batch.min_size ({}) must be positive and not above batch.max_size ({})",
@@ -398,6 +547,25 @@ impl Settings {
                 "batch.target, batch.lock_timeout and batch.statement_timeout must be positive"
                     .to_string(),
             );
+        }
+        // A batch steered to last as long as the statement may would time out, shrink,
+        // grow back and time out again.
+        if self.batch.target >= self.batch.statement_timeout {
+            return fail(format!(
+                "batch.target ({}) must be shorter than batch.statement_timeout ({}): batches steered to it would time out",
+                humantime::format_duration(self.batch.target),
+                humantime::format_duration(self.batch.statement_timeout)
+            ));
+        }
+        // A zero backoff doubles to zero: a failing row would be retried in a tight loop.
+        if self.batch.retry_backoff.is_zero()
+            || self.batch.retry_backoff > self.batch.retry_backoff_max
+        {
+            return fail(format!(
+                "batch.retry_backoff ({}) must be positive and not above batch.retry_backoff_max ({})",
+                humantime::format_duration(self.batch.retry_backoff),
+                humantime::format_duration(self.batch.retry_backoff_max)
+            ));
         }
         if !(self.throttle.max_rows_per_second >= 0.0
             && self.throttle.max_rows_per_second.is_finite())
@@ -446,12 +614,7 @@ impl Settings {
                 ));
             }
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
-            SettingsError(format!(
-                "log.level {:?} is not a valid filter: {e}",
-                self.log.level
-            ))
-        })?;
+        check_log_filter("log.level", &self.log.level)?;
         Ok(())
     }
 
@@ -505,23 +668,13 @@ mod tests {
         assert_eq!(throttle.hold_recheck, settings.throttle.probe_interval);
     }
 
-    /// The defaults overridden by `vars` as if they were the process environment.
+    /// The defaults overridden by `vars` as if they were the whole process environment.
     fn with_env(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
-        let vars = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let settings: Settings = config::Config::builder()
-            .add_source(config::File::from_str(
-                DEFAULT_TOML,
-                config::FileFormat::Toml,
-            ))
-            .add_source(environment().source(Some(vars)))
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(SettingsError::from)?;
-        settings.validate()?;
-        Ok(settings)
+        Settings::load_from(
+            None,
+            vars.iter()
+                .map(|(name, value)| (OsString::from(name), OsString::from(value))),
+        )
     }
 
     #[test]
@@ -570,5 +723,133 @@ mod tests {
             let error = with_env(&[(key, value)]).expect_err(key).to_string();
             assert!(error.contains(mentions), "{key}={value}: {error}");
         }
+    }
+
+    #[test]
+    fn nonsense_combinations_are_refused_naming_the_keys() {
+        for (vars, mentions) in [
+            (
+                &[("BACKFILLD_BATCH__RETRY_BACKOFF", "2m")][..],
+                "batch.retry_backoff (2m) must be positive and not above batch.retry_backoff_max (1m)",
+            ),
+            (
+                &[("BACKFILLD_BATCH__RETRY_BACKOFF", "0s")],
+                "batch.retry_backoff (0s)",
+            ),
+            (
+                &[("BACKFILLD_BATCH__TARGET", "30s")],
+                "batch.target (30s) must be shorter than batch.statement_timeout (30s)",
+            ),
+            (
+                &[("BACKFILLD_DATABASE__CONNECT_TIMEOUT", "0s")],
+                "database.connect_timeout must be positive",
+            ),
+            (
+                &[("BACKFILLD_WORKER__MAX_VERIFY_SWEEPS", "-2")],
+                "worker.max_verify_sweeps must be 0 or more, got -2",
+            ),
+            (
+                &[
+                    ("BACKFILLD_BATCH__MIN_SIZE", "50"),
+                    ("BACKFILLD_BATCH__MAX_SIZE", "20"),
+                ],
+                "batch.min_size (50) must be positive and not above batch.max_size (20)",
+            ),
+            (
+                &[("BACKFILLD_THROTTLE__MAX_ROWS_PER_SECOND", "NaN")],
+                "throttle.max_rows_per_second must be 0 (no limit) or positive, got NaN",
+            ),
+            (
+                &[("BACKFILLD_THROTTLE__MAX_ROWS_PER_SECOND", "-Infinity")],
+                "throttle.max_rows_per_second must be 0 (no limit) or positive, got -inf",
+            ),
+            (
+                &[("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "nan")],
+                "busy_duty_cycle must be in (0, 1], got NaN",
+            ),
+        ] {
+            let error = with_env(vars).expect_err(mentions).to_string();
+            assert!(error.contains(mentions), "{vars:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn log_filters_must_name_levels() {
+        for good in [
+            "info",
+            "WARN",
+            "info,backfilld=debug",
+            "backfilld::batch=debug, info",
+            "sqlx=off",
+            "backfilld[job{job=x}]=debug",
+        ] {
+            check_log_filter("log.level", good).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for (bad, directive) in [
+            ("verbose!!", "verbose!!"),
+            ("backfilld", "backfilld"),
+            ("info,backfilld=loud", "backfilld=loud"),
+            ("=debug", "=debug"),
+            ("bad target=info", "bad target=info"),
+        ] {
+            let error = check_log_filter("log.level", bad).unwrap_err().to_string();
+            assert_eq!(
+                error,
+                format!("configuration error: log.level {bad:?}: {directive:?} is not a level (trace, debug, info, warn, error, off) nor target=level")
+            );
+        }
+        let error = with_env(&[("BACKFILLD_LOG__LEVEL", "verbose!!")]).unwrap_err();
+        assert!(error.to_string().contains("log.level"), "{error}");
+    }
+
+    #[test]
+    fn passwords_typed_into_any_key_are_not_repeated() {
+        for (name, value, shown) in [
+            (
+                "BACKFILLD_WORKER__LEASE",
+                "postgres://u:s3cret@h/db",
+                "\"postgres://u:***@h/db\"",
+            ),
+            (
+                "BACKFILLD_HTTP__LISTEN",
+                "postgres://h/db?password=s3cret",
+                "\"postgres://h/db?password=***\"",
+            ),
+            (
+                "BACKFILLD_LOG__LEVEL",
+                "user=u password=s3cret",
+                "password=***",
+            ),
+        ] {
+            let error = with_env(&[(name, value)]).unwrap_err().to_string();
+            assert!(error.contains(shown), "{name}: {error}");
+            assert!(!error.contains("s3cret"), "{name}: {error}");
+        }
+    }
+
+    #[test]
+    fn stray_variables_are_ignored_but_unknown_keys_refused() {
+        let settings = with_env(&[
+            ("BACKFILLD_BIN", "/usr/local/bin/backfilld"),
+            ("BACKFILLD_FOO", "1"),
+            ("BACKFILLD_WORKER__ID", "w1"),
+            ("HOME", "/root"),
+        ])
+        .expect("stray variables are not configuration");
+        assert_eq!(
+            settings.ignored_variables,
+            ["BACKFILLD_BIN", "BACKFILLD_FOO"]
+        );
+        assert_eq!(settings.worker.id, "w1");
+        let error = with_env(&[("BACKFILLD_WORKER__IDD", "w1")])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown field `idd`"), "{error}");
+    }
+
+    #[test]
+    fn database_url_is_honoured() {
+        let settings = with_env(&[("DATABASE_URL", "postgres://elsewhere/app")]).unwrap();
+        assert_eq!(settings.database.url, "postgres://elsewhere/app");
     }
 }

@@ -41,7 +41,11 @@ pub fn init_logging(settings: &LogSettings) {
             .flatten_event(true)
             .with_current_span(true)
             .try_init(),
-        LogFormat::Text => builder.with_target(false).try_init(),
+        LogFormat::Text => builder
+            .with_target(false)
+            // JSON escapes control characters; text must too, or a job name forges lines.
+            .fmt_fields(crate::log_escape::EscapedFields::default())
+            .try_init(),
     };
 }
 
