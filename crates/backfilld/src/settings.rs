@@ -30,6 +30,9 @@ pub struct DatabaseSettings {
     pub pool_size: usize,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How long start-up keeps retrying an unreachable database before exiting 1.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
 }
 
 /// `[worker]`
