@@ -398,10 +398,7 @@ pub fn spawn_health_probes(
             telemetry::record_daemon_info(max_lag, max_lag_bytes);
             if job_states_at.is_none_or(|at| at.elapsed() >= JOB_STATES_INTERVAL) {
                 job_states_at = Some(Instant::now());
-                match JobStatus::count_by_state(&control).await {
-                    Ok(counts) => telemetry::record_job_states(&counts),
-                    Err(e) => tracing::debug!(error = %e, "cannot count jobs by state"),
-                }
+                report_queue_state(&control).await;
             }
             shutdown.sleep(interval).await;
         }
@@ -414,6 +411,21 @@ pub fn spawn_health_probes(
         }
     });
     Ok((rx, probes))
+}
+
+/// Refreshes `backfill_jobs{state}` and `backfill_job_failed{backfill_job}` from the queue.
+pub async fn report_queue_state(control: &PgPool) {
+    match JobStatus::count_by_state(control).await {
+        Ok(counts) => telemetry::record_job_states(&counts),
+        Err(e) => tracing::debug!(error = %e, "cannot count jobs by state"),
+    }
+    let failed = sqlx::query_scalar("SELECT name FROM backfill.jobs WHERE state = 'failed'")
+        .fetch_all(control)
+        .await;
+    match failed {
+        Ok(names) => telemetry::record_failed_jobs(&names),
+        Err(e) => tracing::debug!(error = %e, "cannot list failed jobs"),
+    }
 }
 
 /// Logs when jobs start and stop sharing the primary with production.

@@ -166,6 +166,9 @@ pub struct HttpSettings {
     /// Series no update touched for this long leave /metrics (zero: never).
     #[serde(with = "humantime_serde")]
     pub metrics_idle_timeout: Duration,
+    /// With `--exit-when-idle`: how long the last report waits for a scrape before exiting.
+    #[serde(with = "humantime_serde")]
+    pub final_scrape_wait: Duration,
 }
 
 impl HttpSettings {
