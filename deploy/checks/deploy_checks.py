@@ -448,6 +448,13 @@ def cmd_manifests(args: list[str]) -> None:
         r.check(any(d["metadata"]["name"] == sa for d in kinds.get("ServiceAccount", [])),
                 f"{kind}/{w['metadata']['name']}: ServiceAccount {sa!r} not in the output")
 
+    if name.startswith("overlays/"):
+        # An example overlay is what people copy: its monitoring objects must carry the label
+        # kube-prometheus-stack selects them by, or nothing scrapes or alerts.
+        for kind in ("PodMonitor", "PrometheusRule"):
+            for obj in kinds.get(kind, []):
+                r.check("release" in (obj["metadata"].get("labels") or {}),
+                        f"{name}: {kind}/{obj['metadata']['name']} lacks the release label Prometheus selects by")
     pms = kinds.get("PodMonitor", [])
     if r.check(len(pms) == 1, f"{name}: expected one PodMonitor"):
         pm = pms[0]["spec"]
@@ -600,11 +607,20 @@ def dockerignore_excludes(patterns: list[str], path: str) -> bool:
     return excluded
 
 
+def stage_names(froms: list[str]) -> set[str]:
+    """Names given to build stages (FROM ... AS name): a later FROM may name one unpinned."""
+    return {l.split()[-1] for l in froms if len(l.split()) >= 4 and l.split()[-2].upper() == "AS"}
+
+
 def cmd_docker(_: list[str]) -> None:
     r = Report()
     df = (ROOT / "Dockerfile").read_text()
     lines = [l.strip() for l in df.splitlines()]
     froms = [l for l in lines if l.upper().startswith("FROM ")]
+    for l in froms:
+        image = l.split()[1]
+        r.check(image in stage_names(froms) or re.search(r"@sha256:[0-9a-f]{64}$", image),
+                f"base image not pinned by digest: {l}")
     r.check(len(froms) >= 3, "Dockerfile: expected a multi-stage build (chef, planner, builder, runtime)")
     r.check(bool(froms) and "gcr.io/distroless/cc-debian12:nonroot" in froms[-1],
             "Dockerfile: final stage must be gcr.io/distroless/cc-debian12:nonroot")

@@ -159,3 +159,19 @@ fn forward(listen: u16, target: u16) -> TcpListener {
     });
     listener
 }
+
+#[test]
+fn a_zero_watch_interval_is_refused_not_a_panic() {
+    let db = TestDb::new("startup_watch0");
+    for interval in ["0s", "0ms"] {
+        let out = backfilld_at(
+            &db.url(),
+            &["status", "--watch", "--interval", interval],
+            &[],
+        );
+        assert_eq!(
+            out.usage_error(),
+            format!("backfilld: invalid value '{interval}' for '--interval <DURATION>': must be more than 0s, e.g. 500ms or 2s (see backfilld --help)")
+        );
+    }
+}
