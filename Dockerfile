@@ -13,7 +13,10 @@
 ARG RUST_VERSION=1.95
 ARG CARGO_CHEF_VERSION=0.1.76
 
-FROM rust:${RUST_VERSION}-bookworm AS chef
+# Base images are pinned by digest as well as tag: a rebuild fetches the bytes that were
+# reviewed, not whatever the tag points at today. Update tag and digest together
+# (docker buildx imagetools inspect rust:1.95-bookworm).
+FROM rust:${RUST_VERSION}-bookworm@sha256:6258907abe69656e41cd992e0b705cdcfabcbbe3db374f92ed2d47121282d4a1 AS chef
 ARG CARGO_CHEF_VERSION
 RUN cargo install cargo-chef --locked --version "${CARGO_CHEF_VERSION}"
 WORKDIR /src
@@ -37,7 +40,7 @@ RUN cargo build --release --locked -p backfilld \
 
 # glibc + libgcc + CA certificates (for TLS to PostgreSQL); no shell, no package manager.
 # The :nonroot tag runs as uid/gid 65532.
-FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
+FROM gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f AS runtime
 COPY --from=builder /out/backfilld /usr/local/bin/backfilld
 # The built-in defaults, for reference and for `--config /etc/backfilld/backfilld.toml`;
 # in Kubernetes a ConfigMap is mounted over /etc/backfilld (deploy/k8s).

@@ -152,6 +152,7 @@ fi
 step "promtool check rules (alerts.yaml)" promtool check rules deploy/prometheus/alerts.yaml
 step "promtool test rules (alerts_test.yaml)" promtool test rules deploy/prometheus/alerts_test.yaml
 step "PrometheusRule in sync with alerts.yaml" "$PY" "$CHECKS" sync-rules --check
+step "alerts keep namespace, name backfill_job, link runbook_url" "$PY" "$CHECKS" alerts
 
 dashboard_checks() {
   "$PY" "$CHECKS" dashboard "$WORK/dashboard-queries.yaml" || return 1

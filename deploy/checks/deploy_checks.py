@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 # How panels select the chosen jobs: a job also selects its slices (name#1, name#2, ...).
-JOB_SELECTOR = 'job=~"($job)(#.*)?"'
+JOB_SELECTOR = 'backfill_job=~"($backfill_job)(#.*)?"'
 
 try:
     import tomllib  # Python >= 3.11
@@ -149,6 +149,11 @@ def load_metric_names(r: Report) -> set[str]:
     return s
 
 
+# Label names that look like metric names: the per-job label, and the parent job of slices
+# that the dashboard's slice panels sum by.
+LABEL_NAMES = {"backfill_job", "backfill_job_name"}
+
+
 def cmd_metric_names(_: list[str]) -> None:
     r = Report()
     exported = load_metric_names(r)
@@ -161,7 +166,8 @@ def cmd_metric_names(_: list[str]) -> None:
             r.error(f"{rel(f)} is missing")
             continue
         for m in METRIC_RE.findall(f.read_text()):
-            used.setdefault(m, set()).add(rel(f))
+            if m not in LABEL_NAMES:
+                used.setdefault(m, set()).add(rel(f))
     for name in sorted(used):
         if name in exported:
             continue
@@ -187,9 +193,36 @@ RANGE_RE = re.compile(r"\[([^\]]*)\]")
 PROMQL_VARS = {
     "${__rate_interval}": "2m", "$__rate_interval": "2m",
     "${__range}": "6h", "$__range": "6h",
-    "${job}": ".*", "$job": ".*",
+    "${backfill_job}": ".*", "$backfill_job": ".*",
+    "${namespace}": ".*", "$namespace": ".*",
     "${scrape_job}": "backfilld", "$scrape_job": "backfilld",
 }
+
+
+def selectors(expr: str) -> list[tuple[str, str]]:
+    """The metric selectors of a PromQL expression, (name, "{matchers}" or ""): names outside
+    braces, strings and by/on/without (...) label lists."""
+    bare = re.sub(r"\b(by|on|without|ignoring|group_left|group_right)\s*\([^)]*\)", r"\1()", expr)
+    found, i = [], 0
+    while i < len(bare):
+        c = bare[i]
+        if c == '"':
+            i = bare.index('"', i + 1) + 1
+            continue
+        m = re.compile(r"[A-Za-z_:][\w:]*").match(bare, i)
+        if not m:
+            i += 1
+            continue
+        name, i = m.group(0), m.end()
+        if name.startswith("backfill_") or name == "up":
+            matchers = ""
+            if i < len(bare) and bare[i] == "{":
+                end = bare.index("}", i) + 1
+                matchers, i = bare[i:end], end
+            found.append((name, matchers))
+        elif i < len(bare) and bare[i] == "{":
+            i = bare.index("}", i) + 1
+    return found
 
 
 def iter_panels(panels):
@@ -214,13 +247,18 @@ def cmd_dashboard(args: list[str]) -> None:
     ds = tv.get("datasource", {})
     r.check(ds.get("type") == "datasource" and ds.get("query") == "prometheus",
             "template variable 'datasource' (type datasource, query prometheus) is required")
-    job = tv.get("job", {})
-    q = job.get("query")
-    qtext = q.get("query") if isinstance(q, dict) else q
-    r.check(job.get("type") == "query" and qtext == "label_values(backfill_job_progress_ratio, job)",
-            "template variable 'job' must query label_values(backfill_job_progress_ratio, job)")
-    r.check(job.get("multi") is True and job.get("includeAll") is True, "variable 'job' must be multi-value with 'All'")
-    r.check((job.get("datasource") or {}).get("uid") == "${datasource}", "variable 'job' must use ${datasource}")
+    wanted_vars = {
+        "namespace": "label_values(backfill_build_info, namespace)",
+        "backfill_job": 'label_values(backfill_job_progress_ratio{namespace=~"$namespace"}, backfill_job)',
+    }
+    for var, query in wanted_vars.items():
+        v = tv.get(var, {})
+        q = v.get("query")
+        qtext = q.get("query") if isinstance(q, dict) else q
+        r.check(v.get("type") == "query" and qtext == query, f"template variable {var!r} must query {query}")
+        r.check(v.get("multi") is True and v.get("includeAll") is True and v.get("allValue") == ".*",
+                f"variable {var!r} must be multi-value with 'All' (.*)")
+        r.check((v.get("datasource") or {}).get("uid") == "${datasource}", f"variable {var!r} must use ${{datasource}}")
 
     ids: set = set()
     cells: dict = {}
@@ -253,14 +291,20 @@ def cmd_dashboard(args: list[str]) -> None:
             expr = t.get("expr", "")
             if not r.check(bool(expr), f"panel {title!r} query {t.get('refId')}: empty expr"):
                 continue
-            for rng in RANGE_RE.findall(expr):
+            for rng in RANGE_RE.findall(re.sub(r'"[^"]*"', '""', expr)):
                 r.check(rng in ("$__rate_interval", "$__range"),
                         f"panel {title!r}: range [{rng}] must be [$__rate_interval] (or [$__range] in a stat): {expr}")
             for fn in ("rate", "irate", "increase"):
                 for m in re.finditer(rf"\b{fn}\(", expr):
                     r.check("[$__rate_interval]" in expr[m.end():] or "[$__range]" in expr[m.end():],
                             f"panel {title!r}: {fn}() without [$__rate_interval]: {expr}")
-            if "job=~" in expr:
+            # Every selector filters by namespace, so the variable means what it says.
+            for metric, matchers in selectors(expr):
+                r.check('namespace=~"$namespace"' in matchers,
+                        f"panel {title!r}: {metric}{matchers} lacks namespace=~\"$namespace\"")
+            r.check(not re.search(r"\bjob=~|by \([^)]*\bjob\b", expr),
+                    f"panel {title!r}: the per-job label is backfill_job (job is Prometheus' target label): {expr}")
+            if "backfill_job=~" in expr:
                 # A selected job also selects its slices (name#1, name#2, ...).
                 r.check(JOB_SELECTOR in expr, f"panel {title!r}: filter jobs with {JOB_SELECTOR}: {expr}")
             # label_replace() replacements like "$1" are capture groups, not variables.
@@ -404,6 +448,13 @@ def cmd_manifests(args: list[str]) -> None:
         r.check(any(d["metadata"]["name"] == sa for d in kinds.get("ServiceAccount", [])),
                 f"{kind}/{w['metadata']['name']}: ServiceAccount {sa!r} not in the output")
 
+    if name.startswith("overlays/"):
+        # An example overlay is what people copy: its monitoring objects must carry the label
+        # kube-prometheus-stack selects them by, or nothing scrapes or alerts.
+        for kind in ("PodMonitor", "PrometheusRule"):
+            for obj in kinds.get(kind, []):
+                r.check("release" in (obj["metadata"].get("labels") or {}),
+                        f"{name}: {kind}/{obj['metadata']['name']} lacks the release label Prometheus selects by")
     pms = kinds.get("PodMonitor", [])
     if r.check(len(pms) == 1, f"{name}: expected one PodMonitor"):
         pm = pms[0]["spec"]
@@ -417,8 +468,10 @@ def cmd_manifests(args: list[str]) -> None:
         eps = pm.get("podMetricsEndpoints", [])
         r.check(len(eps) == 1 and eps[0].get("port") == "metrics" and eps[0].get("path", "/metrics") == "/metrics",
                 "PodMonitor must scrape port 'metrics' path /metrics")
-        r.check(all(e.get("honorLabels") is True for e in eps),
-                "PodMonitor must set honorLabels: true (our `job` label is the backfill job name)")
+        # backfilld exports no target label (job, instance, namespace, pod...), so both settings
+        # give the same series; false is what overrideHonorLabels would force anyway.
+        r.check(all(e.get("honorLabels") is not True for e in eps),
+                "PodMonitor must not need honorLabels: true (backfilld exports no target label)")
         allowed = {"jobLabel", "podTargetLabels", "selector", "namespaceSelector", "podMetricsEndpoints", "sampleLimit",
                    "targetLimit", "labelLimit", "labelNameLengthLimit", "labelValueLengthLimit", "attachMetadata",
                    "scrapeClass", "scrapeProtocols", "fallbackScrapeProtocol", "keepDroppedTargets"}
@@ -554,11 +607,20 @@ def dockerignore_excludes(patterns: list[str], path: str) -> bool:
     return excluded
 
 
+def stage_names(froms: list[str]) -> set[str]:
+    """Names given to build stages (FROM ... AS name): a later FROM may name one unpinned."""
+    return {l.split()[-1] for l in froms if len(l.split()) >= 4 and l.split()[-2].upper() == "AS"}
+
+
 def cmd_docker(_: list[str]) -> None:
     r = Report()
     df = (ROOT / "Dockerfile").read_text()
     lines = [l.strip() for l in df.splitlines()]
     froms = [l for l in lines if l.upper().startswith("FROM ")]
+    for l in froms:
+        image = l.split()[1]
+        r.check(image in stage_names(froms) or re.search(r"@sha256:[0-9a-f]{64}$", image),
+                f"base image not pinned by digest: {l}")
     r.check(len(froms) >= 3, "Dockerfile: expected a multi-stage build (chef, planner, builder, runtime)")
     r.check(bool(froms) and "gcr.io/distroless/cc-debian12:nonroot" in froms[-1],
             "Dockerfile: final stage must be gcr.io/distroless/cc-debian12:nonroot")
@@ -587,7 +649,32 @@ def cmd_docker(_: list[str]) -> None:
     r.exit()
 
 
+def cmd_alerts(_: list[str]) -> None:
+    """Routing and identity: every rule keeps namespace, per-job rules name backfill_job, and
+    every alert links its RUNBOOK.md section with an absolute runbook_url."""
+    r = Report()
+    runbook = (DEPLOY / "RUNBOOK.md").read_text()
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
+               for h in re.findall(r"^## (.+)$", runbook, re.M)}
+    rules = [rule for g in yaml.safe_load(ALERTS.read_text())["groups"] for rule in g["rules"]]
+    for rule in rules:
+        name, expr, ann = rule["alert"], rule["expr"], rule.get("annotations", {})
+        url = ann.get("runbook_url", "")
+        r.check("runbook" not in ann, f"{name}: the annotation is runbook_url, not runbook")
+        r.check(url.startswith("https://") and url.endswith("#" + name.lower()),
+                f"{name}: runbook_url must be an absolute https URL ending in #{name.lower()}: {url!r}")
+        r.check(name.lower() in anchors, f"{name}: RUNBOOK.md has no '## {name}' section")
+        r.check(not re.search(r"\bjob=~|by \([^)]*\bjob\b|on \([^)]*\bjob\b|\$labels\.job\b", expr + json.dumps(ann)),
+                f"{name}: the per-job label is backfill_job (job is Prometheus' target label)")
+        for agg in re.findall(r"\b(?:sum|max|min|avg|count) by \(([^)]*)\)", expr):
+            r.check("namespace" in [a.strip() for a in agg.split(",")],
+                    f"{name}: 'by ({agg})' drops namespace: alerts could not be routed")
+    r.ok(f"{len(rules)} rules keep namespace and link their runbook")
+    r.exit()
+
+
 COMMANDS = {
+    "alerts": cmd_alerts,
     "sync-rules": cmd_sync_rules,
     "metric-names": cmd_metric_names,
     "dashboard": cmd_dashboard,

@@ -360,7 +360,7 @@ fn bad_configuration_exits_2_with_one_clear_line() {
     let cases: Vec<(String, String)> = vec![
         (
             with_file("unknown_key.toml", "[database]\nnope = 1\n"),
-            "backfilld: configuration error: unknown field `nope`, expected one of `url`, `pool_size`, `connect_timeout` for key `database`".into(),
+            "backfilld: configuration error: unknown field `nope`, expected one of `url`, `pool_size`, `connect_timeout`, `startup_timeout` for key `database`".into(),
         ),
         (
             with_file("unknown_section.toml", "[nope]\nx = 1\n"),
@@ -436,16 +436,22 @@ fn bad_configuration_exits_2_with_one_clear_line() {
         assert!(!got.contains("s3cret"), "{got}");
     }
 
-    // Nothing listens on a fresh port: refused at once, with the reason, not after
-    // database.connect_timeout, and for `run` as for any verb.
+    // Nothing listens on a fresh port: the database may be failing over, so that is no
+    // configuration error: it is retried for database.startup_timeout (tests/startup.rs),
+    // then exits 1 with the reason. With no retries, at once, for `run` as for any verb.
     let port = free_port();
     let closed = format!("postgres://app:s3cret@127.0.0.1:{port}/x");
     for verb in ["status", "run"] {
         let started = Instant::now();
-        let line = usage_error(&closed, &[verb], &[]);
+        let out = backfilld_at(
+            &closed,
+            &[verb],
+            &[("BACKFILLD_DATABASE__STARTUP_TIMEOUT", "0s")],
+        );
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
         assert_eq!(
-            line,
-            format!("backfilld: cannot connect to the database at postgres://app:***@127.0.0.1:{port}/x: error communicating with database: Connection refused (os error 111)")
+            out.stderr.trim(),
+            format!("backfilld: cannot connect to the database at postgres://app:***@127.0.0.1:{port}/x: error communicating with database: Connection refused (os error 111) (gave up after 1 attempts in 0s, database.startup_timeout 0s)")
         );
         assert!(
             started.elapsed() < Duration::from_secs(3),

@@ -143,8 +143,33 @@ impl Scrape {
     fn has_series_of_job(&self, job: &str) -> bool {
         self.samples
             .iter()
-            .any(|s| s.labels.get("job").map(String::as_str) == Some(job))
+            .any(|s| s.labels.get("backfill_job").map(String::as_str) == Some(job))
     }
+}
+
+/// `promtool check metrics` (Prometheus' own linter) on a scraped page; promtool comes with
+/// Debian's `prometheus` package (scripts/test installs it).
+fn promtool_check_metrics(page: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool not found: apt-get install prometheus (scripts/test does)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(page.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn parse_labels(text: &str) -> BTreeMap<String, String> {
@@ -361,16 +386,54 @@ fn a_demo_job_exports_every_design_and_deploy_metric_with_sane_values() {
         .filter(|n| n.starts_with("backfill_"))
         .cloned()
         .collect();
+    // backfill_job_failed exists only while a job is failed, which this one is not.
+    let only_when_failed: BTreeSet<String> = ["backfill_job_failed".to_string()].into();
     assert_eq!(
-        exported, listed,
+        exported,
+        &listed - &only_when_failed,
         "the daemon's backfill_* series differ from deploy/metric-names.txt"
     );
+    // No target label (job, instance, namespace, pod) is ours: the series are the same under
+    // honor_labels true or false.
+    for sample in &metrics.samples {
+        for target_label in [
+            "job",
+            "instance",
+            "namespace",
+            "pod",
+            "container",
+            "endpoint",
+        ] {
+            assert!(
+                !sample.labels.contains_key(target_label),
+                "{} carries the target label {target_label}",
+                sample.name
+            );
+        }
+    }
+    // The standard process metrics, and a page promtool accepts (counters typed as such).
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(names.contains(name), "{name} is not exported");
+    }
+    assert!(
+        metrics
+            .text
+            .contains("# TYPE backfill_throttle_sleep_seconds_total counter\n"),
+        "{}",
+        metrics.text
+    );
+    promtool_check_metrics(&metrics.text);
 
     // Sane values.
     let excess = metrics.value("backfill_probe_delay_seconds", &[]);
     assert!((0.0..10.0).contains(&excess), "canary excess {excess} s");
     assert_eq!(metrics.value("backfill_probe_delays_total", &[]), 0.0);
-    let job = [("job", JOB)];
+    let job = [("backfill_job", JOB)];
     let db_int = |sql: &str| -> f64 { psql(&primary, sql).parse().expect("number") };
     let rows_done = db_int("SELECT rows_done FROM backfill.jobs");
     assert_eq!(rows_done, rows as f64);
@@ -383,14 +446,14 @@ fn a_demo_job_exports_every_design_and_deploy_metric_with_sane_values() {
     assert_eq!(metrics.value("backfill_job_eta_seconds", &job), 0.0);
     assert_eq!(metrics.value("backfill_failed_rows_total", &job), 0.0);
     let batches = db_int("SELECT batches_done FROM backfill.jobs");
-    let committed = [("job", JOB), ("outcome", "committed")];
+    let committed = [("backfill_job", JOB), ("outcome", "committed")];
     assert_eq!(metrics.value("backfill_batches_total", &committed), batches);
     assert_eq!(
         metrics.value("backfill_batch_duration_seconds_count", &job),
         batches
     );
     assert!(metrics.value("backfill_batch_duration_seconds_sum", &job) > 0.0);
-    let infinite_bucket = [("job", JOB), ("le", "+Inf")];
+    let infinite_bucket = [("backfill_job", JOB), ("le", "+Inf")];
     assert_eq!(
         metrics.value("backfill_batch_duration_seconds_bucket", &infinite_bucket),
         batches
@@ -401,7 +464,7 @@ fn a_demo_job_exports_every_design_and_deploy_metric_with_sane_values() {
         "batch size {batch_size}"
     );
     for reason in THROTTLE_REASONS {
-        let labels = [("job", JOB), ("reason", *reason)];
+        let labels = [("backfill_job", JOB), ("reason", *reason)];
         assert_eq!(
             metrics.value("backfill_throttled", &labels),
             0.0,
@@ -510,7 +573,7 @@ fn a_finished_jobs_series_expire_but_the_daemons_stay() {
     // Set once when the job ended, never again: exported until the idle timeout.
     let metrics = scrape(address);
     assert_eq!(
-        metrics.value("backfill_job_progress_ratio", &[("job", JOB)]),
+        metrics.value("backfill_job_progress_ratio", &[("backfill_job", JOB)]),
         1.0
     );
     let ended = Instant::now();
@@ -552,7 +615,7 @@ fn a_held_jobs_series_stay_while_it_is_held() {
     );
     let mut daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
     let address = http_address(&daemon);
-    let held = [("job", JOB), ("reason", "standby_missing")];
+    let held = [("backfill_job", JOB), ("reason", "standby_missing")];
     wait_until("the job to be held", RUN_LIMIT, || {
         let metrics = scrape(address);
         !metrics.find("backfill_throttled", &held).is_empty()
@@ -566,7 +629,7 @@ fn a_held_jobs_series_stay_while_it_is_held() {
         for sample in first
             .samples
             .iter()
-            .filter(|s| s.labels.contains_key("job"))
+            .filter(|s| s.labels.contains_key("backfill_job"))
         {
             let labels: Vec<(&str, &str)> = sample
                 .labels
@@ -584,11 +647,11 @@ fn a_held_jobs_series_stay_while_it_is_held() {
     let metrics = scrape(address);
     assert_eq!(metrics.value("backfill_throttled", &held), 1.0);
     assert_eq!(
-        metrics.value("backfill_rows_processed_total", &[("job", JOB)]),
+        metrics.value("backfill_rows_processed_total", &[("backfill_job", JOB)]),
         0.0
     );
     assert_eq!(
-        metrics.value("backfill_job_rows_remaining", &[("job", JOB)]),
+        metrics.value("backfill_job_rows_remaining", &[("backfill_job", JOB)]),
         1_000.0
     );
     assert_eq!(db.job_state(JOB), "running");

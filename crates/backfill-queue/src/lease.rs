@@ -346,10 +346,12 @@ impl Queue {
         Ok(updated == 1)
     }
 
-    /// True while some job is pending or running (and due): what `--exit-when-idle` waits out.
+    /// True while some job is pending (due or scheduled for later), running or paused: what
+    /// `--exit-when-idle` waits out, so a run-to-completion Job does not complete while a
+    /// paused job waits for its resume or a scheduled one for its `not_before`.
     pub async fn has_unfinished_work(&self) -> Result<bool, QueueError> {
         sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM backfill.jobs WHERE state IN ('pending', 'running') AND not_before <= now())",
+            "SELECT EXISTS (SELECT 1 FROM backfill.jobs WHERE state IN ('pending', 'running', 'paused'))",
         )
         .fetch_one(&self.pool)
         .await

@@ -40,7 +40,7 @@ pub enum Verb {
         #[arg(long)]
         watch: bool,
         /// Time between refreshes with --watch, e.g. 500ms, 2s.
-        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration, requires = "watch")]
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = positive_duration, requires = "watch")]
         interval: Duration,
     },
     /// Dry run: estimated pending rows, batches, a timed trial batch (rolled back) and the
@@ -65,6 +65,16 @@ pub enum Verb {
     Retry { name: String },
     /// Run the embedded demo: a throwaway PostgreSQL, a messy users table, a live backfill.
     Demo(DemoArgs),
+}
+
+/// A duration above zero: a zero refresh interval would redraw in a busy loop (and
+/// tokio's interval panics on it).
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(duration) if duration.is_zero() => Err("must be more than 0s, e.g. 500ms or 2s".into()),
+        Ok(duration) => Ok(duration),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The job's definition, as columns of backfill.jobs.

@@ -35,16 +35,26 @@ pub enum CliFailure {
 }
 
 impl CliFailure {
-    /// Classifies a daemon error: an unreachable database at start-up is a
-    /// configuration problem (exit 2), anything else is fatal (exit 1).
+    /// Classifies a daemon error: what a retry cannot fix (a refused login, an unknown
+    /// database, a bad URL, a missing grant) is a configuration problem (exit 2); a
+    /// database still unreachable after the start-up retries, and anything else, is a
+    /// runtime failure (exit 1) that a new pod may well get past.
     pub fn from_daemon(e: anyhow::Error) -> Self {
-        if e.downcast_ref::<DatabaseUnreachable>().is_some()
-            || e.downcast_ref::<ProbesBlind>().is_some()
-        {
+        let permanent = e
+            .downcast_ref::<DatabaseUnreachable>()
+            .is_some_and(|e| !e.retryable)
+            || e.downcast_ref::<ProbesBlind>().is_some();
+        if permanent {
             CliFailure::Usage(e.to_string())
         } else {
             CliFailure::Fatal(e)
         }
+    }
+}
+
+impl From<DatabaseUnreachable> for CliFailure {
+    fn from(e: DatabaseUnreachable) -> Self {
+        CliFailure::from_daemon(e.into())
     }
 }
 
@@ -57,12 +67,38 @@ impl From<QueueError> for CliFailure {
     }
 }
 
-/// The database could not be reached at start-up: a configuration problem (exit 2).
+/// The database could not be reached at start-up. `retryable`: it may come back (refused,
+/// timed out, starting up, failing over), so the start-up retries were spent on it and the
+/// process exits 1; otherwise a retry cannot help (a refused login, an unknown database, a
+/// bad URL): exit 2.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot connect to the database at {url}: {reason}")]
+#[error("cannot connect to the database at {url}: {reason}{hint}")]
 pub struct DatabaseUnreachable {
     url: String,
     reason: String,
+    retryable: bool,
+    /// Said after the reason: how long we tried, and where the URL came from.
+    hint: String,
+}
+
+/// Back-off between start-up connection attempts: doubles from the first to the last.
+const STARTUP_BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(10));
+
+/// One failed connection attempt.
+struct ConnectFailure {
+    reason: String,
+    retryable: bool,
+}
+
+/// Where the URL came from, when it is not from the environment: a missing `DATABASE_URL`
+/// is the most common reason for connecting to the wrong place.
+fn url_source_hint() -> &'static str {
+    let set = |name: &str| std::env::var_os(name).is_some_and(|value| !value.is_empty());
+    if set("DATABASE_URL") || set("BACKFILLD_DATABASE__URL") {
+        ""
+    } else {
+        "; DATABASE_URL is not set, so database.url from the configuration was used"
+    }
 }
 
 /// The role cannot see what the throttle's probes read, and `throttle.allow_blind` is
@@ -72,6 +108,21 @@ pub struct DatabaseUnreachable {
     "{0}; GRANT pg_monitor to it, or set throttle.allow_blind = true to run without these probes"
 )]
 pub struct ProbesBlind(String);
+
+/// Whether a failed connection attempt may succeed later: no SQLSTATE (refused, reset, name
+/// resolution, timed out) or a transient one (starting up, shutting down, too many
+/// connections). A refused login or an unknown database is final.
+fn connect_error_is_retryable(sqlstate: Option<&str>, message: &str) -> bool {
+    sqlstate.is_none_or(|code| {
+        backfill_core::error_class::classify(&backfill_core::error_class::ErrorFacts {
+            sqlstate: Some(code),
+            message,
+            connection_closed: true,
+            canceled_by_us: false,
+        })
+        .is_transient()
+    })
+}
 
 /// Connections to the target database: sqlx for the queue, deadpool for batches.
 pub struct Database {
@@ -83,27 +134,75 @@ pub struct Database {
 }
 
 impl Database {
-    /// Connects both planes with the same TLS settings, and opens one connection on each
-    /// at once, so an unreachable database, a refused login or a certificate that does not
-    /// verify is reported now, with its reason, rather than by the first batch.
+    /// Connects both planes, retrying what may pass (refused, timed out, starting up, failing
+    /// over) with back-off for up to `database.startup_timeout`: a pod starting during a
+    /// failover waits it out instead of failing its Job. What a retry cannot fix (a refused
+    /// login, an unknown database, a bad URL) is reported at once.
     pub async fn connect(settings: &Settings) -> Result<Database, DatabaseUnreachable> {
+        let started = Instant::now();
+        let budget = settings.database.startup_timeout;
+        let mut wait = STARTUP_BACKOFF.0;
+        let mut attempts = 1u32;
+        loop {
+            let failure = match Self::connect_once(settings).await {
+                Ok(db) => return Ok(db),
+                Err(failure) => failure,
+            };
+            let redacted_url = redacted(&settings.database.url);
+            let spent = started.elapsed();
+            let left = budget.saturating_sub(spent);
+            if !failure.retryable || left.is_zero() {
+                let tried = if failure.retryable {
+                    format!(
+                        " (gave up after {attempts} attempts in {}, database.startup_timeout {})",
+                        humantime::format_duration(Duration::from_secs(spent.as_secs())),
+                        humantime::format_duration(budget)
+                    )
+                } else {
+                    String::new()
+                };
+                return Err(DatabaseUnreachable {
+                    url: redacted_url,
+                    reason: failure.reason,
+                    retryable: failure.retryable,
+                    hint: format!("{tried}{}", url_source_hint()),
+                });
+            }
+            tracing::warn!(
+                database = %redacted_url,
+                error = %failure.reason,
+                retry_in = %humantime::format_duration(wait.min(left)),
+                attempt = attempts,
+                "cannot connect to the database; retrying (database.startup_timeout)"
+            );
+            // The last try comes at the deadline, not a back-off step before it.
+            tokio::time::sleep(wait.min(left)).await;
+            wait = (wait * 2).min(STARTUP_BACKOFF.1);
+            attempts += 1;
+        }
+    }
+
+    /// One attempt at both planes, with the same TLS settings; it opens one connection on
+    /// each, so an unreachable database, a refused login or a certificate that does not
+    /// verify is reported now, with its reason, rather than by the first batch.
+    async fn connect_once(settings: &Settings) -> Result<Database, ConnectFailure> {
         let url = &settings.database.url;
-        let redacted_url = redacted(url);
-        let unreachable = |reason: String| DatabaseUnreachable {
-            url: redacted_url.clone(),
+        let final_failure = |reason: String| ConnectFailure {
             reason,
+            retryable: false,
         };
         let timeout = settings.database.connect_timeout;
-        let timed_out = || {
-            unreachable(format!(
+        let timed_out = || ConnectFailure {
+            reason: format!(
                 "no answer within database.connect_timeout ({})",
                 humantime::format_duration(timeout)
-            ))
+            ),
+            retryable: true,
         };
-        let endpoint = Endpoint::parse(url).map_err(|e| unreachable(e.to_string()))?;
+        let endpoint = Endpoint::parse(url).map_err(|e| final_failure(e.to_string()))?;
         let options: PgConnectOptions = url
             .parse()
-            .map_err(|e: sqlx::Error| unreachable(e.to_string()))?;
+            .map_err(|e: sqlx::Error| final_failure(e.to_string()))?;
         // The queue's sessions parse and print keys too (slice bounds): pinned like the
         // data plane's, whatever the role's settings.
         let options = with_tls_of(options, &endpoint)
@@ -114,7 +213,22 @@ impl Database {
         let probe = tokio::time::timeout(timeout, PgConnection::connect_with(&options))
             .await
             .map_err(|_| timed_out())?
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(|e| {
+                let retryable = match &e {
+                    sqlx::Error::Database(db) => {
+                        connect_error_is_retryable(db.code().as_deref(), db.message())
+                    }
+                    // A certificate or URL problem stays one. rustls reports a certificate
+                    // it refuses as invalid data on the socket.
+                    sqlx::Error::Tls(_) | sqlx::Error::Configuration(_) => false,
+                    sqlx::Error::Io(io) => io.kind() != std::io::ErrorKind::InvalidData,
+                    _ => true,
+                };
+                ConnectFailure {
+                    reason: e.to_string(),
+                    retryable,
+                }
+            })?;
         let _ = probe.close().await;
         // Four for claims, heartbeats and probes, one the daemon keeps listening for
         // queue changes.
@@ -124,21 +238,26 @@ impl Database {
             .connect_lazy_with(options);
         let data = endpoint
             .pool(&session_settings(settings))
-            .map_err(|e| unreachable(e.to_string()))?;
-        let first = data.get().await.map_err(|e| {
-            unreachable(match e {
-                deadpool_postgres::PoolError::Timeout(_) => timed_out().reason,
-                deadpool_postgres::PoolError::Backend(e) => {
-                    format!("data plane: {}", error_chain(&e))
-                }
-                other => format!("data plane: {}", error_chain(&other)),
-            })
+            .map_err(|e| final_failure(e.to_string()))?;
+        let first = data.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Timeout(_) => timed_out(),
+            deadpool_postgres::PoolError::Backend(e) => ConnectFailure {
+                retryable: connect_error_is_retryable(
+                    e.code().map(|code| code.code()),
+                    &e.to_string(),
+                ),
+                reason: format!("data plane: {}", error_chain(&e)),
+            },
+            other => ConnectFailure {
+                reason: format!("data plane: {}", error_chain(&other)),
+                retryable: true,
+            },
         })?;
         drop(first); // back into the pool
         Ok(Database {
             control,
             data,
-            redacted_url,
+            redacted_url: redacted(url),
             endpoint,
         })
     }
@@ -283,10 +402,7 @@ pub fn spawn_health_probes(
             telemetry::record_daemon_info(max_lag, max_lag_bytes);
             if job_states_at.is_none_or(|at| at.elapsed() >= JOB_STATES_INTERVAL) {
                 job_states_at = Some(Instant::now());
-                match JobStatus::count_by_state(&control).await {
-                    Ok(counts) => telemetry::record_job_states(&counts),
-                    Err(e) => tracing::debug!(error = %e, "cannot count jobs by state"),
-                }
+                report_queue_state(&control).await;
             }
             shutdown.sleep(interval).await;
         }
@@ -299,6 +415,21 @@ pub fn spawn_health_probes(
         }
     });
     Ok((rx, probes))
+}
+
+/// Refreshes `backfill_jobs{state}` and `backfill_job_failed{backfill_job}` from the queue.
+pub async fn report_queue_state(control: &PgPool) {
+    match JobStatus::count_by_state(control).await {
+        Ok(counts) => telemetry::record_job_states(&counts),
+        Err(e) => tracing::debug!(error = %e, "cannot count jobs by state"),
+    }
+    let failed = sqlx::query_scalar("SELECT name FROM backfill.jobs WHERE state = 'failed'")
+        .fetch_all(control)
+        .await;
+    match failed {
+        Ok(names) => telemetry::record_failed_jobs(&names),
+        Err(e) => tracing::debug!(error = %e, "cannot list failed jobs"),
+    }
 }
 
 /// Logs when jobs start and stop sharing the primary with production.
@@ -357,10 +488,11 @@ async fn run_canary(
 
 /// Runs an operator verb (everything but `run` and `demo`).
 pub async fn run(verb: Verb, settings: Settings) -> Result<(), CliFailure> {
-    let db = Database::connect(&settings)
-        .await
-        .map_err(|e| CliFailure::Usage(e.to_string()))?;
+    let db = Database::connect(&settings).await?;
     let pool = &db.control;
+    if !matches!(verb, Verb::Migrate) {
+        require_schema(pool).await?;
+    }
     match verb {
         Verb::Migrate => {
             backfill_queue::migrate(pool).await?;
@@ -415,6 +547,25 @@ pub async fn run(verb: Verb, settings: Settings) -> Result<(), CliFailure> {
         Verb::Run { .. } | Verb::Demo(_) => unreachable!("handled in main"),
     }
     Ok(())
+}
+
+/// Refuses to work on a database whose `backfill` schema is missing or older than this
+/// binary, saying what to do, instead of a raw "relation does not exist" (exit 2: running
+/// the verb again will not help until someone migrates).
+async fn require_schema(pool: &PgPool) -> Result<(), CliFailure> {
+    if backfill_queue::schema_is_current(pool).await? {
+        return Ok(());
+    }
+    let installed: bool = sqlx::query_scalar("SELECT to_regclass('backfill.jobs') IS NOT NULL")
+        .fetch_one(pool)
+        .await
+        .context("looking for schema backfill")
+        .map_err(CliFailure::Fatal)?;
+    Err(CliFailure::Usage(if installed {
+        "schema backfill in this database is older than this backfilld: run `backfilld migrate` (or start a worker, which migrates)".to_string()
+    } else {
+        "schema backfill is not installed in this database: run `backfilld migrate` first (or start a worker, which migrates)".to_string()
+    }))
 }
 
 /// The status of every job, or of the named one (which must exist).

@@ -40,6 +40,7 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     let metrics_port = free_port()?;
     settings.database.url = primary.url("postgres");
     settings.http.listen = format!("127.0.0.1:{metrics_port}");
+    settings.http.final_scrape_wait = Duration::ZERO; // nobody scrapes the demo
     settings.throttle.expected_standbys = vec!["demo_standby".to_string()];
     settings.worker.id = "demo-worker".to_string();
     let url = settings.database.url.clone();

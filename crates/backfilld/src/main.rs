@@ -138,7 +138,11 @@ async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<
         work_signal: Default::default(),
     });
     tracing::info!(worker = %worker.worker_id, database = %db.redacted_url, "worker started");
-    worker.run(shutdown, exit_when_idle).await;
+    worker.run(shutdown.clone(), exit_when_idle).await;
+    if exit_when_idle && !shutdown.is_triggered() && !settings.http.listen.is_empty() {
+        commands::report_queue_state(&db.control).await;
+        telemetry::await_final_scrape(settings.http.final_scrape_wait).await;
+    }
     // Stop probing before the pools close under it.
     probes.abort();
     let _ = probes.await;

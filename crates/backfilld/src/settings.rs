@@ -35,6 +35,9 @@ pub struct DatabaseSettings {
     pub pool_size: usize,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How long start-up keeps retrying an unreachable database before exiting 1.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
 }
 
 /// `[worker]`
@@ -174,6 +177,9 @@ pub struct HttpSettings {
     /// Series no update touched for this long leave /metrics (zero: never).
     #[serde(with = "humantime_serde")]
     pub metrics_idle_timeout: Duration,
+    /// With `--exit-when-idle`: how long the last report waits for a scrape before exiting.
+    #[serde(with = "humantime_serde")]
+    pub final_scrape_wait: Duration,
 }
 
 impl HttpSettings {

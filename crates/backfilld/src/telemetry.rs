@@ -1,5 +1,6 @@
 //! Logs, Prometheus metrics and the HTTP endpoints (`/metrics`, `/healthz`, `/readyz`).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -9,7 +10,7 @@ use axum::routing::get;
 use axum::Router;
 use backfill_core::throttle::ThrottleReason;
 use backfill_dataplane::BatchStats;
-use backfill_queue::JobState;
+use backfill_queue::{JobState, Phase};
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
 };
@@ -82,6 +83,7 @@ pub fn install_metrics(idle_timeout: Option<Duration>) -> Result<PrometheusHandl
             upkeep.run_upkeep();
         }
     });
+    metrics_process::Collector::default().describe();
     describe_counter!(
         "backfill_rows_processed_total",
         "Rows whose batch statement committed."
@@ -98,12 +100,12 @@ pub fn install_metrics(idle_timeout: Option<Duration>) -> Result<PrometheusHandl
     describe_gauge!("backfill_batch_size", "Keys in the job's current batch.");
     describe_counter!(
         "backfill_failed_rows_total",
-        "Rows recorded in backfill.failed_rows."
+        "Rows newly set aside in backfill.failed_rows (a row failing again on retry counts once)."
     );
-    describe_gauge!(
+    describe_counter!(
         "backfill_throttle_sleep_seconds_total",
         Unit::Seconds,
-        "Time spent waiting because of the throttle, by reason."
+        "Time spent waiting because of the throttle, by reason (whole seconds)."
     );
     describe_gauge!(
         "backfill_throttled",
@@ -138,6 +140,10 @@ pub fn install_metrics(idle_timeout: Option<Duration>) -> Result<PrometheusHandl
     );
     describe_gauge!("backfill_jobs", "Jobs in the queue by state.");
     describe_gauge!(
+        "backfill_job_failed",
+        "1 for each job in state failed (it stays failed until retried or cancelled), 0 once it is not."
+    );
+    describe_gauge!(
         "backfill_build_info",
         "Always 1; the version label says which backfilld runs."
     );
@@ -161,6 +167,26 @@ pub fn install_metrics(idle_timeout: Option<Duration>) -> Result<PrometheusHandl
         "Canary round trips over throttle.max_probe_delay: production waiting for the database."
     );
     Ok(handle)
+}
+
+/// Throttle sleep per (job, reason) in this process, in seconds, exactly: several slots
+/// (slices) of one job share one series.
+static SLEPT: SleepTotals = SleepTotals(Mutex::new(BTreeMap::new()));
+
+/// See [`SLEPT`].
+struct SleepTotals(Mutex<BTreeMap<(String, String), f64>>);
+
+impl SleepTotals {
+    /// Adds `seconds` to the total of (`job`, `reason`) and returns the new total.
+    fn add(&self, job: &str, reason: &str, seconds: f64) -> f64 {
+        // Plain sums: a panic elsewhere cannot leave them inconsistent.
+        let mut totals = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let total = totals
+            .entry((job.to_string(), reason.to_string()))
+            .or_insert(0.0);
+        *total += seconds;
+        *total
+    }
 }
 
 /// Every `outcome` label of `backfill_batches_total`.
@@ -210,21 +236,25 @@ impl JobMetrics {
         metrics
     }
 
-    /// A batch committed.
-    pub fn committed(&self, stats: &BatchStats, duration: Duration) {
+    /// A batch committed. In the retry phase every key comes from `backfill.failed_rows`:
+    /// one failing again is no new failed row, so `backfill_failed_rows_total` counts rows,
+    /// not attempts.
+    pub fn committed(&self, stats: &BatchStats, duration: Duration, phase: Phase) {
         let job = self.job.clone();
-        counter!("backfill_rows_processed_total", "job" => job.clone())
+        counter!("backfill_rows_processed_total", "backfill_job" => job.clone())
             .increment(stats.applied as u64);
         let outcome = if stats.failed > 0 {
             "row_failures"
         } else {
             "committed"
         };
-        counter!("backfill_batches_total", "job" => job.clone(), "outcome" => outcome).increment(1);
-        histogram!("backfill_batch_duration_seconds", "job" => job.clone())
+        counter!("backfill_batches_total", "backfill_job" => job.clone(), "outcome" => outcome)
+            .increment(1);
+        histogram!("backfill_batch_duration_seconds", "backfill_job" => job.clone())
             .record(duration.as_secs_f64());
-        if stats.failed > 0 {
-            counter!("backfill_failed_rows_total", "job" => job).increment(stats.failed as u64);
+        if stats.failed > 0 && phase != Phase::Retry {
+            counter!("backfill_failed_rows_total", "backfill_job" => job)
+                .increment(stats.failed as u64);
         }
     }
 
@@ -234,7 +264,7 @@ impl JobMetrics {
             BATCH_OUTCOMES.contains(&outcome),
             "unknown outcome {outcome}"
         );
-        counter!("backfill_batches_total", "job" => self.job.clone(), "outcome" => outcome)
+        counter!("backfill_batches_total", "backfill_job" => self.job.clone(), "outcome" => outcome)
             .increment(1);
     }
 
@@ -242,15 +272,22 @@ impl JobMetrics {
     pub fn batch_size(&self, size: u32) {
         let size = f64::from(size);
         self.latest().batch_size = Some(size);
-        gauge!("backfill_batch_size", "job" => self.job.clone()).set(size);
+        gauge!("backfill_batch_size", "backfill_job" => self.job.clone()).set(size);
     }
 
     /// Time waited because of the throttle.
     pub fn slept(&self, reason: &str, duration: Duration) {
-        // The metrics facade's counters are integers; sleeps are fractions of a
-        // second, so this monotonic total is kept in a gauge (rate() works the same).
-        gauge!("backfill_throttle_sleep_seconds_total", "job" => self.job.clone(), "reason" => reason.to_string())
-            .increment(duration.as_secs_f64());
+        let total = SLEPT.add(&self.job, reason, duration.as_secs_f64());
+        self.export_slept(reason, total);
+    }
+
+    /// The metrics facade's counters hold integers and sleeps are fractions of a second:
+    /// the exact total is kept per process in [`SLEPT`] and exported in whole seconds, as
+    /// `absolute`, so the series is a true counter (rate() and resets work) that loses no
+    /// fraction over time.
+    fn export_slept(&self, reason: &str, total_seconds: f64) {
+        counter!("backfill_throttle_sleep_seconds_total", "backfill_job" => self.job.clone(), "reason" => reason.to_string())
+            .absolute(total_seconds.floor() as u64);
     }
 
     /// Which throttle reason is active now (at most one). Called on every throttle
@@ -262,7 +299,7 @@ impl JobMetrics {
 
     /// Sessions waiting on our locks.
     pub fn lock_waits(&self, sessions: u32) {
-        gauge!("backfill_lock_waits", "job" => self.job.clone()).set(f64::from(sessions));
+        gauge!("backfill_lock_waits", "backfill_job" => self.job.clone()).set(f64::from(sessions));
     }
 
     /// Progress and ETA.
@@ -294,7 +331,7 @@ impl JobMetrics {
             (Some(remaining), Some(ratio)) => self.export_progress(remaining, ratio, Some(0.0)),
             _ => {
                 self.latest().eta_seconds = Some(0.0);
-                gauge!("backfill_job_eta_seconds", "job" => self.job.clone()).set(0.0);
+                gauge!("backfill_job_eta_seconds", "backfill_job" => self.job.clone()).set(0.0);
             }
         }
     }
@@ -319,7 +356,7 @@ impl JobMetrics {
             } else {
                 0.0
             };
-            gauge!("backfill_throttled", "job" => self.job.clone(), "reason" => reason.as_str())
+            gauge!("backfill_throttled", "backfill_job" => self.job.clone(), "reason" => reason.as_str())
                 .set(value);
         }
     }
@@ -332,25 +369,25 @@ impl JobMetrics {
         let eta = latest.eta_seconds;
         drop(latest);
         let job = self.job.clone();
-        gauge!("backfill_job_rows_remaining", "job" => job.clone()).set(remaining);
-        gauge!("backfill_job_progress_ratio", "job" => job.clone()).set(ratio);
+        gauge!("backfill_job_rows_remaining", "backfill_job" => job.clone()).set(remaining);
+        gauge!("backfill_job_progress_ratio", "backfill_job" => job.clone()).set(ratio);
         if let Some(eta) = eta {
-            gauge!("backfill_job_eta_seconds", "job" => job).set(eta);
+            gauge!("backfill_job_eta_seconds", "backfill_job" => job).set(eta);
         }
     }
 
     /// Touches the counters without changing them: creates them at 0, keeps them exported.
     fn touch_counters(&self) {
         let job = &self.job;
-        counter!("backfill_rows_processed_total", "job" => job.clone()).increment(0);
-        counter!("backfill_failed_rows_total", "job" => job.clone()).increment(0);
+        counter!("backfill_rows_processed_total", "backfill_job" => job.clone()).increment(0);
+        counter!("backfill_failed_rows_total", "backfill_job" => job.clone()).increment(0);
         for outcome in BATCH_OUTCOMES {
-            counter!("backfill_batches_total", "job" => job.clone(), "outcome" => outcome)
+            counter!("backfill_batches_total", "backfill_job" => job.clone(), "outcome" => outcome)
                 .increment(0);
         }
         for reason in ThrottleReason::ALL {
-            gauge!("backfill_throttle_sleep_seconds_total", "job" => job.clone(), "reason" => reason.as_str())
-                .increment(0.0);
+            let reason = reason.as_str();
+            self.export_slept(reason, SLEPT.add(job, reason, 0.0));
         }
     }
 
@@ -375,14 +412,14 @@ impl JobMetrics {
         self.touch_counters();
         let job = &self.job;
         if let Some(size) = batch_size {
-            gauge!("backfill_batch_size", "job" => job.clone()).set(size);
+            gauge!("backfill_batch_size", "backfill_job" => job.clone()).set(size);
         }
         if let (Some(remaining), Some(ratio)) = (rows_remaining, progress_ratio) {
-            gauge!("backfill_job_rows_remaining", "job" => job.clone()).set(remaining);
-            gauge!("backfill_job_progress_ratio", "job" => job.clone()).set(ratio);
+            gauge!("backfill_job_rows_remaining", "backfill_job" => job.clone()).set(remaining);
+            gauge!("backfill_job_progress_ratio", "backfill_job" => job.clone()).set(ratio);
         }
         if let Some(eta) = eta_seconds {
-            gauge!("backfill_job_eta_seconds", "job" => job.clone()).set(eta);
+            gauge!("backfill_job_eta_seconds", "backfill_job" => job.clone()).set(eta);
         }
     }
 }
@@ -432,6 +469,47 @@ pub fn record_job_states(counts: &[(String, i64)]) {
     }
 }
 
+/// Jobs this process last reported failed, to report 0 for them once they are not.
+static FAILED_JOBS: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+/// Exports `backfill_job_failed{backfill_job}`: 1 per failed job (the alert names each),
+/// 0 for the ones that stopped being failed (retried, cancelled) until they expire.
+pub fn record_failed_jobs(names: &[String]) {
+    let mut reported = FAILED_JOBS.lock().unwrap_or_else(PoisonError::into_inner);
+    for gone in reported.iter().filter(|name| !names.contains(name)) {
+        gauge!("backfill_job_failed", "backfill_job" => gone.clone()).set(0.0);
+    }
+    for name in names {
+        gauge!("backfill_job_failed", "backfill_job" => name.clone()).set(1.0);
+    }
+    *reported = names.iter().cloned().collect();
+}
+
+/// How long a rendered `/metrics` page takes to reach the scraper, at most, on a live pod.
+const RESPONSE_GRACE: Duration = Duration::from_millis(250);
+
+/// Woken by every `/metrics` scrape; see [`await_final_scrape`].
+static SCRAPED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Waits for the next scrape of `/metrics`, at most `bound`: a worker leaving because the
+/// queue is done lets Prometheus see the final queue state first.
+pub async fn await_final_scrape(bound: Duration) {
+    if bound.is_zero() {
+        return;
+    }
+    match tokio::time::timeout(bound, SCRAPED.notified()).await {
+        Ok(()) => {
+            // The page is rendered when we are woken; give its response a moment on the wire.
+            tokio::time::sleep(RESPONSE_GRACE).await;
+            tracing::info!("final metrics scraped");
+        }
+        Err(_) => tracing::info!(
+            waited = %humantime::format_duration(bound),
+            "no scrape of the final metrics within http.final_scrape_wait"
+        ),
+    }
+}
+
 /// How long `/readyz` waits for the database before answering "not ready".
 const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -445,10 +523,17 @@ pub async fn serve_http(
         .await
         .map_err(|e| format!("cannot listen on http.listen {listen}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    // process_* (CPU, memory, file descriptors, start time) are read from /proc per scrape.
+    let process = metrics_process::Collector::default();
     let app = Router::new()
         .route(
             "/metrics",
-            get(move || std::future::ready(metrics.render())),
+            get(move || {
+                process.collect();
+                let page = metrics.render();
+                SCRAPED.notify_waiters();
+                std::future::ready(page)
+            }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route(

@@ -571,7 +571,7 @@ impl<'w> JobRun<'w> {
                     }
                     self.rows_done += i64::try_from(stats.applied).unwrap_or(i64::MAX);
                     self.rate.record(stats.keys, Instant::now());
-                    self.metrics.committed(&stats, duration);
+                    self.metrics.committed(&stats, duration, self.phase);
                     self.failure_log.record(&stats.failures, Instant::now());
                     self.publish_progress();
                     // One line per batch, for tuning and for tests that check the controller's path.
