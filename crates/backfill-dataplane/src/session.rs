@@ -106,13 +106,8 @@ impl JobSession {
         tx: &Transaction<'_>,
         context: &str,
     ) -> Result<(), BatchError> {
-        let row = async {
-            let statement = tx.prepare_cached(REPIN_SQL).await?;
-            tx.query_one(&statement, &[]).await
-        }
-        .await
-        .map_err(|e| BatchError::from_driver(format!("{context}: pinning the session"), &e))?;
-        self.check_role(row.get(0), context)
+        self.run_checking_role(tx, REPIN_SQL, context, "pinning the session")
+            .await
     }
 
     /// Leaves the job's session in `tx` before our own writes; fails when the job's SQL
@@ -122,12 +117,24 @@ impl JobSession {
         tx: &Transaction<'_>,
         context: &str,
     ) -> Result<(), BatchError> {
+        self.run_checking_role(tx, LEAVE_SQL, context, "resetting the role")
+            .await
+    }
+
+    /// Runs `sql`, whose first column is the role the job's SQL left, and checks it.
+    async fn run_checking_role(
+        &self,
+        tx: &Transaction<'_>,
+        sql: &str,
+        context: &str,
+        step: &str,
+    ) -> Result<(), BatchError> {
         let row = async {
-            let statement = tx.prepare_cached(LEAVE_SQL).await?;
+            let statement = tx.prepare_cached(sql).await?;
             tx.query_one(&statement, &[]).await
         }
         .await
-        .map_err(|e| BatchError::from_driver(format!("{context}: resetting the role"), &e))?;
+        .map_err(|e| BatchError::from_driver(format!("{context}: {step}"), &e))?;
         self.check_role(row.get(0), context)
     }
 
