@@ -292,8 +292,8 @@ struct JobRun<'w> {
     duty_budget: f64,
     /// When the budgets' shares were last re-read.
     budget_checked: Option<Instant>,
-    /// Since when every batch has failed (transient errors, no commit in between).
-    failing_since: Option<Instant>,
+    /// Batches failing in a row (transient errors, no commit in between), and since when.
+    failing: Option<(Instant, u32)>,
     /// The transactions of this pass's committed batches: rows they wrote must not turn
     /// up again ahead of the checkpoint or past the pass's end.
     writes: PassWrites,
@@ -326,7 +326,7 @@ impl<'w> JobRun<'w> {
             rate_budget: throttle_settings.max_rows_per_second,
             duty_budget: throttle_settings.busy_duty_cycle,
             budget_checked: None,
-            failing_since: None,
+            failing: None,
             writes: PassWrites::default(),
             throttle: ThrottleController::new(throttle_settings),
             last_report: None,
@@ -564,7 +564,7 @@ impl<'w> JobRun<'w> {
                 .await;
             match outcome {
                 RunOutcome::Committed { stats, duration } => {
-                    self.failing_since = None;
+                    self.failing = None;
                     if self.phase != Phase::Retry {
                         self.writes.remember(stats.txid);
                         self.checkpoint = stats.last_key.clone();
@@ -622,9 +622,14 @@ impl<'w> JobRun<'w> {
                         ErrorClass::Transient(kind) => {
                             self.metrics.batch_outcome("transient_error");
                             warn!(error = %error, kind = kind.as_str(), "batch rolled back; will retry it smaller after a pause");
-                            let failing_since =
-                                *self.failing_since.get_or_insert_with(Instant::now);
-                            if failing_since.elapsed() >= self.worker.settings.worker.stuck_after {
+                            let (since, batches) =
+                                self.failing.get_or_insert_with(|| (Instant::now(), 0));
+                            *batches += 1;
+                            // Time alone is not enough: a long hold between two failures
+                            // is not a job that cannot move.
+                            if *batches >= MIN_FAILED_BATCHES_TO_REST
+                                && since.elapsed() >= self.worker.settings.worker.stuck_after
+                            {
                                 return self.rest(&error.to_string()).await;
                             }
                             let outcome = match kind {
@@ -1256,6 +1261,10 @@ impl RateEstimate {
         self.rows_per_second
     }
 }
+
+/// Batches that must fail in a row, besides `worker.stuck_after` passing, before a job
+/// is taken for stuck and rests.
+const MIN_FAILED_BATCHES_TO_REST: u32 = 3;
 
 /// Log lines per isolated failing key allowed in each [`FAILURE_LOG_WINDOW`].
 const FAILURE_LINES_PER_WINDOW: usize = 20;
