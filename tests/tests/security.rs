@@ -221,7 +221,7 @@ fn passwords_never_reach_logs_status_metrics_or_connection_errors() {
     let (status, metrics) = http_get(port, "/metrics").expect("/metrics answers");
     assert_eq!(status, 200);
     assert!(
-        metrics.contains("backfill_rows_processed_total{job=\"fill\"}"),
+        metrics.contains("backfill_rows_processed_total{backfill_job=\"fill\"}"),
         "{metrics}"
     );
     outputs.push(("/metrics".into(), metrics));

@@ -473,10 +473,7 @@ fn engineer_sql_runs_with_the_engineers_rights() {
     as_engineer.execute(
         "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate)
          VALUES ('reader', 'items', 'k',
-                 $$UPDATE items SET v = length(pg_read_file('PG_VERSION')) WHERE k = ANY(:keys)$$, 'v = 0'),
-                ('escaper', 'items', 'k',
-                 $$UPDATE items SET v = 1 WHERE k = ANY(:keys) AND set_config('role', 'none', true) IS NOT NULL$$, 'v = 0');
-         SELECT backfill.pause('escaper');",
+                 $$UPDATE items SET v = length(pg_read_file('PG_VERSION')) WHERE k = ANY(:keys)$$, 'v = 0')",
     );
     // plan, run by a superuser, tries the statement as the engineer.
     let plan = db.backfilld(&["plan", "reader", "--json"]);
@@ -506,7 +503,11 @@ fn engineer_sql_runs_with_the_engineers_rights() {
     assert_eq!(db.int("SELECT count(*) FROM items WHERE v <> 0"), 0);
     // SQL that drops the engineer's role to act as the daemon is refused, and nothing of
     // its batch stays.
-    as_engineer.execute("SELECT backfill.resume('escaper')");
+    as_engineer.execute(
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate)
+         VALUES ('escaper', 'items', 'k',
+                 $$UPDATE items SET v = 1 WHERE k = ANY(:keys) AND set_config('role', 'none', true) IS NOT NULL$$, 'v = 0')",
+    );
     let daemon = run_until_idle(&db, &env);
     assert_eq!(
         job_field(&db, "escaper", "state"),
