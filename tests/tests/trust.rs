@@ -501,6 +501,14 @@ fn engineer_sql_runs_with_the_engineers_rights() {
         job_field(&db, "reader", "last_error")
     );
     assert_eq!(db.int("SELECT count(*) FROM items WHERE v <> 0"), 0);
+    // The test kit's daemon runs as a superuser: it says what that risks.
+    assert!(
+        daemon
+            .log_text()
+            .contains("the daemon's role is a superuser: an engineer's SQL that resets its role would run as one"),
+        "{}",
+        daemon.log_text()
+    );
     // SQL that drops the engineer's role to act as the daemon is refused, and nothing of
     // its batch stays.
     as_engineer.execute(

@@ -268,13 +268,24 @@ impl Database {
     /// lock probe no blocked session, and the throttle would never hold. With
     /// `throttle.allow_blind` it only warns.
     pub async fn check_probes_can_see(&self, settings: &Settings) -> anyhow::Result<()> {
-        let (role, reads_all_stats, hidden_standbys): (String, bool, i64) = sqlx::query_as(
-            "SELECT current_user::text, pg_has_role(current_user, 'pg_read_all_stats', 'USAGE'), \
-                    (SELECT count(*) FROM pg_stat_replication WHERE state IS NULL)",
-        )
-        .fetch_one(&self.control)
-        .await
-        .context("checking what the health probes can see")?;
+        let (role, reads_all_stats, hidden_standbys, superuser): (String, bool, i64, bool) =
+            sqlx::query_as(
+                "SELECT current_user::text, pg_has_role(current_user, 'pg_read_all_stats', 'USAGE'), \
+                        (SELECT count(*) FROM pg_stat_replication WHERE state IS NULL), \
+                        (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
+            )
+            .fetch_one(&self.control)
+            .await
+            .context("checking what the health probes can see")?;
+        if superuser {
+            // Jobs run as their engineers (SET LOCAL ROLE), but SQL can reset the role
+            // within its own statement: the daemon's role is what it would reach.
+            tracing::warn!(
+                role = %role,
+                "the daemon's role is a superuser: an engineer's SQL that resets its role would run as one; \
+                 give the daemon a role of its own (README, \"Least privilege\")"
+            );
+        }
         if reads_all_stats && hidden_standbys == 0 {
             return Ok(());
         }
