@@ -130,7 +130,18 @@ fn status_fits_80_columns_and_escapes_control_characters() {
             "lines wider than {width}:\n{}",
             out.stdout
         );
-        assert!(out.stdout.contains("pending"), "{}", out.stdout);
+        // Each job's state and progress bar stay on one line (its name may wrap).
+        let rows: Vec<&str> = out
+            .stdout
+            .lines()
+            .filter(|l| l.contains(" pending "))
+            .collect();
+        assert_eq!(rows.len(), 2, "{}", out.stdout);
+        assert!(
+            rows.iter().all(|row| row.contains("..........   0.0%")),
+            "{}",
+            out.stdout
+        );
         assert!(
             !out.stdout.contains('\u{1b}'),
             "a raw ESC reached the terminal"

@@ -14,6 +14,7 @@ use backfill_dataplane::{
     HealthProbe, LatencyCanary, RetryBackoff, SessionSettings, SslMode,
 };
 use backfill_queue::{Job, JobState, JobStatus, NewJob, Phase, QueueError, SteeringVerb};
+use comfy_table::{ColumnConstraint, Width};
 use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{Connection as _, PgConnection, PgPool};
@@ -738,6 +739,13 @@ fn render_status_table_in(statuses: &[JobStatus], width: u16) -> String {
             "JOB", "STATE", "PROGRESS", "ROWS", "ROWS/S", "ETA", "BATCH", "THROTTLE", "FAILED",
         ],
     );
+    // The state and the progress bar never wrap (the job name and throttle reason do):
+    // "succeeded" and "##########  100.0%", each with its padding.
+    for (index, least) in [(1, 10), (2, 18)] {
+        if let Some(column) = jobs.column_mut(index) {
+            column.set_constraint(ColumnConstraint::LowerBoundary(Width::Fixed(least)));
+        }
+    }
     for s in statuses {
         let percent = s.percent.unwrap_or(0.0);
         let filled = ((percent / 100.0) * 10.0).round().clamp(0.0, 10.0) as usize;
@@ -767,7 +775,7 @@ fn render_status_table_in(statuses: &[JobStatus], width: u16) -> String {
             cell(&s.failed_rows.to_string()),
         ]);
     }
-    let mut out = format!("{jobs}\n");
+    let mut out = format!("{}\n", jobs.trim_fmt());
     let errors: Vec<&JobStatus> = statuses.iter().filter(|s| s.last_error.is_some()).collect();
     if !errors.is_empty() {
         let mut last_errors = table(width, &["JOB", "LAST ERROR"]);
@@ -777,7 +785,7 @@ fn render_status_table_in(statuses: &[JobStatus], width: u16) -> String {
                 cell(s.last_error.as_deref().unwrap_or_default()),
             ]);
         }
-        out.push_str(&format!("\n{last_errors}\n"));
+        out.push_str(&format!("\n{}\n", last_errors.trim_fmt()));
     }
     out
 }
