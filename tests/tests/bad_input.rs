@@ -475,7 +475,7 @@ fn bad_command_lines_exit_2_with_one_clear_line() {
         ),
         (
             &["enqueue", "--name", "j", "--table", "t", "--key", "k", "--sql", "x", "--batch-size", "ten"],
-            "backfilld: invalid value 'ten' for '--batch-size <BATCH_SIZE>': invalid digit found in string (see backfilld --help)",
+            "backfilld: invalid value 'ten' for '--batch-size <KEYS>': invalid digit found in string (see backfilld --help)",
         ),
         (
             &["status", "--watch", "--interval", "soon"],

@@ -5,7 +5,6 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgPool;
 
 use crate::{Context, QueueError};
 
@@ -226,8 +225,9 @@ pub struct NewJob {
 
 impl NewJob {
     /// Inserts the job exactly as an engineer's INSERT would, so the same
-    /// validation trigger refuses bad definitions; returns the job id.
-    pub async fn enqueue(&self, pool: &PgPool) -> Result<i64, QueueError> {
+    /// validation trigger refuses bad definitions (on a pool, or inside a transaction);
+    /// returns the job id.
+    pub async fn enqueue<'e>(&self, db: impl sqlx::PgExecutor<'e>) -> Result<i64, QueueError> {
         sqlx::query_scalar(
             "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, \
                  check_predicate, batch_size, min_batch_size, max_batch_size, target_batch_ms, \
@@ -251,7 +251,7 @@ impl NewJob {
         .bind(self.priority)
         .bind(self.not_before)
         .bind(self.parallelism)
-        .fetch_one(pool)
+        .fetch_one(db)
         .await
         .context(&format!("enqueueing job {:?}", self.name))
     }

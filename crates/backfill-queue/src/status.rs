@@ -80,11 +80,16 @@ impl SteeringVerb {
         }
     }
 
-    /// Applies the verb to the named job; returns the job's new state.
-    pub async fn apply(self, pool: &PgPool, job_name: &str) -> Result<String, QueueError> {
+    /// Applies the verb to the named job (on a pool, or inside a transaction); returns
+    /// the job's new state.
+    pub async fn apply<'e>(
+        self,
+        db: impl sqlx::PgExecutor<'e>,
+        job_name: &str,
+    ) -> Result<String, QueueError> {
         sqlx::query_scalar(&format!("SELECT {}($1)", self.function()))
             .bind(job_name)
-            .fetch_one(pool)
+            .fetch_one(db)
             .await
             .context(&format!("{}({job_name:?})", self.function()))
     }

@@ -98,23 +98,45 @@ pub struct EnqueueArgs {
     /// Boolean expression true for rows whose new shape disagrees with the old.
     #[arg(long)]
     pub check: Option<String>,
-    #[arg(long)]
+    /// Keys in the first batch (the throttle adapts it); default batch.size.
+    #[arg(long, value_name = "KEYS")]
     pub batch_size: Option<i32>,
-    #[arg(long)]
+    /// Fewest keys per batch the throttle shrinks to; default batch.min_size.
+    #[arg(long, value_name = "KEYS")]
     pub min_batch_size: Option<i32>,
-    #[arg(long)]
+    /// Most keys per batch the throttle grows to; default batch.max_size.
+    #[arg(long, value_name = "KEYS")]
     pub max_batch_size: Option<i32>,
-    #[arg(long)]
+    /// Batch duration the throttle steers towards, in milliseconds; default batch.target.
+    #[arg(long, value_name = "MS")]
     pub target_batch_ms: Option<i32>,
-    #[arg(long)]
+    /// Most rows written per second, however healthy the database; default
+    /// throttle.max_rows_per_second.
+    #[arg(long, value_name = "ROWS")]
     pub max_rows_per_second: Option<f64>,
-    #[arg(long)]
+    /// Attempts per failing row before it is set aside in backfill.failed_rows; default
+    /// batch.max_attempts.
+    #[arg(long, value_name = "N")]
     pub max_attempts: Option<i32>,
-    #[arg(long)]
+    /// Higher runs first among jobs waiting (default 0).
+    #[arg(long, value_name = "N")]
     pub priority: Option<i32>,
     /// Cut the job into this many key-range slices that workers run side by side.
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     pub parallelism: Option<i32>,
+    /// No worker starts the job before this time (RFC 3339, e.g. 2030-01-31T22:00:00Z).
+    #[arg(long, value_name = "TIME", value_parser = rfc3339)]
+    pub not_before: Option<chrono::DateTime<chrono::Utc>>,
+    /// Enqueue the job paused: `backfilld plan` it first, then `backfilld resume` it.
+    #[arg(long)]
+    pub paused: bool,
+}
+
+/// An RFC 3339 timestamp with its offset, e.g. 2030-01-31T22:00:00Z or 2030-02-01T00:00:00+02:00.
+fn rfc3339(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|time| time.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("{e}: expected an RFC 3339 time such as 2030-01-31T22:00:00Z"))
 }
 
 /// Options of the demo.

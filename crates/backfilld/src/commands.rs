@@ -14,12 +14,14 @@ use backfill_dataplane::{
     HealthProbe, LatencyCanary, RetryBackoff, SessionSettings, SslMode,
 };
 use backfill_queue::{Job, JobState, JobStatus, NewJob, Phase, QueueError, SteeringVerb};
+use comfy_table::{ColumnConstraint, Width};
 use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::sync::watch;
 
 use crate::cli::{EnqueueArgs, Verb};
+use crate::log_escape::escape_controls;
 use crate::redact::redacted;
 use crate::settings::Settings;
 use crate::shutdown::Shutdown;
@@ -510,8 +512,24 @@ pub async fn run(verb: Verb, settings: Settings) -> Result<(), CliFailure> {
             println!("schema backfill is current");
         }
         Verb::Enqueue(args) => {
-            let id = new_job(args).enqueue(pool).await?;
-            println!("enqueued job {id}");
+            let paused = args.paused;
+            let job = new_job(args);
+            // Paused in the same transaction: no worker can claim it in between.
+            let mut tx = pool
+                .begin()
+                .await
+                .context("enqueueing: beginning a transaction")
+                .map_err(CliFailure::Fatal)?;
+            let id = job.enqueue(&mut *tx).await?;
+            if paused {
+                SteeringVerb::Pause.apply(&mut *tx, &job.name).await?;
+            }
+            tx.commit()
+                .await
+                .with_context(|| format!("enqueueing job {}: committing", job.name))
+                .map_err(CliFailure::Fatal)?;
+            let state = if paused { "paused" } else { "pending" };
+            println!("enqueued job {id} ({state})");
         }
         Verb::Status {
             name,
@@ -564,14 +582,19 @@ pub async fn run(verb: Verb, settings: Settings) -> Result<(), CliFailure> {
 /// binary, saying what to do, instead of a raw "relation does not exist" (exit 2: running
 /// the verb again will not help until someone migrates).
 async fn require_schema(pool: &PgPool) -> Result<(), CliFailure> {
-    if backfill_queue::schema_is_current(pool).await? {
+    let (installed, reads_history): (bool, bool) = sqlx::query_as(
+        "SELECT to_regclass('backfill.jobs') IS NOT NULL, \
+                coalesce(has_table_privilege(to_regclass('backfill._sqlx_migrations'), 'SELECT'), false)",
+    )
+    .fetch_one(pool)
+    .await
+    .context("looking for schema backfill")
+    .map_err(CliFailure::Fatal)?;
+    // An engineer with README's grants cannot read the migration history: the schema is
+    // there, and its version is the daemon's business (workers migrate as they start).
+    if installed && (!reads_history || backfill_queue::schema_is_current(pool).await?) {
         return Ok(());
     }
-    let installed: bool = sqlx::query_scalar("SELECT to_regclass('backfill.jobs') IS NOT NULL")
-        .fetch_one(pool)
-        .await
-        .context("looking for schema backfill")
-        .map_err(CliFailure::Fatal)?;
     Err(CliFailure::Usage(if installed {
         "schema backfill in this database is older than this backfilld: run `backfilld migrate` (or start a worker, which migrates)".to_string()
     } else {
@@ -657,50 +680,123 @@ fn new_job(args: EnqueueArgs) -> NewJob {
         max_rows_per_second: args.max_rows_per_second,
         max_attempts: args.max_attempts,
         priority: args.priority,
-        not_before: None,
+        not_before: args.not_before,
         parallelism: args.parallelism,
     }
 }
 
-/// A readable table: one line per job with a progress bar.
+/// Width of the status table when stdout is no terminal (a pipe, a file) and `COLUMNS`
+/// is not set: what a terminal has by default.
+const FALLBACK_WIDTH: u16 = 80;
+
+/// The width to draw in: `COLUMNS` when set, else the terminal's, else 80.
+fn output_width() -> u16 {
+    let columns = std::env::var("COLUMNS").ok();
+    columns
+        .and_then(|c| c.trim().parse().ok())
+        .filter(|w| *w > 0)
+        .or_else(|| {
+            std::io::stdout()
+                .is_terminal()
+                .then(|| comfy_table::Table::new().width())
+                .flatten()
+        })
+        .unwrap_or(FALLBACK_WIDTH)
+}
+
+/// A borderless table in `width` columns (cells wrap when the content is wider),
+/// with control characters in cells escaped so no value forges a line or drives the
+/// terminal.
+fn table(width: u16, header: &[&str]) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Dynamic)
+        .set_width(width)
+        .set_header(header.iter().copied());
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 1));
+    }
+    table
+}
+
+/// A cell showing `text` with its control characters escaped (`\n`, `\u{1b}`).
+fn cell(text: &str) -> comfy_table::Cell {
+    comfy_table::Cell::new(escape_controls(text))
+}
+
+/// A duration in at most two units (`2h05m`, `4m10s`, `42s`): narrow enough for a table.
+fn short_duration(seconds: f64) -> String {
+    let seconds = seconds.max(0.0).round() as u64;
+    match seconds {
+        s if s >= 86_400 => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3_600),
+        s if s >= 3_600 => format!("{}h{:02}m", s / 3_600, s % 3_600 / 60),
+        s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// The status of `statuses` for a terminal of the current width (see [`output_width`]).
 pub fn render_status_table(statuses: &[JobStatus]) -> String {
-    let mut out = format!(
-        "{:<24} {:<10} {:<24} {:>12} {:>10} {:>9} {:>8} {:<22} {:>7}\n",
-        "JOB", "STATE", "PROGRESS", "ROWS", "ROWS/S", "ETA", "BATCH", "THROTTLE", "FAILED"
+    render_status_table_in(statuses, output_width())
+}
+
+/// A readable table in `width` columns: one row per job with a progress bar, then the
+/// last error of each job that has one.
+fn render_status_table_in(statuses: &[JobStatus], width: u16) -> String {
+    let mut jobs = table(
+        width,
+        &[
+            "JOB", "STATE", "PROGRESS", "ROWS", "ROWS/S", "ETA", "BATCH", "THROTTLE", "FAILED",
+        ],
     );
+    // The state and the progress bar never wrap (the job name and throttle reason do):
+    // "succeeded" and "##########  100.0%", each with its padding.
+    for (index, least) in [(1, 10), (2, 18)] {
+        if let Some(column) = jobs.column_mut(index) {
+            column.set_constraint(ColumnConstraint::LowerBoundary(Width::Fixed(least)));
+        }
+    }
     for s in statuses {
         let percent = s.percent.unwrap_or(0.0);
-        let filled = ((percent / 100.0) * 16.0).round().clamp(0.0, 16.0) as usize;
+        let filled = ((percent / 100.0) * 10.0).round().clamp(0.0, 10.0) as usize;
         let bar = format!(
-            "[{}{}] {:>5.1}%",
+            "{}{} {:>5.1}%",
             "#".repeat(filled),
-            ".".repeat(16 - filled),
+            ".".repeat(10 - filled),
             percent
         );
-        let eta = s.eta_seconds.map_or("-".to_string(), |e| {
-            humantime::format_duration(Duration::from_secs(e as u64)).to_string()
-        });
         let throttle = match (&s.throttle_state, &s.throttle_reason) {
             (Some(state), Some(reason)) => format!("{state} ({reason})"),
             (Some(state), None) => state.clone(),
             _ => "-".to_string(),
         };
-        out.push_str(&format!(
-            "{:<24} {:<10} {:<24} {:>12} {:>10} {:>9} {:>8} {:<22} {:>7}\n",
-            s.name,
-            s.state,
-            bar,
-            s.rows_done,
-            s.rows_per_second
-                .map_or("-".to_string(), |r| format!("{r:.0}")),
-            eta,
-            s.batch_size.map_or("-".to_string(), |b| b.to_string()),
-            throttle,
-            s.failed_rows
-        ));
-        if let Some(error) = &s.last_error {
-            out.push_str(&format!("    last error: {error}\n"));
+        jobs.add_row(vec![
+            cell(&s.name),
+            cell(&s.state),
+            cell(&bar),
+            cell(&s.rows_done.to_string()),
+            cell(
+                &s.rows_per_second
+                    .map_or("-".to_string(), |r| format!("{r:.0}")),
+            ),
+            cell(&s.eta_seconds.map_or("-".to_string(), short_duration)),
+            cell(&s.batch_size.map_or("-".to_string(), |b| b.to_string())),
+            cell(&throttle),
+            cell(&s.failed_rows.to_string()),
+        ]);
+    }
+    let mut out = format!("{}\n", jobs.trim_fmt());
+    let errors: Vec<&JobStatus> = statuses.iter().filter(|s| s.last_error.is_some()).collect();
+    if !errors.is_empty() {
+        let mut last_errors = table(width, &["JOB", "LAST ERROR"]);
+        for s in errors {
+            last_errors.add_row(vec![
+                cell(&s.name),
+                cell(s.last_error.as_deref().unwrap_or_default()),
+            ]);
         }
+        out.push_str(&format!("\n{}\n", last_errors.trim_fmt()));
     }
     out
 }

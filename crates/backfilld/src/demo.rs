@@ -2,11 +2,11 @@
 //! standby, a `users` table of messy names, the split-name job from the design
 //! enqueued by plain SQL, and this daemon backfilling it with a live progress line.
 
-use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use backfill_queue::JobStatus;
+use indicatif::{ProgressBar, ProgressStyle};
 use pg_testkit::demo_data::{users_table_sql, SPLIT_NAME_JOB_SQL};
 use pg_testkit::PgCluster;
 
@@ -27,7 +27,7 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
         })
         .await??;
     println!(
-        "  primary on 127.0.0.1:{}, standby 'demo_standby' on 127.0.0.1:{} (data under {})",
+        "  primary on 127.0.0.1:{}, standby 'demo_standby' on 127.0.0.1:{}\n  data under {}",
         primary.port(),
         standby.port(),
         primary.data_dir().display()
@@ -58,9 +58,11 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
         .await
         .context("enqueueing the demo job")?;
     println!("enqueued by SQL:{SPLIT_NAME_JOB_SQL}");
-    println!("metrics: http://127.0.0.1:{metrics_port}/metrics   status: SELECT * FROM backfill.job_status;\n");
+    println!("metrics: http://127.0.0.1:{metrics_port}/metrics");
+    println!("status:  SELECT * FROM backfill.job_status;\n");
     let started = Instant::now();
-    let printer = tokio::spawn(watch_progress(control.clone()));
+    let bar = progress_bar();
+    let printer = tokio::spawn(watch_progress(control.clone(), bar.clone()));
     crate::run_daemon(settings, true)
         .await
         .context("the demo daemon failed")?;
@@ -75,9 +77,10 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
         sqlx::query_scalar("SELECT count(*) FROM public.users WHERE first_name IS NULL")
             .fetch_one(&control)
             .await?;
-    println!("\r{}", progress_line(&status));
+    show_progress(&bar, &status);
+    bar.finish();
     println!(
-        "\ndone: job {} is {} — {} rows in {:.1} s ({:.0} rows/s), {} failed rows, {} rows still pending",
+        "\ndone: job {} is {}: {} rows in {:.1} s ({:.0} rows/s),\n      {} failed rows, {} rows still pending",
         status.name,
         status.state,
         status.rows_done,
@@ -106,10 +109,22 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Redraws the live progress line.
-async fn watch_progress(control: sqlx::PgPool) -> anyhow::Result<()> {
+/// The live progress line, never wider than the terminal: indicatif cuts the message to
+/// the width left after the name and the bar (and draws nothing when stdout is not a
+/// terminal).
+fn progress_bar() -> ProgressBar {
+    let bar = ProgressBar::new(100);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:20}] {wide_msg}")
+            .expect("a valid progress template")
+            .progress_chars("#> "),
+    );
+    bar
+}
+
+/// Redraws the live progress line every 250 ms.
+async fn watch_progress(control: sqlx::PgPool, bar: ProgressBar) -> anyhow::Result<()> {
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
-    let mut shown = String::new();
     loop {
         ticker.tick().await;
         if let Some(status) = JobStatus::fetch(&control, Some("split_full_name"))
@@ -117,35 +132,29 @@ async fn watch_progress(control: sqlx::PgPool) -> anyhow::Result<()> {
             .into_iter()
             .next()
         {
-            let line = progress_line(&status);
-            if line != shown {
-                print!("\r{line}");
-                let _ = std::io::stdout().flush();
-                shown = line;
-            }
+            show_progress(&bar, &status);
         }
     }
 }
 
-fn progress_line(s: &JobStatus) -> String {
+/// Sets the bar to the job's progress; the message (percent, rows, rate, ETA, the
+/// throttle's state or the job's, batch size) loses its tail on a narrow terminal.
+fn show_progress(bar: &ProgressBar, s: &JobStatus) {
     let percent = s.percent.unwrap_or(0.0);
-    let filled = ((percent / 100.0) * 30.0).round().clamp(0.0, 30.0) as usize;
-    format!(
-        "{} [{}{}] {:>5.1}%  {:>9} rows  {:>8} rows/s  ETA {:>5}  batch {:>6}  {:<28}",
-        s.name,
-        "#".repeat(filled),
-        " ".repeat(30 - filled),
-        percent,
+    bar.set_prefix(s.name.clone());
+    bar.set_position(percent.round().clamp(0.0, 100.0) as u64);
+    bar.set_message(format!(
+        "{percent:.1}% {} rows {}/s ETA {} {} batch {}",
         s.rows_done,
         s.rows_per_second.map_or("-".into(), |r| format!("{r:.0}")),
         s.eta_seconds.map_or("-".into(), |e| format!("{e:.0}s")),
-        s.batch_size.map_or("-".into(), |b| b.to_string()),
         match (&s.throttle_state, &s.throttle_reason) {
             (Some(state), Some(reason)) => format!("{state}: {reason}"),
             (Some(state), None) => state.clone(),
             _ => s.state.clone(),
-        }
-    )
+        },
+        s.batch_size.map_or("-".into(), |b| b.to_string()),
+    ));
 }
 
 fn free_port() -> anyhow::Result<u16> {

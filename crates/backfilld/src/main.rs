@@ -22,7 +22,7 @@ use clap::Parser;
 
 use crate::cli::{Cli, Verb};
 use crate::commands::{CliFailure, Database};
-use crate::settings::Settings;
+use crate::settings::{LogFormat, Settings};
 use crate::shutdown::Shutdown;
 use crate::worker::Worker;
 
@@ -43,6 +43,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let format = settings.log.format;
     let mut log = settings.log.clone();
     if matches!(cli.verb, Verb::Demo(_)) {
         log.level = "warn".to_string(); // the demo draws a progress line instead
@@ -64,7 +65,7 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("backfilld: cannot start the async runtime: {e}");
+            report_exit(format, &format!("cannot start the async runtime: {e}"), 1);
             return ExitCode::from(1);
         }
     };
@@ -82,14 +83,33 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliFailure::Usage(message)) => {
-            eprintln!("backfilld: {message}");
+            report_exit(format, &message, 2);
             ExitCode::from(2)
         }
         Err(CliFailure::Fatal(e)) => {
             // Each cause once: many errors already quote their source in their own text.
-            eprintln!("backfilld: {}", backfill_dataplane::error_chain(e.as_ref()));
+            report_exit(format, &backfill_dataplane::error_chain(e.as_ref()), 1);
             ExitCode::from(1)
         }
+    }
+}
+
+/// Prints the error a verb exits with on stderr: `backfilld: <message>` for text logs, one
+/// JSON object like the log lines' (timestamp, level, target, message, exit_code) for JSON
+/// logs, so a log pipeline parses the reason a pod died like every other line.
+fn report_exit(format: LogFormat, message: &str, exit_code: u8) {
+    match format {
+        LogFormat::Text => eprintln!("backfilld: {message}"),
+        LogFormat::Json => eprintln!(
+            "{}",
+            serde_json::json!({
+                "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "level": "ERROR",
+                "target": "backfilld",
+                "message": message,
+                "exit_code": exit_code,
+            })
+        ),
     }
 }
 
