@@ -115,7 +115,7 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
 fn progress_bar() -> ProgressBar {
     let bar = ProgressBar::new(100);
     bar.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:20}] {wide_msg}")
+        ProgressStyle::with_template("{prefix} [{bar:16}] {wide_msg}")
             .expect("a valid progress template")
             .progress_chars("#> "),
     );
@@ -137,22 +137,22 @@ async fn watch_progress(control: sqlx::PgPool, bar: ProgressBar) -> anyhow::Resu
     }
 }
 
-/// Sets the bar to the job's progress; the message (percent, rows, rate, ETA, the
-/// throttle's state or the job's, batch size) loses its tail on a narrow terminal.
+/// Sets the bar to the job's progress; the message (percent, rows, the throttle's state
+/// or the job's, rate, ETA, batch size) loses its least telling tail on a narrow terminal.
 fn show_progress(bar: &ProgressBar, s: &JobStatus) {
     let percent = s.percent.unwrap_or(0.0);
     bar.set_prefix(s.name.clone());
     bar.set_position(percent.round().clamp(0.0, 100.0) as u64);
     bar.set_message(format!(
-        "{percent:.1}% {} rows {}/s ETA {} {} batch {}",
+        "{percent:.1}% {} rows {} {}/s ETA {} batch {}",
         s.rows_done,
-        s.rows_per_second.map_or("-".into(), |r| format!("{r:.0}")),
-        s.eta_seconds.map_or("-".into(), |e| format!("{e:.0}s")),
         match (&s.throttle_state, &s.throttle_reason) {
             (Some(state), Some(reason)) => format!("{state}: {reason}"),
             (Some(state), None) => state.clone(),
             _ => s.state.clone(),
         },
+        s.rows_per_second.map_or("-".into(), |r| format!("{r:.0}")),
+        s.eta_seconds.map_or("-".into(), |e| format!("{e:.0}s")),
         s.batch_size.map_or("-".into(), |b| b.to_string()),
     ));
 }
