@@ -1,0 +1,158 @@
+//! Operators steer running jobs: the completion gate (`backfilld wait`, and
+//! `backfill.require_succeeded` for migration tools), events on every state change, the
+//! circuit breaker on failed rows, and live retuning of a running job.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use backfilld_e2e::{backfilld_at, env_refs, quick_worker, readme_engineer_grants, Daemon, TestDb};
+
+const RUN_LIMIT: Duration = Duration::from_secs(60);
+
+/// `items` with `rows` rows whose `v` is 0 (pending).
+fn items(db: &TestDb, rows: i64) {
+    db.sql(&format!(
+        "CREATE TABLE items (k bigint PRIMARY KEY, v int NOT NULL DEFAULT 0);
+         INSERT INTO items (k) SELECT g FROM generate_series(1, {rows}) g;"
+    ));
+}
+
+/// Enqueues job `name` over `items`, setting `v` to `set` (an expression) with extra
+/// columns `extra` (e.g. `, max_rows_per_second` / `, 200`).
+fn enqueue(db: &TestDb, name: &str, set: &str, columns: &str, values: &str) {
+    db.sql(&format!(
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate{columns})
+         VALUES ('{name}', 'items', 'k', $$UPDATE items SET v = {set} WHERE k = ANY(:keys)$$, 'v = 0'{values})"
+    ));
+}
+
+/// Runs `backfilld wait <args>` on a thread of its own; the receiver gets its exit code,
+/// stdout and stderr.
+fn wait_in_background(url: &str, args: &[&str]) -> mpsc::Receiver<(Option<i32>, String, String)> {
+    let (tx, rx) = mpsc::channel();
+    let url = url.to_string();
+    let mut argv = vec!["wait".to_string()];
+    argv.extend(args.iter().map(|a| a.to_string()));
+    std::thread::spawn(move || {
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let out = backfilld_at(&url, &argv, &[]);
+        let _ = tx.send((out.status.code(), out.stdout, out.stderr));
+    });
+    rx
+}
+
+#[test]
+fn wait_exits_0_1_2_3_for_succeeded_failed_unknown_and_timed_out() {
+    let db = TestDb::new("ctl_wait");
+    items(&db, 3000);
+    db.migrate();
+    enqueue(&db, "good", "1", ", batch_size", ", 500");
+    // Fails at claim: the column does not exist.
+    db.sql(
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql)
+         VALUES ('broken', 'items', 'k', $$UPDATE items SET nope = 1 WHERE k = ANY(:keys)$$)",
+    );
+    enqueue(&db, "doomed", "1", "", "");
+
+    // Unknown job: exit 2, one line.
+    let unknown = db.backfilld(&["wait", "nope", "--timeout", "5s"]);
+    assert_eq!(
+        unknown.usage_error(),
+        "backfilld: no backfill job named 'nope'"
+    );
+    // Bad usage: a zero timeout.
+    let zero = db.backfilld(&["wait", "good", "--timeout", "0s"]);
+    assert!(zero.usage_error().contains("--timeout"), "{zero:?}");
+
+    // Nobody runs the queue yet: the timeout passes, exit 3, saying the state.
+    let started = Instant::now();
+    let timed_out = db.backfilld(&["wait", "good", "--timeout", "1s"]);
+    assert_eq!(timed_out.status.code(), Some(3), "{timed_out:?}");
+    assert_eq!(
+        timed_out.stderr.trim(),
+        "backfilld: job good is still pending after 1s"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // Waiting before anyone runs the jobs: each wait ends when its job does.
+    let good = wait_in_background(&db.url(), &["good", "--timeout", "60s"]);
+    let broken = wait_in_background(&db.url(), &["broken"]);
+    let doomed = wait_in_background(&db.url(), &["doomed", "--timeout", "60s"]);
+    // Cancelled while waited for: exit 1 too.
+    db.sql("SELECT backfill.cancel('doomed')");
+    let (code, _, stderr) = doomed.recv_timeout(RUN_LIMIT).expect("wait doomed");
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.trim(), "backfilld: job doomed cancelled");
+
+    let env = quick_worker("ctl-wait");
+    let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
+    let (code, stdout, stderr) = good.recv_timeout(RUN_LIMIT).expect("wait good");
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert_eq!(stdout.trim(), "job good: succeeded");
+    assert_eq!(db.job_state("good"), "succeeded");
+    let (code, _, stderr) = broken.recv_timeout(RUN_LIMIT).expect("wait broken");
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("backfilld: job broken failed: batch_sql is not valid")
+            && stderr.contains("nope"),
+        "{stderr}"
+    );
+    daemon.expect_success(RUN_LIMIT);
+    // A finished job answers at once.
+    let again = db.backfilld(&["wait", "good"]);
+    assert_eq!(again.status.code(), Some(0), "{again:?}");
+}
+
+#[test]
+fn require_succeeded_raises_naming_state_and_last_error_until_the_job_succeeded() {
+    let db = TestDb::new("ctl_gate");
+    items(&db, 2000);
+    db.migrate();
+    enqueue(&db, "fill", "1", "", "");
+    db.sql(
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql)
+         VALUES ('broken', 'items', 'k', $$UPDATE items SET nope = 1 WHERE k = ANY(:keys)$$)",
+    );
+    // An engineer with README's grants calls the gate; a role without them cannot.
+    db.sql(&format!(
+        "CREATE ROLE gate_engineer; CREATE ROLE gate_stranger;
+         GRANT USAGE ON SCHEMA backfill TO gate_stranger;
+         {}",
+        readme_engineer_grants("gate_engineer", "public.items")
+    ));
+    let gate = |role: &str, job: &str| {
+        db.session().try_execute(&format!(
+            "SET ROLE {role}; SELECT backfill.require_succeeded('{job}')"
+        ))
+    };
+    assert_eq!(
+        gate("gate_engineer", "fill").unwrap_err(),
+        "55000: backfill job 'fill' has not succeeded: it is pending (0 rows done)"
+    );
+    assert_eq!(
+        gate("gate_engineer", "nope").unwrap_err(),
+        "P0002: no backfill job named 'nope'"
+    );
+    let stranger = gate("gate_stranger", "fill").unwrap_err();
+    assert!(
+        stranger.starts_with("42501: permission denied for function require_succeeded"),
+        "{stranger}"
+    );
+
+    let env = quick_worker("ctl-gate");
+    Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env)).expect_success(RUN_LIMIT);
+    assert_eq!(gate("gate_engineer", "fill"), Ok(()));
+    let failed = gate("gate_engineer", "broken").unwrap_err();
+    assert!(
+        failed.starts_with(
+            "55000: backfill job 'broken' has not succeeded: it is failed (0 rows done); last_error: batch_sql is not valid: column \"nope\""
+        ),
+        "{failed}"
+    );
+    // The gate fails the migration's transaction, as a migration tool needs.
+    let session = db.session();
+    assert!(session
+        .try_execute("BEGIN; SELECT backfill.require_succeeded('broken'); ALTER TABLE items RENAME v TO w; COMMIT")
+        .is_err());
+    assert_eq!(db.int("SELECT count(*) FROM items WHERE v = 1"), 2000);
+}
