@@ -156,3 +156,148 @@ fn require_succeeded_raises_naming_state_and_last_error_until_the_job_succeeded(
         .is_err());
     assert_eq!(db.int("SELECT count(*) FROM items WHERE v = 1"), 2000);
 }
+
+/// A session that LISTENs on `backfill_events` and collects the payloads it receives.
+struct EventListener {
+    events: mpsc::Receiver<serde_json::Value>,
+    /// Every event received so far, of every job.
+    received: std::cell::RefCell<Vec<serde_json::Value>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl EventListener {
+    fn start(url: &str) -> EventListener {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let (tx, events) = mpsc::channel();
+        let (client, mut connection) = runtime
+            .block_on(tokio_postgres::connect(url, tokio_postgres::NoTls))
+            .expect("connect the listener");
+        // The connection delivers notifications only to whoever polls it for messages.
+        runtime.spawn(async move {
+            while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = message {
+                    let payload = serde_json::from_str(n.payload()).expect("a JSON payload");
+                    if tx.send(payload).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        runtime
+            .block_on(client.batch_execute("LISTEN backfill_events"))
+            .expect("LISTEN");
+        // The client must outlive the test: the connection ends with it.
+        std::mem::forget(client);
+        EventListener {
+            events,
+            received: Default::default(),
+            _runtime: runtime,
+        }
+    }
+
+    /// The events of job `name` received until `last` (an event name) arrives.
+    fn events_of_until(&self, name: &str, last: &str) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + RUN_LIMIT;
+        loop {
+            let seen: Vec<_> = (self.received.borrow().iter())
+                .filter(|event| event["job"] == name)
+                .cloned()
+                .collect();
+            if let Some(end) = seen.iter().position(|event| event["event"] == last) {
+                return seen[..=end].to_vec();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let event = self
+                .events
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no '{last}' event of {name}; got {seen:#?}"));
+            self.received.borrow_mut().push(event);
+        }
+    }
+}
+
+/// (event, old_state, new_state) of each event.
+fn transitions(events: &[serde_json::Value]) -> Vec<(String, String, String)> {
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("null").to_string();
+    events
+        .iter()
+        .map(|e| {
+            (
+                text(&e["event"]),
+                text(&e["old_state"]),
+                text(&e["new_state"]),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_listen_session_receives_every_state_change_of_a_jobs_life_in_order() {
+    let db = TestDb::new("ctl_events");
+    items(&db, 3000);
+    db.migrate();
+    let listener = EventListener::start(&db.url());
+    enqueue(
+        &db,
+        "life",
+        "1",
+        ", batch_size, max_rows_per_second",
+        ", 100, 600",
+    );
+    db.sql(
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql)
+         VALUES ('broken', 'items', 'k', $$UPDATE items SET nope = 1 WHERE k = ANY(:keys)$$)",
+    );
+    let env = quick_worker("ctl-events");
+    let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
+    backfilld_e2e::wait_until("life to make progress", RUN_LIMIT, || {
+        db.int("SELECT rows_done FROM backfill.jobs WHERE name = 'life'") > 0
+    });
+    db.sql("SELECT backfill.pause('life')");
+    backfilld_e2e::wait_until("the worker to let go of life", RUN_LIMIT, || {
+        daemon.log_text().contains("stopped working on the job")
+    });
+    db.sql("SELECT backfill.resume('life')");
+    daemon.expect_success(RUN_LIMIT);
+
+    let life = listener.events_of_until("life", "succeeded");
+    let expected = [
+        ("enqueued", "null", "pending"),
+        ("claimed", "pending", "running"),
+        ("paused", "running", "paused"),
+        ("resumed", "paused", "pending"),
+        ("claimed", "pending", "running"),
+        ("succeeded", "running", "succeeded"),
+    ]
+    .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()));
+    assert_eq!(transitions(&life), expected, "{life:#?}");
+    let id = db.int("SELECT id FROM backfill.jobs WHERE name = 'life'");
+    for event in &life {
+        assert_eq!(event["id"], id, "{event}");
+        assert!(event["parent_id"].is_null(), "{event}");
+        assert!(event["at"].is_string(), "{event}");
+    }
+    assert_eq!(life[1]["worker"], "ctl-events");
+    assert_eq!(life[0]["rows_done"], 0);
+    let paused_at = life[2]["rows_done"].as_i64().expect("rows_done");
+    assert!(paused_at > 0 && paused_at < 3000, "{}", life[2]);
+    assert_eq!(life[5]["rows_done"], 3000);
+
+    let broken = listener.events_of_until("broken", "failed");
+    assert_eq!(
+        transitions(&broken)
+            .into_iter()
+            .map(|(event, ..)| event)
+            .collect::<Vec<_>>(),
+        ["enqueued", "claimed", "failed"]
+    );
+    let error = broken[2]["last_error"].as_str().expect("last_error");
+    assert!(
+        error.starts_with("batch_sql is not valid") && error.contains("nope"),
+        "{error}"
+    );
+}
