@@ -301,3 +301,88 @@ fn a_listen_session_receives_every_state_change_of_a_jobs_life_in_order() {
         "{error}"
     );
 }
+
+#[test]
+fn the_circuit_breaker_pauses_a_job_full_of_bad_rows_and_lets_a_few_pass() {
+    let db = TestDb::new("ctl_breaker");
+    // Every second row of `items` breaks the constraint; three rows of `few` do.
+    db.sql(
+        "CREATE TABLE items (k bigint PRIMARY KEY, v int NOT NULL DEFAULT 0 CHECK (v < 10));
+         INSERT INTO items (k) SELECT g FROM generate_series(1, 20000) g;
+         CREATE TABLE few (k bigint PRIMARY KEY, v int NOT NULL DEFAULT 0 CHECK (v < 10));
+         INSERT INTO few (k) SELECT g FROM generate_series(1, 5000) g;",
+    );
+    db.migrate();
+    enqueue(
+        &db,
+        "half_bad",
+        "CASE WHEN k % 2 = 0 THEN 100 ELSE 1 END",
+        ", batch_size",
+        ", 200",
+    );
+    db.sql(
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, batch_size, max_attempts)
+         VALUES ('few_bad', 'few', 'k',
+                 $$UPDATE few SET v = CASE WHEN k IN (17, 2500, 4999) THEN 100 ELSE 1 END WHERE k = ANY(:keys)$$,
+                 'v = 0', 200, 1)",
+    );
+    let env = quick_worker("ctl-breaker");
+    let mut daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    backfilld_e2e::wait_until("few_bad to finish", RUN_LIMIT, || {
+        db.job_state("few_bad") == "failed"
+    });
+    backfilld_e2e::wait_until("the breaker to pause half_bad", RUN_LIMIT, || {
+        db.job_state("half_bad") == "paused"
+    });
+    let id = db.int("SELECT id FROM backfill.jobs WHERE name = 'half_bad'");
+    let last_error = db.sql("SELECT last_error FROM backfill.jobs WHERE name = 'half_bad'");
+    assert!(
+        last_error.starts_with("circuit breaker: ")
+            && last_error.contains("more than batch.breaker_failed_share 10%")
+            && last_error.contains(&format!("backfill.failed_rows where job_id = {id}"))
+            && last_error.ends_with("select backfill.resume('half_bad')"),
+        "{last_error}"
+    );
+    // Judged after 1000 rows (breaker_min_rows), so it stopped within a few batches of it,
+    // not after isolating all 10,000 bad rows.
+    let failed = db.int(&format!(
+        "SELECT count(*) FROM backfill.failed_rows WHERE job_id = {id}"
+    ));
+    assert!((500..=700).contains(&failed), "{failed} failed rows");
+    assert!(
+        daemon
+            .log_text()
+            .contains("job paused by the circuit breaker"),
+        "{}",
+        daemon.log_text()
+    );
+    // The job with three bad rows ran through: every other row applied, the three set
+    // aside (it ends failed because failed rows remain, as without the breaker).
+    assert_eq!(db.int("SELECT count(*) FROM few WHERE v = 1"), 4997);
+    assert_eq!(
+        db.sql("SELECT string_agg(key, ',' ORDER BY key::bigint) FROM backfill.failed_rows f JOIN backfill.jobs j ON j.id = f.job_id WHERE j.name = 'few_bad'"),
+        "17,2500,4999"
+    );
+    assert!(db
+        .sql("SELECT last_error FROM backfill.jobs WHERE name = 'few_bad'")
+        .starts_with("3 rows failed"),);
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_success(RUN_LIMIT);
+}
+
+#[test]
+fn a_breaker_share_outside_0_to_1_is_a_configuration_error() {
+    let db = TestDb::new("ctl_breaker_config");
+    db.migrate();
+    for share in ["0", "1.5"] {
+        let out = backfilld_at(
+            &db.url(),
+            &["status"],
+            &[("BACKFILLD_BATCH__BREAKER_FAILED_SHARE", share)],
+        );
+        assert_eq!(
+            out.usage_error(),
+            format!("backfilld: configuration error: batch.breaker_failed_share must be more than 0 and at most 1 (1: never on the share), got {share}")
+        );
+    }
+}

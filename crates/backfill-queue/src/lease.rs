@@ -320,6 +320,31 @@ impl Queue {
         Ok(rested == 1)
     }
 
+    /// Pauses the job on the daemon's own verdict (the circuit breaker), with `why` in
+    /// `last_error`: as `backfill.pause` would, fenced by the lease.
+    pub async fn pause_for(
+        &self,
+        job_id: i64,
+        token: LeaseToken,
+        why: &str,
+    ) -> Result<bool, QueueError> {
+        let paused = sqlx::query(
+            "UPDATE backfill.jobs \
+                SET state = 'paused', lease_token = NULL, leased_by = NULL, lease_expires_at = NULL, \
+                    throttle_state = NULL, throttle_reason = NULL, rows_per_second = NULL, \
+                    last_error = $3, updated_at = now() \
+              WHERE id = $1 AND lease_token = $2 AND state = 'running'",
+        )
+        .bind(job_id)
+        .bind(token.0)
+        .bind(why)
+        .execute(&self.pool)
+        .await
+        .context(&format!("pausing job {job_id}"))?
+        .rows_affected();
+        Ok(paused == 1)
+    }
+
     /// Moves the job to another pass; a verify pass restarts from the first key.
     pub async fn enter_phase(
         &self,

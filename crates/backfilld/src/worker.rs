@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backfill_core::breaker::BreakerCount;
 use backfill_core::error_class::{ErrorClass, TransientKind};
 use backfill_core::slicing::{duty_share, rate_share};
 use backfill_core::throttle::{
@@ -80,6 +81,8 @@ enum StopReason {
     Sliced,
     /// Every batch failed for `worker.stuck_after`: the job rests, given back.
     Stuck,
+    /// Too many of its rows failed: the circuit breaker paused the job.
+    Tripped,
 }
 
 impl Worker {
@@ -203,6 +206,9 @@ impl Worker {
             JobEnd::Stopped(StopReason::Stuck) => {
                 warn!(rest = ?self.settings.worker.stuck_rest, "job not moving: given back to rest; other jobs get this slot")
             }
+            JobEnd::Stopped(StopReason::Tripped) => {
+                warn!("job paused by the circuit breaker; resume it once its rows can succeed")
+            }
             JobEnd::Stopped(StopReason::Unreachable) => {
                 match self.queue.release(run.job.id, token).await {
                     Ok(_) => warn!("database trouble: job given back to the queue"),
@@ -294,6 +300,8 @@ struct JobRun<'w> {
     budget_checked: Option<Instant>,
     /// Since when every batch has failed (transient errors, no commit in between).
     failing_since: Option<Instant>,
+    /// Rows processed and failed since the claim, for the circuit breaker.
+    breaker: BreakerCount,
     /// The transactions of this pass's committed batches: rows they wrote must not turn
     /// up again ahead of the checkpoint or past the pass's end.
     writes: PassWrites,
@@ -327,6 +335,7 @@ impl<'w> JobRun<'w> {
             duty_budget: throttle_settings.busy_duty_cycle,
             budget_checked: None,
             failing_since: None,
+            breaker: BreakerCount::default(),
             writes: PassWrites::default(),
             throttle: ThrottleController::new(throttle_settings),
             last_report: None,
@@ -585,6 +594,9 @@ impl<'w> JobRun<'w> {
                         duration_ms = duration.as_secs_f64() * 1000.0,
                         "batch committed"
                     );
+                    if let Some(end) = self.judge_failures(&stats).await {
+                        return end;
+                    }
                     let rows = u64::try_from(stats.keys).unwrap_or(u64::MAX);
                     self.last_report = Some(BatchReport {
                         size: batch_size,
@@ -795,6 +807,43 @@ impl<'w> JobRun<'w> {
                 JobEnd::Stopped(StopReason::Unreachable)
             }
         }
+    }
+
+    /// The circuit breaker, after a committed batch: pauses the job (fenced) when too many
+    /// of the rows it processed since the claim failed. Retries of rows that failed before
+    /// are not judged again: they were counted when they first failed.
+    async fn judge_failures(&mut self, stats: &backfill_dataplane::BatchStats) -> Option<JobEnd> {
+        if self.phase == Phase::Retry {
+            return None;
+        }
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        self.breaker.add(count(stats.keys), count(stats.failed));
+        let tripped = self.worker.settings.breaker_limits().judge(self.breaker)?;
+        let why = format!(
+            "circuit breaker: {tripped} since this worker claimed the job; paused. Fix the rows (backfill.failed_rows where job_id = {}) or batch_sql, then select backfill.resume('{}')",
+            self.job.id,
+            self.job.name.replace('\'', "''")
+        );
+        Some(
+            match self
+                .worker
+                .queue
+                .pause_for(self.job.id, self.fence_token(), &why)
+                .await
+            {
+                Ok(true) => {
+                    warn!(reason = %why, "too many rows failed");
+                    JobEnd::Stopped(StopReason::Tripped)
+                }
+                Ok(false) => JobEnd::Stopped(StopReason::LeaseLost(
+                    self.worker.queue.state_of(self.job.id).await.ok().flatten(),
+                )),
+                Err(e) => {
+                    warn!(error = %e, "cannot pause the job for its failed rows");
+                    JobEnd::Stopped(StopReason::Unreachable)
+                }
+            },
+        )
     }
 
     /// After a fenced commit of a slice: true when the lease is still ours and
