@@ -386,3 +386,78 @@ fn a_breaker_share_outside_0_to_1_is_a_configuration_error() {
         );
     }
 }
+
+/// Rows per second the job `name` makes over `window`, from `rows_done` before and after.
+fn measured_rate(db: &TestDb, name: &str, window: Duration) -> f64 {
+    let rows_done = || {
+        db.int(&format!(
+            "SELECT rows_done FROM backfill.jobs WHERE name = '{name}'"
+        ))
+    };
+    let (before, started) = (rows_done(), Instant::now());
+    std::thread::sleep(window);
+    (rows_done() - before) as f64 / started.elapsed().as_secs_f64()
+}
+
+#[test]
+fn a_retune_of_a_running_job_changes_its_measured_rate_within_two_seconds() {
+    let db = TestDb::new("ctl_retune");
+    items(&db, 60000);
+    db.migrate();
+    enqueue(
+        &db,
+        "tuned",
+        "1",
+        ", batch_size, max_rows_per_second",
+        ", 100, 200",
+    );
+    let env = quick_worker("ctl-retune");
+    let daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    backfilld_e2e::wait_until("the job to run", RUN_LIMIT, || {
+        db.int("SELECT rows_done FROM backfill.jobs WHERE name = 'tuned'") > 0
+    });
+    let slow = measured_rate(&db, "tuned", Duration::from_secs(2));
+    assert!(
+        (100.0..=320.0).contains(&slow),
+        "{slow} rows/s at a limit of 200"
+    );
+
+    db.sql("UPDATE backfill.jobs SET max_rows_per_second = 2000 WHERE name = 'tuned'");
+    // Within 2 s of the UPDATE the job runs at the new limit: measured from then on.
+    std::thread::sleep(Duration::from_secs(2));
+    let fast = measured_rate(&db, "tuned", Duration::from_secs(2));
+    assert!(
+        (1200.0..=2600.0).contains(&fast),
+        "{fast} rows/s after raising the limit to 2000 (was {slow}):\n{}",
+        daemon.log_text()
+    );
+    assert_eq!(db.job_state("tuned"), "running", "no pause, no resume");
+    let log = daemon.log_text();
+    assert!(
+        log.lines().any(|line| line.contains("retuned")
+            && line.contains("max_rows_per_second")
+            && line.contains("old=Some(200.0)")
+            && line.contains("new=Some(2000.0)")),
+        "{log}"
+    );
+
+    // And back down: the new, lower limit holds as promptly.
+    db.sql("UPDATE backfill.jobs SET max_rows_per_second = 300, priority = 5 WHERE name = 'tuned'");
+    std::thread::sleep(Duration::from_secs(2));
+    let slowed = measured_rate(&db, "tuned", Duration::from_secs(2));
+    assert!(
+        (150.0..=450.0).contains(&slowed),
+        "{slowed} rows/s at a limit of 300:\n{}",
+        daemon.log_text()
+    );
+    assert!(
+        daemon
+            .log_text()
+            .lines()
+            .any(|line| line.contains("retuned")
+                && line.contains("priority")
+                && line.contains("new=5")),
+        "{}",
+        daemon.log_text()
+    );
+}
