@@ -40,7 +40,7 @@ pub fn readme_engineer_grants(role: &str, tables: &str) -> String {
                        batch_size, min_batch_size, max_batch_size, target_batch_ms, max_rows_per_second,
                        max_attempts, priority, not_before, parallelism) ON backfill.jobs TO {role};
          GRANT EXECUTE ON FUNCTION backfill.pause(text), backfill.resume(text), backfill.cancel(text),
-                                   backfill.retry_failed(text) TO {role};
+                                   backfill.retry_failed(text), backfill.require_succeeded(text) TO {role};
          GRANT SELECT, UPDATE ON {tables} TO {role};"
     )
 }

@@ -146,7 +146,7 @@ fn stray_backfilld_variables_are_ignored_with_a_warning_but_unknown_keys_are_not
     let typo = backfilld_at(&url, &["status"], &[("BACKFILLD_BATCH__SIZ", "10")]);
     assert_eq!(
         typo.usage_error(),
-        "backfilld: configuration error: unknown field `siz`, expected one of `size`, `min_size`, `max_size`, `target`, `lock_timeout`, `statement_timeout`, `max_attempts`, `retry_backoff`, `retry_backoff_max` for key `batch`"
+        "backfilld: configuration error: unknown field `siz`, expected one of `size`, `min_size`, `max_size`, `target`, `lock_timeout`, `statement_timeout`, `max_attempts`, `retry_backoff`, `retry_backoff_max`, `breaker_min_rows`, `breaker_failed_share`, `breaker_failed_rows` for key `batch`"
     );
 }
 

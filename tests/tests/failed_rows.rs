@@ -304,7 +304,7 @@ fn a_batch_in_which_every_row_fails_costs_statements_linear_in_its_size() {
     db.migrate();
     enqueue_parse_numbers(&db, batch);
 
-    let daemon = run_until_idle(&db, &quick_worker_json_log("all_fail"));
+    let daemon = run_until_idle(&db, &without_breaker(quick_worker_json_log("all_fail")));
     assert_eq!(db.job_state("parse_numbers"), "failed");
     assert_eq!(
         db.sql("SELECT count(*) || ':' || min(key::int) || ':' || max(key::int) || ':' || string_agg(DISTINCT sqlstate, ',') FROM backfill.failed_rows"),
@@ -399,7 +399,7 @@ fn dense_failures_commit_in_short_transactions_without_overflowing_subtransactio
     db.audit_updates("numbers", "id");
     db.migrate();
     enqueue_parse_numbers(&db, batch);
-    let daemon = run_until_idle(&db, &quick_worker_json_log("dense"));
+    let daemon = run_until_idle(&db, &without_breaker(quick_worker_json_log("dense")));
     assert_eq!(db.job_state("parse_numbers"), "failed");
     assert_eq!(
         db.sql("SELECT count(*) || ':' || bool_and(key::int % 10 = 7) FROM backfill.failed_rows"),
@@ -616,4 +616,12 @@ fn a_job_naming_a_missing_column_fails_while_the_next_job_succeeds() {
         db.int("SELECT count(*) FROM accounts WHERE email_lower IS DISTINCT FROM lower(email)"),
         0
     );
+}
+
+/// `env` with the circuit breaker off: these jobs fail row after row on purpose, to
+/// measure the bisection, where the breaker would pause them after 1,000 rows.
+fn without_breaker(mut env: Vec<(&'static str, String)>) -> Vec<(&'static str, String)> {
+    env.push(("BACKFILLD_BATCH__BREAKER_FAILED_SHARE", "1".to_string()));
+    env.push(("BACKFILLD_BATCH__BREAKER_FAILED_ROWS", "0".to_string()));
+    env
 }

@@ -3,6 +3,7 @@
 
 pub mod activity;
 pub mod bisect;
+pub mod breaker;
 pub mod error_class;
 pub mod latency;
 pub mod placeholders;

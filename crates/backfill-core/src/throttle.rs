@@ -876,6 +876,31 @@ impl ThrottleController {
         self.settings.max_rows_per_second = normalize_budget(budget);
     }
 
+    /// Applies a live retune of the batch bounds and target (the job's columns changed while
+    /// it runs). The learned batch size is kept, inside the new bounds; `restart_at` (a new
+    /// `batch_size` column) replaces it outright, clamped likewise. Nonsense is normalised
+    /// as in [`ThrottleController::new`].
+    pub fn retune_batches(
+        &mut self,
+        min_batch_size: u32,
+        max_batch_size: u32,
+        target_batch: Duration,
+        restart_at: Option<u32>,
+    ) {
+        self.settings = ThrottleSettings {
+            min_batch_size,
+            max_batch_size,
+            target_batch,
+            start_batch_size: restart_at.unwrap_or(self.settings.start_batch_size),
+            ..self.settings.clone()
+        }
+        .normalized();
+        if restart_at.is_some() {
+            self.batch_size = self.settings.start_batch_size;
+        }
+        self.batch_size = self.clamp_size(self.batch_size);
+    }
+
     /// Changes the duty cycle next to production at run time (this job's share of it while
     /// others run); nonsense keeps the one in force.
     pub fn set_busy_duty_cycle(&mut self, duty_cycle: f64) {
@@ -1144,10 +1169,17 @@ impl ThrottleController {
 
     /// The rate budgets in force: the configured one and the latency pace.
     fn budgets(&self) -> impl Iterator<Item = RateBudget> {
+        // A batch is charged at most what one admitted under this budget can cost (a
+        // window's worth, or a smallest batch): the batch before the budget was lowered (an
+        // operator's live retune, a slice's share shrinking) carried the old budget's window,
+        // and charging all of it at the new rate would stall the job for seconds.
         let configured = self.settings.max_rows_per_second.map(|rate| RateBudget {
             rows_per_second: rate,
             window: RATE_BUDGET_WINDOW,
-            max_charge: Duration::MAX,
+            max_charge: RATE_BUDGET_WINDOW.max(
+                Duration::try_from_secs_f64(f64::from(self.settings.min_batch_size) / rate)
+                    .unwrap_or(Duration::MAX),
+            ),
             reason: ThrottleReason::RateLimit,
         });
         // The batch before a cut carried far more than a window of the new pace; charging
@@ -1261,6 +1293,80 @@ mod tests {
             ThrottleDecision::Run { batch_size, .. } => batch_size,
             hold => panic!("expected Run, got {hold:?}"),
         }
+    }
+
+    #[test]
+    fn a_retune_keeps_the_learned_size_inside_new_bounds_or_restarts_it() {
+        let mut throttle = ThrottleController::new(ThrottleSettings {
+            start_batch_size: 1000,
+            ..ThrottleSettings::default()
+        });
+        assert_eq!(throttle.batch_size(), 1000);
+        // A lower maximum pulls the learned size down; the target changes.
+        throttle.retune_batches(10, 500, ms(200), None);
+        assert_eq!(throttle.batch_size(), 500);
+        assert_eq!(throttle.settings().target_batch, ms(200));
+        // A higher maximum alone keeps the learned size.
+        throttle.retune_batches(10, 5000, ms(200), None);
+        assert_eq!(throttle.batch_size(), 500);
+        // A new batch_size restarts from it; a minimum above it lifts it.
+        throttle.retune_batches(10, 5000, ms(200), Some(3000));
+        assert_eq!(throttle.batch_size(), 3000);
+        throttle.retune_batches(4000, 5000, ms(200), None);
+        assert_eq!(throttle.batch_size(), 4000);
+        // Nonsense is normalised, never a panic: inverted bounds, a zero target.
+        throttle.retune_batches(900, 100, Duration::ZERO, Some(0));
+        assert_eq!(
+            (
+                throttle.settings().min_batch_size,
+                throttle.settings().max_batch_size
+            ),
+            (900, 900)
+        );
+        assert_eq!(throttle.batch_size(), 900);
+        assert_eq!(
+            throttle.settings().target_batch,
+            ThrottleSettings::default().target_batch
+        );
+    }
+
+    #[test]
+    fn lowering_the_rate_live_charges_the_last_batch_at_most_a_window_and_sizes_the_next_at_the_new_rate(
+    ) {
+        let healthy = HealthSample::healthy();
+        let controller = |rate: Option<f64>| {
+            let mut throttle = ThrottleController::new(ThrottleSettings {
+                start_batch_size: 100,
+                max_rows_per_second: rate,
+                ..ThrottleSettings::default()
+            });
+            let _ = throttle.decide(Duration::ZERO, &healthy, None);
+            throttle
+        };
+        // A 2000-row batch admitted at 2000 rows/s (or with no limit) took 100 ms; then the
+        // limit drops to 300 rows/s. Charged in full that would be a 6.7 s stall.
+        for before in [Some(2000.0), None] {
+            let mut throttle = controller(before);
+            throttle.set_max_rows_per_second(Some(300.0));
+            match throttle.decide(ms(100), &healthy, Some(&committed(2000, ms(100)))) {
+                ThrottleDecision::Run {
+                    batch_size,
+                    pause_before,
+                    ..
+                } => {
+                    assert!(pause_before <= ms(900), "{pause_before:?} after {before:?}");
+                    assert!(batch_size <= 300, "{batch_size}: sized at the new rate");
+                }
+                hold => panic!("{hold:?}"),
+            }
+        }
+        // A smallest batch above a second's worth of a tiny budget is still charged in full:
+        // 10 rows at 5 rows/s is 2 s, or the limit would not hold.
+        let mut tiny = controller(Some(5.0));
+        let pause = tiny
+            .decide(ms(10), &healthy, Some(&committed(10, ms(10))))
+            .wait();
+        assert!(pause >= ms(1900), "{pause:?}");
     }
 
     /// Drives a controller in simulated time with a model of how long a batch takes.

@@ -33,12 +33,23 @@ pub struct ClaimedJob {
 }
 
 /// What a heartbeat found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum HeartbeatReport {
-    /// The lease is ours and was extended.
-    Held,
+    /// The lease is ours and was extended; the job's tuning columns as they are now.
+    Held(Tunables),
     /// The lease is gone: paused, cancelled, finished or taken over; `state` is the job's state now.
     Lost { state: Option<JobState> },
+}
+
+/// The columns an engineer may change on a running job (live retune).
+#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
+pub struct Tunables {
+    pub batch_size: Option<i32>,
+    pub min_batch_size: Option<i32>,
+    pub max_batch_size: Option<i32>,
+    pub target_batch_ms: Option<i32>,
+    pub max_rows_per_second: Option<f64>,
+    pub priority: i32,
 }
 
 /// Live numbers a worker publishes with each heartbeat, for `job_status`.
@@ -132,12 +143,14 @@ impl Queue {
         lease: Duration,
         progress: &JobProgress,
     ) -> Result<HeartbeatReport, QueueError> {
-        let extended = sqlx::query(
+        let extended: Option<Tunables> = sqlx::query_as(
             "UPDATE backfill.jobs \
                 SET lease_expires_at = now() + $3 * interval '1 millisecond', heartbeat_at = now(), \
                     rows_per_second = $4, current_batch_size = $5, throttle_state = $6, \
                     throttle_reason = $7, updated_at = now() \
-              WHERE id = $1 AND lease_token = $2 AND state = 'running'",
+              WHERE id = $1 AND lease_token = $2 AND state = 'running' \
+              RETURNING batch_size, min_batch_size, max_batch_size, target_batch_ms, \
+                        max_rows_per_second, priority",
         )
         .bind(job_id)
         .bind(token.0)
@@ -146,12 +159,11 @@ impl Queue {
         .bind(progress.batch_size)
         .bind(&progress.throttle_state)
         .bind(&progress.throttle_reason)
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await
-        .context(&format!("heartbeat of job {job_id}"))?
-        .rows_affected();
-        if extended == 1 {
-            return Ok(HeartbeatReport::Held);
+        .context(&format!("heartbeat of job {job_id}"))?;
+        if let Some(tunables) = extended {
+            return Ok(HeartbeatReport::Held(tunables));
         }
         Ok(HeartbeatReport::Lost {
             state: self.state_of(job_id).await?,
@@ -318,6 +330,31 @@ impl Queue {
         .context(&format!("resting job {job_id}"))?
         .rows_affected();
         Ok(rested == 1)
+    }
+
+    /// Pauses the job on the daemon's own verdict (the circuit breaker), with `why` in
+    /// `last_error`: as `backfill.pause` would, fenced by the lease.
+    pub async fn pause_for(
+        &self,
+        job_id: i64,
+        token: LeaseToken,
+        why: &str,
+    ) -> Result<bool, QueueError> {
+        let paused = sqlx::query(
+            "UPDATE backfill.jobs \
+                SET state = 'paused', lease_token = NULL, leased_by = NULL, lease_expires_at = NULL, \
+                    throttle_state = NULL, throttle_reason = NULL, rows_per_second = NULL, \
+                    last_error = $3, updated_at = now() \
+              WHERE id = $1 AND lease_token = $2 AND state = 'running'",
+        )
+        .bind(job_id)
+        .bind(token.0)
+        .bind(why)
+        .execute(&self.pool)
+        .await
+        .context(&format!("pausing job {job_id}"))?
+        .rows_affected();
+        Ok(paused == 1)
     }
 
     /// Moves the job to another pass; a verify pass restarts from the first key.

@@ -3,6 +3,7 @@
 //! with `FOR UPDATE SKIP LOCKED`, leases and their heartbeat, state changes,
 //! steering and status. Batch data never passes through here (see the data plane).
 
+mod events;
 mod job;
 mod lease;
 mod notifications;
@@ -10,8 +11,9 @@ mod schema;
 mod slices;
 mod status;
 
+pub use events::{EventWait, JobEvent, JobEvents, EVENTS_CHANNEL};
 pub use job::{Job, JobState, NewJob, Phase};
-pub use lease::{ClaimedJob, HeartbeatReport, JobProgress, LeaseToken, Queue};
+pub use lease::{ClaimedJob, HeartbeatReport, JobProgress, LeaseToken, Queue, Tunables};
 pub use notifications::{QueueChange, QueueNotifications, CONTROL_CHANNEL};
 pub use schema::{migrate, schema_is_current, MIGRATOR};
 pub use slices::{SliceSummary, Slices, StealCandidate};

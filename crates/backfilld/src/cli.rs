@@ -63,6 +63,15 @@ pub enum Verb {
     Cancel { name: String },
     /// Re-run a finished job's failed rows (after the data was fixed).
     Retry { name: String },
+    /// Wait for a job to finish: exit 0 if it succeeded, 1 if it failed or was cancelled,
+    /// 3 if --timeout passed first.
+    Wait {
+        /// The job to wait for.
+        name: String,
+        /// Give up after this long (exit 3), e.g. 90s, 2h; without it, wait for ever.
+        #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
+        timeout: Option<Duration>,
+    },
     /// Run the embedded demo: a throwaway PostgreSQL, a messy users table, a live backfill.
     Demo(DemoArgs),
 }

@@ -34,6 +34,8 @@ pub enum CliFailure {
     Usage(String),
     /// Something broke at run time (exit 1).
     Fatal(anyhow::Error),
+    /// `wait` gave up before the job finished (exit 3).
+    TimedOut(String),
 }
 
 impl CliFailure {
@@ -573,6 +575,9 @@ pub async fn run(verb: Verb, settings: Settings) -> Result<(), CliFailure> {
         Verb::Resume { name } => steer(pool, SteeringVerb::Resume, &name).await?,
         Verb::Cancel { name } => steer(pool, SteeringVerb::Cancel, &name).await?,
         Verb::Retry { name } => steer(pool, SteeringVerb::RetryFailed, &name).await?,
+        Verb::Wait { name, timeout } => {
+            crate::wait::wait(&backfill_queue::Queue::new(pool.clone()), &name, timeout).await?
+        }
         Verb::Run { .. } | Verb::Demo(_) => unreachable!("handled in main"),
     }
     Ok(())

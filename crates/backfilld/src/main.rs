@@ -12,6 +12,7 @@ mod settings;
 mod shutdown;
 mod slicing;
 mod telemetry;
+mod wait;
 mod worker;
 
 use std::process::ExitCode;
@@ -85,6 +86,10 @@ fn main() -> ExitCode {
         Err(CliFailure::Usage(message)) => {
             report_exit(format, &message, 2);
             ExitCode::from(2)
+        }
+        Err(CliFailure::TimedOut(message)) => {
+            eprintln!("backfilld: {message}");
+            ExitCode::from(3)
         }
         Err(CliFailure::Fatal(e)) => {
             // Each cause once: many errors already quote their source in their own text.

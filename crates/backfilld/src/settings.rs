@@ -81,6 +81,12 @@ pub struct BatchSettings {
     pub retry_backoff: Duration,
     #[serde(with = "humantime_serde")]
     pub retry_backoff_max: Duration,
+    /// The circuit breaker: rows processed before the failed share is judged.
+    pub breaker_min_rows: u64,
+    /// Pause a job when more than this share of its processed rows failed.
+    pub breaker_failed_share: f64,
+    /// Pause a job when more than this many of its rows failed (0: no such limit).
+    pub breaker_failed_rows: u64,
 }
 
 /// `[throttle]`
@@ -539,6 +545,7 @@ impl Settings {
                 self.batch.size, self.batch.min_size, self.batch.max_size
             ));
         }
+        self.breaker_limits().validate().map_err(SettingsError)?;
         if self.batch.max_attempts < 1 {
             return fail(format!(
                 "batch.max_attempts must be at least 1, got {}",
@@ -622,6 +629,15 @@ impl Settings {
         }
         check_log_filter("log.level", &self.log.level)?;
         Ok(())
+    }
+
+    /// The circuit breaker's limits, from `[batch]`.
+    pub fn breaker_limits(&self) -> backfill_core::breaker::BreakerLimits {
+        backfill_core::breaker::BreakerLimits {
+            min_rows: self.batch.breaker_min_rows,
+            failed_share: self.batch.breaker_failed_share,
+            failed_rows: self.batch.breaker_failed_rows,
+        }
     }
 
     /// The throttle controller's settings for a job that overrides nothing: `[batch]` sizes

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backfill_core::breaker::BreakerCount;
 use backfill_core::error_class::{ErrorClass, TransientKind};
 use backfill_core::slicing::{duty_share, rate_share};
 use backfill_core::throttle::{
@@ -17,6 +18,7 @@ use backfill_dataplane::{
 };
 use backfill_queue::{
     ClaimedJob, HeartbeatReport, Job, JobProgress, JobState, LeaseToken, Phase, Queue, QueueChange,
+    Tunables,
 };
 use tokio::sync::watch;
 use tracing::{info, warn, Instrument};
@@ -80,6 +82,8 @@ enum StopReason {
     Sliced,
     /// Every batch failed for `worker.stuck_after`: the job rests, given back.
     Stuck,
+    /// Too many of its rows failed: the circuit breaker paused the job.
+    Tripped,
 }
 
 impl Worker {
@@ -203,6 +207,9 @@ impl Worker {
             JobEnd::Stopped(StopReason::Stuck) => {
                 warn!(rest = ?self.settings.worker.stuck_rest, "job not moving: given back to rest; other jobs get this slot")
             }
+            JobEnd::Stopped(StopReason::Tripped) => {
+                warn!("job paused by the circuit breaker; resume it once its rows can succeed")
+            }
             JobEnd::Stopped(StopReason::Unreachable) => {
                 match self.queue.release(run.job.id, token).await {
                     Ok(_) => warn!("database trouble: job given back to the queue"),
@@ -294,6 +301,12 @@ struct JobRun<'w> {
     budget_checked: Option<Instant>,
     /// Batches failing in a row (transient errors, no commit in between), and since when.
     failing: Option<(Instant, u32)>,
+    /// Rows processed and failed since the claim, for the circuit breaker.
+    breaker: BreakerCount,
+    /// The job's tuning columns as the heartbeat last read them (live retune).
+    tunables: watch::Receiver<Option<Tunables>>,
+    /// The job's priority as last read (it only orders claims; a change is logged).
+    priority: Option<i32>,
     /// The transactions of this pass's committed batches: rows they wrote must not turn
     /// up again ahead of the checkpoint or past the pass's end.
     writes: PassWrites,
@@ -309,14 +322,18 @@ impl<'w> JobRun<'w> {
         };
         let (stop_tx, stop) = watch::channel(None);
         let (progress, progress_rx) = watch::channel(JobProgress::default());
+        let (tunables_tx, tunables) = watch::channel(None);
         let heartbeat = tokio::spawn(heartbeat_loop(
             worker.queue.clone(),
-            job.id,
-            token,
-            settings.worker.lease,
-            settings.worker.heartbeat,
+            HeartbeatOf {
+                job_id: job.id,
+                token,
+                lease: settings.worker.lease,
+                interval: settings.worker.heartbeat,
+            },
             progress_rx,
             stop_tx,
+            tunables_tx,
         ));
         let throttle_settings = throttle_settings(settings, &job);
         JobRun {
@@ -327,6 +344,9 @@ impl<'w> JobRun<'w> {
             duty_budget: throttle_settings.busy_duty_cycle,
             budget_checked: None,
             failing: None,
+            breaker: BreakerCount::default(),
+            tunables,
+            priority: None,
             writes: PassWrites::default(),
             throttle: ThrottleController::new(throttle_settings),
             last_report: None,
@@ -483,6 +503,7 @@ impl<'w> JobRun<'w> {
             self.estimate_total(&target).await;
         }
         loop {
+            self.apply_retune();
             self.share_job_budgets().await;
             if let Some(reason) = self.stop_reason() {
                 return JobEnd::Stopped(reason);
@@ -585,6 +606,9 @@ impl<'w> JobRun<'w> {
                         duration_ms = duration.as_secs_f64() * 1000.0,
                         "batch committed"
                     );
+                    if let Some(end) = self.judge_failures(&stats).await {
+                        return end;
+                    }
                     let rows = u64::try_from(stats.keys).unwrap_or(u64::MAX);
                     self.last_report = Some(BatchReport {
                         size: batch_size,
@@ -802,6 +826,107 @@ impl<'w> JobRun<'w> {
         }
     }
 
+    /// Live retune: when the heartbeat found the job's tuning columns changed, logs each
+    /// change (old → new) and hands the new limits to the throttle, keeping what it learned.
+    fn apply_retune(&mut self) {
+        if !self.tunables.has_changed().unwrap_or(false) {
+            return;
+        }
+        let Some(new) = self.tunables.borrow_and_update().clone() else {
+            return;
+        };
+        let job = &mut self.job;
+        let mut changed = false;
+        let mut restart_at = false;
+        for (column, old, new) in [
+            ("batch_size", &mut job.batch_size, new.batch_size),
+            (
+                "min_batch_size",
+                &mut job.min_batch_size,
+                new.min_batch_size,
+            ),
+            (
+                "max_batch_size",
+                &mut job.max_batch_size,
+                new.max_batch_size,
+            ),
+            (
+                "target_batch_ms",
+                &mut job.target_batch_ms,
+                new.target_batch_ms,
+            ),
+        ] {
+            if *old != new {
+                info!(column, old = ?*old, new = ?new, "retuned");
+                restart_at |= column == "batch_size";
+                *old = new;
+                changed = true;
+            }
+        }
+        if job.max_rows_per_second != new.max_rows_per_second {
+            info!(column = "max_rows_per_second", old = ?job.max_rows_per_second, new = ?new.max_rows_per_second, "retuned");
+            job.max_rows_per_second = new.max_rows_per_second;
+            changed = true;
+        }
+        if self.priority.is_some_and(|old| old != new.priority) {
+            info!(column = "priority", old = ?self.priority, new = new.priority, "retuned");
+        }
+        self.priority = Some(new.priority);
+        if !changed {
+            return;
+        }
+        let settings = throttle_settings(&self.worker.settings, &self.job);
+        self.throttle.retune_batches(
+            settings.min_batch_size,
+            settings.max_batch_size,
+            settings.target_batch,
+            restart_at.then_some(settings.start_batch_size),
+        );
+        self.rate_budget = settings.max_rows_per_second;
+        self.throttle
+            .set_max_rows_per_second(settings.max_rows_per_second);
+        // A slice runs on its share of the budget: split the new one at once.
+        self.budget_checked = None;
+        self.publish_progress();
+    }
+
+    /// The circuit breaker, after a committed batch: pauses the job (fenced) when too many
+    /// of the rows it processed since the claim failed. Retries of rows that failed before
+    /// are not judged again: they were counted when they first failed.
+    async fn judge_failures(&mut self, stats: &backfill_dataplane::BatchStats) -> Option<JobEnd> {
+        if self.phase == Phase::Retry {
+            return None;
+        }
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        self.breaker.add(count(stats.keys), count(stats.failed));
+        let tripped = self.worker.settings.breaker_limits().judge(self.breaker)?;
+        let why = format!(
+            "circuit breaker: {tripped} since this worker claimed the job; paused. Fix the rows (backfill.failed_rows where job_id = {}) or batch_sql, then select backfill.resume('{}')",
+            self.job.id,
+            self.job.name.replace('\'', "''")
+        );
+        Some(
+            match self
+                .worker
+                .queue
+                .pause_for(self.job.id, self.fence_token(), &why)
+                .await
+            {
+                Ok(true) => {
+                    warn!(reason = %why, "too many rows failed");
+                    JobEnd::Stopped(StopReason::Tripped)
+                }
+                Ok(false) => JobEnd::Stopped(StopReason::LeaseLost(
+                    self.worker.queue.state_of(self.job.id).await.ok().flatten(),
+                )),
+                Err(e) => {
+                    warn!(error = %e, "cannot pause the job for its failed rows");
+                    JobEnd::Stopped(StopReason::Unreachable)
+                }
+            },
+        )
+    }
+
     /// After a fenced commit of a slice: true when the lease is still ours and
     /// only the slice's upper bound moved (another worker split it); the new
     /// bound is taken over and the batch can be retried.
@@ -827,7 +952,7 @@ impl<'w> JobRun<'w> {
                 &progress,
             )
             .await;
-        if !matches!(held, Ok(HeartbeatReport::Held)) {
+        if !matches!(held, Ok(HeartbeatReport::Held(_))) {
             return false;
         }
         target.upper_key = upper_key;
@@ -1202,17 +1327,30 @@ async fn blocked_for(
     }
 }
 
-/// Extends the lease every `interval` and publishes progress; tells the job to
-/// stop as soon as the lease turns out to be gone (paused, cancelled, taken over).
-async fn heartbeat_loop(
-    queue: Queue,
+/// Whose lease a heartbeat extends, by how much, how often.
+struct HeartbeatOf {
     job_id: i64,
     token: LeaseToken,
     lease: Duration,
     interval: Duration,
+}
+
+/// Extends the lease every `interval`, publishes progress and hands on the job's tuning
+/// columns (a live retune); tells the job to stop as soon as the lease turns out to be
+/// gone (paused, cancelled, taken over).
+async fn heartbeat_loop(
+    queue: Queue,
+    of: HeartbeatOf,
     progress: watch::Receiver<JobProgress>,
     stop: watch::Sender<Option<StopReason>>,
+    tunables: watch::Sender<Option<Tunables>>,
 ) {
+    let HeartbeatOf {
+        job_id,
+        token,
+        lease,
+        interval,
+    } = of;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -1220,7 +1358,15 @@ async fn heartbeat_loop(
         ticker.tick().await;
         let current = progress.borrow().clone();
         match queue.heartbeat(job_id, token, lease, &current).await {
-            Ok(HeartbeatReport::Held) => {}
+            Ok(HeartbeatReport::Held(now)) => {
+                tunables.send_if_modified(|seen| {
+                    let changed = seen.as_ref() != Some(&now);
+                    if changed {
+                        *seen = Some(now);
+                    }
+                    changed
+                });
+            }
             Ok(HeartbeatReport::Lost { state }) => {
                 info!(
                     state = state.map_or("deleted", JobState::as_str),
