@@ -27,12 +27,25 @@
 //! replayed commit while anything is left to replay; WAL the standby has not received yet
 //! (a broken upstream) is invisible from there, which is why the primary's view comes
 //! first. An unreachable replica, or one that is not in recovery, counts as missing.
+//!
+//! # More signals, read on the primary with the same connection
+//!
+//! - WAL retained by every replication slot, physical and logical, active or not
+//!   (`pg_replication_slots`): a CDC consumer that stops reading lags here, not in
+//!   `pg_stat_replication`. Slots already `lost` keep nothing any more and are skipped.
+//! - Operator throttles (`backfill.throttles`, set by `backfill.throttle`), matched to the
+//!   running jobs and slices in the database: the worker reads only its own job's ratio.
+//!
+//! Any of them failing fails the whole sample (`probe_failed`), which holds: not knowing
+//! is not healthy.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use backfill_core::throttle::{BlockingBackend, HealthSample, ReplicaLag};
+use backfill_core::throttle::{
+    BlockingBackend, HealthSample, OperatorThrottle, ReplicaLag, SlotRetention,
+};
 use deadpool_postgres::Pool;
 use futures::future::join_all;
 
@@ -77,6 +90,21 @@ const PRODUCTION_SESSIONS_SQL: &str = "SELECT count(*)::int8 FROM pg_stat_activi
     AND application_name NOT LIKE 'backfilld%' \
     AND (state = 'active' OR state_change > clock_timestamp() - make_interval(secs => $1))";
 
+/// WAL each replication slot keeps from being recycled (see the module docs).
+const SLOTS_SQL: &str = "SELECT slot_name::text, \
+        greatest(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::float8 \
+   FROM pg_replication_slots \
+  WHERE restart_lsn IS NOT NULL AND wal_status IS DISTINCT FROM 'lost'";
+
+/// The tightest operator throttle in force on each running job or slice; a slice matches
+/// through its parent's name too.
+const OPERATOR_THROTTLES_SQL: &str = "SELECT j.id, min(t.ratio)::float8 \
+   FROM backfill.throttles t \
+   JOIN backfill.jobs j ON j.state = 'running' \
+   LEFT JOIN backfill.jobs p ON p.id = j.parent_id \
+  WHERE t.expires_at > now() AND (j.name LIKE t.job_pattern OR p.name LIKE t.job_pattern) \
+  GROUP BY j.id";
+
 /// Lag as a standby sees it itself (see the module docs).
 const REPLICA_LAG_SQL: &str = "SELECT pg_is_in_recovery(), \
         CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
@@ -92,7 +120,17 @@ pub struct HealthProbe {
     our_application_name: String,
     timeout: Duration,
     activity_window: Option<Duration>,
+    signals: Signals,
     failing: FailureLog,
+}
+
+/// Which of the optional primary signals the probe reads (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct Signals {
+    /// WAL retained by replication slots.
+    pub slots: bool,
+    /// Operator throttles from `backfill.throttles`.
+    pub operator_throttles: bool,
 }
 
 impl HealthProbe {
@@ -115,8 +153,14 @@ impl HealthProbe {
             our_application_name,
             timeout,
             activity_window,
+            signals: Signals::default(),
             failing: FailureLog::default(),
         }
+    }
+
+    /// The same probe, also reading the optional `signals`.
+    pub fn with_signals(self, signals: Signals) -> Self {
+        HealthProbe { signals, ..self }
     }
 
     /// One sample. A probe of the primary that fails or times out yields a sample with
@@ -205,6 +249,33 @@ impl HealthProbe {
                 .map_err(|e| format!("counting production sessions: {e}"))?;
             sample.production_sessions =
                 u32::try_from(production.get::<_, i64>(0)).unwrap_or(u32::MAX);
+        }
+        if self.signals.slots {
+            let slots = client
+                .query(SLOTS_SQL, &[])
+                .await
+                .map_err(|e| format!("reading pg_replication_slots: {e}"))?;
+            sample.slots = slots
+                .iter()
+                .map(|row| SlotRetention {
+                    name: row.get(0),
+                    // float8 → u64 saturates; greatest(…, 0) ruled out negatives.
+                    retained_bytes: row.get::<_, f64>(1) as u64,
+                })
+                .collect();
+        }
+        if self.signals.operator_throttles {
+            let throttles = client
+                .query(OPERATOR_THROTTLES_SQL, &[])
+                .await
+                .map_err(|e| format!("reading backfill.throttles: {e}"))?;
+            sample.operator_throttles = throttles
+                .iter()
+                .map(|row| OperatorThrottle {
+                    job_id: row.get(0),
+                    ratio: row.get(1),
+                })
+                .collect();
         }
         Ok(sample)
     }

@@ -117,6 +117,8 @@ pub struct ThrottleConfig {
     /// Run even when the role cannot see standby positions and other sessions' lock
     /// waits (no pg_monitor): the lag and lock probes are then blind.
     pub allow_blind: bool,
+    /// Hold while a replication slot retains this many bytes of WAL; 0 turns it off.
+    pub max_slot_retained_bytes: u64,
 }
 
 /// Reads a list from a TOML array or from one comma-separated string (how
@@ -640,6 +642,9 @@ impl Settings {
             hold_recheck: self.throttle.probe_interval,
             busy_duty_cycle: self.throttle.busy_duty_cycle,
             busy_batch_target: self.throttle.busy_batch_target,
+            // 0 in the config means off.
+            max_slot_retained_bytes: Some(self.throttle.max_slot_retained_bytes)
+                .filter(|limit| *limit > 0),
             ..ThrottleSettings::default()
         }
     }
