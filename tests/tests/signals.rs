@@ -1,6 +1,6 @@
 //! More throttle signals end to end, each made to trip for real: the operator's incident
-//! button (`backfill.throttle` / `backfill.unthrottle`) and WAL retained by a replication
-//! slot whose consumer stopped. Each test shows the job holding within two probe
+//! button (`backfill.throttle` / `backfill.unthrottle`), WAL retained by a replication
+//! slot whose consumer stopped, and a throttle query the operator flips. Each test shows the job holding within two probe
 //! intervals of the signal tripping (read from an audit trail of every row the job
 //! updates, on the database's clock) and resuming after.
 
@@ -137,13 +137,15 @@ fn the_incident_button_holds_every_matching_job_and_slice_until_lifted_or_expire
         throttled_reasons(port)
     );
     assert!(!throttled_reasons(port).is_empty());
-    let held_log = daemon
-        .json_lines("backfilld::worker")
-        .into_iter()
-        .any(|line| line["message"] == "throttle: holding" && line["reason"] == "operator");
-    assert!(
-        held_log,
-        "no 'throttle: holding' log line with reason operator"
+    wait_until(
+        "a 'throttle: holding' log line with reason operator",
+        RUN_LIMIT,
+        || {
+            daemon
+                .json_lines("backfilld::worker")
+                .iter()
+                .any(|line| line["message"] == "throttle: holding" && line["reason"] == "operator")
+        },
     );
 
     // Lifted: runs again within two probe intervals.
@@ -318,17 +320,19 @@ fn a_replication_slot_whose_consumer_stopped_holds_the_job_until_it_is_dropped()
     db.sql("SELECT pg_logical_emit_message(true, 'burst', repeat('x', 8 * 1024 * 1024))");
     let tripped = db_now(&db);
     assert_holds_within_two_probes(&db, tripped, "replication_slot");
-    let held_log = daemon
-        .json_lines("backfilld::worker")
-        .into_iter()
-        .any(|line| {
-            line["message"] == "throttle: holding"
-                && line["reason"] == "replication_slot"
-                && line["slots"]
-                    .as_str()
-                    .is_some_and(|s| s.starts_with("cdc="))
-        });
-    assert!(held_log, "no 'throttle: holding' log naming the slot");
+    wait_until(
+        "a 'throttle: holding' log line naming the slot",
+        RUN_LIMIT,
+        || {
+            daemon.json_lines("backfilld::worker").iter().any(|line| {
+                line["message"] == "throttle: holding"
+                    && line["reason"] == "replication_slot"
+                    && line["slots"]
+                        .as_str()
+                        .is_some_and(|s| s.starts_with("cdc="))
+            })
+        },
+    );
 
     db.sql("SELECT pg_drop_replication_slot('cdc')");
     let dropped = db_now(&db);
@@ -336,6 +340,50 @@ fn a_replication_slot_whose_consumer_stopped_holds_the_job_until_it_is_dropped()
     assert!(
         resumed <= 2.0 * PROBE_INTERVAL + SLACK,
         "resumed {resumed:.3} s after the slot was dropped"
+    );
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_success(RUN_LIMIT);
+}
+
+#[test]
+fn a_throttle_query_the_operator_flips_holds_the_job_and_a_failing_one_fails_safe() {
+    let db = TestDb::new("signals_query");
+    slow_job(&db, 1);
+    db.sql("CREATE TABLE public.maintenance (hold boolean NOT NULL); INSERT INTO public.maintenance VALUES (false)");
+    let mut env = quick_worker_json_log("query");
+    env.push((
+        "BACKFILLD_THROTTLE__QUERY",
+        "SELECT hold FROM public.maintenance".to_string(),
+    ));
+    let mut daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    wait_until("the job running", RUN_LIMIT, || last_update(&db) > 0.0);
+    let since = db_now(&db) + 2.0 * PROBE_INTERVAL + SLACK;
+    resumed_after(&db, since, "updates while the query says false");
+
+    db.sql("UPDATE public.maintenance SET hold = true");
+    let flipped = db_now(&db);
+    assert_holds_within_two_probes(&db, flipped, "throttle_query");
+    db.sql("UPDATE public.maintenance SET hold = false");
+    let flipped = db_now(&db);
+    let resumed = resumed_after(&db, flipped, "updates after the query went false");
+    assert!(
+        resumed <= 2.0 * PROBE_INTERVAL + SLACK,
+        "resumed {resumed:.3} s after the query went false"
+    );
+
+    // The query cannot run: not knowing holds.
+    db.sql("ALTER TABLE public.maintenance RENAME TO maintenance_gone");
+    let broken = db_now(&db);
+    assert_holds_within_two_probes(&db, broken, "throttle_query");
+    wait_until("the query's failure in the log", RUN_LIMIT, || {
+        daemon.log_text().contains("throttle.query failed")
+    });
+    db.sql("ALTER TABLE public.maintenance_gone RENAME TO maintenance");
+    let fixed = db_now(&db);
+    let resumed = resumed_after(&db, fixed, "updates after the query works again");
+    assert!(
+        resumed <= 2.0 * PROBE_INTERVAL + SLACK,
+        "resumed {resumed:.3} s after the query worked again"
     );
     daemon.signal(libc::SIGTERM);
     daemon.expect_success(RUN_LIMIT);

@@ -35,6 +35,9 @@
 //!   for this job; 0 holds (`operator`), a ratio in (0, 1) lets batches run only that
 //!   share of the time and scales the rate budget by it (`operator`). No hysteresis: it is
 //!   a command, not a measurement.
+//! - **Throttle query** (operator-supplied SQL returning a number or boolean): above
+//!   `hold_above` holds (`throttle_query`) until the value is at or below `resume_at_or_below`;
+//!   a query that fails holds too, unless the operator chose to fail open.
 //! - **Fail safe**: a standby the operator declared that is missing counts as unbounded
 //!   lag (hold, `standby_missing`, same hysteresis as lag). A failed probe holds briefly
 //!   (`probe_failed`) without touching the lag hysteresis.
@@ -153,6 +156,39 @@ pub struct ThrottleSettings {
     pub busy_batch_target: Duration,
     /// Hold when a replication slot retains this many bytes of WAL or more; `None`: off.
     pub max_slot_retained_bytes: Option<u64>,
+    /// How to judge the throttle query's value.
+    pub query_limits: QueryLimits,
+}
+
+/// Thresholds of the operator's throttle query.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueryLimits {
+    /// Hold while the value is above this (a boolean reads as 1 or 0).
+    pub hold_above: f64,
+    /// After a hold, run again once the value is at or below this (at most `hold_above`).
+    pub resume_at_or_below: f64,
+    /// A query that fails lets jobs run instead of holding them.
+    pub fail_open: bool,
+}
+
+impl Default for QueryLimits {
+    /// A boolean query: true holds, false runs; failures hold.
+    fn default() -> Self {
+        QueryLimits {
+            hold_above: 0.0,
+            resume_at_or_below: 0.0,
+            fail_open: false,
+        }
+    }
+}
+
+/// What the throttle query gave.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QueryReading {
+    /// Its value (a boolean as 1 or 0).
+    Value(f64),
+    /// It failed or gave no single number; the error, for the log.
+    Failed(String),
 }
 
 impl Default for ThrottleSettings {
@@ -176,6 +212,7 @@ impl Default for ThrottleSettings {
             busy_duty_cycle: 0.05,
             busy_batch_target: Duration::from_millis(1),
             max_slot_retained_bytes: Some(DEFAULT_MAX_SLOT_RETAINED_BYTES),
+            query_limits: QueryLimits::default(),
         }
     }
 }
@@ -221,6 +258,14 @@ pub enum ThrottleSettingsError {
     /// `max_lag_bytes` is zero.
     #[error("max_lag_bytes must be greater than zero")]
     ZeroMaxLagBytes,
+    /// The throttle query's thresholds are not finite or resume above the hold.
+    #[error("the throttle query must resume at or below where it holds, with finite numbers (hold above {hold_above}, resume at or below {resume_at_or_below})")]
+    QueryLimitsInverted {
+        /// The configured hold threshold.
+        hold_above: f64,
+        /// The configured resume threshold.
+        resume_at_or_below: f64,
+    },
     /// `max_slot_retained_bytes` is `Some(0)` (off is `None`).
     #[error("max_slot_retained_bytes must be greater than zero (off is None)")]
     ZeroMaxSlotRetainedBytes,
@@ -280,6 +325,20 @@ impl ThrottleSettings {
         }
         if self.max_slot_retained_bytes == Some(0) {
             return Err(ThrottleSettingsError::ZeroMaxSlotRetainedBytes);
+        }
+        let QueryLimits {
+            hold_above,
+            resume_at_or_below,
+            ..
+        } = self.query_limits;
+        if !(hold_above.is_finite()
+            && resume_at_or_below.is_finite()
+            && resume_at_or_below <= hold_above)
+        {
+            return Err(ThrottleSettingsError::QueryLimitsInverted {
+                hold_above,
+                resume_at_or_below,
+            });
         }
         if let Some(budget) = self.max_rows_per_second {
             if !(budget.is_finite() && budget >= MIN_ROWS_PER_SECOND) {
@@ -374,6 +433,7 @@ impl ThrottleSettings {
                 Some(0) => defaults.max_slot_retained_bytes,
                 limit => limit,
             },
+            query_limits: self.query_limits,
         }
     }
 }
@@ -511,6 +571,8 @@ pub struct HealthSample {
     /// The operator ratio for the job this sample is decided for (see
     /// [`HealthSample::for_job`]); `None` when no operator throttle applies.
     pub operator_ratio: Option<f64>,
+    /// The throttle query's reading; `None` when no query is configured.
+    pub throttle_query: Option<QueryReading>,
 }
 
 impl HealthSample {
@@ -643,11 +705,13 @@ pub enum ThrottleReason {
     ReplicationSlot,
     /// An operator throttle (`backfill.throttle`) slows or holds the job.
     Operator,
+    /// The operator's throttle query is over its threshold, or failed.
+    ThrottleQuery,
 }
 
 impl ThrottleReason {
     /// Every reason, e.g. to initialise one metric series per label.
-    pub const ALL: [ThrottleReason; 12] = [
+    pub const ALL: [ThrottleReason; 13] = [
         Self::ReplicationLag,
         Self::StandbyMissing,
         Self::LockTimeout,
@@ -660,6 +724,7 @@ impl ThrottleReason {
         Self::ProductionActive,
         Self::ReplicationSlot,
         Self::Operator,
+        Self::ThrottleQuery,
     ];
 
     /// The snake_case label used in logs, metrics and `backfill.job_status`.
@@ -677,6 +742,7 @@ impl ThrottleReason {
             Self::ProductionActive => "production_active",
             Self::ReplicationSlot => "replication_slot",
             Self::Operator => "operator",
+            Self::ThrottleQuery => "throttle_query",
         }
     }
 
@@ -686,7 +752,8 @@ impl ThrottleReason {
             Self::BlockingProduction => 12,
             Self::StandbyMissing => 11,
             Self::ReplicationLag => 10,
-            Self::ReplicationSlot => 8,
+            Self::ReplicationSlot => 9,
+            Self::ThrottleQuery => 8,
             Self::ProbeFailed => 7,
             Self::Operator => 6,
             Self::ProductionLatency => 5,
@@ -821,6 +888,8 @@ pub struct ThrottleController {
     holding_for_lag: bool,
     /// Latched when a slot reached its limit; cleared only once every slot is below half.
     holding_for_slot: bool,
+    /// Latched when the throttle query went over its threshold (or failed, failing safe).
+    holding_for_query: bool,
     /// Operator ratio from the latest sample, in (0, 1); `None`: not slowed by an operator.
     operator_ratio: Option<f64>,
     /// Consecutive troubled batches; drives the exponential backoff.
@@ -853,6 +922,7 @@ impl ThrottleController {
             settings,
             holding_for_lag: false,
             holding_for_slot: false,
+            holding_for_query: false,
             operator_ratio: None,
             consecutive_troubles: 0,
             backoff_until: Duration::ZERO,
@@ -945,8 +1015,9 @@ impl ThrottleController {
                 recheck_after: self.settings.hold_recheck,
             },
             Some(_) if operator_hold => {
-                // Keep the slot latch current, so that a release does not run on stale news.
+                // Keep the latches current, so that a release does not run on stale news.
                 self.update_slot_latch(health);
+                self.update_query_latch(health);
                 ThrottleDecision::Hold {
                     reason: ThrottleReason::Operator,
                     recheck_after: self.settings.hold_recheck,
@@ -1094,6 +1165,7 @@ impl ThrottleController {
         reason: Option<ThrottleReason>,
     ) -> ThrottleDecision {
         self.update_slot_latch(health);
+        self.update_query_latch(health);
         if lag.at_or_over_limit {
             self.holding_for_lag = true;
         } else if self.holding_for_lag && lag.all_below_half {
@@ -1110,13 +1182,36 @@ impl ThrottleController {
                 recheck_after: self.settings.hold_recheck,
             };
         }
-        if self.holding_for_slot {
+        if self.holding_for_slot || self.holding_for_query {
+            let reason = if self.holding_for_slot {
+                ThrottleReason::ReplicationSlot
+            } else {
+                ThrottleReason::ThrottleQuery
+            };
             return ThrottleDecision::Hold {
-                reason: ThrottleReason::ReplicationSlot,
+                reason,
                 recheck_after: self.settings.hold_recheck,
             };
         }
         self.plan_run(now, lag, reason)
+    }
+
+    /// Latches the query hold above `hold_above` (or on a failure, unless failing open) and
+    /// releases it at or below `resume_at_or_below`.
+    fn update_query_latch(&mut self, health: &HealthSample) {
+        let limits = self.settings.query_limits;
+        match &health.throttle_query {
+            None => self.holding_for_query = false,
+            Some(QueryReading::Value(value)) if !value.is_nan() => {
+                if *value > limits.hold_above {
+                    self.holding_for_query = true;
+                } else if *value <= limits.resume_at_or_below {
+                    self.holding_for_query = false;
+                }
+            }
+            // Failed, or NaN: fail safe unless the operator chose otherwise.
+            Some(_) => self.holding_for_query = !limits.fail_open,
+        }
     }
 
     /// Latches the slot hold at the limit and releases it once every slot is below half
@@ -1590,7 +1685,8 @@ mod tests {
                 "production_latency",
                 "production_active",
                 "replication_slot",
-                "operator"
+                "operator",
+                "throttle_query"
             ]
         );
         assert_eq!(ThrottleReason::SlowBatch.to_string(), "slow_batch");
@@ -2536,5 +2632,88 @@ mod tests {
             throttle.decide(ms(2_000), &slot(600 * MIB), None).reason(),
             Some(ThrottleReason::ReplicationSlot)
         );
+    }
+
+    fn query(reading: QueryReading) -> HealthSample {
+        HealthSample {
+            throttle_query: Some(reading),
+            ..HealthSample::healthy()
+        }
+    }
+
+    #[test]
+    fn a_throttle_query_holds_above_its_threshold_until_at_or_below_resume() {
+        let mut throttle = ThrottleController::new(ThrottleSettings {
+            query_limits: QueryLimits {
+                hold_above: 100.0,
+                resume_at_or_below: 50.0,
+                fail_open: false,
+            },
+            ..ThrottleSettings::default()
+        });
+        let value = |v| query(QueryReading::Value(v));
+        assert!(!throttle.decide(ms(0), &value(100.0), None).is_hold());
+        assert_eq!(
+            throttle.decide(ms(1_000), &value(100.5), None),
+            ThrottleDecision::Hold {
+                reason: ThrottleReason::ThrottleQuery,
+                recheck_after: Duration::from_secs(1),
+            }
+        );
+        // Hysteresis: between the two thresholds it keeps holding.
+        assert!(throttle.decide(ms(2_000), &value(80.0), None).is_hold());
+        assert!(throttle.decide(ms(3_000), &value(50.1), None).is_hold());
+        assert!(!throttle.decide(ms(4_000), &value(50.0), None).is_hold());
+        assert!(!throttle.decide(ms(5_000), &value(80.0), None).is_hold());
+    }
+
+    #[test]
+    fn a_failing_throttle_query_holds_unless_failing_open() {
+        let failed = query(QueryReading::Failed("relation does not exist".into()));
+        let mut safe = ThrottleController::new(ThrottleSettings::default());
+        for sample in [failed.clone(), query(QueryReading::Value(f64::NAN))] {
+            assert_eq!(
+                safe.decide(ms(0), &sample, None).reason(),
+                Some(ThrottleReason::ThrottleQuery)
+            );
+        }
+        // The default thresholds read a boolean: true (1) holds, false (0) runs.
+        assert!(!safe
+            .decide(ms(1_000), &query(QueryReading::Value(0.0)), None)
+            .is_hold());
+        assert!(safe
+            .decide(ms(2_000), &query(QueryReading::Value(1.0)), None)
+            .is_hold());
+        let mut open = ThrottleController::new(ThrottleSettings {
+            query_limits: QueryLimits {
+                fail_open: true,
+                ..QueryLimits::default()
+            },
+            ..ThrottleSettings::default()
+        });
+        assert!(open
+            .decide(ms(0), &query(QueryReading::Value(1.0)), None)
+            .is_hold());
+        assert!(!open.decide(ms(1_000), &failed, None).is_hold());
+    }
+
+    #[test]
+    fn inverted_query_thresholds_are_refused() {
+        for (hold_above, resume_at_or_below) in
+            [(10.0, 20.0), (f64::NAN, 0.0), (1.0, f64::NEG_INFINITY)]
+        {
+            let settings = ThrottleSettings {
+                query_limits: QueryLimits {
+                    hold_above,
+                    resume_at_or_below,
+                    fail_open: false,
+                },
+                ..ThrottleSettings::default()
+            };
+            assert!(matches!(
+                settings.validate(),
+                Err(ThrottleSettingsError::QueryLimitsInverted { .. })
+            ));
+        }
     }
 }

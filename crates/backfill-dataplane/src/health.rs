@@ -36,18 +36,23 @@
 //! - Operator throttles (`backfill.throttles`, set by `backfill.throttle`), matched to the
 //!   running jobs and slices in the database: the worker reads only its own job's ratio.
 //!
-//! Any of them failing fails the whole sample (`probe_failed`), which holds: not knowing
-//! is not healthy.
+//! - The operator's throttle query, run as is (simple protocol: its one value arrives as
+//!   text, so any numeric type or a boolean reads the same).
+//!
+//! Any of them but the throttle query failing fails the whole sample (`probe_failed`),
+//! which holds: not knowing is not healthy. The throttle query's failure is its own
+//! reading, which holds unless `throttle.query_fail_open`.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use backfill_core::throttle::{
-    BlockingBackend, HealthSample, OperatorThrottle, ReplicaLag, SlotRetention,
+    BlockingBackend, HealthSample, OperatorThrottle, QueryReading, ReplicaLag, SlotRetention,
 };
 use deadpool_postgres::Pool;
 use futures::future::join_all;
+use tokio_postgres::SimpleQueryMessage;
 
 use crate::pool::error_chain;
 
@@ -131,6 +136,8 @@ pub struct Signals {
     pub slots: bool,
     /// Operator throttles from `backfill.throttles`.
     pub operator_throttles: bool,
+    /// The operator's throttle query (`throttle.query`), if any.
+    pub throttle_query: Option<String>,
 }
 
 impl HealthProbe {
@@ -277,6 +284,22 @@ impl HealthProbe {
                 })
                 .collect();
         }
+        if let Some(query) = &self.signals.throttle_query {
+            let reading = match client.simple_query(query).await {
+                Ok(messages) => read_query_value(&messages),
+                Err(e) => Err(format!("throttle.query failed: {}", error_chain(&e))),
+            };
+            sample.throttle_query = Some(match reading {
+                Ok(value) => {
+                    self.failing.ok("throttle.query");
+                    QueryReading::Value(value)
+                }
+                Err(error) => {
+                    self.failing.failed("throttle.query", &error);
+                    QueryReading::Failed(error)
+                }
+            });
+        }
         Ok(sample)
     }
 }
@@ -315,6 +338,47 @@ impl LatencyCanary {
             Ok(Err(_)) => None,
             Err(_) => Some(self.timeout),
         }
+    }
+}
+
+/// The one value of the throttle query's one row: a number, or a boolean as 1 or 0.
+fn read_query_value(messages: &[SimpleQueryMessage]) -> Result<f64, String> {
+    let rows: Vec<Vec<Option<&str>>> = messages
+        .iter()
+        .filter_map(|message| match message {
+            SimpleQueryMessage::Row(row) => Some((0..row.len()).map(|i| row.get(i)).collect()),
+            _ => None,
+        })
+        .collect();
+    query_value(&rows)
+}
+
+/// [`read_query_value`] on the rows' text cells.
+fn query_value(rows: &[Vec<Option<&str>>]) -> Result<f64, String> {
+    let [row] = rows else {
+        return Err(format!(
+            "throttle.query returned {} rows; it must return one row with one number or boolean",
+            rows.len()
+        ));
+    };
+    let [cell] = row[..] else {
+        return Err(format!(
+            "throttle.query returned {} columns; it must return one number or boolean",
+            row.len()
+        ));
+    };
+    match cell {
+        None => Err("throttle.query returned NULL; it must return a number or boolean".into()),
+        Some("t" | "true") => Ok(1.0),
+        Some("f" | "false") => Ok(0.0),
+        Some(text) => text
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|value| !value.is_nan())
+            .ok_or_else(|| {
+                format!("throttle.query returned {text:?}; it must return a number or boolean")
+            }),
     }
 }
 
@@ -447,5 +511,29 @@ mod tests {
         let expected = ["a".to_owned(), "b".to_owned()];
         assert_eq!(missing_standbys(&expected, &found), ["b"]);
         assert!(missing_standbys(&[], &found).is_empty());
+    }
+
+    #[test]
+    fn the_throttle_query_gives_one_number_or_boolean() {
+        for (cell, value) in [
+            ("t", 1.0),
+            ("f", 0.0),
+            ("42", 42.0),
+            ("0.25", 0.25),
+            ("-3", -3.0),
+        ] {
+            assert_eq!(query_value(&[vec![Some(cell)]]), Ok(value));
+        }
+        for (rows, mentions) in [
+            (vec![], "returned 0 rows"),
+            (vec![vec![Some("1")], vec![Some("2")]], "returned 2 rows"),
+            (vec![vec![Some("1"), Some("2")]], "returned 2 columns"),
+            (vec![vec![None]], "returned NULL"),
+            (vec![vec![Some("NaN")]], "returned \"NaN\""),
+            (vec![vec![Some("busy")]], "returned \"busy\""),
+        ] {
+            let error = query_value(&rows).expect_err(mentions);
+            assert!(error.contains(mentions), "{error}");
+        }
     }
 }

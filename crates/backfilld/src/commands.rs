@@ -366,6 +366,7 @@ pub fn spawn_health_probes(
     .with_signals(Signals {
         slots: settings.throttle.max_slot_retained_bytes > 0,
         operator_throttles: true,
+        throttle_query: Some(settings.throttle.query.trim().to_owned()).filter(|q| !q.is_empty()),
     });
     let interval = settings.throttle.probe_interval;
     let (max_lag, max_lag_bytes) = (settings.throttle.max_lag, settings.throttle.max_lag_bytes);
