@@ -1,6 +1,7 @@
 //! More throttle signals end to end, each made to trip for real: the operator's incident
 //! button (`backfill.throttle` / `backfill.unthrottle`), WAL retained by a replication
-//! slot whose consumer stopped, and a throttle query the operator flips. Each test shows the job holding within two probe
+//! slot whose consumer stopped, a throttle query the operator flips, and a VACUUM of the
+//! job's table. Each test shows the job holding within two probe
 //! intervals of the signal tripping (read from an audit trail of every row the job
 //! updates, on the database's clock) and resuming after.
 
@@ -384,6 +385,48 @@ fn a_throttle_query_the_operator_flips_holds_the_job_and_a_failing_one_fails_saf
     assert!(
         resumed <= 2.0 * PROBE_INTERVAL + SLACK,
         "resumed {resumed:.3} s after the query worked again"
+    );
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_success(RUN_LIMIT);
+}
+
+#[test]
+fn a_vacuum_working_on_the_jobs_table_holds_the_job_until_it_ends() {
+    let db = TestDb::new("signals_vacuum");
+    slow_job(&db, 1);
+    let env = quick_worker_json_log("vacuum");
+    let mut daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    wait_until("the job running", RUN_LIMIT, || last_update(&db) > 0.0);
+
+    // A VACUUM of the job's table slowed to a crawl by its cost delay, from another session.
+    let url = db.url();
+    let vacuum = std::thread::spawn(move || {
+        let session = backfilld_e2e::Session::connect(&url);
+        session.execute(
+            "SET application_name = 'signals_vacuum'; \
+             SET vacuum_cost_delay = '100ms'; SET vacuum_cost_limit = 1",
+        );
+        session.try_execute("VACUUM public.users")
+    });
+    wait_until("the VACUUM at work", RUN_LIMIT, || {
+        db.int(
+            "SELECT count(*) FROM pg_stat_progress_vacuum WHERE relid = 'public.users'::regclass",
+        ) == 1
+    });
+    let started = db_now(&db);
+    assert_holds_within_two_probes(&db, started, "vacuum");
+
+    db.sql("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = 'signals_vacuum'");
+    let ended = db_now(&db);
+    let outcome = vacuum.join().expect("the VACUUM thread");
+    assert!(
+        outcome.as_ref().is_err_and(|e| e.starts_with("57014")),
+        "the VACUUM was cancelled: {outcome:?}"
+    );
+    let resumed = resumed_after(&db, ended, "updates after the VACUUM ended");
+    assert!(
+        resumed <= 2.0 * PROBE_INTERVAL + SLACK,
+        "resumed {resumed:.3} s after the VACUUM ended"
     );
     daemon.signal(libc::SIGTERM);
     daemon.expect_success(RUN_LIMIT);

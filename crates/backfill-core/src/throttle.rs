@@ -38,6 +38,9 @@
 //! - **Throttle query** (operator-supplied SQL returning a number or boolean): above
 //!   `hold_above` holds (`throttle_query`) until the value is at or below `resume_at_or_below`;
 //!   a query that fails holds too, unless the operator chose to fail open.
+//! - **Vacuum on the job's table**: while a vacuum works on it, hold (`vacuum`), so the
+//!   backfill's dead rows get cleaned instead of piling up; `hold_while_vacuumed` turns
+//!   this off, except for a wraparound-prevention vacuum, which always wins.
 //! - **Fail safe**: a standby the operator declared that is missing counts as unbounded
 //!   lag (hold, `standby_missing`, same hysteresis as lag). A failed probe holds briefly
 //!   (`probe_failed`) without touching the lag hysteresis.
@@ -158,6 +161,8 @@ pub struct ThrottleSettings {
     pub max_slot_retained_bytes: Option<u64>,
     /// How to judge the throttle query's value.
     pub query_limits: QueryLimits,
+    /// Hold while a vacuum works on the job's table (a wraparound-prevention one always holds).
+    pub hold_while_vacuumed: bool,
 }
 
 /// Thresholds of the operator's throttle query.
@@ -213,6 +218,7 @@ impl Default for ThrottleSettings {
             busy_batch_target: Duration::from_millis(1),
             max_slot_retained_bytes: Some(DEFAULT_MAX_SLOT_RETAINED_BYTES),
             query_limits: QueryLimits::default(),
+            hold_while_vacuumed: true,
         }
     }
 }
@@ -434,6 +440,7 @@ impl ThrottleSettings {
                 limit => limit,
             },
             query_limits: self.query_limits,
+            hold_while_vacuumed: self.hold_while_vacuumed,
         }
     }
 }
@@ -540,6 +547,15 @@ pub struct OperatorThrottle {
     pub ratio: f64,
 }
 
+/// A vacuum working on a running job's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableVacuum {
+    /// The job (or slice) whose table it is.
+    pub job_id: i64,
+    /// It is a wraparound-prevention vacuum.
+    pub wraparound: bool,
+}
+
 /// One reading of the database's health (built by the probes in the data plane).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HealthSample {
@@ -573,6 +589,11 @@ pub struct HealthSample {
     pub operator_ratio: Option<f64>,
     /// The throttle query's reading; `None` when no query is configured.
     pub throttle_query: Option<QueryReading>,
+    /// Vacuums working on running jobs' tables.
+    pub vacuums: Vec<TableVacuum>,
+    /// For the job this sample is decided for (see [`HealthSample::for_job`]): a vacuum
+    /// works on its table, `Some(true)` when it prevents wraparound.
+    pub table_vacuum: Option<bool>,
 }
 
 impl HealthSample {
@@ -590,7 +611,7 @@ impl HealthSample {
     }
 
     /// This sample as seen by one job: `operator_ratio` set to the tightest operator
-    /// throttle on `job_id`, if any.
+    /// throttle on `job_id`, if any, and `table_vacuum` to a vacuum on its table.
     pub fn for_job(&self, job_id: i64) -> Self {
         let operator_ratio = self
             .operator_throttles
@@ -598,8 +619,15 @@ impl HealthSample {
             .filter(|throttle| throttle.job_id == job_id)
             .map(|throttle| throttle.ratio)
             .reduce(f64::min);
+        let table_vacuum = self
+            .vacuums
+            .iter()
+            .filter(|vacuum| vacuum.job_id == job_id)
+            .map(|vacuum| vacuum.wraparound)
+            .reduce(|a, b| a || b);
         Self {
             operator_ratio,
+            table_vacuum,
             ..self.clone()
         }
     }
@@ -707,11 +735,13 @@ pub enum ThrottleReason {
     Operator,
     /// The operator's throttle query is over its threshold, or failed.
     ThrottleQuery,
+    /// A vacuum works on the job's table.
+    Vacuum,
 }
 
 impl ThrottleReason {
     /// Every reason, e.g. to initialise one metric series per label.
-    pub const ALL: [ThrottleReason; 13] = [
+    pub const ALL: [ThrottleReason; 14] = [
         Self::ReplicationLag,
         Self::StandbyMissing,
         Self::LockTimeout,
@@ -725,6 +755,7 @@ impl ThrottleReason {
         Self::ReplicationSlot,
         Self::Operator,
         Self::ThrottleQuery,
+        Self::Vacuum,
     ];
 
     /// The snake_case label used in logs, metrics and `backfill.job_status`.
@@ -743,6 +774,7 @@ impl ThrottleReason {
             Self::ReplicationSlot => "replication_slot",
             Self::Operator => "operator",
             Self::ThrottleQuery => "throttle_query",
+            Self::Vacuum => "vacuum",
         }
     }
 
@@ -754,6 +786,7 @@ impl ThrottleReason {
             Self::ReplicationLag => 10,
             Self::ReplicationSlot => 9,
             Self::ThrottleQuery => 8,
+            Self::Vacuum => 8,
             Self::ProbeFailed => 7,
             Self::Operator => 6,
             Self::ProductionLatency => 5,
@@ -1179,6 +1212,15 @@ impl ThrottleController {
             };
             return ThrottleDecision::Hold {
                 reason,
+                recheck_after: self.settings.hold_recheck,
+            };
+        }
+        let vacuum_holds = health
+            .table_vacuum
+            .is_some_and(|wraparound| wraparound || self.settings.hold_while_vacuumed);
+        if vacuum_holds {
+            return ThrottleDecision::Hold {
+                reason: ThrottleReason::Vacuum,
                 recheck_after: self.settings.hold_recheck,
             };
         }
@@ -1686,7 +1728,8 @@ mod tests {
                 "production_active",
                 "replication_slot",
                 "operator",
-                "throttle_query"
+                "throttle_query",
+                "vacuum"
             ]
         );
         assert_eq!(ThrottleReason::SlowBatch.to_string(), "slow_batch");
@@ -2715,5 +2758,44 @@ mod tests {
                 Err(ThrottleSettingsError::QueryLimitsInverted { .. })
             ));
         }
+    }
+
+    #[test]
+    fn a_vacuum_on_the_table_holds_and_one_preventing_wraparound_always_wins() {
+        let vacuums = |wraparound| HealthSample {
+            vacuums: vec![TableVacuum {
+                job_id: 3,
+                wraparound,
+            }],
+            ..HealthSample::healthy()
+        };
+        let mut throttle = ThrottleController::new(ThrottleSettings::default());
+        assert_eq!(
+            throttle.decide(ms(0), &vacuums(false).for_job(3), None),
+            ThrottleDecision::Hold {
+                reason: ThrottleReason::Vacuum,
+                recheck_after: Duration::from_secs(1),
+            }
+        );
+        // Another job's table: nothing to wait for.
+        assert!(!throttle
+            .decide(ms(1_000), &vacuums(true).for_job(4), None)
+            .is_hold());
+        // The vacuum ended: no hysteresis, it is an event, not a level.
+        assert!(!throttle
+            .decide(ms(2_000), &HealthSample::healthy().for_job(3), None)
+            .is_hold());
+        let mut off = ThrottleController::new(ThrottleSettings {
+            hold_while_vacuumed: false,
+            ..ThrottleSettings::default()
+        });
+        assert!(!off
+            .decide(ms(0), &vacuums(false).for_job(3), None)
+            .is_hold());
+        assert_eq!(
+            off.decide(ms(1_000), &vacuums(true).for_job(3), None)
+                .reason(),
+            Some(ThrottleReason::Vacuum)
+        );
     }
 }

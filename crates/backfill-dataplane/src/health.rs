@@ -36,6 +36,8 @@
 //! - Operator throttles (`backfill.throttles`, set by `backfill.throttle`), matched to the
 //!   running jobs and slices in the database: the worker reads only its own job's ratio.
 //!
+//! - Vacuums working on a running job's table (`pg_stat_progress_vacuum`, manual or auto),
+//!   marked when they prevent wraparound (autovacuum says so in its query text).
 //! - The operator's throttle query, run as is (simple protocol: its one value arrives as
 //!   text, so any numeric type or a boolean reads the same).
 //!
@@ -49,6 +51,7 @@ use std::time::{Duration, Instant};
 
 use backfill_core::throttle::{
     BlockingBackend, HealthSample, OperatorThrottle, QueryReading, ReplicaLag, SlotRetention,
+    TableVacuum,
 };
 use deadpool_postgres::Pool;
 use futures::future::join_all;
@@ -110,6 +113,16 @@ const OPERATOR_THROTTLES_SQL: &str = "SELECT j.id, min(t.ratio)::float8 \
   WHERE t.expires_at > now() AND (j.name LIKE t.job_pattern OR p.name LIKE t.job_pattern) \
   GROUP BY j.id";
 
+/// Vacuums at work on running jobs' tables in this database; the table name resolves with
+/// the probe's search_path, which is why jobs name it schema-qualified.
+const VACUUMS_SQL: &str = "SELECT j.id, \
+        bool_or(coalesce(a.query, '') LIKE '%(to prevent wraparound)%') \
+   FROM pg_stat_progress_vacuum v \
+   JOIN backfill.jobs j ON j.state = 'running' AND v.relid = to_regclass(j.table_name) \
+   LEFT JOIN pg_stat_activity a ON a.pid = v.pid \
+  WHERE v.datname = current_database() \
+  GROUP BY j.id";
+
 /// Lag as a standby sees it itself (see the module docs).
 const REPLICA_LAG_SQL: &str = "SELECT pg_is_in_recovery(), \
         CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
@@ -134,7 +147,7 @@ pub struct HealthProbe {
 pub struct Signals {
     /// WAL retained by replication slots.
     pub slots: bool,
-    /// Operator throttles from `backfill.throttles`.
+    /// Operator throttles from `backfill.throttles`, and vacuums on running jobs' tables.
     pub operator_throttles: bool,
     /// The operator's throttle query (`throttle.query`), if any.
     pub throttle_query: Option<String>,
@@ -281,6 +294,20 @@ impl HealthProbe {
                 .map(|row| OperatorThrottle {
                     job_id: row.get(0),
                     ratio: row.get(1),
+                })
+                .collect();
+        }
+        if self.signals.operator_throttles {
+            // Read with the operator throttles: both need the queue, whose jobs they name.
+            let vacuums = client
+                .query(VACUUMS_SQL, &[])
+                .await
+                .map_err(|e| format!("reading pg_stat_progress_vacuum: {e}"))?;
+            sample.vacuums = vacuums
+                .iter()
+                .map(|row| TableVacuum {
+                    job_id: row.get(0),
+                    wraparound: row.get(1),
                 })
                 .collect();
         }

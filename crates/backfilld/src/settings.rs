@@ -128,6 +128,8 @@ pub struct ThrottleConfig {
     pub query_resume: f64,
     /// A failing query lets jobs run instead of holding them.
     pub query_fail_open: bool,
+    /// Hold a job while a vacuum works on its table (wraparound-prevention ones always hold).
+    pub hold_while_vacuumed: bool,
 }
 
 /// Reads a list from a TOML array or from one comma-separated string (how
@@ -668,6 +670,7 @@ impl Settings {
                 resume_at_or_below: self.throttle.query_resume,
                 fail_open: self.throttle.query_fail_open,
             },
+            hold_while_vacuumed: self.throttle.hold_while_vacuumed,
             ..ThrottleSettings::default()
         }
     }
