@@ -27,6 +27,20 @@
 //!   limit the controller holds completely, and stays holding until every replica is below
 //!   half the limit in both seconds and bytes (hysteresis, so it cannot flap around one
 //!   threshold).
+//! - **Replication slots**: WAL a slot retains (physical or logical, active or not) at or
+//!   above `max_slot_retained_bytes` holds (`replication_slot`) until every slot is below
+//!   half of it (the same hysteresis as lag): a consumer that stopped reading would
+//!   otherwise see the backfill's WAL pile up on the primary's disk.
+//! - **Operator throttles** (`backfill.throttle(ratio, …)`): the sample carries the ratio
+//!   for this job; 0 holds (`operator`), a ratio in (0, 1) lets batches run only that
+//!   share of the time and scales the rate budget by it (`operator`). No hysteresis: it is
+//!   a command, not a measurement.
+//! - **Throttle query** (operator-supplied SQL returning a number or boolean): above
+//!   `hold_above` holds (`throttle_query`) until the value is at or below `resume_at_or_below`;
+//!   a query that fails holds too, unless the operator chose to fail open.
+//! - **Vacuum on the job's table**: while a vacuum works on it, hold (`vacuum`), so the
+//!   backfill's dead rows get cleaned instead of piling up; `hold_while_vacuumed` turns
+//!   this off, except for a wraparound-prevention vacuum, which always wins.
 //! - **Fail safe**: a standby the operator declared that is missing counts as unbounded
 //!   lag (hold, `standby_missing`, same hysteresis as lag). A failed probe holds briefly
 //!   (`probe_failed`) without touching the lag hysteresis.
@@ -143,6 +157,43 @@ pub struct ThrottleSettings {
     /// While production is active, the batch duration steered towards (if shorter than
     /// `target_batch`).
     pub busy_batch_target: Duration,
+    /// Hold when a replication slot retains this many bytes of WAL or more; `None`: off.
+    pub max_slot_retained_bytes: Option<u64>,
+    /// How to judge the throttle query's value.
+    pub query_limits: QueryLimits,
+    /// Hold while a vacuum works on the job's table (a wraparound-prevention one always holds).
+    pub hold_while_vacuumed: bool,
+}
+
+/// Thresholds of the operator's throttle query.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueryLimits {
+    /// Hold while the value is above this (a boolean reads as 1 or 0).
+    pub hold_above: f64,
+    /// After a hold, run again once the value is at or below this (at most `hold_above`).
+    pub resume_at_or_below: f64,
+    /// A query that fails lets jobs run instead of holding them.
+    pub fail_open: bool,
+}
+
+impl Default for QueryLimits {
+    /// A boolean query: true holds, false runs; failures hold.
+    fn default() -> Self {
+        QueryLimits {
+            hold_above: 0.0,
+            resume_at_or_below: 0.0,
+            fail_open: false,
+        }
+    }
+}
+
+/// What the throttle query gave.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QueryReading {
+    /// Its value (a boolean as 1 or 0).
+    Value(f64),
+    /// It failed or gave no single number; the error, for the log.
+    Failed(String),
 }
 
 impl Default for ThrottleSettings {
@@ -165,9 +216,18 @@ impl Default for ThrottleSettings {
             hold_recheck: Duration::from_secs(1),
             busy_duty_cycle: 0.05,
             busy_batch_target: Duration::from_millis(1),
+            max_slot_retained_bytes: Some(DEFAULT_MAX_SLOT_RETAINED_BYTES),
+            query_limits: QueryLimits::default(),
+            hold_while_vacuumed: true,
         }
     }
 }
+
+/// Default limit on WAL retained by one replication slot (1 GiB, 64 default segments): far
+/// above what a consumer that keeps up holds (a few segments), far below the disk a
+/// primary keeps for WAL, so a stalled CDC consumer or WAN standby stops the backfill
+/// long before the primary must choose between its disk and the slot.
+pub const DEFAULT_MAX_SLOT_RETAINED_BYTES: u64 = 1024 * 1024 * 1024;
 
 /// Why a set of [`ThrottleSettings`] makes no sense.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -204,6 +264,17 @@ pub enum ThrottleSettingsError {
     /// `max_lag_bytes` is zero.
     #[error("max_lag_bytes must be greater than zero")]
     ZeroMaxLagBytes,
+    /// The throttle query's thresholds are not finite or resume above the hold.
+    #[error("the throttle query must resume at or below where it holds, with finite numbers (hold above {hold_above}, resume at or below {resume_at_or_below})")]
+    QueryLimitsInverted {
+        /// The configured hold threshold.
+        hold_above: f64,
+        /// The configured resume threshold.
+        resume_at_or_below: f64,
+    },
+    /// `max_slot_retained_bytes` is `Some(0)` (off is `None`).
+    #[error("max_slot_retained_bytes must be greater than zero (off is None)")]
+    ZeroMaxSlotRetainedBytes,
     /// `max_rows_per_second` is not a finite number of at least 1.
     #[error("max_rows_per_second must be a number of at least 1, got {0}")]
     InvalidRowsPerSecond(f64),
@@ -257,6 +328,23 @@ impl ThrottleSettings {
         }
         if self.max_lag_bytes == 0 {
             return Err(ThrottleSettingsError::ZeroMaxLagBytes);
+        }
+        if self.max_slot_retained_bytes == Some(0) {
+            return Err(ThrottleSettingsError::ZeroMaxSlotRetainedBytes);
+        }
+        let QueryLimits {
+            hold_above,
+            resume_at_or_below,
+            ..
+        } = self.query_limits;
+        if !(hold_above.is_finite()
+            && resume_at_or_below.is_finite()
+            && resume_at_or_below <= hold_above)
+        {
+            return Err(ThrottleSettingsError::QueryLimitsInverted {
+                hold_above,
+                resume_at_or_below,
+            });
         }
         if let Some(budget) = self.max_rows_per_second {
             if !(budget.is_finite() && budget >= MIN_ROWS_PER_SECOND) {
@@ -347,6 +435,12 @@ impl ThrottleSettings {
             hold_recheck: positive_or(self.hold_recheck, defaults.hold_recheck),
             busy_duty_cycle: factor_or(self.busy_duty_cycle, UNIT_RANGE, defaults.busy_duty_cycle),
             busy_batch_target: positive_or(self.busy_batch_target, defaults.busy_batch_target),
+            max_slot_retained_bytes: match self.max_slot_retained_bytes {
+                Some(0) => defaults.max_slot_retained_bytes,
+                limit => limit,
+            },
+            query_limits: self.query_limits,
+            hold_while_vacuumed: self.hold_while_vacuumed,
         }
     }
 }
@@ -435,8 +529,35 @@ impl ReplicaLag {
     }
 }
 
+/// WAL one replication slot keeps the primary from recycling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotRetention {
+    /// `slot_name`.
+    pub name: String,
+    /// `pg_current_wal_lsn() - restart_lsn`.
+    pub retained_bytes: u64,
+}
+
+/// An operator throttle (`backfill.throttle`) in force on one job.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OperatorThrottle {
+    /// The job (or slice) it applies to.
+    pub job_id: i64,
+    /// Share of its rate the job may run at; 0 holds it.
+    pub ratio: f64,
+}
+
+/// A vacuum working on a running job's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableVacuum {
+    /// The job (or slice) whose table it is.
+    pub job_id: i64,
+    /// It is a wraparound-prevention vacuum.
+    pub wraparound: bool,
+}
+
 /// One reading of the database's health (built by the probes in the data plane).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct HealthSample {
     /// Lag of every standby that was found.
     pub replicas: Vec<ReplicaLag>,
@@ -459,6 +580,20 @@ pub struct HealthSample {
     /// Production is at work on the primary, judged from recent probes' sightings of
     /// such sessions (see [`crate::activity`]).
     pub production_active: bool,
+    /// WAL retained by every replication slot that still has WAL to keep.
+    pub slots: Vec<SlotRetention>,
+    /// Operator throttles in force, per job (the tightest one per job).
+    pub operator_throttles: Vec<OperatorThrottle>,
+    /// The operator ratio for the job this sample is decided for (see
+    /// [`HealthSample::for_job`]); `None` when no operator throttle applies.
+    pub operator_ratio: Option<f64>,
+    /// The throttle query's reading; `None` when no query is configured.
+    pub throttle_query: Option<QueryReading>,
+    /// Vacuums working on running jobs' tables.
+    pub vacuums: Vec<TableVacuum>,
+    /// For the job this sample is decided for (see [`HealthSample::for_job`]): a vacuum
+    /// works on its table, `Some(true)` when it prevents wraparound.
+    pub table_vacuum: Option<bool>,
 }
 
 impl HealthSample {
@@ -472,6 +607,28 @@ impl HealthSample {
         Self {
             probe_failed: true,
             ..Self::default()
+        }
+    }
+
+    /// This sample as seen by one job: `operator_ratio` set to the tightest operator
+    /// throttle on `job_id`, if any, and `table_vacuum` to a vacuum on its table.
+    pub fn for_job(&self, job_id: i64) -> Self {
+        let operator_ratio = self
+            .operator_throttles
+            .iter()
+            .filter(|throttle| throttle.job_id == job_id)
+            .map(|throttle| throttle.ratio)
+            .reduce(f64::min);
+        let table_vacuum = self
+            .vacuums
+            .iter()
+            .filter(|vacuum| vacuum.job_id == job_id)
+            .map(|vacuum| vacuum.wraparound)
+            .reduce(|a, b| a || b);
+        Self {
+            operator_ratio,
+            table_vacuum,
+            ..self.clone()
         }
     }
 
@@ -572,11 +729,19 @@ pub enum ThrottleReason {
     ProductionLatency,
     /// Production is at work on the primary: short batches at a bounded duty cycle.
     ProductionActive,
+    /// A replication slot retains too much WAL (a consumer is not keeping up).
+    ReplicationSlot,
+    /// An operator throttle (`backfill.throttle`) slows or holds the job.
+    Operator,
+    /// The operator's throttle query is over its threshold, or failed.
+    ThrottleQuery,
+    /// A vacuum works on the job's table.
+    Vacuum,
 }
 
 impl ThrottleReason {
     /// Every reason, e.g. to initialise one metric series per label.
-    pub const ALL: [ThrottleReason; 10] = [
+    pub const ALL: [ThrottleReason; 14] = [
         Self::ReplicationLag,
         Self::StandbyMissing,
         Self::LockTimeout,
@@ -587,6 +752,10 @@ impl ThrottleReason {
         Self::ProbeFailed,
         Self::ProductionLatency,
         Self::ProductionActive,
+        Self::ReplicationSlot,
+        Self::Operator,
+        Self::ThrottleQuery,
+        Self::Vacuum,
     ];
 
     /// The snake_case label used in logs, metrics and `backfill.job_status`.
@@ -602,16 +771,24 @@ impl ThrottleReason {
             Self::ProbeFailed => "probe_failed",
             Self::ProductionLatency => "production_latency",
             Self::ProductionActive => "production_active",
+            Self::ReplicationSlot => "replication_slot",
+            Self::Operator => "operator",
+            Self::ThrottleQuery => "throttle_query",
+            Self::Vacuum => "vacuum",
         }
     }
 
     /// Rank used to pick one reason when several apply: harm to production first.
     fn severity(self) -> u8 {
         match self {
-            Self::BlockingProduction => 9,
-            Self::StandbyMissing => 8,
-            Self::ReplicationLag => 7,
-            Self::ProbeFailed => 6,
+            Self::BlockingProduction => 12,
+            Self::StandbyMissing => 11,
+            Self::ReplicationLag => 10,
+            Self::ReplicationSlot => 9,
+            Self::ThrottleQuery => 8,
+            Self::Vacuum => 8,
+            Self::ProbeFailed => 7,
+            Self::Operator => 6,
             Self::ProductionLatency => 5,
             Self::LockTimeout => 4,
             Self::SlowBatch => 3,
@@ -742,6 +919,12 @@ pub struct ThrottleController {
     batch_size: u32,
     /// Latched when lag reached the hard limit; cleared only once all lag is below half.
     holding_for_lag: bool,
+    /// Latched when a slot reached its limit; cleared only once every slot is below half.
+    holding_for_slot: bool,
+    /// Latched when the throttle query went over its threshold (or failed, failing safe).
+    holding_for_query: bool,
+    /// Operator ratio from the latest sample, in (0, 1); `None`: not slowed by an operator.
+    operator_ratio: Option<f64>,
     /// Consecutive troubled batches; drives the exponential backoff.
     consecutive_troubles: u32,
     /// No batch may start before this time (backoff).
@@ -771,6 +954,9 @@ impl ThrottleController {
             batch_size: settings.start_batch_size,
             settings,
             holding_for_lag: false,
+            holding_for_slot: false,
+            holding_for_query: false,
+            operator_ratio: None,
             consecutive_troubles: 0,
             backoff_until: Duration::ZERO,
             backoff_reason: None,
@@ -801,6 +987,13 @@ impl ThrottleController {
         let mut reason = None;
         let mut trouble = None;
         self.sharing = health.production_active && self.settings.busy_duty_cycle < 1.0;
+        // Nonsense (NaN, negative) holds: failing safe; 1 or more is no throttle at all.
+        let operator_ratio =
+            health
+                .operator_ratio
+                .map(|ratio| if ratio.is_nan() { 0.0 } else { ratio.max(0.0) });
+        self.operator_ratio = operator_ratio.filter(|ratio| *ratio > 0.0 && *ratio < 1.0);
+        let operator_hold = operator_ratio == Some(0.0);
 
         if let Some(report) = last_batch {
             self.health_cut_since_last_batch = false;
@@ -854,7 +1047,16 @@ impl ThrottleController {
                 reason: ThrottleReason::ProbeFailed,
                 recheck_after: self.settings.hold_recheck,
             },
-            Some(lag) => self.lag_decision(now, &lag, reason),
+            Some(_) if operator_hold => {
+                // Keep the latches current, so that a release does not run on stale news.
+                self.update_slot_latch(health);
+                self.update_query_latch(health);
+                ThrottleDecision::Hold {
+                    reason: ThrottleReason::Operator,
+                    recheck_after: self.settings.hold_recheck,
+                }
+            }
+            Some(lag) => self.lag_decision(now, &lag, health, reason),
         };
         self.last_decision = Some(decision);
         decision
@@ -1017,8 +1219,11 @@ impl ThrottleController {
         &mut self,
         now: Duration,
         lag: &LagAssessment,
+        health: &HealthSample,
         reason: Option<ThrottleReason>,
     ) -> ThrottleDecision {
+        self.update_slot_latch(health);
+        self.update_query_latch(health);
         if lag.at_or_over_limit {
             self.holding_for_lag = true;
         } else if self.holding_for_lag && lag.all_below_half {
@@ -1035,7 +1240,65 @@ impl ThrottleController {
                 recheck_after: self.settings.hold_recheck,
             };
         }
+        let vacuum_holds = health
+            .table_vacuum
+            .is_some_and(|wraparound| wraparound || self.settings.hold_while_vacuumed);
+        if vacuum_holds {
+            return ThrottleDecision::Hold {
+                reason: ThrottleReason::Vacuum,
+                recheck_after: self.settings.hold_recheck,
+            };
+        }
+        if self.holding_for_slot || self.holding_for_query {
+            let reason = if self.holding_for_slot {
+                ThrottleReason::ReplicationSlot
+            } else {
+                ThrottleReason::ThrottleQuery
+            };
+            return ThrottleDecision::Hold {
+                reason,
+                recheck_after: self.settings.hold_recheck,
+            };
+        }
         self.plan_run(now, lag, reason)
+    }
+
+    /// Latches the query hold above `hold_above` (or on a failure, unless failing open) and
+    /// releases it at or below `resume_at_or_below`.
+    fn update_query_latch(&mut self, health: &HealthSample) {
+        let limits = self.settings.query_limits;
+        match &health.throttle_query {
+            None => self.holding_for_query = false,
+            Some(QueryReading::Value(value)) if !value.is_nan() => {
+                if *value > limits.hold_above {
+                    self.holding_for_query = true;
+                } else if *value <= limits.resume_at_or_below {
+                    self.holding_for_query = false;
+                }
+            }
+            // Failed, or NaN: fail safe unless the operator chose otherwise.
+            Some(_) => self.holding_for_query = !limits.fail_open,
+        }
+    }
+
+    /// Latches the slot hold at the limit and releases it once every slot is below half
+    /// of it (the same hysteresis as lag).
+    fn update_slot_latch(&mut self, health: &HealthSample) {
+        let Some(limit) = self.settings.max_slot_retained_bytes else {
+            self.holding_for_slot = false;
+            return;
+        };
+        let most = health
+            .slots
+            .iter()
+            .map(|slot| slot.retained_bytes)
+            .max()
+            .unwrap_or(0);
+        if most >= limit {
+            self.holding_for_slot = true;
+        } else if most.saturating_mul(2) < limit {
+            self.holding_for_slot = false;
+        }
     }
 
     /// Batch size and pause for the next batch: the longest of the pending backoff, the
@@ -1058,7 +1321,17 @@ impl ThrottleController {
         }
         if self.sharing {
             reason = ThrottleReason::worst(reason, ThrottleReason::ProductionActive);
-            pause = pause.max(self.duty_pause(now));
+        }
+        if let Some(ratio) = self.operator_ratio {
+            reason = ThrottleReason::worst(reason, ThrottleReason::Operator);
+            // The operator's share applies on top of the share next to production.
+            pause = pause.max(self.duty_pause(now, self.duty_cycle() * ratio, None));
+        } else if self.sharing {
+            pause = pause.max(self.duty_pause(
+                now,
+                self.settings.busy_duty_cycle,
+                Some(self.settings.backoff_max),
+            ));
         }
         let mut batch_size = self.batch_size;
         for budget in self.budgets() {
@@ -1130,22 +1403,28 @@ impl ThrottleController {
         }
     }
 
-    /// While sharing: wait until the last committed batch's run time is at most
-    /// `busy_duty_cycle` of the time since it started, but no longer than `backoff_max`
-    /// (a batch far over the target is cut to size anyway; resting 19× its length at 5 % would
-    /// only stall the job).
-    fn duty_pause(&self, now: Duration) -> Duration {
+    /// Share of the time batches may run next to production: `busy_duty_cycle` while
+    /// sharing, else all of it.
+    fn duty_cycle(&self) -> f64 {
+        if self.sharing {
+            self.settings.busy_duty_cycle
+        } else {
+            1.0
+        }
+    }
+
+    /// Wait until the last committed batch's run time is at most `duty_cycle` of the time
+    /// since it started, but no longer than `cap`. While sharing the cap is `backoff_max`
+    /// (a batch far over the target is cut to size anyway; resting 19× its length at 5 %
+    /// would only stall the job); an operator's ratio is not capped, it is what they asked.
+    fn duty_pause(&self, now: Duration, duty_cycle: f64, cap: Option<Duration>) -> Duration {
         let Some(mark) = self.last_commit else {
             return Duration::ZERO;
         };
-        let cycle = Duration::try_from_secs_f64(
-            mark.duration.as_secs_f64() / self.settings.busy_duty_cycle,
-        )
-        .unwrap_or(Duration::MAX);
-        mark.started_at
-            .saturating_add(cycle)
-            .saturating_sub(now)
-            .min(self.settings.backoff_max)
+        let cycle = Duration::try_from_secs_f64(mark.duration.as_secs_f64() / duty_cycle)
+            .unwrap_or(Duration::MAX);
+        let pause = mark.started_at.saturating_add(cycle).saturating_sub(now);
+        cap.map_or(pause, |cap| pause.min(cap))
     }
 
     /// Size the last batch's per-row cost predicts would take exactly the target.
@@ -1171,16 +1450,26 @@ impl ThrottleController {
     fn budgets(&self) -> impl Iterator<Item = RateBudget> {
         // A batch is charged at most what one admitted under this budget can cost (a
         // window's worth, or a smallest batch): the batch before the budget was lowered (an
-        // operator's live retune, a slice's share shrinking) carried the old budget's window,
-        // and charging all of it at the new rate would stall the job for seconds.
-        let configured = self.settings.max_rows_per_second.map(|rate| RateBudget {
-            rows_per_second: rate,
-            window: RATE_BUDGET_WINDOW,
-            max_charge: RATE_BUDGET_WINDOW.max(
-                Duration::try_from_secs_f64(f64::from(self.settings.min_batch_size) / rate)
-                    .unwrap_or(Duration::MAX),
-            ),
-            reason: ThrottleReason::RateLimit,
+        // operator's live retune or incident ratio, a slice's share shrinking) carried the
+        // old budget's window, and charging all of it at the new rate would stall the job
+        // for seconds.
+        let operator = self.operator_ratio;
+        let configured = self.settings.max_rows_per_second.map(|rate| {
+            // An operator ratio scales the budget (never below the 1 row/s floor).
+            let rate = (rate * operator.unwrap_or(1.0)).max(MIN_ROWS_PER_SECOND);
+            RateBudget {
+                rows_per_second: rate,
+                window: RATE_BUDGET_WINDOW,
+                max_charge: RATE_BUDGET_WINDOW.max(
+                    Duration::try_from_secs_f64(f64::from(self.settings.min_batch_size) / rate)
+                        .unwrap_or(Duration::MAX),
+                ),
+                reason: if operator.is_some() {
+                    ThrottleReason::Operator
+                } else {
+                    ThrottleReason::RateLimit
+                },
+            }
         });
         // The batch before a cut carried far more than a window of the new pace; charging
         // all of it would stall the job for seconds where it should be paced.
@@ -1546,7 +1835,11 @@ mod tests {
                 "rate_limit",
                 "probe_failed",
                 "production_latency",
-                "production_active"
+                "production_active",
+                "replication_slot",
+                "operator",
+                "throttle_query",
+                "vacuum"
             ]
         );
         assert_eq!(ThrottleReason::SlowBatch.to_string(), "slow_batch");
@@ -2278,5 +2571,341 @@ mod tests {
             assert!(run_size(sim.step(&healthy, instant)) <= 10_000);
         }
         assert_eq!(sim.throttle.batch_size(), 10_000);
+    }
+
+    fn operator(ratio: f64) -> HealthSample {
+        HealthSample {
+            operator_ratio: Some(ratio),
+            ..HealthSample::healthy()
+        }
+    }
+
+    fn slot(retained_bytes: u64) -> HealthSample {
+        HealthSample {
+            slots: vec![SlotRetention {
+                name: "debezium".into(),
+                retained_bytes,
+            }],
+            ..HealthSample::healthy()
+        }
+    }
+
+    #[test]
+    fn an_operator_ratio_of_zero_holds_until_it_is_lifted() {
+        let mut sim = Simulation::new(ThrottleSettings::default());
+        let model = cost_model(Duration::ZERO, Duration::from_micros(10));
+        for _ in 0..5 {
+            sim.step(&HealthSample::healthy(), &model);
+        }
+        for _ in 0..3 {
+            assert_eq!(
+                sim.step(&operator(0.0), &model),
+                ThrottleDecision::Hold {
+                    reason: ThrottleReason::Operator,
+                    recheck_after: Duration::from_secs(1),
+                }
+            );
+        }
+        assert_eq!(sim.throttle.state_label(), "holding");
+        // A command, not a measurement: released at once, no hysteresis.
+        let decision = sim.step(&HealthSample::healthy(), &model);
+        assert_eq!((decision.wait(), decision.reason()), (Duration::ZERO, None));
+        // Nonsense fails safe: it holds.
+        for nonsense in [f64::NAN, -1.0, f64::NEG_INFINITY] {
+            assert!(sim.step(&operator(nonsense), &model).is_hold());
+        }
+        // 1 or more slows nothing.
+        let decision = sim.step(&operator(1.0), &model);
+        assert_eq!((decision.wait(), decision.reason()), (Duration::ZERO, None));
+    }
+
+    #[test]
+    fn an_operator_ratio_runs_the_job_at_that_share_of_its_rate() {
+        let model = cost_model(Duration::ZERO, Duration::from_micros(10));
+        let mut flat_out = Simulation::new(ThrottleSettings::default());
+        for _ in 0..30 {
+            flat_out.step(&HealthSample::healthy(), &model);
+        }
+        let mark = flat_out.mark();
+        for _ in 0..100 {
+            flat_out.step(&HealthSample::healthy(), &model);
+        }
+        let full_rate = flat_out.rate_since(mark);
+        for ratio in [0.5, 0.1] {
+            let mut sim = Simulation::new(ThrottleSettings::default());
+            for _ in 0..30 {
+                sim.step(&HealthSample::healthy(), &model);
+            }
+            let mark = sim.mark();
+            for _ in 0..100 {
+                let decision = sim.step(&operator(ratio), &model);
+                assert_eq!(decision.reason(), Some(ThrottleReason::Operator));
+            }
+            let share = sim.rate_since(mark) / full_rate;
+            assert!(
+                (ratio * 0.97..=ratio * 1.03).contains(&share),
+                "ratio {ratio}: ran at {share:.3} of the full rate"
+            );
+            assert_eq!(sim.throttle.state_label(), "throttled");
+        }
+    }
+
+    #[test]
+    fn an_operator_ratio_scales_the_rate_budget() {
+        let mut sim = Simulation::new(ThrottleSettings {
+            max_rows_per_second: Some(2_000.0),
+            ..ThrottleSettings::default()
+        });
+        // Fast rows: the budget, not the database, sets the pace.
+        let model = cost_model(Duration::ZERO, Duration::from_micros(5));
+        for _ in 0..20 {
+            sim.step(&HealthSample::healthy(), &model);
+        }
+        let mark = sim.mark();
+        for _ in 0..100 {
+            assert_eq!(
+                sim.step(&operator(0.25), &model).reason(),
+                Some(ThrottleReason::Operator)
+            );
+        }
+        let rate = sim.rate_since(mark);
+        assert!((480.0..=505.0).contains(&rate), "{rate:.1} rows/s");
+    }
+
+    #[test]
+    fn the_tightest_operator_throttle_on_the_job_applies() {
+        let sample = HealthSample {
+            operator_throttles: vec![
+                OperatorThrottle {
+                    job_id: 7,
+                    ratio: 0.5,
+                },
+                OperatorThrottle {
+                    job_id: 8,
+                    ratio: 0.0,
+                },
+                OperatorThrottle {
+                    job_id: 7,
+                    ratio: 0.2,
+                },
+            ],
+            ..HealthSample::healthy()
+        };
+        assert_eq!(sample.for_job(7).operator_ratio, Some(0.2));
+        assert_eq!(sample.for_job(8).operator_ratio, Some(0.0));
+        assert_eq!(sample.for_job(9).operator_ratio, None);
+    }
+
+    #[test]
+    fn a_slot_retaining_too_much_wal_holds_until_below_half_the_limit() {
+        let limit = ThrottleSettings::default()
+            .max_slot_retained_bytes
+            .expect("on by default");
+        assert_eq!(limit, 1024 * MIB);
+        let mut throttle = ThrottleController::new(ThrottleSettings::default());
+        assert!(!throttle.decide(ms(0), &slot(limit - 1), None).is_hold());
+        let held = throttle.decide(ms(1_000), &slot(limit), None);
+        assert_eq!(
+            held,
+            ThrottleDecision::Hold {
+                reason: ThrottleReason::ReplicationSlot,
+                recheck_after: Duration::from_secs(1),
+            }
+        );
+        // Hysteresis: between half and the limit it keeps holding.
+        assert!(throttle.decide(ms(2_000), &slot(limit / 2), None).is_hold());
+        assert!(throttle
+            .decide(ms(3_000), &slot(limit / 2 + 1), None)
+            .is_hold());
+        assert!(!throttle
+            .decide(ms(4_000), &slot(limit / 2 - 1), None)
+            .is_hold());
+        // The slot dropped: nothing retained, nothing holds.
+        assert!(throttle.decide(ms(5_000), &slot(limit), None).is_hold());
+        assert!(!throttle
+            .decide(ms(6_000), &HealthSample::healthy(), None)
+            .is_hold());
+        // A failed probe holds as probe_failed and leaves the latch alone.
+        throttle.decide(ms(7_000), &slot(limit), None);
+        assert_eq!(
+            throttle
+                .decide(ms(8_000), &HealthSample::probe_failed(), None)
+                .reason(),
+            Some(ThrottleReason::ProbeFailed)
+        );
+        assert_eq!(
+            throttle.decide(ms(9_000), &slot(limit / 2), None).reason(),
+            Some(ThrottleReason::ReplicationSlot)
+        );
+    }
+
+    #[test]
+    fn slot_limit_off_never_holds_and_zero_is_refused() {
+        let off = ThrottleSettings {
+            max_slot_retained_bytes: None,
+            ..ThrottleSettings::default()
+        };
+        let mut throttle = ThrottleController::new(off);
+        assert!(!throttle.decide(ms(0), &slot(u64::MAX), None).is_hold());
+        let zero = ThrottleSettings {
+            max_slot_retained_bytes: Some(0),
+            ..ThrottleSettings::default()
+        };
+        assert_eq!(
+            zero.validate(),
+            Err(ThrottleSettingsError::ZeroMaxSlotRetainedBytes)
+        );
+        assert_eq!(
+            zero.normalized().max_slot_retained_bytes,
+            Some(DEFAULT_MAX_SLOT_RETAINED_BYTES)
+        );
+    }
+
+    #[test]
+    fn lag_outranks_a_slot_and_an_operator_hold_outranks_both() {
+        let mut throttle = ThrottleController::new(ThrottleSettings::default());
+        let both = HealthSample {
+            slots: slot(2 * 1024 * MIB).slots,
+            ..time_lag(ms(3_000))
+        };
+        assert_eq!(
+            throttle.decide(ms(0), &both, None).reason(),
+            Some(ThrottleReason::ReplicationLag)
+        );
+        let all = HealthSample {
+            operator_ratio: Some(0.0),
+            ..both
+        };
+        assert_eq!(
+            throttle.decide(ms(1_000), &all, None).reason(),
+            Some(ThrottleReason::Operator)
+        );
+        // Lifting the operator hold still leaves the slot's latch in force.
+        assert_eq!(
+            throttle.decide(ms(2_000), &slot(600 * MIB), None).reason(),
+            Some(ThrottleReason::ReplicationSlot)
+        );
+    }
+
+    fn query(reading: QueryReading) -> HealthSample {
+        HealthSample {
+            throttle_query: Some(reading),
+            ..HealthSample::healthy()
+        }
+    }
+
+    #[test]
+    fn a_throttle_query_holds_above_its_threshold_until_at_or_below_resume() {
+        let mut throttle = ThrottleController::new(ThrottleSettings {
+            query_limits: QueryLimits {
+                hold_above: 100.0,
+                resume_at_or_below: 50.0,
+                fail_open: false,
+            },
+            ..ThrottleSettings::default()
+        });
+        let value = |v| query(QueryReading::Value(v));
+        assert!(!throttle.decide(ms(0), &value(100.0), None).is_hold());
+        assert_eq!(
+            throttle.decide(ms(1_000), &value(100.5), None),
+            ThrottleDecision::Hold {
+                reason: ThrottleReason::ThrottleQuery,
+                recheck_after: Duration::from_secs(1),
+            }
+        );
+        // Hysteresis: between the two thresholds it keeps holding.
+        assert!(throttle.decide(ms(2_000), &value(80.0), None).is_hold());
+        assert!(throttle.decide(ms(3_000), &value(50.1), None).is_hold());
+        assert!(!throttle.decide(ms(4_000), &value(50.0), None).is_hold());
+        assert!(!throttle.decide(ms(5_000), &value(80.0), None).is_hold());
+    }
+
+    #[test]
+    fn a_failing_throttle_query_holds_unless_failing_open() {
+        let failed = query(QueryReading::Failed("relation does not exist".into()));
+        let mut safe = ThrottleController::new(ThrottleSettings::default());
+        for sample in [failed.clone(), query(QueryReading::Value(f64::NAN))] {
+            assert_eq!(
+                safe.decide(ms(0), &sample, None).reason(),
+                Some(ThrottleReason::ThrottleQuery)
+            );
+        }
+        // The default thresholds read a boolean: true (1) holds, false (0) runs.
+        assert!(!safe
+            .decide(ms(1_000), &query(QueryReading::Value(0.0)), None)
+            .is_hold());
+        assert!(safe
+            .decide(ms(2_000), &query(QueryReading::Value(1.0)), None)
+            .is_hold());
+        let mut open = ThrottleController::new(ThrottleSettings {
+            query_limits: QueryLimits {
+                fail_open: true,
+                ..QueryLimits::default()
+            },
+            ..ThrottleSettings::default()
+        });
+        assert!(open
+            .decide(ms(0), &query(QueryReading::Value(1.0)), None)
+            .is_hold());
+        assert!(!open.decide(ms(1_000), &failed, None).is_hold());
+    }
+
+    #[test]
+    fn inverted_query_thresholds_are_refused() {
+        for (hold_above, resume_at_or_below) in
+            [(10.0, 20.0), (f64::NAN, 0.0), (1.0, f64::NEG_INFINITY)]
+        {
+            let settings = ThrottleSettings {
+                query_limits: QueryLimits {
+                    hold_above,
+                    resume_at_or_below,
+                    fail_open: false,
+                },
+                ..ThrottleSettings::default()
+            };
+            assert!(matches!(
+                settings.validate(),
+                Err(ThrottleSettingsError::QueryLimitsInverted { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn a_vacuum_on_the_table_holds_and_one_preventing_wraparound_always_wins() {
+        let vacuums = |wraparound| HealthSample {
+            vacuums: vec![TableVacuum {
+                job_id: 3,
+                wraparound,
+            }],
+            ..HealthSample::healthy()
+        };
+        let mut throttle = ThrottleController::new(ThrottleSettings::default());
+        assert_eq!(
+            throttle.decide(ms(0), &vacuums(false).for_job(3), None),
+            ThrottleDecision::Hold {
+                reason: ThrottleReason::Vacuum,
+                recheck_after: Duration::from_secs(1),
+            }
+        );
+        // Another job's table: nothing to wait for.
+        assert!(!throttle
+            .decide(ms(1_000), &vacuums(true).for_job(4), None)
+            .is_hold());
+        // The vacuum ended: no hysteresis, it is an event, not a level.
+        assert!(!throttle
+            .decide(ms(2_000), &HealthSample::healthy().for_job(3), None)
+            .is_hold());
+        let mut off = ThrottleController::new(ThrottleSettings {
+            hold_while_vacuumed: false,
+            ..ThrottleSettings::default()
+        });
+        assert!(!off
+            .decide(ms(0), &vacuums(false).for_job(3), None)
+            .is_hold());
+        assert_eq!(
+            off.decide(ms(1_000), &vacuums(true).for_job(3), None)
+                .reason(),
+            Some(ThrottleReason::Vacuum)
+        );
     }
 }

@@ -59,6 +59,7 @@ impl Step {
             probe_delays,
             production_sessions: u32::from(self.production_active),
             production_active: self.production_active,
+            ..HealthSample::default()
         }
     }
 

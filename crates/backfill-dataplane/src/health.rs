@@ -27,14 +27,35 @@
 //! replayed commit while anything is left to replay; WAL the standby has not received yet
 //! (a broken upstream) is invisible from there, which is why the primary's view comes
 //! first. An unreachable replica, or one that is not in recovery, counts as missing.
+//!
+//! # More signals, read on the primary with the same connection
+//!
+//! - WAL retained by every replication slot, physical and logical, active or not
+//!   (`pg_replication_slots`): a CDC consumer that stops reading lags here, not in
+//!   `pg_stat_replication`. Slots already `lost` keep nothing any more and are skipped.
+//! - Operator throttles (`backfill.throttles`, set by `backfill.throttle`), matched to the
+//!   running jobs and slices in the database: the worker reads only its own job's ratio.
+//!
+//! - Vacuums working on a running job's table (`pg_stat_progress_vacuum`, manual or auto),
+//!   marked when they prevent wraparound (autovacuum says so in its query text).
+//! - The operator's throttle query, run as is (simple protocol: its one value arrives as
+//!   text, so any numeric type or a boolean reads the same).
+//!
+//! Any of them but the throttle query failing fails the whole sample (`probe_failed`),
+//! which holds: not knowing is not healthy. The throttle query's failure is its own
+//! reading, which holds unless `throttle.query_fail_open`.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use backfill_core::throttle::{BlockingBackend, HealthSample, ReplicaLag};
+use backfill_core::throttle::{
+    BlockingBackend, HealthSample, OperatorThrottle, QueryReading, ReplicaLag, SlotRetention,
+    TableVacuum,
+};
 use deadpool_postgres::Pool;
 use futures::future::join_all;
+use tokio_postgres::SimpleQueryMessage;
 
 use crate::pool::error_chain;
 
@@ -77,6 +98,31 @@ const PRODUCTION_SESSIONS_SQL: &str = "SELECT count(*)::int8 FROM pg_stat_activi
     AND application_name NOT LIKE 'backfilld%' \
     AND (state = 'active' OR state_change > clock_timestamp() - make_interval(secs => $1))";
 
+/// WAL each replication slot keeps from being recycled (see the module docs).
+const SLOTS_SQL: &str = "SELECT slot_name::text, \
+        greatest(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::float8 \
+   FROM pg_replication_slots \
+  WHERE restart_lsn IS NOT NULL AND wal_status IS DISTINCT FROM 'lost'";
+
+/// The tightest operator throttle in force on each running job or slice; a slice matches
+/// through its parent's name too.
+const OPERATOR_THROTTLES_SQL: &str = "SELECT j.id, min(t.ratio)::float8 \
+   FROM backfill.throttles t \
+   JOIN backfill.jobs j ON j.state = 'running' \
+   LEFT JOIN backfill.jobs p ON p.id = j.parent_id \
+  WHERE t.expires_at > now() AND (j.name LIKE t.job_pattern OR p.name LIKE t.job_pattern) \
+  GROUP BY j.id";
+
+/// Vacuums at work on running jobs' tables in this database; the table name resolves with
+/// the probe's search_path, which is why jobs name it schema-qualified.
+const VACUUMS_SQL: &str = "SELECT j.id, \
+        bool_or(coalesce(a.query, '') LIKE '%(to prevent wraparound)%') \
+   FROM pg_stat_progress_vacuum v \
+   JOIN backfill.jobs j ON j.state = 'running' AND v.relid = to_regclass(j.table_name) \
+   LEFT JOIN pg_stat_activity a ON a.pid = v.pid \
+  WHERE v.datname = current_database() \
+  GROUP BY j.id";
+
 /// Lag as a standby sees it itself (see the module docs).
 const REPLICA_LAG_SQL: &str = "SELECT pg_is_in_recovery(), \
         CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
@@ -92,7 +138,19 @@ pub struct HealthProbe {
     our_application_name: String,
     timeout: Duration,
     activity_window: Option<Duration>,
+    signals: Signals,
     failing: FailureLog,
+}
+
+/// Which of the optional primary signals the probe reads (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct Signals {
+    /// WAL retained by replication slots.
+    pub slots: bool,
+    /// Operator throttles from `backfill.throttles`, and vacuums on running jobs' tables.
+    pub operator_throttles: bool,
+    /// The operator's throttle query (`throttle.query`), if any.
+    pub throttle_query: Option<String>,
 }
 
 impl HealthProbe {
@@ -115,8 +173,14 @@ impl HealthProbe {
             our_application_name,
             timeout,
             activity_window,
+            signals: Signals::default(),
             failing: FailureLog::default(),
         }
+    }
+
+    /// The same probe, also reading the optional `signals`.
+    pub fn with_signals(self, signals: Signals) -> Self {
+        HealthProbe { signals, ..self }
     }
 
     /// One sample. A probe of the primary that fails or times out yields a sample with
@@ -206,6 +270,63 @@ impl HealthProbe {
             sample.production_sessions =
                 u32::try_from(production.get::<_, i64>(0)).unwrap_or(u32::MAX);
         }
+        if self.signals.slots {
+            let slots = client
+                .query(SLOTS_SQL, &[])
+                .await
+                .map_err(|e| format!("reading pg_replication_slots: {e}"))?;
+            sample.slots = slots
+                .iter()
+                .map(|row| SlotRetention {
+                    name: row.get(0),
+                    // float8 → u64 saturates; greatest(…, 0) ruled out negatives.
+                    retained_bytes: row.get::<_, f64>(1) as u64,
+                })
+                .collect();
+        }
+        if self.signals.operator_throttles {
+            let throttles = client
+                .query(OPERATOR_THROTTLES_SQL, &[])
+                .await
+                .map_err(|e| format!("reading backfill.throttles: {e}"))?;
+            sample.operator_throttles = throttles
+                .iter()
+                .map(|row| OperatorThrottle {
+                    job_id: row.get(0),
+                    ratio: row.get(1),
+                })
+                .collect();
+        }
+        if self.signals.operator_throttles {
+            // Read with the operator throttles: both need the queue, whose jobs they name.
+            let vacuums = client
+                .query(VACUUMS_SQL, &[])
+                .await
+                .map_err(|e| format!("reading pg_stat_progress_vacuum: {e}"))?;
+            sample.vacuums = vacuums
+                .iter()
+                .map(|row| TableVacuum {
+                    job_id: row.get(0),
+                    wraparound: row.get(1),
+                })
+                .collect();
+        }
+        if let Some(query) = &self.signals.throttle_query {
+            let reading = match client.simple_query(query).await {
+                Ok(messages) => read_query_value(&messages),
+                Err(e) => Err(format!("throttle.query failed: {}", error_chain(&e))),
+            };
+            sample.throttle_query = Some(match reading {
+                Ok(value) => {
+                    self.failing.ok("throttle.query");
+                    QueryReading::Value(value)
+                }
+                Err(error) => {
+                    self.failing.failed("throttle.query", &error);
+                    QueryReading::Failed(error)
+                }
+            });
+        }
         Ok(sample)
     }
 }
@@ -244,6 +365,47 @@ impl LatencyCanary {
             Ok(Err(_)) => None,
             Err(_) => Some(self.timeout),
         }
+    }
+}
+
+/// The one value of the throttle query's one row: a number, or a boolean as 1 or 0.
+fn read_query_value(messages: &[SimpleQueryMessage]) -> Result<f64, String> {
+    let rows: Vec<Vec<Option<&str>>> = messages
+        .iter()
+        .filter_map(|message| match message {
+            SimpleQueryMessage::Row(row) => Some((0..row.len()).map(|i| row.get(i)).collect()),
+            _ => None,
+        })
+        .collect();
+    query_value(&rows)
+}
+
+/// [`read_query_value`] on the rows' text cells.
+fn query_value(rows: &[Vec<Option<&str>>]) -> Result<f64, String> {
+    let [row] = rows else {
+        return Err(format!(
+            "throttle.query returned {} rows; it must return one row with one number or boolean",
+            rows.len()
+        ));
+    };
+    let [cell] = row[..] else {
+        return Err(format!(
+            "throttle.query returned {} columns; it must return one number or boolean",
+            row.len()
+        ));
+    };
+    match cell {
+        None => Err("throttle.query returned NULL; it must return a number or boolean".into()),
+        Some("t" | "true") => Ok(1.0),
+        Some("f" | "false") => Ok(0.0),
+        Some(text) => text
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|value| !value.is_nan())
+            .ok_or_else(|| {
+                format!("throttle.query returned {text:?}; it must return a number or boolean")
+            }),
     }
 }
 
@@ -376,5 +538,29 @@ mod tests {
         let expected = ["a".to_owned(), "b".to_owned()];
         assert_eq!(missing_standbys(&expected, &found), ["b"]);
         assert!(missing_standbys(&[], &found).is_empty());
+    }
+
+    #[test]
+    fn the_throttle_query_gives_one_number_or_boolean() {
+        for (cell, value) in [
+            ("t", 1.0),
+            ("f", 0.0),
+            ("42", 42.0),
+            ("0.25", 0.25),
+            ("-3", -3.0),
+        ] {
+            assert_eq!(query_value(&[vec![Some(cell)]]), Ok(value));
+        }
+        for (rows, mentions) in [
+            (vec![], "returned 0 rows"),
+            (vec![vec![Some("1")], vec![Some("2")]], "returned 2 rows"),
+            (vec![vec![Some("1"), Some("2")]], "returned 2 columns"),
+            (vec![vec![None]], "returned NULL"),
+            (vec![vec![Some("NaN")]], "returned \"NaN\""),
+            (vec![vec![Some("busy")]], "returned \"busy\""),
+        ] {
+            let error = query_value(&rows).expect_err(mentions);
+            assert!(error.contains(mentions), "{error}");
+        }
     }
 }

@@ -21,7 +21,7 @@ pub use batch::{
     RetryBackoff, RowFailure, RunOutcome,
 };
 pub use error::{BatchError, DataPlaneError};
-pub use health::{HealthProbe, LatencyCanary};
+pub use health::{HealthProbe, LatencyCanary, Signals};
 pub use plan::TrialBatch;
 pub use pool::{connect_pool, error_chain, Endpoint, SessionSettings, SslMode};
 pub use session::{pinned_startup_settings, JobSession};

@@ -11,7 +11,7 @@ use backfill_core::latency::DelayDetector;
 use backfill_core::throttle::HealthSample;
 use backfill_dataplane::{
     connect_pool, error_chain, pinned_startup_settings, BatchRunner, BatchTarget, Endpoint,
-    HealthProbe, LatencyCanary, RetryBackoff, SessionSettings, SslMode,
+    HealthProbe, LatencyCanary, RetryBackoff, SessionSettings, Signals, SslMode,
 };
 use backfill_queue::{Job, JobState, JobStatus, NewJob, Phase, QueueError, SteeringVerb};
 use comfy_table::{ColumnConstraint, Width};
@@ -377,7 +377,12 @@ pub fn spawn_health_probes(
         data_plane_application_name(settings),
         settings.throttle.probe_timeout,
         sharing.then_some(settings.throttle.probe_interval),
-    );
+    )
+    .with_signals(Signals {
+        slots: settings.throttle.max_slot_retained_bytes > 0,
+        operator_throttles: true,
+        throttle_query: Some(settings.throttle.query.trim().to_owned()).filter(|q| !q.is_empty()),
+    });
     let interval = settings.throttle.probe_interval;
     let (max_lag, max_lag_bytes) = (settings.throttle.max_lag, settings.throttle.max_lag_bytes);
     let control = db.control.clone();

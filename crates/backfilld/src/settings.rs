@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
 
-use backfill_core::throttle::ThrottleSettings;
+use backfill_core::throttle::{QueryLimits, ThrottleSettings};
 use serde::Deserialize;
 
 /// The built-in defaults: the same file operators read and copy.
@@ -123,6 +123,19 @@ pub struct ThrottleConfig {
     /// Run even when the role cannot see standby positions and other sessions' lock
     /// waits (no pg_monitor): the lag and lock probes are then blind.
     pub allow_blind: bool,
+    /// Hold while a replication slot retains this many bytes of WAL; 0 turns it off.
+    pub max_slot_retained_bytes: u64,
+    /// SQL returning one number or boolean, run on the primary every probe interval;
+    /// empty: none.
+    pub query: String,
+    /// Hold while the query's value is above this.
+    pub query_max: f64,
+    /// After a hold, run again once the value is at or below this.
+    pub query_resume: f64,
+    /// A failing query lets jobs run instead of holding them.
+    pub query_fail_open: bool,
+    /// Hold a job while a vacuum works on its table (wraparound-prevention ones always hold).
+    pub hold_while_vacuumed: bool,
 }
 
 /// Reads a list from a TOML array or from one comma-separated string (how
@@ -601,6 +614,15 @@ impl Settings {
         if self.throttle.canary_interval.is_zero() {
             return fail("throttle.canary_interval must be positive".to_string());
         }
+        if !(self.throttle.query_max.is_finite()
+            && self.throttle.query_resume.is_finite()
+            && self.throttle.query_resume <= self.throttle.query_max)
+        {
+            return fail(format!(
+                "throttle.query_resume ({}) must be a number at or below throttle.query_max ({})",
+                self.throttle.query_resume, self.throttle.query_max
+            ));
+        }
         self.throttle_defaults().validate().map_err(|e| {
             SettingsError(format!(
                 "[batch]/[throttle]: {e} (the throttle cannot work with these values)"
@@ -656,6 +678,15 @@ impl Settings {
             hold_recheck: self.throttle.probe_interval,
             busy_duty_cycle: self.throttle.busy_duty_cycle,
             busy_batch_target: self.throttle.busy_batch_target,
+            // 0 in the config means off.
+            max_slot_retained_bytes: Some(self.throttle.max_slot_retained_bytes)
+                .filter(|limit| *limit > 0),
+            query_limits: QueryLimits {
+                hold_above: self.throttle.query_max,
+                resume_at_or_below: self.throttle.query_resume,
+                fail_open: self.throttle.query_fail_open,
+            },
+            hold_while_vacuumed: self.throttle.hold_while_vacuumed,
             ..ThrottleSettings::default()
         }
     }
@@ -788,6 +819,10 @@ mod tests {
             (
                 &[("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "nan")],
                 "busy_duty_cycle must be in (0, 1], got NaN",
+            ),
+            (
+                &[("BACKFILLD_THROTTLE__QUERY_RESUME", "5")],
+                "throttle.query_resume (5) must be a number at or below throttle.query_max (0)",
             ),
         ] {
             let error = with_env(vars).expect_err(mentions).to_string();

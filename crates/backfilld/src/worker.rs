@@ -411,7 +411,7 @@ impl<'w> JobRun<'w> {
             // A dry run on a copy: the real controller decides once per batch.
             let mut controller = self.throttle.clone();
             controller
-                .decide(self.started.elapsed(), sample, None)
+                .decide(self.started.elapsed(), &sample.for_job(self.job.id), None)
                 .is_hold()
         };
         let mut health = self.worker.health.clone();
@@ -508,7 +508,7 @@ impl<'w> JobRun<'w> {
             if let Some(reason) = self.stop_reason() {
                 return JobEnd::Stopped(reason);
             }
-            let health = self.worker.health.borrow().clone();
+            let health = self.worker.health.borrow().for_job(self.job.id);
             let decision = self.throttle.decide(
                 self.started.elapsed(),
                 &health,
@@ -1198,9 +1198,11 @@ impl<'w> JobRun<'w> {
         let lag = describe_lag(health);
         let missing = health.missing_standbys.join(",");
         let blocked = health.sessions_blocked_by_us;
+        let (slots, operator_ratio) = (describe_slots(health), health.operator_ratio);
         match decision {
             ThrottleDecision::Hold { recheck_after, .. } => info!(
                 state, reason, ?recheck_after, %lag, missing_standbys = %missing, sessions_blocked = blocked,
+                %slots, operator_ratio,
                 "throttle: holding"
             ),
             ThrottleDecision::Run {
@@ -1211,7 +1213,7 @@ impl<'w> JobRun<'w> {
                 let paced_rows_per_second = self.throttle.latency_pace().map(f64::round);
                 info!(
                     state, reason, batch_size, ?pause_before, %lag, missing_standbys = %missing, sessions_blocked = blocked,
-                    paced_rows_per_second, canary_delays = health.probe_delays,
+                    paced_rows_per_second, canary_delays = health.probe_delays, %slots, operator_ratio,
                     "throttle: slowing down"
                 )
             }
@@ -1265,6 +1267,16 @@ pub(crate) fn throttle_settings(settings: &Settings, job: &Job) -> ThrottleSetti
         max_rows_per_second,
         ..defaults
     }
+}
+
+/// WAL retained by every replication slot for the log, e.g. `debezium=1100MiB`.
+fn describe_slots(health: &HealthSample) -> String {
+    let slots: Vec<String> = health
+        .slots
+        .iter()
+        .map(|slot| format!("{}={}MiB", slot.name, slot.retained_bytes >> 20))
+        .collect();
+    slots.join(",")
 }
 
 /// Every standby's lag for the log, e.g. `standby1=1.52s/310kB`, `-` when unknown.
