@@ -797,6 +797,27 @@ impl<'w> JobRun<'w> {
         }
     }
 
+    /// How driving the job ends after a fenced call that gave it back (rested, paused):
+    /// stopped for `reason` when it did, the lease lost when the fence refused, the
+    /// database unreachable when the call failed (`what` names the call in the log).
+    async fn given_back(
+        &self,
+        given_back: Result<bool, backfill_queue::QueueError>,
+        reason: StopReason,
+        what: &str,
+    ) -> JobEnd {
+        match given_back {
+            Ok(true) => JobEnd::Stopped(reason),
+            Ok(false) => JobEnd::Stopped(StopReason::LeaseLost(
+                self.worker.queue.state_of(self.job.id).await.ok().flatten(),
+            )),
+            Err(e) => {
+                warn!(error = %e, "cannot {what}");
+                JobEnd::Stopped(StopReason::Unreachable)
+            }
+        }
+    }
+
     /// Gives a job whose batches have failed for `worker.stuck_after` back to the queue
     /// to rest for `worker.stuck_rest`, saying why in `last_error`.
     async fn rest(&mut self, error: &str) -> JobEnd {
@@ -806,24 +827,16 @@ impl<'w> JobRun<'w> {
             humantime::format_duration(worker.stuck_after),
             humantime::format_duration(worker.stuck_rest),
         );
-        match self
+        let given_back = self
             .worker
             .queue
             .rest(self.job.id, self.fence_token(), worker.stuck_rest, &why)
-            .await
-        {
-            Ok(true) => {
-                warn!(reason = %why, "job not moving");
-                JobEnd::Stopped(StopReason::Stuck)
-            }
-            Ok(false) => JobEnd::Stopped(StopReason::LeaseLost(
-                self.worker.queue.state_of(self.job.id).await.ok().flatten(),
-            )),
-            Err(e) => {
-                warn!(error = %e, "cannot give the stuck job back");
-                JobEnd::Stopped(StopReason::Unreachable)
-            }
+            .await;
+        if matches!(given_back, Ok(true)) {
+            warn!(reason = %why, "job not moving");
         }
+        self.given_back(given_back, StopReason::Stuck, "give the stuck job back")
+            .await
     }
 
     /// Live retune: when the heartbeat found the job's tuning columns changed, logs each
@@ -905,25 +918,21 @@ impl<'w> JobRun<'w> {
             self.job.id,
             self.job.name.replace('\'', "''")
         );
+        let given_back = self
+            .worker
+            .queue
+            .pause_for(self.job.id, self.fence_token(), &why)
+            .await;
+        if matches!(given_back, Ok(true)) {
+            warn!(reason = %why, "too many rows failed");
+        }
         Some(
-            match self
-                .worker
-                .queue
-                .pause_for(self.job.id, self.fence_token(), &why)
-                .await
-            {
-                Ok(true) => {
-                    warn!(reason = %why, "too many rows failed");
-                    JobEnd::Stopped(StopReason::Tripped)
-                }
-                Ok(false) => JobEnd::Stopped(StopReason::LeaseLost(
-                    self.worker.queue.state_of(self.job.id).await.ok().flatten(),
-                )),
-                Err(e) => {
-                    warn!(error = %e, "cannot pause the job for its failed rows");
-                    JobEnd::Stopped(StopReason::Unreachable)
-                }
-            },
+            self.given_back(
+                given_back,
+                StopReason::Tripped,
+                "pause the job for its failed rows",
+            )
+            .await,
         )
     }
 
