@@ -296,8 +296,6 @@ impl HealthProbe {
                     ratio: row.get(1),
                 })
                 .collect();
-        }
-        if self.signals.operator_throttles {
             // Read with the operator throttles: both need the queue, whose jobs they name.
             let vacuums = client
                 .query(VACUUMS_SQL, &[])
