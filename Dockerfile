@@ -32,10 +32,11 @@ FROM chef AS builder
 ENV SQLX_OFFLINE=true
 COPY --from=planner /src/recipe.json recipe.json
 # Dependencies of the backfilld package only, in release mode: this layer stays cached until
-# the dependency graph changes.
-RUN cargo chef cook --release --recipe-path recipe.json -p backfilld
+# the dependency graph changes. --no-default-features leaves out the `demo` verb and with it
+# the test kit that starts throwaway clusters: the image has no use for either.
+RUN cargo chef cook --release --no-default-features --recipe-path recipe.json -p backfilld
 COPY . .
-RUN cargo build --release --locked -p backfilld \
+RUN cargo build --release --locked --no-default-features -p backfilld \
     && install -D -m 0755 target/release/backfilld /out/backfilld
 
 # glibc + libgcc + CA certificates (for TLS to PostgreSQL); no shell, no package manager.

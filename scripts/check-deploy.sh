@@ -167,7 +167,8 @@ step "config keys used under deploy/ exist in config/default.toml" "$PY" "$CHECK
 
 # The binary the image ships, built by the Dockerfile's own command: CI builds exactly what
 # `docker build` would (locked dependencies, release profile), without needing Docker.
-RELEASE_BUILD=(cargo build --release --locked -p backfilld)
+# --no-default-features: the image leaves out the `demo` verb and the test kit behind it.
+RELEASE_BUILD=(cargo build --release --locked --no-default-features -p backfilld)
 release_build() {
   grep -qF "${RELEASE_BUILD[*]}" Dockerfile || {
     echo "ERROR: the Dockerfile no longer runs '${RELEASE_BUILD[*]}'; update RELEASE_BUILD here to match it"
@@ -177,7 +178,20 @@ release_build() {
   "${RELEASE_BUILD[@]}" --quiet || return 1
   local target_dir
   target_dir=$(cargo metadata --format-version 1 --no-deps | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])') || return 1
-  "$target_dir/release/backfilld" --version
+  "$target_dir/release/backfilld" --version || return 1
+  if cargo tree --locked --no-default-features -p backfilld -e normal --prefix none | grep -q '^pg-testkit '; then
+    echo "ERROR: the image's binary links pg-testkit (the test kit belongs behind the demo feature)"
+    return 1
+  fi
+  local out rc
+  out=$("$target_dir/release/backfilld" demo 2>&1); rc=$?
+  [ "$rc" = 2 ] && grep -q "built without the demo" <<<"$out" || {
+    echo "ERROR: the image's 'backfilld demo' should exit 2 saying it was built without the demo; got $rc: $out"
+    return 1
+  }
+  # Put the default build (with the demo) back at target/release/backfilld, where the e2e suite
+  # and the README's demo look: both builds stay cached, so this only copies it back.
+  cargo build --release --locked -p backfilld --quiet
 }
 if [ "$BUILD" = 1 ]; then
   step "release build as in the Dockerfile (${RELEASE_BUILD[*]})" release_build

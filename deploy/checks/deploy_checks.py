@@ -627,8 +627,12 @@ def cmd_docker(_: list[str]) -> None:
     r.check(any(re.search(r"rust:\S*\d+\.\d+\S*-bookworm", l) or "RUST_VERSION=" in l for l in lines),
             "Dockerfile: builder image must be a pinned rust:<version>-bookworm")
     r.check("cargo chef prepare" in df and "cargo chef cook" in df, "Dockerfile: dependency layer must use cargo-chef")
-    r.check(re.search(r"cargo build --release --locked -p backfilld", df) is not None,
-            "Dockerfile: binary must be built with cargo build --release --locked -p backfilld")
+    r.check(re.search(r"cargo build --release --locked --no-default-features -p backfilld", df) is not None,
+            "Dockerfile: binary must be built with cargo build --release --locked --no-default-features -p backfilld"
+            " (no demo, no test kit in the image)")
+    r.check(re.search(r"cargo chef cook --release --no-default-features\b", df) is not None,
+            "Dockerfile: cargo chef cook must use --no-default-features like the build, or the cached layer"
+            " holds the wrong dependency set")
     r.check(re.search(r"^EXPOSE 9187\b", df, re.M) is not None, "Dockerfile: EXPOSE 9187")
     r.check(re.search(r'^ENTRYPOINT \["[^"]*backfilld"\]', df, re.M) is not None, "Dockerfile: ENTRYPOINT backfilld")
     r.check(re.search(r"^USER (65532|nonroot)", df, re.M) is not None, "Dockerfile: final stage must run as 65532")

@@ -5,6 +5,7 @@
 
 mod cli;
 mod commands;
+#[cfg(feature = "demo")]
 mod demo;
 mod log_escape;
 mod redact;
@@ -77,9 +78,17 @@ fn main() -> ExitCode {
             Verb::Run { exit_when_idle } => run_daemon(settings, exit_when_idle)
                 .await
                 .map_err(CliFailure::from_daemon),
+            #[cfg(feature = "demo")]
             Verb::Demo(args) => demo::run(settings, args)
                 .await
                 .map_err(CliFailure::from_daemon),
+            #[cfg(not(feature = "demo"))]
+            Verb::Demo(_) => Err(CliFailure::Usage(
+                "this backfilld was built without the demo (cargo feature `demo`, on by default; \
+                 container images leave it out): run `cargo run --release -p backfilld -- demo` \
+                 from a source checkout"
+                    .to_string(),
+            )),
             verb => commands::run(verb, settings).await,
         }
     });
