@@ -161,8 +161,9 @@ fn bigint_integer_uuid_text_and_timestamptz_keys_backfill_correctly() {
             &db,
             "increment",
             "items",
-            ", batch_size, max_batch_size",
-            ", 700, 700",
+            // min = max: the size stays 700 however slow a loaded machine makes a batch.
+            ", batch_size, min_batch_size, max_batch_size",
+            ", 700, 700, 700",
         );
         let env = quick_worker(key_type);
         let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
@@ -207,9 +208,9 @@ fn first_key_and_last_key_placeholders_bound_a_range() {
         db.audit_updates("items", "k");
         db.migrate();
         db.sql(
-            "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, batch_size, max_batch_size)
+            "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, batch_size, min_batch_size, max_batch_size)
              VALUES ('by_range', 'public.items', 'k',
-                     $$UPDATE items SET v = v + 1 WHERE k BETWEEN :first_key AND :last_key AND v = 0$$, 'v = 0', 1000, 1000)",
+                     $$UPDATE items SET v = v + 1 WHERE k BETWEEN :first_key AND :last_key AND v = 0$$, 'v = 0', 1000, 1000, 1000)",
         );
         let env = quick_worker_json_log(&format!("range-{key_type}"));
         let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
