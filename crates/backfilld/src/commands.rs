@@ -874,7 +874,7 @@ pub async fn plan(
         .await?
         .ok_or_else(|| CliFailure::Usage(format!("no backfill job named '{name}'")))?;
     let throttle = crate::worker::throttle_settings(settings, &job);
-    let definition = crate::slicing::job_definition(&job);
+    let definition = crate::worker::job_definition(&job);
     let fatal = |e: &dyn std::fmt::Display| CliFailure::Fatal(anyhow::anyhow!("job {name}: {e}"));
     let mut client = db.data.get().await.map_err(|e| fatal(&e))?;
     let target = BatchTarget::resolve(&mut client, &definition)

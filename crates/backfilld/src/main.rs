@@ -11,7 +11,7 @@ mod log_escape;
 mod redact;
 mod settings;
 mod shutdown;
-mod slicing;
+
 mod telemetry;
 mod wait;
 mod worker;

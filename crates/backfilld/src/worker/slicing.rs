@@ -7,7 +7,7 @@ use backfill_dataplane::{BatchTarget, DataPlaneError, JobDefinition, JobSession}
 use backfill_queue::{Job, LeaseToken};
 use tracing::{debug, info};
 
-use crate::worker::Worker;
+use super::Worker;
 
 /// What the data plane needs to know of a job (or slice) to run its batches.
 pub fn job_definition(job: &Job) -> JobDefinition {
