@@ -327,12 +327,18 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The log lines of `target` (with `BACKFILLD_LOG__FORMAT=json`), parsed.
+    /// The log lines of `target` or of a module inside it (with `BACKFILLD_LOG__FORMAT=json`),
+    /// parsed: `backfilld::worker` takes in `backfilld::worker::reporting`, as `RUST_LOG` would.
     pub fn json_lines(&self, target: &str) -> Vec<serde_json::Value> {
+        let inside = format!("{target}::");
         self.log_text()
             .lines()
             .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .filter(|line| line["target"] == target)
+            .filter(|line| {
+                line["target"]
+                    .as_str()
+                    .is_some_and(|t| t == target || t.starts_with(&inside))
+            })
             .collect()
     }
 

@@ -6,6 +6,7 @@ pub mod bisect;
 pub mod breaker;
 pub mod error_class;
 pub mod latency;
+pub mod phase;
 pub mod placeholders;
 pub mod slicing;
 pub mod throttle;

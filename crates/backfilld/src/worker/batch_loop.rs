@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use backfill_core::breaker::BreakerCount;
 use backfill_core::error_class::{ErrorClass, TransientKind};
+use backfill_core::phase::{transient_outcome, FailingStreak};
 use backfill_core::throttle::{
     BatchOutcome, BatchReport, ThrottleController, ThrottleDecision, ThrottleReason,
 };
@@ -18,10 +19,7 @@ use tracing::{info, warn};
 use super::budgets::throttle_settings;
 use super::heartbeat::{heartbeat_loop, HeartbeatOf};
 use super::reporting::{FailureLog, RateEstimate};
-use super::{
-    until, ConnectionBackoff, JobEnd, JobRun, PhaseStep, StopReason, Worker,
-    MIN_FAILED_BATCHES_TO_REST,
-};
+use super::{until, ConnectionBackoff, JobEnd, JobRun, PhaseStep, StopReason, Worker};
 use crate::shutdown::Shutdown;
 use crate::telemetry::JobMetrics;
 
@@ -61,7 +59,7 @@ impl<'w> JobRun<'w> {
             rate_budget: throttle_settings.max_rows_per_second,
             duty_budget: throttle_settings.busy_duty_cycle,
             budget_checked: None,
-            failing: None,
+            failing: FailingStreak::default(),
             breaker: BreakerCount::default(),
             tunables,
             priority: None,
@@ -231,7 +229,7 @@ impl<'w> JobRun<'w> {
                 .await;
             match outcome {
                 RunOutcome::Committed { stats, duration } => {
-                    self.failing = None;
+                    self.failing.reset();
                     if self.phase != Phase::Retry {
                         self.writes.remember(stats.txid);
                         self.checkpoint = stats.last_key.clone();
@@ -292,28 +290,13 @@ impl<'w> JobRun<'w> {
                         ErrorClass::Transient(kind) => {
                             self.metrics.batch_outcome("transient_error");
                             warn!(error = %error, kind = kind.as_str(), "batch rolled back; will retry it smaller after a pause");
-                            let (since, batches) =
-                                self.failing.get_or_insert_with(|| (Instant::now(), 0));
-                            *batches += 1;
-                            // Time alone is not enough: a long hold between two failures
-                            // is not a job that cannot move.
-                            if *batches >= MIN_FAILED_BATCHES_TO_REST
-                                && since.elapsed() >= self.worker.settings.worker.stuck_after
+                            if self
+                                .failing
+                                .failed(Instant::now(), self.worker.settings.worker.stuck_after)
                             {
                                 return self.rest(&error.to_string()).await;
                             }
-                            let outcome = match kind {
-                                TransientKind::LockTimeout | TransientKind::Deadlock => {
-                                    BatchOutcome::LockTimeout { duration }
-                                }
-                                TransientKind::StatementTimeout => {
-                                    BatchOutcome::StatementTimeout { duration }
-                                }
-                                TransientKind::QueryCanceled => {
-                                    BatchOutcome::CancelledForBlocking { duration }
-                                }
-                                _ => BatchOutcome::TransientError { duration },
-                            };
+                            let outcome = transient_outcome(kind, duration);
                             self.last_report = Some(BatchReport {
                                 size: batch_size,
                                 outcome,

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backfill_core::breaker::BreakerCount;
+use backfill_core::phase::FailingStreak;
 use backfill_core::throttle::{BatchReport, HealthSample, ThrottleController, ThrottleReason};
 use backfill_dataplane::{BatchRunner, Fence, PassWrites};
 use backfill_queue::{Job, JobProgress, JobState, Phase, Queue, Tunables};
@@ -137,7 +138,7 @@ struct JobRun<'w> {
     /// When the budgets' shares were last re-read.
     budget_checked: Option<Instant>,
     /// Batches failing in a row (transient errors, no commit in between), and since when.
-    failing: Option<(Instant, u32)>,
+    failing: FailingStreak<Instant>,
     /// Rows processed and failed since the claim, for the circuit breaker.
     breaker: BreakerCount,
     /// The job's tuning columns as the heartbeat last read them (live retune).
@@ -148,10 +149,6 @@ struct JobRun<'w> {
     /// up again ahead of the checkpoint or past the pass's end.
     writes: PassWrites,
 }
-
-/// Batches that must fail in a row, besides `worker.stuck_after` passing, before a job
-/// is taken for stuck and rests.
-const MIN_FAILED_BATCHES_TO_REST: u32 = 3;
 
 /// Completes once `condition` holds for the channel's value; never, if the
 /// sender is gone first (a closed channel must not read as "stop now").

@@ -1,6 +1,9 @@
 //! The phase machine's I/O: bounding a pass, moving from scan to retries to
 //! verification, cutting a sliced job, and recording the job's end.
 
+use backfill_core::phase::{
+    after_keys_ran_dry, judge_verification, AfterKeysRanDry, VerificationCount, VerificationVerdict,
+};
 use backfill_dataplane::BatchTarget;
 use backfill_queue::{HeartbeatReport, JobState, Phase};
 use tracing::{info, warn};
@@ -201,21 +204,23 @@ impl JobRun<'_> {
                 return PhaseStep::End(JobEnd::Stopped(StopReason::Unreachable));
             }
         };
-        if let Some(due_in) = retry {
-            if self.phase != Phase::Retry {
-                info!("scan complete; retrying failed rows");
-                if !self.enter_phase(Phase::Retry).await {
-                    return PhaseStep::End(JobEnd::Stopped(StopReason::LeaseLost(None)));
+        match after_keys_ran_dry(self.phase == Phase::Retry, retry) {
+            AfterKeysRanDry::RetryFailedKeys { enter, due_in } => {
+                if enter {
+                    info!("scan complete; retrying failed rows");
+                    if !self.enter_phase(Phase::Retry).await {
+                        return PhaseStep::End(JobEnd::Stopped(StopReason::LeaseLost(None)));
+                    }
                 }
+                // Wait for the next failed row to be due, staying responsive to stops.
+                if !due_in.is_zero() {
+                    self.wait(due_in.min(self.worker.settings.worker.heartbeat))
+                        .await;
+                }
+                PhaseStep::Continue
             }
-            // Wait for the next failed row to be due, staying responsive to stops.
-            if !due_in.is_zero() {
-                self.wait(due_in.min(self.worker.settings.worker.heartbeat))
-                    .await;
-            }
-            return PhaseStep::Continue;
+            AfterKeysRanDry::Verify => self.verify(target).await,
         }
-        self.verify(target).await
     }
 
     pub(super) async fn enter_phase(&mut self, phase: Phase) -> bool {
@@ -269,37 +274,35 @@ impl JobRun<'_> {
             }
         };
         info!(pending, failed, "verification pass");
-        if pending > 0 {
-            let sweeps = self.job.verify_sweeps + i32::from(self.phase == Phase::Verify);
-            if sweeps < self.worker.settings.worker.max_verify_sweeps {
+        let count = VerificationCount {
+            pending,
+            failed,
+            sweeps_done: self.job.verify_sweeps,
+            after_sweep: self.phase == Phase::Verify,
+        };
+        let max_sweeps = self.worker.settings.worker.max_verify_sweeps;
+        match judge_verification(count, max_sweeps, self.job.id, &self.job.name) {
+            VerificationVerdict::SweepAgain { sweeps } => {
                 info!(
                     pending,
                     "rows still pending after the scan; sweeping the table again"
                 );
                 self.job.verify_sweeps = sweeps;
-                return if self.enter_phase(Phase::Verify).await {
+                if self.enter_phase(Phase::Verify).await {
                     // The sweep fixes its own last key before its first batch.
                     target.upper_key = None;
                     PhaseStep::Continue
                 } else {
                     PhaseStep::End(JobEnd::Stopped(StopReason::LeaseLost(None)))
-                };
+                }
             }
-            let message = format!(
-                "{pending} rows still match pending_predicate after {sweeps} verification sweeps; \
-                 something keeps making rows pending (or batch_sql does not change what pending_predicate tests)"
-            );
-            return PhaseStep::End(self.finish(JobState::Failed, Some(message)).await);
+            VerificationVerdict::Fail(message) => {
+                PhaseStep::End(self.finish(JobState::Failed, Some(message)).await)
+            }
+            VerificationVerdict::Succeed => {
+                PhaseStep::End(self.finish(JobState::Succeeded, None).await)
+            }
         }
-        if failed > 0 {
-            let message = format!(
-                "{failed} rows failed (see backfill.failed_rows where job_id = {}); fix them, then select backfill.retry_failed('{}')",
-                self.job.id,
-                self.job.name.replace('\'', "''")
-            );
-            return PhaseStep::End(self.finish(JobState::Failed, Some(message)).await);
-        }
-        PhaseStep::End(self.finish(JobState::Succeeded, None).await)
     }
 
     pub(super) async fn finish(&mut self, state: JobState, last_error: Option<String>) -> JobEnd {
