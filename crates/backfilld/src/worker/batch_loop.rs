@@ -10,7 +10,8 @@ use backfill_core::throttle::{
     BatchOutcome, BatchReport, ThrottleController, ThrottleDecision, ThrottleReason,
 };
 use backfill_dataplane::{
-    BatchBackend, BatchRequest, DataPlaneError, Fence, KeySource, PassWrites, RunOutcome,
+    BatchBackend, BatchError, BatchRequest, BatchStats, BatchTarget, DataPlaneError, Fence,
+    KeySource, PassWrites, RunOutcome,
 };
 use backfill_queue::{Job, JobProgress, JobState, LeaseToken, Phase};
 use tokio::sync::watch;
@@ -103,13 +104,13 @@ impl<'w> JobRun<'w> {
         }
     }
 
-    pub(super) async fn execute(&mut self) -> JobEnd {
-        self.first_health_sample().await;
-        // A lock held by another session (say on a table batch_sql also writes) is no
-        // fault of the job: keep the lease and try again after a pause, as a batch would,
-        // rather than hand the job back and have it claimed straight away again.
+    /// Resolves the job against the catalog. A lock held by another session (say on a
+    /// table batch_sql also writes) is no fault of the job: keep the lease and try again
+    /// after a pause, as a batch would, rather than hand the job back and have it claimed
+    /// straight away again.
+    async fn resolve_target(&mut self) -> Result<BatchTarget, JobEnd> {
         let mut backoff = ConnectionBackoff::default();
-        let mut target = loop {
+        loop {
             match super::slicing::resolve(self.worker, &self.job).await {
                 Ok(target) => {
                     info!(
@@ -118,10 +119,10 @@ impl<'w> JobRun<'w> {
                         key_selection = target.key_selection(),
                         "resolved the job"
                     );
-                    break target;
+                    return Ok(target);
                 }
                 Err(DataPlaneError::JobDefinition(message)) => {
-                    return self.finish(JobState::Failed, Some(message)).await
+                    return Err(self.finish(JobState::Failed, Some(message)).await)
                 }
                 Err(DataPlaneError::Batch(e))
                     if e.class() == ErrorClass::Transient(TransientKind::LockTimeout) =>
@@ -130,14 +131,22 @@ impl<'w> JobRun<'w> {
                     warn!(error = %e, retry_in = ?wait, "cannot prepare the job's statements yet; retrying");
                     self.wait(wait).await;
                     if let Some(reason) = self.stop_reason() {
-                        return JobEnd::Stopped(reason);
+                        return Err(JobEnd::Stopped(reason));
                     }
                 }
                 Err(e) => {
                     warn!(error = %e, "cannot resolve the job's table");
-                    return JobEnd::Stopped(StopReason::Unreachable);
+                    return Err(JobEnd::Stopped(StopReason::Unreachable));
                 }
             }
+        }
+    }
+
+    pub(super) async fn execute(&mut self) -> JobEnd {
+        self.first_health_sample().await;
+        let mut target = match self.resolve_target().await {
+            Ok(target) => target,
+            Err(end) => return end,
         };
         if self.job.is_sliced() {
             if let Some(end) = self.drive_sliced(&mut target).await {
@@ -152,43 +161,10 @@ impl<'w> JobRun<'w> {
             if let Some(reason) = self.stop_reason() {
                 return JobEnd::Stopped(reason);
             }
-            let health = self.worker.health.borrow().for_job(self.job.id);
-            let decision = self.throttle.decide(
-                self.started.elapsed(),
-                &health,
-                self.last_report.take().as_ref(),
-            );
-            self.note_decision(&decision, &health);
-            let batch_size = match decision {
-                ThrottleDecision::Hold {
-                    reason,
-                    recheck_after,
-                } => {
-                    self.wait(recheck_after).await;
-                    self.metrics.slept(reason.as_str(), recheck_after);
-                    continue;
-                }
-                ThrottleDecision::Run {
-                    batch_size,
-                    pause_before,
-                    reason,
-                } => {
-                    if !pause_before.is_zero() {
-                        let paused = Instant::now();
-                        let still_runnable = self.pause_before_batch(pause_before).await;
-                        self.metrics.slept(
-                            reason.map_or("pause", ThrottleReason::as_str),
-                            paused.elapsed(),
-                        );
-                        if let Some(reason) = self.stop_reason() {
-                            return JobEnd::Stopped(reason);
-                        }
-                        if !still_runnable {
-                            continue; // decide again on the sample that calls for a hold
-                        }
-                    }
-                    batch_size
-                }
+            let batch_size = match self.next_batch_size().await {
+                BatchGo::Run(batch_size) => batch_size,
+                BatchGo::DecideAgain => continue,
+                BatchGo::Stop(reason) => return JobEnd::Stopped(reason),
             };
             self.metrics.batch_size(batch_size);
             match self.fix_pass_bound(&mut target).await {
@@ -200,16 +176,7 @@ impl<'w> JobRun<'w> {
                 },
                 Err(end) => return end,
             }
-            let source = match self.phase {
-                // A slice starts above its lower bound.
-                Phase::Scan => {
-                    KeySource::After(self.checkpoint.as_deref().or(self.job.lower_key.as_deref()))
-                }
-                Phase::Verify => KeySource::AfterExcludingFailed(self.checkpoint.as_deref()),
-                Phase::Retry => KeySource::FailedRows {
-                    max_attempts: self.max_attempts(),
-                },
-            };
+            let source = self.key_source();
             let backend = BatchBackend::default();
             let stop = self.batch_stop(backend.clone());
             let outcome = self
@@ -227,87 +194,179 @@ impl<'w> JobRun<'w> {
                     stop,
                 )
                 .await;
-            match outcome {
-                RunOutcome::Committed { stats, duration } => {
-                    self.failing.reset();
-                    if self.phase != Phase::Retry {
-                        self.writes.remember(stats.txid);
-                        self.checkpoint = stats.last_key.clone();
-                    }
-                    self.rows_done += i64::try_from(stats.applied).unwrap_or(i64::MAX);
-                    self.rate.record(stats.keys, Instant::now());
-                    self.metrics.committed(&stats, duration, self.phase);
-                    self.failure_log.record(&stats.failures, Instant::now());
-                    self.publish_progress();
-                    // One line per batch, for tuning and for tests that check the controller's path.
-                    tracing::debug!(
-                        target: "backfilld::batch",
-                        batch_size,
-                        keys = stats.keys,
-                        applied = stats.applied,
-                        failed = stats.failed,
-                        statements = stats.statements,
-                        duration_ms = duration.as_secs_f64() * 1000.0,
-                        "batch committed"
+            if let Some(end) = self.after_batch(outcome, batch_size, &mut target).await {
+                return end;
+            }
+        }
+    }
+
+    /// Where this batch's keys come from in the current phase.
+    fn key_source(&self) -> KeySource<'_> {
+        match self.phase {
+            // A slice starts above its lower bound.
+            Phase::Scan => {
+                KeySource::After(self.checkpoint.as_deref().or(self.job.lower_key.as_deref()))
+            }
+            Phase::Verify => KeySource::AfterExcludingFailed(self.checkpoint.as_deref()),
+            Phase::Retry => KeySource::FailedRows {
+                max_attempts: self.max_attempts(),
+            },
+        }
+    }
+
+    /// Turns a batch's outcome into progress and the throttle's next report, a move to
+    /// the next phase, or the job's end on this worker (`Some`).
+    async fn after_batch(
+        &mut self,
+        outcome: RunOutcome,
+        batch_size: u32,
+        target: &mut BatchTarget,
+    ) -> Option<JobEnd> {
+        match outcome {
+            RunOutcome::Committed { stats, duration } => {
+                self.committed(&stats, duration, batch_size).await
+            }
+            RunOutcome::NoKeys => {
+                if let Some(end) = self.check_pass_end(target).await {
+                    return Some(end);
+                }
+                // A slice is done when its range is; the parent retries and verifies.
+                if self.job.parent_id.is_some() {
+                    return Some(self.finish(JobState::Succeeded, None).await);
+                }
+                match self.next_phase(target).await {
+                    PhaseStep::Continue => None,
+                    PhaseStep::End(end) => Some(end),
+                }
+            }
+            RunOutcome::Fenced if self.slice_was_split(target).await => {
+                self.metrics.batch_outcome("fenced");
+                info!(upper_key = ?target.upper_key, "another worker took the upper part of this slice; carrying on below it");
+                None
+            }
+            RunOutcome::Fenced => {
+                self.metrics.batch_outcome("fenced");
+                let state = self.worker.queue.state_of(self.job.id).await.ok().flatten();
+                Some(JobEnd::Stopped(StopReason::LeaseLost(state)))
+            }
+            RunOutcome::Failed { error, duration } => {
+                self.failed(error, duration, batch_size).await
+            }
+        }
+    }
+
+    /// A committed batch: progress, metrics, the failed rows' log lines, the breaker.
+    async fn committed(
+        &mut self,
+        stats: &BatchStats,
+        duration: Duration,
+        batch_size: u32,
+    ) -> Option<JobEnd> {
+        self.failing.reset();
+        if self.phase != Phase::Retry {
+            self.writes.remember(stats.txid);
+            self.checkpoint = stats.last_key.clone();
+        }
+        self.rows_done += i64::try_from(stats.applied).unwrap_or(i64::MAX);
+        self.rate.record(stats.keys, Instant::now());
+        self.metrics.committed(stats, duration, self.phase);
+        self.failure_log.record(&stats.failures, Instant::now());
+        self.publish_progress();
+        // One line per batch, for tuning and for tests that check the controller's path.
+        tracing::debug!(
+            target: "backfilld::batch",
+            batch_size,
+            keys = stats.keys,
+            applied = stats.applied,
+            failed = stats.failed,
+            statements = stats.statements,
+            duration_ms = duration.as_secs_f64() * 1000.0,
+            "batch committed"
+        );
+        let rows = u64::try_from(stats.keys).unwrap_or(u64::MAX);
+        self.last_report = Some(BatchReport {
+            size: batch_size,
+            outcome: BatchOutcome::Committed { rows, duration },
+        });
+        self.judge_failures(stats).await
+    }
+
+    /// A batch that rolled back: a transient error retries smaller after a pause (or rests
+    /// a job that cannot move); any other error fails the job.
+    async fn failed(
+        &mut self,
+        error: BatchError,
+        duration: Duration,
+        batch_size: u32,
+    ) -> Option<JobEnd> {
+        if let Some(reason) = self.stop_reason() {
+            // Cancelled by us on the way out: nothing was committed.
+            return Some(JobEnd::Stopped(reason));
+        }
+        match error.class() {
+            ErrorClass::Transient(kind) => {
+                self.metrics.batch_outcome("transient_error");
+                warn!(error = %error, kind = kind.as_str(), "batch rolled back; will retry it smaller after a pause");
+                if self
+                    .failing
+                    .failed(Instant::now(), self.worker.settings.worker.stuck_after)
+                {
+                    return Some(self.rest(&error.to_string()).await);
+                }
+                self.last_report = Some(BatchReport {
+                    size: batch_size,
+                    outcome: transient_outcome(kind, duration),
+                });
+                None
+            }
+            ErrorClass::RowLevel | ErrorClass::JobLevel => {
+                self.metrics.batch_outcome("job_error");
+                Some(self.finish(JobState::Failed, Some(error.to_string())).await)
+            }
+        }
+    }
+
+    /// Asks the throttle for the next batch on the latest health sample: holds and pauses
+    /// are waited out here (and counted as sleep), so what comes back is a size to run, a
+    /// call to decide again, or a reason to stop.
+    async fn next_batch_size(&mut self) -> BatchGo {
+        let health = self.worker.health.borrow().for_job(self.job.id);
+        let decision = self.throttle.decide(
+            self.started.elapsed(),
+            &health,
+            self.last_report.take().as_ref(),
+        );
+        self.note_decision(&decision, &health);
+        match decision {
+            ThrottleDecision::Hold {
+                reason,
+                recheck_after,
+            } => {
+                self.wait(recheck_after).await;
+                self.metrics.slept(reason.as_str(), recheck_after);
+                BatchGo::DecideAgain
+            }
+            ThrottleDecision::Run {
+                batch_size,
+                pause_before,
+                reason,
+            } => {
+                if !pause_before.is_zero() {
+                    let paused = Instant::now();
+                    let still_runnable = self.pause_before_batch(pause_before).await;
+                    self.metrics.slept(
+                        reason.map_or("pause", ThrottleReason::as_str),
+                        paused.elapsed(),
                     );
-                    if let Some(end) = self.judge_failures(&stats).await {
-                        return end;
-                    }
-                    let rows = u64::try_from(stats.keys).unwrap_or(u64::MAX);
-                    self.last_report = Some(BatchReport {
-                        size: batch_size,
-                        outcome: BatchOutcome::Committed { rows, duration },
-                    });
-                }
-                RunOutcome::NoKeys => {
-                    if let Some(end) = self.check_pass_end(&target).await {
-                        return end;
-                    }
-                    // A slice is done when its range is; the parent retries and verifies.
-                    if self.job.parent_id.is_some() {
-                        return self.finish(JobState::Succeeded, None).await;
-                    }
-                    match self.next_phase(&mut target).await {
-                        PhaseStep::Continue => {}
-                        PhaseStep::End(end) => return end,
-                    }
-                }
-                RunOutcome::Fenced if self.slice_was_split(&mut target).await => {
-                    self.metrics.batch_outcome("fenced");
-                    info!(upper_key = ?target.upper_key, "another worker took the upper part of this slice; carrying on below it");
-                }
-                RunOutcome::Fenced => {
-                    self.metrics.batch_outcome("fenced");
-                    let state = self.worker.queue.state_of(self.job.id).await.ok().flatten();
-                    return JobEnd::Stopped(StopReason::LeaseLost(state));
-                }
-                RunOutcome::Failed { error, duration } => {
                     if let Some(reason) = self.stop_reason() {
-                        // Cancelled by us on the way out: nothing was committed.
-                        return JobEnd::Stopped(reason);
+                        return BatchGo::Stop(reason);
                     }
-                    match error.class() {
-                        ErrorClass::Transient(kind) => {
-                            self.metrics.batch_outcome("transient_error");
-                            warn!(error = %error, kind = kind.as_str(), "batch rolled back; will retry it smaller after a pause");
-                            if self
-                                .failing
-                                .failed(Instant::now(), self.worker.settings.worker.stuck_after)
-                            {
-                                return self.rest(&error.to_string()).await;
-                            }
-                            let outcome = transient_outcome(kind, duration);
-                            self.last_report = Some(BatchReport {
-                                size: batch_size,
-                                outcome,
-                            });
-                        }
-                        ErrorClass::RowLevel | ErrorClass::JobLevel => {
-                            self.metrics.batch_outcome("job_error");
-                            return self.finish(JobState::Failed, Some(error.to_string())).await;
-                        }
+                    if !still_runnable {
+                        // Decide again on the sample that calls for a hold.
+                        return BatchGo::DecideAgain;
                     }
                 }
+                BatchGo::Run(batch_size)
             }
         }
     }
@@ -321,4 +380,14 @@ impl<'w> JobRun<'w> {
             .max_attempts
             .unwrap_or(self.worker.settings.batch.max_attempts)
     }
+}
+
+/// What the throttle's decision leaves the batch loop to do.
+enum BatchGo {
+    /// Run a batch of this many keys.
+    Run(u32),
+    /// Ask the throttle again (a hold was waited out, or health turned during a pause).
+    DecideAgain,
+    /// The job must stop on this worker.
+    Stop(StopReason),
 }
