@@ -5,15 +5,17 @@
 
 mod cli;
 mod commands;
+mod database;
 #[cfg(feature = "demo")]
 mod demo;
+mod health_monitor;
 mod log_escape;
 mod redact;
 mod settings;
 mod shutdown;
 
 mod telemetry;
-mod wait;
+
 mod worker;
 
 use std::process::ExitCode;
@@ -23,7 +25,8 @@ use anyhow::Context as _;
 use clap::Parser;
 
 use crate::cli::{Cli, Verb};
-use crate::commands::{CliFailure, Database};
+use crate::commands::CliFailure;
+use crate::database::Database;
 use crate::settings::{LogFormat, Settings};
 use crate::shutdown::Shutdown;
 use crate::worker::Worker;
@@ -162,7 +165,7 @@ async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<
             .map_err(anyhow::Error::msg)?;
         tracing::info!(%address, "serving /metrics, /healthz, /readyz");
     }
-    let (health, probes) = commands::spawn_health_probes(&settings, &db, shutdown.clone())?;
+    let (health, probes) = health_monitor::spawn_health_probes(&settings, &db, shutdown.clone())?;
     let worker = Arc::new(Worker {
         queue: backfill_queue::Queue::new(db.control.clone()),
         runner: db.batch_runner(&settings),
@@ -176,7 +179,7 @@ async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<
     tracing::info!(worker = %worker.worker_id, database = %db.redacted_url, "worker started");
     worker.run(shutdown.clone(), exit_when_idle).await;
     if exit_when_idle && !shutdown.is_triggered() && !settings.http.listen.is_empty() {
-        commands::report_queue_state(&db.control).await;
+        health_monitor::report_queue_state(&db.control).await;
         telemetry::await_final_scrape(settings.http.final_scrape_wait).await;
     }
     // Stop probing before the pools close under it.

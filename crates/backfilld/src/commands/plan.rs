@@ -1,0 +1,278 @@
+//! `plan NAME`: a dry run of a job — pending rows, batches, a trial batch rolled back,
+//! the expected duration.
+
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+use backfill_core::error_class::ErrorClass;
+use backfill_dataplane::BatchTarget;
+use backfill_queue::{Job, Phase};
+use serde::Serialize;
+
+use super::CliFailure;
+use crate::database::Database;
+use crate::settings::Settings;
+
+/// `plan`: the report, or JSON with `--json`; a failed trial batch fails the verb.
+pub async fn print(
+    settings: &Settings,
+    db: &Database,
+    name: &str,
+    exact: bool,
+    json: bool,
+) -> Result<(), CliFailure> {
+    let report = plan(settings, db, name, exact).await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &report).map_err(|e| CliFailure::Fatal(e.into()))?;
+        let _ = writeln!(out);
+    } else {
+        let _ = write!(out, "{}", report.render());
+    }
+    if let Some(error) = report.trial_error {
+        return Err(CliFailure::Fatal(anyhow::anyhow!(
+            "the trial batch of job {name} failed: {error}"
+        )));
+    }
+    Ok(())
+}
+
+/// What `backfilld plan` found out about a job; nothing in the database changed.
+#[derive(Debug, Serialize)]
+pub struct PlanReport {
+    pub job: String,
+    pub table: String,
+    pub key_column: String,
+    pub state: String,
+    pub phase: String,
+    /// The checkpoint the job would continue after (`None`: from the first key).
+    pub after_key: Option<String>,
+    /// The planner's estimate of the rows still pending.
+    pub estimated_pending_rows: Option<i64>,
+    /// The exact count (`--exact` only).
+    pub exact_pending_rows: Option<i64>,
+    pub exact_count_seconds: Option<f64>,
+    /// The job's first batch size (its `batch_size`, else `batch.size`).
+    pub batch_size: u32,
+    /// Batches of `batch_size` for the pending rows.
+    pub batches: Option<u64>,
+    /// The trial batch, run and rolled back.
+    pub trial_keys: Option<usize>,
+    pub trial_first_key: Option<String>,
+    pub trial_last_key: Option<String>,
+    pub trial_select_seconds: Option<f64>,
+    pub trial_statement_seconds: Option<f64>,
+    /// Rows the trial's statement wrote before the rollback.
+    pub trial_rows_written: Option<u64>,
+    /// Why the trial batch failed, if it did.
+    pub trial_error: Option<String>,
+    /// Its class (`row_level`, `transient`, `job_level`) and what a worker would do about it.
+    pub trial_error_class: Option<&'static str>,
+    pub trial_error_consequence: Option<&'static str>,
+    /// The trial batch's speed, capped by the job's rows-per-second limit.
+    pub expected_rows_per_second: Option<f64>,
+    /// The job's rows-per-second limit (`max_rows_per_second`, else `throttle.max_rows_per_second`).
+    pub max_rows_per_second: Option<f64>,
+    /// Batch duration the throttle steers towards.
+    pub target_batch_seconds: f64,
+    /// Pending rows at the expected rate, on a healthy database (no lag holds).
+    pub expected_seconds: Option<f64>,
+    /// The least it takes while production is at work on the primary: the job then runs
+    /// at most `throttle.busy_duty_cycle` of the time, in batches of about a millisecond that
+    /// carry fewer rows per second than the trial's (`None` with sharing off).
+    pub min_seconds_next_to_production: Option<f64>,
+    /// How long planning took.
+    pub planning_seconds: f64,
+}
+
+/// `backfilld plan NAME`: the job's pending rows (planner estimate, exact count with
+/// `exact`), batches at its first batch size, one trial batch timed and rolled back, and
+/// the duration to expect at that speed under the job's throttle settings.
+pub async fn plan(
+    settings: &Settings,
+    db: &Database,
+    name: &str,
+    exact: bool,
+) -> Result<PlanReport, CliFailure> {
+    let started = Instant::now();
+    let job: Job = backfill_queue::Queue::new(db.control.clone())
+        .job_named(name)
+        .await?
+        .ok_or_else(|| CliFailure::Usage(format!("no backfill job named '{name}'")))?;
+    let throttle = crate::worker::throttle_settings(settings, &job);
+    let definition = crate::worker::job_definition(&job);
+    let fatal = |e: &dyn std::fmt::Display| CliFailure::Fatal(anyhow::anyhow!("job {name}: {e}"));
+    let mut client = db.data.get().await.map_err(|e| fatal(&e))?;
+    let target = BatchTarget::resolve(&mut client, &definition)
+        .await
+        .map_err(|e| fatal(&e))?;
+    // Retry and verification passes re-walk the table from the start.
+    let after = match job.phase {
+        Phase::Scan => job.checkpoint.clone(),
+        Phase::Retry | Phase::Verify => None,
+    };
+    let estimated_pending_rows = target
+        .estimate_pending(&mut client, after.as_deref())
+        .await
+        .map_err(|e| fatal(&e))?;
+    let (exact_pending_rows, exact_count_seconds) = if exact {
+        let counting = Instant::now();
+        let count = target
+            .count_pending(&mut client, after.as_deref(), false)
+            .await
+            .map_err(|e| fatal(&e))?;
+        (Some(count), Some(counting.elapsed().as_secs_f64()))
+    } else {
+        (None, None)
+    };
+    let batch_size = throttle.start_batch_size;
+    let trial = target
+        .trial_batch(&mut client, after.as_deref(), batch_size)
+        .await;
+    let pending = exact_pending_rows.or(estimated_pending_rows);
+    let max_rows_per_second = throttle.max_rows_per_second;
+    let expected_rows_per_second = trial.as_ref().ok().and_then(|trial| {
+        let seconds = trial.duration().as_secs_f64();
+        let speed = (trial.keys > 0 && seconds > 0.0).then(|| trial.keys as f64 / seconds)?;
+        Some(max_rows_per_second.map_or(speed, |limit| speed.min(limit)))
+    });
+    let expected_seconds = match (pending, expected_rows_per_second) {
+        (Some(0), _) => Some(0.0),
+        (Some(pending), Some(rate)) => Some(pending as f64 / rate),
+        _ => None,
+    };
+    let trial_ok = trial.as_ref().ok();
+    Ok(PlanReport {
+        job: job.name,
+        table: target.table.clone(),
+        key_column: target.key_column.clone(),
+        state: job.state.to_string(),
+        phase: job.phase.as_str().to_string(),
+        after_key: after,
+        estimated_pending_rows,
+        exact_pending_rows,
+        exact_count_seconds,
+        batch_size,
+        batches: pending.map(|rows| {
+            u64::try_from(rows)
+                .unwrap_or(0)
+                .div_ceil(u64::from(batch_size))
+        }),
+        trial_keys: trial_ok.map(|t| t.keys),
+        trial_first_key: trial_ok.and_then(|t| t.key_range.as_ref().map(|r| r.0.clone())),
+        trial_last_key: trial_ok.and_then(|t| t.key_range.as_ref().map(|r| r.1.clone())),
+        trial_select_seconds: trial_ok.map(|t| t.select.as_secs_f64()),
+        trial_statement_seconds: trial_ok.map(|t| t.statement.as_secs_f64()),
+        trial_rows_written: trial_ok.map(|t| t.rows_written),
+        trial_error: trial.as_ref().err().map(ToString::to_string),
+        trial_error_class: trial.as_ref().err().map(|e| e.class().as_str()),
+        trial_error_consequence: trial.as_ref().err().map(|e| match e.class() {
+            ErrorClass::RowLevel => {
+                "some rows fail: a worker applies the others and sets those aside in backfill.failed_rows"
+            }
+            ErrorClass::Transient(_) => "transient: a worker backs off and retries smaller",
+            ErrorClass::JobLevel => "the job would end failed with this error",
+        }),
+        expected_rows_per_second,
+        max_rows_per_second,
+        target_batch_seconds: throttle.target_batch.as_secs_f64(),
+        expected_seconds,
+        min_seconds_next_to_production: expected_seconds
+            .filter(|_| throttle.busy_duty_cycle < 1.0)
+            .map(|seconds| seconds / throttle.busy_duty_cycle),
+        planning_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+impl PlanReport {
+    /// The report for a terminal.
+    pub fn render(&self) -> String {
+        let rows = |n: Option<i64>| n.map_or("unknown".to_string(), |n| n.to_string());
+        let seconds = |s: f64| {
+            if s < 10.0 {
+                format!("{s:.2} s")
+            } else {
+                humantime::format_duration(Duration::from_secs(s.round() as u64)).to_string()
+            }
+        };
+        let millis = |s: Option<f64>| format!("{:.0} ms", s.unwrap_or(0.0) * 1000.0);
+        let mut out = format!(
+            "plan for job {} on {} by key {} (state {}, phase {}, {})\n",
+            self.job,
+            self.table,
+            self.key_column,
+            self.state,
+            self.phase,
+            self.after_key
+                .as_ref()
+                .map_or("from the first key".to_string(), |key| format!(
+                    "after key {key}"
+                ))
+        );
+        out.push_str(&format!(
+            "  pending rows   ~{} (planner estimate)",
+            rows(self.estimated_pending_rows)
+        ));
+        match (self.exact_pending_rows, self.exact_count_seconds) {
+            (Some(exact), Some(took)) => {
+                out.push_str(&format!(", {exact} counted in {}", seconds(took)))
+            }
+            _ => out.push_str("; --exact counts them"),
+        }
+        out.push('\n');
+        out.push_str(&format!(
+            "  batches        {} of {} keys (the job's first batch size; the throttle adapts it)\n",
+            self.batches
+                .map_or("unknown".to_string(), |n| n.to_string()),
+            self.batch_size
+        ));
+        match (&self.trial_error, self.trial_keys) {
+            (Some(error), _) => {
+                out.push_str(&format!(
+                    "  trial batch    FAILED (rolled back): {error}\n"
+                ));
+                if let Some(consequence) = self.trial_error_consequence {
+                    out.push_str(&format!("                 ({consequence})\n"));
+                }
+            }
+            (None, Some(0)) => out.push_str("  trial batch    nothing pending: no keys to try\n"),
+            (None, Some(keys)) => out.push_str(&format!(
+                "  trial batch    {keys} keys ({}..={}) in {}: keys {}, statement {}; rolled back\n",
+                self.trial_first_key.as_deref().unwrap_or("?"),
+                self.trial_last_key.as_deref().unwrap_or("?"),
+                millis(Some(
+                    self.trial_select_seconds.unwrap_or(0.0)
+                        + self.trial_statement_seconds.unwrap_or(0.0)
+                )),
+                millis(self.trial_select_seconds),
+                millis(self.trial_statement_seconds),
+            )),
+            (None, None) => {}
+        }
+        let limit = self
+            .max_rows_per_second
+            .map_or("no rate limit".to_string(), |limit| {
+                format!("max_rows_per_second {limit}")
+            });
+        match (self.expected_seconds, self.expected_rows_per_second) {
+            (Some(expected), Some(rate)) => out.push_str(&format!(
+                "  expected       ~{} at ~{rate:.0} rows/s ({limit}, batches steered towards {}, a healthy database; lag holds add to it)\n",
+                seconds(expected),
+                seconds(self.target_batch_seconds),
+            )),
+            (Some(_), None) => out.push_str("  expected       nothing to do\n"),
+            _ => out.push_str("  expected       unknown (no trial batch timing)\n"),
+        }
+        if let Some(at_least) = self.min_seconds_next_to_production.filter(|s| *s > 0.0) {
+            out.push_str(&format!(
+                "  next to production  at least ~{} (while other sessions are at work the job shares the primary: ~1 ms batches, throttle.busy_duty_cycle of the time)\n",
+                seconds(at_least),
+            ));
+        }
+        out.push_str(&format!(
+            "planned in {}; nothing was changed\n",
+            seconds(self.planning_seconds)
+        ));
+        out
+    }
+}

@@ -1,0 +1,165 @@
+//! The daemon's health probes: standby lag, locks, slots, operator throttles and
+//! production's activity sampled on a task of their own, the canary, and the daemon-wide
+//! gauges.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use backfill_core::activity::ProductionActivity;
+use backfill_core::latency::DelayDetector;
+use backfill_core::throttle::HealthSample;
+use backfill_dataplane::{HealthProbe, LatencyCanary, Signals};
+use backfill_queue::JobStatus;
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use crate::database::{data_plane_application_name, probe_pool, Database};
+use crate::redact::redacted;
+use crate::settings::Settings;
+use crate::shutdown::Shutdown;
+use crate::telemetry;
+
+/// How often the probe task refreshes `backfill_jobs{state}` (one query on the queue).
+const JOB_STATES_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Samples health every `throttle.probe_interval` on a task of its own and
+/// publishes the latest sample; also refreshes the daemon-wide gauges.
+pub fn spawn_health_probes(
+    settings: &Settings,
+    db: &Database,
+    shutdown: Shutdown,
+) -> anyhow::Result<(watch::Receiver<HealthSample>, tokio::task::JoinHandle<()>)> {
+    let mut replicas = Vec::new();
+    for (i, url) in settings.throttle.replica_urls.iter().enumerate() {
+        let pool = probe_pool(url, settings)
+            .with_context(|| format!("throttle.replica_urls[{i}] ({})", redacted(url)))?;
+        replicas.push((format!("replica{i}"), pool));
+    }
+    // Production sessions are counted only for sharing the primary.
+    let sharing = settings.throttle.busy_duty_cycle < 1.0;
+    let probe = HealthProbe::new(
+        db.data.clone(),
+        replicas,
+        settings.throttle.expected_standbys.clone(),
+        data_plane_application_name(settings),
+        settings.throttle.probe_timeout,
+        sharing.then_some(settings.throttle.probe_interval),
+    )
+    .with_signals(Signals {
+        slots: settings.throttle.max_slot_retained_bytes > 0,
+        operator_throttles: true,
+        throttle_query: Some(settings.throttle.query.trim().to_owned()).filter(|q| !q.is_empty()),
+    });
+    let interval = settings.throttle.probe_interval;
+    let (max_lag, max_lag_bytes) = (settings.throttle.max_lag, settings.throttle.max_lag_bytes);
+    let control = db.control.clone();
+    let (tx, rx) = watch::channel(HealthSample::default());
+    let canary = if settings.throttle.max_probe_delay.is_zero() {
+        None
+    } else {
+        let pool = probe_pool(&settings.database.url, settings)
+            .context("the production-latency canary's connection")?;
+        Some(run_canary(
+            LatencyCanary::new(pool, settings.throttle.probe_timeout),
+            DelayDetector::new(settings.throttle.max_probe_delay),
+            settings.throttle.canary_interval,
+            tx.clone(),
+            shutdown.clone(),
+        ))
+    };
+    let sampling = async move {
+        let mut job_states_at: Option<Instant> = None;
+        let (origin, mut activity) = (Instant::now(), ProductionActivity::default());
+        let mut was_active = false;
+        while !shutdown.is_triggered() {
+            let mut sample = probe.sample().await;
+            sample.production_active =
+                activity.observe(origin.elapsed(), sample.production_sessions);
+            if sharing && sample.production_active != was_active {
+                note_production_activity(&sample);
+            }
+            was_active = sample.production_active;
+            telemetry::record_replication_lag(&sample);
+            // The canary's count lives on in every sample.
+            tx.send_modify(|latest| {
+                sample.probe_delays = latest.probe_delays;
+                *latest = sample;
+            });
+            // Re-set every tick, or the exporter's idle timeout would drop them.
+            telemetry::record_daemon_info(max_lag, max_lag_bytes);
+            if job_states_at.is_none_or(|at| at.elapsed() >= JOB_STATES_INTERVAL) {
+                job_states_at = Some(Instant::now());
+                report_queue_state(&control).await;
+            }
+            shutdown.sleep(interval).await;
+        }
+    };
+    // One task, so that aborting it stops the canary too.
+    let probes = tokio::spawn(async move {
+        match canary {
+            Some(canary) => drop(tokio::join!(canary, sampling)),
+            None => sampling.await,
+        }
+    });
+    Ok((rx, probes))
+}
+
+/// Refreshes `backfill_jobs{state}` and `backfill_job_failed{backfill_job}` from the queue.
+pub async fn report_queue_state(control: &PgPool) {
+    match JobStatus::count_by_state(control).await {
+        Ok(counts) => telemetry::record_job_states(&counts),
+        Err(e) => tracing::debug!(error = %e, "cannot count jobs by state"),
+    }
+    let failed = sqlx::query_scalar("SELECT name FROM backfill.jobs WHERE state = 'failed'")
+        .fetch_all(control)
+        .await;
+    match failed {
+        Ok(names) => telemetry::record_failed_jobs(&names),
+        Err(e) => tracing::debug!(error = %e, "cannot list failed jobs"),
+    }
+}
+
+/// Logs when jobs start and stop sharing the primary with production.
+fn note_production_activity(sample: &HealthSample) {
+    if sample.production_active {
+        tracing::info!(
+            sessions = sample.production_sessions,
+            "production is at work on the primary: sharing it (short batches, bounded duty cycle; throttle.busy_duty_cycle)"
+        );
+    } else {
+        tracing::info!(
+            "no production sessions at work on the primary for a while: running flat out"
+        );
+    }
+}
+
+/// Times the canary every `interval` and publishes the count of delayed round trips in
+/// the health samples, between the probes' own updates: a delay should reach the
+/// throttle within one canary interval, not one probe interval.
+async fn run_canary(
+    canary: LatencyCanary,
+    mut detector: DelayDetector,
+    interval: Duration,
+    health: watch::Sender<HealthSample>,
+    shutdown: Shutdown,
+) {
+    let origin = Instant::now();
+    while !shutdown.is_triggered() {
+        if let Some(round_trip) = canary.round_trip().await {
+            let verdict = detector.observe(origin.elapsed(), round_trip);
+            tracing::trace!(
+                target: "backfilld::canary",
+                round_trip_us = round_trip.as_micros() as u64,
+                excess_us = verdict.excess.as_micros() as u64,
+                delayed = verdict.delayed,
+                "canary"
+            );
+            telemetry::record_canary(verdict);
+            if verdict.delayed {
+                let delays = detector.delayed_total();
+                health.send_modify(|latest| latest.probe_delays = delays);
+            }
+        }
+        shutdown.sleep(interval).await;
+    }
+}
