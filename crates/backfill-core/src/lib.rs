@@ -8,5 +8,6 @@ pub mod error_class;
 pub mod latency;
 pub mod phase;
 pub mod placeholders;
+pub mod queue_sql;
 pub mod slicing;
 pub mod throttle;

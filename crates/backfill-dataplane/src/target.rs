@@ -511,10 +511,10 @@ impl TargetSql {
             retry_keys: format!(
                 "SELECT f.key, EXISTS (SELECT FROM {table} t WHERE t.{key} = f.key::{key_type}) \
                    FROM backfill.failed_rows f \
-                  WHERE f.job_id = {owner_id} AND f.attempts < $1 \
-                    AND (f.reason = 'error' OR f.attempts = 0) \
+                  WHERE f.job_id = {owner_id} AND {eligible} \
                     AND f.next_attempt_at <= now() \
-                  ORDER BY f.key::{key_type} LIMIT $2"
+                  ORDER BY f.key::{key_type} LIMIT $2",
+                eligible = backfill_core::queue_sql::retry_eligible(1)
             ),
             check_disagrees: check_predicate.map(|check| {
                 format!(

@@ -402,16 +402,18 @@ impl Queue {
         job_id: i64,
         max_attempts: i32,
     ) -> Result<Option<Duration>, QueueError> {
-        let due_in: Option<f64> = sqlx::query_scalar(
-            "SELECT CASE WHEN count(*) > 0 THEN greatest(extract(epoch FROM min(next_attempt_at) - now()), 0) END::float8 \
-               FROM backfill.failed_rows \
-              WHERE job_id = $1 AND reason = 'error' AND attempts < $2",
-        )
-        .bind(job_id)
-        .bind(max_attempts)
-        .fetch_one(&self.pool)
-        .await
-        .context(&format!("reading failed rows of job {job_id}"))?;
+        let sql = format!(
+            "SELECT CASE WHEN count(*) > 0 THEN greatest(extract(epoch FROM min(f.next_attempt_at) - now()), 0) END::float8 \
+               FROM backfill.failed_rows f \
+              WHERE f.job_id = $1 AND {}",
+            backfill_core::queue_sql::retry_eligible(2)
+        );
+        let due_in: Option<f64> = sqlx::query_scalar(&sql)
+            .bind(job_id)
+            .bind(max_attempts)
+            .fetch_one(&self.pool)
+            .await
+            .context(&format!("reading failed rows of job {job_id}"))?;
         Ok(due_in.map(Duration::from_secs_f64))
     }
 
