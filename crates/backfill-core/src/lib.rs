@@ -8,4 +8,5 @@ pub mod error_class;
 pub mod latency;
 pub mod placeholders;
 pub mod slicing;
+pub mod steering;
 pub mod throttle;

@@ -27,6 +27,8 @@ use crate::settings::Settings;
 use crate::shutdown::Shutdown;
 use crate::telemetry::JobMetrics;
 
+mod steering;
+
 /// Everything a worker needs, shared by its claim loops.
 pub struct Worker {
     pub queue: Queue,
@@ -84,6 +86,8 @@ enum StopReason {
     Stuck,
     /// Too many of its rows failed: the circuit breaker paused the job.
     Tripped,
+    /// Every run window of the job is closed: it rests, given back, until one opens.
+    OutsideWindow,
 }
 
 impl Worker {
@@ -210,6 +214,9 @@ impl Worker {
             JobEnd::Stopped(StopReason::Tripped) => {
                 warn!("job paused by the circuit breaker; resume it once its rows can succeed")
             }
+            JobEnd::Stopped(StopReason::OutsideWindow) => {
+                info!(checkpoint = ?run.checkpoint, "outside the job's run windows: given back to rest until one opens (holding, reason window)")
+            }
             JobEnd::Stopped(StopReason::Unreachable) => {
                 match self.queue.release(run.job.id, token).await {
                     Ok(_) => warn!("database trouble: job given back to the queue"),
@@ -310,6 +317,8 @@ struct JobRun<'w> {
     /// The transactions of this pass's committed batches: rows they wrote must not turn
     /// up again ahead of the checkpoint or past the pass's end.
     writes: PassWrites,
+    /// How long the job has been throttled, for the `throttled` event.
+    throttled_spell: backfill_core::steering::ThrottledSpell,
 }
 
 impl<'w> JobRun<'w> {
@@ -321,7 +330,10 @@ impl<'w> JobRun<'w> {
             lease: settings.worker.lease,
         };
         let (stop_tx, stop) = watch::channel(None);
-        let (progress, progress_rx) = watch::channel(JobProgress::default());
+        let (progress, progress_rx) = watch::channel(JobProgress {
+            rows_done: job.rows_done,
+            ..JobProgress::default()
+        });
         let (tunables_tx, tunables) = watch::channel(None);
         let heartbeat = tokio::spawn(heartbeat_loop(
             worker.queue.clone(),
@@ -330,6 +342,7 @@ impl<'w> JobRun<'w> {
                 token,
                 lease: settings.worker.lease,
                 interval: settings.worker.heartbeat,
+                forecast_window: settings.worker.forecast_window,
             },
             progress_rx,
             stop_tx,
@@ -348,6 +361,9 @@ impl<'w> JobRun<'w> {
             tunables,
             priority: None,
             writes: PassWrites::default(),
+            throttled_spell: backfill_core::steering::ThrottledSpell::new(
+                settings.events.throttled_after,
+            ),
             throttle: ThrottleController::new(throttle_settings),
             last_report: None,
             last_decision: None,
@@ -507,6 +523,9 @@ impl<'w> JobRun<'w> {
             self.share_job_budgets().await;
             if let Some(reason) = self.stop_reason() {
                 return JobEnd::Stopped(reason);
+            }
+            if let Some(end) = self.rest_if_outside_window().await {
+                return end;
             }
             let health = self.worker.health.borrow().for_job(self.job.id);
             let decision = self.throttle.decide(
@@ -912,7 +931,7 @@ impl<'w> JobRun<'w> {
         }
         let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         self.breaker.add(count(stats.keys), count(stats.failed));
-        let tripped = self.worker.settings.breaker_limits().judge(self.breaker)?;
+        let tripped = self.breaker_limits().judge(self.breaker)?;
         let why = format!(
             "circuit breaker: {tripped} since this worker claimed the job; paused. Fix the rows (backfill.failed_rows where job_id = {}) or batch_sql, then select backfill.resume('{}')",
             self.job.id,
@@ -1197,6 +1216,7 @@ impl<'w> JobRun<'w> {
     fn note_decision(&mut self, decision: &ThrottleDecision, health: &HealthSample) {
         let reason = decision.reason();
         self.metrics.throttled(reason.map(ThrottleReason::as_str));
+        self.watch_throttled_spell(reason);
         self.metrics.lock_waits(health.sessions_blocked_by_us);
         let current = (self.throttle.state_label(), reason);
         if self.last_decision == Some(current) {
@@ -1245,6 +1265,8 @@ impl<'w> JobRun<'w> {
             batch_size: i32::try_from(self.throttle.batch_size()).ok(),
             throttle_state: Some(self.throttle.state_label().to_string()),
             throttle_reason: self.throttle.reason().map(|r| r.as_str().to_string()),
+            rows_done: self.rows_done,
+            recent_rows_per_second: None, // the heartbeat measures it
         };
         self.progress.send_replace(progress);
     }
@@ -1354,6 +1376,8 @@ struct HeartbeatOf {
     token: LeaseToken,
     lease: Duration,
     interval: Duration,
+    /// The wall time the forecast's recent rate is measured over.
+    forecast_window: Duration,
 }
 
 /// Extends the lease every `interval`, publishes progress and hands on the job's tuning
@@ -1371,13 +1395,19 @@ async fn heartbeat_loop(
         token,
         lease,
         interval,
+        forecast_window,
     } = of;
+    // Measured here, every beat, whether batches run or not: held time counts.
+    let mut recent = backfill_core::steering::RecentRate::new(forecast_window);
+    let started = Instant::now();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     loop {
         ticker.tick().await;
-        let current = progress.borrow().clone();
+        let mut current = progress.borrow().clone();
+        recent.record(started.elapsed(), current.rows_done);
+        current.recent_rows_per_second = recent.rows_per_second();
         match queue.heartbeat(job_id, token, lease, &current).await {
             Ok(HeartbeatReport::Held(now)) => {
                 tunables.send_if_modified(|seen| {

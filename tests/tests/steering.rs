@@ -1,0 +1,328 @@
+//! Operators steer jobs (issue 16): run windows, per-job circuit-breaker limits, the
+//! finish_by deadline and its forecast, and events to a LISTEN session and a webhook.
+
+use std::time::Duration;
+
+use backfilld_e2e::{env_refs, free_port, http_get, quick_worker, wait_until, Daemon, TestDb};
+
+const RUN_LIMIT: Duration = Duration::from_secs(90);
+
+/// `items` with `rows` rows whose `v` is 0 (pending).
+fn items(db: &TestDb, rows: i64) {
+    db.sql(&format!(
+        "CREATE TABLE items (k bigint PRIMARY KEY, v int NOT NULL DEFAULT 0);
+         INSERT INTO items (k) SELECT g FROM generate_series(1, {rows}) g;"
+    ));
+}
+
+/// Enqueues job `name` over `items` (adding 1 to `v`, so a row done twice shows), with
+/// extra `columns` / `values` (e.g. `, max_rows_per_second` / `, 200`).
+fn enqueue(db: &TestDb, name: &str, columns: &str, values: &str) {
+    db.sql(&format!(
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate{columns})
+         VALUES ('{name}', 'items', 'k', $$UPDATE items SET v = v + 1 WHERE k = ANY(:keys)$$, 'v = 0'{values})"
+    ));
+}
+
+fn rows_done(db: &TestDb, name: &str) -> i64 {
+    db.int(&format!(
+        "SELECT rows_done FROM backfill.job_status WHERE name = '{name}'"
+    ))
+}
+
+#[test]
+fn a_run_window_is_refused_at_insert_naming_what_is_wrong() {
+    let db = TestDb::new("steer_window_input");
+    items(&db, 10);
+    db.migrate();
+    let refused = |windows: &str| {
+        db.sql_err(&format!(
+            "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, run_windows)
+             VALUES ('w', 'items', 'k', $$UPDATE items SET v = 1 WHERE k = ANY(:keys)$$, '{windows}')"
+        ))
+    };
+    for (windows, message) in [
+        (
+            r#"{"Mon-Fri 22:00-06:00 Europe/Berlin", "Mon-Fry 22:00-06:00"}"#,
+            "run_windows: 'Mon-Fry 22:00-06:00' is not a run window: 'Mon-Fry' is not a day or a day range (Mon, Tue, ... Sun; Mon-Fri; Sat,Sun)",
+        ),
+        (
+            r#"{"Sat 25:00-06:00"}"#,
+            "run_windows: 'Sat 25:00-06:00' is not a run window: '25:00' is not a time of day (00:00 to 23:59:59; 24:00 as a closing)",
+        ),
+        (
+            r#"{"22:00-06:00 Mars/Olympus"}"#,
+            "run_windows: '22:00-06:00 Mars/Olympus' is not a run window: 'Mars/Olympus' is not a time zone PostgreSQL knows (see pg_timezone_names, e.g. Europe/Berlin, UTC)",
+        ),
+        (
+            r#"{"nights"}"#,
+            "run_windows: 'nights' is not a run window; write e.g. 'Mon-Fri 22:00-06:00 Europe/Berlin' ([days ]HH:MM[:SS]-HH:MM[:SS][ time zone])",
+        ),
+    ] {
+        let error = refused(windows);
+        assert!(error.contains(message), "{windows}: {error}");
+    }
+    let share = db.sql_err(
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, breaker_failed_share)
+         VALUES ('b', 'items', 'k', $$UPDATE items SET v = 1 WHERE k = ANY(:keys)$$, 0)",
+    );
+    assert!(
+        share.contains("breaker_failed_share must be more than 0 and at most 1"),
+        "{share}"
+    );
+    // Nothing was enqueued by the refused INSERTs; a good one goes in and reads back.
+    assert_eq!(db.int("SELECT count(*) FROM backfill.jobs"), 0);
+    db.sql(
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, run_windows)
+         VALUES ('ok', 'items', 'k', $$UPDATE items SET v = 1 WHERE k = ANY(:keys)$$,
+                 '{\"Mon-Fri 22:00-06:00 Europe/Berlin\", \"Sat,Sun 00:00-00:00\"}')",
+    );
+    // The rule the daemon uses, on fixed instants (2026-12-03 is a Thursday).
+    for (at, open) in [
+        ("2026-12-03 21:30+00", true), // 22:30 in Berlin
+        ("2026-12-04 04:59+00", true), // Friday 05:59 in Berlin: Thursday's night
+        ("2026-12-04 05:00+00", false),
+        ("2026-12-04 12:00+00", false),
+        ("2026-12-05 12:00+00", true), // Saturday, all day
+    ] {
+        assert_eq!(
+            db.sql(&format!(
+                "SELECT backfill.in_window(run_windows, '{at}') FROM backfill.jobs WHERE name = 'ok'"
+            )),
+            if open { "t" } else { "f" },
+            "{at}"
+        );
+    }
+}
+
+/// A window (UTC) opening `opens_in` seconds from the database's now, for `lasts` seconds.
+fn window_from_now(db: &TestDb, opens_in: u32, lasts: u32) -> String {
+    db.sql(&format!(
+        "SELECT to_char(now() AT TIME ZONE 'UTC' + interval '{opens_in} s', 'HH24:MI:SS') || '-' ||
+                to_char(now() AT TIME ZONE 'UTC' + interval '{} s', 'HH24:MI:SS') || ' UTC'",
+        opens_in + lasts
+    ))
+}
+
+#[test]
+fn a_job_runs_only_inside_its_window_and_rests_outside_without_blocking_others() {
+    let db = TestDb::new("steer_window");
+    items(&db, 20000);
+    db.sql(
+        "CREATE TABLE others (k bigint PRIMARY KEY, v int NOT NULL DEFAULT 0);
+         INSERT INTO others (k) SELECT g FROM generate_series(1, 2000) g;",
+    );
+    db.migrate();
+    let window = window_from_now(&db, 10, 12);
+    enqueue(
+        &db,
+        "nightly",
+        ", run_windows, max_rows_per_second, batch_size, priority",
+        &format!(", ARRAY['{window}'], 1000, 100, 10"),
+    );
+    db.sql(
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, max_rows_per_second, batch_size)
+         VALUES ('daytime', 'others', 'k', $$UPDATE others SET v = v + 1 WHERE k = ANY(:keys)$$, 'v = 0', 500, 100)",
+    );
+    let status = |column: &str| {
+        db.sql(&format!(
+            "SELECT {column} FROM backfill.job_status WHERE name = 'nightly'"
+        ))
+    };
+    assert_eq!(
+        status("throttle_state || '/' || throttle_reason"),
+        "holding/window"
+    );
+
+    // One slot: the job waiting for its window does not keep the other from running.
+    let mut env = quick_worker("steer-window");
+    env.push(("BACKFILLD_WORKER__CONCURRENCY", "1".to_string()));
+    let daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    wait_until("daytime to finish", RUN_LIMIT, || {
+        db.job_state("daytime") == "succeeded"
+    });
+    assert_eq!(rows_done(&db, "nightly"), 0, "ran before its window opened");
+    assert_eq!(db.job_state("nightly"), "pending");
+
+    wait_until("the window to open and nightly to run", RUN_LIMIT, || {
+        rows_done(&db, "nightly") > 0
+    });
+    assert_eq!(status("in_window"), "t");
+    wait_until("the window to close and nightly to rest", RUN_LIMIT, || {
+        status("state || '/' || coalesce(throttle_reason, '')") == "pending/window"
+    });
+    let rested_at = rows_done(&db, "nightly");
+    assert!(
+        (3000..19000).contains(&rested_at),
+        "{rested_at} rows in a 12 s window at 1000 rows/s"
+    );
+    // Resting, it keeps its checkpoint and stays put; nothing holds its lease.
+    assert_eq!(
+        db.sql("SELECT (checkpoint IS NOT NULL)::text || '/' || (lease_token IS NULL)::text FROM backfill.jobs WHERE name = 'nightly'"),
+        "true/true"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        rows_done(&db, "nightly"),
+        rested_at,
+        "ran outside its window"
+    );
+    let log = daemon.log_text();
+    assert!(log.contains("outside the job's run windows"), "{log}");
+
+    // Windows are tunable: opening it for good lets it finish from its checkpoint.
+    db.sql("UPDATE backfill.jobs SET run_windows = NULL WHERE name = 'nightly'");
+    wait_until("nightly to finish", RUN_LIMIT, || {
+        db.job_state("nightly") == "succeeded"
+    });
+    // Every row exactly once: resting and resuming redid and skipped nothing.
+    assert_eq!(
+        db.sql("SELECT count(*) FILTER (WHERE v = 1) || '/' || count(*) FROM items"),
+        "20000/20000"
+    );
+}
+
+#[test]
+fn a_jobs_own_breaker_limit_is_tunable_while_it_runs_and_pauses_it() {
+    let db = TestDb::new("steer_breaker");
+    // Every 50th row breaks the constraint: 2%, under the default share of 10%.
+    db.sql(
+        "CREATE TABLE items (k bigint PRIMARY KEY, v int NOT NULL DEFAULT 0 CHECK (v < 10));
+         INSERT INTO items (k) SELECT g FROM generate_series(1, 40000) g;",
+    );
+    db.migrate();
+    db.sql(
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, batch_size, max_rows_per_second)
+         VALUES ('two_percent', 'items', 'k',
+                 $$UPDATE items SET v = CASE WHEN k % 50 = 0 THEN 100 ELSE 1 END WHERE k = ANY(:keys)$$,
+                 'v = 0', 200, 2000)",
+    );
+    let env = quick_worker("steer-breaker");
+    let daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    wait_until(
+        "two_percent to pass the breaker's min_rows",
+        RUN_LIMIT,
+        || rows_done(&db, "two_percent") > 2000,
+    );
+    assert_eq!(
+        db.job_state("two_percent"),
+        "running",
+        "2% is under the default 10%"
+    );
+
+    // The job's own limit, set while it runs: more than 1% failed pauses it.
+    db.sql("UPDATE backfill.jobs SET breaker_failed_share = 0.01 WHERE name = 'two_percent'");
+    wait_until("the job's own breaker to pause it", RUN_LIMIT, || {
+        db.job_state("two_percent") == "paused"
+    });
+    let last_error = db.sql("SELECT last_error FROM backfill.jobs WHERE name = 'two_percent'");
+    assert!(
+        last_error.starts_with("circuit breaker: ")
+            && last_error.contains("more than the job's breaker_failed_share 1%"),
+        "{last_error}"
+    );
+    assert!(
+        daemon.log_text().contains("retuned") || daemon.log_text().contains("circuit breaker"),
+        "{}",
+        daemon.log_text()
+    );
+    // An absolute limit of the job's own, with the share back to the default.
+    db.sql(
+        "UPDATE backfill.jobs SET breaker_failed_share = NULL, breaker_failed_rows = 10 WHERE name = 'two_percent';
+         SELECT backfill.resume('two_percent')",
+    );
+    wait_until("the row limit to pause it again", RUN_LIMIT, || {
+        db.sql("SELECT state || ':' || coalesce(last_error, '') FROM backfill.jobs WHERE name = 'two_percent'")
+            .contains("more than the job's breaker_failed_rows 10")
+    });
+    assert_eq!(db.job_state("two_percent"), "paused");
+}
+
+/// Scrapes `/metrics` and returns the value of the series whose line starts with `series`.
+fn metric(port: u16, series: &str) -> Option<f64> {
+    let (_, body) = http_get(port, "/metrics")?;
+    body.lines()
+        .find(|line| line.starts_with(series))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+#[test]
+fn the_forecast_counts_held_time_and_tracks_the_actual_finish_within_20_percent() {
+    let db = TestDb::new("steer_forecast");
+    items(&db, 9000);
+    db.migrate();
+    enqueue(
+        &db,
+        "fc",
+        ", max_rows_per_second, batch_size, finish_by",
+        ", 500, 100, now() + interval '10 seconds'",
+    );
+    let port = free_port();
+    let mut env = quick_worker("steer-forecast");
+    env.push(("BACKFILLD_WORKER__FORECAST_WINDOW", "8s".to_string()));
+    env.push(("BACKFILLD_THROTTLE__PROBE_INTERVAL", "200ms".to_string()));
+    env.push(("BACKFILLD_HTTP__LISTEN", format!("127.0.0.1:{port}")));
+    let daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+
+    // The operator holds the job for 2 s of every 4: it runs at half its batch speed.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holder = {
+        let (url, done) = (db.url(), done.clone());
+        std::thread::spawn(move || {
+            let session = backfilld_e2e::Session::connect(&url);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                session.execute("SELECT backfill.throttle(0, '2 seconds', 'fc')");
+                std::thread::sleep(Duration::from_secs(4));
+            }
+        })
+    };
+    wait_until("a forecast over a full window", RUN_LIMIT, || {
+        rows_done(&db, "fc") > 1500
+            && db.sql(
+                "SELECT forecast_finish IS NOT NULL FROM backfill.job_status WHERE name = 'fc'",
+            ) == "t"
+    });
+    std::thread::sleep(Duration::from_secs(6));
+    let (forecast_in, forecast_at): (f64, f64) = {
+        let row = db.sql(
+            "SELECT extract(epoch FROM forecast_finish - now()) || ' ' || extract(epoch FROM now()) FROM backfill.job_status WHERE name = 'fc'",
+        );
+        let mut parts = row.split(' ').map(|v| v.parse::<f64>().expect("a number"));
+        (parts.next().unwrap(), parts.next().unwrap())
+    };
+    // The deadline (10 s after enqueueing) is lost: job_status, status and metrics say so.
+    assert_eq!(
+        db.sql("SELECT late FROM backfill.job_status WHERE name = 'fc'"),
+        "t"
+    );
+    let status = db.backfilld(&["status", "fc"]);
+    assert!(status.stdout.contains("LATE"), "{status:?}");
+    wait_until("the deadline metrics", RUN_LIMIT, || {
+        metric(
+            port,
+            "backfill_job_deadline_margin_seconds{backfill_job=\"fc\"}",
+        )
+        .is_some_and(|margin| margin < 0.0)
+            && metric(port, "backfill_job_forecast_seconds{backfill_job=\"fc\"}")
+                .is_some_and(|seconds| seconds > 0.0)
+    });
+
+    wait_until("fc to finish", RUN_LIMIT, || {
+        db.job_state("fc") == "succeeded"
+    });
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    holder.join().expect("holder");
+    let actual_in: f64 = db
+        .sql(&format!(
+            "SELECT extract(epoch FROM finished_at) - {forecast_at} FROM backfill.jobs WHERE name = 'fc'"
+        ))
+        .parse()
+        .expect("a number");
+    assert!(
+        (forecast_in - actual_in).abs() <= 0.2 * actual_in,
+        "forecast {forecast_in:.1} s, finished after {actual_in:.1} s:\n{}",
+        daemon.log_text()
+    );
+    drop(daemon);
+}
