@@ -284,12 +284,18 @@ fn the_forecast_counts_held_time_and_tracks_the_actual_finish_within_20_percent(
             ) == "t"
     });
     std::thread::sleep(Duration::from_secs(6));
-    let (forecast_in, forecast_at): (f64, f64) = {
+    let (forecast_in, forecast_at, eta): (f64, f64, f64) = {
         let row = db.sql(
-            "SELECT extract(epoch FROM forecast_finish - now()) || ' ' || extract(epoch FROM now()) FROM backfill.job_status WHERE name = 'fc'",
+            "SELECT extract(epoch FROM forecast_finish - now()) || ' ' || extract(epoch FROM now())
+                    || ' ' || coalesce(extract(epoch FROM eta), -1)
+               FROM backfill.job_status WHERE name = 'fc'",
         );
         let mut parts = row.split(' ').map(|v| v.parse::<f64>().expect("a number"));
-        (parts.next().unwrap(), parts.next().unwrap())
+        (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        )
     };
     // The deadline (10 s after enqueueing) is lost: job_status, status and metrics say so.
     assert_eq!(
@@ -319,10 +325,254 @@ fn the_forecast_counts_held_time_and_tracks_the_actual_finish_within_20_percent(
         ))
         .parse()
         .expect("a number");
+    // For the record: the batch-speed ETA ignores the holds.
+    eprintln!(
+        "forecast {forecast_in:.1} s, batch-speed eta {eta:.1} s, finished after {actual_in:.1} s"
+    );
     assert!(
         (forecast_in - actual_in).abs() <= 0.2 * actual_in,
         "forecast {forecast_in:.1} s, finished after {actual_in:.1} s:\n{}",
         daemon.log_text()
     );
     drop(daemon);
+}
+
+/// A session that LISTENs on `backfill_events`; the receiver gets each payload.
+fn listen_for_events(
+    url: &str,
+) -> (
+    std::sync::mpsc::Receiver<serde_json::Value>,
+    tokio::runtime::Runtime,
+) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let (tx, events) = std::sync::mpsc::channel();
+    let (client, mut connection) = runtime
+        .block_on(tokio_postgres::connect(url, tokio_postgres::NoTls))
+        .expect("connect the listener");
+    runtime.spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = message {
+                let payload = serde_json::from_str(n.payload()).expect("a JSON payload");
+                if tx.send(payload).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    runtime
+        .block_on(client.batch_execute("LISTEN backfill_events"))
+        .expect("LISTEN");
+    // The session ends with the client: it must outlive the test.
+    std::mem::forget(client);
+    (events, runtime)
+}
+
+/// A local HTTP receiver: answers the first request 503 (so the webhook must retry) and
+/// every later one 200; the receiver gets each request's JSON body.
+fn http_receiver() -> (u16, std::sync::mpsc::Receiver<serde_json::Value>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, bodies) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut length = 0;
+            let mut request_line = String::new();
+            let _ = reader.read_line(&mut request_line);
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let status = if n == 0 {
+                "503 Service Unavailable"
+            } else {
+                "200 OK"
+            };
+            let _ = stream
+                .write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes());
+            assert!(
+                request_line.starts_with("POST /hook?token=s3cr3t HTTP/1.1"),
+                "{request_line}"
+            );
+            if n > 0 {
+                let json = serde_json::from_slice(&body).expect("a JSON body");
+                if tx.send(json).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    (port, bodies)
+}
+
+/// Collects (job, event) pairs from `source` until `last` of `job` arrives.
+fn collect_until(
+    source: &std::sync::mpsc::Receiver<serde_json::Value>,
+    seen: &mut Vec<serde_json::Value>,
+    job: &str,
+    last: &str,
+) {
+    while !seen.iter().any(|e| e["job"] == job && e["event"] == last) {
+        let event = source
+            .recv_timeout(RUN_LIMIT)
+            .unwrap_or_else(|_| panic!("no '{last}' event of {job}; got {seen:#?}"));
+        seen.push(event);
+    }
+}
+
+fn events_of(seen: &[serde_json::Value], job: &str) -> Vec<String> {
+    seen.iter()
+        .filter(|e| e["job"] == job)
+        .map(|e| e["event"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn a_listen_session_and_a_webhook_receive_the_same_events() {
+    let db = TestDb::new("steer_events");
+    items(&db, 3000);
+    db.sql(
+        "CREATE TABLE others (k bigint PRIMARY KEY, v int NOT NULL DEFAULT 0);
+         INSERT INTO others (k) SELECT g FROM generate_series(1, 100000) g;",
+    );
+    db.migrate();
+    let (listened, _runtime) = listen_for_events(&db.url());
+    let (port, posted) = http_receiver();
+    let mut env = quick_worker("steer-events");
+    env.extend([
+        ("BACKFILLD_WORKER__CONCURRENCY", "3".to_string()),
+        ("BACKFILLD_DATABASE__POOL_SIZE", "6".to_string()),
+        ("BACKFILLD_THROTTLE__PROBE_INTERVAL", "200ms".to_string()),
+        ("BACKFILLD_EVENTS__THROTTLED_AFTER", "1s".to_string()),
+        (
+            "BACKFILLD_EVENTS__WEBHOOK_URL",
+            format!("http://127.0.0.1:{port}/hook?token=s3cr3t"),
+        ),
+        ("BACKFILLD_EVENTS__WEBHOOK_TIMEOUT", "2s".to_string()),
+    ]);
+    let mut daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    // The webhook posts what happens from when it listens on.
+    wait_until("the webhook to listen", RUN_LIMIT, || {
+        daemon
+            .log_text()
+            .contains("events webhook: this worker sends the events")
+    });
+    db.sql("SELECT backfill.throttle(0, '1 hour', 'held')");
+    enqueue(
+        &db,
+        "hooked",
+        ", batch_size, max_rows_per_second",
+        ", 100, 600",
+    );
+    db.sql(
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql)
+         VALUES ('broken', 'items', 'k', $$UPDATE items SET nope = 1 WHERE k = ANY(:keys)$$);
+         INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, max_rows_per_second)
+         VALUES ('held', 'others', 'k', $$UPDATE others SET v = 1 WHERE k = ANY(:keys)$$, 100);
+         SELECT backfill.throttle(0, '1 hour', 'held');",
+    );
+    wait_until("hooked to make progress", RUN_LIMIT, || {
+        rows_done(&db, "hooked") > 0
+    });
+    db.sql("SELECT backfill.pause('hooked')");
+    wait_until("the worker to let go of hooked", RUN_LIMIT, || {
+        daemon.log_text().contains("stopped working on the job")
+    });
+    db.sql("SELECT backfill.resume('hooked')");
+    wait_until("hooked to succeed", RUN_LIMIT, || {
+        db.job_state("hooked") == "succeeded"
+    });
+    let deadline = std::time::Instant::now() + RUN_LIMIT;
+    while !daemon
+        .log_text()
+        .contains("job throttled for longer than events.throttled_after")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut on_listen = Vec::new();
+    collect_until(&listened, &mut on_listen, "held", "throttled");
+    db.sql("SELECT backfill.cancel('held')");
+    collect_until(&listened, &mut on_listen, "held", "cancelled");
+    collect_until(&listened, &mut on_listen, "hooked", "succeeded");
+    collect_until(&listened, &mut on_listen, "broken", "failed");
+    let mut on_webhook = Vec::new();
+    collect_until(&posted, &mut on_webhook, "held", "cancelled");
+    collect_until(&posted, &mut on_webhook, "hooked", "succeeded");
+    collect_until(&posted, &mut on_webhook, "broken", "failed");
+
+    assert_eq!(
+        events_of(&on_listen, "hooked"),
+        [
+            "enqueued",
+            "claimed",
+            "paused",
+            "resumed",
+            "claimed",
+            "succeeded"
+        ],
+        "{on_listen:#?}"
+    );
+    assert_eq!(
+        events_of(&on_listen, "broken"),
+        ["enqueued", "claimed", "failed"]
+    );
+    assert_eq!(
+        events_of(&on_listen, "held"),
+        ["enqueued", "claimed", "throttled", "cancelled"],
+        "{on_listen:#?}"
+    );
+    let throttled = on_listen
+        .iter()
+        .find(|e| e["event"] == "throttled")
+        .expect("throttled");
+    assert_eq!(throttled["reason"], "operator", "{throttled}");
+    assert!(
+        throttled["throttled_seconds"]
+            .as_f64()
+            .is_some_and(|s| s >= 1.0),
+        "{throttled}"
+    );
+    // The webhook got the same events, in the same order per job, as JSON; the first
+    // POST was answered 503 and retried.
+    for job in ["hooked", "broken", "held"] {
+        assert_eq!(
+            events_of(&on_webhook, job),
+            events_of(&on_listen, job),
+            "{job}"
+        );
+    }
+    let first = on_listen
+        .iter()
+        .find(|e| e["job"] == "hooked")
+        .expect("an event");
+    assert!(on_webhook.contains(first), "{first} not posted as is");
+    let log = daemon.log_text();
+    assert!(
+        log.contains("events webhook: POST failed; retrying"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("s3cr3t"),
+        "the webhook URL is a secret:\n{log}"
+    );
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_success(RUN_LIMIT);
 }
