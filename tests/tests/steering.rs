@@ -304,6 +304,13 @@ fn the_forecast_counts_held_time_and_tracks_the_actual_finish_within_20_percent(
     );
     let status = db.backfilld(&["status", "fc"]);
     assert!(status.stdout.contains("LATE"), "{status:?}");
+    let plan = db.backfilld(&["plan", "fc"]);
+    assert!(
+        plan.stdout.contains("  finish_by      ")
+            && plan.stdout.contains("MISSES it")
+            && plan.stdout.contains("throttled time included (LATE)"),
+        "{plan:?}"
+    );
     wait_until("the deadline metrics", RUN_LIMIT, || {
         metric(
             port,

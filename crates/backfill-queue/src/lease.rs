@@ -50,7 +50,8 @@ pub struct Tunables {
     pub target_batch_ms: Option<i32>,
     pub max_rows_per_second: Option<f64>,
     pub priority: i32,
-    /// The job's own circuit-breaker limits (`None`: the configured defaults).
+    /// The job's own circuit-breaker limits, a slice's from its parent (`None`: the
+    /// configured defaults).
     pub breaker_failed_share: Option<f64>,
     pub breaker_failed_rows: Option<i64>,
     /// Whether one of the job's run windows (a slice: its parent's) is open now.
@@ -154,14 +155,18 @@ impl Queue {
         progress: &JobProgress,
     ) -> Result<HeartbeatReport, QueueError> {
         let extended: Option<Tunables> = sqlx::query_as(
-            "UPDATE backfill.jobs \
+            "UPDATE backfill.jobs j \
                 SET lease_expires_at = now() + $3 * interval '1 millisecond', heartbeat_at = now(), \
                     rows_per_second = $4, current_batch_size = $5, throttle_state = $6, \
                     throttle_reason = $7, recent_rows_per_second = $8, updated_at = now() \
               WHERE id = $1 AND lease_token = $2 AND state = 'running' \
               RETURNING batch_size, min_batch_size, max_batch_size, target_batch_ms, \
-                        max_rows_per_second, priority, breaker_failed_share, \
-                        breaker_failed_rows, backfill.job_in_window(id) AS in_window",
+                        max_rows_per_second, priority, \
+                        coalesce(j.breaker_failed_share, (SELECT p.breaker_failed_share \
+                            FROM backfill.jobs p WHERE p.id = j.parent_id)) AS breaker_failed_share, \
+                        coalesce(j.breaker_failed_rows, (SELECT p.breaker_failed_rows \
+                            FROM backfill.jobs p WHERE p.id = j.parent_id)) AS breaker_failed_rows, \
+                        backfill.job_in_window(j.id) AS in_window",
         )
         .bind(job_id)
         .bind(token.0)
