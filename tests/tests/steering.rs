@@ -134,20 +134,30 @@ fn a_job_runs_only_inside_its_window_and_rests_outside_without_blocking_others()
         "holding/window"
     );
 
+    let (events, _runtime) = listen_for_events(&db.url());
     // One slot: the job waiting for its window does not keep the other from running.
+    let port = free_port();
     let mut env = quick_worker("steer-window");
     env.push(("BACKFILLD_WORKER__CONCURRENCY", "1".to_string()));
+    env.push(("BACKFILLD_HTTP__LISTEN", format!("127.0.0.1:{port}")));
     let daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
     wait_until("daytime to finish", RUN_LIMIT, || {
         db.job_state("daytime") == "succeeded"
     });
     assert_eq!(rows_done(&db, "nightly"), 0, "ran before its window opened");
     assert_eq!(db.job_state("nightly"), "pending");
+    let held_for_window = "backfill_throttled{backfill_job=\"nightly\",reason=\"window\"}";
+    wait_until("the window metric", RUN_LIMIT, || {
+        metric(port, held_for_window) == Some(1.0)
+    });
 
     wait_until("the window to open and nightly to run", RUN_LIMIT, || {
         rows_done(&db, "nightly") > 0
     });
     assert_eq!(status("in_window"), "t");
+    wait_until("the window metric to clear", RUN_LIMIT, || {
+        metric(port, held_for_window) == Some(0.0)
+    });
     wait_until("the window to close and nightly to rest", RUN_LIMIT, || {
         status("state || '/' || coalesce(throttle_reason, '')") == "pending/window"
     });
@@ -169,6 +179,19 @@ fn a_job_runs_only_inside_its_window_and_rests_outside_without_blocking_others()
     );
     let log = daemon.log_text();
     assert!(log.contains("outside the job's run windows"), "{log}");
+    let mut seen = Vec::new();
+    collect_until(&events, &mut seen, "nightly", "rested");
+    assert_eq!(
+        events_of(&seen, "nightly"),
+        ["claimed", "rested"],
+        "{seen:#?}"
+    );
+    let rested = seen
+        .iter()
+        .rfind(|e| e["job"] == "nightly")
+        .expect("rested");
+    assert_eq!(rested["reason"], "window", "{rested}");
+    assert_eq!(rested["new_state"], "pending", "{rested}");
 
     // Windows are tunable: opening it for good lets it finish from its checkpoint.
     db.sql("UPDATE backfill.jobs SET run_windows = NULL WHERE name = 'nightly'");
