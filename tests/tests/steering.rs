@@ -77,6 +77,30 @@ fn a_run_window_is_refused_at_insert_naming_what_is_wrong() {
          VALUES ('ok', 'items', 'k', $$UPDATE items SET v = 1 WHERE k = ANY(:keys)$$,
                  '{\"Mon-Fri 22:00-06:00 Europe/Berlin\", \"Sat,Sun 00:00-00:00\"}')",
     );
+    // An engineer with README's grants sets the steering columns; not the daemon's forecast.
+    db.sql(&format!(
+        "CREATE ROLE steer_engineer; {}",
+        backfilld_e2e::readme_engineer_grants("steer_engineer", "public.items")
+    ));
+    let engineer = db.session();
+    engineer.execute("SET ROLE steer_engineer");
+    engineer.execute(
+        "UPDATE backfill.jobs SET run_windows = '{\"Mon-Fri 22:00-06:00 Europe/Berlin\", \"Sat,Sun 00:00-00:00\"}',
+                finish_by = now() + interval '1 day', breaker_failed_share = 0.5, breaker_failed_rows = 10
+          WHERE name = 'ok'",
+    );
+    let queue_state = engineer
+        .try_execute("UPDATE backfill.jobs SET recent_rows_per_second = 1e9 WHERE name = 'ok'")
+        .unwrap_err();
+    // Not granted, and the guard trigger would refuse it besides.
+    assert_eq!(queue_state, "42501: permission denied for table jobs");
+    let bad = engineer
+        .try_execute("UPDATE backfill.jobs SET run_windows = '{\"Mon 9-17\"}' WHERE name = 'ok'")
+        .unwrap_err();
+    assert!(
+        bad.contains("run_windows: 'Mon 9-17' is not a run window"),
+        "{bad}"
+    );
     // The rule the daemon uses, on fixed instants (2026-12-03 is a Thursday).
     for (at, open) in [
         ("2026-12-03 21:30+00", true), // 22:30 in Berlin
