@@ -630,3 +630,33 @@ fn a_listen_session_and_a_webhook_receive_the_same_events() {
     daemon.signal(libc::SIGTERM);
     daemon.expect_success(RUN_LIMIT);
 }
+
+#[test]
+fn a_bad_webhook_url_or_forecast_window_is_a_configuration_error_that_keeps_the_url_secret() {
+    let db = TestDb::new("steer_config");
+    db.migrate();
+    for (key, value, message) in [
+        (
+            "BACKFILLD_EVENTS__WEBHOOK_URL",
+            "ftp://hooks.example.com/s3cr3t",
+            "events.webhook_url must be an http:// or https:// URL, got scheme \"ftp\"",
+        ),
+        (
+            "BACKFILLD_EVENTS__WEBHOOK_ATTEMPTS",
+            "0",
+            "events.webhook_attempts must be at least 1",
+        ),
+        (
+            "BACKFILLD_WORKER__FORECAST_WINDOW",
+            "100ms",
+            "worker.forecast_window must be at least 1s, got 100ms",
+        ),
+    ] {
+        let out = backfilld_e2e::backfilld_at(&db.url(), &["status"], &[(key, value)]);
+        assert_eq!(
+            out.usage_error(),
+            format!("backfilld: configuration error: {message}")
+        );
+        assert!(!out.stderr.contains("s3cr3t"), "{out:?}");
+    }
+}

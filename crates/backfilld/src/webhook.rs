@@ -301,6 +301,32 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// Runs [`exchange`] against a peer that answers `answer`; returns the outcome and the
+    /// request the peer read.
+    async fn exchange_with(answer: &'static str) -> (Result<(), String>, String) {
+        let (client, mut server) = tokio::io::duplex(4096);
+        let peer = tokio::spawn(async move {
+            let mut request = vec![0; 4096];
+            let n = server.read(&mut request).await.expect("read");
+            server.write_all(answer.as_bytes()).await.expect("write");
+            String::from_utf8_lossy(&request[..n]).to_string()
+        });
+        let outcome = exchange(client, "POST /hook HTTP/1.1\r\n\r\n{}").await;
+        (outcome, peer.await.expect("peer"))
+    }
+
+    #[tokio::test]
+    async fn a_2xx_answer_is_delivered_anything_else_is_an_error_naming_the_status() {
+        let (ok, request) = exchange_with("HTTP/1.1 204 No Content\r\n\r\n").await;
+        assert_eq!(ok, Ok(()));
+        assert_eq!(request, "POST /hook HTTP/1.1\r\n\r\n{}");
+        let (unavailable, _) = exchange_with("HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
+        assert_eq!(unavailable, Err("HTTP 503".to_string()));
+        let (nothing, _) = exchange_with("").await;
+        assert_eq!(nothing, Err("no HTTP answer".to_string()));
+    }
 
     #[test]
     fn only_http_and_https_urls_with_a_host_are_taken_and_the_url_is_not_quoted() {
