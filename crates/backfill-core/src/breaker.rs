@@ -16,6 +16,10 @@ pub struct BreakerLimits {
     pub failed_share: f64,
     /// Trips when more than this many keys failed, whatever the share (0: no such limit).
     pub failed_rows: u64,
+    /// `failed_share` is the job's own (`breaker_failed_share`), not the configured default.
+    pub failed_share_of_job: bool,
+    /// `failed_rows` is the job's own (`breaker_failed_rows`), not the configured default.
+    pub failed_rows_of_job: bool,
 }
 
 /// Keys processed and failed since the breaker was (re)set.
@@ -29,9 +33,17 @@ pub struct BreakerCount {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Tripped {
     /// The share of failed keys passed `failed_share`.
-    Share { count: BreakerCount, limit: f64 },
+    Share {
+        count: BreakerCount,
+        limit: f64,
+        of_job: bool,
+    },
     /// The number of failed keys passed `failed_rows`.
-    Rows { count: BreakerCount, limit: u64 },
+    Rows {
+        count: BreakerCount,
+        limit: u64,
+        of_job: bool,
+    },
 }
 
 impl BreakerLimits {
@@ -52,6 +64,7 @@ impl BreakerLimits {
             return Some(Tripped::Rows {
                 count,
                 limit: self.failed_rows,
+                of_job: self.failed_rows_of_job,
             });
         }
         if count.processed < self.min_rows.max(1) {
@@ -61,7 +74,22 @@ impl BreakerLimits {
         (share > self.failed_share).then_some(Tripped::Share {
             count,
             limit: self.failed_share,
+            of_job: self.failed_share_of_job,
         })
+    }
+
+    /// These limits with a job's own columns in place of the defaults (`None`: the
+    /// default stands). The database refuses values out of range; a negative row count
+    /// that got through anyway counts as 0 (no such limit).
+    pub fn with_job_limits(self, failed_share: Option<f64>, failed_rows: Option<i64>) -> Self {
+        BreakerLimits {
+            failed_share: failed_share.unwrap_or(self.failed_share),
+            failed_share_of_job: failed_share.is_some() || self.failed_share_of_job,
+            failed_rows: failed_rows
+                .map_or(self.failed_rows, |rows| u64::try_from(rows).unwrap_or(0)),
+            failed_rows_of_job: failed_rows.is_some() || self.failed_rows_of_job,
+            ..self
+        }
     }
 }
 
@@ -76,20 +104,40 @@ impl BreakerCount {
 impl fmt::Display for Tripped {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Tripped::Share { count, limit } => write!(
+            Tripped::Share {
+                count,
+                limit,
+                of_job,
+            } => write!(
                 f,
-                "{} of {} rows failed ({:.1}%, more than batch.breaker_failed_share {}%)",
+                "{} of {} rows failed ({:.1}%, more than {} {}%)",
                 count.failed,
                 count.processed,
                 100.0 * count.failed as f64 / count.processed.max(1) as f64,
+                limit_name(*of_job, "breaker_failed_share"),
                 100.0 * limit
             ),
-            Tripped::Rows { count, limit } => write!(
+            Tripped::Rows {
+                count,
+                limit,
+                of_job,
+            } => write!(
                 f,
-                "{} of {} rows failed (more than batch.breaker_failed_rows {limit})",
-                count.failed, count.processed
+                "{} of {} rows failed (more than {} {limit})",
+                count.failed,
+                count.processed,
+                limit_name(*of_job, "breaker_failed_rows"),
             ),
         }
+    }
+}
+
+/// How a trip names the limit: the job's column, or the configuration key.
+fn limit_name(of_job: bool, column: &str) -> String {
+    if of_job {
+        format!("the job's {column}")
+    } else {
+        format!("batch.{column}")
     }
 }
 
@@ -101,6 +149,8 @@ mod tests {
         min_rows: 1000,
         failed_share: 0.1,
         failed_rows: 100_000,
+        failed_share_of_job: false,
+        failed_rows_of_job: false,
     };
 
     fn count(processed: u64, failed: u64) -> BreakerCount {
@@ -114,7 +164,8 @@ mod tests {
             DEFAULTS.judge(count(1000, 500)),
             Some(Tripped::Share {
                 count: count(1000, 500),
-                limit: 0.1
+                limit: 0.1,
+                of_job: false,
             })
         );
     }
@@ -139,7 +190,8 @@ mod tests {
             limits.judge(count(100, 51)),
             Some(Tripped::Rows {
                 count: count(100, 51),
-                limit: 50
+                limit: 50,
+                of_job: false,
             })
         );
         let off = BreakerLimits {
@@ -172,5 +224,27 @@ mod tests {
             assert!(limits.validate().is_err(), "{share}");
         }
         assert!(DEFAULTS.validate().is_ok());
+    }
+
+    #[test]
+    fn a_jobs_own_limits_replace_the_defaults_and_are_named_as_the_jobs() {
+        let strict = DEFAULTS.with_job_limits(Some(0.01), None);
+        assert_eq!(strict.failed_rows, 100_000);
+        let tripped = strict.judge(count(1000, 11)).expect("trips at 1%");
+        assert_eq!(
+            tripped.to_string(),
+            "11 of 1000 rows failed (1.1%, more than the job's breaker_failed_share 1%)"
+        );
+        let few = DEFAULTS.with_job_limits(None, Some(5));
+        assert_eq!(few.failed_share, 0.1);
+        assert_eq!(
+            few.judge(count(10, 6)).expect("trips").to_string(),
+            "6 of 10 rows failed (more than the job's breaker_failed_rows 5)"
+        );
+        // Neither set: the defaults, named as the configuration's.
+        assert_eq!(DEFAULTS.with_job_limits(None, None), DEFAULTS);
+        // 0: no absolute limit for this job.
+        let unlimited = DEFAULTS.with_job_limits(Some(1.0), Some(0));
+        assert_eq!(unlimited.judge(count(10_000_000, 9_000_000)), None);
     }
 }

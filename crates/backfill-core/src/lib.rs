@@ -10,4 +10,5 @@ pub mod phase;
 pub mod placeholders;
 pub mod queue_sql;
 pub mod slicing;
+pub mod steering;
 pub mod throttle;

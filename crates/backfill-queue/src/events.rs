@@ -54,6 +54,32 @@ impl Queue {
         Ok(JobEvents(listener))
     }
 
+    /// Tells listeners (and the webhook) that the job has been throttled for `lasted`,
+    /// most recently for `reason`: an event of the daemon's own, in the trigger's shape
+    /// (`event` 'throttled', the state unchanged), plus `reason` and `throttled_seconds`.
+    pub async fn notify_throttled(
+        &self,
+        job_id: i64,
+        reason: &str,
+        lasted: Duration,
+    ) -> Result<(), QueueError> {
+        sqlx::query(
+            "SELECT pg_notify('backfill_events', jsonb_build_object( \
+                 'event', 'throttled', 'job', name, 'id', id, 'parent_id', parent_id, \
+                 'old_state', state, 'new_state', state, 'worker', leased_by, 'last_error', NULL, \
+                 'rows_done', rows_done, 'at', now(), 'reason', $2::text, \
+                 'throttled_seconds', round($3::numeric, 1))::text) \
+               FROM backfill.jobs WHERE id = $1",
+        )
+        .bind(job_id)
+        .bind(reason)
+        .bind(lasted.as_secs_f64())
+        .execute(self.pool())
+        .await
+        .context(&format!("notifying that job {job_id} is throttled"))?;
+        Ok(())
+    }
+
     /// The state and last_error of the job named `name`, or `None` if there is none.
     pub async fn outcome_of(
         &self,

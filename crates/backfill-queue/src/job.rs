@@ -140,6 +140,10 @@ pub struct Job {
     pub enqueued_by: String,
     /// The search_path resolved when the job was enqueued (`None`: enqueued before it was recorded).
     pub search_path: Option<String>,
+    /// The job's own circuit-breaker limits, a slice's from its parent (`None`: the
+    /// configured defaults).
+    pub breaker_failed_share: Option<f64>,
+    pub breaker_failed_rows: Option<i64>,
 }
 
 impl Job {
@@ -160,7 +164,11 @@ pub(crate) const JOB_COLUMNS: &str = "j.id, j.name, j.table_name, j.key_column, 
     j.target_batch_ms, j.max_rows_per_second, j.max_attempts, j.state, j.phase, j.checkpoint, \
     j.rows_done, j.batches_done, j.rows_total_estimate, j.verify_sweeps, j.started_at, \
     j.parallelism, j.parent_id, j.lower_key, j.upper_key, j.enqueued_by::text AS enqueued_by, \
-    j.search_path";
+    j.search_path, \
+    coalesce(j.breaker_failed_share, (SELECT p.breaker_failed_share FROM backfill.jobs p WHERE p.id = j.parent_id)) \
+        AS breaker_failed_share, \
+    coalesce(j.breaker_failed_rows, (SELECT p.breaker_failed_rows FROM backfill.jobs p WHERE p.id = j.parent_id)) \
+        AS breaker_failed_rows";
 
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Job {
     fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
@@ -199,6 +207,8 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Job {
             upper_key: row.try_get("upper_key")?,
             enqueued_by: row.try_get("enqueued_by")?,
             search_path: row.try_get("search_path")?,
+            breaker_failed_share: row.try_get("breaker_failed_share")?,
+            breaker_failed_rows: row.try_get("breaker_failed_rows")?,
         })
     }
 }

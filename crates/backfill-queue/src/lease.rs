@@ -50,6 +50,12 @@ pub struct Tunables {
     pub target_batch_ms: Option<i32>,
     pub max_rows_per_second: Option<f64>,
     pub priority: i32,
+    /// The job's own circuit-breaker limits, a slice's from its parent (`None`: the
+    /// configured defaults).
+    pub breaker_failed_share: Option<f64>,
+    pub breaker_failed_rows: Option<i64>,
+    /// Whether one of the job's run windows (a slice: its parent's) is open now.
+    pub in_window: bool,
 }
 
 /// Live numbers a worker publishes with each heartbeat, for `job_status`.
@@ -59,6 +65,10 @@ pub struct JobProgress {
     pub batch_size: Option<i32>,
     pub throttle_state: Option<String>,
     pub throttle_reason: Option<String>,
+    /// Rows done by this worker's run so far (the job's `rows_done` as the worker counts it).
+    pub rows_done: i64,
+    /// Rows per second over the recent forecast window, throttled time included.
+    pub recent_rows_per_second: Option<f64>,
 }
 
 /// The queue as a worker uses it.
@@ -110,6 +120,7 @@ impl Queue {
             "WITH next AS ( \
                  SELECT q.id FROM backfill.jobs q \
                   WHERE q.state IN ('pending', 'running') AND q.not_before <= now() \
+                    AND backfill.job_in_window(q.id) \
                     AND (q.lease_expires_at IS NULL OR q.lease_expires_at < now() \
                          OR (q.leased_instance = $5 AND q.id <> ALL($4))) \
                     AND NOT EXISTS (SELECT 1 FROM backfill.jobs c WHERE c.parent_id = q.id \
@@ -144,13 +155,18 @@ impl Queue {
         progress: &JobProgress,
     ) -> Result<HeartbeatReport, QueueError> {
         let extended: Option<Tunables> = sqlx::query_as(
-            "UPDATE backfill.jobs \
+            "UPDATE backfill.jobs j \
                 SET lease_expires_at = now() + $3 * interval '1 millisecond', heartbeat_at = now(), \
                     rows_per_second = $4, current_batch_size = $5, throttle_state = $6, \
-                    throttle_reason = $7, updated_at = now() \
+                    throttle_reason = $7, recent_rows_per_second = $8, updated_at = now() \
               WHERE id = $1 AND lease_token = $2 AND state = 'running' \
               RETURNING batch_size, min_batch_size, max_batch_size, target_batch_ms, \
-                        max_rows_per_second, priority",
+                        max_rows_per_second, priority, \
+                        coalesce(j.breaker_failed_share, (SELECT p.breaker_failed_share \
+                            FROM backfill.jobs p WHERE p.id = j.parent_id)) AS breaker_failed_share, \
+                        coalesce(j.breaker_failed_rows, (SELECT p.breaker_failed_rows \
+                            FROM backfill.jobs p WHERE p.id = j.parent_id)) AS breaker_failed_rows, \
+                        backfill.job_in_window(j.id) AS in_window",
         )
         .bind(job_id)
         .bind(token.0)
@@ -159,6 +175,7 @@ impl Queue {
         .bind(progress.batch_size)
         .bind(&progress.throttle_state)
         .bind(&progress.throttle_reason)
+        .bind(progress.recent_rows_per_second)
         .fetch_optional(&self.pool)
         .await
         .context(&format!("heartbeat of job {job_id}"))?;
@@ -221,7 +238,7 @@ impl Queue {
         let released = sqlx::query(
             "UPDATE backfill.jobs \
                 SET lease_token = NULL, leased_by = NULL, lease_expires_at = NULL, \
-                    throttle_state = NULL, throttle_reason = NULL, rows_per_second = NULL, updated_at = now() \
+                    throttle_state = NULL, throttle_reason = NULL, rows_per_second = NULL, recent_rows_per_second = NULL, updated_at = now() \
               WHERE id = $1 AND lease_token = $2",
         )
         .bind(job_id)
@@ -245,7 +262,7 @@ impl Queue {
             "UPDATE backfill.jobs \
                 SET state = $3, last_error = $4, finished_at = now(), lease_token = NULL, \
                     leased_by = NULL, lease_expires_at = NULL, throttle_state = NULL, \
-                    throttle_reason = NULL, rows_per_second = NULL, updated_at = now() \
+                    throttle_reason = NULL, rows_per_second = NULL, recent_rows_per_second = NULL, updated_at = now() \
               WHERE id = $1 AND lease_token = $2",
         )
         .bind(job_id)
@@ -317,7 +334,7 @@ impl Queue {
             "UPDATE backfill.jobs \
                 SET state = 'pending', lease_token = NULL, leased_by = NULL, lease_expires_at = NULL, \
                     leased_instance = NULL, throttle_state = 'holding', throttle_reason = 'stuck', \
-                    rows_per_second = NULL, last_error = $4, \
+                    rows_per_second = NULL, recent_rows_per_second = NULL, last_error = $4, \
                     not_before = now() + $3 * interval '1 millisecond', updated_at = now() \
               WHERE id = $1 AND lease_token = $2 AND state = 'running'",
         )
@@ -328,6 +345,30 @@ impl Queue {
         .execute(&self.pool)
         .await
         .context(&format!("resting job {job_id}"))?
+        .rows_affected();
+        Ok(rested == 1)
+    }
+
+    /// Gives a job whose run windows are all closed back to the queue, holding for
+    /// `window` (claims skip it until one opens): its checkpoint stays, and the worker's
+    /// slot goes to jobs that may run now.
+    pub async fn rest_outside_window(
+        &self,
+        job_id: i64,
+        token: LeaseToken,
+    ) -> Result<bool, QueueError> {
+        let rested = sqlx::query(
+            "UPDATE backfill.jobs \
+                SET state = 'pending', lease_token = NULL, leased_by = NULL, lease_expires_at = NULL, \
+                    leased_instance = NULL, throttle_state = 'holding', throttle_reason = 'window', \
+                    rows_per_second = NULL, recent_rows_per_second = NULL, updated_at = now() \
+              WHERE id = $1 AND lease_token = $2 AND state = 'running'",
+        )
+        .bind(job_id)
+        .bind(token.0)
+        .execute(&self.pool)
+        .await
+        .context(&format!("resting job {job_id} outside its run windows"))?
         .rows_affected();
         Ok(rested == 1)
     }
@@ -343,7 +384,7 @@ impl Queue {
         let paused = sqlx::query(
             "UPDATE backfill.jobs \
                 SET state = 'paused', lease_token = NULL, leased_by = NULL, lease_expires_at = NULL, \
-                    throttle_state = NULL, throttle_reason = NULL, rows_per_second = NULL, \
+                    throttle_state = NULL, throttle_reason = NULL, rows_per_second = NULL, recent_rows_per_second = NULL, \
                     last_error = $3, updated_at = now() \
               WHERE id = $1 AND lease_token = $2 AND state = 'running'",
         )

@@ -30,6 +30,17 @@ pub struct JobStatus {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The job's run windows (`None`: any time) and whether one is open now.
+    pub run_windows: Option<Vec<String>>,
+    pub in_window: bool,
+    /// The deadline, if any.
+    pub finish_by: Option<DateTime<Utc>>,
+    /// Rows per second over the recent forecast window, throttled time included.
+    pub recent_rows_per_second: Option<f64>,
+    /// When the job will finish at its recent rate (for a succeeded job: when it did).
+    pub forecast_finish: Option<DateTime<Utc>>,
+    /// The forecast (or the finish) is past `finish_by`; `None`: no deadline, or not known yet.
+    pub late: Option<bool>,
 }
 
 impl JobStatus {
@@ -40,7 +51,8 @@ impl JobStatus {
                     percent::float8 AS percent, rows_per_second, \
                     extract(epoch FROM eta)::float8 AS eta_seconds, batch_size, throttle_state, \
                     throttle_reason, failed_rows, worker, last_heartbeat, last_error, priority, \
-                    created_at, started_at, finished_at \
+                    created_at, started_at, finished_at, run_windows, in_window, finish_by, \
+                    recent_rows_per_second, forecast_finish, late \
                FROM backfill.job_status \
               WHERE $1::text IS NULL OR name = $1 \
               ORDER BY created_at, job_id",

@@ -117,6 +117,23 @@ pub async fn report_queue_state(control: &PgPool) {
         Ok(names) => telemetry::record_failed_jobs(&names),
         Err(e) => tracing::debug!(error = %e, "cannot list failed jobs"),
     }
+    let steering = sqlx::query_as(
+        "SELECT name, extract(epoch FROM forecast_finish - now())::float8 AS forecast_seconds, \
+                CASE WHEN forecast_finish IS NOT NULL OR now() > finish_by \
+                     THEN extract(epoch FROM finish_by - greatest(forecast_finish, now()))::float8 \
+                END AS deadline_margin_seconds, \
+                coalesce(late, false) AS late, \
+                coalesce(throttle_reason = 'window', false) AS outside_window, \
+                coalesce(cardinality(run_windows) > 0, false) AS has_windows \
+           FROM backfill.job_status \
+          WHERE parent_id IS NULL AND state IN ('pending', 'running', 'paused')",
+    )
+    .fetch_all(control)
+    .await;
+    match steering {
+        Ok(jobs) => telemetry::record_job_steering(&jobs),
+        Err(e) => tracing::debug!(error = %e, "cannot read job deadlines and windows"),
+    }
 }
 
 /// Logs when jobs start and stop sharing the primary with production.

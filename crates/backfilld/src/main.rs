@@ -15,7 +15,7 @@ mod settings;
 mod shutdown;
 
 mod telemetry;
-
+mod webhook;
 mod worker;
 
 use std::process::ExitCode;
@@ -177,7 +177,17 @@ async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<
         work_signal: Default::default(),
     });
     tracing::info!(worker = %worker.worker_id, database = %db.redacted_url, "worker started");
+    let webhook = webhook::spawn(&settings.events, db.control.clone());
     worker.run(shutdown.clone(), exit_when_idle).await;
+    if let Some(webhook) = webhook {
+        // Inside Kubernetes' grace period after SIGTERM; a whole attempt otherwise.
+        let bound = if shutdown.is_triggered() {
+            std::time::Duration::from_secs(2)
+        } else {
+            settings.events.webhook_timeout + std::time::Duration::from_secs(1)
+        };
+        webhook.finish(bound).await;
+    }
     if exit_when_idle && !shutdown.is_triggered() && !settings.http.listen.is_empty() {
         health_monitor::report_queue_state(&db.control).await;
         telemetry::await_final_scrape(settings.http.final_scrape_wait).await;

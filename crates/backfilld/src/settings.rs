@@ -21,6 +21,7 @@ pub struct Settings {
     pub throttle: ThrottleConfig,
     pub http: HttpSettings,
     pub log: LogSettings,
+    pub events: EventSettings,
     /// `BACKFILLD_*` variables ignored because they name no `<SECTION>__<KEY>` (e.g. a
     /// test harness' `BACKFILLD_BIN`), for a warning once logging is up.
     #[serde(skip)]
@@ -61,6 +62,27 @@ pub struct WorkerSettings {
     /// How long a stuck job rests before it is claimed again.
     #[serde(with = "humantime_serde")]
     pub stuck_rest: Duration,
+    /// The wall time a job's recent rate is measured over for its finish forecast.
+    #[serde(with = "humantime_serde")]
+    pub forecast_window: Duration,
+}
+
+/// `[events]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventSettings {
+    /// A job throttled this long without a break gets a `throttled` event (zero: never).
+    #[serde(with = "humantime_serde")]
+    pub throttled_after: Duration,
+    /// Every event is POSTed here as JSON (empty: no webhook). A secret: never logged.
+    pub webhook_url: String,
+    /// One POST may take this long before it counts as failed.
+    #[serde(with = "humantime_serde")]
+    pub webhook_timeout: Duration,
+    /// Attempts per event (with doubling backoff) before it is given up and counted.
+    pub webhook_attempts: u32,
+    /// Events waiting for the webhook; past this, new ones are dropped and counted.
+    pub webhook_queue: usize,
 }
 
 /// `[batch]`
@@ -559,6 +581,7 @@ impl Settings {
             ));
         }
         self.breaker_limits().validate().map_err(SettingsError)?;
+        self.check_events()?;
         if self.batch.max_attempts < 1 {
             return fail(format!(
                 "batch.max_attempts must be at least 1, got {}",
@@ -653,12 +676,42 @@ impl Settings {
         Ok(())
     }
 
+    /// Checks `[events]` and `worker.forecast_window`, naming the bad key.
+    fn check_events(&self) -> Result<(), SettingsError> {
+        let fail = |message: String| Err(SettingsError(message));
+        if self.worker.forecast_window < Duration::from_secs(1) {
+            return fail(format!(
+                "worker.forecast_window must be at least 1s, got {}",
+                humantime::format_duration(self.worker.forecast_window)
+            ));
+        }
+        let events = &self.events;
+        if !events.webhook_url.is_empty() {
+            if let Err(why) = crate::webhook::check_url(&events.webhook_url) {
+                // The URL itself is a secret (a Slack webhook's path is its key).
+                return fail(format!("events.webhook_url {why}"));
+            }
+        }
+        if events.webhook_timeout.is_zero() {
+            return fail("events.webhook_timeout must be positive".to_string());
+        }
+        if events.webhook_attempts == 0 {
+            return fail("events.webhook_attempts must be at least 1".to_string());
+        }
+        if events.webhook_queue == 0 {
+            return fail("events.webhook_queue must be at least 1".to_string());
+        }
+        Ok(())
+    }
+
     /// The circuit breaker's limits, from `[batch]`.
     pub fn breaker_limits(&self) -> backfill_core::breaker::BreakerLimits {
         backfill_core::breaker::BreakerLimits {
             min_rows: self.batch.breaker_min_rows,
             failed_share: self.batch.breaker_failed_share,
             failed_rows: self.batch.breaker_failed_rows,
+            failed_share_of_job: false,
+            failed_rows_of_job: false,
         }
     }
 

@@ -140,6 +140,20 @@ pub fn install_metrics(idle_timeout: Option<Duration>) -> Result<PrometheusHandl
     );
     describe_gauge!("backfill_jobs", "Jobs in the queue by state.");
     describe_gauge!(
+        "backfill_job_forecast_seconds",
+        Unit::Seconds,
+        "Time to the job's forecast finish: rows remaining over its rate across worker.forecast_window, throttled time included."
+    );
+    describe_gauge!(
+        "backfill_job_deadline_margin_seconds",
+        Unit::Seconds,
+        "The job's finish_by minus its forecast finish (or now, once later); negative: it will be late."
+    );
+    describe_gauge!(
+        "backfill_job_late",
+        "1 while the job's forecast (or the clock) is past its finish_by, else 0."
+    );
+    describe_gauge!(
         "backfill_job_failed",
         "1 for each job in state failed (it stays failed until retried or cancelled), 0 once it is not."
     );
@@ -483,6 +497,58 @@ pub fn record_failed_jobs(names: &[String]) {
         gauge!("backfill_job_failed", "backfill_job" => name.clone()).set(1.0);
     }
     *reported = names.iter().cloned().collect();
+}
+
+/// One unfinished job's window and deadline, as `backfill.job_status` has them (issue 16).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobSteering {
+    pub name: String,
+    /// Seconds to the forecast finish (throttled time counted), if known.
+    pub forecast_seconds: Option<f64>,
+    /// Seconds from the forecast finish (or now, once that is later) to `finish_by`;
+    /// negative: late. `None`: no deadline, or no forecast yet and still time.
+    pub deadline_margin_seconds: Option<f64>,
+    pub late: bool,
+    /// The job has run windows and all are closed: it rests.
+    pub outside_window: bool,
+    pub has_windows: bool,
+}
+
+/// Jobs this process last reported a window or a deadline for.
+static STEERED_JOBS: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+/// Exports `backfill_job_forecast_seconds`, `backfill_job_deadline_margin_seconds`,
+/// `backfill_job_late` and `backfill_throttled{reason="window"}` for unfinished jobs;
+/// a job that is no longer unfinished reports not late and not held, until it expires.
+pub fn record_job_steering(jobs: &[JobSteering]) {
+    let mut reported = STEERED_JOBS.lock().unwrap_or_else(PoisonError::into_inner);
+    for gone in reported
+        .iter()
+        .filter(|name| !jobs.iter().any(|j| &j.name == *name))
+    {
+        gauge!("backfill_job_late", "backfill_job" => gone.clone()).set(0.0);
+        gauge!("backfill_throttled", "backfill_job" => gone.clone(), "reason" => "window").set(0.0);
+    }
+    for job in jobs {
+        let name = || job.name.clone();
+        if let Some(seconds) = job.forecast_seconds {
+            gauge!("backfill_job_forecast_seconds", "backfill_job" => name()).set(seconds);
+        }
+        if let Some(margin) = job.deadline_margin_seconds {
+            gauge!("backfill_job_deadline_margin_seconds", "backfill_job" => name()).set(margin);
+            gauge!("backfill_job_late", "backfill_job" => name())
+                .set(f64::from(u8::from(job.late)));
+        }
+        if job.has_windows {
+            gauge!("backfill_throttled", "backfill_job" => name(), "reason" => "window")
+                .set(f64::from(u8::from(job.outside_window)));
+        }
+    }
+    *reported = jobs
+        .iter()
+        .filter(|j| j.deadline_margin_seconds.is_some() || j.has_windows)
+        .map(|j| j.name.clone())
+        .collect();
 }
 
 /// How long a rendered `/metrics` page takes to reach the scraper, at most, on a live pod.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use backfill_core::error_class::ErrorClass;
 use backfill_dataplane::BatchTarget;
-use backfill_queue::{Job, Phase};
+use backfill_queue::{Job, JobStatus, Phase};
 use serde::Serialize;
 
 use super::CliFailure;
@@ -83,6 +83,15 @@ pub struct PlanReport {
     pub min_seconds_next_to_production: Option<f64>,
     /// How long planning took.
     pub planning_seconds: f64,
+    /// The job's deadline, and whether the expected duration from now fits it.
+    pub finish_by: Option<chrono::DateTime<chrono::Utc>>,
+    pub expected_finish: Option<chrono::DateTime<chrono::Utc>>,
+    pub fits_deadline: Option<bool>,
+    /// A job under way: its forecast from its recent rate, throttled time included.
+    pub forecast_finish: Option<chrono::DateTime<chrono::Utc>>,
+    /// Its run windows (`None`: any time) and whether one is open now.
+    pub run_windows: Option<Vec<String>>,
+    pub in_window: bool,
 }
 
 /// `backfilld plan NAME`: the job's pending rows (planner estimate, exact count with
@@ -142,7 +151,27 @@ pub async fn plan(
         _ => None,
     };
     let trial_ok = trial.as_ref().ok();
+    let status = JobStatus::fetch(&db.control, Some(&job.name))
+        .await?
+        .into_iter()
+        .next();
+    let finish_by = status.as_ref().and_then(|s| s.finish_by);
+    let expected_finish = expected_seconds.and_then(|seconds| {
+        chrono::Duration::try_milliseconds((seconds * 1000.0) as i64)
+            .map(|expected| chrono::Utc::now() + expected)
+    });
     Ok(PlanReport {
+        fits_deadline: finish_by
+            .zip(expected_finish)
+            .map(|(deadline, finish)| finish <= deadline),
+        finish_by,
+        expected_finish,
+        forecast_finish: status
+            .as_ref()
+            .filter(|s| s.finished_at.is_none())
+            .and_then(|s| s.forecast_finish),
+        run_windows: status.as_ref().and_then(|s| s.run_windows.clone()),
+        in_window: status.as_ref().is_none_or(|s| s.in_window),
         job: job.name,
         table: target.table.clone(),
         key_column: target.key_column.clone(),
@@ -185,6 +214,38 @@ pub async fn plan(
 }
 
 impl PlanReport {
+    /// Run windows, deadline and forecast lines (issue 16), when the job has them.
+    fn render_steering(&self) -> String {
+        let at = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S UTC").to_string();
+        let mut out = String::new();
+        if let Some(windows) = self.run_windows.as_ref().filter(|w| !w.is_empty()) {
+            out.push_str(&format!(
+                "  run windows    {} ({} now; the job rests outside them, which the expected duration does not count)\n",
+                windows.join("; "),
+                if self.in_window { "open" } else { "closed" }
+            ));
+        }
+        if let Some(deadline) = self.finish_by {
+            let verdict = match (self.expected_finish, self.fits_deadline) {
+                (Some(finish), Some(true)) => format!("expected by {}: fits", at(finish)),
+                (Some(finish), _) => format!("expected by {}: MISSES it", at(finish)),
+                _ => "expected finish unknown".to_string(),
+            };
+            out.push_str(&format!("  finish_by      {}; {verdict}\n", at(deadline)));
+        }
+        if let Some(forecast) = self.forecast_finish {
+            out.push_str(&format!(
+                "  forecast       {} at its recent rate, throttled time included{}\n",
+                at(forecast),
+                match self.finish_by {
+                    Some(deadline) if forecast > deadline => " (LATE)",
+                    _ => "",
+                }
+            ));
+        }
+        out
+    }
+
     /// The report for a terminal.
     pub fn render(&self) -> String {
         let rows = |n: Option<i64>| n.map_or("unknown".to_string(), |n| n.to_string());
@@ -269,6 +330,7 @@ impl PlanReport {
                 seconds(at_least),
             ));
         }
+        out.push_str(&self.render_steering());
         out.push_str(&format!(
             "planned in {}; nothing was changed\n",
             seconds(self.planning_seconds)

@@ -177,13 +177,19 @@ fn render_status_table_in(statuses: &[JobStatus], width: u16) -> String {
                 &s.rows_per_second
                     .map_or("-".to_string(), |r| format!("{r:.0}")),
             ),
-            cell(&s.eta_seconds.map_or("-".to_string(), short_duration)),
+            // The forecast counts throttled time; the batch-speed ETA is the fallback.
+            cell(
+                &forecast_seconds(s)
+                    .or(s.eta_seconds)
+                    .map_or("-".to_string(), short_duration),
+            ),
             cell(&s.batch_size.map_or("-".to_string(), |b| b.to_string())),
             cell(&throttle),
             cell(&s.failed_rows.to_string()),
         ]);
     }
     let mut out = format!("{}\n", jobs.trim_fmt());
+    out.push_str(&render_steering_table(statuses, width));
     let errors: Vec<&JobStatus> = statuses.iter().filter(|s| s.last_error.is_some()).collect();
     if !errors.is_empty() {
         let mut last_errors = table(width, &["JOB", "LAST ERROR"]);
@@ -196,4 +202,60 @@ fn render_status_table_in(statuses: &[JobStatus], width: u16) -> String {
         out.push_str(&format!("\n{}\n", last_errors.trim_fmt()));
     }
     out
+}
+
+/// Seconds until the job's forecast finish (rows done over the recent window, throttled
+/// time included), if it has one and is not finished.
+fn forecast_seconds(s: &JobStatus) -> Option<f64> {
+    let finish = s.forecast_finish.filter(|_| s.finished_at.is_none())?;
+    Some((finish - chrono::Utc::now()).num_milliseconds() as f64 / 1000.0)
+}
+
+/// Run windows and deadlines of the jobs that have them (issue 16): empty when none has.
+fn render_steering_table(statuses: &[JobStatus], width: u16) -> String {
+    let steered: Vec<&JobStatus> = statuses
+        .iter()
+        .filter(|s| s.finish_by.is_some() || s.run_windows.as_ref().is_some_and(|w| !w.is_empty()))
+        .collect();
+    if steered.is_empty() {
+        return String::new();
+    }
+    let mut rows = table(
+        width,
+        &[
+            "JOB",
+            "RUN WINDOWS",
+            "FINISH BY",
+            "FORECAST FINISH",
+            "DEADLINE",
+        ],
+    );
+    let at = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map_or("-".to_string(), |t| {
+            t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+        })
+    };
+    for s in steered {
+        let windows = match &s.run_windows {
+            Some(windows) if !windows.is_empty() => format!(
+                "{} ({})",
+                windows.join("; "),
+                if s.in_window { "open" } else { "closed" }
+            ),
+            _ => "any time".to_string(),
+        };
+        let deadline = match s.late {
+            Some(true) => "LATE",
+            Some(false) => "on time",
+            None => "-",
+        };
+        rows.add_row(vec![
+            cell(&s.name),
+            cell(&windows),
+            cell(&at(s.finish_by)),
+            cell(&at(s.forecast_finish)),
+            cell(deadline),
+        ]);
+    }
+    format!("\n{}\n", rows.trim_fmt())
 }

@@ -38,7 +38,10 @@ impl<'w> JobRun<'w> {
             lease: settings.worker.lease,
         };
         let (stop_tx, stop) = watch::channel(None);
-        let (progress, progress_rx) = watch::channel(JobProgress::default());
+        let (progress, progress_rx) = watch::channel(JobProgress {
+            rows_done: job.rows_done,
+            ..JobProgress::default()
+        });
         let (tunables_tx, tunables) = watch::channel(None);
         let heartbeat = tokio::spawn(heartbeat_loop(
             worker.queue.clone(),
@@ -47,6 +50,7 @@ impl<'w> JobRun<'w> {
                 token,
                 lease: settings.worker.lease,
                 interval: settings.worker.heartbeat,
+                forecast_window: settings.worker.forecast_window,
             },
             progress_rx,
             stop_tx,
@@ -65,6 +69,9 @@ impl<'w> JobRun<'w> {
             tunables,
             priority: None,
             writes: PassWrites::default(),
+            throttled_spell: backfill_core::steering::ThrottledSpell::new(
+                settings.events.throttled_after,
+            ),
             throttle: ThrottleController::new(throttle_settings),
             last_report: None,
             last_decision: None,
@@ -160,6 +167,9 @@ impl<'w> JobRun<'w> {
             self.share_job_budgets().await;
             if let Some(reason) = self.stop_reason() {
                 return JobEnd::Stopped(reason);
+            }
+            if let Some(end) = self.rest_if_outside_window().await {
+                return end;
             }
             let batch_size = match self.next_batch_size().await {
                 BatchGo::Run(batch_size) => batch_size,

@@ -134,6 +134,9 @@ impl Worker {
             JobEnd::Stopped(StopReason::Tripped) => {
                 warn!("job paused by the circuit breaker; resume it once its rows can succeed")
             }
+            JobEnd::Stopped(StopReason::OutsideWindow) => {
+                info!(checkpoint = ?run.checkpoint, "outside the job's run windows: given back to rest until one opens (holding, reason window)")
+            }
             JobEnd::Stopped(StopReason::Unreachable) => {
                 match self.queue.release(run.job.id, token).await {
                     Ok(_) => warn!("database trouble: job given back to the queue"),

@@ -15,6 +15,8 @@ pub(super) struct HeartbeatOf {
     pub(super) token: LeaseToken,
     pub(super) lease: Duration,
     pub(super) interval: Duration,
+    /// The wall time the forecast's recent rate is measured over.
+    pub(super) forecast_window: Duration,
 }
 
 /// Extends the lease every `interval`, publishes progress and hands on the job's tuning
@@ -32,13 +34,19 @@ pub(super) async fn heartbeat_loop(
         token,
         lease,
         interval,
+        forecast_window,
     } = of;
+    // Measured here, every beat, whether batches run or not: held time counts.
+    let mut recent = backfill_core::steering::RecentRate::new(forecast_window);
+    let started = std::time::Instant::now();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     loop {
         ticker.tick().await;
-        let current = progress.borrow().clone();
+        let mut current = progress.borrow().clone();
+        recent.record(started.elapsed(), current.rows_done);
+        current.recent_rows_per_second = recent.rows_per_second();
         match queue.heartbeat(job_id, token, lease, &current).await {
             Ok(HeartbeatReport::Held(now)) => {
                 tunables.send_if_modified(|seen| {

@@ -92,6 +92,8 @@ enum StopReason {
     Stuck,
     /// Too many of its rows failed: the circuit breaker paused the job.
     Tripped,
+    /// Every run window of the job is closed: it rests, given back, until one opens.
+    OutsideWindow,
 }
 
 /// How driving a job ended on this worker.
@@ -148,6 +150,8 @@ struct JobRun<'w> {
     /// The transactions of this pass's committed batches: rows they wrote must not turn
     /// up again ahead of the checkpoint or past the pass's end.
     writes: PassWrites,
+    /// How long the job has been throttled, for the `throttled` event.
+    throttled_spell: backfill_core::steering::ThrottledSpell,
 }
 
 /// Completes once `condition` holds for the channel's value; never, if the

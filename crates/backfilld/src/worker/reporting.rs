@@ -16,6 +16,7 @@ impl JobRun<'_> {
     pub(super) fn note_decision(&mut self, decision: &ThrottleDecision, health: &HealthSample) {
         let reason = decision.reason();
         self.metrics.throttled(reason.map(ThrottleReason::as_str));
+        self.watch_throttled_spell(reason);
         self.metrics.lock_waits(health.sessions_blocked_by_us);
         let current = (self.throttle.state_label(), reason);
         if self.last_decision == Some(current) {
@@ -64,6 +65,8 @@ impl JobRun<'_> {
             batch_size: i32::try_from(self.throttle.batch_size()).ok(),
             throttle_state: Some(self.throttle.state_label().to_string()),
             throttle_reason: self.throttle.reason().map(|r| r.as_str().to_string()),
+            rows_done: self.rows_done,
+            recent_rows_per_second: None, // the heartbeat measures it
         };
         self.progress.send_replace(progress);
     }
