@@ -140,6 +140,10 @@ pub struct Job {
     pub enqueued_by: String,
     /// The search_path resolved when the job was enqueued (`None`: enqueued before it was recorded).
     pub search_path: Option<String>,
+    /// Keep the old values of the rows its batches change, for `backfill.revert`.
+    pub keep_undo: bool,
+    /// The columns whose old values are kept; `None`: the whole row.
+    pub undo_columns: Option<Vec<String>>,
 }
 
 impl Job {
@@ -160,7 +164,7 @@ pub(crate) const JOB_COLUMNS: &str = "j.id, j.name, j.table_name, j.key_column, 
     j.target_batch_ms, j.max_rows_per_second, j.max_attempts, j.state, j.phase, j.checkpoint, \
     j.rows_done, j.batches_done, j.rows_total_estimate, j.verify_sweeps, j.started_at, \
     j.parallelism, j.parent_id, j.lower_key, j.upper_key, j.enqueued_by::text AS enqueued_by, \
-    j.search_path";
+    j.search_path, j.keep_undo, j.undo_columns";
 
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Job {
     fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
@@ -199,6 +203,8 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Job {
             upper_key: row.try_get("upper_key")?,
             enqueued_by: row.try_get("enqueued_by")?,
             search_path: row.try_get("search_path")?,
+            keep_undo: row.try_get("keep_undo")?,
+            undo_columns: row.try_get("undo_columns")?,
         })
     }
 }

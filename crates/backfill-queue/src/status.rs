@@ -30,6 +30,10 @@ pub struct JobStatus {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Rows of undo data the job keeps (`None`: it keeps none).
+    pub undo_rows: Option<i64>,
+    /// Bytes of those rows' keys and old values.
+    pub undo_bytes: Option<i64>,
 }
 
 impl JobStatus {
@@ -40,7 +44,7 @@ impl JobStatus {
                     percent::float8 AS percent, rows_per_second, \
                     extract(epoch FROM eta)::float8 AS eta_seconds, batch_size, throttle_state, \
                     throttle_reason, failed_rows, worker, last_heartbeat, last_error, priority, \
-                    created_at, started_at, finished_at \
+                    created_at, started_at, finished_at, undo_rows, undo_bytes \
                FROM backfill.job_status \
               WHERE $1::text IS NULL OR name = $1 \
               ORDER BY created_at, job_id",

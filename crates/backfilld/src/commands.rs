@@ -400,8 +400,10 @@ pub fn spawn_health_probes(
             shutdown.clone(),
         ))
     };
+    let undo_retention = settings.undo.retention();
     let sampling = async move {
         let mut job_states_at: Option<Instant> = None;
+        let mut undo_at: Option<Instant> = None;
         let (origin, mut activity) = (Instant::now(), ProductionActivity::default());
         let mut was_active = false;
         while !shutdown.is_triggered() {
@@ -423,6 +425,10 @@ pub fn spawn_health_probes(
             if job_states_at.is_none_or(|at| at.elapsed() >= JOB_STATES_INTERVAL) {
                 job_states_at = Some(Instant::now());
                 report_queue_state(&control).await;
+            }
+            if undo_at.is_none_or(|at| at.elapsed() >= crate::undo::UNDO_REPORT_INTERVAL) {
+                undo_at = Some(Instant::now());
+                crate::undo::report_undo(&control, undo_retention).await;
             }
             shutdown.sleep(interval).await;
         }
@@ -580,6 +586,20 @@ pub async fn run(verb: Verb, settings: Settings) -> Result<(), CliFailure> {
         Verb::Resume { name } => steer(pool, SteeringVerb::Resume, &name).await?,
         Verb::Cancel { name } => steer(pool, SteeringVerb::Cancel, &name).await?,
         Verb::Retry { name } => steer(pool, SteeringVerb::RetryFailed, &name).await?,
+        Verb::Revert {
+            name,
+            from,
+            to,
+            force,
+        } => {
+            let request = backfill_queue::RevertRequest {
+                from_key: from,
+                to_key: to,
+                force,
+            };
+            let revert = backfill_queue::revert(pool, &name, &request).await?;
+            println!("job {name}: enqueued revert job {revert} (pending)");
+        }
         Verb::Wait { name, timeout } => {
             crate::wait::wait(&backfill_queue::Queue::new(pool.clone()), &name, timeout).await?
         }
@@ -808,6 +828,18 @@ fn render_status_table_in(statuses: &[JobStatus], width: u16) -> String {
         }
         out.push_str(&format!("\n{}\n", last_errors.trim_fmt()));
     }
+    let undo: Vec<&JobStatus> = statuses.iter().filter(|s| s.undo_rows.is_some()).collect();
+    if !undo.is_empty() {
+        let mut kept = table(width, &["JOB", "UNDO ROWS", "UNDO BYTES"]);
+        for s in undo {
+            kept.add_row(vec![
+                cell(&s.name),
+                cell(&s.undo_rows.unwrap_or(0).to_string()),
+                cell(&s.undo_bytes.unwrap_or(0).to_string()),
+            ]);
+        }
+        out.push_str(&format!("\n{}\n", kept.trim_fmt()));
+    }
     out
 }
 
@@ -838,6 +870,9 @@ pub struct PlanReport {
     pub trial_statement_seconds: Option<f64>,
     /// Rows the trial's statement wrote before the rollback.
     pub trial_rows_written: Option<u64>,
+    /// For a job with keep_undo: the undo data it would keep for the pending rows, in bytes
+    /// (old values measured on the trial keys, plus each row's storage overhead).
+    pub undo_bytes_estimate: Option<u64>,
     /// Why the trial batch failed, if it did.
     pub trial_error: Option<String>,
     /// Its class (`row_level`, `transient`, `job_level`) and what a worker would do about it.
@@ -938,6 +973,9 @@ pub async fn plan(
         trial_select_seconds: trial_ok.map(|t| t.select.as_secs_f64()),
         trial_statement_seconds: trial_ok.map(|t| t.statement.as_secs_f64()),
         trial_rows_written: trial_ok.map(|t| t.rows_written),
+        undo_bytes_estimate: trial_ok.and_then(|t| {
+            t.undo_bytes_for(pending.and_then(|rows| u64::try_from(rows).ok())?)
+        }),
         trial_error: trial.as_ref().err().map(ToString::to_string),
         trial_error_class: trial.as_ref().err().map(|e| e.class().as_str()),
         trial_error_consequence: trial.as_ref().err().map(|e| match e.class() {
@@ -1022,6 +1060,12 @@ impl PlanReport {
                 millis(self.trial_statement_seconds),
             )),
             (None, None) => {}
+        }
+        if let Some(bytes) = self.undo_bytes_estimate {
+            out.push_str(&format!(
+                "  undo data      ~{bytes} bytes (~{:.1} MiB) kept in backfill.undo for the pending rows (keep_undo)\n",
+                bytes as f64 / 1_048_576.0
+            ));
         }
         let limit = self
             .max_rows_per_second

@@ -13,6 +13,7 @@ mod settings;
 mod shutdown;
 mod slicing;
 mod telemetry;
+mod undo;
 mod wait;
 mod worker;
 
