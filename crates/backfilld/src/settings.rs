@@ -760,6 +760,21 @@ mod tests {
     }
 
     #[test]
+    fn undo_retention_is_off_by_default_and_never_shorter_than_a_minute() {
+        assert_eq!(
+            Settings::load(None).expect("defaults").undo.retention(),
+            None
+        );
+        let retention = |value: &str| with_env(&[("BACKFILLD_UNDO__RETENTION", value)]);
+        assert_eq!(
+            retention("14 days").expect("valid").undo.retention(),
+            Some(Duration::from_secs(14 * 86_400))
+        );
+        let refused = retention("30s").expect_err("too short").to_string();
+        assert!(refused.contains("undo.retention (30s)"), "{refused}");
+    }
+
+    #[test]
     fn standby_lists_come_from_comma_separated_variables() {
         let standbys = |value: &str| {
             with_env(&[("BACKFILLD_THROTTLE__EXPECTED_STANDBYS", value)])
