@@ -50,6 +50,8 @@ enum Scenario {
     Unthrottled,
     Throttled,
     Memory,
+    /// Scenario 5: the key-array job with and without keep_undo (issue 17).
+    Undo,
 }
 
 /// Benchmarks backfilld against a single UPDATE and a PL/pgSQL loop, idle and under load.
@@ -198,6 +200,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
         single: None,
         plpgsql: None,
         unthrottled: Vec::new(),
+        undo: Vec::new(),
         loaded: Vec::new(),
         baseline: None,
         memory: Vec::new(),
@@ -216,6 +219,12 @@ async fn run(options: Options) -> anyhow::Result<()> {
                     .await?;
                 report.unthrottled.push(done(measurement));
             }
+        }
+    }
+    if wants(Scenario::Undo) {
+        for undo in [None, Some(Some("first_name,last_name")), Some(None)] {
+            let measurement = bench.backfilld_with_undo(&unthrottled, undo).await?;
+            report.undo.push(done(measurement));
         }
     }
     if wants(Scenario::Throttled) {

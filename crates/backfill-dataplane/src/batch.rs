@@ -504,8 +504,7 @@ impl BatchRunner {
             // Hashes the new values as the job's role first, then leaves its session.
             Some(undo) if !undo_keys.is_empty() => {
                 let context = format!("job {:?}", target.job_name);
-                undo.save_new(&tx, &target.session, undo_keys, &context)
-                    .await?
+                undo.save(&tx, &target.session, undo_keys, &context).await?
             }
             _ => {
                 target
@@ -762,8 +761,7 @@ async fn apply(
 ) -> Result<Applied, BatchFailure> {
     if let (Some(undo), BatchKeys::Each(each)) = (&target.undo, keys) {
         // Before the statement, in its savepoint: rolled back with it.
-        undo.save_old(tx, &target.session, &target.job_name, each, context)
-            .await?;
+        undo.read_old(tx, each, context).await?;
     }
     if let Err(e) = run_statement(tx, target, &keys).await {
         let error = BatchError::from_driver(format!("{context}: batch statement"), &e);

@@ -1,19 +1,22 @@
 //! Undo capture for jobs with `keep_undo`: the old values of exactly the keys a batch
-//! runs its statement on, saved in `backfill.undo` in the batch's own transaction.
+//! changes, saved in `backfill.undo` in the batch's own transaction.
 //!
 //! Before each run of the statement (the whole batch, or one bisection savepoint), the
 //! keys' rows are read **as the job's role** (so column privileges and row policies hold:
-//! undo never shows an engineer more than the engineer may read) into a transaction-local
-//! setting, and the daemon, with the role left as in [`JobSession::leave`], copies them
-//! into `backfill.undo` with `ON CONFLICT DO NOTHING`: a key processed again (a retried
-//! row, a verification sweep) keeps its first, original values. Inside a savepoint that
-//! is rolled back, the saved rows go with it. Before the commit, the keys' new images are
-//! hashed (`post_hash`, read as the job's role again) so a revert can tell rows someone
-//! else changed since; keys the statement left as they were are forgotten. A batch that
-//! does not commit saves nothing: the capture is exactly what the committed batch changed.
+//! undo never shows an engineer more than the engineer may read) and appended to a
+//! transaction-local setting. The setting lives in the statement's savepoint: a sub-batch
+//! rolled back takes its old values with it, a released one keeps them. Before the commit
+//! the keys' new images are hashed (read as the job's role again), and the daemon, with
+//! the role left as in [`JobSession::leave`], stores old values and hash together in one
+//! insert: keys whose image the batch did not change are skipped, and a key stored before
+//! (a retried row, a verification sweep) keeps its first, original values and gets the
+//! new hash. A batch that does not commit stores nothing: the undo data is exactly what
+//! the committed batches changed, whatever crashes and retries.
 //!
-//! The transport through `set_config(…, true)` keeps the values on the server: no round
-//! trip of row data through the daemon, and no temporary table per batch.
+//! One insert, after the statement, rather than an insert before it and an update after:
+//! each undo row is written once (half the undo WAL), and the values never travel through
+//! the daemon. The job's own SQL could overwrite the setting; it would only forge its
+//! own job's undo data for its own keys, which its role may write anyway.
 
 use deadpool_postgres::Transaction;
 
@@ -28,16 +31,15 @@ const POST_SETTING: &str = "backfill.undo_post";
 /// The SQL of a job's undo capture, derived once at claim.
 #[derive(Debug, Clone)]
 pub(crate) struct UndoSql {
-    /// As the job's role: reads the images of the keys in `$1` into [`PRE_SETTING`].
+    /// As the job's role: appends the images of the keys in `$1` to [`PRE_SETTING`].
     read_old: String,
-    /// As the daemon: saves them, first image wins.
-    save_old: String,
     /// As the job's role: hashes the images of the keys in `$1` into [`POST_SETTING`].
     read_new: String,
-    /// As the daemon: records the hashes.
-    save_new: String,
-    /// As the daemon: forgets keys of `$1` the job left unchanged.
-    forget_unchanged: String,
+    /// As the daemon: stores old values with new hashes; returns the keys a repeated
+    /// change brought back to their original values.
+    save: String,
+    /// As the daemon: forgets those keys (`$1`).
+    forget: String,
     /// Rows of the keys in `$1` and the bytes of their keys and images (for `plan`).
     pub(crate) measure: String,
 }
@@ -78,30 +80,37 @@ impl UndoSql {
     ) -> UndoSql {
         let image = row_image(columns);
         let rows_of_keys = format!("FROM {table} t WHERE t.{key} = ANY($1::text[]::{key_type}[])");
-        let into = |setting: &str, element: &str| {
+        let images = |element: &str| {
             format!(
-                "SELECT set_config('{setting}', coalesce((SELECT jsonb_agg(jsonb_build_array(t.{key}::text, {element})) \
-                 {rows_of_keys}), '[]')::text, true)"
+                "coalesce((SELECT jsonb_agg(jsonb_build_array(t.{key}::text, {element})) {rows_of_keys}), '[]')"
             )
         };
         let elements = |setting: &str| {
             format!("jsonb_array_elements(current_setting('{setting}')::jsonb) AS e")
         };
         UndoSql {
-            read_old: into(PRE_SETTING, &image),
-            save_old: format!(
-                "INSERT INTO backfill.undo (job_id, key, old_values) \
-                 SELECT {owner_id}, e ->> 0, e -> 1 FROM {} \
-                 ON CONFLICT (job_id, key) DO NOTHING",
-                elements(PRE_SETTING)
+            read_old: format!(
+                "SELECT set_config('{PRE_SETTING}', \
+                   (coalesce(nullif(current_setting('{PRE_SETTING}', true), '')::jsonb, '[]') || {})::text, true)",
+                images(&image)
             ),
-            read_new: into(POST_SETTING, &format!("md5(({image})::text)")),
-            save_new: format!(
-                "UPDATE backfill.undo u SET post_hash = e ->> 1 FROM {} \
-                  WHERE u.job_id = {owner_id} AND u.key = e ->> 0",
+            read_new: format!(
+                "SELECT set_config('{POST_SETTING}', {}::text, true)",
+                images(&format!("md5(({image})::text)"))
+            ),
+            save: format!(
+                "WITH old AS (SELECT DISTINCT ON (e ->> 0) e ->> 0 AS key, e -> 1 AS image FROM {}), \
+                      new AS (SELECT e ->> 0 AS key, e ->> 1 AS hash FROM {}), \
+                      saved AS (INSERT INTO backfill.undo AS u (job_id, key, old_values, post_hash) \
+                                SELECT {owner_id}, old.key, old.image, new.hash FROM old JOIN new USING (key) \
+                                 WHERE md5(old.image::text) <> new.hash \
+                                ON CONFLICT (job_id, key) DO UPDATE SET post_hash = excluded.post_hash \
+                                RETURNING u.key, u.xmax <> 0 AS again, md5(u.old_values::text) = u.post_hash AS back) \
+                 SELECT coalesce(array_agg(key) FILTER (WHERE again AND back), '{{}}') FROM saved",
+                elements(PRE_SETTING),
                 elements(POST_SETTING)
             ),
-            forget_unchanged: format!(
+            forget: format!(
                 "DELETE FROM backfill.undo WHERE job_id = {owner_id} AND key = ANY($1::text[]) \
                    AND md5(old_values::text) = post_hash"
             ),
@@ -113,28 +122,21 @@ impl UndoSql {
     }
 
     /// Before the statement runs on `keys` (in `tx`, in the job's session, inside the
-    /// statement's savepoint if any): saves their rows' current images. Leaves the
-    /// transaction in the job's session again.
-    pub(crate) async fn save_old(
+    /// statement's savepoint if any): reads their rows' current images.
+    pub(crate) async fn read_old(
         &self,
         tx: &Transaction<'_>,
-        session: &JobSession,
-        job: &str,
         keys: &[String],
         context: &str,
     ) -> Result<(), BatchError> {
-        let step = |what: &str| format!("{context}: undo: {what}");
-        run(tx, &self.read_old, keys, &step("reading the old values")).await?;
-        session.leave(tx, &step("before saving")).await?;
-        run(tx, &self.save_old, &[], &step("saving the old values")).await?;
-        session.enter(tx, job).await?;
-        Ok(())
+        let context = format!("{context}: undo: reading the old values");
+        run(tx, &self.read_old, keys, &context).await
     }
 
-    /// After the statements, before the commit (in the job's session): records the new
-    /// images' hashes of `keys` and forgets the keys left unchanged. Leaves the
-    /// transaction as the daemon (what [`JobSession::leave`] does), the commit's next step.
-    pub(crate) async fn save_new(
+    /// After the statements, before the commit (in the job's session): hashes the new
+    /// images of `keys` and stores the undo rows. Leaves the transaction as the daemon
+    /// (what [`JobSession::leave`] does), the commit's next step.
+    pub(crate) async fn save(
         &self,
         tx: &Transaction<'_>,
         session: &JobSession,
@@ -146,12 +148,21 @@ impl UndoSql {
         session.repin(tx, &step("after its statement")).await?;
         run(tx, &self.read_new, keys, &step("hashing the new values")).await?;
         session.leave(tx, &step("after its statement")).await?;
-        run(tx, &self.save_new, &[], &step("saving the new hashes")).await?;
+        let back: Vec<String> = async {
+            let statement = tx.prepare_cached(&self.save).await?;
+            tx.query_one(&statement, &[]).await
+        }
+        .await
+        .map_err(|e| BatchError::from_driver(step("saving the old values"), &e))?
+        .get(0);
+        if back.is_empty() {
+            return Ok(());
+        }
         run(
             tx,
-            &self.forget_unchanged,
-            keys,
-            &step("forgetting unchanged rows"),
+            &self.forget,
+            &back,
+            &step("forgetting rows changed back"),
         )
         .await
     }

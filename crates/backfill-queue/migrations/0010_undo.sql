@@ -25,8 +25,9 @@ COMMENT ON COLUMN backfill.jobs.undo_columns IS 'The columns the job writes (the
 COMMENT ON COLUMN backfill.jobs.reverts_job_id IS 'For a job enqueued by backfill.revert(): the job it reverts.';
 
 CREATE TABLE backfill.undo (
-    -- The job (the parent of a slice) whose batch changed the row.
-    job_id     bigint NOT NULL REFERENCES backfill.jobs (id) ON DELETE CASCADE,
+    -- The job (the parent of a slice) whose batch changed the row. No foreign key: its
+    -- check would run once per saved row, in every batch (jobs_forget_undo cleans up).
+    job_id     bigint NOT NULL,
     -- The key in the data plane's pinned text form, as in checkpoints and failed_rows.
     key        text NOT NULL,
     -- The row's image before the job first changed it.
@@ -49,7 +50,8 @@ CREATE POLICY undo_of_own_jobs ON backfill.undo FOR SELECT
                     WHERE j.id = undo.job_id AND pg_has_role(j.enqueued_by, 'USAGE')));
 
 -- Undo data is the daemon's record of what it changed: nobody else writes it, whatever
--- grants they hold (purge_undo deletes it on the engineer's behalf).
+-- grants they hold (purge_undo deletes it on the engineer's behalf). Checked once per
+-- statement: a batch saves thousands of rows in one.
 CREATE FUNCTION backfill.guard_undo() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
@@ -57,13 +59,28 @@ BEGIN
         RAISE EXCEPTION 'backfill.undo is written by backfilld alone; select backfill.revert(name) or backfill.purge_undo(name)'
             USING ERRCODE = 'insufficient_privilege';
     END IF;
-    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+    RETURN NULL;
 END
 $fn$;
 
 CREATE TRIGGER undo_guard
-    BEFORE INSERT OR UPDATE OR DELETE ON backfill.undo
-    FOR EACH ROW EXECUTE FUNCTION backfill.guard_undo();
+    BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON backfill.undo
+    FOR EACH STATEMENT EXECUTE FUNCTION backfill.guard_undo();
+
+-- A job deleted takes its undo data with it (the foreign key's ON DELETE CASCADE).
+CREATE FUNCTION backfill.forget_undo() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    DELETE FROM backfill.undo WHERE job_id = OLD.id;
+    RETURN NULL;
+END
+$fn$;
+
+REVOKE EXECUTE ON FUNCTION backfill.forget_undo() FROM PUBLIC;
+
+CREATE TRIGGER jobs_forget_undo
+    AFTER DELETE ON backfill.jobs
+    FOR EACH ROW EXECUTE FUNCTION backfill.forget_undo();
 
 -- keep_undo and undo_columns are checked at INSERT (and when changed) with a message
 -- naming the bad column.
