@@ -206,15 +206,16 @@ mod tests {
     #[test]
     fn old_values_keep_the_first_image_and_belong_to_the_owner() {
         let sql = UndoSql::new(7, "public.users", "\"id\"", "bigint", None);
+        // A key stored before keeps its old values; only its hash moves on.
         assert!(sql
-            .save_old
-            .contains("ON CONFLICT (job_id, key) DO NOTHING"));
-        assert!(sql.save_old.contains("SELECT 7,"));
+            .save
+            .contains("ON CONFLICT (job_id, key) DO UPDATE SET post_hash = excluded.post_hash"));
+        assert!(sql.save.contains("SELECT 7, old.key"));
+        // Rows the batch left as they were are not saved.
+        assert!(sql.save.contains("WHERE md5(old.image::text) <> new.hash"));
         assert!(sql
             .read_old
             .contains("t.\"id\" = ANY($1::text[]::bigint[])"));
-        assert!(sql
-            .forget_unchanged
-            .contains("md5(old_values::text) = post_hash"));
+        assert!(sql.forget.contains("md5(old_values::text) = post_hash"));
     }
 }
