@@ -4,7 +4,8 @@
 //! On a throwaway primary with a streaming standby it seeds the split-name table once,
 //! then runs on a fresh copy each: (1) the single UPDATE, (2) a PL/pgSQL keyset loop
 //! committing every 10 000 keys, (3) backfilld with its limits off, (4) backfilld with
-//! default throttling under a fixed-rate pgbench load, and pgbench alone as the baseline;
+//! default throttling under a fixed-rate pgbench load, and pgbench alone as the baseline,
+//! (5) backfilld with its limits off without and with undo data (`keep_undo`);
 //! then, unless `--quick`, memory-only runs of backfilld at other table sizes. It prints
 //! one table and the targets, and writes them into docs/BENCHMARKS.md.
 //! `scripts/bench` builds the release binaries and runs this.
