@@ -262,6 +262,15 @@ fn a_whole_row_undo_reverts_a_key_range_and_is_planned_shown_and_guarded() {
     assert_eq!(db.job_state("bump"), "succeeded", "{}", daemon.log_text());
     assert_eq!(db.int("SELECT count(*) FROM backfill.undo"), 2000);
 
+    // keep_undo is part of the definition a job ran.
+    let err = as_engineer
+        .try_execute("UPDATE backfill.jobs SET keep_undo = false WHERE name = 'bump'")
+        .expect_err("a finished job's definition stays");
+    assert!(
+        err.contains("job 'bump' has succeeded: its definition is what it ran"),
+        "{err}"
+    );
+
     // status shows the undo data's size.
     let status = db.backfilld(&["status", "bump", "--json"]);
     let status: serde_json::Value = serde_json::from_str(&status.stdout).expect("status json");
@@ -337,4 +346,59 @@ fn a_whole_row_undo_reverts_a_key_range_and_is_planned_shown_and_guarded() {
         db.int("SELECT undo_rows FROM backfill.job_status WHERE name = 'bump'"),
         0
     );
+}
+
+#[test]
+fn a_least_privilege_daemon_keeps_undo_and_the_revert_runs_as_the_engineer() {
+    let db = TestDb::new("undo_least_privilege");
+    let daemon_role = format!("bf_{}", db.name);
+    let engineer = format!("eng_{}", db.name);
+    // README's "Least privilege": the daemon owns the queue's schema and nothing else.
+    db.sql(&format!(
+        "CREATE ROLE {daemon_role} LOGIN;
+         CREATE SCHEMA backfill AUTHORIZATION {daemon_role};
+         GRANT pg_monitor TO {daemon_role};
+         CREATE TABLE items (k bigint PRIMARY KEY, v int NOT NULL, w text);
+         INSERT INTO items SELECT g, g, 'w' || g FROM generate_series(1, 1500) g;
+         CREATE TABLE items_before AS SELECT * FROM items;"
+    ));
+    let as_daemon = url_as(&db, &daemon_role);
+    let migrated = backfilld_at(&as_daemon, &["migrate"], &[]);
+    assert!(migrated.status.success(), "{migrated:?}");
+    db.sql(&format!(
+        "CREATE ROLE {engineer} LOGIN; {}; GRANT {engineer} TO {daemon_role};",
+        readme_engineer_grants(&engineer, "items")
+    ));
+    let as_engineer = Session::connect(&url_as(&db, &engineer));
+    as_engineer.execute(
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, keep_undo, undo_columns, batch_size)
+         VALUES ('negate', 'items', 'k', $$UPDATE items SET v = -v WHERE k = ANY(:keys)$$, true, '{v}', 400)",
+    );
+    let env = quick_worker("undo-least-privilege");
+    let run = |what: &str| {
+        let mut daemon = Daemon::start(&as_daemon, &["--exit-when-idle"], &env_refs(&env));
+        daemon.expect_success(RUN_LIMIT);
+        assert!(
+            !daemon.log_text().contains("ERROR"),
+            "{what}: {}",
+            daemon.log_text()
+        );
+    };
+    run("the backfill");
+    assert_eq!(db.job_state("negate"), "succeeded");
+    assert_eq!(db.int("SELECT count(*) FROM items WHERE v < 0"), 1500);
+    assert_eq!(db.int("SELECT count(*) FROM backfill.undo"), 1500);
+    as_engineer.execute("SELECT backfill.revert('negate')");
+    run("the revert");
+    assert_eq!(db.job_state("revert:negate"), "succeeded");
+    assert_eq!(
+        db.sql("SELECT enqueued_by FROM backfill.jobs WHERE name = 'revert:negate'"),
+        engineer
+    );
+    let hash = |table: &str| {
+        db.sql(&format!(
+            "SELECT md5(string_agg(t::text, '|' ORDER BY k)) FROM {table} t"
+        ))
+    };
+    assert_eq!(hash("items"), hash("items_before"));
 }
