@@ -371,8 +371,9 @@ fn a_least_privilege_daemon_keeps_undo_and_the_revert_runs_as_the_engineer() {
     ));
     let as_engineer = Session::connect(&url_as(&db, &engineer));
     as_engineer.execute(
-        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, keep_undo, undo_columns, batch_size)
-         VALUES ('negate', 'items', 'k', $$UPDATE items SET v = -v WHERE k = ANY(:keys)$$, true, '{v}', 400)",
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, keep_undo, undo_columns, batch_size,
+                                    parallelism)
+         VALUES ('negate', 'items', 'k', $$UPDATE items SET v = -v WHERE k = ANY(:keys)$$, true, '{v}', 200, 3)",
     );
     let env = quick_worker("undo-least-privilege");
     let run = |what: &str| {
@@ -387,7 +388,15 @@ fn a_least_privilege_daemon_keeps_undo_and_the_revert_runs_as_the_engineer() {
     run("the backfill");
     assert_eq!(db.job_state("negate"), "succeeded");
     assert_eq!(db.int("SELECT count(*) FROM items WHERE v < 0"), 1500);
-    assert_eq!(db.int("SELECT count(*) FROM backfill.undo"), 1500);
+    // Cut into slices, every slice saved its rows under the job.
+    assert_eq!(
+        db.sql("SELECT count(*) || ' ' || count(DISTINCT job_id) FROM backfill.undo"),
+        "1500 1"
+    );
+    assert_eq!(
+        db.int("SELECT count(*) FROM backfill.jobs WHERE parent_id IS NOT NULL"),
+        3
+    );
     as_engineer.execute("SELECT backfill.revert('negate')");
     run("the revert");
     assert_eq!(db.job_state("revert:negate"), "succeeded");

@@ -437,9 +437,10 @@ SELECT j.id AS job_id,
        j.slice_no,
        p.slices,
        p.slices_running,
-       -- issue 17: the job's undo data (NULL for a job that keeps none and has none).
-       CASE WHEN j.keep_undo OR us.rows > 0 THEN us.rows END AS undo_rows,
-       CASE WHEN j.keep_undo OR us.rows > 0 THEN us.bytes END AS undo_bytes,
+       -- issue 17: the job's undo data (NULL for a job that keeps none and has none, and
+       -- for a slice: its rows are its job's).
+       CASE WHEN j.parent_id IS NULL AND (j.keep_undo OR us.rows > 0) THEN us.rows END AS undo_rows,
+       CASE WHEN j.parent_id IS NULL AND (j.keep_undo OR us.rows > 0) THEN us.bytes END AS undo_bytes,
        j.reverts_job_id
   FROM backfill.jobs j
   JOIN progress p ON p.id = j.id
