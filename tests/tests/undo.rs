@@ -339,6 +339,35 @@ fn a_whole_row_undo_reverts_a_key_range_and_is_planned_shown_and_guarded() {
         "keys outside the range keep the job's values"
     );
 
+    // A revert whose first batch meets only rows changed since lists them all as
+    // conflicts (it is not taken for a statement that cannot work).
+    db.sql("UPDATE items SET w = 'changed ' || k WHERE k BETWEEN 300 AND 339");
+    as_engineer.execute("SELECT backfill.revert('bump', '300', '339')");
+    let mut daemon = Daemon::start(
+        &db.url(),
+        &["--exit-when-idle"],
+        &env_refs(&quick_worker("undo-range-conflicts")),
+    );
+    daemon.expect_success(RUN_LIMIT);
+    assert_eq!(
+        db.job_state("revert:bump:2"),
+        "failed",
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(
+        db.sql(
+            "SELECT count(*) || ' ' || min(f.sqlstate) FROM backfill.failed_rows f JOIN backfill.jobs j ON j.id = f.job_id
+              WHERE j.name = 'revert:bump:2'"
+        ),
+        "40 P0U01"
+    );
+    assert_eq!(
+        db.int("SELECT count(*) FROM items WHERE k BETWEEN 300 AND 339 AND w LIKE 'changed %' AND v >= 100"),
+        40,
+        "rows changed since are left alone"
+    );
+
     // purge_undo drops it all; the job's status then shows none kept.
     let purged = as_engineer.query("SELECT backfill.purge_undo('bump')");
     assert_eq!(purged[0].get::<_, i64>(0), 2000);

@@ -823,7 +823,9 @@ fn wrong_statement_error(
     let first = failures.first()?;
     let same_failure =
         |f: &RowFailure| f.reason == first.reason && f.error.sqlstate == first.error.sqlstate;
+    // A revert's conflicts are rows someone else changed, however many (issue 17).
     let judged = matches!(source, KeySource::After(None))
+        && first.error.sqlstate.as_deref() != Some(crate::undo::CONFLICT_SQLSTATE)
         && bisection.walked_key_by_key()
         && failures.len() == keys.len()
         && failures.iter().all(same_failure);

@@ -23,6 +23,10 @@ use deadpool_postgres::Transaction;
 use crate::session::JobSession;
 use crate::BatchError;
 
+/// The SQLSTATE of `backfill.undo_conflict` (migration 0010): a revert met a row someone
+/// else changed since the backfill. A row's failure, however many rows have it.
+pub(crate) const CONFLICT_SQLSTATE: &str = "P0U01";
+
 /// The setting holding a batch's pre-images between reading them and saving them.
 const PRE_SETTING: &str = "backfill.undo_pre";
 /// The setting holding a batch's post-image hashes.

@@ -201,13 +201,14 @@ CREATE TRIGGER jobs_forget_old_definition
 
 -- What a revert job's batch_sql calls for a row whose image no longer hashes to what the
 -- backfill left: someone else changed it since, so it is not overwritten. The error is a
--- row's (raise_exception): bisection sets the key aside in failed_rows with this message.
+-- row's (class P0): bisection sets the key aside in failed_rows with this message. Its
+-- own SQLSTATE, P0U01, tells the data plane it is a conflict, never a wrong statement.
 CREATE FUNCTION backfill.undo_conflict(job_name text, key text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     RAISE EXCEPTION 'row % was changed since backfill % wrote it, by someone else: not overwritten. Check it by hand, or revert with force => true to overwrite it',
         key, quote_literal(job_name)
-        USING ERRCODE = 'raise_exception';
+        USING ERRCODE = 'P0U01';
 END
 $fn$;
 
