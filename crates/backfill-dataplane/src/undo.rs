@@ -52,7 +52,8 @@ pub(crate) struct UndoSql {
 /// expression as `backfill.undo_image` (migration 0010) builds for the revert.
 pub fn row_image(columns: Option<&[String]>) -> String {
     match columns {
-        None => "to_jsonb(t)".to_string(),
+        // `t.*`, not `t`: a column named t would be taken for the row.
+        None => "to_jsonb(t.*)".to_string(),
         Some(columns) => {
             let pairs: Vec<String> = columns
                 .iter()
@@ -199,7 +200,7 @@ mod tests {
 
     #[test]
     fn the_image_is_the_whole_row_or_the_declared_columns_quoted() {
-        assert_eq!(row_image(None), "to_jsonb(t)");
+        assert_eq!(row_image(None), "to_jsonb(t.*)");
         let columns = vec!["first_name".to_string(), "we\"ird'".to_string()];
         assert_eq!(
             row_image(Some(&columns)),

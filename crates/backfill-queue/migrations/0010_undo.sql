@@ -9,7 +9,7 @@
 -- what is stored is what the committed batches changed, under crashes and retries.
 --
 -- The image of a row is jsonb: `jsonb_build_object('c', t.c, …)` over undo_columns, or
--- `to_jsonb(t)` (the whole row) when undo_columns is NULL. Its text is canonical
+-- `to_jsonb(t.*)` (the whole row) when undo_columns is NULL. Its text is canonical
 -- (jsonb sorts keys), so md5(image::text) compares images.
 
 ALTER TABLE backfill.jobs
@@ -216,7 +216,8 @@ $fn$;
 -- the data plane builds the same expression (crates/backfill-dataplane/src/undo.rs).
 CREATE FUNCTION backfill.undo_image(columns text[], alias text) RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT CASE WHEN columns IS NULL THEN format('to_jsonb(%I)', alias)
+    -- `alias.*`, not `alias`: a column of that name would be taken for the row.
+    SELECT CASE WHEN columns IS NULL THEN format('to_jsonb(%I.*)', alias)
                 ELSE format('jsonb_build_object(%s)',
                             (SELECT string_agg(format('%L, %I.%I', c, alias, c), ', ' ORDER BY o)
                                FROM unnest(columns) WITH ORDINALITY AS u(c, o)))
