@@ -364,7 +364,7 @@ fn bad_configuration_exits_2_with_one_clear_line() {
         ),
         (
             with_file("unknown_section.toml", "[nope]\nx = 1\n"),
-            "backfilld: configuration error: unknown field `nope`, expected one of `database`, `worker`, `batch`, `throttle`, `http`, `log`".into(),
+            "backfilld: configuration error: unknown field `nope`, expected one of `database`, `worker`, `batch`, `throttle`, `http`, `log`, `undo`".into(),
         ),
         (
             with_env("BACKFILLD_WORKER__NOPE", "1"),

@@ -439,6 +439,26 @@ fn a_least_privilege_daemon_keeps_undo_and_the_revert_runs_as_the_engineer() {
         ))
     };
     assert_eq!(hash("items"), hash("items_before"));
+
+    // undo.retention: the daemon drops undo data of jobs finished longer ago.
+    db.sql(
+        "UPDATE backfill.jobs SET finished_at = now() - interval '2 minutes' WHERE name = 'negate'",
+    );
+    let mut env = quick_worker("undo-retention");
+    env.push(("BACKFILLD_UNDO__RETENTION", "1m".to_string()));
+    let mut daemon = Daemon::start(&as_daemon, &[], &env_refs(&env));
+    wait_until("undo data past its retention to go", RUN_LIMIT, || {
+        db.int("SELECT count(*) FROM backfill.undo") == 0
+    });
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_success(RUN_LIMIT);
+    assert!(
+        daemon
+            .log_text()
+            .contains("dropped undo data of jobs finished longer ago than undo.retention"),
+        "{}",
+        daemon.log_text()
+    );
 }
 
 #[test]
