@@ -514,3 +514,47 @@ fn undo_keys_and_values_round_trip_exactly_under_hostile_session_settings() {
         0
     );
 }
+
+#[test]
+fn a_change_committed_while_a_batch_waits_for_its_row_is_not_undone_by_the_revert() {
+    let db = TestDb::new("undo_race");
+    db.migrate();
+    db.sql(
+        "CREATE TABLE items (k bigint PRIMARY KEY, v int NOT NULL, note text);
+         INSERT INTO items (k, v) SELECT g, g FROM generate_series(1, 200) g;",
+    );
+    db.sql(
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, keep_undo, batch_size, min_batch_size, max_batch_size)
+         VALUES ('bump', 'items', 'k', $$UPDATE items SET v = v + 1000 WHERE k = ANY(:keys)$$, true, 200, 200, 200)",
+    );
+    // A writer holds row 5 while the batch starts, then commits a change to a column
+    // the job does not write: the batch's old values must be taken after it.
+    let writer = db.session();
+    writer.execute("BEGIN; UPDATE items SET note = 'writer' WHERE k = 5");
+    let mut env = quick_worker("undo-race");
+    env.push(("BACKFILLD_BATCH__LOCK_TIMEOUT", "30s".to_string()));
+    let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
+    wait_until("the batch to wait for row 5", RUN_LIMIT, || {
+        db.int(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'backfilld/undo-race' AND wait_event_type = 'Lock'",
+        ) > 0
+    });
+    writer.execute("COMMIT");
+    daemon.expect_success(RUN_LIMIT);
+    assert_eq!(db.job_state("bump"), "succeeded", "{}", daemon.log_text());
+    db.sql("SELECT backfill.revert('bump')");
+    let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
+    daemon.expect_success(RUN_LIMIT);
+    assert_eq!(
+        db.job_state("revert:bump"),
+        "succeeded",
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(db.int("SELECT count(*) FROM items WHERE v > 1000"), 0);
+    assert_eq!(
+        db.sql("SELECT coalesce(note, 'NULL') FROM items WHERE k = 5"),
+        "writer",
+        "the writer's change, committed before the batch changed the row, survives the revert"
+    );
+}

@@ -2,7 +2,8 @@
 //! changes, saved in `backfill.undo` in the batch's own transaction.
 //!
 //! Before each run of the statement (the whole batch, or one bisection savepoint), the
-//! keys' rows are read **as the job's role** (so column privileges and row policies hold:
+//! keys' rows are locked (`FOR NO KEY UPDATE`, the statement's own lock) and read **as
+//! the job's role** (so column privileges and row policies hold:
 //! undo never shows an engineer more than the engineer may read) and appended to a
 //! transaction-local setting. The setting lives in the statement's savepoint: a sub-batch
 //! rolled back takes its old values with it, a released one keeps them. Before the commit
@@ -90,6 +91,16 @@ impl UndoSql {
                 "coalesce((SELECT jsonb_agg(jsonb_build_array(t.{key}::text, {element})) {rows_of_keys}), '[]')"
             )
         };
+        // The old values are read under the row lock the statement takes anyway: a
+        // change committed between this read and the statement would otherwise be
+        // missing from them, and a revert would undo it too.
+        let locked_images = |element: &str| {
+            format!(
+                "coalesce((SELECT jsonb_agg(jsonb_build_array(t.{key}::text, {element})) \
+                   FROM (SELECT * FROM {table} t WHERE t.{key} = ANY($1::text[]::{key_type}[]) \
+                         FOR NO KEY UPDATE OF t) t), '[]')"
+            )
+        };
         let elements = |setting: &str| {
             format!("jsonb_array_elements(current_setting('{setting}')::jsonb) AS e")
         };
@@ -97,7 +108,7 @@ impl UndoSql {
             read_old: format!(
                 "SELECT set_config('{PRE_SETTING}', \
                    (coalesce(nullif(current_setting('{PRE_SETTING}', true), '')::jsonb, '[]') || {})::text, true)",
-                images(&image)
+                locked_images(&image)
             ),
             read_new: format!(
                 "SELECT set_config('{POST_SETTING}', {}::text, true)",
