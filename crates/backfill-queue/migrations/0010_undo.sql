@@ -1,12 +1,13 @@
 -- Undo (issue 17): a job may keep the old values of the rows its batches change, and
 -- backfill.revert(name) enqueues an ordinary job that puts them back.
 --
--- Capture is the data plane's: each batch of a job with keep_undo reads the old values
--- of exactly its keys as the job's role, before its statement and inside the same
--- savepoint, and the daemon stores them here in the batch's own transaction (a key seen
--- again keeps its FIRST, original values). After the statement it records a hash of the
--- row's new values (post_hash), and forgets keys the statement left as they were. So
--- what is stored is what the committed batches changed, under crashes and retries.
+-- Capture is the data plane's (crates/backfill-dataplane/src/undo.rs): each batch of a
+-- job with keep_undo locks and reads the old values of exactly its keys as the job's
+-- role, before its statement and inside the same savepoint; after the statement it
+-- hashes the new values (post_hash), and the daemon stores both here in one insert in the
+-- batch's own transaction: keys left as they were are skipped, and a key seen again keeps
+-- its FIRST, original values. So what is stored is what the committed batches changed,
+-- under crashes and retries.
 --
 -- The image of a row is jsonb: `jsonb_build_object('c', t.c, …)` over undo_columns, or
 -- `to_jsonb(t.*)` (the whole row) when undo_columns is NULL. Its text is canonical
