@@ -364,11 +364,11 @@ fn bad_configuration_exits_2_with_one_clear_line() {
         ),
         (
             with_file("unknown_section.toml", "[nope]\nx = 1\n"),
-            "backfilld: configuration error: unknown field `nope`, expected one of `database`, `worker`, `batch`, `throttle`, `http`, `log`".into(),
+            "backfilld: configuration error: unknown field `nope`, expected one of `database`, `worker`, `batch`, `throttle`, `http`, `log`, `events`, `undo`".into(),
         ),
         (
             with_env("BACKFILLD_WORKER__NOPE", "1"),
-            "backfilld: configuration error: unknown field `nope`, expected one of `id`, `concurrency`, `lease`, `heartbeat`, `poll_interval`, `shutdown_grace`, `max_verify_sweeps`, `stuck_after`, `stuck_rest` for key `worker`".into(),
+            "backfilld: configuration error: unknown field `nope`, expected one of `id`, `concurrency`, `lease`, `heartbeat`, `poll_interval`, `shutdown_grace`, `max_verify_sweeps`, `stuck_after`, `stuck_rest`, `forecast_window` for key `worker`".into(),
         ),
         (
             with_file("wrong_type.toml", "[database]\npool_size = \"four\"\n"),

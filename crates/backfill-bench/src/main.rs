@@ -4,7 +4,8 @@
 //! On a throwaway primary with a streaming standby it seeds the split-name table once,
 //! then runs on a fresh copy each: (1) the single UPDATE, (2) a PL/pgSQL keyset loop
 //! committing every 10 000 keys, (3) backfilld with its limits off, (4) backfilld with
-//! default throttling under a fixed-rate pgbench load, and pgbench alone as the baseline;
+//! default throttling under a fixed-rate pgbench load, and pgbench alone as the baseline,
+//! (5) backfilld with its limits off without and with undo data (`keep_undo`);
 //! then, unless `--quick`, memory-only runs of backfilld at other table sizes. It prints
 //! one table and the targets, and writes them into docs/BENCHMARKS.md.
 //! `scripts/bench` builds the release binaries and runs this.
@@ -50,6 +51,8 @@ enum Scenario {
     Unthrottled,
     Throttled,
     Memory,
+    /// Scenario 5: the key-array job with and without keep_undo (issue 17).
+    Undo,
 }
 
 /// Benchmarks backfilld against a single UPDATE and a PL/pgSQL loop, idle and under load.
@@ -198,6 +201,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
         single: None,
         plpgsql: None,
         unthrottled: Vec::new(),
+        undo: Vec::new(),
         loaded: Vec::new(),
         baseline: None,
         memory: Vec::new(),
@@ -216,6 +220,12 @@ async fn run(options: Options) -> anyhow::Result<()> {
                     .await?;
                 report.unthrottled.push(done(measurement));
             }
+        }
+    }
+    if wants(Scenario::Undo) {
+        for undo in [None, Some(Some("first_name,last_name")), Some(None)] {
+            let measurement = bench.backfilld_with_undo(&unthrottled, undo).await?;
+            report.undo.push(done(measurement));
         }
     }
     if wants(Scenario::Throttled) {

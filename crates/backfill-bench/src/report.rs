@@ -34,6 +34,8 @@ pub struct Report {
     pub plpgsql: Option<Measurement>,
     /// Scenario 3, once per job form.
     pub unthrottled: Vec<Measurement>,
+    /// Scenario 5: backfilld with and without undo data (issue 17).
+    pub undo: Vec<Measurement>,
     /// Scenario 4, default throttling first, then any variants.
     pub loaded: Vec<Measurement>,
     pub baseline: Option<Measurement>,
@@ -67,6 +69,7 @@ impl Report {
             .into_iter()
             .flatten()
             .chain(&self.unthrottled)
+            .chain(&self.undo)
             .chain(&self.loaded)
             .chain(&self.baseline)
     }

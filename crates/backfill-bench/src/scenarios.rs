@@ -213,6 +213,52 @@ impl Bench {
         Ok(measurement)
     }
 
+    /// Scenario 5 (issue 17): backfilld with its limits off as scenario 3 runs it (key
+    /// array, one slice), with `keep_undo` as `undo` says: `None` off, `Some(None)` the
+    /// whole row, `Some(Some(columns))` those columns. Undo's cost is this row's rows/s and
+    /// WAL beside the plain one's.
+    pub async fn backfilld_with_undo(
+        &mut self,
+        settings: &[(String, String)],
+        undo: Option<Option<&str>>,
+    ) -> anyhow::Result<Measurement> {
+        let db = self.copy("bench_undo")?;
+        let url = self.enqueue(&db, JobForm::KeyArray)?;
+        let what = match undo {
+            None => "no undo".to_string(),
+            Some(None) => "keep_undo, whole row".to_string(),
+            Some(Some(columns)) => format!("keep_undo, undo_columns {columns}"),
+        };
+        if let Some(columns) = undo {
+            let columns = columns.map_or("NULL".to_string(), |c| format!("'{{{c}}}'"));
+            self.fixture.psql(
+                &db,
+                &format!(
+                    "UPDATE backfill.jobs SET keep_undo = true, undo_columns = {columns} \
+                      WHERE name = 'split_full_name'"
+                ),
+            )?;
+        }
+        let settings = JobForm::KeyArray.with_batch_size(settings);
+        let label = format!("undo-{}", what.replace([' ', ','], "-"));
+        let (run, observed) = self
+            .observe(self.run_daemon(&url, &settings, &label))
+            .await?;
+        let kept = self.fixture.psql(
+            &db,
+            "SELECT coalesce(round(undo_bytes / 1048576.0, 1) || ' MiB in ' || undo_rows || ' rows', 'none') \
+               FROM backfill.job_status WHERE name = 'split_full_name'",
+        )?;
+        self.check_result(&db, "5")?;
+        let name = format!(
+            "5. backfilld, limits off, {}, {what} (undo data: {kept})",
+            JobForm::KeyArray.label()
+        );
+        let mut measurement = self.measurement(&name, observed);
+        measurement.daemon = Some(run);
+        Ok(measurement)
+    }
+
     /// Scenario 4: backfilld with `settings` (on top of the defaults) while pgbench runs;
     /// `name` labels the row. The measured window is the daemon's run.
     pub async fn backfilld_under_load(

@@ -332,7 +332,7 @@ impl BatchRunner {
                 ..BatchStats::default()
             };
             return self
-                .commit(tx, target, fence, source, &[], stats)
+                .commit(tx, target, fence, source, CommitKeys::default(), stats)
                 .await
                 .map(Some);
         };
@@ -374,7 +374,11 @@ impl BatchRunner {
             statements: 1,
             ..BatchStats::default()
         };
-        self.commit(tx, target, fence, source, selected.listed(), stats)
+        let keys = CommitKeys {
+            settled: selected.listed(),
+            ran: selected.listed(),
+        };
+        self.commit(tx, target, fence, source, keys, stats)
             .await
             .map(Some)
     }
@@ -468,14 +472,18 @@ impl BatchRunner {
             failures,
             txid: 0, // set by the commit
         };
-        self.commit(tx, target, fence, source, settled, stats)
+        // Every key a statement ran on: a released savepoint may lie past the settled prefix.
+        let keys = CommitKeys {
+            settled,
+            ran: &keys,
+        };
+        self.commit(tx, target, fence, source, keys, stats)
             .await
             .map(Some)
     }
 
-    /// Leaves the job's session, records failures, advances the checkpoint under the
-    /// fence, commits. `keys` are the keys the batch settled, listed (always so for
-    /// retried keys, the only batches that need them here); empty for a span.
+    /// Leaves the job's session (saving undo hashes on the way), records failures,
+    /// advances the checkpoint under the fence, commits.
     /// The stats' `vanished` keys (retried, their rows gone) are forgotten, not applied.
     async fn commit(
         &self,
@@ -483,15 +491,28 @@ impl BatchRunner {
         target: &BatchTarget,
         fence: Fence,
         source: KeySource<'_>,
-        keys: &[String],
+        keys: CommitKeys<'_>,
         stats: BatchStats,
     ) -> Result<BatchStats, BatchFailure> {
+        let CommitKeys {
+            settled: keys,
+            ran: undo_keys,
+        } = keys;
         let context = |step: &str| format!("job {:?}: {step}", target.job_name);
         // Our writes run as the daemon, and only after SQL that left the role alone.
-        target
-            .session
-            .leave(&tx, &context("after its statement"))
-            .await?;
+        match &target.undo {
+            // Hashes the new values as the job's role first, then leaves its session.
+            Some(undo) if !undo_keys.is_empty() => {
+                let context = format!("job {:?}", target.job_name);
+                undo.save(&tx, &target.session, undo_keys, &context).await?
+            }
+            _ => {
+                target
+                    .session
+                    .leave(&tx, &context("after its statement"))
+                    .await?
+            }
+        }
         let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         if !stats.failures.is_empty() {
             let column = |field: fn(&RowFailure) -> Option<&str>| -> Vec<Option<&str>> {
@@ -564,6 +585,17 @@ impl BatchRunner {
             .map_err(|e| BatchError::from_driver(context("COMMIT"), &e))?;
         Ok(stats)
     }
+}
+
+/// The keys a commit needs, listed.
+#[derive(Default)]
+struct CommitKeys<'a> {
+    /// The keys the batch settled (always listed for retried keys, the only batches that
+    /// need them at commit); empty for a span.
+    settled: &'a [String],
+    /// Every key a statement of the batch ran on, for the undo hashes (a released
+    /// savepoint may lie past the settled prefix).
+    ran: &'a [String],
 }
 
 enum BatchFailure {
@@ -727,6 +759,10 @@ async fn apply(
     keys: BatchKeys<'_>,
     context: &str,
 ) -> Result<Applied, BatchFailure> {
+    if let (Some(undo), BatchKeys::Each(each)) = (&target.undo, keys) {
+        // Before the statement, in its savepoint: rolled back with it.
+        undo.read_old(tx, each, context).await?;
+    }
     if let Err(e) = run_statement(tx, target, &keys).await {
         let error = BatchError::from_driver(format!("{context}: batch statement"), &e);
         return match error.class() {
@@ -787,7 +823,9 @@ fn wrong_statement_error(
     let first = failures.first()?;
     let same_failure =
         |f: &RowFailure| f.reason == first.reason && f.error.sqlstate == first.error.sqlstate;
+    // A revert's conflicts are rows someone else changed, however many (issue 17).
     let judged = matches!(source, KeySource::After(None))
+        && first.error.sqlstate.as_deref() != Some(crate::undo::CONFLICT_SQLSTATE)
         && bisection.walked_key_by_key()
         && failures.len() == keys.len()
         && failures.iter().all(same_failure);

@@ -15,6 +15,7 @@ mod pool;
 mod session;
 mod slicing;
 mod target;
+mod undo;
 
 pub use batch::{
     BatchBackend, BatchRequest, BatchRunner, BatchStats, FailureReason, Fence, KeySource,
@@ -22,7 +23,8 @@ pub use batch::{
 };
 pub use error::{BatchError, DataPlaneError};
 pub use health::{HealthProbe, LatencyCanary, Signals};
-pub use plan::TrialBatch;
+pub use plan::{TrialBatch, UNDO_ROW_OVERHEAD_BYTES};
 pub use pool::{connect_pool, error_chain, Endpoint, SessionSettings, SslMode};
 pub use session::{pinned_startup_settings, JobSession};
 pub use target::{BatchTarget, JobDefinition, PassWrites};
+pub use undo::row_image;

@@ -22,6 +22,27 @@ pub struct TrialBatch {
     pub statement: Duration,
     /// Rows the statement reported as written.
     pub rows_written: u64,
+    /// For a job with keep_undo: the rows of the trial keys and the bytes their keys and
+    /// old values take (measured before the statement).
+    pub undo_sample: Option<(u64, u64)>,
+}
+
+/// What `backfill.undo` stores per row besides its key and old values: tuple header and
+/// line pointer (28), job_id (8), post_hash (33), saved_at (8), and its primary-key index
+/// entry (about 16 plus the key again, counted with the key). An estimate.
+pub const UNDO_ROW_OVERHEAD_BYTES: u64 = 100;
+
+impl TrialBatch {
+    /// The undo data a job with keep_undo would keep for `rows` rows, from the trial's sample.
+    pub fn undo_bytes_for(&self, rows: u64) -> Option<u64> {
+        let (sampled, bytes) = self.undo_sample?;
+        let per_row = if sampled == 0 {
+            0.0
+        } else {
+            bytes as f64 / sampled as f64
+        };
+        Some((rows as f64 * (per_row + UNDO_ROW_OVERHEAD_BYTES as f64)).round() as u64)
+    }
 }
 
 impl TrialBatch {
@@ -101,7 +122,18 @@ impl BatchTarget {
             select,
             statement: Duration::ZERO,
             rows_written: 0,
+            undo_sample: None,
         };
+        if let Some(undo) = &self.undo {
+            let sample = tx.query_one(&undo.measure, &[&keys]).await.map_err(|e| {
+                BatchError::from_driver(format!("job {name:?}: measuring undo data"), &e)
+            })?;
+            let (rows, bytes): (i64, i64) = (sample.get(0), sample.get(1));
+            trial.undo_sample = Some((
+                u64::try_from(rows).unwrap_or(0),
+                u64::try_from(bytes).unwrap_or(0),
+            ));
+        }
         if !keys.is_empty() {
             let started = Instant::now();
             let each = BatchKeys::Each(&keys);

@@ -7,6 +7,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use crate::session::JobSession;
+use crate::undo::UndoSql;
 use crate::{BatchError, DataPlaneError};
 
 /// The parts of a job row the data plane needs.
@@ -28,6 +29,10 @@ pub struct JobDefinition {
     pub upper_key: Option<String>,
     /// Who the job's SQL runs as, and with which search_path.
     pub session: JobSession,
+    /// Keep the old values of the rows the batches change (`backfill.undo`).
+    pub keep_undo: bool,
+    /// The columns whose old values are kept; `None`: the whole row.
+    pub undo_columns: Option<Vec<String>>,
 }
 
 /// A job checked against the catalog and ready to run batches.
@@ -52,6 +57,8 @@ pub struct BatchTarget {
     /// Who the job's SQL runs as, and with which search_path.
     pub session: JobSession,
     pub(crate) sql: TargetSql,
+    /// The undo capture of a job with `keep_undo`.
+    pub(crate) undo: Option<UndoSql>,
 }
 
 /// The keys a batch statement runs on.
@@ -251,8 +258,18 @@ impl BatchTarget {
             &key_type,
             job.pending_predicate.as_deref(),
             job.check_predicate.as_deref(),
-            batch.params.contains(&Placeholder::Keys),
+            // Undo is captured for each key a batch runs on.
+            batch.params.contains(&Placeholder::Keys) || job.keep_undo,
         );
+        let undo = job.keep_undo.then(|| {
+            UndoSql::new(
+                job.owner_id,
+                &table,
+                &key_column,
+                &key_type,
+                job.undo_columns.as_deref(),
+            )
+        });
         let mut target = BatchTarget {
             job_id: job.job_id,
             job_name: job.name.clone(),
@@ -264,6 +281,7 @@ impl BatchTarget {
             upper_key: job.upper_key.clone(),
             session: job.session.clone(),
             sql,
+            undo,
         };
         for (column, predicate) in [
             ("pending_predicate", &job.pending_predicate),

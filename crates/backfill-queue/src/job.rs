@@ -144,6 +144,10 @@ pub struct Job {
     /// configured defaults).
     pub breaker_failed_share: Option<f64>,
     pub breaker_failed_rows: Option<i64>,
+    /// Keep the old values of the rows its batches change, for `backfill.revert`.
+    pub keep_undo: bool,
+    /// The columns whose old values are kept; `None`: the whole row.
+    pub undo_columns: Option<Vec<String>>,
 }
 
 impl Job {
@@ -168,7 +172,8 @@ pub(crate) const JOB_COLUMNS: &str = "j.id, j.name, j.table_name, j.key_column, 
     coalesce(j.breaker_failed_share, (SELECT p.breaker_failed_share FROM backfill.jobs p WHERE p.id = j.parent_id)) \
         AS breaker_failed_share, \
     coalesce(j.breaker_failed_rows, (SELECT p.breaker_failed_rows FROM backfill.jobs p WHERE p.id = j.parent_id)) \
-        AS breaker_failed_rows";
+        AS breaker_failed_rows, \
+    j.keep_undo, j.undo_columns";
 
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Job {
     fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
@@ -209,6 +214,8 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Job {
             search_path: row.try_get("search_path")?,
             breaker_failed_share: row.try_get("breaker_failed_share")?,
             breaker_failed_rows: row.try_get("breaker_failed_rows")?,
+            keep_undo: row.try_get("keep_undo")?,
+            undo_columns: row.try_get("undo_columns")?,
         })
     }
 }

@@ -10,6 +10,7 @@ mod notifications;
 mod schema;
 mod slices;
 mod status;
+mod undo;
 
 pub use events::{EventWait, JobEvent, JobEvents, EVENTS_CHANNEL};
 pub use job::{Job, JobState, NewJob, Phase};
@@ -18,6 +19,7 @@ pub use notifications::{QueueChange, QueueNotifications, CONTROL_CHANNEL};
 pub use schema::{migrate, schema_is_current, MIGRATOR};
 pub use slices::{SliceSummary, Slices, StealCandidate};
 pub use status::{JobStatus, SteeringVerb};
+pub use undo::{purge_expired_undo, purge_undo, revert, undo_sizes, RevertRequest};
 
 /// What can go wrong in the control plane.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +65,7 @@ impl QueueError {
                         | "55000"
                         | "23505"
                         | "02000"
+                        | "22023"
                 )
             );
             if ours {

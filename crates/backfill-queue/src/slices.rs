@@ -222,12 +222,14 @@ async fn add_slices(
         "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, \
              check_predicate, batch_size, min_batch_size, max_batch_size, target_batch_ms, \
              max_rows_per_second, max_attempts, priority, not_before, created_at, \
-             parent_id, slice_no, lower_key, upper_key, rows_total_estimate, enqueued_by, search_path) \
+             parent_id, slice_no, lower_key, upper_key, rows_total_estimate, enqueued_by, search_path, \
+             keep_undo, undo_columns) \
          SELECT p.name || '#' || (n.taken + s.n), p.table_name, p.key_column, p.batch_sql, \
                 p.pending_predicate, p.check_predicate, p.batch_size, p.min_batch_size, \
                 p.max_batch_size, p.target_batch_ms, p.max_rows_per_second, p.max_attempts, \
                 p.priority, p.not_before, p.created_at, \
-                p.id, n.taken + s.n, s.lower_key, s.upper_key, s.estimate, p.enqueued_by, p.search_path \
+                p.id, n.taken + s.n, s.lower_key, s.upper_key, s.estimate, p.enqueued_by, p.search_path, \
+                p.keep_undo, p.undo_columns \
            FROM backfill.jobs p, \
                 (SELECT coalesce(max(slice_no), 0) AS taken FROM backfill.jobs WHERE parent_id = $1) n, \
                 unnest($2::text[], $3::text[], $4::int8[]) WITH ORDINALITY AS s(lower_key, upper_key, estimate, n) \

@@ -41,6 +41,10 @@ pub struct JobStatus {
     pub forecast_finish: Option<DateTime<Utc>>,
     /// The forecast (or the finish) is past `finish_by`; `None`: no deadline, or not known yet.
     pub late: Option<bool>,
+    /// Rows of undo data the job keeps (`None`: it keeps none).
+    pub undo_rows: Option<i64>,
+    /// Bytes of those rows' keys and old values.
+    pub undo_bytes: Option<i64>,
 }
 
 impl JobStatus {
@@ -52,7 +56,7 @@ impl JobStatus {
                     extract(epoch FROM eta)::float8 AS eta_seconds, batch_size, throttle_state, \
                     throttle_reason, failed_rows, worker, last_heartbeat, last_error, priority, \
                     created_at, started_at, finished_at, run_windows, in_window, finish_by, \
-                    recent_rows_per_second, forecast_finish, late \
+                    recent_rows_per_second, forecast_finish, late, undo_rows, undo_bytes \
                FROM backfill.job_status \
               WHERE $1::text IS NULL OR name = $1 \
               ORDER BY created_at, job_id",

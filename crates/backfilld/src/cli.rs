@@ -63,6 +63,21 @@ pub enum Verb {
     Cancel { name: String },
     /// Re-run a finished job's failed rows (after the data was fixed).
     Retry { name: String },
+    /// Enqueue a job that restores the values a finished job with keep_undo changed
+    /// (backfill.revert); rows changed since by someone else are left alone and listed.
+    Revert {
+        /// The job to revert.
+        name: String,
+        /// First key to revert (inclusive).
+        #[arg(long, value_name = "KEY")]
+        from: Option<String>,
+        /// Last key to revert (inclusive).
+        #[arg(long, value_name = "KEY")]
+        to: Option<String>,
+        /// Overwrite rows changed since the job wrote them, too.
+        #[arg(long)]
+        force: bool,
+    },
     /// Wait for a job to finish: exit 0 if it succeeded, 1 if it failed or was cancelled,
     /// 3 if --timeout passed first.
     Wait {

@@ -67,8 +67,10 @@ pub fn spawn_health_probes(
             shutdown.clone(),
         ))
     };
+    let undo_retention = settings.undo.retention();
     let sampling = async move {
         let mut job_states_at: Option<Instant> = None;
+        let mut undo_at: Option<Instant> = None;
         let (origin, mut activity) = (Instant::now(), ProductionActivity::default());
         let mut was_active = false;
         while !shutdown.is_triggered() {
@@ -90,6 +92,10 @@ pub fn spawn_health_probes(
             if job_states_at.is_none_or(|at| at.elapsed() >= JOB_STATES_INTERVAL) {
                 job_states_at = Some(Instant::now());
                 report_queue_state(&control).await;
+            }
+            if undo_at.is_none_or(|at| at.elapsed() >= crate::undo::UNDO_REPORT_INTERVAL) {
+                undo_at = Some(Instant::now());
+                crate::undo::report_undo(&control, undo_retention).await;
             }
             shutdown.sleep(interval).await;
         }

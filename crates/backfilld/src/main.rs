@@ -15,6 +15,7 @@ mod settings;
 mod shutdown;
 
 mod telemetry;
+mod undo;
 mod webhook;
 mod worker;
 

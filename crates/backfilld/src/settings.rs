@@ -22,10 +22,28 @@ pub struct Settings {
     pub http: HttpSettings,
     pub log: LogSettings,
     pub events: EventSettings,
+    pub undo: UndoSettings,
     /// `BACKFILLD_*` variables ignored because they name no `<SECTION>__<KEY>` (e.g. a
     /// test harness' `BACKFILLD_BIN`), for a warning once logging is up.
     #[serde(skip)]
     pub ignored_variables: Vec<String>,
+}
+
+/// `[undo]` (issue 17)
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UndoSettings {
+    /// Undo data of jobs finished longer ago than this is dropped; zero keeps it until
+    /// `backfill.purge_undo(name)`.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl UndoSettings {
+    /// The retention in force, if any.
+    pub fn retention(&self) -> Option<Duration> {
+        Some(self.retention).filter(|r| !r.is_zero())
+    }
 }
 
 /// `[database]`
@@ -537,6 +555,17 @@ impl Settings {
                 "worker.stuck_after and worker.stuck_rest must be longer than 0s".to_string(),
             );
         }
+        if self
+            .undo
+            .retention()
+            .is_some_and(|r| r < Duration::from_secs(60))
+        {
+            return fail(format!(
+                "undo.retention ({}) must be \"0s\" (keep undo data until purged) or at least 1m: \
+                 shorter would drop a job's undo data before anyone could revert it",
+                humantime::format_duration(self.undo.retention)
+            ));
+        }
         if self.worker.concurrency == 0 {
             return fail("worker.concurrency must be at least 1".to_string());
         }
@@ -781,6 +810,21 @@ mod tests {
             vars.iter()
                 .map(|(name, value)| (OsString::from(name), OsString::from(value))),
         )
+    }
+
+    #[test]
+    fn undo_retention_is_off_by_default_and_never_shorter_than_a_minute() {
+        assert_eq!(
+            Settings::load(None).expect("defaults").undo.retention(),
+            None
+        );
+        let retention = |value: &str| with_env(&[("BACKFILLD_UNDO__RETENTION", value)]);
+        assert_eq!(
+            retention("14 days").expect("valid").undo.retention(),
+            Some(Duration::from_secs(14 * 86_400))
+        );
+        let refused = retention("30s").expect_err("too short").to_string();
+        assert!(refused.contains("undo.retention (30s)"), "{refused}");
     }
 
     #[test]

@@ -154,6 +154,14 @@ pub fn install_metrics(idle_timeout: Option<Duration>) -> Result<PrometheusHandl
         "1 while the job's forecast (or the clock) is past its finish_by, else 0."
     );
     describe_gauge!(
+        "backfill_undo_rows",
+        "Rows of undo data a job keeps in backfill.undo (keep_undo), for backfill.revert."
+    );
+    describe_gauge!(
+        "backfill_undo_bytes",
+        "Bytes of the keys and old values of a job's undo data."
+    );
+    describe_gauge!(
         "backfill_job_failed",
         "1 for each job in state failed (it stays failed until retried or cancelled), 0 once it is not."
     );

@@ -88,6 +88,20 @@ pub async fn run(verb: Verb, settings: Settings) -> Result<(), CliFailure> {
         Verb::Resume { name } => steer(pool, SteeringVerb::Resume, &name).await?,
         Verb::Cancel { name } => steer(pool, SteeringVerb::Cancel, &name).await?,
         Verb::Retry { name } => steer(pool, SteeringVerb::RetryFailed, &name).await?,
+        Verb::Revert {
+            name,
+            from,
+            to,
+            force,
+        } => {
+            let request = backfill_queue::RevertRequest {
+                from_key: from,
+                to_key: to,
+                force,
+            };
+            let revert = backfill_queue::revert(pool, &name, &request).await?;
+            println!("job {name}: enqueued revert job {revert} (pending)");
+        }
         Verb::Wait { name, timeout } => {
             wait::wait(&backfill_queue::Queue::new(pool.clone()), &name, timeout).await?
         }

@@ -64,6 +64,9 @@ pub struct PlanReport {
     pub trial_statement_seconds: Option<f64>,
     /// Rows the trial's statement wrote before the rollback.
     pub trial_rows_written: Option<u64>,
+    /// For a job with keep_undo: the undo data it would keep for the pending rows, in bytes
+    /// (old values measured on the trial keys, plus each row's storage overhead).
+    pub undo_bytes_estimate: Option<u64>,
     /// Why the trial batch failed, if it did.
     pub trial_error: Option<String>,
     /// Its class (`row_level`, `transient`, `job_level`) and what a worker would do about it.
@@ -193,6 +196,9 @@ pub async fn plan(
         trial_select_seconds: trial_ok.map(|t| t.select.as_secs_f64()),
         trial_statement_seconds: trial_ok.map(|t| t.statement.as_secs_f64()),
         trial_rows_written: trial_ok.map(|t| t.rows_written),
+        undo_bytes_estimate: trial_ok.and_then(|t| {
+            t.undo_bytes_for(pending.and_then(|rows| u64::try_from(rows).ok())?)
+        }),
         trial_error: trial.as_ref().err().map(ToString::to_string),
         trial_error_class: trial.as_ref().err().map(|e| e.class().as_str()),
         trial_error_consequence: trial.as_ref().err().map(|e| match e.class() {
@@ -309,6 +315,12 @@ impl PlanReport {
                 millis(self.trial_statement_seconds),
             )),
             (None, None) => {}
+        }
+        if let Some(bytes) = self.undo_bytes_estimate {
+            out.push_str(&format!(
+                "  undo data      ~{bytes} bytes (~{:.1} MiB) kept in backfill.undo for the pending rows (keep_undo)\n",
+                bytes as f64 / 1_048_576.0
+            ));
         }
         let limit = self
             .max_rows_per_second

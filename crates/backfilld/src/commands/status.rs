@@ -201,6 +201,18 @@ fn render_status_table_in(statuses: &[JobStatus], width: u16) -> String {
         }
         out.push_str(&format!("\n{}\n", last_errors.trim_fmt()));
     }
+    let undo: Vec<&JobStatus> = statuses.iter().filter(|s| s.undo_rows.is_some()).collect();
+    if !undo.is_empty() {
+        let mut kept = table(width, &["JOB", "UNDO ROWS", "UNDO BYTES"]);
+        for s in undo {
+            kept.add_row(vec![
+                cell(&s.name),
+                cell(&s.undo_rows.unwrap_or(0).to_string()),
+                cell(&s.undo_bytes.unwrap_or(0).to_string()),
+            ]);
+        }
+        out.push_str(&format!("\n{}\n", kept.trim_fmt()));
+    }
     out
 }
 

@@ -25,6 +25,8 @@ pub fn job_definition(job: &Job) -> JobDefinition {
             run_as: Some(job.enqueued_by.clone()),
             search_path: job.search_path.clone(),
         },
+        keep_undo: job.keep_undo,
+        undo_columns: job.undo_columns.clone(),
     }
 }
 
