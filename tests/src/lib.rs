@@ -327,12 +327,19 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The log lines of `target` (with `BACKFILLD_LOG__FORMAT=json`), parsed.
+    /// The log lines of `target` or a module under it (with `BACKFILLD_LOG__FORMAT=json`),
+    /// parsed: `backfilld::worker` takes in `backfilld::worker::reporting`, so that moving
+    /// code into submodules does not blind the tests.
     pub fn json_lines(&self, target: &str) -> Vec<serde_json::Value> {
+        let nested = format!("{target}::");
         self.log_text()
             .lines()
             .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .filter(|line| line["target"] == target)
+            .filter(|line| {
+                line["target"]
+                    .as_str()
+                    .is_some_and(|t| t == target || t.starts_with(&nested))
+            })
             .collect()
     }
 

@@ -431,3 +431,175 @@ fn a_vacuum_working_on_the_jobs_table_holds_the_job_until_it_ends() {
     daemon.signal(libc::SIGTERM);
     daemon.expect_success(RUN_LIMIT);
 }
+
+/// Emits WAL from another session until told to stop: 4 MiB non-transactional messages
+/// (no table grows), one every 100 ms. Sends once the first one is written.
+fn wal_burst(
+    url: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    started: std::sync::mpsc::Sender<()>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let session = backfilld_e2e::Session::connect(&url);
+        let mut first = true;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            session.execute(
+                "SELECT pg_logical_emit_message(false, 'burst', repeat('x', 4 * 1024 * 1024))",
+            );
+            if std::mem::take(&mut first) {
+                started.send(()).expect("the test waits");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+#[test]
+fn a_wal_burst_from_another_session_holds_the_job_until_the_rate_falls() {
+    // The WAL rate is the whole cluster's: a primary of its own.
+    let cluster = PgCluster::start_primary().expect("primary");
+    let db = TestDb::on(&cluster, "signals_wal_rate");
+    slow_job(&db, 1);
+    let port = free_port();
+    let mut env = daemon_env("walrate", port);
+    // 4 MiB/s: far above what the job writes at its rate, far below the burst.
+    env.push((
+        "BACKFILLD_THROTTLE__MAX_WAL_BYTES_PER_SECOND",
+        (4 * 1024 * 1024).to_string(),
+    ));
+    let mut daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    wait_until("the job running", RUN_LIMIT, || last_update(&db) > 0.0);
+    let since = db_now(&db) + 2.0 * PROBE_INTERVAL + 1.0 + SLACK;
+    resumed_after(&db, since, "updates while only the job writes WAL");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (started, first_written) = std::sync::mpsc::channel();
+    let burst = wal_burst(db.url(), stop.clone(), started);
+    first_written.recv().expect("the burst started");
+    // 4 MiB written: the rate over the last second is at the limit from now on.
+    let tripped = db_now(&db);
+    assert_holds_within_two_probes(&db, tripped, "wal_rate");
+    assert_eq!(throttled_reasons(port), ["wal_rate"]);
+    wait_until(
+        "a 'throttle: holding' log line with the WAL rate",
+        RUN_LIMIT,
+        || {
+            daemon.json_lines("backfilld::worker").iter().any(|line| {
+                line["message"] == "throttle: holding"
+                    && line["reason"] == "wal_rate"
+                    && line["wal_bytes_per_second"]
+                        .as_f64()
+                        .is_some_and(|rate| rate >= 4.0 * 1024.0 * 1024.0)
+            })
+        },
+    );
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    burst.join().expect("the burst thread");
+    let stopped = db_now(&db);
+    let resumed = resumed_after(&db, stopped, "updates after the burst");
+    // The rate is averaged over the last second (WAL_RATE_WINDOW).
+    assert!(
+        resumed <= 1.0 + 2.0 * PROBE_INTERVAL + SLACK,
+        "resumed {resumed:.3} s after the burst ended"
+    );
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_success(RUN_LIMIT);
+}
+
+/// The archiver's last failure (epoch seconds), if any.
+fn last_archive_failure(db: &TestDb) -> Option<f64> {
+    let at = db.sql("SELECT extract(epoch FROM last_failed_time) FROM pg_stat_archiver");
+    (!at.is_empty()).then(|| at.parse().expect("epoch"))
+}
+
+/// Completes the WAL segment being written (writing a little WAL first, so that there
+/// is one to complete).
+fn switch_wal(db: &TestDb) {
+    db.sql("SELECT pg_logical_emit_message(false, 'switch', 'x'); SELECT pg_switch_wal()");
+}
+
+#[test]
+fn a_failing_archive_command_holds_the_job_and_so_does_a_backlog_of_segments() {
+    // The cluster may run as another user than the test: an archive that accepts every
+    // segment and keeps none is enough here.
+    let copy_to_archive = "true";
+    let cluster = PgCluster::start_primary_with(&[
+        ("archive_mode", "on"),
+        ("archive_command", copy_to_archive),
+    ])
+    .expect("primary");
+    let db = TestDb::on(&cluster, "signals_archive");
+    slow_job(&db, 1);
+    let env = quick_worker_json_log("archive");
+    let mut daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    wait_until("the job running", RUN_LIMIT, || last_update(&db) > 0.0);
+    switch_wal(&db);
+    let since = db_now(&db) + 2.0 * PROBE_INTERVAL + SLACK;
+    resumed_after(&db, since, "updates while archiving works");
+
+    // The archive breaks; a completed segment the archive_command fails on.
+    db.sql("ALTER SYSTEM SET archive_command = 'false'; SELECT pg_reload_conf()");
+    switch_wal(&db);
+    wait_until("the archiver failing", RUN_LIMIT, || {
+        db.sql("SELECT last_failed_time > last_archived_time FROM pg_stat_archiver") == "t"
+    });
+    let failed = last_archive_failure(&db).expect("a failure");
+    assert_holds_within_two_probes(&db, failed, "wal_archive");
+    wait_until(
+        "a 'throttle: holding' log line saying archiving fails",
+        RUN_LIMIT,
+        || {
+            daemon.json_lines("backfilld::worker").iter().any(|line| {
+                line["message"] == "throttle: holding"
+                    && line["reason"] == "wal_archive"
+                    && line["archive_failing"] == true
+            })
+        },
+    );
+
+    // Archiving works again: the job runs once a segment is archived.
+    db.sql(&format!(
+        "ALTER SYSTEM SET archive_command = '{copy_to_archive}'; SELECT pg_reload_conf()"
+    ));
+    switch_wal(&db);
+    wait_until("the archiver catching up", RUN_LIMIT, || {
+        db.sql("SELECT last_archived_time > last_failed_time FROM pg_stat_archiver") == "t"
+    });
+    let archived: f64 = db
+        .sql("SELECT extract(epoch FROM last_archived_time) FROM pg_stat_archiver")
+        .parse()
+        .expect("epoch");
+    let resumed = resumed_after(&db, archived, "updates after archiving worked again");
+    assert!(
+        resumed <= 2.0 * PROBE_INTERVAL + SLACK,
+        "resumed {resumed:.3} s after archiving worked again"
+    );
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_success(RUN_LIMIT);
+
+    // A backlog alone: failures tolerated, 3 segments waiting hold.
+    db.sql("ALTER SYSTEM SET archive_command = 'false'; SELECT pg_reload_conf()");
+    let mut env = quick_worker_json_log("archive_backlog");
+    env.push((
+        "BACKFILLD_THROTTLE__HOLD_WHILE_ARCHIVE_FAILING",
+        "false".to_string(),
+    ));
+    env.push((
+        "BACKFILLD_THROTTLE__MAX_ARCHIVE_PENDING_SEGMENTS",
+        "3".to_string(),
+    ));
+    let mut daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    switch_wal(&db);
+    switch_wal(&db);
+    wait_until("the archiver failing again", RUN_LIMIT, || {
+        db.sql("SELECT last_failed_time > last_archived_time FROM pg_stat_archiver") == "t"
+    });
+    let since = db_now(&db) + 2.0 * PROBE_INTERVAL + SLACK;
+    resumed_after(&db, since, "updates with 2 segments waiting");
+    switch_wal(&db);
+    let tripped = db_now(&db);
+    assert_holds_within_two_probes(&db, tripped, "wal_archive");
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_success(RUN_LIMIT);
+}

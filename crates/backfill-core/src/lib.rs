@@ -7,5 +7,6 @@ pub mod breaker;
 pub mod error_class;
 pub mod latency;
 pub mod placeholders;
+pub mod signals;
 pub mod slicing;
 pub mod throttle;

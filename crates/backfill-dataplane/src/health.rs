@@ -41,14 +41,30 @@
 //! - The operator's throttle query, run as is (simple protocol: its one value arrives as
 //!   text, so any numeric type or a boolean reads the same).
 //!
-//! Any of them but the throttle query failing fails the whole sample (`probe_failed`),
-//! which holds: not knowing is not healthy. The throttle query's failure is its own
+//! - The WAL rate: the WAL insert position each sample, turned into bytes per second
+//!   over about a second ([`WalRateMeter`]).
+//! - WAL archiving (`pg_stat_archiver`, readable by any role): whether the archiver's last
+//!   failure is newer than its last success, and how many completed segments lie between
+//!   the last archived one and the one being written (`pg_ls_archive_statusdir()` would
+//!   count `.ready` files exactly but needs pg_monitor or a superuser; the names need
+//!   nothing and agree with it except while a segment is being switched).
+//! - The dead-tuple ratio of running jobs' tables (`pg_stat_all_tables`).
+//! - Running jobs' own throttle queries (`backfill.jobs.throttle_query`, a slice using
+//!   its parent's), each run as the job's role with its search_path in a read-only
+//!   transaction that is rolled back, and within `probe_timeout`.
+//!
+//! Any of them but the throttle queries failing fails the whole sample (`probe_failed`),
+//! which holds: not knowing is not healthy. A throttle query's failure is its own
 //! reading, which holds unless `throttle.query_fail_open`.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use backfill_core::signals::{
+    archive_pending_segments, ArchiveStatus, JobQuery, TableDeadTuples, WalRateMeter,
+    DEAD_TUPLES_MIN_ROWS,
+};
 use backfill_core::throttle::{
     BlockingBackend, HealthSample, OperatorThrottle, QueryReading, ReplicaLag, SlotRetention,
     TableVacuum,
@@ -123,6 +139,30 @@ const VACUUMS_SQL: &str = "SELECT j.id, \
   WHERE v.datname = current_database() \
   GROUP BY j.id";
 
+/// The WAL insert position, in bytes from the start of WAL.
+const WAL_POSITION_SQL: &str = "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::float8";
+
+/// WAL archiving: on at all, the last archived file, the segment being written, the
+/// segment size, and whether the last attempt failed (see the module docs).
+const ARCHIVER_SQL: &str = "SELECT current_setting('archive_mode') <> 'off', \
+        a.last_archived_wal, pg_walfile_name(pg_current_wal_lsn()), \
+        (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size'), \
+        coalesce(a.last_failed_time > coalesce(a.last_archived_time, '-infinity'), false) \
+   FROM pg_stat_archiver a";
+
+/// Dead-tuple ratio of running jobs' tables big enough to judge.
+const DEAD_TUPLES_SQL: &str = "SELECT j.id, s.n_dead_tup::float8 / (s.n_live_tup + s.n_dead_tup) \
+   FROM backfill.jobs j \
+   JOIN pg_stat_all_tables s ON s.relid = to_regclass(j.table_name) \
+  WHERE j.state = 'running' AND s.n_live_tup + s.n_dead_tup >= $1";
+
+/// Running jobs' own throttle queries (a slice's from its parent), with who they run as.
+const JOB_QUERIES_SQL: &str = "SELECT j.id, coalesce(p.throttle_query, j.throttle_query), \
+        coalesce(p.throttle_query_max, j.throttle_query_max), j.enqueued_by::text, \
+        coalesce(j.search_path, '') \
+   FROM backfill.jobs j LEFT JOIN backfill.jobs p ON p.id = j.parent_id \
+  WHERE j.state = 'running' AND coalesce(p.throttle_query, j.throttle_query) IS NOT NULL";
+
 /// Lag as a standby sees it itself (see the module docs).
 const REPLICA_LAG_SQL: &str = "SELECT pg_is_in_recovery(), \
         CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
@@ -140,6 +180,7 @@ pub struct HealthProbe {
     activity_window: Option<Duration>,
     signals: Signals,
     failing: FailureLog,
+    wal_rate: Arc<Mutex<(Instant, WalRateMeter)>>,
 }
 
 /// Which of the optional primary signals the probe reads (see the module docs).
@@ -151,6 +192,14 @@ pub struct Signals {
     pub operator_throttles: bool,
     /// The operator's throttle query (`throttle.query`), if any.
     pub throttle_query: Option<String>,
+    /// The primary's WAL rate.
+    pub wal_rate: bool,
+    /// WAL archiving.
+    pub archive: bool,
+    /// Dead-tuple ratio of running jobs' tables.
+    pub dead_tuples: bool,
+    /// Running jobs' own throttle queries.
+    pub job_queries: bool,
 }
 
 impl HealthProbe {
@@ -175,6 +224,7 @@ impl HealthProbe {
             activity_window,
             signals: Signals::default(),
             failing: FailureLog::default(),
+            wal_rate: Arc::new(Mutex::new((Instant::now(), WalRateMeter::default()))),
         }
     }
 
@@ -226,7 +276,7 @@ impl HealthProbe {
     }
 
     async fn sample_primary(&self) -> Result<HealthSample, String> {
-        let client = self
+        let mut client = self
             .primary
             .get()
             .await
@@ -309,6 +359,7 @@ impl HealthProbe {
                 })
                 .collect();
         }
+        self.sample_more_signals(&mut client, &mut sample).await?;
         if let Some(query) = &self.signals.throttle_query {
             let reading = match client.simple_query(query).await {
                 Ok(messages) => read_query_value(&messages),
@@ -327,6 +378,123 @@ impl HealthProbe {
         }
         Ok(sample)
     }
+}
+
+impl HealthProbe {
+    /// The WAL rate, archiving, dead tuples and jobs' own throttle queries (see the
+    /// module docs).
+    async fn sample_more_signals(
+        &self,
+        client: &mut deadpool_postgres::Client,
+        sample: &mut HealthSample,
+    ) -> Result<(), String> {
+        if self.signals.wal_rate {
+            let position: f64 = client
+                .query_one(WAL_POSITION_SQL, &[])
+                .await
+                .map_err(|e| format!("reading the WAL position: {e}"))?
+                .get(0);
+            let mut meter = self.wal_rate.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = meter.0.elapsed();
+            // float8 → u64 saturates; positions are never negative.
+            sample.wal_bytes_per_second = meter.1.observe(now, position as u64);
+        }
+        if self.signals.archive {
+            let row = client
+                .query_one(ARCHIVER_SQL, &[])
+                .await
+                .map_err(|e| format!("reading pg_stat_archiver: {e}"))?;
+            let archiving: bool = row.get(0);
+            let last_archived: Option<String> = row.get(1);
+            let (current, segment_size): (String, i64) = (row.get(2), row.get(3));
+            sample.archive = archiving.then(|| ArchiveStatus {
+                pending_segments: last_archived.and_then(|last| {
+                    archive_pending_segments(&current, &last, segment_size.unsigned_abs())
+                }),
+                failing: row.get(4),
+            });
+        }
+        if self.signals.dead_tuples {
+            let min_rows = i64::try_from(DEAD_TUPLES_MIN_ROWS).unwrap_or(i64::MAX);
+            let rows = client
+                .query(DEAD_TUPLES_SQL, &[&min_rows])
+                .await
+                .map_err(|e| format!("reading pg_stat_all_tables: {e}"))?;
+            sample.dead_tuples = rows
+                .iter()
+                .map(|row| TableDeadTuples {
+                    job_id: row.get(0),
+                    ratio: row.get(1),
+                })
+                .collect();
+        }
+        if self.signals.job_queries {
+            let jobs = client
+                .query(JOB_QUERIES_SQL, &[])
+                .await
+                .map_err(|e| format!("reading jobs' throttle queries: {e}"))?;
+            for job in jobs {
+                let (job_id, query, hold_above): (i64, String, f64) =
+                    (job.get(0), job.get(1), job.get(2));
+                let (role, search_path): (String, String) = (job.get(3), job.get(4));
+                let target = format!("throttle_query of job {job_id}");
+                let reading =
+                    match run_job_query(client, &query, &role, &search_path, self.timeout).await {
+                        Ok(value) => {
+                            self.failing.ok(&target);
+                            QueryReading::Value(value)
+                        }
+                        Err(error) => {
+                            let error = format!("{target} failed: {error}");
+                            self.failing.failed(&target, &error);
+                            QueryReading::Failed(error)
+                        }
+                    };
+                sample.job_queries.push(JobQuery {
+                    job_id,
+                    reading,
+                    hold_above,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs a job's throttle query as the job's role, read-only, in a transaction that is
+/// rolled back (also when the probe gives up on it: dropping it rolls back).
+async fn run_job_query(
+    client: &mut deadpool_postgres::Client,
+    query: &str,
+    role: &str,
+    search_path: &str,
+    timeout: Duration,
+) -> Result<f64, String> {
+    let transaction = client
+        .build_transaction()
+        .read_only(true)
+        .start()
+        .await
+        .map_err(|e| format!("starting its transaction: {e}"))?;
+    let timeout_ms = timeout.as_millis().max(1).to_string();
+    transaction
+        .execute(
+            "SELECT set_config('role', $1, true), set_config('search_path', $2, true), \
+                    set_config('statement_timeout', $3, true)",
+            &[&role, &search_path, &timeout_ms],
+        )
+        .await
+        .map_err(|e| format!("taking the job's role {role:?}: {e}"))?;
+    let messages = transaction
+        .simple_query(query)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    let value = read_query_value(&messages);
+    transaction
+        .rollback()
+        .await
+        .map_err(|e| format!("rolling back: {e}"))?;
+    value
 }
 
 /// The canary's statement: a transaction that writes WAL and commits, as production's

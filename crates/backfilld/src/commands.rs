@@ -382,6 +382,11 @@ pub fn spawn_health_probes(
         slots: settings.throttle.max_slot_retained_bytes > 0,
         operator_throttles: true,
         throttle_query: Some(settings.throttle.query.trim().to_owned()).filter(|q| !q.is_empty()),
+        wal_rate: settings.throttle.max_wal_bytes_per_second > 0,
+        archive: settings.throttle.max_archive_pending_segments > 0
+            || settings.throttle.hold_while_archive_failing,
+        dead_tuples: settings.throttle.max_dead_tuple_ratio > 0.0,
+        job_queries: true,
     });
     let interval = settings.throttle.probe_interval;
     let (max_lag, max_lag_bytes) = (settings.throttle.max_lag, settings.throttle.max_lag_bytes);

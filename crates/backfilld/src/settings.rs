@@ -5,6 +5,7 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
 
+use backfill_core::signals::SignalLimits;
 use backfill_core::throttle::{QueryLimits, ThrottleSettings};
 use serde::Deserialize;
 
@@ -136,6 +137,14 @@ pub struct ThrottleConfig {
     pub query_fail_open: bool,
     /// Hold a job while a vacuum works on its table (wraparound-prevention ones always hold).
     pub hold_while_vacuumed: bool,
+    /// Hold while the primary writes this many bytes of WAL per second; 0 turns it off.
+    pub max_wal_bytes_per_second: u64,
+    /// Hold while this many completed WAL segments await archiving; 0 turns it off.
+    pub max_archive_pending_segments: u64,
+    /// Hold while WAL archiving is failing.
+    pub hold_while_archive_failing: bool,
+    /// Hold a job while dead rows are this share of its table; 0 turns it off.
+    pub max_dead_tuple_ratio: f64,
 }
 
 /// Reads a list from a TOML array or from one comma-separated string (how
@@ -623,6 +632,12 @@ impl Settings {
                 self.throttle.query_resume, self.throttle.query_max
             ));
         }
+        if !(0.0..=1.0).contains(&self.throttle.max_dead_tuple_ratio) {
+            return fail(format!(
+                "throttle.max_dead_tuple_ratio must be 0 (off) or a share in (0, 1], got {}",
+                self.throttle.max_dead_tuple_ratio
+            ));
+        }
         self.throttle_defaults().validate().map_err(|e| {
             SettingsError(format!(
                 "[batch]/[throttle]: {e} (the throttle cannot work with these values)"
@@ -687,6 +702,17 @@ impl Settings {
                 fail_open: self.throttle.query_fail_open,
             },
             hold_while_vacuumed: self.throttle.hold_while_vacuumed,
+            // 0 in the config means off.
+            signal_limits: SignalLimits {
+                max_wal_bytes_per_second: Some(self.throttle.max_wal_bytes_per_second)
+                    .filter(|limit| *limit > 0),
+                max_archive_pending_segments: Some(self.throttle.max_archive_pending_segments)
+                    .filter(|limit| *limit > 0),
+                hold_while_archive_failing: self.throttle.hold_while_archive_failing,
+                max_dead_tuple_ratio: Some(self.throttle.max_dead_tuple_ratio)
+                    .filter(|ratio| *ratio > 0.0),
+                job_query_fail_open: self.throttle.query_fail_open,
+            },
             ..ThrottleSettings::default()
         }
     }
@@ -772,6 +798,16 @@ mod tests {
             ("BACKFILLD_THROTTLE__MAX_LAG_BYTES", "0", "max_lag_bytes"),
             ("BACKFILLD_THROTTLE__PROBE_INTERVAL", "0s", "probe_interval"),
             ("BACKFILLD_BATCH__TARGET", "0s", "batch.target"),
+            (
+                "BACKFILLD_THROTTLE__MAX_DEAD_TUPLE_RATIO",
+                "1.5",
+                "throttle.max_dead_tuple_ratio",
+            ),
+            (
+                "BACKFILLD_THROTTLE__MAX_WAL_BYTES_PER_SECOND",
+                "-1",
+                "max_wal_bytes_per_second",
+            ),
         ] {
             let error = with_env(&[(key, value)]).expect_err(key).to_string();
             assert!(error.contains(mentions), "{key}={value}: {error}");

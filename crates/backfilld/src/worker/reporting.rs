@@ -27,10 +27,16 @@ impl JobRun<'_> {
         let missing = health.missing_standbys.join(",");
         let blocked = health.sessions_blocked_by_us;
         let (slots, operator_ratio) = (describe_slots(health), health.operator_ratio);
+        let wal_bytes_per_second = health.wal_bytes_per_second.map(f64::round);
+        let (archive_pending, archive_failing) = (
+            health.archive.and_then(|a| a.pending_segments),
+            health.archive.map(|a| a.failing),
+        );
         match decision {
             ThrottleDecision::Hold { recheck_after, .. } => info!(
                 state, reason, ?recheck_after, %lag, missing_standbys = %missing, sessions_blocked = blocked,
-                %slots, operator_ratio,
+                %slots, operator_ratio, wal_bytes_per_second, archive_pending, archive_failing,
+                dead_tuple_ratio = health.table_dead_tuple_ratio,
                 "throttle: holding"
             ),
             ThrottleDecision::Run {
