@@ -35,10 +35,10 @@ pub fn readme_engineer_grants(role: &str, tables: &str) -> String {
          GRANT SELECT ON backfill.jobs, backfill.failed_rows, backfill.job_status, backfill.throttles TO {role};
          GRANT INSERT (name, table_name, key_column, batch_sql, pending_predicate, check_predicate,
                        batch_size, min_batch_size, max_batch_size, target_batch_ms, max_rows_per_second,
-                       max_attempts, priority, not_before, parallelism) ON backfill.jobs TO {role};
+                       max_attempts, priority, not_before, parallelism, throttle_query, throttle_query_max) ON backfill.jobs TO {role};
          GRANT UPDATE (name, table_name, key_column, batch_sql, pending_predicate, check_predicate,
                        batch_size, min_batch_size, max_batch_size, target_batch_ms, max_rows_per_second,
-                       max_attempts, priority, not_before, parallelism) ON backfill.jobs TO {role};
+                       max_attempts, priority, not_before, parallelism, throttle_query, throttle_query_max) ON backfill.jobs TO {role};
          GRANT EXECUTE ON FUNCTION backfill.pause(text), backfill.resume(text), backfill.cancel(text),
                                    backfill.retry_failed(text), backfill.require_succeeded(text),
                                    backfill.throttle(float8, interval, text), backfill.unthrottle(text) TO {role};

@@ -603,3 +603,96 @@ fn a_failing_archive_command_holds_the_job_and_so_does_a_backlog_of_segments() {
     daemon.signal(libc::SIGTERM);
     daemon.expect_success(RUN_LIMIT);
 }
+
+#[test]
+fn a_jobs_own_throttle_query_set_while_it_runs_holds_it_and_runs_read_only() {
+    let db = TestDb::new("signals_job_query");
+    slow_job(&db, 1);
+    db.sql("CREATE TABLE public.job_gate (waiting int NOT NULL); INSERT INTO public.job_gate VALUES (0)");
+    let port = free_port();
+    let mut daemon = Daemon::start(&db.url(), &[], &env_refs(&daemon_env("job_query", port)));
+    wait_until("the job running", RUN_LIMIT, || last_update(&db) > 0.0);
+
+    // A tunable: set on the running job, with a threshold.
+    db.sql(
+        "UPDATE backfill.jobs SET throttle_query = 'SELECT waiting FROM job_gate', \
+                throttle_query_max = 5",
+    );
+    db.sql("UPDATE public.job_gate SET waiting = 5");
+    let since = db_now(&db) + 2.0 * PROBE_INTERVAL + SLACK;
+    resumed_after(&db, since, "updates at the threshold");
+    db.sql("UPDATE public.job_gate SET waiting = 6");
+    let flipped = db_now(&db);
+    assert_holds_within_two_probes(&db, flipped, "throttle_query");
+    assert_eq!(throttled_reasons(port), ["throttle_query"]);
+    db.sql("UPDATE public.job_gate SET waiting = 0");
+    let flipped = db_now(&db);
+    let resumed = resumed_after(&db, flipped, "updates after the value fell");
+    assert!(
+        resumed <= 2.0 * PROBE_INTERVAL + SLACK,
+        "resumed {resumed:.3} s after the value fell"
+    );
+
+    // It runs read-only: a query that writes fails, which holds, and writes nothing.
+    db.sql(
+        "UPDATE backfill.jobs SET throttle_query = \
+           'WITH gone AS (DELETE FROM job_gate RETURNING 1) SELECT count(*) FROM gone'",
+    );
+    let changed = db_now(&db);
+    assert_holds_within_two_probes(&db, changed, "throttle_query");
+    wait_until("the job query's failure in the log", RUN_LIMIT, || {
+        daemon.log_text().contains("throttle_query of job 1 failed")
+    });
+    assert!(daemon.log_text().contains("read-only transaction"));
+    assert_eq!(db.int("SELECT count(*) FROM public.job_gate"), 1);
+    // Removed: runs again.
+    db.sql("UPDATE backfill.jobs SET throttle_query = NULL");
+    let removed = db_now(&db);
+    let resumed = resumed_after(&db, removed, "updates after the query was removed");
+    assert!(
+        resumed <= 2.0 * PROBE_INTERVAL + SLACK,
+        "resumed {resumed:.3} s after the query was removed"
+    );
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_success(RUN_LIMIT);
+}
+
+#[test]
+fn a_blank_job_throttle_query_or_a_nonsense_threshold_is_refused_naming_the_column() {
+    let db = TestDb::new("signals_job_query_bad");
+    db.sql("CREATE TABLE public.users (id bigint PRIMARY KEY, v text)");
+    db.migrate();
+    for (column, value, mentions) in [
+        (
+            "throttle_query",
+            "'  '",
+            "throttle_query of job 'j' is blank",
+        ),
+        (
+            "throttle_query_max",
+            "'NaN'",
+            "throttle_query_max of job 'j' must be a finite number",
+        ),
+    ] {
+        let error = db.sql_err(&format!(
+            "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, {column}) \
+             VALUES ('j', 'public.users', 'id', 'UPDATE public.users SET v = ''x'' WHERE id = ANY(:keys)', {value})"
+        ));
+        assert!(error.contains(mentions), "{column}: {error}");
+    }
+    assert_eq!(db.int("SELECT count(*) FROM backfill.jobs"), 0);
+    // An engineer with the README's grants may set both.
+    db.sql("DROP ROLE IF EXISTS signals_eng; CREATE ROLE signals_eng");
+    db.sql(&readme_engineer_grants("signals_eng", "public.users"));
+    db.sql(
+        "SET ROLE signals_eng; \
+         INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, throttle_query, throttle_query_max) \
+         VALUES ('j', 'public.users', 'id', 'UPDATE public.users SET v = ''x'' WHERE id = ANY(:keys)', 'SELECT 1', 2); \
+         UPDATE backfill.jobs SET throttle_query = 'SELECT 0', throttle_query_max = 0.5",
+    );
+    assert_eq!(
+        db.sql("SELECT throttle_query || ' ' || throttle_query_max FROM backfill.jobs"),
+        "SELECT 0 0.5"
+    );
+    db.sql("DELETE FROM backfill.jobs; DROP OWNED BY signals_eng; DROP ROLE signals_eng");
+}
