@@ -696,3 +696,41 @@ fn a_blank_job_throttle_query_or_a_nonsense_threshold_is_refused_naming_the_colu
     );
     db.sql("DELETE FROM backfill.jobs; DROP OWNED BY signals_eng; DROP ROLE signals_eng");
 }
+
+#[test]
+fn plan_names_the_signals_that_would_hold_the_job_now() {
+    let db = TestDb::new("signals_plan");
+    db.sql(&users_table_sql(1_000));
+    db.migrate();
+    db.sql(SPLIT_NAME_JOB_SQL);
+    let plan = db.backfilld(&["plan", "split_full_name"]);
+    assert!(plan.status.success(), "{}", plan.stderr);
+    assert!(
+        plan.stdout
+            .contains("holds now      none: every throttle signal lets the job run"),
+        "{}",
+        plan.stdout
+    );
+
+    // The job (pending, not running yet) has its own query saying hold, and the
+    // operator pressed the button.
+    db.sql("UPDATE backfill.jobs SET throttle_query = 'SELECT true'");
+    db.sql("SELECT backfill.throttle(0, '1 hour')");
+    let plan = db.backfilld(&["plan", "split_full_name"]);
+    assert!(plan.status.success(), "{}", plan.stderr);
+    assert!(
+        plan.stdout
+            .contains("holds now      throttle_query, operator"),
+        "{}",
+        plan.stdout
+    );
+    let json = db.backfilld(&["plan", "split_full_name", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&json.stdout).expect("plan --json");
+    assert_eq!(
+        report["holding_signals"],
+        serde_json::json!(["throttle_query", "operator"])
+    );
+    // Nothing was changed: the job is still pending, the throttle still there.
+    assert_eq!(db.job_state("split_full_name"), "pending");
+    assert_eq!(db.sql("SELECT backfill.unthrottle()"), "1");
+}

@@ -206,6 +206,47 @@ impl SignalLatches {
     }
 }
 
+/// Every signal of this module that holds on `readings` by itself, with no hold carried
+/// over (what `backfilld plan` reports), most severe first.
+pub fn holding_reasons(limits: &SignalLimits, readings: &SignalReadings) -> Vec<ThrottleReason> {
+    let mut reasons = Vec::new();
+    for (reason, alone) in [
+        (
+            ThrottleReason::WalRate,
+            SignalReadings {
+                wal_bytes_per_second: readings.wal_bytes_per_second,
+                ..SignalReadings::default()
+            },
+        ),
+        (
+            ThrottleReason::WalArchive,
+            SignalReadings {
+                archive: readings.archive,
+                ..SignalReadings::default()
+            },
+        ),
+        (
+            ThrottleReason::ThrottleQuery,
+            SignalReadings {
+                job_query: readings.job_query.clone(),
+                ..SignalReadings::default()
+            },
+        ),
+        (
+            ThrottleReason::DeadTuples,
+            SignalReadings {
+                dead_tuple_ratio: readings.dead_tuple_ratio,
+                ..SignalReadings::default()
+            },
+        ),
+    ] {
+        if SignalLatches::default().update(limits, &alone) == Some(reason) {
+            reasons.push(reason);
+        }
+    }
+    reasons
+}
+
 /// A hold latch: trips at or above `limit`, releases below half of it; off (`None` limit)
 /// or unread (`None` value) releases.
 fn latch(holding: bool, limit: Option<f64>, value: Option<f64>) -> bool {

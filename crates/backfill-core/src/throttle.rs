@@ -474,6 +474,56 @@ impl ThrottleSettings {
     }
 }
 
+impl ThrottleSettings {
+    /// Every signal in `health` that would hold a job under these settings right now, each
+    /// judged on its own with no hold carried over (so a signal between its resume and hold
+    /// thresholds does not count), most severe first; what `backfilld plan` reports.
+    pub fn holding_signals(&self, health: &HealthSample) -> Vec<ThrottleReason> {
+        if health.probe_failed {
+            return vec![ThrottleReason::ProbeFailed];
+        }
+        let mut fresh = ThrottleController::new(self.clone());
+        let mut reasons = Vec::new();
+        if health
+            .operator_ratio
+            .is_some_and(|ratio| ratio.is_nan() || ratio <= 0.0)
+        {
+            reasons.push(ThrottleReason::Operator);
+        }
+        let lag = fresh.assess_lag(health);
+        if lag.standby_missing {
+            reasons.push(ThrottleReason::StandbyMissing);
+        }
+        let settings = &fresh.settings;
+        if health.replicas.iter().any(|replica| {
+            replica.is_unmeasured() || replica.reaches(settings.max_lag, settings.max_lag_bytes)
+        }) {
+            reasons.push(ThrottleReason::ReplicationLag);
+        }
+        if health
+            .table_vacuum
+            .is_some_and(|wraparound| wraparound || settings.hold_while_vacuumed)
+        {
+            reasons.push(ThrottleReason::Vacuum);
+        }
+        fresh.update_slot_latch(health);
+        if fresh.holding_for_slot {
+            reasons.push(ThrottleReason::ReplicationSlot);
+        }
+        fresh.update_query_latch(health);
+        if fresh.holding_for_query {
+            reasons.push(ThrottleReason::ThrottleQuery);
+        }
+        reasons.extend(crate::signals::holding_reasons(
+            &fresh.settings.signal_limits,
+            &health.signal_readings(),
+        ));
+        reasons.sort_by_key(|reason| std::cmp::Reverse(reason.severity()));
+        reasons.dedup();
+        reasons
+    }
+}
+
 /// An open-or-closed range of allowed factor values, with its label for error messages.
 #[derive(Clone, Copy)]
 struct FactorRange {
@@ -1953,6 +2003,50 @@ mod tests {
                 .decide(ms(1_250), &sample.for_job(7), None)
                 .reason(),
             Some(ThrottleReason::ThrottleQuery)
+        );
+    }
+
+    #[test]
+    fn holding_signals_names_every_signal_that_holds_now() {
+        let settings = ThrottleSettings {
+            max_slot_retained_bytes: Some(100),
+            signal_limits: SignalLimits {
+                max_wal_bytes_per_second: Some(1_000),
+                ..ThrottleSettings::default().signal_limits
+            },
+            ..ThrottleSettings::default()
+        };
+        assert!(settings
+            .holding_signals(&HealthSample::healthy())
+            .is_empty());
+        let sample = HealthSample {
+            replicas: vec![ReplicaLag::new("s", Some(Duration::from_secs(9)), None)],
+            slots: vec![SlotRetention {
+                name: "cdc".into(),
+                retained_bytes: 100,
+            }],
+            operator_ratio: Some(0.0),
+            table_vacuum: Some(false),
+            wal_bytes_per_second: Some(999.0),
+            archive: Some(ArchiveStatus {
+                pending_segments: Some(0),
+                failing: true,
+            }),
+            ..HealthSample::default()
+        };
+        assert_eq!(
+            settings.holding_signals(&sample),
+            [
+                ThrottleReason::ReplicationLag,
+                ThrottleReason::ReplicationSlot,
+                ThrottleReason::WalArchive,
+                ThrottleReason::Vacuum,
+                ThrottleReason::Operator
+            ]
+        );
+        assert_eq!(
+            settings.holding_signals(&HealthSample::probe_failed()),
+            [ThrottleReason::ProbeFailed]
         );
     }
 

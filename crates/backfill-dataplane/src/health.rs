@@ -124,7 +124,7 @@ const SLOTS_SQL: &str = "SELECT slot_name::text, \
 /// through its parent's name too.
 const OPERATOR_THROTTLES_SQL: &str = "SELECT j.id, min(t.ratio)::float8 \
    FROM backfill.throttles t \
-   JOIN backfill.jobs j ON j.state = 'running' \
+   JOIN backfill.jobs j ON (j.state = 'running' OR j.id = $1) \
    LEFT JOIN backfill.jobs p ON p.id = j.parent_id \
   WHERE t.expires_at > now() AND (j.name LIKE t.job_pattern OR p.name LIKE t.job_pattern) \
   GROUP BY j.id";
@@ -134,7 +134,7 @@ const OPERATOR_THROTTLES_SQL: &str = "SELECT j.id, min(t.ratio)::float8 \
 const VACUUMS_SQL: &str = "SELECT j.id, \
         bool_or(coalesce(a.query, '') LIKE '%(to prevent wraparound)%') \
    FROM pg_stat_progress_vacuum v \
-   JOIN backfill.jobs j ON j.state = 'running' AND v.relid = to_regclass(j.table_name) \
+   JOIN backfill.jobs j ON (j.state = 'running' OR j.id = $1) AND v.relid = to_regclass(j.table_name) \
    LEFT JOIN pg_stat_activity a ON a.pid = v.pid \
   WHERE v.datname = current_database() \
   GROUP BY j.id";
@@ -154,14 +154,15 @@ const ARCHIVER_SQL: &str = "SELECT current_setting('archive_mode') <> 'off', \
 const DEAD_TUPLES_SQL: &str = "SELECT j.id, s.n_dead_tup::float8 / (s.n_live_tup + s.n_dead_tup) \
    FROM backfill.jobs j \
    JOIN pg_stat_all_tables s ON s.relid = to_regclass(j.table_name) \
-  WHERE j.state = 'running' AND s.n_live_tup + s.n_dead_tup >= $1";
+  WHERE (j.state = 'running' OR j.id = $2) AND s.n_live_tup + s.n_dead_tup >= $1";
 
 /// Running jobs' own throttle queries (a slice's from its parent), with who they run as.
 const JOB_QUERIES_SQL: &str = "SELECT j.id, coalesce(p.throttle_query, j.throttle_query), \
         coalesce(p.throttle_query_max, j.throttle_query_max), j.enqueued_by::text, \
         coalesce(j.search_path, '') \
    FROM backfill.jobs j LEFT JOIN backfill.jobs p ON p.id = j.parent_id \
-  WHERE j.state = 'running' AND coalesce(p.throttle_query, j.throttle_query) IS NOT NULL";
+  WHERE (j.state = 'running' OR j.id = $1) \
+    AND coalesce(p.throttle_query, j.throttle_query) IS NOT NULL";
 
 /// Lag as a standby sees it itself (see the module docs).
 const REPLICA_LAG_SQL: &str = "SELECT pg_is_in_recovery(), \
@@ -200,6 +201,8 @@ pub struct Signals {
     pub dead_tuples: bool,
     /// Running jobs' own throttle queries.
     pub job_queries: bool,
+    /// A job read as if it were running, whatever its state (`backfilld plan`); 0: none.
+    pub also_job: i64,
 }
 
 impl HealthProbe {
@@ -336,7 +339,7 @@ impl HealthProbe {
         }
         if self.signals.operator_throttles {
             let throttles = client
-                .query(OPERATOR_THROTTLES_SQL, &[])
+                .query(OPERATOR_THROTTLES_SQL, &[&self.signals.also_job])
                 .await
                 .map_err(|e| format!("reading backfill.throttles: {e}"))?;
             sample.operator_throttles = throttles
@@ -348,7 +351,7 @@ impl HealthProbe {
                 .collect();
             // Read with the operator throttles: both need the queue, whose jobs they name.
             let vacuums = client
-                .query(VACUUMS_SQL, &[])
+                .query(VACUUMS_SQL, &[&self.signals.also_job])
                 .await
                 .map_err(|e| format!("reading pg_stat_progress_vacuum: {e}"))?;
             sample.vacuums = vacuums
@@ -417,7 +420,7 @@ impl HealthProbe {
         if self.signals.dead_tuples {
             let min_rows = i64::try_from(DEAD_TUPLES_MIN_ROWS).unwrap_or(i64::MAX);
             let rows = client
-                .query(DEAD_TUPLES_SQL, &[&min_rows])
+                .query(DEAD_TUPLES_SQL, &[&min_rows, &self.signals.also_job])
                 .await
                 .map_err(|e| format!("reading pg_stat_all_tables: {e}"))?;
             sample.dead_tuples = rows
@@ -430,7 +433,7 @@ impl HealthProbe {
         }
         if self.signals.job_queries {
             let jobs = client
-                .query(JOB_QUERIES_SQL, &[])
+                .query(JOB_QUERIES_SQL, &[&self.signals.also_job])
                 .await
                 .map_err(|e| format!("reading jobs' throttle queries: {e}"))?;
             for job in jobs {

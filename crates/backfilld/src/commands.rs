@@ -362,32 +362,14 @@ pub fn spawn_health_probes(
     db: &Database,
     shutdown: Shutdown,
 ) -> anyhow::Result<(watch::Receiver<HealthSample>, tokio::task::JoinHandle<()>)> {
-    let mut replicas = Vec::new();
-    for (i, url) in settings.throttle.replica_urls.iter().enumerate() {
-        let pool = probe_pool(url, settings)
-            .with_context(|| format!("throttle.replica_urls[{i}] ({})", redacted(url)))?;
-        replicas.push((format!("replica{i}"), pool));
-    }
     // Production sessions are counted only for sharing the primary.
     let sharing = settings.throttle.busy_duty_cycle < 1.0;
-    let probe = HealthProbe::new(
-        db.data.clone(),
-        replicas,
-        settings.throttle.expected_standbys.clone(),
-        data_plane_application_name(settings),
-        settings.throttle.probe_timeout,
+    let probe = health_probe(
+        settings,
+        db,
         sharing.then_some(settings.throttle.probe_interval),
-    )
-    .with_signals(Signals {
-        slots: settings.throttle.max_slot_retained_bytes > 0,
-        operator_throttles: true,
-        throttle_query: Some(settings.throttle.query.trim().to_owned()).filter(|q| !q.is_empty()),
-        wal_rate: settings.throttle.max_wal_bytes_per_second > 0,
-        archive: settings.throttle.max_archive_pending_segments > 0
-            || settings.throttle.hold_while_archive_failing,
-        dead_tuples: settings.throttle.max_dead_tuple_ratio > 0.0,
-        job_queries: true,
-    });
+        0,
+    )?;
     let interval = settings.throttle.probe_interval;
     let (max_lag, max_lag_bytes) = (settings.throttle.max_lag, settings.throttle.max_lag_bytes);
     let control = db.control.clone();
@@ -440,6 +422,41 @@ pub fn spawn_health_probes(
         }
     });
     Ok((rx, probes))
+}
+
+/// The health probe `throttle` configures: production sessions counted within
+/// `activity_window` (`None`: not counted), and job `also_job` read as if running (0: none).
+fn health_probe(
+    settings: &Settings,
+    db: &Database,
+    activity_window: Option<Duration>,
+    also_job: i64,
+) -> anyhow::Result<HealthProbe> {
+    let mut replicas = Vec::new();
+    for (i, url) in settings.throttle.replica_urls.iter().enumerate() {
+        let pool = probe_pool(url, settings)
+            .with_context(|| format!("throttle.replica_urls[{i}] ({})", redacted(url)))?;
+        replicas.push((format!("replica{i}"), pool));
+    }
+    Ok(HealthProbe::new(
+        db.data.clone(),
+        replicas,
+        settings.throttle.expected_standbys.clone(),
+        data_plane_application_name(settings),
+        settings.throttle.probe_timeout,
+        activity_window,
+    )
+    .with_signals(Signals {
+        slots: settings.throttle.max_slot_retained_bytes > 0,
+        operator_throttles: true,
+        throttle_query: Some(settings.throttle.query.trim().to_owned()).filter(|q| !q.is_empty()),
+        wal_rate: settings.throttle.max_wal_bytes_per_second > 0,
+        archive: settings.throttle.max_archive_pending_segments > 0
+            || settings.throttle.hold_while_archive_failing,
+        dead_tuples: settings.throttle.max_dead_tuple_ratio > 0.0,
+        job_queries: true,
+        also_job,
+    }))
 }
 
 /// Refreshes `backfill_jobs{state}` and `backfill_job_failed{backfill_job}` from the queue.
@@ -860,6 +877,9 @@ pub struct PlanReport {
     /// at most `throttle.busy_duty_cycle` of the time, in batches of about a millisecond that
     /// carry fewer rows per second than the trial's (`None` with sharing off).
     pub min_seconds_next_to_production: Option<f64>,
+    /// The throttle signals that would hold the job right now (reason labels, most severe
+    /// first), each judged on its own by the health probe the worker runs.
+    pub holding_signals: Vec<&'static str>,
     /// How long planning took.
     pub planning_seconds: f64,
 }
@@ -921,6 +941,9 @@ pub async fn plan(
         _ => None,
     };
     let trial_ok = trial.as_ref().ok();
+    let holding_signals = signals_holding(settings, db, &throttle, job.id)
+        .await
+        .map_err(|e| fatal(&e))?;
     Ok(PlanReport {
         job: job.name,
         table: target.table.clone(),
@@ -959,8 +982,28 @@ pub async fn plan(
         min_seconds_next_to_production: expected_seconds
             .filter(|_| throttle.busy_duty_cycle < 1.0)
             .map(|seconds| seconds / throttle.busy_duty_cycle),
+        holding_signals,
         planning_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The signals that would hold job `job_id` now: two health samples a probe interval apart
+/// (the WAL rate needs two), the job's view of the second.
+async fn signals_holding(
+    settings: &Settings,
+    db: &Database,
+    throttle: &backfill_core::throttle::ThrottleSettings,
+    job_id: i64,
+) -> anyhow::Result<Vec<&'static str>> {
+    let probe = health_probe(settings, db, None, job_id)?;
+    probe.sample().await;
+    tokio::time::sleep(settings.throttle.probe_interval).await;
+    let sample = probe.sample().await.for_job(job_id);
+    Ok(throttle
+        .holding_signals(&sample)
+        .into_iter()
+        .map(|reason| reason.as_str())
+        .collect())
 }
 
 impl PlanReport {
@@ -1046,6 +1089,14 @@ impl PlanReport {
             out.push_str(&format!(
                 "  next to production  at least ~{} (while other sessions are at work the job shares the primary: ~1 ms batches, throttle.busy_duty_cycle of the time)\n",
                 seconds(at_least),
+            ));
+        }
+        if self.holding_signals.is_empty() {
+            out.push_str("  holds now      none: every throttle signal lets the job run\n");
+        } else {
+            out.push_str(&format!(
+                "  holds now      {} (a worker would wait until these clear; see deploy/RUNBOOK.md)\n",
+                self.holding_signals.join(", ")
             ));
         }
         out.push_str(&format!(
