@@ -734,3 +734,168 @@ fn plan_names_the_signals_that_would_hold_the_job_now() {
     assert_eq!(db.job_state("split_full_name"), "pending");
     assert_eq!(db.sql("SELECT backfill.unthrottle()"), "1");
 }
+
+/// A tiny `/metrics` endpoint serving `app_latency_seconds <value>`, the value shared with
+/// the test; serves until the process ends.
+fn app_metrics(value: std::sync::Arc<std::sync::Mutex<f64>>) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let body = format!(
+                "# TYPE app_latency_seconds gauge\napp_latency_seconds {}\n",
+                *value.lock().expect("value")
+            );
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+/// A throwaway Prometheus server scraping 127.0.0.1:`target` every second; killed on drop.
+struct Prometheus {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target: u16) -> Prometheus {
+        let binary = std::env::var("PROMETHEUS_BIN").unwrap_or_else(|_| "prometheus".into());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n\
+                 scrape_configs:\n  - job_name: app\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
+            ),
+        )
+        .expect("write prometheus.yml");
+        let port = free_port();
+        let child = std::process::Command::new(&binary)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {binary}: {e} (Debian: apt-get install prometheus)")
+            });
+        wait_until("Prometheus to be ready", RUN_LIMIT, || {
+            matches!(http_get(port, "/-/ready"), Some((200, _)))
+        });
+        Prometheus {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// `app_latency_seconds` as Prometheus has it now, if it has it.
+    fn latency(&self) -> Option<f64> {
+        let (_, body) = http_get(self.port, "/api/v1/query?query=app_latency_seconds")?;
+        let answer: serde_json::Value = serde_json::from_str(&body).ok()?;
+        answer["data"]["result"][0]["value"][1]
+            .as_str()?
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until Prometheus has `app_latency_seconds == value` and returns when (database
+/// clock), polled every 20 ms so the time is close to when the daemon could first see it.
+fn prometheus_has(db: &TestDb, prometheus: &Prometheus, value: f64) -> f64 {
+    wait_until(
+        &format!("Prometheus to have app_latency_seconds {value}"),
+        RUN_LIMIT,
+        || {
+            let has = prometheus.latency() == Some(value);
+            if !has {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            has
+        },
+    );
+    db_now(db)
+}
+
+#[test]
+fn a_prometheus_query_over_its_threshold_holds_the_job_and_so_does_an_unreachable_prometheus() {
+    let db = TestDb::new("signals_prometheus");
+    slow_job(&db, 1);
+    let latency = std::sync::Arc::new(std::sync::Mutex::new(0.1));
+    let prometheus = Prometheus::start(app_metrics(latency.clone()));
+    prometheus_has(&db, &prometheus, 0.1);
+    let port = free_port();
+    let mut env = daemon_env("prometheus", port);
+    for (key, value) in [
+        (
+            "BACKFILLD_THROTTLE__PROMETHEUS_URL",
+            format!("http://127.0.0.1:{}", prometheus.port),
+        ),
+        (
+            "BACKFILLD_THROTTLE__PROMETHEUS_QUERY",
+            "max(app_latency_seconds)".to_string(),
+        ),
+        ("BACKFILLD_THROTTLE__PROMETHEUS_MAX", "0.5".to_string()),
+        ("BACKFILLD_THROTTLE__PROMETHEUS_RESUME", "0.3".to_string()),
+    ] {
+        env.push((key, value));
+    }
+    let mut daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    wait_until("the job running", RUN_LIMIT, || last_update(&db) > 0.0);
+
+    // The app slows down: held within two probe intervals of Prometheus knowing it.
+    *latency.lock().expect("value") = 0.9;
+    let crossed = prometheus_has(&db, &prometheus, 0.9);
+    assert_holds_within_two_probes(&db, crossed, "prometheus");
+    assert_eq!(throttled_reasons(port), ["prometheus"]);
+    // Between resume and max: still held (hysteresis).
+    *latency.lock().expect("value") = 0.4;
+    let between = prometheus_has(&db, &prometheus, 0.4);
+    let since = between + 2.0 * PROBE_INTERVAL + SLACK;
+    std::thread::sleep(Duration::from_secs_f64(2.0 * PROBE_INTERVAL + 2.0 * SLACK));
+    assert!(holding_for(&db, "prometheus"), "{:?}", throttle_states(&db));
+    assert!(
+        first_update_after(&db, since).is_none(),
+        "it ran between resume and max"
+    );
+    // Recovered: runs again.
+    *latency.lock().expect("value") = 0.2;
+    let recovered = prometheus_has(&db, &prometheus, 0.2);
+    let resumed = resumed_after(&db, recovered, "updates after the latency recovered");
+    assert!(
+        resumed <= 2.0 * PROBE_INTERVAL + SLACK,
+        "resumed {resumed:.3} s after the latency recovered"
+    );
+
+    // Prometheus gone: not knowing holds.
+    drop(prometheus);
+    let gone = db_now(&db);
+    assert_holds_within_two_probes(&db, gone, "prometheus");
+    wait_until("the unreachable Prometheus in the log", RUN_LIMIT, || {
+        daemon.log_text().contains("Prometheus at http://127.0.0.1")
+    });
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_success(RUN_LIMIT);
+}

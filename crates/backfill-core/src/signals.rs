@@ -14,6 +14,8 @@
 //!   its last success): every segment the backfill writes then stays on the primary's disk.
 //! - **Dead tuples** (`dead_tuples`): the job's table's `n_dead_tup / (n_live_tup +
 //!   n_dead_tup)`; holds at the limit, resumes below half of it (vacuum caught up).
+//! - **A Prometheus query** (`prometheus`): a PromQL expression's value, judged like the
+//!   throttle query (hold above, resume at or below; unreadable holds unless fail-open).
 //! - **The job's throttle query** (`throttle_query`, as the global one): the job's
 //!   `throttle_query` column, run as the job's role; holds above its `throttle_query_max`,
 //!   resumes at or below it; a failing one holds unless `query_fail_open`.
@@ -21,7 +23,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use crate::throttle::{QueryReading, ThrottleReason};
+use crate::throttle::{QueryLimits, QueryReading, ThrottleReason};
 
 /// The span the WAL rate is averaged over: long enough that one checkpoint's burst of
 /// full-page images or one large commit does not trip it, short enough to catch a burst
@@ -44,6 +46,8 @@ pub struct SignalLimits {
     pub max_dead_tuple_ratio: Option<f64>,
     /// A job's throttle query that fails lets the job run instead of holding it.
     pub job_query_fail_open: bool,
+    /// How to judge the Prometheus query's value.
+    pub prometheus: QueryLimits,
 }
 
 /// Measures the WAL rate from successive WAL insert positions.
@@ -145,6 +149,8 @@ pub struct SignalReadings {
     pub dead_tuple_ratio: Option<f64>,
     /// The job's throttle query and its threshold; `None` when the job has none.
     pub job_query: Option<(QueryReading, f64)>,
+    /// The Prometheus query's reading; `None` when none is configured.
+    pub prometheus: Option<QueryReading>,
 }
 
 /// The hold latches of this module's signals.
@@ -154,6 +160,7 @@ pub struct SignalLatches {
     archive_backlog: bool,
     dead_tuples: bool,
     job_query: bool,
+    prometheus: bool,
 }
 
 impl SignalLatches {
@@ -190,12 +197,26 @@ impl SignalLatches {
             Some((QueryReading::Value(value), hold_above)) if !value.is_nan() => value > hold_above,
             Some(_) => !limits.job_query_fail_open,
         };
+        let prometheus_limits = limits.prometheus;
+        self.prometheus = match &readings.prometheus {
+            None => false,
+            Some(QueryReading::Value(value)) if !value.is_nan() => {
+                if *value > prometheus_limits.hold_above {
+                    true
+                } else {
+                    self.prometheus && *value > prometheus_limits.resume_at_or_below
+                }
+            }
+            Some(_) => !prometheus_limits.fail_open,
+        };
         let archive_failing =
             limits.hold_while_archive_failing && readings.archive.is_some_and(|a| a.failing);
         if self.wal_rate {
             Some(ThrottleReason::WalRate)
         } else if self.archive_backlog || archive_failing {
             Some(ThrottleReason::WalArchive)
+        } else if self.prometheus {
+            Some(ThrottleReason::Prometheus)
         } else if self.job_query {
             Some(ThrottleReason::ThrottleQuery)
         } else if self.dead_tuples {
@@ -222,6 +243,13 @@ pub fn holding_reasons(limits: &SignalLimits, readings: &SignalReadings) -> Vec<
             ThrottleReason::WalArchive,
             SignalReadings {
                 archive: readings.archive,
+                ..SignalReadings::default()
+            },
+        ),
+        (
+            ThrottleReason::Prometheus,
+            SignalReadings {
+                prometheus: readings.prometheus.clone(),
                 ..SignalReadings::default()
             },
         ),
@@ -330,7 +358,40 @@ mod tests {
             hold_while_archive_failing: true,
             max_dead_tuple_ratio: Some(0.4),
             job_query_fail_open: false,
+            prometheus: QueryLimits {
+                hold_above: 0.5,
+                resume_at_or_below: 0.25,
+                fail_open: false,
+            },
         }
+    }
+
+    #[test]
+    fn prometheus_holds_above_its_threshold_until_at_or_below_resume_and_when_unreadable() {
+        let mut latches = SignalLatches::default();
+        let prometheus = |reading: QueryReading| SignalReadings {
+            prometheus: Some(reading),
+            ..SignalReadings::default()
+        };
+        let value = |v: f64| prometheus(QueryReading::Value(v));
+        assert_eq!(latches.update(&limits(), &value(0.5)), None);
+        assert_eq!(
+            latches.update(&limits(), &value(0.51)),
+            Some(ThrottleReason::Prometheus)
+        );
+        assert_eq!(
+            latches.update(&limits(), &value(0.3)),
+            Some(ThrottleReason::Prometheus)
+        );
+        assert_eq!(latches.update(&limits(), &value(0.25)), None);
+        let unreachable = prometheus(QueryReading::Failed("connection refused".into()));
+        assert_eq!(
+            latches.update(&limits(), &unreachable),
+            Some(ThrottleReason::Prometheus)
+        );
+        let mut open = limits();
+        open.prometheus.fail_open = true;
+        assert_eq!(latches.update(&open, &unreachable), None);
     }
 
     #[test]
@@ -445,6 +506,7 @@ mod tests {
             }),
             dead_tuple_ratio: Some(0.9),
             job_query: Some((QueryReading::Value(1.0), 0.0)),
+            prometheus: Some(QueryReading::Value(1.0)),
         };
         assert_eq!(
             latches.update(&limits(), &all),

@@ -233,6 +233,7 @@ impl Default for ThrottleSettings {
                 hold_while_archive_failing: true,
                 max_dead_tuple_ratio: None,
                 job_query_fail_open: false,
+                prometheus: QueryLimits::default(),
             },
         }
     }
@@ -686,6 +687,8 @@ pub struct HealthSample {
     pub table_dead_tuple_ratio: Option<f64>,
     /// See `table_dead_tuple_ratio`: the job's query's reading and threshold.
     pub job_query: Option<(QueryReading, f64)>,
+    /// The Prometheus query's reading; `None` when none is configured.
+    pub prometheus: Option<QueryReading>,
 }
 
 impl HealthSample {
@@ -744,6 +747,7 @@ impl HealthSample {
             archive: self.archive,
             dead_tuple_ratio: self.table_dead_tuple_ratio,
             job_query: self.job_query.clone(),
+            prometheus: self.prometheus.clone(),
         }
     }
 
@@ -858,11 +862,13 @@ pub enum ThrottleReason {
     WalArchive,
     /// Dead rows are too large a share of the job's table.
     DeadTuples,
+    /// The operator's Prometheus query is over its threshold, or unreadable.
+    Prometheus,
 }
 
 impl ThrottleReason {
     /// Every reason, e.g. to initialise one metric series per label.
-    pub const ALL: [ThrottleReason; 17] = [
+    pub const ALL: [ThrottleReason; 18] = [
         Self::ReplicationLag,
         Self::StandbyMissing,
         Self::LockTimeout,
@@ -880,6 +886,7 @@ impl ThrottleReason {
         Self::WalRate,
         Self::WalArchive,
         Self::DeadTuples,
+        Self::Prometheus,
     ];
 
     /// The snake_case label used in logs, metrics and `backfill.job_status`.
@@ -902,6 +909,7 @@ impl ThrottleReason {
             Self::WalRate => "wal_rate",
             Self::WalArchive => "wal_archive",
             Self::DeadTuples => "dead_tuples",
+            Self::Prometheus => "prometheus",
         }
     }
 
@@ -915,6 +923,7 @@ impl ThrottleReason {
             Self::WalArchive => 9,
             Self::WalRate => 9,
             Self::DeadTuples => 8,
+            Self::Prometheus => 8,
             Self::ThrottleQuery => 8,
             Self::Vacuum => 8,
             Self::ProbeFailed => 7,
@@ -2072,7 +2081,8 @@ mod tests {
                 "vacuum",
                 "wal_rate",
                 "wal_archive",
-                "dead_tuples"
+                "dead_tuples",
+                "prometheus"
             ]
         );
         assert_eq!(ThrottleReason::SlowBatch.to_string(), "slow_batch");

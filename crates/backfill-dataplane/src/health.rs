@@ -49,6 +49,9 @@
 //!   count `.ready` files exactly but needs pg_monitor or a superuser; the names need
 //!   nothing and agree with it except while a segment is being switched).
 //! - The dead-tuple ratio of running jobs' tables (`pg_stat_all_tables`).
+//! - The operator's Prometheus query ([`PrometheusQuery`]), read at the same time as the
+//!   primary; unreadable, it is a reading of its own that holds unless
+//!   `throttle.prometheus_fail_open`.
 //! - Running jobs' own throttle queries (`backfill.jobs.throttle_query`, a slice using
 //!   its parent's), each run as the job's role with its search_path in a read-only
 //!   transaction that is rolled back, and within `probe_timeout`.
@@ -74,6 +77,7 @@ use futures::future::join_all;
 use tokio_postgres::SimpleQueryMessage;
 
 use crate::pool::error_chain;
+use crate::PrometheusQuery;
 
 /// Lag of every standby streaming from the primary. `state` filters out standbys that are
 /// still starting or taking a base backup: those have no meaningful positions yet.
@@ -203,6 +207,8 @@ pub struct Signals {
     pub job_queries: bool,
     /// A job read as if it were running, whatever its state (`backfilld plan`); 0: none.
     pub also_job: i64,
+    /// The operator's Prometheus query, read alongside the primary.
+    pub prometheus: Option<PrometheusQuery>,
 }
 
 impl HealthProbe {
@@ -245,7 +251,13 @@ impl HealthProbe {
             let lag = tokio::time::timeout(self.timeout, replica_lag(pool, name)).await;
             (name, lag.unwrap_or_else(|_| Err(self.timed_out())))
         }));
-        let (primary, replicas) = tokio::join!(primary, replicas);
+        let prometheus = async {
+            match &self.signals.prometheus {
+                Some(query) => Some(query.read().await),
+                None => None,
+            }
+        };
+        let (primary, replicas, prometheus) = tokio::join!(primary, replicas, prometheus);
         let mut sample = match primary.unwrap_or_else(|_| Err(self.timed_out())) {
             Ok(sample) => {
                 self.failing.ok("primary");
@@ -256,6 +268,12 @@ impl HealthProbe {
                 return HealthSample::probe_failed();
             }
         };
+        match &prometheus {
+            Some(QueryReading::Failed(error)) => self.failing.failed("prometheus", error),
+            Some(QueryReading::Value(_)) => self.failing.ok("prometheus"),
+            None => {}
+        }
+        sample.prometheus = prometheus;
         for (name, lag) in replicas {
             match lag {
                 Ok(lag) => {

@@ -11,7 +11,7 @@ use backfill_core::latency::DelayDetector;
 use backfill_core::throttle::HealthSample;
 use backfill_dataplane::{
     connect_pool, error_chain, pinned_startup_settings, BatchRunner, BatchTarget, Endpoint,
-    HealthProbe, LatencyCanary, RetryBackoff, SessionSettings, Signals, SslMode,
+    HealthProbe, LatencyCanary, PrometheusQuery, RetryBackoff, SessionSettings, Signals, SslMode,
 };
 use backfill_queue::{Job, JobState, JobStatus, NewJob, Phase, QueueError, SteeringVerb};
 use comfy_table::{ColumnConstraint, Width};
@@ -456,7 +456,22 @@ fn health_probe(
         dead_tuples: settings.throttle.max_dead_tuple_ratio > 0.0,
         job_queries: true,
         also_job,
+        prometheus: prometheus_query(settings)?,
     }))
+}
+
+/// The configured Prometheus query, if any (settings validation checked the URL).
+fn prometheus_query(settings: &Settings) -> anyhow::Result<Option<PrometheusQuery>> {
+    let (url, query) = (
+        settings.throttle.prometheus_url.trim(),
+        settings.throttle.prometheus_query.trim(),
+    );
+    if url.is_empty() || query.is_empty() {
+        return Ok(None);
+    }
+    PrometheusQuery::new(url, query, settings.throttle.probe_timeout)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("throttle.prometheus_url: {e}"))
 }
 
 /// Refreshes `backfill_jobs{state}` and `backfill_job_failed{backfill_job}` from the queue.
