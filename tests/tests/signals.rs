@@ -899,3 +899,66 @@ fn a_prometheus_query_over_its_threshold_holds_the_job_and_so_does_an_unreachabl
     daemon.signal(libc::SIGTERM);
     daemon.expect_success(RUN_LIMIT);
 }
+
+/// The dead-tuple ratio of public.users as the statistics have it.
+fn dead_ratio(db: &TestDb) -> f64 {
+    db.sql(
+        "SELECT n_dead_tup::float8 / greatest(n_live_tup + n_dead_tup, 1) \
+           FROM pg_stat_user_tables WHERE relid = 'public.users'::regclass",
+    )
+    .parse()
+    .expect("a ratio")
+}
+
+#[test]
+fn dead_rows_piling_up_in_the_jobs_table_hold_it_until_vacuum_cleans_them() {
+    let db = TestDb::new("signals_dead_tuples");
+    slow_job(&db, 1);
+    // Autovacuum would race the test's own VACUUM.
+    db.sql("ALTER TABLE public.users SET (autovacuum_enabled = false)");
+    let mut env = quick_worker_json_log("dead_tuples");
+    env.push((
+        "BACKFILLD_THROTTLE__MAX_DEAD_TUPLE_RATIO",
+        "0.15".to_string(),
+    ));
+    let mut daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    wait_until("the job running", RUN_LIMIT, || last_update(&db) > 0.0);
+    let since = db_now(&db) + 2.0 * PROBE_INTERVAL + SLACK;
+    resumed_after(&db, since, "updates with few dead rows");
+
+    // Another session rewrites half the table (its triggers off: not the job's updates):
+    // a ratio of 1/3, or less while n_live_tup is still overestimated.
+    db.sql(
+        "SET session_replication_role = replica; \
+         UPDATE public.users SET full_name = full_name WHERE id % 2 = 0",
+    );
+    wait_until("the statistics counting the dead rows", RUN_LIMIT, || {
+        dead_ratio(&db) >= 0.15
+    });
+    let tripped = db_now(&db);
+    assert_holds_within_two_probes(&db, tripped, "dead_tuples");
+    wait_until(
+        "a 'throttle: holding' log line with the ratio",
+        RUN_LIMIT,
+        || {
+            daemon.json_lines("backfilld::worker").iter().any(|line| {
+                line["message"] == "throttle: holding"
+                    && line["reason"] == "dead_tuples"
+                    && line["dead_tuple_ratio"].as_f64().is_some_and(|r| r >= 0.15)
+            })
+        },
+    );
+
+    db.sql("VACUUM public.users");
+    wait_until("the statistics seeing the vacuum", RUN_LIMIT, || {
+        dead_ratio(&db) < 0.075
+    });
+    let cleaned = db_now(&db);
+    let resumed = resumed_after(&db, cleaned, "updates after the vacuum");
+    assert!(
+        resumed <= 2.0 * PROBE_INTERVAL + SLACK,
+        "resumed {resumed:.3} s after the vacuum"
+    );
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_success(RUN_LIMIT);
+}
