@@ -870,6 +870,17 @@ fn a_prometheus_query_over_its_threshold_holds_the_job_and_so_does_an_unreachabl
     let crossed = prometheus_has(&db, &prometheus, 0.9);
     assert_holds_within_two_probes(&db, crossed, "prometheus");
     assert_eq!(throttled_reasons(port), ["prometheus"]);
+    wait_until(
+        "a 'throttle: holding' log line with the value",
+        RUN_LIMIT,
+        || {
+            daemon.json_lines("backfilld::worker").iter().any(|line| {
+                line["message"] == "throttle: holding"
+                    && line["reason"] == "prometheus"
+                    && line["prometheus"] == "0.9"
+            })
+        },
+    );
     // Between resume and max: still held (hysteresis).
     *latency.lock().expect("value") = 0.4;
     let between = prometheus_has(&db, &prometheus, 0.4);

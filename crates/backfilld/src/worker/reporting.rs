@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use backfill_core::throttle::{HealthSample, ThrottleDecision, ThrottleReason};
+use backfill_core::throttle::{HealthSample, QueryReading, ThrottleDecision, ThrottleReason};
 use backfill_dataplane::RowFailure;
 use backfill_queue::JobProgress;
 use tracing::{info, warn};
@@ -37,6 +37,7 @@ impl JobRun<'_> {
                 state, reason, ?recheck_after, %lag, missing_standbys = %missing, sessions_blocked = blocked,
                 %slots, operator_ratio, wal_bytes_per_second, archive_pending, archive_failing,
                 dead_tuple_ratio = health.table_dead_tuple_ratio,
+                prometheus = %describe_reading(health.prometheus.as_ref()),
                 "throttle: holding"
             ),
             ThrottleDecision::Run {
@@ -72,6 +73,16 @@ impl JobRun<'_> {
             throttle_reason: self.throttle.reason().map(|r| r.as_str().to_string()),
         };
         self.progress.send_replace(progress);
+    }
+}
+
+/// A query's reading for the log: its value, `failed`, or empty when there is none (the
+/// failure itself is logged by the probe when it starts).
+fn describe_reading(reading: Option<&QueryReading>) -> String {
+    match reading {
+        Some(QueryReading::Value(value)) => value.to_string(),
+        Some(QueryReading::Failed(_)) => "failed".to_string(),
+        None => String::new(),
     }
 }
 
