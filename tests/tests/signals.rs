@@ -653,6 +653,14 @@ fn a_jobs_own_throttle_query_set_while_it_runs_holds_it_and_runs_read_only() {
         resumed <= 2.0 * PROBE_INTERVAL + SLACK,
         "resumed {resumed:.3} s after the query was removed"
     );
+    // A query slower than throttle.probe_timeout (1 s) holds its job (reason
+    // throttle_query), not the probe (which would say probe_failed).
+    db.sql("UPDATE backfill.jobs SET throttle_query = 'SELECT 0 FROM pg_sleep(3)'");
+    wait_until("holding for the slow query", RUN_LIMIT, || {
+        holding_for(&db, "throttle_query")
+    });
+    db.sql("UPDATE backfill.jobs SET throttle_query = NULL");
+    resumed_after(&db, db_now(&db), "updates after the slow query was removed");
     daemon.signal(libc::SIGTERM);
     daemon.expect_success(RUN_LIMIT);
 }

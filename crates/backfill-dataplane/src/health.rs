@@ -54,7 +54,8 @@
 //!   `throttle.prometheus_fail_open`.
 //! - Running jobs' own throttle queries (`backfill.jobs.throttle_query`, a slice using
 //!   its parent's), each run as the job's role with its search_path in a read-only
-//!   transaction that is rolled back, and within `probe_timeout`.
+//!   transaction that is rolled back, within `probe_timeout`, after the primary's sample
+//!   and on a connection of their own: a slow one holds its job, not the probe.
 //!
 //! Any of them but the throttle queries failing fails the whole sample (`probe_failed`),
 //! which holds: not knowing is not healthy. A throttle query's failure is its own
@@ -259,8 +260,9 @@ impl HealthProbe {
         };
         let (primary, replicas, prometheus) = tokio::join!(primary, replicas, prometheus);
         let mut sample = match primary.unwrap_or_else(|_| Err(self.timed_out())) {
-            Ok(sample) => {
+            Ok((mut sample, job_queries)) => {
                 self.failing.ok("primary");
+                sample.job_queries = self.run_job_queries(job_queries).await;
                 sample
             }
             Err(error) => {
@@ -296,7 +298,7 @@ impl HealthProbe {
         )
     }
 
-    async fn sample_primary(&self) -> Result<HealthSample, String> {
+    async fn sample_primary(&self) -> Result<(HealthSample, Vec<JobQuerySpec>), String> {
         let mut client = self
             .primary
             .get()
@@ -380,7 +382,7 @@ impl HealthProbe {
                 })
                 .collect();
         }
-        self.sample_more_signals(&mut client, &mut sample).await?;
+        let job_queries = self.sample_more_signals(&mut client, &mut sample).await?;
         if let Some(query) = &self.signals.throttle_query {
             let reading = match client.simple_query(query).await {
                 Ok(messages) => read_query_value(&messages),
@@ -397,7 +399,7 @@ impl HealthProbe {
                 }
             });
         }
-        Ok(sample)
+        Ok((sample, job_queries))
     }
 }
 
@@ -408,7 +410,7 @@ impl HealthProbe {
         &self,
         client: &mut deadpool_postgres::Client,
         sample: &mut HealthSample,
-    ) -> Result<(), String> {
+    ) -> Result<Vec<JobQuerySpec>, String> {
         if self.signals.wal_rate {
             let position: f64 = client
                 .query_one(WAL_POSITION_SQL, &[])
@@ -449,37 +451,84 @@ impl HealthProbe {
                 })
                 .collect();
         }
+        let mut job_queries = Vec::new();
         if self.signals.job_queries {
             let jobs = client
                 .query(JOB_QUERIES_SQL, &[&self.signals.also_job])
                 .await
                 .map_err(|e| format!("reading jobs' throttle queries: {e}"))?;
-            for job in jobs {
-                let (job_id, query, hold_above): (i64, String, f64) =
-                    (job.get(0), job.get(1), job.get(2));
-                let (role, search_path): (String, String) = (job.get(3), job.get(4));
-                let target = format!("throttle_query of job {job_id}");
-                let reading =
-                    match run_job_query(client, &query, &role, &search_path, self.timeout).await {
-                        Ok(value) => {
-                            self.failing.ok(&target);
-                            QueryReading::Value(value)
-                        }
-                        Err(error) => {
-                            let error = format!("{target} failed: {error}");
-                            self.failing.failed(&target, &error);
-                            QueryReading::Failed(error)
-                        }
-                    };
-                sample.job_queries.push(JobQuery {
-                    job_id,
-                    reading,
-                    hold_above,
-                });
-            }
+            job_queries = jobs
+                .iter()
+                .map(|job| JobQuerySpec {
+                    job_id: job.get(0),
+                    query: job.get(1),
+                    hold_above: job.get(2),
+                    role: job.get(3),
+                    search_path: job.get(4),
+                })
+                .collect();
         }
-        Ok(())
+        Ok(job_queries)
     }
+
+    /// Runs every job's own throttle query on a connection of their own, each within
+    /// `probe_timeout`, after the primary's sample: one slow or failing query holds its
+    /// own job, never the probe (and so every job).
+    async fn run_job_queries(&self, specs: Vec<JobQuerySpec>) -> Vec<JobQuery> {
+        if specs.is_empty() {
+            return Vec::new();
+        }
+        let mut client = match tokio::time::timeout(self.timeout, self.primary.get()).await {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(e)) => Err(format!("getting a connection: {}", error_chain(&e))),
+            Err(_) => Err(self.timed_out()),
+        };
+        let mut readings = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let target = format!("throttle_query of job {}", spec.job_id);
+            let outcome = match &mut client {
+                Ok(client) => tokio::time::timeout(
+                    self.timeout,
+                    run_job_query(
+                        client,
+                        &spec.query,
+                        &spec.role,
+                        &spec.search_path,
+                        self.timeout,
+                    ),
+                )
+                .await
+                .unwrap_or_else(|_| Err(self.timed_out())),
+                Err(error) => Err(error.clone()),
+            };
+            let reading = match outcome {
+                Ok(value) => {
+                    self.failing.ok(&target);
+                    QueryReading::Value(value)
+                }
+                Err(error) => {
+                    let error = format!("{target} failed: {error}");
+                    self.failing.failed(&target, &error);
+                    QueryReading::Failed(error)
+                }
+            };
+            readings.push(JobQuery {
+                job_id: spec.job_id,
+                reading,
+                hold_above: spec.hold_above,
+            });
+        }
+        readings
+    }
+}
+
+/// A running job's own throttle query, to be run as its role.
+struct JobQuerySpec {
+    job_id: i64,
+    query: String,
+    hold_above: f64,
+    role: String,
+    search_path: String,
 }
 
 /// Runs a job's throttle query as the job's role, read-only, in a transaction that is
