@@ -659,6 +659,12 @@ fn a_jobs_own_throttle_query_set_while_it_runs_holds_it_and_runs_read_only() {
     wait_until("holding for the slow query", RUN_LIMIT, || {
         holding_for(&db, "throttle_query")
     });
+    wait_until("the slow query's timeout in the log", RUN_LIMIT, || {
+        daemon.log_text().contains("statement timeout")
+            || daemon
+                .log_text()
+                .contains("no answer within throttle.probe_timeout")
+    });
     db.sql("UPDATE backfill.jobs SET throttle_query = NULL");
     resumed_after(&db, db_now(&db), "updates after the slow query was removed");
     daemon.signal(libc::SIGTERM);

@@ -475,6 +475,13 @@ impl HealthProbe {
     /// `probe_timeout`, after the primary's sample: one slow or failing query holds its
     /// own job, never the probe (and so every job).
     async fn run_job_queries(&self, specs: Vec<JobQuerySpec>) -> Vec<JobQuery> {
+        // A job whose query is gone (removed, or the job stopped running) starts afresh:
+        // a failure of a query it is given later is logged again.
+        let targets: Vec<String> = specs
+            .iter()
+            .map(|spec| format!("{JOB_QUERY_TARGET}{}", spec.job_id))
+            .collect();
+        self.failing.forget_others(JOB_QUERY_TARGET, &targets);
         if specs.is_empty() {
             return Vec::new();
         }
@@ -485,7 +492,7 @@ impl HealthProbe {
         };
         let mut readings = Vec::with_capacity(specs.len());
         for spec in specs {
-            let target = format!("throttle_query of job {}", spec.job_id);
+            let target = format!("{JOB_QUERY_TARGET}{}", spec.job_id);
             let outcome = match &mut client {
                 Ok(client) => tokio::time::timeout(
                     self.timeout,
@@ -521,6 +528,9 @@ impl HealthProbe {
         readings
     }
 }
+
+/// How the failure log names a job's throttle query, before the job's id.
+const JOB_QUERY_TARGET: &str = "throttle_query of job ";
 
 /// A running job's own throttle query, to be run as its role.
 struct JobQuerySpec {
@@ -725,6 +735,12 @@ impl FailureLog {
         if self.lock().remove(target) {
             tracing::info!(probed = target, "health probe works again");
         }
+    }
+
+    /// Forgets the failing targets named `prefix…` that are not among `current`.
+    fn forget_others(&self, prefix: &str, current: &[String]) {
+        self.lock()
+            .retain(|target| !target.starts_with(prefix) || current.contains(target));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
