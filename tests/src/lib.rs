@@ -36,11 +36,13 @@ pub fn readme_engineer_grants(role: &str, tables: &str) -> String {
          GRANT INSERT (name, table_name, key_column, batch_sql, pending_predicate, check_predicate,
                        batch_size, min_batch_size, max_batch_size, target_batch_ms, max_rows_per_second,
                        max_attempts, priority, not_before, parallelism, run_windows, finish_by,
-                       breaker_failed_share, breaker_failed_rows, keep_undo, undo_columns) ON backfill.jobs TO {role};
+                       breaker_failed_share, breaker_failed_rows, keep_undo, undo_columns,
+                       throttle_query, throttle_query_max) ON backfill.jobs TO {role};
          GRANT UPDATE (name, table_name, key_column, batch_sql, pending_predicate, check_predicate,
                        batch_size, min_batch_size, max_batch_size, target_batch_ms, max_rows_per_second,
                        max_attempts, priority, not_before, parallelism, run_windows, finish_by,
-                       breaker_failed_share, breaker_failed_rows, keep_undo, undo_columns) ON backfill.jobs TO {role};
+                       breaker_failed_share, breaker_failed_rows, keep_undo, undo_columns,
+                       throttle_query, throttle_query_max) ON backfill.jobs TO {role};
          GRANT SELECT ON backfill.undo TO {role};
          GRANT EXECUTE ON FUNCTION backfill.revert(text, text, text, boolean), backfill.purge_undo(text) TO {role};
          GRANT EXECUTE ON FUNCTION backfill.pause(text), backfill.resume(text), backfill.cancel(text),

@@ -39,17 +39,14 @@ const DESIGN_METRICS: &[&str] = &[
     "backfill_build_info",
 ];
 
-/// Throttle reasons exported per job (backfill_core::throttle::ThrottleReason::ALL).
-const THROTTLE_REASONS: &[&str] = &[
-    "replication_lag",
-    "standby_missing",
-    "lock_timeout",
-    "blocking_production",
-    "slow_batch",
-    "transient_error",
-    "rate_limit",
-    "probe_failed",
-];
+/// Throttle reasons exported per job: the code's own list, so a new reason is checked here
+/// (and in the dashboard and runbook tests) the day it is added.
+fn throttle_reasons() -> Vec<&'static str> {
+    backfill_core::throttle::ThrottleReason::ALL
+        .iter()
+        .map(|reason| reason.as_str())
+        .collect()
+}
 
 fn repo_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
@@ -473,8 +470,8 @@ fn a_demo_job_exports_every_design_and_deploy_metric_with_sane_values() {
         (10.0..=10_000.0).contains(&batch_size),
         "batch size {batch_size}"
     );
-    for reason in THROTTLE_REASONS {
-        let labels = [("backfill_job", JOB), ("reason", *reason)];
+    for reason in throttle_reasons() {
+        let labels = [("backfill_job", JOB), ("reason", reason)];
         assert_eq!(
             metrics.value("backfill_throttled", &labels),
             0.0,
@@ -953,5 +950,87 @@ fn the_readme_config_reference_is_config_default_toml() {
     assert!(
         default_config_keys().len() > 30,
         "default.toml was not parsed"
+    );
+}
+
+/// The reasons BackfillThrottledTooLong leaves out, from its `reason!~"…"` matcher
+/// (alternatives are names, or `.*word.*` for names containing a word).
+fn reasons_the_throttled_alert_ignores() -> BTreeSet<&'static str> {
+    let alerts =
+        std::fs::read_to_string(repo_file("deploy/prometheus/alerts.yaml")).expect("alerts.yaml");
+    let rule = alerts
+        .split("- alert: BackfillThrottledTooLong")
+        .nth(1)
+        .and_then(|rest| rest.split("- alert:").next())
+        .expect("the BackfillThrottledTooLong rule");
+    let matchers: BTreeSet<&str> = rule
+        .split("reason!~\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    assert_eq!(
+        matchers.len(),
+        1,
+        "one reason matcher, the same in both halves: {matchers:?}"
+    );
+    let pattern = matchers.into_iter().next().expect("a matcher");
+    throttle_reasons()
+        .into_iter()
+        .filter(|reason| {
+            pattern.split('|').any(|alternative| {
+                match alternative
+                    .strip_prefix(".*")
+                    .and_then(|a| a.strip_suffix(".*"))
+                {
+                    Some(word) => reason.contains(word),
+                    None => alternative == *reason,
+                }
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn every_throttle_reason_has_a_runbook_entry_a_dashboard_series_and_its_alerting_rule() {
+    let runbook = std::fs::read_to_string(repo_file("deploy/RUNBOOK.md")).expect("RUNBOOK.md");
+    let section = runbook
+        .split("## BackfillThrottledTooLong")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("the runbook's BackfillThrottledTooLong section");
+    for reason in throttle_reasons() {
+        assert!(
+            section.contains(&format!("`{reason}`")),
+            "deploy/RUNBOOK.md's BackfillThrottledTooLong section says nothing about `{reason}`"
+        );
+    }
+    // The dashboard shows every reason there is: its throttle queries group by reason and
+    // never pick reasons from a list that a new one would be missing from.
+    let dashboard =
+        std::fs::read_to_string(repo_file("deploy/grafana/backfilld.json")).expect("dashboard");
+    let throttle_queries: Vec<&str> = dashboard
+        .lines()
+        .filter(|line| line.contains("\"expr\"") && line.contains("backfill_throttle"))
+        .collect();
+    assert!(throttle_queries
+        .iter()
+        .any(|q| q.contains("by (namespace, backfill_job, reason)")));
+    assert!(throttle_queries
+        .iter()
+        .any(|q| q.contains("sum by (reason)")));
+    for query in &throttle_queries {
+        assert!(
+            !query.contains("reason="),
+            "the dashboard filters reasons: {query}"
+        );
+        assert!(
+            !query.contains("reason!"),
+            "the dashboard filters reasons: {query}"
+        );
+    }
+    // The alert counts every reason but the deliberate or steady-state ones.
+    assert_eq!(
+        reasons_the_throttled_alert_ignores(),
+        BTreeSet::from(["rate_limit", "production_active", "operator"])
     );
 }

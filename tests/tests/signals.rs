@@ -431,3 +431,559 @@ fn a_vacuum_working_on_the_jobs_table_holds_the_job_until_it_ends() {
     daemon.signal(libc::SIGTERM);
     daemon.expect_success(RUN_LIMIT);
 }
+
+/// Emits WAL from another session until told to stop: 4 MiB non-transactional messages
+/// (no table grows), one every 100 ms. Sends once the first one is written.
+fn wal_burst(
+    url: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    started: std::sync::mpsc::Sender<()>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let session = backfilld_e2e::Session::connect(&url);
+        let mut first = true;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            session.execute(
+                "SELECT pg_logical_emit_message(false, 'burst', repeat('x', 4 * 1024 * 1024))",
+            );
+            if std::mem::take(&mut first) {
+                started.send(()).expect("the test waits");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+#[test]
+fn a_wal_burst_from_another_session_holds_the_job_until_the_rate_falls() {
+    // The WAL rate is the whole cluster's: a primary of its own.
+    let cluster = PgCluster::start_primary().expect("primary");
+    let db = TestDb::on(&cluster, "signals_wal_rate");
+    slow_job(&db, 1);
+    let port = free_port();
+    let mut env = daemon_env("walrate", port);
+    // 4 MiB/s: far above what the job writes at its rate, far below the burst.
+    env.push((
+        "BACKFILLD_THROTTLE__MAX_WAL_BYTES_PER_SECOND",
+        (4 * 1024 * 1024).to_string(),
+    ));
+    let mut daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    wait_until("the job running", RUN_LIMIT, || last_update(&db) > 0.0);
+    let since = db_now(&db) + 2.0 * PROBE_INTERVAL + 1.0 + SLACK;
+    resumed_after(&db, since, "updates while only the job writes WAL");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (started, first_written) = std::sync::mpsc::channel();
+    let burst = wal_burst(db.url(), stop.clone(), started);
+    first_written.recv().expect("the burst started");
+    // 4 MiB written: the rate over the last second is at the limit from now on.
+    let tripped = db_now(&db);
+    assert_holds_within_two_probes(&db, tripped, "wal_rate");
+    assert_eq!(throttled_reasons(port), ["wal_rate"]);
+    wait_until(
+        "a 'throttle: holding' log line with the WAL rate",
+        RUN_LIMIT,
+        || {
+            daemon.json_lines("backfilld::worker").iter().any(|line| {
+                line["message"] == "throttle: holding"
+                    && line["reason"] == "wal_rate"
+                    && line["wal_bytes_per_second"]
+                        .as_f64()
+                        .is_some_and(|rate| rate >= 4.0 * 1024.0 * 1024.0)
+            })
+        },
+    );
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    burst.join().expect("the burst thread");
+    let stopped = db_now(&db);
+    let resumed = resumed_after(&db, stopped, "updates after the burst");
+    // The rate is averaged over the last second (WAL_RATE_WINDOW).
+    assert!(
+        resumed <= 1.0 + 2.0 * PROBE_INTERVAL + SLACK,
+        "resumed {resumed:.3} s after the burst ended"
+    );
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_success(RUN_LIMIT);
+}
+
+/// The archiver's last failure (epoch seconds), if any.
+fn last_archive_failure(db: &TestDb) -> Option<f64> {
+    let at = db.sql("SELECT extract(epoch FROM last_failed_time) FROM pg_stat_archiver");
+    (!at.is_empty()).then(|| at.parse().expect("epoch"))
+}
+
+/// Completes the WAL segment being written (writing a little WAL first, so that there
+/// is one to complete).
+fn switch_wal(db: &TestDb) {
+    db.sql("SELECT pg_logical_emit_message(false, 'switch', 'x'); SELECT pg_switch_wal()");
+}
+
+#[test]
+fn a_failing_archive_command_holds_the_job_and_so_does_a_backlog_of_segments() {
+    // The cluster may run as another user than the test: an archive that accepts every
+    // segment and keeps none is enough here.
+    let copy_to_archive = "true";
+    let cluster = PgCluster::start_primary_with(&[
+        ("archive_mode", "on"),
+        ("archive_command", copy_to_archive),
+    ])
+    .expect("primary");
+    let db = TestDb::on(&cluster, "signals_archive");
+    slow_job(&db, 1);
+    let env = quick_worker_json_log("archive");
+    let mut daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    wait_until("the job running", RUN_LIMIT, || last_update(&db) > 0.0);
+    switch_wal(&db);
+    let since = db_now(&db) + 2.0 * PROBE_INTERVAL + SLACK;
+    resumed_after(&db, since, "updates while archiving works");
+
+    // The archive breaks; a completed segment the archive_command fails on.
+    db.sql("ALTER SYSTEM SET archive_command = 'false'; SELECT pg_reload_conf()");
+    switch_wal(&db);
+    wait_until("the archiver failing", RUN_LIMIT, || {
+        db.sql("SELECT last_failed_time > last_archived_time FROM pg_stat_archiver") == "t"
+    });
+    let failed = last_archive_failure(&db).expect("a failure");
+    assert_holds_within_two_probes(&db, failed, "wal_archive");
+    wait_until(
+        "a 'throttle: holding' log line saying archiving fails",
+        RUN_LIMIT,
+        || {
+            daemon.json_lines("backfilld::worker").iter().any(|line| {
+                line["message"] == "throttle: holding"
+                    && line["reason"] == "wal_archive"
+                    && line["archive_failing"] == true
+            })
+        },
+    );
+
+    // Archiving works again: the job runs once a segment is archived.
+    db.sql(&format!(
+        "ALTER SYSTEM SET archive_command = '{copy_to_archive}'; SELECT pg_reload_conf()"
+    ));
+    switch_wal(&db);
+    wait_until("the archiver catching up", RUN_LIMIT, || {
+        db.sql("SELECT last_archived_time > last_failed_time FROM pg_stat_archiver") == "t"
+    });
+    let archived: f64 = db
+        .sql("SELECT extract(epoch FROM last_archived_time) FROM pg_stat_archiver")
+        .parse()
+        .expect("epoch");
+    let resumed = resumed_after(&db, archived, "updates after archiving worked again");
+    assert!(
+        resumed <= 2.0 * PROBE_INTERVAL + SLACK,
+        "resumed {resumed:.3} s after archiving worked again"
+    );
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_success(RUN_LIMIT);
+
+    // A backlog alone: failures tolerated, 3 segments waiting hold.
+    db.sql("ALTER SYSTEM SET archive_command = 'false'; SELECT pg_reload_conf()");
+    let mut env = quick_worker_json_log("archive_backlog");
+    env.push((
+        "BACKFILLD_THROTTLE__HOLD_WHILE_ARCHIVE_FAILING",
+        "false".to_string(),
+    ));
+    env.push((
+        "BACKFILLD_THROTTLE__MAX_ARCHIVE_PENDING_SEGMENTS",
+        "3".to_string(),
+    ));
+    let mut daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    switch_wal(&db);
+    switch_wal(&db);
+    wait_until("the archiver failing again", RUN_LIMIT, || {
+        db.sql("SELECT last_failed_time > last_archived_time FROM pg_stat_archiver") == "t"
+    });
+    let since = db_now(&db) + 2.0 * PROBE_INTERVAL + SLACK;
+    resumed_after(&db, since, "updates with 2 segments waiting");
+    switch_wal(&db);
+    let tripped = db_now(&db);
+    assert_holds_within_two_probes(&db, tripped, "wal_archive");
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_success(RUN_LIMIT);
+}
+
+#[test]
+fn a_jobs_own_throttle_query_set_while_it_runs_holds_it_and_runs_read_only() {
+    let db = TestDb::new("signals_job_query");
+    slow_job(&db, 1);
+    db.sql("CREATE TABLE public.job_gate (waiting int NOT NULL); INSERT INTO public.job_gate VALUES (0)");
+    let port = free_port();
+    let mut daemon = Daemon::start(&db.url(), &[], &env_refs(&daemon_env("job_query", port)));
+    wait_until("the job running", RUN_LIMIT, || last_update(&db) > 0.0);
+
+    // A tunable: set on the running job, with a threshold.
+    db.sql(
+        "UPDATE backfill.jobs SET throttle_query = 'SELECT waiting FROM job_gate', \
+                throttle_query_max = 5",
+    );
+    db.sql("UPDATE public.job_gate SET waiting = 5");
+    let since = db_now(&db) + 2.0 * PROBE_INTERVAL + SLACK;
+    resumed_after(&db, since, "updates at the threshold");
+    db.sql("UPDATE public.job_gate SET waiting = 6");
+    let flipped = db_now(&db);
+    assert_holds_within_two_probes(&db, flipped, "throttle_query");
+    assert_eq!(throttled_reasons(port), ["throttle_query"]);
+    db.sql("UPDATE public.job_gate SET waiting = 0");
+    let flipped = db_now(&db);
+    let resumed = resumed_after(&db, flipped, "updates after the value fell");
+    assert!(
+        resumed <= 2.0 * PROBE_INTERVAL + SLACK,
+        "resumed {resumed:.3} s after the value fell"
+    );
+
+    // It runs read-only: a query that writes fails, which holds, and writes nothing.
+    db.sql(
+        "UPDATE backfill.jobs SET throttle_query = \
+           'WITH gone AS (DELETE FROM job_gate RETURNING 1) SELECT count(*) FROM gone'",
+    );
+    let changed = db_now(&db);
+    assert_holds_within_two_probes(&db, changed, "throttle_query");
+    wait_until("the job query's failure in the log", RUN_LIMIT, || {
+        daemon.log_text().contains("throttle_query of job 1 failed")
+    });
+    assert!(daemon.log_text().contains("read-only transaction"));
+    assert_eq!(db.int("SELECT count(*) FROM public.job_gate"), 1);
+    // Removed: runs again.
+    db.sql("UPDATE backfill.jobs SET throttle_query = NULL");
+    let removed = db_now(&db);
+    let resumed = resumed_after(&db, removed, "updates after the query was removed");
+    assert!(
+        resumed <= 2.0 * PROBE_INTERVAL + SLACK,
+        "resumed {resumed:.3} s after the query was removed"
+    );
+    // A query slower than throttle.probe_timeout (1 s) holds its job (reason
+    // throttle_query), not the probe (which would say probe_failed).
+    db.sql("UPDATE backfill.jobs SET throttle_query = 'SELECT 0 FROM pg_sleep(3)'");
+    wait_until("holding for the slow query", RUN_LIMIT, || {
+        holding_for(&db, "throttle_query")
+    });
+    wait_until("the slow query's timeout in the log", RUN_LIMIT, || {
+        daemon.log_text().contains("statement timeout")
+            || daemon
+                .log_text()
+                .contains("no answer within throttle.probe_timeout")
+    });
+    db.sql("UPDATE backfill.jobs SET throttle_query = NULL");
+    resumed_after(&db, db_now(&db), "updates after the slow query was removed");
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_success(RUN_LIMIT);
+}
+
+#[test]
+fn a_blank_job_throttle_query_or_a_nonsense_threshold_is_refused_naming_the_column() {
+    let db = TestDb::new("signals_job_query_bad");
+    db.sql("CREATE TABLE public.users (id bigint PRIMARY KEY, v text)");
+    db.migrate();
+    for (column, value, mentions) in [
+        (
+            "throttle_query",
+            "'  '",
+            "throttle_query of job 'j' is blank",
+        ),
+        (
+            "throttle_query_max",
+            "'NaN'",
+            "throttle_query_max of job 'j' must be a finite number",
+        ),
+    ] {
+        let error = db.sql_err(&format!(
+            "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, {column}) \
+             VALUES ('j', 'public.users', 'id', 'UPDATE public.users SET v = ''x'' WHERE id = ANY(:keys)', {value})"
+        ));
+        assert!(error.contains(mentions), "{column}: {error}");
+    }
+    assert_eq!(db.int("SELECT count(*) FROM backfill.jobs"), 0);
+    // An engineer with the README's grants may set both.
+    db.sql("DROP ROLE IF EXISTS signals_eng; CREATE ROLE signals_eng");
+    db.sql(&readme_engineer_grants("signals_eng", "public.users"));
+    db.sql(
+        "SET ROLE signals_eng; \
+         INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, throttle_query, throttle_query_max) \
+         VALUES ('j', 'public.users', 'id', 'UPDATE public.users SET v = ''x'' WHERE id = ANY(:keys)', 'SELECT 1', 2); \
+         UPDATE backfill.jobs SET throttle_query = 'SELECT 0', throttle_query_max = 0.5",
+    );
+    assert_eq!(
+        db.sql("SELECT throttle_query || ' ' || throttle_query_max FROM backfill.jobs"),
+        "SELECT 0 0.5"
+    );
+    db.sql("DELETE FROM backfill.jobs; DROP OWNED BY signals_eng; DROP ROLE signals_eng");
+}
+
+#[test]
+fn plan_names_the_signals_that_would_hold_the_job_now() {
+    let db = TestDb::new("signals_plan");
+    db.sql(&users_table_sql(1_000));
+    db.migrate();
+    db.sql(SPLIT_NAME_JOB_SQL);
+    let plan = db.backfilld(&["plan", "split_full_name"]);
+    assert!(plan.status.success(), "{}", plan.stderr);
+    assert!(
+        plan.stdout
+            .contains("holds now      none: every throttle signal lets the job run"),
+        "{}",
+        plan.stdout
+    );
+
+    // The job (pending, not running yet) has its own query saying hold, and the
+    // operator pressed the button.
+    db.sql("UPDATE backfill.jobs SET throttle_query = 'SELECT true'");
+    db.sql("SELECT backfill.throttle(0, '1 hour')");
+    let plan = db.backfilld(&["plan", "split_full_name"]);
+    assert!(plan.status.success(), "{}", plan.stderr);
+    assert!(
+        plan.stdout
+            .contains("holds now      throttle_query, operator"),
+        "{}",
+        plan.stdout
+    );
+    let json = db.backfilld(&["plan", "split_full_name", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&json.stdout).expect("plan --json");
+    assert_eq!(
+        report["holding_signals"],
+        serde_json::json!(["throttle_query", "operator"])
+    );
+    // Nothing was changed: the job is still pending, the throttle still there.
+    assert_eq!(db.job_state("split_full_name"), "pending");
+    assert_eq!(db.sql("SELECT backfill.unthrottle()"), "1");
+}
+
+/// A tiny `/metrics` endpoint serving `app_latency_seconds <value>`, the value shared with
+/// the test; serves until the process ends.
+fn app_metrics(value: std::sync::Arc<std::sync::Mutex<f64>>) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let body = format!(
+                "# TYPE app_latency_seconds gauge\napp_latency_seconds {}\n",
+                *value.lock().expect("value")
+            );
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+/// A throwaway Prometheus server scraping 127.0.0.1:`target` every second; killed on drop.
+struct Prometheus {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target: u16) -> Prometheus {
+        let binary = std::env::var("PROMETHEUS_BIN").unwrap_or_else(|_| "prometheus".into());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n\
+                 scrape_configs:\n  - job_name: app\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
+            ),
+        )
+        .expect("write prometheus.yml");
+        let port = free_port();
+        let child = std::process::Command::new(&binary)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {binary}: {e} (Debian: apt-get install prometheus)")
+            });
+        wait_until("Prometheus to be ready", RUN_LIMIT, || {
+            matches!(http_get(port, "/-/ready"), Some((200, _)))
+        });
+        Prometheus {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// `app_latency_seconds` as Prometheus has it now, if it has it.
+    fn latency(&self) -> Option<f64> {
+        let (_, body) = http_get(self.port, "/api/v1/query?query=app_latency_seconds")?;
+        let answer: serde_json::Value = serde_json::from_str(&body).ok()?;
+        answer["data"]["result"][0]["value"][1]
+            .as_str()?
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until Prometheus has `app_latency_seconds == value` and returns when (database
+/// clock), polled every 20 ms so the time is close to when the daemon could first see it.
+fn prometheus_has(db: &TestDb, prometheus: &Prometheus, value: f64) -> f64 {
+    wait_until(
+        &format!("Prometheus to have app_latency_seconds {value}"),
+        RUN_LIMIT,
+        || {
+            let has = prometheus.latency() == Some(value);
+            if !has {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            has
+        },
+    );
+    db_now(db)
+}
+
+#[test]
+fn a_prometheus_query_over_its_threshold_holds_the_job_and_so_does_an_unreachable_prometheus() {
+    let db = TestDb::new("signals_prometheus");
+    slow_job(&db, 1);
+    let latency = std::sync::Arc::new(std::sync::Mutex::new(0.1));
+    let prometheus = Prometheus::start(app_metrics(latency.clone()));
+    prometheus_has(&db, &prometheus, 0.1);
+    let port = free_port();
+    let mut env = daemon_env("prometheus", port);
+    for (key, value) in [
+        (
+            "BACKFILLD_THROTTLE__PROMETHEUS_URL",
+            format!("http://127.0.0.1:{}", prometheus.port),
+        ),
+        (
+            "BACKFILLD_THROTTLE__PROMETHEUS_QUERY",
+            "max(app_latency_seconds)".to_string(),
+        ),
+        ("BACKFILLD_THROTTLE__PROMETHEUS_MAX", "0.5".to_string()),
+        ("BACKFILLD_THROTTLE__PROMETHEUS_RESUME", "0.3".to_string()),
+    ] {
+        env.push((key, value));
+    }
+    let mut daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    wait_until("the job running", RUN_LIMIT, || last_update(&db) > 0.0);
+
+    // The app slows down: held within two probe intervals of Prometheus knowing it.
+    *latency.lock().expect("value") = 0.9;
+    let crossed = prometheus_has(&db, &prometheus, 0.9);
+    assert_holds_within_two_probes(&db, crossed, "prometheus");
+    assert_eq!(throttled_reasons(port), ["prometheus"]);
+    wait_until(
+        "a 'throttle: holding' log line with the value",
+        RUN_LIMIT,
+        || {
+            daemon.json_lines("backfilld::worker").iter().any(|line| {
+                line["message"] == "throttle: holding"
+                    && line["reason"] == "prometheus"
+                    && line["prometheus"] == "0.9"
+            })
+        },
+    );
+    // Between resume and max: still held (hysteresis).
+    *latency.lock().expect("value") = 0.4;
+    let between = prometheus_has(&db, &prometheus, 0.4);
+    let since = between + 2.0 * PROBE_INTERVAL + SLACK;
+    std::thread::sleep(Duration::from_secs_f64(2.0 * PROBE_INTERVAL + 2.0 * SLACK));
+    assert!(holding_for(&db, "prometheus"), "{:?}", throttle_states(&db));
+    assert!(
+        first_update_after(&db, since).is_none(),
+        "it ran between resume and max"
+    );
+    // Recovered: runs again.
+    *latency.lock().expect("value") = 0.2;
+    let recovered = prometheus_has(&db, &prometheus, 0.2);
+    let resumed = resumed_after(&db, recovered, "updates after the latency recovered");
+    assert!(
+        resumed <= 2.0 * PROBE_INTERVAL + SLACK,
+        "resumed {resumed:.3} s after the latency recovered"
+    );
+
+    // Prometheus gone: not knowing holds.
+    drop(prometheus);
+    let gone = db_now(&db);
+    assert_holds_within_two_probes(&db, gone, "prometheus");
+    wait_until("the unreachable Prometheus in the log", RUN_LIMIT, || {
+        daemon.log_text().contains("Prometheus at http://127.0.0.1")
+    });
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_success(RUN_LIMIT);
+}
+
+/// The dead-tuple ratio of public.users as the statistics have it.
+fn dead_ratio(db: &TestDb) -> f64 {
+    db.sql(
+        "SELECT n_dead_tup::float8 / greatest(n_live_tup + n_dead_tup, 1) \
+           FROM pg_stat_user_tables WHERE relid = 'public.users'::regclass",
+    )
+    .parse()
+    .expect("a ratio")
+}
+
+#[test]
+fn dead_rows_piling_up_in_the_jobs_table_hold_it_until_vacuum_cleans_them() {
+    let db = TestDb::new("signals_dead_tuples");
+    slow_job(&db, 1);
+    // Autovacuum would race the test's own VACUUM.
+    db.sql("ALTER TABLE public.users SET (autovacuum_enabled = false)");
+    let mut env = quick_worker_json_log("dead_tuples");
+    env.push((
+        "BACKFILLD_THROTTLE__MAX_DEAD_TUPLE_RATIO",
+        "0.15".to_string(),
+    ));
+    let mut daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
+    wait_until("the job running", RUN_LIMIT, || last_update(&db) > 0.0);
+    let since = db_now(&db) + 2.0 * PROBE_INTERVAL + SLACK;
+    resumed_after(&db, since, "updates with few dead rows");
+
+    // Another session rewrites half the table (its triggers off: not the job's updates):
+    // a ratio of 1/3, or less while n_live_tup is still overestimated.
+    db.sql(
+        "SET session_replication_role = replica; \
+         UPDATE public.users SET full_name = full_name WHERE id % 2 = 0",
+    );
+    wait_until("the statistics counting the dead rows", RUN_LIMIT, || {
+        dead_ratio(&db) >= 0.15
+    });
+    let tripped = db_now(&db);
+    assert_holds_within_two_probes(&db, tripped, "dead_tuples");
+    wait_until(
+        "a 'throttle: holding' log line with the ratio",
+        RUN_LIMIT,
+        || {
+            daemon.json_lines("backfilld::worker").iter().any(|line| {
+                line["message"] == "throttle: holding"
+                    && line["reason"] == "dead_tuples"
+                    && line["dead_tuple_ratio"].as_f64().is_some_and(|r| r >= 0.15)
+            })
+        },
+    );
+
+    db.sql("VACUUM public.users");
+    wait_until("the statistics seeing the vacuum", RUN_LIMIT, || {
+        dead_ratio(&db) < 0.075
+    });
+    let cleaned = db_now(&db);
+    let resumed = resumed_after(&db, cleaned, "updates after the vacuum");
+    assert!(
+        resumed <= 2.0 * PROBE_INTERVAL + SLACK,
+        "resumed {resumed:.3} s after the vacuum"
+    );
+    daemon.signal(libc::SIGTERM);
+    daemon.expect_success(RUN_LIMIT);
+}

@@ -9,6 +9,7 @@ pub mod latency;
 pub mod phase;
 pub mod placeholders;
 pub mod queue_sql;
+pub mod signals;
 pub mod slicing;
 pub mod steering;
 pub mod throttle;

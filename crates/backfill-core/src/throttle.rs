@@ -38,6 +38,9 @@
 //! - **Throttle query** (operator-supplied SQL returning a number or boolean): above
 //!   `hold_above` holds (`throttle_query`) until the value is at or below `resume_at_or_below`;
 //!   a query that fails holds too, unless the operator chose to fail open.
+//! - **WAL rate, WAL archiving, dead tuples, a job's own throttle query**: latches with
+//!   hysteresis of their own (see [`crate::signals`]), reasons `wal_rate`, `wal_archive`,
+//!   `dead_tuples` and `throttle_query`.
 //! - **Vacuum on the job's table**: while a vacuum works on it, hold (`vacuum`), so the
 //!   backfill's dead rows get cleaned instead of piling up; `hold_while_vacuumed` turns
 //!   this off, except for a wraparound-prevention vacuum, which always wins.
@@ -104,6 +107,9 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::latency::{LatencyPacer, PACING_WINDOW};
+use crate::signals::{
+    ArchiveStatus, JobQuery, SignalLatches, SignalLimits, SignalReadings, TableDeadTuples,
+};
 
 /// A batch that took more than this many times the target is reported as `slow_batch`;
 /// smaller overshoots are corrected silently as normal regulation.
@@ -163,6 +169,8 @@ pub struct ThrottleSettings {
     pub query_limits: QueryLimits,
     /// Hold while a vacuum works on the job's table (a wraparound-prevention one always holds).
     pub hold_while_vacuumed: bool,
+    /// Limits of the WAL rate, WAL archiving, dead-tuple and job-query signals.
+    pub signal_limits: SignalLimits,
 }
 
 /// Thresholds of the operator's throttle query.
@@ -219,6 +227,14 @@ impl Default for ThrottleSettings {
             max_slot_retained_bytes: Some(DEFAULT_MAX_SLOT_RETAINED_BYTES),
             query_limits: QueryLimits::default(),
             hold_while_vacuumed: true,
+            signal_limits: SignalLimits {
+                max_wal_bytes_per_second: None,
+                max_archive_pending_segments: Some(DEFAULT_MAX_ARCHIVE_PENDING_SEGMENTS),
+                hold_while_archive_failing: true,
+                max_dead_tuple_ratio: None,
+                job_query_fail_open: false,
+                prometheus: QueryLimits::default(),
+            },
         }
     }
 }
@@ -228,6 +244,10 @@ impl Default for ThrottleSettings {
 /// primary keeps for WAL, so a stalled CDC consumer or WAN standby stops the backfill
 /// long before the primary must choose between its disk and the slot.
 pub const DEFAULT_MAX_SLOT_RETAINED_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// Default limit on completed WAL segments awaiting archiving (512 MiB of default
+/// segments): an archiver that keeps up has at most one or two waiting.
+pub const DEFAULT_MAX_ARCHIVE_PENDING_SEGMENTS: u64 = 32;
 
 /// Why a set of [`ThrottleSettings`] makes no sense.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -346,6 +366,15 @@ impl ThrottleSettings {
                 resume_at_or_below,
             });
         }
+        if let Some(ratio) = self.signal_limits.max_dead_tuple_ratio {
+            if !UNIT_RANGE.contains(ratio) {
+                return Err(ThrottleSettingsError::FactorOutOfRange {
+                    name: "max_dead_tuple_ratio",
+                    value: ratio,
+                    range: UNIT_RANGE.label,
+                });
+            }
+        }
         if let Some(budget) = self.max_rows_per_second {
             if !(budget.is_finite() && budget >= MIN_ROWS_PER_SECOND) {
                 return Err(ThrottleSettingsError::InvalidRowsPerSecond(budget));
@@ -441,7 +470,58 @@ impl ThrottleSettings {
             },
             query_limits: self.query_limits,
             hold_while_vacuumed: self.hold_while_vacuumed,
+            signal_limits: self.signal_limits,
         }
+    }
+}
+
+impl ThrottleSettings {
+    /// Every signal in `health` that would hold a job under these settings right now, each
+    /// judged on its own with no hold carried over (so a signal between its resume and hold
+    /// thresholds does not count), most severe first; what `backfilld plan` reports.
+    pub fn holding_signals(&self, health: &HealthSample) -> Vec<ThrottleReason> {
+        if health.probe_failed {
+            return vec![ThrottleReason::ProbeFailed];
+        }
+        let mut fresh = ThrottleController::new(self.clone());
+        let mut reasons = Vec::new();
+        if health
+            .operator_ratio
+            .is_some_and(|ratio| ratio.is_nan() || ratio <= 0.0)
+        {
+            reasons.push(ThrottleReason::Operator);
+        }
+        let lag = fresh.assess_lag(health);
+        if lag.standby_missing {
+            reasons.push(ThrottleReason::StandbyMissing);
+        }
+        let settings = &fresh.settings;
+        if health.replicas.iter().any(|replica| {
+            replica.is_unmeasured() || replica.reaches(settings.max_lag, settings.max_lag_bytes)
+        }) {
+            reasons.push(ThrottleReason::ReplicationLag);
+        }
+        if health
+            .table_vacuum
+            .is_some_and(|wraparound| wraparound || settings.hold_while_vacuumed)
+        {
+            reasons.push(ThrottleReason::Vacuum);
+        }
+        fresh.update_slot_latch(health);
+        if fresh.holding_for_slot {
+            reasons.push(ThrottleReason::ReplicationSlot);
+        }
+        fresh.update_query_latch(health);
+        if fresh.holding_for_query {
+            reasons.push(ThrottleReason::ThrottleQuery);
+        }
+        reasons.extend(crate::signals::holding_reasons(
+            &fresh.settings.signal_limits,
+            &health.signal_readings(),
+        ));
+        reasons.sort_by_key(|reason| std::cmp::Reverse(reason.severity()));
+        reasons.dedup();
+        reasons
     }
 }
 
@@ -594,6 +674,21 @@ pub struct HealthSample {
     /// For the job this sample is decided for (see [`HealthSample::for_job`]): a vacuum
     /// works on its table, `Some(true)` when it prevents wraparound.
     pub table_vacuum: Option<bool>,
+    /// Bytes of WAL the primary wrote per second lately; `None` until measured.
+    pub wal_bytes_per_second: Option<f64>,
+    /// WAL archiving; `None` when archive_mode is off.
+    pub archive: Option<ArchiveStatus>,
+    /// Dead-tuple ratios of running jobs' tables.
+    pub dead_tuples: Vec<TableDeadTuples>,
+    /// Running jobs' own throttle queries.
+    pub job_queries: Vec<JobQuery>,
+    /// For the job this sample is decided for: its table's dead-tuple ratio and its own
+    /// throttle query (see [`HealthSample::for_job`]).
+    pub table_dead_tuple_ratio: Option<f64>,
+    /// See `table_dead_tuple_ratio`: the job's query's reading and threshold.
+    pub job_query: Option<(QueryReading, f64)>,
+    /// The Prometheus query's reading; `None` when none is configured.
+    pub prometheus: Option<QueryReading>,
 }
 
 impl HealthSample {
@@ -625,10 +720,34 @@ impl HealthSample {
             .filter(|vacuum| vacuum.job_id == job_id)
             .map(|vacuum| vacuum.wraparound)
             .reduce(|a, b| a || b);
+        let table_dead_tuple_ratio = self
+            .dead_tuples
+            .iter()
+            .filter(|dead| dead.job_id == job_id)
+            .map(|dead| dead.ratio)
+            .reduce(f64::max);
+        let job_query = self
+            .job_queries
+            .iter()
+            .find(|query| query.job_id == job_id)
+            .map(|query| (query.reading.clone(), query.hold_above));
         Self {
             operator_ratio,
             table_vacuum,
+            table_dead_tuple_ratio,
+            job_query,
             ..self.clone()
+        }
+    }
+
+    /// What the signals of [`crate::signals`] read, for the job of [`Self::for_job`].
+    pub fn signal_readings(&self) -> SignalReadings {
+        SignalReadings {
+            wal_bytes_per_second: self.wal_bytes_per_second,
+            archive: self.archive,
+            dead_tuple_ratio: self.table_dead_tuple_ratio,
+            job_query: self.job_query.clone(),
+            prometheus: self.prometheus.clone(),
         }
     }
 
@@ -737,11 +856,19 @@ pub enum ThrottleReason {
     ThrottleQuery,
     /// A vacuum works on the job's table.
     Vacuum,
+    /// The primary writes WAL faster than `throttle.max_wal_bytes_per_second`.
+    WalRate,
+    /// WAL archiving is failing or behind.
+    WalArchive,
+    /// Dead rows are too large a share of the job's table.
+    DeadTuples,
+    /// The operator's Prometheus query is over its threshold, or unreadable.
+    Prometheus,
 }
 
 impl ThrottleReason {
     /// Every reason, e.g. to initialise one metric series per label.
-    pub const ALL: [ThrottleReason; 14] = [
+    pub const ALL: [ThrottleReason; 18] = [
         Self::ReplicationLag,
         Self::StandbyMissing,
         Self::LockTimeout,
@@ -756,6 +883,10 @@ impl ThrottleReason {
         Self::Operator,
         Self::ThrottleQuery,
         Self::Vacuum,
+        Self::WalRate,
+        Self::WalArchive,
+        Self::DeadTuples,
+        Self::Prometheus,
     ];
 
     /// The snake_case label used in logs, metrics and `backfill.job_status`.
@@ -775,6 +906,10 @@ impl ThrottleReason {
             Self::Operator => "operator",
             Self::ThrottleQuery => "throttle_query",
             Self::Vacuum => "vacuum",
+            Self::WalRate => "wal_rate",
+            Self::WalArchive => "wal_archive",
+            Self::DeadTuples => "dead_tuples",
+            Self::Prometheus => "prometheus",
         }
     }
 
@@ -785,6 +920,10 @@ impl ThrottleReason {
             Self::StandbyMissing => 11,
             Self::ReplicationLag => 10,
             Self::ReplicationSlot => 9,
+            Self::WalArchive => 9,
+            Self::WalRate => 9,
+            Self::DeadTuples => 8,
+            Self::Prometheus => 8,
             Self::ThrottleQuery => 8,
             Self::Vacuum => 8,
             Self::ProbeFailed => 7,
@@ -923,6 +1062,8 @@ pub struct ThrottleController {
     holding_for_slot: bool,
     /// Latched when the throttle query went over its threshold (or failed, failing safe).
     holding_for_query: bool,
+    /// Latches of the WAL rate, archiving, dead-tuple and job-query signals.
+    signal_latches: SignalLatches,
     /// Operator ratio from the latest sample, in (0, 1); `None`: not slowed by an operator.
     operator_ratio: Option<f64>,
     /// Consecutive troubled batches; drives the exponential backoff.
@@ -956,6 +1097,7 @@ impl ThrottleController {
             holding_for_lag: false,
             holding_for_slot: false,
             holding_for_query: false,
+            signal_latches: SignalLatches::default(),
             operator_ratio: None,
             consecutive_troubles: 0,
             backoff_until: Duration::ZERO,
@@ -1051,6 +1193,8 @@ impl ThrottleController {
                 // Keep the latches current, so that a release does not run on stale news.
                 self.update_slot_latch(health);
                 self.update_query_latch(health);
+                self.signal_latches
+                    .update(&self.settings.signal_limits, &health.signal_readings());
                 ThrottleDecision::Hold {
                     reason: ThrottleReason::Operator,
                     recheck_after: self.settings.hold_recheck,
@@ -1224,6 +1368,9 @@ impl ThrottleController {
     ) -> ThrottleDecision {
         self.update_slot_latch(health);
         self.update_query_latch(health);
+        let signal_hold = self
+            .signal_latches
+            .update(&self.settings.signal_limits, &health.signal_readings());
         if lag.at_or_over_limit {
             self.holding_for_lag = true;
         } else if self.holding_for_lag && lag.all_below_half {
@@ -1255,6 +1402,12 @@ impl ThrottleController {
             } else {
                 ThrottleReason::ThrottleQuery
             };
+            return ThrottleDecision::Hold {
+                reason,
+                recheck_after: self.settings.hold_recheck,
+            };
+        }
+        if let Some(reason) = signal_hold {
             return ThrottleDecision::Hold {
                 reason,
                 recheck_after: self.settings.hold_recheck,
@@ -1821,6 +1974,92 @@ mod tests {
     }
 
     #[test]
+    fn signals_of_the_signals_module_hold_the_controller_with_their_reason() {
+        let settings = ThrottleSettings {
+            signal_limits: SignalLimits {
+                max_wal_bytes_per_second: Some(1_000_000),
+                ..ThrottleSettings::default().signal_limits
+            },
+            ..ThrottleSettings::default()
+        };
+        let mut throttle = ThrottleController::new(settings);
+        let wal = |rate: f64| HealthSample {
+            wal_bytes_per_second: Some(rate),
+            ..HealthSample::default()
+        };
+        assert!(!throttle.decide(ms(0), &wal(900_000.0), None).is_hold());
+        let decision = throttle.decide(ms(250), &wal(1_000_000.0), None);
+        assert_eq!(
+            (decision.is_hold(), decision.reason()),
+            (true, Some(ThrottleReason::WalRate))
+        );
+        assert!(throttle.decide(ms(500), &wal(600_000.0), None).is_hold());
+        assert!(!throttle.decide(ms(750), &wal(400_000.0), None).is_hold());
+        // A job's own query is read through for_job.
+        let sample = HealthSample {
+            job_queries: vec![JobQuery {
+                job_id: 7,
+                reading: QueryReading::Value(1.0),
+                hold_above: 0.0,
+            }],
+            ..HealthSample::default()
+        };
+        assert!(!throttle
+            .decide(ms(1_000), &sample.for_job(8), None)
+            .is_hold());
+        assert_eq!(
+            throttle
+                .decide(ms(1_250), &sample.for_job(7), None)
+                .reason(),
+            Some(ThrottleReason::ThrottleQuery)
+        );
+    }
+
+    #[test]
+    fn holding_signals_names_every_signal_that_holds_now() {
+        let settings = ThrottleSettings {
+            max_slot_retained_bytes: Some(100),
+            signal_limits: SignalLimits {
+                max_wal_bytes_per_second: Some(1_000),
+                ..ThrottleSettings::default().signal_limits
+            },
+            ..ThrottleSettings::default()
+        };
+        assert!(settings
+            .holding_signals(&HealthSample::healthy())
+            .is_empty());
+        let sample = HealthSample {
+            replicas: vec![ReplicaLag::new("s", Some(Duration::from_secs(9)), None)],
+            slots: vec![SlotRetention {
+                name: "cdc".into(),
+                retained_bytes: 100,
+            }],
+            operator_ratio: Some(0.0),
+            table_vacuum: Some(false),
+            wal_bytes_per_second: Some(999.0),
+            archive: Some(ArchiveStatus {
+                pending_segments: Some(0),
+                failing: true,
+            }),
+            ..HealthSample::default()
+        };
+        assert_eq!(
+            settings.holding_signals(&sample),
+            [
+                ThrottleReason::ReplicationLag,
+                ThrottleReason::ReplicationSlot,
+                ThrottleReason::WalArchive,
+                ThrottleReason::Vacuum,
+                ThrottleReason::Operator
+            ]
+        );
+        assert_eq!(
+            settings.holding_signals(&HealthSample::probe_failed()),
+            [ThrottleReason::ProbeFailed]
+        );
+    }
+
+    #[test]
     fn reasons_have_stable_snake_case_labels() {
         let labels: Vec<&str> = ThrottleReason::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(
@@ -1839,7 +2078,11 @@ mod tests {
                 "replication_slot",
                 "operator",
                 "throttle_query",
-                "vacuum"
+                "vacuum",
+                "wal_rate",
+                "wal_archive",
+                "dead_tuples",
+                "prometheus"
             ]
         );
         assert_eq!(ThrottleReason::SlowBatch.to_string(), "slow_batch");

@@ -41,14 +41,34 @@
 //! - The operator's throttle query, run as is (simple protocol: its one value arrives as
 //!   text, so any numeric type or a boolean reads the same).
 //!
-//! Any of them but the throttle query failing fails the whole sample (`probe_failed`),
-//! which holds: not knowing is not healthy. The throttle query's failure is its own
+//! - The WAL rate: the WAL insert position each sample, turned into bytes per second
+//!   over about a second ([`WalRateMeter`]).
+//! - WAL archiving (`pg_stat_archiver`, readable by any role): whether the archiver's last
+//!   failure is newer than its last success, and how many completed segments lie between
+//!   the last archived one and the one being written (`pg_ls_archive_statusdir()` would
+//!   count `.ready` files exactly but needs pg_monitor or a superuser; the names need
+//!   nothing and agree with it except while a segment is being switched).
+//! - The dead-tuple ratio of running jobs' tables (`pg_stat_all_tables`).
+//! - The operator's Prometheus query ([`PrometheusQuery`]), read at the same time as the
+//!   primary; unreadable, it is a reading of its own that holds unless
+//!   `throttle.prometheus_fail_open`.
+//! - Running jobs' own throttle queries (`backfill.jobs.throttle_query`, a slice using
+//!   its parent's), each run as the job's role with its search_path in a read-only
+//!   transaction that is rolled back, within `probe_timeout`, after the primary's sample
+//!   and on a connection of their own: a slow one holds its job, not the probe.
+//!
+//! Any of them but the throttle queries failing fails the whole sample (`probe_failed`),
+//! which holds: not knowing is not healthy. A throttle query's failure is its own
 //! reading, which holds unless `throttle.query_fail_open`.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use backfill_core::signals::{
+    archive_pending_segments, ArchiveStatus, JobQuery, TableDeadTuples, WalRateMeter,
+    DEAD_TUPLES_MIN_ROWS,
+};
 use backfill_core::throttle::{
     BlockingBackend, HealthSample, OperatorThrottle, QueryReading, ReplicaLag, SlotRetention,
     TableVacuum,
@@ -58,6 +78,7 @@ use futures::future::join_all;
 use tokio_postgres::SimpleQueryMessage;
 
 use crate::pool::error_chain;
+use crate::PrometheusQuery;
 
 /// Lag of every standby streaming from the primary. `state` filters out standbys that are
 /// still starting or taking a base backup: those have no meaningful positions yet.
@@ -108,7 +129,7 @@ const SLOTS_SQL: &str = "SELECT slot_name::text, \
 /// through its parent's name too.
 const OPERATOR_THROTTLES_SQL: &str = "SELECT j.id, min(t.ratio)::float8 \
    FROM backfill.throttles t \
-   JOIN backfill.jobs j ON j.state = 'running' \
+   JOIN backfill.jobs j ON (j.state = 'running' OR j.id = $1) \
    LEFT JOIN backfill.jobs p ON p.id = j.parent_id \
   WHERE t.expires_at > now() AND (j.name LIKE t.job_pattern OR p.name LIKE t.job_pattern) \
   GROUP BY j.id";
@@ -118,10 +139,35 @@ const OPERATOR_THROTTLES_SQL: &str = "SELECT j.id, min(t.ratio)::float8 \
 const VACUUMS_SQL: &str = "SELECT j.id, \
         bool_or(coalesce(a.query, '') LIKE '%(to prevent wraparound)%') \
    FROM pg_stat_progress_vacuum v \
-   JOIN backfill.jobs j ON j.state = 'running' AND v.relid = to_regclass(j.table_name) \
+   JOIN backfill.jobs j ON (j.state = 'running' OR j.id = $1) AND v.relid = to_regclass(j.table_name) \
    LEFT JOIN pg_stat_activity a ON a.pid = v.pid \
   WHERE v.datname = current_database() \
   GROUP BY j.id";
+
+/// The WAL insert position, in bytes from the start of WAL.
+const WAL_POSITION_SQL: &str = "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::float8";
+
+/// WAL archiving: on at all, the last archived file, the segment being written, the
+/// segment size, and whether the last attempt failed (see the module docs).
+const ARCHIVER_SQL: &str = "SELECT current_setting('archive_mode') <> 'off', \
+        a.last_archived_wal, pg_walfile_name(pg_current_wal_lsn()), \
+        (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size'), \
+        coalesce(a.last_failed_time > coalesce(a.last_archived_time, '-infinity'), false) \
+   FROM pg_stat_archiver a";
+
+/// Dead-tuple ratio of running jobs' tables big enough to judge.
+const DEAD_TUPLES_SQL: &str = "SELECT j.id, s.n_dead_tup::float8 / (s.n_live_tup + s.n_dead_tup) \
+   FROM backfill.jobs j \
+   JOIN pg_stat_all_tables s ON s.relid = to_regclass(j.table_name) \
+  WHERE (j.state = 'running' OR j.id = $2) AND s.n_live_tup + s.n_dead_tup >= $1";
+
+/// Running jobs' own throttle queries (a slice's from its parent), with who they run as.
+const JOB_QUERIES_SQL: &str = "SELECT j.id, coalesce(p.throttle_query, j.throttle_query), \
+        coalesce(p.throttle_query_max, j.throttle_query_max), j.enqueued_by::text, \
+        coalesce(j.search_path, '') \
+   FROM backfill.jobs j LEFT JOIN backfill.jobs p ON p.id = j.parent_id \
+  WHERE (j.state = 'running' OR j.id = $1) \
+    AND coalesce(p.throttle_query, j.throttle_query) IS NOT NULL";
 
 /// Lag as a standby sees it itself (see the module docs).
 const REPLICA_LAG_SQL: &str = "SELECT pg_is_in_recovery(), \
@@ -140,6 +186,7 @@ pub struct HealthProbe {
     activity_window: Option<Duration>,
     signals: Signals,
     failing: FailureLog,
+    wal_rate: Arc<Mutex<(Instant, WalRateMeter)>>,
 }
 
 /// Which of the optional primary signals the probe reads (see the module docs).
@@ -151,6 +198,18 @@ pub struct Signals {
     pub operator_throttles: bool,
     /// The operator's throttle query (`throttle.query`), if any.
     pub throttle_query: Option<String>,
+    /// The primary's WAL rate.
+    pub wal_rate: bool,
+    /// WAL archiving.
+    pub archive: bool,
+    /// Dead-tuple ratio of running jobs' tables.
+    pub dead_tuples: bool,
+    /// Running jobs' own throttle queries.
+    pub job_queries: bool,
+    /// A job read as if it were running, whatever its state (`backfilld plan`); 0: none.
+    pub also_job: i64,
+    /// The operator's Prometheus query, read alongside the primary.
+    pub prometheus: Option<PrometheusQuery>,
 }
 
 impl HealthProbe {
@@ -175,6 +234,7 @@ impl HealthProbe {
             activity_window,
             signals: Signals::default(),
             failing: FailureLog::default(),
+            wal_rate: Arc::new(Mutex::new((Instant::now(), WalRateMeter::default()))),
         }
     }
 
@@ -192,10 +252,17 @@ impl HealthProbe {
             let lag = tokio::time::timeout(self.timeout, replica_lag(pool, name)).await;
             (name, lag.unwrap_or_else(|_| Err(self.timed_out())))
         }));
-        let (primary, replicas) = tokio::join!(primary, replicas);
+        let prometheus = async {
+            match &self.signals.prometheus {
+                Some(query) => Some(query.read().await),
+                None => None,
+            }
+        };
+        let (primary, replicas, prometheus) = tokio::join!(primary, replicas, prometheus);
         let mut sample = match primary.unwrap_or_else(|_| Err(self.timed_out())) {
-            Ok(sample) => {
+            Ok((mut sample, job_queries)) => {
                 self.failing.ok("primary");
+                sample.job_queries = self.run_job_queries(job_queries).await;
                 sample
             }
             Err(error) => {
@@ -203,6 +270,12 @@ impl HealthProbe {
                 return HealthSample::probe_failed();
             }
         };
+        match &prometheus {
+            Some(QueryReading::Failed(error)) => self.failing.failed("prometheus", error),
+            Some(QueryReading::Value(_)) => self.failing.ok("prometheus"),
+            None => {}
+        }
+        sample.prometheus = prometheus;
         for (name, lag) in replicas {
             match lag {
                 Ok(lag) => {
@@ -225,8 +298,8 @@ impl HealthProbe {
         )
     }
 
-    async fn sample_primary(&self) -> Result<HealthSample, String> {
-        let client = self
+    async fn sample_primary(&self) -> Result<(HealthSample, Vec<JobQuerySpec>), String> {
+        let mut client = self
             .primary
             .get()
             .await
@@ -286,7 +359,7 @@ impl HealthProbe {
         }
         if self.signals.operator_throttles {
             let throttles = client
-                .query(OPERATOR_THROTTLES_SQL, &[])
+                .query(OPERATOR_THROTTLES_SQL, &[&self.signals.also_job])
                 .await
                 .map_err(|e| format!("reading backfill.throttles: {e}"))?;
             sample.operator_throttles = throttles
@@ -298,7 +371,7 @@ impl HealthProbe {
                 .collect();
             // Read with the operator throttles: both need the queue, whose jobs they name.
             let vacuums = client
-                .query(VACUUMS_SQL, &[])
+                .query(VACUUMS_SQL, &[&self.signals.also_job])
                 .await
                 .map_err(|e| format!("reading pg_stat_progress_vacuum: {e}"))?;
             sample.vacuums = vacuums
@@ -309,6 +382,7 @@ impl HealthProbe {
                 })
                 .collect();
         }
+        let job_queries = self.sample_more_signals(&mut client, &mut sample).await?;
         if let Some(query) = &self.signals.throttle_query {
             let reading = match client.simple_query(query).await {
                 Ok(messages) => read_query_value(&messages),
@@ -325,8 +399,182 @@ impl HealthProbe {
                 }
             });
         }
-        Ok(sample)
+        Ok((sample, job_queries))
     }
+}
+
+impl HealthProbe {
+    /// The WAL rate, archiving, dead tuples and jobs' own throttle queries (see the
+    /// module docs).
+    async fn sample_more_signals(
+        &self,
+        client: &mut deadpool_postgres::Client,
+        sample: &mut HealthSample,
+    ) -> Result<Vec<JobQuerySpec>, String> {
+        if self.signals.wal_rate {
+            let position: f64 = client
+                .query_one(WAL_POSITION_SQL, &[])
+                .await
+                .map_err(|e| format!("reading the WAL position: {e}"))?
+                .get(0);
+            let mut meter = self.wal_rate.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = meter.0.elapsed();
+            // float8 → u64 saturates; positions are never negative.
+            sample.wal_bytes_per_second = meter.1.observe(now, position as u64);
+        }
+        if self.signals.archive {
+            let row = client
+                .query_one(ARCHIVER_SQL, &[])
+                .await
+                .map_err(|e| format!("reading pg_stat_archiver: {e}"))?;
+            let archiving: bool = row.get(0);
+            let last_archived: Option<String> = row.get(1);
+            let (current, segment_size): (String, i64) = (row.get(2), row.get(3));
+            sample.archive = archiving.then(|| ArchiveStatus {
+                pending_segments: last_archived.and_then(|last| {
+                    archive_pending_segments(&current, &last, segment_size.unsigned_abs())
+                }),
+                failing: row.get(4),
+            });
+        }
+        if self.signals.dead_tuples {
+            let min_rows = i64::try_from(DEAD_TUPLES_MIN_ROWS).unwrap_or(i64::MAX);
+            let rows = client
+                .query(DEAD_TUPLES_SQL, &[&min_rows, &self.signals.also_job])
+                .await
+                .map_err(|e| format!("reading pg_stat_all_tables: {e}"))?;
+            sample.dead_tuples = rows
+                .iter()
+                .map(|row| TableDeadTuples {
+                    job_id: row.get(0),
+                    ratio: row.get(1),
+                })
+                .collect();
+        }
+        let mut job_queries = Vec::new();
+        if self.signals.job_queries {
+            let jobs = client
+                .query(JOB_QUERIES_SQL, &[&self.signals.also_job])
+                .await
+                .map_err(|e| format!("reading jobs' throttle queries: {e}"))?;
+            job_queries = jobs
+                .iter()
+                .map(|job| JobQuerySpec {
+                    job_id: job.get(0),
+                    query: job.get(1),
+                    hold_above: job.get(2),
+                    role: job.get(3),
+                    search_path: job.get(4),
+                })
+                .collect();
+        }
+        Ok(job_queries)
+    }
+
+    /// Runs every job's own throttle query on a connection of their own, each within
+    /// `probe_timeout`, after the primary's sample: one slow or failing query holds its
+    /// own job, never the probe (and so every job).
+    async fn run_job_queries(&self, specs: Vec<JobQuerySpec>) -> Vec<JobQuery> {
+        // A job whose query is gone (removed, or the job stopped running) starts afresh:
+        // a failure of a query it is given later is logged again.
+        let targets: Vec<String> = specs
+            .iter()
+            .map(|spec| format!("{JOB_QUERY_TARGET}{}", spec.job_id))
+            .collect();
+        self.failing.forget_others(JOB_QUERY_TARGET, &targets);
+        if specs.is_empty() {
+            return Vec::new();
+        }
+        let mut client = match tokio::time::timeout(self.timeout, self.primary.get()).await {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(e)) => Err(format!("getting a connection: {}", error_chain(&e))),
+            Err(_) => Err(self.timed_out()),
+        };
+        let mut readings = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let target = format!("{JOB_QUERY_TARGET}{}", spec.job_id);
+            let outcome = match &mut client {
+                Ok(client) => tokio::time::timeout(
+                    self.timeout,
+                    run_job_query(
+                        client,
+                        &spec.query,
+                        &spec.role,
+                        &spec.search_path,
+                        self.timeout,
+                    ),
+                )
+                .await
+                .unwrap_or_else(|_| Err(self.timed_out())),
+                Err(error) => Err(error.clone()),
+            };
+            let reading = match outcome {
+                Ok(value) => {
+                    self.failing.ok(&target);
+                    QueryReading::Value(value)
+                }
+                Err(error) => {
+                    let error = format!("{target} failed: {error}");
+                    self.failing.failed(&target, &error);
+                    QueryReading::Failed(error)
+                }
+            };
+            readings.push(JobQuery {
+                job_id: spec.job_id,
+                reading,
+                hold_above: spec.hold_above,
+            });
+        }
+        readings
+    }
+}
+
+/// How the failure log names a job's throttle query, before the job's id.
+const JOB_QUERY_TARGET: &str = "throttle_query of job ";
+
+/// A running job's own throttle query, to be run as its role.
+struct JobQuerySpec {
+    job_id: i64,
+    query: String,
+    hold_above: f64,
+    role: String,
+    search_path: String,
+}
+
+/// Runs a job's throttle query as the job's role, read-only, in a transaction that is
+/// rolled back (also when the probe gives up on it: dropping it rolls back).
+async fn run_job_query(
+    client: &mut deadpool_postgres::Client,
+    query: &str,
+    role: &str,
+    search_path: &str,
+    timeout: Duration,
+) -> Result<f64, String> {
+    let transaction = client
+        .build_transaction()
+        .read_only(true)
+        .start()
+        .await
+        .map_err(|e| format!("starting its transaction: {e}"))?;
+    let timeout_ms = timeout.as_millis().max(1).to_string();
+    transaction
+        .execute(
+            "SELECT set_config('role', $1, true), set_config('search_path', $2, true), \
+                    set_config('statement_timeout', $3, true)",
+            &[&role, &search_path, &timeout_ms],
+        )
+        .await
+        .map_err(|e| format!("taking the job's role {role:?}: {e}"))?;
+    let messages = transaction
+        .simple_query(query)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    let value = read_query_value(&messages);
+    transaction
+        .rollback()
+        .await
+        .map_err(|e| format!("rolling back: {e}"))?;
+    value
 }
 
 /// The canary's statement: a transaction that writes WAL and commits, as production's
@@ -487,6 +735,12 @@ impl FailureLog {
         if self.lock().remove(target) {
             tracing::info!(probed = target, "health probe works again");
         }
+    }
+
+    /// Forgets the failing targets named `prefix…` that are not among `current`.
+    fn forget_others(&self, prefix: &str, current: &[String]) {
+        self.lock()
+            .retain(|target| !target.starts_with(prefix) || current.contains(target));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {

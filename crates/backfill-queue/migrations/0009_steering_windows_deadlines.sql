@@ -183,7 +183,7 @@ CREATE TRIGGER jobs_validate_steering
     ON backfill.jobs
     FOR EACH ROW EXECUTE FUNCTION backfill.validate_steering();
 
--- The columns engineers may set (copied from 0005; issue 16 adds the steering tunables).
+-- The columns engineers may set (as 0008 left them; issue 16 adds the steering tunables).
 CREATE OR REPLACE FUNCTION backfill.engineer_columns() RETURNS text[]
 LANGUAGE sql IMMUTABLE AS $fn$
     SELECT ARRAY['name', 'table_name', 'key_column', 'batch_sql', 'pending_predicate',
@@ -192,6 +192,7 @@ LANGUAGE sql IMMUTABLE AS $fn$
                  'max_rows_per_second', 'max_attempts', 'priority', 'not_before',
                  'updated_at', 'created_at', 'id',
                  'enqueued_by', 'search_path',
+                 'throttle_query', 'throttle_query_max',  -- issue 15
                  -- issue 16
                  'run_windows', 'finish_by', 'breaker_failed_share', 'breaker_failed_rows']
 $fn$;

@@ -142,6 +142,7 @@ LANGUAGE sql IMMUTABLE AS $fn$
                  'max_rows_per_second', 'max_attempts', 'priority', 'not_before',
                  'updated_at', 'created_at', 'id',
                  'enqueued_by', 'search_path',
+                 'throttle_query', 'throttle_query_max',  -- issue 15
                  'run_windows', 'finish_by', 'breaker_failed_share', 'breaker_failed_rows', -- issue 16
                  'keep_undo', 'undo_columns']  -- issue 17
 $fn$;

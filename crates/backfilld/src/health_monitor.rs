@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use backfill_core::activity::ProductionActivity;
 use backfill_core::latency::DelayDetector;
 use backfill_core::throttle::HealthSample;
-use backfill_dataplane::{HealthProbe, LatencyCanary, Signals};
+use backfill_dataplane::{HealthProbe, LatencyCanary, PrometheusQuery, Signals};
 use backfill_queue::JobStatus;
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -29,27 +29,14 @@ pub fn spawn_health_probes(
     db: &Database,
     shutdown: Shutdown,
 ) -> anyhow::Result<(watch::Receiver<HealthSample>, tokio::task::JoinHandle<()>)> {
-    let mut replicas = Vec::new();
-    for (i, url) in settings.throttle.replica_urls.iter().enumerate() {
-        let pool = probe_pool(url, settings)
-            .with_context(|| format!("throttle.replica_urls[{i}] ({})", redacted(url)))?;
-        replicas.push((format!("replica{i}"), pool));
-    }
     // Production sessions are counted only for sharing the primary.
     let sharing = settings.throttle.busy_duty_cycle < 1.0;
-    let probe = HealthProbe::new(
-        db.data.clone(),
-        replicas,
-        settings.throttle.expected_standbys.clone(),
-        data_plane_application_name(settings),
-        settings.throttle.probe_timeout,
+    let probe = health_probe(
+        settings,
+        db,
         sharing.then_some(settings.throttle.probe_interval),
-    )
-    .with_signals(Signals {
-        slots: settings.throttle.max_slot_retained_bytes > 0,
-        operator_throttles: true,
-        throttle_query: Some(settings.throttle.query.trim().to_owned()).filter(|q| !q.is_empty()),
-    });
+        0,
+    )?;
     let interval = settings.throttle.probe_interval;
     let (max_lag, max_lag_bytes) = (settings.throttle.max_lag, settings.throttle.max_lag_bytes);
     let control = db.control.clone();
@@ -108,6 +95,56 @@ pub fn spawn_health_probes(
         }
     });
     Ok((rx, probes))
+}
+
+/// The health probe `throttle` configures: production sessions counted within
+/// `activity_window` (`None`: not counted), and job `also_job` read as if running (0: none).
+pub(crate) fn health_probe(
+    settings: &Settings,
+    db: &Database,
+    activity_window: Option<Duration>,
+    also_job: i64,
+) -> anyhow::Result<HealthProbe> {
+    let mut replicas = Vec::new();
+    for (i, url) in settings.throttle.replica_urls.iter().enumerate() {
+        let pool = probe_pool(url, settings)
+            .with_context(|| format!("throttle.replica_urls[{i}] ({})", redacted(url)))?;
+        replicas.push((format!("replica{i}"), pool));
+    }
+    Ok(HealthProbe::new(
+        db.data.clone(),
+        replicas,
+        settings.throttle.expected_standbys.clone(),
+        data_plane_application_name(settings),
+        settings.throttle.probe_timeout,
+        activity_window,
+    )
+    .with_signals(Signals {
+        slots: settings.throttle.max_slot_retained_bytes > 0,
+        operator_throttles: true,
+        throttle_query: Some(settings.throttle.query.trim().to_owned()).filter(|q| !q.is_empty()),
+        wal_rate: settings.throttle.max_wal_bytes_per_second > 0,
+        archive: settings.throttle.max_archive_pending_segments > 0
+            || settings.throttle.hold_while_archive_failing,
+        dead_tuples: settings.throttle.max_dead_tuple_ratio > 0.0,
+        job_queries: true,
+        also_job,
+        prometheus: prometheus_query(settings)?,
+    }))
+}
+
+/// The configured Prometheus query, if any (settings validation checked the URL).
+fn prometheus_query(settings: &Settings) -> anyhow::Result<Option<PrometheusQuery>> {
+    let (url, query) = (
+        settings.throttle.prometheus_url.trim(),
+        settings.throttle.prometheus_query.trim(),
+    );
+    if url.is_empty() || query.is_empty() {
+        return Ok(None);
+    }
+    PrometheusQuery::new(url, query, settings.throttle.probe_timeout)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("throttle.prometheus_url: {e}"))
 }
 
 /// Refreshes `backfill_jobs{state}` and `backfill_job_failed{backfill_job}` from the queue.

@@ -5,6 +5,7 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
 
+use backfill_core::signals::SignalLimits;
 use backfill_core::throttle::{QueryLimits, ThrottleSettings};
 use serde::Deserialize;
 
@@ -176,6 +177,24 @@ pub struct ThrottleConfig {
     pub query_fail_open: bool,
     /// Hold a job while a vacuum works on its table (wraparound-prevention ones always hold).
     pub hold_while_vacuumed: bool,
+    /// Hold while the primary writes this many bytes of WAL per second; 0 turns it off.
+    pub max_wal_bytes_per_second: u64,
+    /// Hold while this many completed WAL segments await archiving; 0 turns it off.
+    pub max_archive_pending_segments: u64,
+    /// Hold while WAL archiving is failing.
+    pub hold_while_archive_failing: bool,
+    /// Hold a job while dead rows are this share of its table; 0 turns it off.
+    pub max_dead_tuple_ratio: f64,
+    /// Prometheus server the query is sent to (`http://host:port`); empty: no query.
+    pub prometheus_url: String,
+    /// PromQL expression giving one number (the largest series counts).
+    pub prometheus_query: String,
+    /// Hold while the expression's value is above this.
+    pub prometheus_max: f64,
+    /// After a hold, run again once the value is at or below this.
+    pub prometheus_resume: f64,
+    /// An unreachable Prometheus or unreadable answer lets jobs run instead of holding them.
+    pub prometheus_fail_open: bool,
 }
 
 /// Reads a list from a TOML array or from one comma-separated string (how
@@ -675,6 +694,35 @@ impl Settings {
                 self.throttle.query_resume, self.throttle.query_max
             ));
         }
+        let (url, query) = (
+            self.throttle.prometheus_url.trim(),
+            self.throttle.prometheus_query.trim(),
+        );
+        if url.is_empty() != query.is_empty() {
+            return fail(
+                "throttle.prometheus_url and throttle.prometheus_query go together: set both or neither"
+                    .to_string(),
+            );
+        }
+        if !url.is_empty() {
+            backfill_dataplane::PrometheusQuery::new(url, query, self.throttle.probe_timeout)
+                .map_err(|e| SettingsError(format!("throttle.prometheus_url: {e}")))?;
+        }
+        if !(self.throttle.prometheus_max.is_finite()
+            && self.throttle.prometheus_resume.is_finite()
+            && self.throttle.prometheus_resume <= self.throttle.prometheus_max)
+        {
+            return fail(format!(
+                "throttle.prometheus_resume ({}) must be a number at or below throttle.prometheus_max ({})",
+                self.throttle.prometheus_resume, self.throttle.prometheus_max
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.throttle.max_dead_tuple_ratio) {
+            return fail(format!(
+                "throttle.max_dead_tuple_ratio must be 0 (off) or a share in (0, 1], got {}",
+                self.throttle.max_dead_tuple_ratio
+            ));
+        }
         self.throttle_defaults().validate().map_err(|e| {
             SettingsError(format!(
                 "[batch]/[throttle]: {e} (the throttle cannot work with these values)"
@@ -769,6 +817,22 @@ impl Settings {
                 fail_open: self.throttle.query_fail_open,
             },
             hold_while_vacuumed: self.throttle.hold_while_vacuumed,
+            // 0 in the config means off.
+            signal_limits: SignalLimits {
+                max_wal_bytes_per_second: Some(self.throttle.max_wal_bytes_per_second)
+                    .filter(|limit| *limit > 0),
+                max_archive_pending_segments: Some(self.throttle.max_archive_pending_segments)
+                    .filter(|limit| *limit > 0),
+                hold_while_archive_failing: self.throttle.hold_while_archive_failing,
+                max_dead_tuple_ratio: Some(self.throttle.max_dead_tuple_ratio)
+                    .filter(|ratio| *ratio > 0.0),
+                job_query_fail_open: self.throttle.query_fail_open,
+                prometheus: QueryLimits {
+                    hold_above: self.throttle.prometheus_max,
+                    resume_at_or_below: self.throttle.prometheus_resume,
+                    fail_open: self.throttle.prometheus_fail_open,
+                },
+            },
             ..ThrottleSettings::default()
         }
     }
@@ -869,6 +933,26 @@ mod tests {
             ("BACKFILLD_THROTTLE__MAX_LAG_BYTES", "0", "max_lag_bytes"),
             ("BACKFILLD_THROTTLE__PROBE_INTERVAL", "0s", "probe_interval"),
             ("BACKFILLD_BATCH__TARGET", "0s", "batch.target"),
+            (
+                "BACKFILLD_THROTTLE__MAX_DEAD_TUPLE_RATIO",
+                "1.5",
+                "throttle.max_dead_tuple_ratio",
+            ),
+            (
+                "BACKFILLD_THROTTLE__MAX_WAL_BYTES_PER_SECOND",
+                "-1",
+                "max_wal_bytes_per_second",
+            ),
+            (
+                "BACKFILLD_THROTTLE__PROMETHEUS_URL",
+                "http://prometheus:9090",
+                "throttle.prometheus_url and throttle.prometheus_query go together",
+            ),
+            (
+                "BACKFILLD_THROTTLE__PROMETHEUS_RESUME",
+                "1",
+                "throttle.prometheus_resume (1) must be a number at or below throttle.prometheus_max (0)",
+            ),
         ] {
             let error = with_env(&[(key, value)]).expect_err(key).to_string();
             assert!(error.contains(mentions), "{key}={value}: {error}");

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::CliFailure;
 use crate::database::Database;
+use crate::health_monitor::health_probe;
 use crate::settings::Settings;
 
 /// `plan`: the report, or JSON with `--json`; a failed trial batch fails the verb.
@@ -84,6 +85,9 @@ pub struct PlanReport {
     /// at most `throttle.busy_duty_cycle` of the time, in batches of about a millisecond that
     /// carry fewer rows per second than the trial's (`None` with sharing off).
     pub min_seconds_next_to_production: Option<f64>,
+    /// The throttle signals that would hold the job right now (reason labels, most severe
+    /// first), each judged on its own by the health probe the worker runs.
+    pub holding_signals: Vec<&'static str>,
     /// How long planning took.
     pub planning_seconds: f64,
     /// The job's deadline, and whether the expected duration from now fits it.
@@ -154,6 +158,9 @@ pub async fn plan(
         _ => None,
     };
     let trial_ok = trial.as_ref().ok();
+    let holding_signals = signals_holding(settings, db, &throttle, job.id)
+        .await
+        .map_err(|e| fatal(&e))?;
     let status = JobStatus::fetch(&db.control, Some(&job.name))
         .await?
         .into_iter()
@@ -215,8 +222,28 @@ pub async fn plan(
         min_seconds_next_to_production: expected_seconds
             .filter(|_| throttle.busy_duty_cycle < 1.0)
             .map(|seconds| seconds / throttle.busy_duty_cycle),
+        holding_signals,
         planning_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The signals that would hold job `job_id` now: two health samples a probe interval apart
+/// (the WAL rate needs two), the job's view of the second.
+async fn signals_holding(
+    settings: &Settings,
+    db: &Database,
+    throttle: &backfill_core::throttle::ThrottleSettings,
+    job_id: i64,
+) -> anyhow::Result<Vec<&'static str>> {
+    let probe = health_probe(settings, db, None, job_id)?;
+    probe.sample().await;
+    tokio::time::sleep(settings.throttle.probe_interval).await;
+    let sample = probe.sample().await.for_job(job_id);
+    Ok(throttle
+        .holding_signals(&sample)
+        .into_iter()
+        .map(|reason| reason.as_str())
+        .collect())
 }
 
 impl PlanReport {
@@ -340,6 +367,14 @@ impl PlanReport {
             out.push_str(&format!(
                 "  next to production  at least ~{} (while other sessions are at work the job shares the primary: ~1 ms batches, throttle.busy_duty_cycle of the time)\n",
                 seconds(at_least),
+            ));
+        }
+        if self.holding_signals.is_empty() {
+            out.push_str("  holds now      none: every throttle signal lets the job run\n");
+        } else {
+            out.push_str(&format!(
+                "  holds now      {} (a worker would wait until these clear; see deploy/RUNBOOK.md)\n",
+                self.holding_signals.join(", ")
             ));
         }
         out.push_str(&self.render_steering());

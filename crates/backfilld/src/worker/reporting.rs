@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use backfill_core::throttle::{HealthSample, ThrottleDecision, ThrottleReason};
+use backfill_core::throttle::{HealthSample, QueryReading, ThrottleDecision, ThrottleReason};
 use backfill_dataplane::RowFailure;
 use backfill_queue::JobProgress;
 use tracing::{info, warn};
@@ -28,10 +28,17 @@ impl JobRun<'_> {
         let missing = health.missing_standbys.join(",");
         let blocked = health.sessions_blocked_by_us;
         let (slots, operator_ratio) = (describe_slots(health), health.operator_ratio);
+        let wal_bytes_per_second = health.wal_bytes_per_second.map(f64::round);
+        let (archive_pending, archive_failing) = (
+            health.archive.and_then(|a| a.pending_segments),
+            health.archive.map(|a| a.failing),
+        );
         match decision {
             ThrottleDecision::Hold { recheck_after, .. } => info!(
                 state, reason, ?recheck_after, %lag, missing_standbys = %missing, sessions_blocked = blocked,
-                %slots, operator_ratio,
+                %slots, operator_ratio, wal_bytes_per_second, archive_pending, archive_failing,
+                dead_tuple_ratio = health.table_dead_tuple_ratio,
+                prometheus = %describe_reading(health.prometheus.as_ref()),
                 "throttle: holding"
             ),
             ThrottleDecision::Run {
@@ -69,6 +76,16 @@ impl JobRun<'_> {
             recent_rows_per_second: None, // the heartbeat measures it
         };
         self.progress.send_replace(progress);
+    }
+}
+
+/// A query's reading for the log: its value, `failed`, or empty when there is none (the
+/// failure itself is logged by the probe when it starts).
+fn describe_reading(reading: Option<&QueryReading>) -> String {
+    match reading {
+        Some(QueryReading::Value(value)) => value.to_string(),
+        Some(QueryReading::Failed(_)) => "failed".to_string(),
+        None => String::new(),
     }
 }
 
