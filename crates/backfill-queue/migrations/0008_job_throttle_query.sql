@@ -12,20 +12,6 @@ ALTER TABLE backfill.jobs
 COMMENT ON COLUMN backfill.jobs.throttle_query IS 'SQL returning one number or boolean, run as the job''s role every probe interval; above throttle_query_max the job holds (NULL: none).';
 COMMENT ON COLUMN backfill.jobs.throttle_query_max IS 'The job holds while its throttle_query returns more than this (a boolean reads as 1 or 0).';
 
--- The columns engineers may set: the definition (INSERT, and UPDATE while the job is
--- not running) and the tunables (any time). Everything else is queue state.
--- Copied from 0005; issue 15 adds the throttle query columns.
-CREATE OR REPLACE FUNCTION backfill.engineer_columns() RETURNS text[]
-LANGUAGE sql IMMUTABLE AS $fn$
-    SELECT ARRAY['name', 'table_name', 'key_column', 'batch_sql', 'pending_predicate',
-                 'check_predicate', 'parallelism',
-                 'batch_size', 'min_batch_size', 'max_batch_size', 'target_batch_ms',
-                 'max_rows_per_second', 'max_attempts', 'priority', 'not_before',
-                 'updated_at', 'created_at', 'id',
-                 'enqueued_by', 'search_path',
-                 'throttle_query', 'throttle_query_max']  -- issue 15
-$fn$;
-
 -- Refuses a blank query and a threshold that is not a finite number, naming the column.
 CREATE FUNCTION backfill.validate_throttle_query() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
