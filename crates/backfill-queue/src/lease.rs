@@ -136,6 +136,13 @@ impl Queue {
     }
 
     /// Extends the lease and publishes live progress; reports whether the lease is still ours.
+    ///
+    /// The job row is taken with `SKIP LOCKED`: while our own batch commits its
+    /// checkpoint (which extends the lease itself) the row is locked until that COMMIT's
+    /// flush, and a heartbeat that queued behind it would wait for nothing and look like a
+    /// session our batch blocks. A skipped heartbeat reads the row without locking it
+    /// instead: still ours and running is `Held` (the tunables as committed); anything
+    /// else is `Lost`. Skipping never extends a lease, so the fencing stays as it was.
     pub async fn heartbeat(
         &self,
         job_id: i64,
@@ -144,13 +151,17 @@ impl Queue {
         progress: &JobProgress,
     ) -> Result<HeartbeatReport, QueueError> {
         let extended: Option<Tunables> = sqlx::query_as(
-            "UPDATE backfill.jobs \
+            "WITH mine AS ( \
+                 SELECT id FROM backfill.jobs \
+                  WHERE id = $1 AND lease_token = $2 AND state = 'running' \
+                  FOR NO KEY UPDATE SKIP LOCKED) \
+             UPDATE backfill.jobs j \
                 SET lease_expires_at = now() + $3 * interval '1 millisecond', heartbeat_at = now(), \
                     rows_per_second = $4, current_batch_size = $5, throttle_state = $6, \
                     throttle_reason = $7, updated_at = now() \
-              WHERE id = $1 AND lease_token = $2 AND state = 'running' \
-              RETURNING batch_size, min_batch_size, max_batch_size, target_batch_ms, \
-                        max_rows_per_second, priority",
+               FROM mine WHERE j.id = mine.id \
+              RETURNING j.batch_size, j.min_batch_size, j.max_batch_size, j.target_batch_ms, \
+                        j.max_rows_per_second, j.priority",
         )
         .bind(job_id)
         .bind(token.0)
@@ -163,6 +174,21 @@ impl Queue {
         .await
         .context(&format!("heartbeat of job {job_id}"))?;
         if let Some(tunables) = extended {
+            return Ok(HeartbeatReport::Held(tunables));
+        }
+        // Skipped (the row is locked) or gone: which one, without waiting for the lock.
+        let still_ours: Option<Tunables> = sqlx::query_as(
+            "SELECT batch_size, min_batch_size, max_batch_size, target_batch_ms, \
+                    max_rows_per_second, priority \
+               FROM backfill.jobs \
+              WHERE id = $1 AND lease_token = $2 AND state = 'running'",
+        )
+        .bind(job_id)
+        .bind(token.0)
+        .fetch_optional(&self.pool)
+        .await
+        .context(&format!("heartbeat of job {job_id} (row busy)"))?;
+        if let Some(tunables) = still_ours {
             return Ok(HeartbeatReport::Held(tunables));
         }
         Ok(HeartbeatReport::Lost {
