@@ -128,3 +128,130 @@ fn slow_commits_with_a_quick_heartbeat_never_make_the_daemon_cancel_its_own_batc
     assert_eq!(db.int("SELECT count(*) FROM items WHERE NOT done"), 0);
     db.assert_backfilled_exactly_once("items", 600);
 }
+
+/// An application at work on a database: a small transaction committed every 5 ms on a
+/// session of its own, from before [`Application::start`] returns until it is stopped.
+struct Application {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<u64>,
+}
+
+impl Application {
+    const TRANSACTION: &str = "BEGIN; SELECT count(*) FROM pg_class; COMMIT";
+
+    fn start(db: &TestDb) -> Application {
+        let app = backfilld_e2e::Session::connect(&format!("{}?application_name=shop", db.url()));
+        app.execute(Self::TRANSACTION);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut transactions = 1u64;
+            while !stopped.load(Ordering::Relaxed) {
+                app.execute(Self::TRANSACTION);
+                transactions += 1;
+                thread::sleep(Duration::from_millis(5));
+            }
+            transactions
+        });
+        Application { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("application thread")
+    }
+}
+
+/// The reasons of the daemon's throttle decisions, in order, duplicates removed.
+fn decision_reasons(daemon: &Daemon) -> Vec<String> {
+    let mut reasons: Vec<String> = daemon
+        .log_text()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| {
+            line["message"] == "throttle: slowing down" || line["message"] == "throttle: holding"
+        })
+        .map(|line| line["reason"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    reasons.dedup();
+    reasons
+}
+
+#[test]
+fn next_to_production_the_impact_budget_rests_to_learn_then_paces_the_job_in_small_batches() {
+    // A cluster of its own: on the shared one, other tests' sessions are production too.
+    let primary = pg_testkit::PgCluster::start_primary().expect("primary");
+    let db = TestDb::on(&primary, "impact");
+    let rows = 20_000;
+    db.sql(&pg_testkit::demo_data::users_table_sql(rows));
+    db.audit_updates("users", "id");
+    db.migrate();
+    db.sql(pg_testkit::demo_data::SPLIT_NAME_JOB_SQL);
+
+    let application = Application::start(&db);
+    let port = free_port();
+    let mut env = quick_worker_json_log("impact");
+    env.push(("BACKFILLD_HTTP__LISTEN", format!("127.0.0.1:{port}")));
+    // The test machine's own load (other tests, compilers) moves the canary by
+    // milliseconds: a wide floor keeps this test about the mechanics, not the noise (the
+    // cuts are unit-tested in backfill_core::impact and measured by scripts/bench).
+    env.push(("BACKFILLD_THROTTLE__IMPACT_FLOOR", "25ms".to_string()));
+    env.push((
+        "RUST_LOG",
+        "backfilld::batch=debug,backfilld::impact=debug,info".to_string(),
+    ));
+    let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
+    let mut paces = Vec::new();
+    while daemon.wait(Duration::from_millis(200)).is_none() {
+        if let Some((200, body)) = http_get(port, "/metrics") {
+            let pace = body
+                .lines()
+                .find(|line| line.starts_with("backfill_impact_budget_rows_per_second "))
+                .and_then(|line| line.rsplit(' ').next())
+                .and_then(|value| value.parse::<f64>().ok());
+            paces.extend(pace);
+        }
+        assert!(
+            paces.len() < 1_000,
+            "the job did not finish:\n{}",
+            daemon.log_text()
+        );
+    }
+    daemon.expect_success(RUN_LIMIT);
+    assert!(application.stop() > 1);
+    db.assert_backfilled_exactly_once("users", rows);
+
+    let reasons = decision_reasons(&daemon);
+    eprintln!("reasons: {reasons:?}; paces: {paces:?}");
+    // It rested to learn production's baseline before pacing, and the duty cycle (the
+    // fallback) never applied.
+    let first_rest = reasons.iter().position(|r| r == "impact_baseline");
+    let first_pace = reasons.iter().position(|r| r == "impact_budget");
+    assert!(
+        first_rest.is_some() && first_rest < first_pace,
+        "{reasons:?}\n{}",
+        daemon.log_text()
+    );
+    assert!(
+        !reasons.iter().any(|r| r == "production_active"),
+        "{reasons:?}"
+    );
+    // The pace was exported, resting (0) and pacing (> 0).
+    assert!(paces.iter().any(|p| *p > 0.0), "{paces:?}");
+    // Paced batches carry 20 ms of the pace, never a second's worth: far below the
+    // 10 000 keys the job grows to flat out (tests/tests/throttle.rs).
+    let mut paced_sizes: Vec<u64> = daemon
+        .log_text()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["reason"] == "impact_budget")
+        .filter_map(|line| line["batch_size"].as_u64())
+        .collect();
+    paced_sizes.sort_unstable();
+    assert!(!paced_sizes.is_empty(), "{}", daemon.log_text());
+    let median = paced_sizes[paced_sizes.len() / 2];
+    assert!(
+        median <= 1_000,
+        "median paced batch {median}: {paced_sizes:?}"
+    );
+}

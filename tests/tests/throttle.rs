@@ -816,6 +816,8 @@ fn batch_lines(daemon: &Daemon, job: &str) -> Vec<serde_json::Value> {
 fn run_sharing_worker(db: &TestDb, worker: &str, concurrency: u32) -> Daemon {
     let mut env = quick_worker_json_log(worker);
     env.push(("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "0.2".to_string()));
+    // The duty cycle is the fallback of the impact budget (tests/tests/budget.rs): off here.
+    env.push(("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "0".to_string()));
     env.push(("BACKFILLD_WORKER__CONCURRENCY", concurrency.to_string()));
     let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
     daemon.expect_success(RUN_LIMIT);

@@ -61,6 +61,10 @@ pub const MIN_SAMPLES: usize = 8;
 /// Additive growth per [`GROW_AFTER`] under budget, as a fraction of the rate last cut at.
 pub const GROWTH_FRACTION: f64 = 0.1;
 
+/// The baseline is the median of the quantiles of this many latest rests: one rest's few
+/// dozen canaries are a noisy sample of production's tail.
+pub const BASELINE_RESTS: usize = 3;
+
 /// Without a canary for this long, there is no signal.
 pub const SIGNAL_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -119,8 +123,10 @@ pub struct ImpactController {
     phase: Phase,
     /// Canary round trips (in seconds) of the current phase, in arrival order.
     samples: Vec<f64>,
-    /// Canary quantile while resting, seconds.
+    /// Canary quantile while resting, seconds: the median of the latest rests'.
     baseline: Option<f64>,
+    /// The latest rests' canary quantiles, seconds, oldest first.
+    rests: Vec<f64>,
     rate: f64,
     /// Rate at the last cut; `None` while still in slow start.
     cut_at: Option<f64>,
@@ -157,6 +163,7 @@ impl ImpactController {
             phase: Phase::Resting { since: now },
             samples: Vec::new(),
             baseline: None,
+            rests: Vec::new(),
             rate: START_RATE,
             cut_at: None,
             last_ratio: None,
@@ -211,7 +218,13 @@ impl ImpactController {
             Phase::Resting { since } => {
                 if now >= since.saturating_add(DRAIN).saturating_add(REST) {
                     if self.samples.len() >= MIN_SAMPLES {
-                        self.baseline = quantile(&mut self.samples, QUANTILE);
+                        if let Some(rest) = quantile(&mut self.samples, QUANTILE) {
+                            if self.rests.len() == BASELINE_RESTS {
+                                self.rests.remove(0);
+                            }
+                            self.rests.push(rest);
+                            self.baseline = quantile(&mut self.rests.clone(), 0.5);
+                        }
                     }
                     // Too few canaries: keep the old baseline (or none: no signal).
                     self.last_relearn = now;
