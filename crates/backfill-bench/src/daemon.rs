@@ -142,7 +142,10 @@ impl Daemon {
             .env("BACKFILLD_WORKER__ID", "bench")
             .env("BACKFILLD_LOG__FORMAT", "json")
             // One line per committed batch: sizes and durations for the report.
-            .env("BACKFILLD_LOG__LEVEL", "info,backfilld::batch=debug")
+            .env(
+                "BACKFILLD_LOG__LEVEL",
+                "info,backfilld::batch=debug,backfilld::impact=debug",
+            )
             .envs(settings.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         command

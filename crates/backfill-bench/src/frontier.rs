@@ -54,7 +54,8 @@ VALUES ('label_orders', 'public.orders', 'id',
         'label IS NULL')";
 
 /// The naive loop's statement: the next `$2` ids above `$1`.
-const NAIVE_SQL: &str = "UPDATE public.orders SET label = status || '/' || region || '/' || currency \
+const NAIVE_SQL: &str =
+    "UPDATE public.orders SET label = status || '/' || region || '/' || currency \
      WHERE id > $1 AND id <= $1 + $2 AND label IS NULL";
 
 /// Production: read an order, touch it.
@@ -85,7 +86,10 @@ impl Competitor {
             Competitor::Alone => "pgbench alone".to_string(),
             Competitor::Backfilld(label, _) => label.clone(),
             Competitor::Naive(sleep) => {
-                format!("naive loop, {NAIVE_BATCH} keys then sleep {} ms", sleep.as_millis())
+                format!(
+                    "naive loop, {NAIVE_BATCH} keys then sleep {} ms",
+                    sleep.as_millis()
+                )
             }
         }
     }
@@ -129,13 +133,20 @@ pub fn default_competitors(
     };
     let mut competitors = vec![
         Competitor::Alone,
-        Competitor::Backfilld("backfilld default (impact budget 1.3)".to_string(), with(&[])),
+        Competitor::Backfilld(
+            "backfilld default (impact budget 1.3)".to_string(),
+            with(&[]),
+        ),
         Competitor::Backfilld(
             "backfilld old default (duty cycle 5 %)".to_string(),
             with(&[("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "0".to_string())]),
         ),
     ];
-    competitors.extend(sleeps.iter().map(|ms| Competitor::Naive(Duration::from_millis(*ms))));
+    competitors.extend(
+        sleeps
+            .iter()
+            .map(|ms| Competitor::Naive(Duration::from_millis(*ms))),
+    );
     for rate in fixed_rates {
         competitors.push(Competitor::Backfilld(
             format!("backfilld fixed {rate} rows/s, sharing off"),
@@ -160,7 +171,10 @@ pub async fn run(
     fixture.drop_database(template)?;
     fixture.psql("postgres", &format!("CREATE DATABASE {template}"))?;
     fixture
-        .psql(template, &ORDERS_SQL.replace("{rows}", &plan.rows.to_string()))
+        .psql(
+            template,
+            &ORDERS_SQL.replace("{rows}", &plan.rows.to_string()),
+        )
         .context("seeding the orders table")?;
     let mut rows: Vec<FrontierRow> = Vec::new();
     for round in 1..=plan.rounds {
@@ -241,7 +255,10 @@ async fn run_one(
         Competitor::Backfilld(_, settings) => {
             daemon.migrate(&url)?;
             fixture.psql(db, ORDERS_JOB_SQL)?;
-            let log = work_dir.join(format!("frontier-{round}-{rate}-{}.log", child_name(competitor)));
+            let log = work_dir.join(format!(
+                "frontier-{round}-{rate}-{}.log",
+                child_name(competitor)
+            ));
             child = Some(daemon.spawn(&url, settings, &log)?);
         }
         Competitor::Naive(sleep) => {
@@ -253,7 +270,11 @@ async fn run_one(
             naive = Some(tokio::spawn(async move {
                 let mut after = 0i64;
                 while !stop.load(Ordering::Relaxed) {
-                    if client.execute(NAIVE_SQL, &[&after, &NAIVE_BATCH]).await.is_err() {
+                    if client
+                        .execute(NAIVE_SQL, &[&after, &NAIVE_BATCH])
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                     after += NAIVE_BATCH;
@@ -265,7 +286,10 @@ async fn run_one(
     tokio::time::sleep(plan.settle).await;
     let count = || -> anyhow::Result<i64> {
         fixture
-            .psql(db, "SELECT count(*) FROM public.orders WHERE label IS NOT NULL")?
+            .psql(
+                db,
+                "SELECT count(*) FROM public.orders WHERE label IS NOT NULL",
+            )?
             .parse()
             .context("counting done rows")
     };
@@ -332,7 +356,12 @@ pub fn to_markdown(rows: &[FrontierRow], plan: &FrontierPlan, budget: f64) -> St
     );
     for row in rows {
         let ratio = {
-            let finite: Vec<f64> = row.p99_ratio.iter().copied().filter(|v| v.is_finite()).collect();
+            let finite: Vec<f64> = row
+                .p99_ratio
+                .iter()
+                .copied()
+                .filter(|v| v.is_finite())
+                .collect();
             percentile(&finite, 50.0)
         };
         let within = match ratio {
@@ -369,7 +398,9 @@ mod tests {
         let labels: Vec<String> = competitors.iter().map(Competitor::label).collect();
         assert_eq!(labels[0], "pgbench alone");
         assert!(labels.iter().any(|l| l.starts_with("backfilld default")));
-        assert!(labels.iter().any(|l| l.starts_with("backfilld old default")));
+        assert!(labels
+            .iter()
+            .any(|l| l.starts_with("backfilld old default")));
         assert!(labels.iter().any(|l| l.contains("sleep 50 ms")));
         assert!(labels.iter().any(|l| l.contains("fixed 1000")));
     }

@@ -631,7 +631,7 @@ impl Settings {
         }
         if self.throttle.impact_relearn_every < Duration::from_secs(5) {
             return fail(format!(
-                "throttle.impact_relearn_every must be at least 5s (each re-learning rests every job for about a second), got {}",
+                "throttle.impact_relearn_every must be at least 5s (each re-learning rests every job for about two seconds), got {}",
                 humantime::format_duration(self.throttle.impact_relearn_every)
             ));
         }
