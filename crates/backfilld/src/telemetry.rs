@@ -461,9 +461,8 @@ pub fn record_canary(verdict: backfill_core::latency::CanaryVerdict) {
 /// Exports the impact budget's last verdict (see backfill_core::impact).
 pub fn record_impact(verdict: &backfill_core::impact::ImpactVerdict) {
     use backfill_core::impact::ImpactDirective;
-    if let Some(ratio) = verdict.ratio {
-        gauge!("backfill_impact_ratio").set(ratio);
-    }
+    // NaN until the first judgement: the series exists from the start.
+    gauge!("backfill_impact_ratio").set(verdict.ratio.unwrap_or(f64::NAN));
     let rate = match verdict.directive {
         Some(ImpactDirective::Pace(rate)) => rate,
         Some(ImpactDirective::Rest) => 0.0,
