@@ -1031,6 +1031,12 @@ fn every_throttle_reason_has_a_runbook_entry_a_dashboard_series_and_its_alerting
     // The alert counts every reason but the deliberate or steady-state ones.
     assert_eq!(
         reasons_the_throttled_alert_ignores(),
-        BTreeSet::from(["rate_limit", "production_active", "operator"])
+        BTreeSet::from([
+            "rate_limit",
+            "production_active",
+            "impact_budget",
+            "impact_baseline",
+            "operator",
+        ])
     );
 }

@@ -63,6 +63,9 @@ fn lag_test_env(worker: &str, standby: &str) -> Vec<(&'static str, String)> {
         "BACKFILLD_THROTTLE__MAX_LAG_BYTES",
         (MAX_LAG_BYTES as u64).to_string(),
     ));
+    // The lag signal alone: the test's own sessions would otherwise count as production
+    // and the impact budget (tests/tests/budget.rs) would pace the job after the hold.
+    env.push(("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "0".to_string()));
     env
 }
 
@@ -816,6 +819,8 @@ fn batch_lines(daemon: &Daemon, job: &str) -> Vec<serde_json::Value> {
 fn run_sharing_worker(db: &TestDb, worker: &str, concurrency: u32) -> Daemon {
     let mut env = quick_worker_json_log(worker);
     env.push(("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "0.2".to_string()));
+    // The duty cycle is the fallback of the impact budget (tests/tests/budget.rs): off here.
+    env.push(("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "0".to_string()));
     env.push(("BACKFILLD_WORKER__CONCURRENCY", concurrency.to_string()));
     let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
     daemon.expect_success(RUN_LIMIT);
@@ -906,7 +911,7 @@ fn a_job_shares_the_primary_while_production_is_at_work_and_runs_flat_out_when_i
     let sizes: Vec<u64> = shared.iter().map(|(size, _)| *size).collect();
     eprintln!("batch sizes next to production: {sizes:?}");
     let noticed = daemon
-        .json_lines("backfilld::commands")
+        .json_lines("backfilld::health_monitor")
         .into_iter()
         .filter(|line| {
             line["message"]

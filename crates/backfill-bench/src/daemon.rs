@@ -110,6 +110,24 @@ impl Daemon {
         })
     }
 
+    /// Starts `backfilld run` on `url` with `settings` and leaves it running (the caller
+    /// stops it with SIGTERM); its log goes to `log`.
+    pub fn spawn(
+        &self,
+        url: &str,
+        settings: &[(String, String)],
+        log: &Path,
+    ) -> anyhow::Result<std::process::Child> {
+        let log_file = std::fs::File::create(log)
+            .with_context(|| format!("creating the daemon log {}", log.display()))?;
+        self.command(url, settings)
+            .arg("run")
+            .stdout(log_file.try_clone().context("sharing the daemon log")?)
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))
+    }
+
     /// The daemon's command with a clean environment: only what the benchmark sets.
     fn command(&self, url: &str, settings: &[(String, String)]) -> Command {
         let mut command = Command::new(&self.binary);
@@ -124,7 +142,10 @@ impl Daemon {
             .env("BACKFILLD_WORKER__ID", "bench")
             .env("BACKFILLD_LOG__FORMAT", "json")
             // One line per committed batch: sizes and durations for the report.
-            .env("BACKFILLD_LOG__LEVEL", "info,backfilld::batch=debug")
+            .env(
+                "BACKFILLD_LOG__LEVEL",
+                "info,backfilld::batch=debug,backfilld::impact=debug",
+            )
             .envs(settings.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         command

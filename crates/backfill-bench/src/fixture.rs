@@ -20,7 +20,12 @@ pub const STANDBY_NAME: &str = "bench_standby";
 ///   server then logs every lock wait longer than that, with who held the lock and how long
 ///   the waiter waited in the end — exact, where sampling `pg_stat_activity` would miss the
 ///   tail of each wait. `%p` and `%a` in the prefix tie each line to a session.
+///
+/// - Durable commits (`fsync = on`, the default `synchronous_commit`), as a user runs
+///   PostgreSQL: the test kit's clusters turn fsync off, which made every commit free and
+///   the figures of earlier runs about 10× too kind to small batches (issue 19).
 const SERVER_SETTINGS: &[(&str, &str)] = &[
+    ("fsync", "on"),
     ("shared_buffers", "512MB"),
     ("max_wal_size", "8GB"),
     ("checkpoint_timeout", "30min"),

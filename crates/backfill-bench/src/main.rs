@@ -12,6 +12,7 @@
 
 mod daemon;
 mod fixture;
+mod frontier;
 mod lockwaits;
 mod pgbench;
 mod procfs;
@@ -53,6 +54,8 @@ enum Scenario {
     Memory,
     /// Scenario 5: the key-array job with and without keep_undo (issue 17).
     Undo,
+    /// The impact budget's frontier: rows/s against production's p99 (issue 19).
+    Frontier,
 }
 
 /// Benchmarks backfilld against a single UPDATE and a PL/pgSQL loop, idle and under load.
@@ -109,6 +112,31 @@ struct Options {
     /// with --quick).
     #[arg(long, default_value_t = 0)]
     rate_limited: u32,
+    /// Rows of the frontier's orders table (`--frontier-full`: the issue's 2,000,000).
+    #[arg(long, default_value_t = 200_000)]
+    frontier_rows: i64,
+    /// The frontier at full size: 2,000,000 orders rows (slow: the copies dominate).
+    #[arg(long)]
+    frontier_full: bool,
+    /// pgbench rates of the frontier: light, medium, heavy (near saturation on 2 cores
+    /// with durable commits).
+    #[arg(long, value_delimiter = ',', default_values_t = [20, 200, 1000])]
+    frontier_rates: Vec<u32>,
+    /// Rounds of the frontier (medians and ranges over them).
+    #[arg(long, default_value_t = 3)]
+    frontier_rounds: u32,
+    /// Seconds each frontier competitor runs before its window opens.
+    #[arg(long, default_value_t = 3)]
+    frontier_settle: u64,
+    /// Seconds of each frontier competitor's measured window.
+    #[arg(long, default_value_t = 6)]
+    frontier_window: u64,
+    /// Fixed `max_rows_per_second` of the frontier's fixed-rate backfilld runs.
+    #[arg(long, value_delimiter = ',', default_values_t = [1000, 5000])]
+    frontier_fixed_rates: Vec<u32>,
+    /// Sleeps (ms) of the frontier's naive batch-then-sleep loops.
+    #[arg(long, value_delimiter = ',', default_values_t = [20, 200])]
+    frontier_sleeps: Vec<u64>,
     /// Keep the daemon logs in this directory (default: a temporary one).
     #[arg(long)]
     logs: Option<PathBuf>,
@@ -291,6 +319,38 @@ async fn run(options: Options) -> anyhow::Result<()> {
         }
     }
     report.memory.sort_by_key(|(rows, _)| *rows);
+    let mut frontier_markdown = None;
+    // Minutes long: with --quick (the CI smoke run) only when asked for by name.
+    let frontier_wanted =
+        options.only.contains(&Scenario::Frontier) || (options.only.is_empty() && !options.quick);
+    if frontier_wanted {
+        let plan = frontier::FrontierPlan {
+            rows: if options.frontier_full {
+                2_000_000
+            } else {
+                options.frontier_rows
+            },
+            rates: options.frontier_rates.clone(),
+            clients: 4,
+            rounds: options.frontier_rounds.max(1),
+            settle: Duration::from_secs(options.frontier_settle),
+            window: Duration::from_secs(options.frontier_window.max(1)),
+            competitors: frontier::default_competitors(
+                &throttled,
+                &options.frontier_fixed_rates,
+                &options.frontier_sleeps,
+            ),
+        };
+        let load_before = load_average();
+        let rows = frontier::run(&bench.fixture, &bench.daemon, &plan, &bench.work_dir).await?;
+        frontier_markdown = Some(format!(
+            "{}
+Load average (1/5/15 min) before the frontier: {load_before}; after: {}
+",
+            frontier::to_markdown(&rows, &plan, 1.3),
+            load_average()
+        ));
+    }
     report.context = context_lines(&options, &bench, &unthrottled, &throttled, load_before)?;
     if options.logs.is_some() {
         let log = bench.work_dir.join("postgres-primary.log");
@@ -298,7 +358,11 @@ async fn run(options: Options) -> anyhow::Result<()> {
             .with_context(|| format!("copying the primary's log to {}", log.display()))?;
     }
 
-    let markdown = report.to_markdown();
+    let mut markdown = report.to_markdown();
+    if let Some(frontier) = frontier_markdown {
+        markdown.push_str("\n### Frontier: rows/s against production's p99\n\n");
+        markdown.push_str(&frontier);
+    }
     println!("\n{markdown}");
     let out = match (&options.out, options.quick) {
         (Some(out), _) => Some(out.clone()),
@@ -374,7 +438,7 @@ fn context_lines(
         format!("Run: {when}, commit {}, `{command}`", git_commit()),
         format!(
             "Machine: {cpu}, {cpus} CPUs, {memory_gib:.1} GiB RAM, Linux {}; PostgreSQL {postgres} \
-             (primary + streaming standby on the same machine, fsync off, shared_buffers 512MB)",
+             (primary + streaming standby on the same machine, fsync on, shared_buffers 512MB)",
             kernel.trim()
         ),
         format!(

@@ -87,6 +87,41 @@ impl Load {
         Ok(Load { child, dir })
     }
 
+    /// Starts `pgbench` running only `script` (with `-D` variables `vars`) from `clients`
+    /// sessions at `rate` transactions per second: the frontier's load (see
+    /// [`crate::frontier`]).
+    pub fn start_script(
+        binary: &Path,
+        conninfo: &str,
+        script: &str,
+        vars: &[(&str, String)],
+        clients: u32,
+        rate: u32,
+    ) -> anyhow::Result<Load> {
+        let dir = tempfile::Builder::new()
+            .prefix("backfill-bench-pgbench-")
+            .tempdir()
+            .context("creating pgbench's log dir")?;
+        let path = dir.path().join("script.sql");
+        std::fs::write(&path, script).context("writing the pgbench script")?;
+        let child = Command::new(binary)
+            .args(["-n", "-M", "prepared", "-j", "2", "-l"])
+            .arg(format!("--log-prefix={}", dir.path().join("txn").display()))
+            .arg(format!("-c{clients}"))
+            .arg(format!("-R{rate}"))
+            .arg(format!("-T{MAX_LOAD_SECONDS}"))
+            .args(vars.iter().map(|(k, v)| format!("-D{k}={v}")))
+            .arg("-f")
+            .arg(&path)
+            .arg(conninfo)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        Ok(Load { child, dir })
+    }
+
     /// Ends the run as its `-T` timer would (SIGALRM: pgbench finishes the transactions
     /// in flight and flushes its logs) and returns every transaction it logged.
     pub fn stop(self) -> anyhow::Result<Vec<Transaction>> {

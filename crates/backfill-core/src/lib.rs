@@ -5,6 +5,7 @@ pub mod activity;
 pub mod bisect;
 pub mod breaker;
 pub mod error_class;
+pub mod impact;
 pub mod latency;
 pub mod phase;
 pub mod placeholders;

@@ -50,14 +50,21 @@
 //! - **Rate budget**: `max_rows_per_second` is enforced with a next-allowed-start time
 //!   (GCRA without burst credit): a batch that committed `n` rows and started at `s` lets
 //!   the next one start no earlier than `s + n / budget`. Idle time is never banked, so
-//!   after a hold the daemon does not burst. A batch is also capped at one second of
+//!   after a hold the daemon does not burst. A batch is also capped at 100 ms of
 //!   budget, which keeps the pauses between batches short and the load smooth.
 //! - **Production latency** (when the canary is on, see [`crate::latency`]): a delayed
 //!   canary pins a second budget, the latency pace, at half the rate the last batch
 //!   achieved and halves it on further delays; it is spent like the rate budget but in
 //!   bursts of at most [`PACING_WINDOW`] (10 ms), and grows back while canaries are quick.
 //!   The tighter budget bounds each batch; `production_latency` outranks `rate_limit`.
-//! - **Sharing the primary** (on by default, see [`crate::activity`]): while the health
+//! - **Impact budget** (on by default, see [`crate::impact`]): while production is at work
+//!   and the daemon-wide impact controller has a verdict, this job takes its share of the
+//!   controller's pace (a third rate budget, reason `impact_budget`), spent in batches of at
+//!   most [`IMPACT_WINDOW`] of it, evenly spaced; while the controller rests to re-learn
+//!   production's baseline latency the job holds (reason `impact_baseline`). With a verdict
+//!   the fixed duty cycle below is off: it is only the fallback when no impact signal is
+//!   readable.
+//! - **Sharing the primary** (the fallback, see [`crate::activity`]): while the health
 //!   probe sees production sessions at work, batches are steered towards
 //!   `busy_batch_target` (1 ms) instead of the target, and a batch that took `d` lets the
 //!   next start no earlier than `d / busy_duty_cycle` after it started (a duty cycle of 5 %:
@@ -106,18 +113,29 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::impact::ImpactDirective;
 use crate::latency::{LatencyPacer, PACING_WINDOW};
 use crate::signals::{
     ArchiveStatus, JobQuery, SignalLatches, SignalLimits, SignalReadings, TableDeadTuples,
 };
+
+/// A batch carries at most this much of the impact budget's pace: small batches, evenly
+/// spaced, are what production's latency notices least at one average rate.
+pub const IMPACT_WINDOW: Duration = Duration::from_millis(20);
+
+/// While the impact controller rests, holds are re-checked at least this often: a rest is
+/// about a second, and the job should resume as soon as it ends.
+const IMPACT_REST_RECHECK: Duration = Duration::from_millis(250);
 
 /// A batch that took more than this many times the target is reported as `slow_batch`;
 /// smaller overshoots are corrected silently as normal regulation.
 const SLOW_BATCH_FACTOR: u32 = 2;
 
 /// A batch never carries more rows than this much of the rate budget, so the pause that
-/// pays for it stays about this short.
-const RATE_BUDGET_WINDOW: Duration = Duration::from_secs(1);
+/// pays for it stays about this short: a second's budget written as one batch hurt
+/// production's latency more than a naive loop at the same rate (issue 19); ten evenly
+/// spaced batches a second cost a few more commits and spread the load.
+const RATE_BUDGET_WINDOW: Duration = Duration::from_millis(100);
 
 /// Smallest rate budget, also used in place of a nonsense one (zero, negative, NaN): failing
 /// safe means crawling, never running unlimited, and the floor keeps every rate pause finite
@@ -689,6 +707,9 @@ pub struct HealthSample {
     pub job_query: Option<(QueryReading, f64)>,
     /// The Prometheus query's reading; `None` when none is configured.
     pub prometheus: Option<QueryReading>,
+    /// The impact budget's directive for the whole daemon (see [`crate::impact`]); `None`
+    /// when it is off or has no readable signal.
+    pub impact: Option<ImpactDirective>,
 }
 
 impl HealthSample {
@@ -864,11 +885,15 @@ pub enum ThrottleReason {
     DeadTuples,
     /// The operator's Prometheus query is over its threshold, or unreadable.
     Prometheus,
+    /// The impact budget paces the job: production's latency allows no more.
+    ImpactBudget,
+    /// The impact budget rests the job briefly to re-learn production's baseline latency.
+    ImpactBaseline,
 }
 
 impl ThrottleReason {
     /// Every reason, e.g. to initialise one metric series per label.
-    pub const ALL: [ThrottleReason; 18] = [
+    pub const ALL: [ThrottleReason; 20] = [
         Self::ReplicationLag,
         Self::StandbyMissing,
         Self::LockTimeout,
@@ -887,6 +912,8 @@ impl ThrottleReason {
         Self::WalArchive,
         Self::DeadTuples,
         Self::Prometheus,
+        Self::ImpactBudget,
+        Self::ImpactBaseline,
     ];
 
     /// The snake_case label used in logs, metrics and `backfill.job_status`.
@@ -910,6 +937,8 @@ impl ThrottleReason {
             Self::WalArchive => "wal_archive",
             Self::DeadTuples => "dead_tuples",
             Self::Prometheus => "prometheus",
+            Self::ImpactBudget => "impact_budget",
+            Self::ImpactBaseline => "impact_baseline",
         }
     }
 
@@ -929,6 +958,8 @@ impl ThrottleReason {
             Self::ProbeFailed => 7,
             Self::Operator => 6,
             Self::ProductionLatency => 5,
+            Self::ImpactBudget => 5,
+            Self::ImpactBaseline => 5,
             Self::LockTimeout => 4,
             Self::SlowBatch => 3,
             Self::TransientError => 2,
@@ -1083,6 +1114,10 @@ pub struct ThrottleController {
     health_cut_since_last_batch: bool,
     /// Production is active and sharing is on: short batches at a bounded duty cycle.
     sharing: bool,
+    /// This job's share of the impact budget's pace (rows per second), while it paces.
+    impact_rate: Option<f64>,
+    /// Jobs and slices running now, among which the impact budget's pace is shared.
+    impact_sharers: i64,
     last_decision: Option<ThrottleDecision>,
 }
 
@@ -1107,6 +1142,8 @@ impl ThrottleController {
             latency: LatencyPacer::default(),
             health_cut_since_last_batch: false,
             sharing: false,
+            impact_rate: None,
+            impact_sharers: 1,
             last_decision: None,
         }
     }
@@ -1128,7 +1165,16 @@ impl ThrottleController {
         let mut next_size = base;
         let mut reason = None;
         let mut trouble = None;
-        self.sharing = health.production_active && self.settings.busy_duty_cycle < 1.0;
+        // The impact budget applies next to production; with no verdict, the duty cycle.
+        let impact = health.impact.filter(|_| health.production_active);
+        self.sharing =
+            health.production_active && self.settings.busy_duty_cycle < 1.0 && impact.is_none();
+        self.impact_rate = match impact {
+            Some(ImpactDirective::Pace(rate)) => {
+                Some((rate / self.impact_sharers.max(1) as f64).max(MIN_ROWS_PER_SECOND))
+            }
+            _ => None,
+        };
         // Nonsense (NaN, negative) holds: failing safe; 1 or more is no throttle at all.
         let operator_ratio =
             health
@@ -1253,6 +1299,16 @@ impl ThrottleController {
         if UNIT_RANGE.contains(duty_cycle) {
             self.settings.busy_duty_cycle = duty_cycle;
         }
+    }
+
+    /// Sets how many jobs and slices share the impact budget's pace now (at least 1).
+    pub fn set_impact_sharers(&mut self, running: i64) {
+        self.impact_sharers = running.max(1);
+    }
+
+    /// This job's share of the impact budget's pace in force, if it paces (rows per second).
+    pub fn impact_rate(&self) -> Option<f64> {
+        self.impact_rate
     }
 
     /// The duty cycle next to production in force.
@@ -1394,6 +1450,13 @@ impl ThrottleController {
             return ThrottleDecision::Hold {
                 reason: ThrottleReason::Vacuum,
                 recheck_after: self.settings.hold_recheck,
+            };
+        }
+        let resting = health.production_active && health.impact == Some(ImpactDirective::Rest);
+        if resting && !self.holding_for_slot && !self.holding_for_query {
+            return ThrottleDecision::Hold {
+                reason: ThrottleReason::ImpactBaseline,
+                recheck_after: self.settings.hold_recheck.min(IMPACT_REST_RECHECK),
             };
         }
         if self.holding_for_slot || self.holding_for_query {
@@ -1632,7 +1695,16 @@ impl ThrottleController {
             max_charge: PACING_WINDOW,
             reason: ThrottleReason::ProductionLatency,
         });
-        configured.into_iter().chain(paced)
+        let impact = self.impact_rate.map(|rate| RateBudget {
+            rows_per_second: rate,
+            window: IMPACT_WINDOW,
+            max_charge: IMPACT_WINDOW.max(
+                Duration::try_from_secs_f64(f64::from(self.settings.min_batch_size) / rate)
+                    .unwrap_or(Duration::MAX),
+            ),
+            reason: ThrottleReason::ImpactBudget,
+        });
+        configured.into_iter().chain(paced).chain(impact)
     }
 
     /// Largest batch allowed by the rate budgets: the smallest window's worth of rows.
@@ -2082,7 +2154,9 @@ mod tests {
                 "wal_rate",
                 "wal_archive",
                 "dead_tuples",
-                "prometheus"
+                "prometheus",
+                "impact_budget",
+                "impact_baseline"
             ]
         );
         assert_eq!(ThrottleReason::SlowBatch.to_string(), "slow_batch");
@@ -2592,6 +2666,73 @@ mod tests {
         let rate = sim.rate_since(mark);
         assert!((1_500.0..=2_500.0).contains(&rate), "{rate:.0} rows/s");
         assert_eq!(sim.throttle.state_label(), "throttled");
+    }
+
+    fn impact(directive: ImpactDirective) -> HealthSample {
+        HealthSample {
+            impact: Some(directive),
+            ..production_active()
+        }
+    }
+
+    #[test]
+    fn the_impact_budget_replaces_the_duty_cycle_with_small_evenly_spaced_batches() {
+        let mut sim = Simulation::new(ThrottleSettings::default());
+        let model = small_batch_cost();
+        let paced = impact(ImpactDirective::Pace(3_000.0));
+        for _ in 0..50 {
+            sim.step(&paced, &model);
+        }
+        let (mark, from) = (sim.mark(), sim.now);
+        let mut pauses = Vec::new();
+        for _ in 0..300 {
+            let decision = sim.step(&paced, &model);
+            assert_eq!(decision.reason(), Some(ThrottleReason::ImpactBudget));
+            // 20 ms of 3 000 rows/s: 60 keys, never a second's worth.
+            assert_eq!(run_size(decision), 60);
+            pauses.push(decision.wait());
+        }
+        let rate = sim.rate_since(mark);
+        assert!((2_850.0..=3_000.0).contains(&rate), "{rate:.0} rows/s");
+        // Evenly spaced: every pause within a millisecond of the others.
+        let (least, most) = (pauses.iter().min().unwrap(), pauses.iter().max().unwrap());
+        assert!(*most - *least <= ms(1), "{least:?}..{most:?}");
+        assert!(sim.now - from >= Duration::from_secs(5));
+        // Shared among three running jobs: a third each.
+        sim.throttle.set_impact_sharers(3);
+        sim.step(&paced, &model);
+        assert_eq!(sim.throttle.impact_rate(), Some(1_000.0));
+        assert_eq!(run_size(sim.step(&paced, &model)), 20);
+    }
+
+    #[test]
+    fn the_impact_budget_rests_the_job_and_applies_only_next_to_production() {
+        let mut sim = Simulation::new(ThrottleSettings::default());
+        let model = small_batch_cost();
+        let decision = sim.step(&impact(ImpactDirective::Rest), &model);
+        assert_eq!(
+            decision,
+            ThrottleDecision::Hold {
+                reason: ThrottleReason::ImpactBaseline,
+                recheck_after: ms(250)
+            }
+        );
+        // On a quiet primary the budget (and the rest) do not apply: flat out.
+        let quiet = HealthSample {
+            impact: Some(ImpactDirective::Rest),
+            ..HealthSample::healthy()
+        };
+        let decision = sim.step(&quiet, &model);
+        assert_eq!((decision.wait(), decision.reason()), (Duration::ZERO, None));
+        // A lag hold outranks the rest.
+        let lagging = HealthSample {
+            replicas: vec![ReplicaLag::new("s", Some(Duration::from_secs(5)), Some(1))],
+            ..impact(ImpactDirective::Rest)
+        };
+        assert_eq!(
+            sim.step(&lagging, &model).reason(),
+            Some(ThrottleReason::ReplicationLag)
+        );
     }
 
     #[test]

@@ -93,6 +93,10 @@ const PRIMARY_LAG_SQL: &str = "SELECT application_name, \
 ///
 /// Our sessions are recognised by application_name, which pg_stat_activity truncates to
 /// `max_identifier_length` bytes (the name is ASCII: PostgreSQL replaces anything else).
+/// Waiters that are backfilld's own (`backfilld%`: this daemon's control sessions, whose
+/// heartbeat and lease writes on `backfill.jobs` queue behind the commit of our batch's
+/// checkpoint, and other workers' batches) are not production: counting them made the
+/// daemon cancel its own batches (issue 19).
 /// The wait is counted from the start of the waiting statement: never shorter than the
 /// lock wait itself, so we may cancel a little early, never late.
 const BLOCKED_BY_US_SQL: &str = "WITH ours AS ( \
@@ -104,6 +108,7 @@ const BLOCKED_BY_US_SQL: &str = "WITH ours AS ( \
           FROM pg_stat_activity a CROSS JOIN LATERAL unnest(pg_blocking_pids(a.pid)) AS blocker \
          WHERE a.wait_event_type = 'Lock' \
            AND a.pid NOT IN (SELECT pid FROM ours) \
+           AND a.application_name NOT LIKE 'backfilld%' \
            AND blocker IN (SELECT pid FROM ours)) \
      SELECT blocker, count(DISTINCT waiter)::int8, max(waited) FROM waits GROUP BY blocker \
      UNION ALL \

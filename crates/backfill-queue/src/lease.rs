@@ -81,6 +81,16 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// The job's tuning columns as a heartbeat reads them back (a live retune); a slice takes its
+/// breaker limits from its job. Aliased `j`.
+const TUNABLE_COLUMNS: &str = "j.batch_size, j.min_batch_size, j.max_batch_size, \
+     j.target_batch_ms, j.max_rows_per_second, j.priority, \
+     coalesce(j.breaker_failed_share, (SELECT p.breaker_failed_share \
+         FROM backfill.jobs p WHERE p.id = j.parent_id)) AS breaker_failed_share, \
+     coalesce(j.breaker_failed_rows, (SELECT p.breaker_failed_rows \
+         FROM backfill.jobs p WHERE p.id = j.parent_id)) AS breaker_failed_rows, \
+     backfill.job_in_window(j.id) AS in_window";
+
 impl Queue {
     /// Wraps a pool connected to the target database.
     pub fn new(pool: PgPool) -> Self {
@@ -147,6 +157,13 @@ impl Queue {
     }
 
     /// Extends the lease and publishes live progress; reports whether the lease is still ours.
+    ///
+    /// The job row is taken with `SKIP LOCKED`: while our own batch commits its
+    /// checkpoint (which extends the lease itself) the row is locked until that COMMIT's
+    /// flush, and a heartbeat that queued behind it would wait for nothing and look like a
+    /// session our batch blocks. A skipped heartbeat reads the row without locking it
+    /// instead: still ours and running is `Held` (the tunables as committed); anything
+    /// else is `Lost`. Skipping never extends a lease, so the fencing stays as it was.
     pub async fn heartbeat(
         &self,
         job_id: i64,
@@ -155,18 +172,18 @@ impl Queue {
         progress: &JobProgress,
     ) -> Result<HeartbeatReport, QueueError> {
         let extended: Option<Tunables> = sqlx::query_as(
-            "UPDATE backfill.jobs j \
-                SET lease_expires_at = now() + $3 * interval '1 millisecond', heartbeat_at = now(), \
-                    rows_per_second = $4, current_batch_size = $5, throttle_state = $6, \
-                    throttle_reason = $7, recent_rows_per_second = $8, updated_at = now() \
-              WHERE id = $1 AND lease_token = $2 AND state = 'running' \
-              RETURNING batch_size, min_batch_size, max_batch_size, target_batch_ms, \
-                        max_rows_per_second, priority, \
-                        coalesce(j.breaker_failed_share, (SELECT p.breaker_failed_share \
-                            FROM backfill.jobs p WHERE p.id = j.parent_id)) AS breaker_failed_share, \
-                        coalesce(j.breaker_failed_rows, (SELECT p.breaker_failed_rows \
-                            FROM backfill.jobs p WHERE p.id = j.parent_id)) AS breaker_failed_rows, \
-                        backfill.job_in_window(j.id) AS in_window",
+            &format!(
+                "WITH mine AS ( \
+                     SELECT id FROM backfill.jobs \
+                      WHERE id = $1 AND lease_token = $2 AND state = 'running' \
+                      FOR NO KEY UPDATE SKIP LOCKED) \
+                 UPDATE backfill.jobs j \
+                    SET lease_expires_at = now() + $3 * interval '1 millisecond', heartbeat_at = now(), \
+                        rows_per_second = $4, current_batch_size = $5, throttle_state = $6, \
+                        throttle_reason = $7, recent_rows_per_second = $8, updated_at = now() \
+                   FROM mine WHERE j.id = mine.id \
+                  RETURNING {TUNABLE_COLUMNS}"
+            ),
         )
         .bind(job_id)
         .bind(token.0)
@@ -180,6 +197,19 @@ impl Queue {
         .await
         .context(&format!("heartbeat of job {job_id}"))?;
         if let Some(tunables) = extended {
+            return Ok(HeartbeatReport::Held(tunables));
+        }
+        // Skipped (the row is locked) or gone: which one, without waiting for the lock.
+        let still_ours: Option<Tunables> = sqlx::query_as(&format!(
+            "SELECT {TUNABLE_COLUMNS} FROM backfill.jobs j \
+              WHERE j.id = $1 AND j.lease_token = $2 AND j.state = 'running'"
+        ))
+        .bind(job_id)
+        .bind(token.0)
+        .fetch_optional(&self.pool)
+        .await
+        .context(&format!("heartbeat of job {job_id} (row busy)"))?;
+        if let Some(tunables) = still_ours {
             return Ok(HeartbeatReport::Held(tunables));
         }
         Ok(HeartbeatReport::Lost {

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use backfill_core::activity::ProductionActivity;
+use backfill_core::impact::ImpactController;
 use backfill_core::latency::DelayDetector;
 use backfill_core::throttle::HealthSample;
 use backfill_dataplane::{HealthProbe, LatencyCanary, PrometheusQuery, Signals};
@@ -29,8 +30,10 @@ pub fn spawn_health_probes(
     db: &Database,
     shutdown: Shutdown,
 ) -> anyhow::Result<(watch::Receiver<HealthSample>, tokio::task::JoinHandle<()>)> {
-    // Production sessions are counted only for sharing the primary.
-    let sharing = settings.throttle.busy_duty_cycle < 1.0;
+    // Production sessions are counted only for sharing the primary (the impact budget or
+    // the duty cycle).
+    let impact = settings.impact_settings();
+    let sharing = settings.throttle.busy_duty_cycle < 1.0 || impact.is_some();
     let probe = health_probe(
         settings,
         db,
@@ -41,14 +44,21 @@ pub fn spawn_health_probes(
     let (max_lag, max_lag_bytes) = (settings.throttle.max_lag, settings.throttle.max_lag_bytes);
     let control = db.control.clone();
     let (tx, rx) = watch::channel(HealthSample::default());
-    let canary = if settings.throttle.max_probe_delay.is_zero() {
+    let detector = Some(settings.throttle.max_probe_delay)
+        .filter(|delay| !delay.is_zero())
+        .map(DelayDetector::new);
+    let canary = if detector.is_none() && impact.is_none() {
         None
     } else {
         let pool = probe_pool(&settings.database.url, settings)
             .context("the production-latency canary's connection")?;
         Some(run_canary(
             LatencyCanary::new(pool, settings.throttle.probe_timeout),
-            DelayDetector::new(settings.throttle.max_probe_delay),
+            CanaryJudges {
+                detector,
+                impact: impact.map(|impact| ImpactController::new(impact, Duration::ZERO)),
+                control: control.clone(),
+            },
             settings.throttle.canary_interval,
             tx.clone(),
             shutdown.clone(),
@@ -69,9 +79,10 @@ pub fn spawn_health_probes(
             }
             was_active = sample.production_active;
             telemetry::record_replication_lag(&sample);
-            // The canary's count lives on in every sample.
+            // The canary's count and the impact budget's directive live on in every sample.
             tx.send_modify(|latest| {
                 sample.probe_delays = latest.probe_delays;
+                sample.impact = latest.impact;
                 *latest = sample;
             });
             // Re-set every tick, or the exporter's idle timeout would drop them.
@@ -184,7 +195,7 @@ fn note_production_activity(sample: &HealthSample) {
     if sample.production_active {
         tracing::info!(
             sessions = sample.production_sessions,
-            "production is at work on the primary: sharing it (short batches, bounded duty cycle; throttle.busy_duty_cycle)"
+            "production is at work on the primary: sharing it (the impact budget, throttle.impact_budget_ratio; without its signal, the duty cycle, throttle.busy_duty_cycle)"
         );
     } else {
         tracing::info!(
@@ -193,20 +204,38 @@ fn note_production_activity(sample: &HealthSample) {
     }
 }
 
-/// Times the canary every `interval` and publishes the count of delayed round trips in
-/// the health samples, between the probes' own updates: a delay should reach the
-/// throttle within one canary interval, not one probe interval.
+/// What judges the canary's round trips: the delay detector (`throttle.max_probe_delay`)
+/// and the impact budget (`throttle.impact_budget_ratio`), either or both.
+struct CanaryJudges {
+    detector: Option<DelayDetector>,
+    impact: Option<ImpactController>,
+    /// The queue, for the rows the running jobs have committed (the impact budget never
+    /// paces far above what they achieve).
+    control: PgPool,
+}
+
+/// How often the impact budget reads the rows committed by running jobs (one query on the
+/// queue's table; no load on the target's tables).
+const IMPACT_ROWS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Times the canary every `interval` and publishes the count of delayed round trips and
+/// the impact budget's directive in the health samples, between the probes' own updates:
+/// a delay should reach the throttle within one canary interval, not one probe interval.
 async fn run_canary(
     canary: LatencyCanary,
-    mut detector: DelayDetector,
+    mut judges: CanaryJudges,
     interval: Duration,
     health: watch::Sender<HealthSample>,
     shutdown: Shutdown,
 ) {
     let origin = Instant::now();
+    let mut rows_read_at: Option<Instant> = None;
+    let mut directive = None;
     while !shutdown.is_triggered() {
-        if let Some(round_trip) = canary.round_trip().await {
-            let verdict = detector.observe(origin.elapsed(), round_trip);
+        let round_trip = canary.round_trip().await;
+        let now = origin.elapsed();
+        if let (Some(round_trip), Some(detector)) = (round_trip, judges.detector.as_mut()) {
+            let verdict = detector.observe(now, round_trip);
             tracing::trace!(
                 target: "backfilld::canary",
                 round_trip_us = round_trip.as_micros() as u64,
@@ -220,6 +249,42 @@ async fn run_canary(
                 health.send_modify(|latest| latest.probe_delays = delays);
             }
         }
+        if let Some(impact) = judges.impact.as_mut() {
+            if let Some(round_trip) = round_trip {
+                impact.observe(now, round_trip);
+            }
+            if rows_read_at.is_none_or(|at| at.elapsed() >= IMPACT_ROWS_INTERVAL) {
+                rows_read_at = Some(Instant::now());
+                match running_rows_done(&judges.control).await {
+                    Ok(rows) => impact.record_rows(now, rows),
+                    Err(e) => tracing::debug!(error = %e, "cannot read the running jobs' rows"),
+                }
+            }
+            let active = health.borrow().production_active;
+            let verdict = impact.evaluate(now, active);
+            telemetry::record_impact(&verdict);
+            if verdict.directive != directive {
+                tracing::debug!(
+                    target: "backfilld::impact",
+                    directive = ?verdict.directive,
+                    ratio = ?verdict.ratio,
+                    baseline_us = impact.baseline().map(|b| b.as_micros() as u64),
+                    "impact budget"
+                );
+                directive = verdict.directive;
+                health.send_modify(|latest| latest.impact = directive);
+            }
+        }
         shutdown.sleep(interval).await;
     }
+}
+
+/// Rows the running jobs have committed in all.
+async fn running_rows_done(control: &PgPool) -> Result<u64, sqlx::Error> {
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(rows_done), 0)::int8 FROM backfill.jobs WHERE state = 'running'",
+    )
+    .fetch_one(control)
+    .await?;
+    Ok(u64::try_from(rows).unwrap_or(0))
 }

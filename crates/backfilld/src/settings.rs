@@ -155,6 +155,15 @@ pub struct ThrottleConfig {
     /// How often the canary runs.
     #[serde(with = "humantime_serde")]
     pub canary_interval: Duration,
+    /// Impact budget: production's latency (the canary's) may rise to this many times its
+    /// own baseline; 0 turns the budget off (the duty cycle then shares the primary).
+    pub impact_budget_ratio: f64,
+    /// A rise in production's latency smaller than this never counts against the budget.
+    #[serde(with = "humantime_serde")]
+    pub impact_floor: Duration,
+    /// How often the impact budget rests briefly to re-learn production's baseline.
+    #[serde(with = "humantime_serde")]
+    pub impact_relearn_every: Duration,
     /// While production is at work on the primary, the share of time a job's batches may
     /// run; 1 turns sharing off.
     pub busy_duty_cycle: f64,
@@ -685,6 +694,18 @@ impl Settings {
         if self.throttle.canary_interval.is_zero() {
             return fail("throttle.canary_interval must be positive".to_string());
         }
+        let ratio = self.throttle.impact_budget_ratio;
+        if !(ratio == 0.0 || (ratio.is_finite() && ratio > 1.0)) {
+            return fail(format!(
+                "throttle.impact_budget_ratio must be 0 (off) or a number above 1 (1.3: production's latency may rise 30 %), got {ratio}"
+            ));
+        }
+        if self.throttle.impact_relearn_every < Duration::from_secs(5) {
+            return fail(format!(
+                "throttle.impact_relearn_every must be at least 5s (each re-learning rests every job for about two seconds), got {}",
+                humantime::format_duration(self.throttle.impact_relearn_every)
+            ));
+        }
         if !(self.throttle.query_max.is_finite()
             && self.throttle.query_resume.is_finite()
             && self.throttle.query_resume <= self.throttle.query_max)
@@ -790,6 +811,15 @@ impl Settings {
             failed_share_of_job: false,
             failed_rows_of_job: false,
         }
+    }
+
+    /// The impact budget's settings (`[throttle]` impact_*), or `None` when it is off.
+    pub fn impact_settings(&self) -> Option<backfill_core::impact::ImpactSettings> {
+        (self.throttle.impact_budget_ratio > 0.0).then_some(backfill_core::impact::ImpactSettings {
+            budget_ratio: self.throttle.impact_budget_ratio,
+            floor: self.throttle.impact_floor,
+            relearn_every: self.throttle.impact_relearn_every,
+        })
     }
 
     /// The throttle controller's settings for a job that overrides nothing: `[batch]` sizes
@@ -996,6 +1026,14 @@ mod tests {
             (
                 &[("BACKFILLD_THROTTLE__MAX_ROWS_PER_SECOND", "-Infinity")],
                 "throttle.max_rows_per_second must be 0 (no limit) or positive, got -inf",
+            ),
+            (
+                &[("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "0.9")],
+                "throttle.impact_budget_ratio must be 0 (off) or a number above 1",
+            ),
+            (
+                &[("BACKFILLD_THROTTLE__IMPACT_RELEARN_EVERY", "1s")],
+                "throttle.impact_relearn_every must be at least 5s",
             ),
             (
                 &[("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "nan")],

@@ -184,6 +184,14 @@ pub fn install_metrics(idle_timeout: Option<Duration>) -> Result<PrometheusHandl
         Unit::Seconds,
         "How much longer the last canary round trip (a committing transaction) took than the quickest of the last minute."
     );
+    describe_gauge!(
+        "backfill_impact_ratio",
+        "Production's latency (the canary's p90) over its baseline, as the impact budget last measured it."
+    );
+    describe_gauge!(
+        "backfill_impact_budget_rows_per_second",
+        "Rows per second the impact budget allows this daemon's running jobs in all; 0 while it rests to re-learn the baseline."
+    );
     describe_counter!(
         "backfill_probe_delays_total",
         "Canary round trips over throttle.max_probe_delay: production waiting for the database."
@@ -470,6 +478,19 @@ pub fn record_canary(verdict: backfill_core::latency::CanaryVerdict) {
     let delays = counter!("backfill_probe_delays_total");
     // Touched on every canary so the series exists (at 0) before the first delay.
     delays.increment(u64::from(verdict.delayed));
+}
+
+/// Exports the impact budget's last verdict (see backfill_core::impact).
+pub fn record_impact(verdict: &backfill_core::impact::ImpactVerdict) {
+    use backfill_core::impact::ImpactDirective;
+    // NaN until the first judgement: the series exists from the start.
+    gauge!("backfill_impact_ratio").set(verdict.ratio.unwrap_or(f64::NAN));
+    let rate = match verdict.directive {
+        Some(ImpactDirective::Pace(rate)) => rate,
+        Some(ImpactDirective::Rest) => 0.0,
+        None => f64::NAN,
+    };
+    gauge!("backfill_impact_budget_rows_per_second").set(rate);
 }
 
 /// Exports the build and the configured lag limits (so dashboards and alerts can compare

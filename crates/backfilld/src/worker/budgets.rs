@@ -17,7 +17,8 @@ impl JobRun<'_> {
     /// rows-per-second budget, divided among the job's slices running now; both re-read
     /// every probe interval.
     pub(super) async fn share_job_budgets(&mut self) {
-        let sharing = self.duty_budget < 1.0;
+        let impact = self.worker.settings.throttle.impact_budget_ratio > 0.0;
+        let sharing = self.duty_budget < 1.0 || impact;
         let slice_budget = self.job.parent_id.zip(self.rate_budget);
         if !sharing && slice_budget.is_none() {
             return;
@@ -39,6 +40,8 @@ impl JobRun<'_> {
         }
         if sharing {
             if let Ok(running) = self.worker.queue.running_jobs().await {
+                // The impact budget's pace is the daemon's: an equal part for each.
+                self.throttle.set_impact_sharers(running);
                 let duty = duty_share(self.duty_budget, running);
                 if duty != self.throttle.busy_duty_cycle() {
                     info!(
