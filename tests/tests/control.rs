@@ -411,7 +411,10 @@ fn a_retune_of_a_running_job_changes_its_measured_rate_within_two_seconds() {
         ", batch_size, max_rows_per_second",
         ", 100, 200",
     );
-    let env = quick_worker("ctl-retune");
+    let mut env = quick_worker("ctl-retune");
+    // The job's own limit alone sets the rate: the impact budget (tests/tests/budget.rs)
+    // would pace it next to the test's sessions, below the raised limit.
+    env.push(("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "0".to_string()));
     let daemon = Daemon::start(&db.url(), &[], &env_refs(&env));
     backfilld_e2e::wait_until("the job to run", RUN_LIMIT, || {
         db.int("SELECT rows_done FROM backfill.jobs WHERE name = 'tuned'") > 0

@@ -35,13 +35,14 @@ use crate::report::Report;
 use crate::scenarios::{expected_standby_setting, Bench, JobForm};
 
 /// backfilld's best settings with its limits off (scenario 3 and the memory runs): lag
-/// limits out of reach, no sharing with production (the benchmark's own sampler is a
-/// session at work on the primary); the batch size is each statement form's best
+/// limits out of reach, no sharing with production, neither the duty cycle nor the impact
+/// budget (the benchmark's own sampler is a session at work on the primary); the batch size is each statement form's best
 /// (`JobForm::batch_keys`, see docs/BENCHMARKS.md).
 const UNTHROTTLED_SETTINGS: &[(&str, &str)] = &[
     ("BACKFILLD_THROTTLE__MAX_LAG", "1h"),
     ("BACKFILLD_THROTTLE__MAX_LAG_BYTES", "1099511627776"),
     ("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "1"),
+    ("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "0"),
 ];
 
 /// The benchmark's scenarios, for `--only`.

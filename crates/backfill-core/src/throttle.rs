@@ -816,6 +816,16 @@ impl ThrottleReason {
         Self::ImpactBaseline,
     ];
 
+    /// Whether this is how a healthy job runs rather than trouble: its own rate limit, or
+    /// sharing a primary that production is using (the duty cycle or the impact budget).
+    /// A job slowed for these alone is not "throttled for long" (event, alert).
+    pub fn is_steady_state(self) -> bool {
+        matches!(
+            self,
+            Self::RateLimit | Self::ProductionActive | Self::ImpactBudget | Self::ImpactBaseline
+        )
+    }
+
     /// The snake_case label used in logs, metrics and `backfill.job_status`.
     pub fn as_str(self) -> &'static str {
         match self {

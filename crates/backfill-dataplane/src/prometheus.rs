@@ -1,19 +1,14 @@
 //! The Prometheus query signal: one PromQL expression read from a Prometheus server's
 //! `/api/v1/query` every probe interval, its value judged like the throttle query's.
 //!
-//! The request is a plain HTTP/1.0 GET on a tokio TCP stream: HTTP/1.0 makes the server
-//! end the body by closing the connection (no chunked encoding to decode), and it needs no
-//! HTTP client crate (hyper is in the tree for the metrics server only, without its
-//! client side). `https://` is refused at start-up: in-cluster Prometheus is usually
-//! reached over plain HTTP; TLS would need a client of its own.
+//! The request is a GET with reqwest (http or https, bounded by `throttle.probe_timeout`);
+//! the answer's body is read up to [`MAX_ANSWER_BYTES`].
 
 use std::time::Duration;
 
 use backfill_core::throttle::QueryReading;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Answers larger than this are refused: an instant query for a threshold is a few
 /// hundred bytes, and a runaway expression must not eat the daemon's memory.
@@ -22,9 +17,9 @@ const MAX_ANSWER_BYTES: u64 = 1024 * 1024;
 /// A PromQL expression and the server that evaluates it.
 #[derive(Debug, Clone)]
 pub struct PrometheusQuery {
-    host: String,
-    port: u16,
-    path: String,
+    client: reqwest::Client,
+    /// `/api/v1/query` with the expression, on the server's URL.
+    url: reqwest::Url,
     /// The URL without credentials, for messages.
     shown: String,
     timeout: Duration,
@@ -36,29 +31,36 @@ impl PrometheusQuery {
     pub fn new(url: &str, expr: &str, timeout: Duration) -> Result<Self, String> {
         let parsed = url::Url::parse(url)
             .map_err(|e| format!("{url:?} is not a URL like http://prometheus:9090 ({e})"))?;
-        if parsed.scheme() != "http" {
+        if !matches!(parsed.scheme(), "http" | "https") {
             return Err(format!(
-                "{url:?}: only http:// is supported (scheme {:?}); reach Prometheus over plain HTTP inside the cluster",
+                "{url:?}: only http:// and https:// are supported (scheme {:?})",
                 parsed.scheme()
             ));
         }
         let host = parsed
             .host_str()
-            .ok_or_else(|| format!("{url:?} names no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = parsed.port().unwrap_or(80);
+            .filter(|host| !host.is_empty())
+            .ok_or_else(|| format!("{url:?} names no host"))?;
         let prefix = parsed.path().trim_end_matches('/');
-        let path = format!(
-            "{prefix}/api/v1/query?query={}",
+        let shown = match parsed.port() {
+            Some(port) => format!("{}://{host}:{port}{prefix}", parsed.scheme()),
+            None => format!("{}://{host}{prefix}", parsed.scheme()),
+        };
+        let mut query_url = parsed.clone();
+        query_url.set_path(&format!("{prefix}/api/v1/query"));
+        query_url.set_query(Some(&format!(
+            "query={}",
             utf8_percent_encode(expr, NON_ALPHANUMERIC)
-        );
+        )));
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .user_agent(concat!("backfilld/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("{shown}: cannot build an HTTP client ({e})"))?;
         Ok(PrometheusQuery {
-            shown: format!("http://{}:{port}{prefix}", parsed.host_str().unwrap_or("")),
-            host,
-            port,
-            path,
+            client,
+            url: query_url,
+            shown,
             timeout,
         })
     }
@@ -79,38 +81,28 @@ impl PrometheusQuery {
     }
 
     async fn fetch(&self) -> Result<(u16, String), String> {
-        let mut stream = TcpStream::connect((self.host.as_str(), self.port))
+        // Errors without the URL: it may carry credentials, and `shown` names the server.
+        let mut response = self
+            .client
+            .get(self.url.clone())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
             .await
-            .map_err(|e| format!("connecting: {e}"))?;
-        let request = format!(
-            "GET {} HTTP/1.0\r\nHost: {}\r\nAccept: application/json\r\nUser-Agent: backfilld\r\n\r\n",
-            self.path, self.host
-        );
-        stream
-            .write_all(request.as_bytes())
+            .map_err(|e| format!("sending the query: {}", e.without_url()))?;
+        let status = response.status().as_u16();
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| format!("sending the query: {e}"))?;
-        let mut answer = Vec::new();
-        (&mut stream)
-            .take(MAX_ANSWER_BYTES)
-            .read_to_end(&mut answer)
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?;
-        split_response(&String::from_utf8_lossy(&answer))
+            .map_err(|e| format!("reading the answer: {}", e.without_url()))?
+        {
+            body.extend_from_slice(&chunk);
+            if body.len() as u64 > MAX_ANSWER_BYTES {
+                return Err(format!("an answer over {MAX_ANSWER_BYTES} bytes"));
+            }
+        }
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
     }
-}
-
-/// The status code and body of a raw HTTP response.
-fn split_response(raw: &str) -> Result<(u16, String), String> {
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .ok_or("the answer is not an HTTP response")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .ok_or("the answer has no HTTP status")?;
-    Ok((status, body.to_owned()))
 }
 
 /// The value of an `/api/v1/query` answer: a scalar, or the largest sample of a vector
@@ -162,14 +154,18 @@ mod tests {
             Duration::from_secs(1),
         )
         .expect("a valid URL");
-        assert_eq!((query.host.as_str(), query.port), ("prom.monitoring", 9090));
         assert_eq!(
-            query.path,
-            "/prefix/api/v1/query?query=max%28x%7Ba%3D%22b%22%7D%29%20%3E%201"
+            query.url.as_str(),
+            "http://prom.monitoring:9090/prefix/api/v1/query?query=max%28x%7Ba%3D%22b%22%7D%29%20%3E%201"
         );
+        assert_eq!(query.shown, "http://prom.monitoring:9090/prefix");
+        // Credentials in the URL are used, never shown.
+        let secret = PrometheusQuery::new("https://u:pw@prom/", "up", Duration::from_secs(1))
+            .expect("https with credentials");
+        assert_eq!(secret.shown, "https://prom");
         for (url, mentions) in [
-            ("https://prom:9090", "only http:// is supported"),
-            ("prom:9090", "only http:// is supported"),
+            ("ftp://prom:9090", "only http:// and https:// are supported"),
+            ("prom:9090", "only http:// and https:// are supported"),
             ("not a url", "is not a URL"),
         ] {
             let error = PrometheusQuery::new(url, "up", Duration::from_secs(1)).expect_err(url);
@@ -211,10 +207,5 @@ mod tests {
             let error = answer_value(status, body).expect_err(mentions);
             assert!(error.contains(mentions), "{error}");
         }
-        assert_eq!(
-            split_response("HTTP/1.0 200 OK\r\nContent-Type: x\r\n\r\n{}"),
-            Ok((200, "{}".to_string()))
-        );
-        assert!(split_response("garbage").is_err());
     }
 }

@@ -9,16 +9,14 @@
 //! and another takes over. The URL is a secret (a Slack webhook's path is its key): it is
 //! never logged.
 //!
-//! The HTTP/1.1 client is a few lines on tokio (and tokio-rustls for https), because
-//! hyper's client side needs crates the build does not have.
+//! The POST is reqwest's (http or https on the binary's rustls stack); its errors are
+//! logged without the URL.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::counter;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
@@ -63,10 +61,14 @@ pub fn spawn(settings: &EventSettings, pool: PgPool) -> Option<Webhook> {
         return None;
     }
     let url = url::Url::parse(&settings.webhook_url).ok()?;
-    let tls = match tls_config() {
-        Ok(tls) => tls,
+    let client = match reqwest::Client::builder()
+        .timeout(settings.webhook_timeout)
+        .user_agent(concat!("backfilld/", env!("CARGO_PKG_VERSION")))
+        .build()
+    {
+        Ok(client) => client,
         Err(e) => {
-            warn!(error = %e, "events webhook off: cannot set up TLS");
+            warn!(error = %e.without_url(), "events webhook off: cannot set up its HTTP client");
             return None;
         }
     };
@@ -80,7 +82,7 @@ pub fn spawn(settings: &EventSettings, pool: PgPool) -> Option<Webhook> {
             url,
             timeout: settings.webhook_timeout,
             attempts: settings.webhook_attempts,
-            tls,
+            client,
         },
     ));
     info!(
@@ -192,7 +194,7 @@ struct Target {
     url: url::Url,
     timeout: Duration,
     attempts: u32,
-    tls: Arc<rustls::ClientConfig>,
+    client: reqwest::Client,
 }
 
 /// Posts each queued event in turn, with retries.
@@ -226,106 +228,68 @@ async fn send_all(mut pending: mpsc::Receiver<String>, target: Target) {
     }
 }
 
-/// One POST of `body`; `Ok` on a 2xx answer.
+/// One POST of `body`; `Ok` on a 2xx answer, else an error naming the status or what
+/// failed (never the URL: it is a secret).
 async fn post(target: &Target, body: &str) -> Result<(), String> {
-    let url = &target.url;
-    let host = url.host_str().unwrap_or_default();
-    let port = url.port_or_known_default().unwrap_or(80);
-    let stream = tokio::net::TcpStream::connect((host, port))
+    let response = target
+        .client
+        .post(target.url.clone())
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body.to_owned())
+        .send()
         .await
-        .map_err(|e| format!("cannot connect: {e}"))?;
-    let mut path = url.path().to_string();
-    if let Some(query) = url.query() {
-        path.push('?');
-        path.push_str(query);
-    }
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nUser-Agent: backfilld/{}\r\nConnection: close\r\n\r\n{body}",
-        url.port().map_or(host.to_string(), |port| format!("{host}:{port}")),
-        body.len(),
-        env!("CARGO_PKG_VERSION"),
-    );
-    if url.scheme() == "https" {
-        let name = rustls::pki_types::ServerName::try_from(host.to_string())
-            .map_err(|e| format!("bad host name: {e}"))?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::clone(&target.tls))
-            .connect(name, stream)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        exchange(tls, &request).await
-    } else {
-        exchange(stream, &request).await
-    }
-}
-
-/// Writes the request and reads the status line of the answer.
-async fn exchange(
-    mut stream: impl AsyncRead + AsyncWrite + Unpin,
-    request: &str,
-) -> Result<(), String> {
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| format!("cannot send: {e}"))?;
-    stream
-        .flush()
-        .await
-        .map_err(|e| format!("cannot send: {e}"))?;
-    let mut status_line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut status_line)
-        .await
-        .map_err(|e| format!("no answer: {e}"))?;
-    let status = status_line.split_whitespace().nth(1).unwrap_or_default();
-    if status.starts_with('2') && status.len() == 3 {
+        .map_err(|e| e.without_url().to_string())?;
+    let status = response.status();
+    if status.is_success() {
         Ok(())
-    } else if status.is_empty() {
-        Err("no HTTP answer".to_string())
     } else {
-        Err(format!("HTTP {status}"))
+        Err(format!("HTTP {}", status.as_u16()))
     }
-}
-
-/// TLS for https webhooks: the web PKI roots, ring as the rest of the binary uses.
-fn tls_config() -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-    let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(Arc::new(config))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Runs [`exchange`] against a peer that answers `answer`; returns the outcome and the
-    /// request the peer read.
-    async fn exchange_with(answer: &'static str) -> (Result<(), String>, String) {
-        let (client, mut server) = tokio::io::duplex(4096);
+    /// Posts `{}` to a local peer that answers `answer` (or closes at once when it is
+    /// empty); returns the outcome and the request line the peer read.
+    async fn post_to(answer: &'static str) -> (Result<(), String>, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
         let peer = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
             let mut request = vec![0; 4096];
-            let n = server.read(&mut request).await.expect("read");
-            server.write_all(answer.as_bytes()).await.expect("write");
-            String::from_utf8_lossy(&request[..n]).to_string()
+            let n = stream.read(&mut request).await.expect("read");
+            if !answer.is_empty() {
+                stream.write_all(answer.as_bytes()).await.expect("write");
+            }
+            let request = String::from_utf8_lossy(&request[..n]).to_string();
+            request.lines().next().unwrap_or_default().to_string()
         });
-        let outcome = exchange(client, "POST /hook HTTP/1.1\r\n\r\n{}").await;
+        let target = Target {
+            url: url::Url::parse(&format!("http://127.0.0.1:{port}/hook?key=secret")).expect("url"),
+            timeout: Duration::from_secs(5),
+            attempts: 1,
+            client: reqwest::Client::new(),
+        };
+        let outcome = post(&target, "{}").await;
         (outcome, peer.await.expect("peer"))
     }
 
     #[tokio::test]
     async fn a_2xx_answer_is_delivered_anything_else_is_an_error_naming_the_status() {
-        let (ok, request) = exchange_with("HTTP/1.1 204 No Content\r\n\r\n").await;
+        let (ok, request) = post_to("HTTP/1.1 204 No Content\r\n\r\n").await;
         assert_eq!(ok, Ok(()));
-        assert_eq!(request, "POST /hook HTTP/1.1\r\n\r\n{}");
-        let (unavailable, _) = exchange_with("HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
+        assert_eq!(request, "POST /hook?key=secret HTTP/1.1");
+        let (unavailable, _) =
+            post_to("HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n").await;
         assert_eq!(unavailable, Err("HTTP 503".to_string()));
-        let (nothing, _) = exchange_with("").await;
-        assert_eq!(nothing, Err("no HTTP answer".to_string()));
+        let (nothing, _) = post_to("").await;
+        let error = nothing.expect_err("a peer that closes without answering");
+        assert!(!error.contains("secret"), "the URL leaked: {error}");
     }
 
     #[test]

@@ -1523,3 +1523,21 @@ fn a_vacuum_on_the_table_holds_and_one_preventing_wraparound_always_wins() {
         Some(ThrottleReason::Vacuum)
     );
 }
+
+#[test]
+fn steady_state_reasons_are_the_rate_limit_and_sharing_the_primary() {
+    let steady: Vec<&str> = ThrottleReason::ALL
+        .into_iter()
+        .filter(|reason| reason.is_steady_state())
+        .map(ThrottleReason::as_str)
+        .collect();
+    assert_eq!(
+        steady,
+        [
+            "rate_limit",
+            "production_active",
+            "impact_budget",
+            "impact_baseline"
+        ]
+    );
+}

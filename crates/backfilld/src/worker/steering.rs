@@ -191,11 +191,12 @@ impl JobRun<'_> {
     }
 
     /// Follows the job's throttle; once it has been slowed or held (for anything but its
-    /// own rate limit) for `events.throttled_after`, tells listeners with a
+    /// steady state: its own rate limit, sharing the primary with production) for
+    /// `events.throttled_after`, tells listeners with a
     /// `throttled` event, once per spell. The NOTIFY goes out on its own task: a batch
     /// never waits for it.
     pub(super) fn watch_throttled_spell(&mut self, reason: Option<ThrottleReason>) {
-        let reason = reason.filter(|r| *r != ThrottleReason::RateLimit);
+        let reason = reason.filter(|r| !r.is_steady_state());
         let Some(lasted) = self
             .throttled_spell
             .observe(self.started.elapsed(), reason.is_some())
