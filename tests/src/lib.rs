@@ -393,6 +393,10 @@ pub fn quick_worker(id: &str) -> Vec<(&'static str, String)> {
         ("BACKFILLD_WORKER__HEARTBEAT", "300ms".to_string()),
         ("BACKFILLD_WORKER__POLL_INTERVAL", "200ms".to_string()),
         ("BACKFILLD_BATCH__RETRY_BACKOFF", "100ms".to_string()),
+        // Each test isolates the signal it is about. The impact budget (on by default) would
+        // take the tests' own sessions for production and pace every job; tests/tests/budget.rs
+        // turns it back on where it is the subject.
+        ("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "0".to_string()),
     ]
 }
 

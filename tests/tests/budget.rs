@@ -195,6 +195,8 @@ fn next_to_production_the_impact_budget_rests_to_learn_then_paces_the_job_in_sma
     // The test machine's own load (other tests, compilers) moves the canary by
     // milliseconds: a wide floor keeps this test about the mechanics, not the noise (the
     // cuts are unit-tested in backfill_core::impact and measured by scripts/bench).
+    // On, as by default (quick_worker turns it off for the other tests).
+    env.push(("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "1.3".to_string()));
     env.push(("BACKFILLD_THROTTLE__IMPACT_FLOOR", "25ms".to_string()));
     env.push((
         "RUST_LOG",

@@ -317,6 +317,8 @@ fn a_demo_job_exports_every_design_and_deploy_metric_with_sane_values() {
             ("BACKFILLD_THROTTLE__EXPECTED_STANDBYS", "ops_standby"),
             // The canary on (so its series are exported too), too lenient to ever pace.
             ("BACKFILLD_THROTTLE__MAX_PROBE_DELAY", "10s"),
+            // The impact budget on, as by default, so its series are exported too.
+            ("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "1.3"),
         ],
     );
     let mut daemon = Daemon::start(&url, &[], &env_refs(&env));
