@@ -3,6 +3,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use pg_testkit::{shared_primary, PgCluster};
@@ -439,4 +442,73 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Some((status, body))
+}
+
+/// A session that LISTENs on `backfill_events`; the receiver gets each payload.
+pub fn listen_for_events(
+    url: &str,
+) -> (
+    std::sync::mpsc::Receiver<serde_json::Value>,
+    tokio::runtime::Runtime,
+) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let (tx, events) = std::sync::mpsc::channel();
+    let (client, mut connection) = runtime
+        .block_on(tokio_postgres::connect(url, tokio_postgres::NoTls))
+        .expect("connect the listener");
+    runtime.spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = message {
+                let payload = serde_json::from_str(n.payload()).expect("a JSON payload");
+                if tx.send(payload).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    runtime
+        .block_on(client.batch_execute("LISTEN backfill_events"))
+        .expect("LISTEN");
+    // The session ends with the client: it must outlive the test.
+    std::mem::forget(client);
+    (events, runtime)
+}
+
+/// An application at work on a database: a small transaction committed every few
+/// milliseconds on a session of its own, from before [`Application::start`] returns (so
+/// that a daemon started after it sees it at its first probe) until it is stopped.
+pub struct Application {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<u64>,
+}
+
+impl Application {
+    const TRANSACTION: &str = "BEGIN; SELECT count(*) FROM pg_class; COMMIT";
+
+    pub fn start(db: &TestDb) -> Application {
+        let app = Session::connect(&format!("{}?application_name=shop", db.url()));
+        app.execute(Self::TRANSACTION);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut transactions = 1u64;
+            while !stopped.load(Ordering::Relaxed) {
+                app.execute(Self::TRANSACTION);
+                transactions += 1;
+                thread::sleep(Duration::from_millis(5));
+            }
+            transactions
+        });
+        Application { stop, thread }
+    }
+
+    /// Stops it and returns how many transactions it committed.
+    pub fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("application thread")
+    }
 }

@@ -8,7 +8,7 @@ use std::thread;
 use std::time::Duration;
 
 use backfilld_e2e::{
-    env_refs, free_port, http_get, quick_worker_json_log, wait_until, Daemon, TestDb,
+    env_refs, free_port, http_get, quick_worker_json_log, wait_until, Application, Daemon, TestDb,
 };
 
 const RUN_LIMIT: Duration = Duration::from_secs(120);
@@ -127,39 +127,6 @@ fn slow_commits_with_a_quick_heartbeat_never_make_the_daemon_cancel_its_own_batc
     assert_eq!(db.job_state("slow_commits"), "succeeded");
     assert_eq!(db.int("SELECT count(*) FROM items WHERE NOT done"), 0);
     db.assert_backfilled_exactly_once("items", 600);
-}
-
-/// An application at work on a database: a small transaction committed every 5 ms on a
-/// session of its own, from before [`Application::start`] returns until it is stopped.
-struct Application {
-    stop: Arc<AtomicBool>,
-    thread: thread::JoinHandle<u64>,
-}
-
-impl Application {
-    const TRANSACTION: &str = "BEGIN; SELECT count(*) FROM pg_class; COMMIT";
-
-    fn start(db: &TestDb) -> Application {
-        let app = backfilld_e2e::Session::connect(&format!("{}?application_name=shop", db.url()));
-        app.execute(Self::TRANSACTION);
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
-        let thread = thread::spawn(move || {
-            let mut transactions = 1u64;
-            while !stopped.load(Ordering::Relaxed) {
-                app.execute(Self::TRANSACTION);
-                transactions += 1;
-                thread::sleep(Duration::from_millis(5));
-            }
-            transactions
-        });
-        Application { stop, thread }
-    }
-
-    fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("application thread")
-    }
 }
 
 /// The reasons of the daemon's throttle decisions, in order, duplicates removed.

@@ -167,31 +167,7 @@ struct EventListener {
 
 impl EventListener {
     fn start(url: &str) -> EventListener {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        let (tx, events) = mpsc::channel();
-        let (client, mut connection) = runtime
-            .block_on(tokio_postgres::connect(url, tokio_postgres::NoTls))
-            .expect("connect the listener");
-        // The connection delivers notifications only to whoever polls it for messages.
-        runtime.spawn(async move {
-            while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = message {
-                    let payload = serde_json::from_str(n.payload()).expect("a JSON payload");
-                    if tx.send(payload).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        runtime
-            .block_on(client.batch_execute("LISTEN backfill_events"))
-            .expect("LISTEN");
-        // The client must outlive the test: the connection ends with it.
-        std::mem::forget(client);
+        let (events, runtime) = backfilld_e2e::listen_for_events(url);
         EventListener {
             events,
             received: Default::default(),

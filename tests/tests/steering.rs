@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use backfilld_e2e::{env_refs, free_port, http_get, quick_worker, wait_until, Daemon, TestDb};
+use backfilld_e2e::{
+    env_refs, free_port, http_get, listen_for_events, quick_worker, wait_until, Daemon, TestDb,
+};
 
 const RUN_LIMIT: Duration = Duration::from_secs(90);
 
@@ -392,40 +394,6 @@ fn the_forecast_counts_held_time_and_tracks_the_actual_finish_within_20_percent(
         daemon.log_text()
     );
     drop(daemon);
-}
-
-/// A session that LISTENs on `backfill_events`; the receiver gets each payload.
-fn listen_for_events(
-    url: &str,
-) -> (
-    std::sync::mpsc::Receiver<serde_json::Value>,
-    tokio::runtime::Runtime,
-) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let (tx, events) = std::sync::mpsc::channel();
-    let (client, mut connection) = runtime
-        .block_on(tokio_postgres::connect(url, tokio_postgres::NoTls))
-        .expect("connect the listener");
-    runtime.spawn(async move {
-        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-            if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = message {
-                let payload = serde_json::from_str(n.payload()).expect("a JSON payload");
-                if tx.send(payload).is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    runtime
-        .block_on(client.batch_execute("LISTEN backfill_events"))
-        .expect("LISTEN");
-    // The session ends with the client: it must outlive the test.
-    std::mem::forget(client);
-    (events, runtime)
 }
 
 /// A local HTTP receiver: answers the first request 503 (so the webhook must retry) and

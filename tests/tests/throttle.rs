@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use backfilld_e2e::{
-    env_refs, free_port, http_get, quick_worker_json_log, wait_until, Daemon, Session, TestDb,
+    env_refs, free_port, http_get, quick_worker_json_log, wait_until, Application, Daemon, TestDb,
 };
 use pg_testkit::demo_data::{users_table_sql, SPLIT_NAME_JOB_SQL};
 use pg_testkit::{PgCluster, StopMode};
@@ -825,41 +825,6 @@ fn run_sharing_worker(db: &TestDb, worker: &str, concurrency: u32) -> Daemon {
     let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
     daemon.expect_success(RUN_LIMIT);
     daemon
-}
-
-/// An application at work on a database: a small transaction committed every few
-/// milliseconds on a session of its own, from before [`Application::start`] returns (so
-/// that a daemon started after it sees it at its first probe) until it is stopped.
-struct Application {
-    stop: Arc<AtomicBool>,
-    thread: thread::JoinHandle<u64>,
-}
-
-impl Application {
-    const TRANSACTION: &str = "BEGIN; SELECT count(*) FROM pg_class; COMMIT";
-
-    fn start(db: &TestDb) -> Application {
-        let app = Session::connect(&format!("{}?application_name=shop", db.url()));
-        app.execute(Self::TRANSACTION);
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
-        let thread = thread::spawn(move || {
-            let mut transactions = 1u64;
-            while !stopped.load(Ordering::Relaxed) {
-                app.execute(Self::TRANSACTION);
-                transactions += 1;
-                thread::sleep(Duration::from_millis(5));
-            }
-            transactions
-        });
-        Application { stop, thread }
-    }
-
-    /// Stops it and returns how many transactions it committed.
-    fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("application thread")
-    }
 }
 
 /// `public.<name>`: `rows` rows, and a job `<name>` that marks them done.
