@@ -63,28 +63,23 @@ pub struct Load {
 impl Load {
     /// Starts `pgbench` (from `binary`) against `conninfo` with `shape`.
     pub fn start(binary: &Path, conninfo: &str, shape: LoadShape) -> anyhow::Result<Load> {
-        let dir = tempfile::Builder::new()
-            .prefix("backfill-bench-pgbench-")
-            .tempdir()
-            .context("creating pgbench's log dir")?;
-        let script = dir.path().join("users.sql");
-        std::fs::write(&script, USERS_SCRIPT).context("writing the pgbench script")?;
-        let child = Command::new(binary)
-            .args(["-n", "-M", "prepared", "-j", "2", "-l"])
-            .arg(format!("--log-prefix={}", dir.path().join("txn").display()))
-            .arg(format!("-c{}", shape.clients))
-            .arg(format!("-R{}", shape.rate))
-            .arg(format!("-T{MAX_LOAD_SECONDS}"))
-            .arg(format!("-Dusers_rows={}", shape.users_rows))
-            .args(["-b", "simple-update@1", "-f"])
-            .arg(format!("{}@1", script.display()))
-            .arg(conninfo)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        Ok(Load { child, dir })
+        Load::spawn(
+            binary,
+            conninfo,
+            "users.sql",
+            USERS_SCRIPT,
+            shape.clients,
+            shape.rate,
+            |script| {
+                vec![
+                    format!("-Dusers_rows={}", shape.users_rows),
+                    "-b".to_string(),
+                    "simple-update@1".to_string(),
+                    "-f".to_string(),
+                    format!("{}@1", script.display()),
+                ]
+            },
+        )
     }
 
     /// Starts `pgbench` running only `script` (with `-D` variables `vars`) from `clients`
@@ -98,11 +93,41 @@ impl Load {
         clients: u32,
         rate: u32,
     ) -> anyhow::Result<Load> {
+        Load::spawn(
+            binary,
+            conninfo,
+            "script.sql",
+            script,
+            clients,
+            rate,
+            |path| {
+                let mut args: Vec<String> =
+                    vars.iter().map(|(k, v)| format!("-D{k}={v}")).collect();
+                args.push("-f".to_string());
+                args.push(path.display().to_string());
+                args
+            },
+        )
+    }
+
+    /// Writes `script` as `script_name` into a fresh log dir and starts `pgbench` with the
+    /// options every load shares (prepared statements, per-transaction log, `clients` at
+    /// `rate`, at most [`MAX_LOAD_SECONDS`]) and the workload's own, which `workload` builds
+    /// from the script's path.
+    fn spawn(
+        binary: &Path,
+        conninfo: &str,
+        script_name: &str,
+        script: &str,
+        clients: u32,
+        rate: u32,
+        workload: impl FnOnce(&Path) -> Vec<String>,
+    ) -> anyhow::Result<Load> {
         let dir = tempfile::Builder::new()
             .prefix("backfill-bench-pgbench-")
             .tempdir()
             .context("creating pgbench's log dir")?;
-        let path = dir.path().join("script.sql");
+        let path = dir.path().join(script_name);
         std::fs::write(&path, script).context("writing the pgbench script")?;
         let child = Command::new(binary)
             .args(["-n", "-M", "prepared", "-j", "2", "-l"])
@@ -110,9 +135,7 @@ impl Load {
             .arg(format!("-c{clients}"))
             .arg(format!("-R{rate}"))
             .arg(format!("-T{MAX_LOAD_SECONDS}"))
-            .args(vars.iter().map(|(k, v)| format!("-D{k}={v}")))
-            .arg("-f")
-            .arg(&path)
+            .args(workload(&path))
             .arg(conninfo)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
