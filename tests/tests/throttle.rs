@@ -925,7 +925,8 @@ fn jobs_running_next_to_production_split_one_duty_cycle() {
     let primary = PgCluster::start_primary().expect("primary");
     let db = TestDb::on(&primary, "sharing_jobs");
     db.migrate();
-    let rows = 20_000;
+    // Enough for both jobs to run side by side for a few seconds of short batches.
+    let rows = 8_000;
     plain_table_job(&db, "left_half", rows);
     plain_table_job(&db, "right_half", rows);
     let application = Application::start(&db);
