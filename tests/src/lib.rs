@@ -373,6 +373,65 @@ impl Drop for Daemon {
     }
 }
 
+/// Quick workers (`--exit-when-idle`) that a test SIGKILLs and restarts at pseudo-random
+/// moments: the same seed gives the same storm.
+pub struct SigkillStorm {
+    envs: Vec<Vec<(&'static str, String)>>,
+    database_url: String,
+    workers: Vec<Daemon>,
+    random: u64,
+}
+
+impl SigkillStorm {
+    /// Starts `count` workers named `<name>-1`… on `db`.
+    pub fn start(db: &TestDb, name: &str, count: usize, seed: u64) -> SigkillStorm {
+        let envs: Vec<_> = (1..=count)
+            .map(|i| quick_worker(&format!("{name}-{i}")))
+            .collect();
+        let mut storm = SigkillStorm {
+            envs,
+            database_url: db.url(),
+            workers: Vec::new(),
+            random: seed,
+        };
+        storm.workers = (0..count).map(|i| storm.spawn(i)).collect();
+        storm
+    }
+
+    fn spawn(&self, i: usize) -> Daemon {
+        Daemon::start(
+            &self.database_url,
+            &["--exit-when-idle"],
+            &env_refs(&self.envs[i]),
+        )
+    }
+
+    /// A small deterministic pseudo-random number below `below` (an LCG).
+    fn next(&mut self, below: u64) -> u64 {
+        self.random = self
+            .random
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.random >> 33) % below
+    }
+
+    /// Waits `base_ms` plus up to as much again, then SIGKILLs one worker and restarts it.
+    pub fn kill_one(&mut self, base_ms: u64) {
+        std::thread::sleep(Duration::from_millis(base_ms + self.next(base_ms)));
+        let victim = self.next(self.workers.len() as u64) as usize;
+        self.workers[victim].kill();
+        self.workers[victim] = self.spawn(victim);
+    }
+
+    /// Waits for every worker to exit cleanly and returns their logs.
+    pub fn finish(mut self, timeout: Duration) -> String {
+        for worker in &mut self.workers {
+            worker.expect_success(timeout);
+        }
+        self.workers.iter().map(Daemon::log_text).collect()
+    }
+}
+
 /// Polls `condition` every 20 ms until it holds, panicking with `what` after `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) -> Duration {
     let started = Instant::now();

@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use backfilld_e2e::{env_refs, free_port, http_get, quick_worker, wait_until, Daemon, TestDb};
+use backfilld_e2e::{
+    env_refs, free_port, http_get, quick_worker, wait_until, Daemon, SigkillStorm, TestDb,
+};
 use pg_testkit::{PgCluster, StopMode, TcpProxy};
 
 const RUN_LIMIT: Duration = Duration::from_secs(120);
@@ -232,19 +234,6 @@ fn connections_cut_mid_batch_lose_nothing_and_repeat_nothing() {
     db.assert_updated_exactly_once("items", 40_000);
 }
 
-/// A small deterministic pseudo-random sequence (the storm must be reproducible).
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self, below: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % below
-    }
-}
-
 #[test]
 fn a_storm_of_sigkills_across_four_workers_loses_and_repeats_nothing() {
     let db = TestDb::new("storm");
@@ -269,20 +258,12 @@ fn a_storm_of_sigkills_across_four_workers_loses_and_repeats_nothing() {
             ", 300, 4000",
         );
     }
-    let envs: Vec<_> = (1..=4)
-        .map(|i| quick_worker(&format!("storm-{i}")))
-        .collect();
-    let start = |i: usize| Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&envs[i]));
-    let mut workers: Vec<Daemon> = (0..4).map(start).collect();
-    let mut random = Lcg(20261126);
+    let mut storm = SigkillStorm::start(&db, "storm", 4, 20261126);
     let mut kills = 0;
     let mut longest_overdue = 0.0_f64;
     while kills < 30 {
-        std::thread::sleep(Duration::from_millis(200 + random.next(200)));
-        let victim = random.next(4) as usize;
-        workers[victim].kill();
+        storm.kill_one(200);
         kills += 1;
-        workers[victim] = start(victim);
         // A lease past its expiry must be picked up again within a poll or two.
         let overdue: f64 = db
             .sql("SELECT coalesce(max(extract(epoch FROM now() - lease_expires_at)), 0) FROM backfill.jobs WHERE state = 'running' AND lease_expires_at < now()")
@@ -290,10 +271,7 @@ fn a_storm_of_sigkills_across_four_workers_loses_and_repeats_nothing() {
             .expect("seconds");
         longest_overdue = longest_overdue.max(overdue);
     }
-    for worker in &mut workers {
-        worker.expect_success(RUN_LIMIT);
-    }
-    let logs: String = workers.iter().map(Daemon::log_text).collect();
+    let logs = storm.finish(RUN_LIMIT);
     assert_eq!(db.job_state("storm_a"), "succeeded", "{logs}");
     assert_eq!(db.job_state("storm_b"), "succeeded", "{logs}");
     assert_eq!(db.job_state("storm_poison"), "failed", "{logs}");

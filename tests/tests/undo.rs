@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use backfilld_e2e::{
     backfilld_at, env_refs, free_port, http_get, quick_worker, readme_engineer_grants, wait_until,
-    Daemon, Session, TestDb,
+    Daemon, Session, SigkillStorm, TestDb,
 };
 
 const RUN_LIMIT: Duration = Duration::from_secs(180);
@@ -18,38 +18,14 @@ fn url_as(db: &TestDb, role: &str) -> String {
     db.url().replacen("postgres@", &format!("{role}@"), 1)
 }
 
-/// A small deterministic pseudo-random sequence (the storm must be reproducible).
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self, below: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % below
-    }
-}
-
 /// Runs two workers until the queue is idle, SIGKILLing one of them `kills` times
 /// (restarting it each time) while they work.
 fn run_through_a_storm(db: &TestDb, name: &str, kills: usize, seed: u64) -> String {
-    let envs: Vec<_> = (1..=2)
-        .map(|i| quick_worker(&format!("{name}-{i}")))
-        .collect();
-    let start = |i: usize| Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&envs[i]));
-    let mut workers: Vec<Daemon> = (0..2).map(start).collect();
-    let mut random = Lcg(seed);
+    let mut storm = SigkillStorm::start(db, name, 2, seed);
     for _ in 0..kills {
-        std::thread::sleep(Duration::from_millis(300 + random.next(300)));
-        let victim = random.next(2) as usize;
-        workers[victim].kill();
-        workers[victim] = start(victim);
+        storm.kill_one(300);
     }
-    for worker in &mut workers {
-        worker.expect_success(RUN_LIMIT);
-    }
-    workers.iter().map(Daemon::log_text).collect()
+    storm.finish(RUN_LIMIT)
 }
 
 /// md5 over the rows of `table` that `filter` keeps, in key order.
