@@ -207,20 +207,14 @@ impl ThrottleController {
 
         let decision = match lag {
             // Hold briefly and leave the lag latch alone: the database may be unreachable.
-            None => ThrottleDecision::Hold {
-                reason: ThrottleReason::ProbeFailed,
-                recheck_after: self.settings.hold_recheck,
-            },
+            None => self.hold(ThrottleReason::ProbeFailed),
             Some(_) if operator_hold => {
                 // Keep the latches current, so that a release does not run on stale news.
                 self.update_slot_latch(health);
                 self.update_query_latch(health);
                 self.signal_latches
                     .update(&self.settings.signal_limits, &health.signal_readings());
-                ThrottleDecision::Hold {
-                    reason: ThrottleReason::Operator,
-                    recheck_after: self.settings.hold_recheck,
-                }
+                self.hold(ThrottleReason::Operator)
             }
             Some(lag) => self.lag_decision(now, &lag, health, reason),
         };

@@ -79,6 +79,14 @@ pub(super) struct LagAssessment {
 }
 
 impl ThrottleController {
+    /// Holds for `reason`: run nothing, and decide again after `hold_recheck`.
+    pub(super) fn hold(&self, reason: ThrottleReason) -> ThrottleDecision {
+        ThrottleDecision::Hold {
+            reason,
+            recheck_after: self.settings.hold_recheck,
+        }
+    }
+
     /// Holds for lag (with hysteresis) or plans the next batch.
     pub(super) fn lag_decision(
         &mut self,
@@ -103,19 +111,13 @@ impl ThrottleController {
             } else {
                 ThrottleReason::ReplicationLag
             };
-            return ThrottleDecision::Hold {
-                reason,
-                recheck_after: self.settings.hold_recheck,
-            };
+            return self.hold(reason);
         }
         let vacuum_holds = health
             .table_vacuum
             .is_some_and(|wraparound| wraparound || self.settings.hold_while_vacuumed);
         if vacuum_holds {
-            return ThrottleDecision::Hold {
-                reason: ThrottleReason::Vacuum,
-                recheck_after: self.settings.hold_recheck,
-            };
+            return self.hold(ThrottleReason::Vacuum);
         }
         let resting = health.production_active && health.impact == Some(ImpactDirective::Rest);
         if resting && !self.holding_for_slot && !self.holding_for_query {
@@ -130,16 +132,10 @@ impl ThrottleController {
             } else {
                 ThrottleReason::ThrottleQuery
             };
-            return ThrottleDecision::Hold {
-                reason,
-                recheck_after: self.settings.hold_recheck,
-            };
+            return self.hold(reason);
         }
         if let Some(reason) = signal_hold {
-            return ThrottleDecision::Hold {
-                reason,
-                recheck_after: self.settings.hold_recheck,
-            };
+            return self.hold(reason);
         }
         self.plan_run(now, lag, reason)
     }
