@@ -1,7 +1,13 @@
 //! Unit tests of the throttle controller: each rule of docs/THROTTLE.md replayed with
 //! simulated time.
 
+use std::time::Duration;
+
+use super::settings::MIN_ROWS_PER_SECOND;
 use super::*;
+use crate::impact::ImpactDirective;
+use crate::latency::PACING_WINDOW;
+use crate::signals::{ArchiveStatus, JobQuery, SignalLimits};
 
 const MIB: u64 = 1024 * 1024;
 
