@@ -153,12 +153,12 @@ fn usage_error_line(e: &clap::Error) -> String {
 /// The daemon: connect, migrate, serve metrics, probe health, work the queue
 /// until SIGTERM (or idle), let go of everything, exit 0.
 async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<()> {
-    let settings = Arc::new(settings);
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
     let metrics = telemetry::install_metrics(settings.http.metrics_idle_timeout())
         .map_err(anyhow::Error::msg)?;
-    let db = Database::connect(&settings).await?;
-    db.check_probes_can_see(&settings).await?;
+    let db = Database::connect(&settings.database, &settings.data_plane_session()).await?;
+    db.check_probes_can_see(settings.throttle.allow_blind)
+        .await?;
     backfill_queue::migrate(&db.control)
         .await
         .context("applying the backfill schema")?;
@@ -168,7 +168,7 @@ async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<
             .map_err(anyhow::Error::msg)?;
         tracing::info!(%address, "serving /metrics, /healthz, /readyz");
     }
-    let (health, monitor) = HealthMonitor::spawn(&settings, &db, shutdown.clone())?;
+    let (health, monitor) = HealthMonitor::spawn(&settings.throttle, &db, shutdown.clone())?;
     let gauges = DaemonGauges {
         control: db.control.clone(),
         interval: settings.throttle.probe_interval,
@@ -179,10 +179,10 @@ async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<
     .spawn(shutdown.clone());
     let worker = Arc::new(Worker {
         queue: backfill_queue::Queue::new(db.control.clone()),
-        runner: db.batch_runner(&settings),
-        worker_id: settings.worker_id(),
+        runner: db.batch_runner(&settings.batch),
+        worker_id: settings.worker.worker_id(),
         instance: uuid::Uuid::new_v4(),
-        settings: Arc::clone(&settings),
+        settings: Arc::new(settings.worker_sections()),
         health,
         driving: Default::default(),
         work_signal: Default::default(),

@@ -19,8 +19,8 @@ use backfill_core::throttle::HealthSample;
 use backfill_dataplane::HealthProbe;
 use tokio::sync::{mpsc, watch};
 
-use crate::database::{probe_pool, Database};
-use crate::settings::Settings;
+use crate::database::Database;
+use crate::settings::ThrottleConfig;
 use crate::shutdown::Shutdown;
 use crate::telemetry;
 use canary::{CanaryJudges, CanaryReading, CanaryTimer, CanaryVerdicts};
@@ -48,21 +48,21 @@ impl HealthMonitor {
     /// Starts the monitor on a task of its own: the receiver of its samples, and the task
     /// (aborting it stops the probe and the canary alike).
     pub fn spawn(
-        settings: &Settings,
+        throttle: &ThrottleConfig,
         db: &Database,
         shutdown: Shutdown,
     ) -> anyhow::Result<(watch::Receiver<HealthSample>, tokio::task::JoinHandle<()>)> {
-        let throttle = &settings.throttle;
         // Production sessions are counted only for sharing the primary (the impact budget or
         // the duty cycle).
-        let impact = settings.impact_settings();
+        let impact = throttle.impact_settings();
         let sharing = throttle.busy_duty_cycle < 1.0 || impact.is_some();
-        let probe = health_probe(settings, db, sharing.then_some(throttle.probe_interval), 0)?;
+        let probe = health_probe(throttle, db, sharing.then_some(throttle.probe_interval), 0)?;
         let canary_judges = CanaryJudges::new(throttle.max_probe_delay, impact);
         let canary = match &canary_judges {
             None => None,
             Some(judges) => {
-                let pool = probe_pool(&settings.database.url, settings)
+                let pool = db
+                    .primary_probe_pool()
                     .context("the production-latency canary's connection")?;
                 Some(CanaryTimer::new(
                     pool,
