@@ -18,8 +18,9 @@ pub struct DaemonGauges {
     pub control: PgPool,
     /// How often the daemon's limits are re-set (the probe interval).
     pub interval: Duration,
-    /// `throttle.max_lag` and `throttle.max_lag_bytes`, for `backfill_daemon_info`.
+    /// `throttle.max_lag`, for `backfill_daemon_info`.
     pub max_lag: Duration,
+    /// `throttle.max_lag_bytes`, for `backfill_daemon_info`.
     pub max_lag_bytes: u64,
     /// `undo.retention`, applied when undo data is measured.
     pub undo_retention: Option<Duration>,

@@ -29,7 +29,11 @@ pub(crate) use probe::health_probe;
 /// What the monitor's readers hand its judges: a probe sample or a canary round trip,
 /// each stamped with when it was taken (time since the monitor started).
 enum Reading {
-    Probe { at: Duration, sample: HealthSample },
+    // Boxed: a sample is large next to a canary's round trip.
+    Probe {
+        at: Duration,
+        sample: Box<HealthSample>,
+    },
     Canary(CanaryReading),
 }
 
@@ -131,7 +135,7 @@ async fn read_probe(
     shutdown: Shutdown,
 ) {
     while !shutdown.is_triggered() {
-        let sample = probe.sample().await;
+        let sample = Box::new(probe.sample().await);
         let at = origin.elapsed();
         if readings.send(Reading::Probe { at, sample }).await.is_err() {
             return;
@@ -166,7 +170,7 @@ impl Judges {
                 sample.production_active = self.activity.judge(at, &sample);
                 telemetry::record_replication_lag(&sample);
                 self.verdicts.fold_into(&mut sample);
-                self.latest = Some(sample);
+                self.latest = Some(*sample);
             }
             Reading::Canary(reading) => {
                 let Some(judges) = self.canary.as_mut() else {
@@ -270,7 +274,7 @@ mod tests {
         };
         judges.judge(Reading::Probe {
             at: Duration::from_millis(200),
-            sample: probed,
+            sample: Box::new(probed),
         });
         assert!(samples.has_changed().expect("open"));
         let first = samples.borrow_and_update().clone();
