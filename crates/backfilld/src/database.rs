@@ -5,14 +5,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use backfill_dataplane::{
-    connect_pool, error_chain, pinned_startup_settings, BatchRunner, Endpoint, RetryBackoff,
-    SessionSettings, SslMode,
+    error_chain, pinned_startup_settings, BatchRunner, Endpoint, RetryBackoff, SessionSettings,
+    SslMode,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{Connection as _, PgConnection, PgPool};
 
 use crate::redact::redacted;
-use crate::settings::Settings;
+use crate::settings::{BatchSettings, DatabaseSettings};
 
 /// The database could not be reached at start-up. `retryable`: it may come back (refused,
 /// timed out, starting up, failing over), so the start-up retries were spent on it and the
@@ -78,6 +78,8 @@ pub struct Database {
     pub redacted_url: String,
     /// How the data plane reaches the database (TLS included), for cancel requests.
     pub endpoint: Endpoint,
+    /// What every data-plane session is opened with (probes' pools too).
+    session: SessionSettings,
 }
 
 impl Database {
@@ -85,17 +87,20 @@ impl Database {
     /// over) with back-off for up to `database.startup_timeout`: a pod starting during a
     /// failover waits it out instead of failing its Job. What a retry cannot fix (a refused
     /// login, an unknown database, a bad URL) is reported at once.
-    pub async fn connect(settings: &Settings) -> Result<Database, DatabaseUnreachable> {
+    pub async fn connect(
+        database: &DatabaseSettings,
+        session: &SessionSettings,
+    ) -> Result<Database, DatabaseUnreachable> {
         let started = Instant::now();
-        let budget = settings.database.startup_timeout;
+        let budget = database.startup_timeout;
         let mut wait = STARTUP_BACKOFF.0;
         let mut attempts = 1u32;
         loop {
-            let failure = match Self::connect_once(settings).await {
+            let failure = match Self::connect_once(database, session).await {
                 Ok(db) => return Ok(db),
                 Err(failure) => failure,
             };
-            let redacted_url = redacted(&settings.database.url);
+            let redacted_url = redacted(&database.url);
             let spent = started.elapsed();
             let left = budget.saturating_sub(spent);
             if !failure.retryable || left.is_zero() {
@@ -132,13 +137,16 @@ impl Database {
     /// One attempt at both planes, with the same TLS settings; it opens one connection on
     /// each, so an unreachable database, a refused login or a certificate that does not
     /// verify is reported now, with its reason, rather than by the first batch.
-    async fn connect_once(settings: &Settings) -> Result<Database, ConnectFailure> {
-        let url = &settings.database.url;
+    async fn connect_once(
+        database: &DatabaseSettings,
+        session: &SessionSettings,
+    ) -> Result<Database, ConnectFailure> {
+        let url = &database.url;
         let final_failure = |reason: String| ConnectFailure {
             reason,
             retryable: false,
         };
-        let timeout = settings.database.connect_timeout;
+        let timeout = database.connect_timeout;
         let timed_out = || ConnectFailure {
             reason: format!(
                 "no answer within database.connect_timeout ({})",
@@ -184,7 +192,7 @@ impl Database {
             .acquire_timeout(timeout)
             .connect_lazy_with(options);
         let data = endpoint
-            .pool(&session_settings(settings))
+            .pool(session)
             .map_err(|e| final_failure(e.to_string()))?;
         let first = data.get().await.map_err(|e| match e {
             deadpool_postgres::PoolError::Timeout(_) => timed_out(),
@@ -206,6 +214,7 @@ impl Database {
             data,
             redacted_url: redacted(url),
             endpoint,
+            session: session.clone(),
         })
     }
 
@@ -214,7 +223,7 @@ impl Database {
     /// roles' sessions in `pg_stat_activity`, so the lag probe would see no standby and the
     /// lock probe no blocked session, and the throttle would never hold. With
     /// `throttle.allow_blind` it only warns.
-    pub async fn check_probes_can_see(&self, settings: &Settings) -> anyhow::Result<()> {
+    pub async fn check_probes_can_see(&self, allow_blind: bool) -> anyhow::Result<()> {
         let (role, reads_all_stats, hidden_standbys, superuser): (String, bool, i64, bool) =
             sqlx::query_as(
                 "SELECT current_user::text, pg_has_role(current_user, 'pg_read_all_stats', 'USAGE'), \
@@ -242,7 +251,7 @@ impl Database {
              (standbys hidden from it now: {hidden_standbys}) and pg_stat_activity hides other sessions' \
              lock waits, so the replication-lag and lock probes are blind"
         );
-        if !settings.throttle.allow_blind {
+        if !allow_blind {
             return Err(ProbesBlind(blind).into());
         }
         tracing::warn!(
@@ -253,12 +262,34 @@ impl Database {
     }
 
     /// The batch runner on the data-plane pool.
-    pub fn batch_runner(&self, settings: &Settings) -> BatchRunner {
+    pub fn batch_runner(&self, batch: &BatchSettings) -> BatchRunner {
         let backoff = RetryBackoff {
-            base: settings.batch.retry_backoff,
-            max: settings.batch.retry_backoff_max,
+            base: batch.retry_backoff,
+            max: batch.retry_backoff_max,
         };
         BatchRunner::new(self.data.clone(), backoff).cancelling_over(&self.endpoint)
+    }
+
+    /// The application_name of our data-plane sessions: how probes recognise them.
+    pub fn data_plane_application_name(&self) -> &str {
+        &self.session.application_name
+    }
+
+    /// A one-connection data-plane pool to `url` (a replica), for a probe of its own.
+    pub fn probe_pool(&self, url: &str) -> anyhow::Result<deadpool_postgres::Pool> {
+        Ok(Endpoint::parse(url)?.pool(&self.probe_session())?)
+    }
+
+    /// A one-connection data-plane pool to the database, for a probe of its own.
+    pub fn primary_probe_pool(&self) -> anyhow::Result<deadpool_postgres::Pool> {
+        Ok(self.endpoint.pool(&self.probe_session())?)
+    }
+
+    fn probe_session(&self) -> SessionSettings {
+        SessionSettings {
+            pool_size: 1,
+            ..self.session.clone()
+        }
     }
 }
 
@@ -278,31 +309,4 @@ fn with_tls_of(options: PgConnectOptions, endpoint: &Endpoint) -> PgConnectOptio
         Some(root_cert) => options.ssl_mode(mode).ssl_root_cert(root_cert),
         None => options.ssl_mode(mode),
     }
-}
-
-/// The application_name of our data-plane sessions: how probes recognise them.
-pub fn data_plane_application_name(settings: &Settings) -> String {
-    format!("backfilld/{}", settings.worker_id())
-}
-
-fn session_settings(settings: &Settings) -> SessionSettings {
-    SessionSettings {
-        lock_timeout: settings.batch.lock_timeout,
-        statement_timeout: settings.batch.statement_timeout,
-        application_name: data_plane_application_name(settings),
-        pool_size: settings.database.pool_size,
-        connect_timeout: settings.database.connect_timeout,
-    }
-}
-
-/// A one-connection data-plane pool to `url`, for a probe of its own.
-pub(crate) fn probe_pool(
-    url: &str,
-    settings: &Settings,
-) -> anyhow::Result<deadpool_postgres::Pool> {
-    let session = SessionSettings {
-        pool_size: 1,
-        ..session_settings(settings)
-    };
-    Ok(connect_pool(url, &session)?)
 }

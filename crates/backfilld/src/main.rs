@@ -28,6 +28,8 @@ use clap::Parser;
 use crate::cli::{Cli, Verb};
 use crate::commands::CliFailure;
 use crate::database::Database;
+use crate::health_monitor::gauges::DaemonGauges;
+use crate::health_monitor::HealthMonitor;
 use crate::settings::{LogFormat, Settings};
 use crate::shutdown::Shutdown;
 use crate::worker::Worker;
@@ -151,12 +153,12 @@ fn usage_error_line(e: &clap::Error) -> String {
 /// The daemon: connect, migrate, serve metrics, probe health, work the queue
 /// until SIGTERM (or idle), let go of everything, exit 0.
 async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<()> {
-    let settings = Arc::new(settings);
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
     let metrics = telemetry::install_metrics(settings.http.metrics_idle_timeout())
         .map_err(anyhow::Error::msg)?;
-    let db = Database::connect(&settings).await?;
-    db.check_probes_can_see(&settings).await?;
+    let db = Database::connect(&settings.database, &settings.data_plane_session()).await?;
+    db.check_probes_can_see(settings.throttle.allow_blind)
+        .await?;
     backfill_queue::migrate(&db.control)
         .await
         .context("applying the backfill schema")?;
@@ -166,13 +168,21 @@ async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<
             .map_err(anyhow::Error::msg)?;
         tracing::info!(%address, "serving /metrics, /healthz, /readyz");
     }
-    let (health, probes) = health_monitor::spawn_health_probes(&settings, &db, shutdown.clone())?;
+    let (health, monitor) = HealthMonitor::spawn(&settings.throttle, &db, shutdown.clone())?;
+    let gauges = DaemonGauges {
+        control: db.control.clone(),
+        interval: settings.throttle.probe_interval,
+        max_lag: settings.throttle.max_lag,
+        max_lag_bytes: settings.throttle.max_lag_bytes,
+        undo_retention: settings.undo.retention(),
+    }
+    .spawn(shutdown.clone());
     let worker = Arc::new(Worker {
         queue: backfill_queue::Queue::new(db.control.clone()),
-        runner: db.batch_runner(&settings),
-        worker_id: settings.worker_id(),
+        runner: db.batch_runner(&settings.batch),
+        worker_id: settings.worker.worker_id(),
         instance: uuid::Uuid::new_v4(),
-        settings: Arc::clone(&settings),
+        settings: Arc::new(settings.worker_sections()),
         health,
         driving: Default::default(),
         work_signal: Default::default(),
@@ -190,12 +200,14 @@ async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<
         webhook.finish(bound).await;
     }
     if exit_when_idle && !shutdown.is_triggered() && !settings.http.listen.is_empty() {
-        health_monitor::report_queue_state(&db.control).await;
+        health_monitor::gauges::report_queue_state(&db.control).await;
         telemetry::await_final_scrape(settings.http.final_scrape_wait).await;
     }
     // Stop probing before the pools close under it.
-    probes.abort();
-    let _ = probes.await;
+    for task in [monitor, gauges] {
+        task.abort();
+        let _ = task.await;
+    }
     db.data.close();
     db.control.close().await;
     tracing::info!(

@@ -60,7 +60,7 @@ impl From<QueueError> for CliFailure {
 
 /// Runs an operator verb (everything but `run` and `demo`).
 pub async fn run(verb: Verb, settings: Settings) -> Result<(), CliFailure> {
-    let db = Database::connect(&settings).await?;
+    let db = Database::connect(&settings.database, &settings.data_plane_session()).await?;
     let pool = &db.control;
     if !matches!(verb, Verb::Migrate) {
         require_schema(pool).await?;
@@ -83,7 +83,9 @@ pub async fn run(verb: Verb, settings: Settings) -> Result<(), CliFailure> {
             watch: true,
             interval,
         } => status::watch(pool, name.as_deref(), json, interval).await?,
-        Verb::Plan { name, exact, json } => plan::print(&settings, &db, &name, exact, json).await?,
+        Verb::Plan { name, exact, json } => {
+            plan::print(&settings.worker_sections(), &db, &name, exact, json).await?
+        }
         Verb::Pause { name } => steer(pool, SteeringVerb::Pause, &name).await?,
         Verb::Resume { name } => steer(pool, SteeringVerb::Resume, &name).await?,
         Verb::Cancel { name } => steer(pool, SteeringVerb::Cancel, &name).await?,

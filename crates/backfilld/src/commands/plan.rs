@@ -12,11 +12,11 @@ use serde::Serialize;
 use super::CliFailure;
 use crate::database::Database;
 use crate::health_monitor::health_probe;
-use crate::settings::Settings;
+use crate::settings::WorkerSections;
 
 /// `plan`: the report, or JSON with `--json`; a failed trial batch fails the verb.
 pub async fn print(
-    settings: &Settings,
+    settings: &WorkerSections,
     db: &Database,
     name: &str,
     exact: bool,
@@ -105,7 +105,7 @@ pub struct PlanReport {
 /// `exact`), batches at its first batch size, one trial batch timed and rolled back, and
 /// the duration to expect at that speed under the job's throttle settings.
 pub async fn plan(
-    settings: &Settings,
+    settings: &WorkerSections,
     db: &Database,
     name: &str,
     exact: bool,
@@ -230,12 +230,12 @@ pub async fn plan(
 /// The signals that would hold job `job_id` now: two health samples a probe interval apart
 /// (the WAL rate needs two), the job's view of the second.
 async fn signals_holding(
-    settings: &Settings,
+    settings: &WorkerSections,
     db: &Database,
     throttle: &backfill_core::throttle::ThrottleSettings,
     job_id: i64,
 ) -> anyhow::Result<Vec<&'static str>> {
-    let probe = health_probe(settings, db, None, job_id)?;
+    let probe = health_probe(&settings.throttle, db, None, job_id)?;
     probe.sample().await;
     tokio::time::sleep(settings.throttle.probe_interval).await;
     let sample = probe.sample().await.for_job(job_id);

@@ -9,7 +9,7 @@ use backfill_queue::Job;
 use tracing::info;
 
 use super::JobRun;
-use crate::settings::Settings;
+use crate::settings::WorkerSections;
 
 impl JobRun<'_> {
     /// A job takes its share of the duty cycle next to production, divided among every job
@@ -57,7 +57,7 @@ impl JobRun<'_> {
 }
 
 /// The job's throttle: deployment defaults, overridden by the job's own columns.
-pub(crate) fn throttle_settings(settings: &Settings, job: &Job) -> ThrottleSettings {
+pub(crate) fn throttle_settings(settings: &WorkerSections, job: &Job) -> ThrottleSettings {
     let defaults = settings.throttle_defaults();
     let positive = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok()).filter(|v| *v > 0);
     let min_batch_size = positive(job.min_batch_size).unwrap_or(defaults.min_batch_size);

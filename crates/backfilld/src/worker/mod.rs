@@ -30,7 +30,7 @@ use tokio::sync::watch;
 pub(crate) use budgets::throttle_settings;
 pub(crate) use slicing::job_definition;
 
-use crate::settings::Settings;
+use crate::settings::WorkerSections;
 use crate::shutdown::Shutdown;
 use crate::telemetry::JobMetrics;
 use reporting::{FailureLog, RateEstimate};
@@ -39,7 +39,7 @@ use reporting::{FailureLog, RateEstimate};
 pub struct Worker {
     pub queue: Queue,
     pub runner: BatchRunner,
-    pub settings: Arc<Settings>,
+    pub settings: Arc<WorkerSections>,
     pub worker_id: String,
     /// This process: what makes a lease ours (two pods may share a `worker.id`).
     pub instance: uuid::Uuid,

@@ -1,0 +1,192 @@
+//! The production-latency canary: its round trips timed on a connection of their own
+//! ([`CanaryTimer`]), and judged by the delay detector (`throttle.max_probe_delay`) and the
+//! impact budget (`throttle.impact_budget_ratio`), either or both ([`CanaryJudges`]).
+
+use std::time::{Duration, Instant};
+
+use backfill_core::impact::{ImpactController, ImpactDirective, ImpactSettings};
+use backfill_core::latency::DelayDetector;
+use backfill_core::throttle::HealthSample;
+use backfill_dataplane::LatencyCanary;
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+
+use super::Reading;
+use crate::settings::ThrottleConfig;
+use crate::shutdown::Shutdown;
+use crate::telemetry;
+
+/// How often the impact budget reads the rows committed by running jobs (one query on the
+/// queue's table; no load on the target's tables).
+const IMPACT_ROWS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One canary round trip, for the judges.
+pub(super) struct CanaryReading {
+    /// When it ended, since the monitor started.
+    pub(super) at: Duration,
+    /// `None`: the canary could not run (no connection, an error).
+    pub(super) round_trip: Option<Duration>,
+    /// The rows the running jobs have committed in all, read after the round trip when
+    /// the impact budget is due to see them.
+    pub(super) rows_done: Option<u64>,
+}
+
+/// Times the canary every `throttle.canary_interval`.
+pub(super) struct CanaryTimer {
+    canary: LatencyCanary,
+    interval: Duration,
+    /// The queue, for the rows the running jobs have committed (the impact budget never
+    /// paces far above what they achieve); `None` when no judge needs them.
+    rows_from: Option<PgPool>,
+}
+
+impl CanaryTimer {
+    /// A canary on `pool`; `rows_from` is the queue when the impact budget is on.
+    pub(super) fn new(
+        pool: deadpool_postgres::Pool,
+        throttle: &ThrottleConfig,
+        rows_from: Option<PgPool>,
+    ) -> Self {
+        CanaryTimer {
+            canary: LatencyCanary::new(pool, throttle.probe_timeout),
+            interval: throttle.canary_interval,
+            rows_from,
+        }
+    }
+
+    /// Times the canary until shutdown, handing every round trip to the judges.
+    pub(super) async fn run(
+        self,
+        origin: Instant,
+        readings: mpsc::Sender<Reading>,
+        shutdown: Shutdown,
+    ) {
+        let mut rows_read_at: Option<Instant> = None;
+        while !shutdown.is_triggered() {
+            let round_trip = self.canary.round_trip().await;
+            let at = origin.elapsed();
+            let mut rows_done = None;
+            if let Some(control) = &self.rows_from {
+                if rows_read_at.is_none_or(|at| at.elapsed() >= IMPACT_ROWS_INTERVAL) {
+                    rows_read_at = Some(Instant::now());
+                    match running_rows_done(control).await {
+                        Ok(rows) => rows_done = Some(rows),
+                        Err(e) => tracing::debug!(error = %e, "cannot read the running jobs' rows"),
+                    }
+                }
+            }
+            let reading = CanaryReading {
+                at,
+                round_trip,
+                rows_done,
+            };
+            if readings.send(Reading::Canary(reading)).await.is_err() {
+                return;
+            }
+            shutdown.sleep(self.interval).await;
+        }
+    }
+}
+
+/// Rows the running jobs have committed in all.
+async fn running_rows_done(control: &PgPool) -> Result<u64, sqlx::Error> {
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(rows_done), 0)::int8 FROM backfill.jobs WHERE state = 'running'",
+    )
+    .fetch_one(control)
+    .await?;
+    Ok(u64::try_from(rows).unwrap_or(0))
+}
+
+/// The canary's part of a health sample.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub(super) struct CanaryVerdicts {
+    /// Round trips judged delayed since the daemon started.
+    probe_delays: u64,
+    /// The impact budget's directive.
+    impact: Option<ImpactDirective>,
+}
+
+impl CanaryVerdicts {
+    /// Writes the verdicts into `sample`.
+    pub(super) fn fold_into(self, sample: &mut HealthSample) {
+        sample.probe_delays = self.probe_delays;
+        sample.impact = self.impact;
+    }
+}
+
+/// What judges the canary's round trips: the delay detector and the impact budget,
+/// either or both.
+pub(super) struct CanaryJudges {
+    detector: Option<DelayDetector>,
+    impact: Option<ImpactController>,
+    /// The impact budget's last directive.
+    directive: Option<ImpactDirective>,
+}
+
+impl CanaryJudges {
+    /// The judges `throttle.max_probe_delay` (zero: no delay detector) and the impact
+    /// budget ask for; `None` when neither is on, and the canary need not run.
+    pub(super) fn new(max_probe_delay: Duration, impact: Option<ImpactSettings>) -> Option<Self> {
+        let detector = Some(max_probe_delay)
+            .filter(|delay| !delay.is_zero())
+            .map(DelayDetector::new);
+        if detector.is_none() && impact.is_none() {
+            return None;
+        }
+        Some(CanaryJudges {
+            detector,
+            impact: impact.map(|impact| ImpactController::new(impact, Duration::ZERO)),
+            directive: None,
+        })
+    }
+
+    /// Whether a judge needs the rows the running jobs committed (the impact budget does).
+    pub(super) fn needs_rows(&self) -> bool {
+        self.impact.is_some()
+    }
+
+    /// Judges one round trip, production being `active` on the primary as last sampled;
+    /// the verdicts as of now.
+    pub(super) fn judge(&mut self, reading: &CanaryReading, active: bool) -> CanaryVerdicts {
+        let now = reading.at;
+        if let (Some(round_trip), Some(detector)) = (reading.round_trip, self.detector.as_mut()) {
+            let verdict = detector.observe(now, round_trip);
+            tracing::trace!(
+                target: "backfilld::canary",
+                round_trip_us = round_trip.as_micros() as u64,
+                excess_us = verdict.excess.as_micros() as u64,
+                delayed = verdict.delayed,
+                "canary"
+            );
+            telemetry::record_canary(verdict);
+        }
+        if let Some(impact) = self.impact.as_mut() {
+            if let Some(round_trip) = reading.round_trip {
+                impact.observe(now, round_trip);
+            }
+            if let Some(rows) = reading.rows_done {
+                impact.record_rows(now, rows);
+            }
+            let verdict = impact.evaluate(now, active);
+            telemetry::record_impact(&verdict);
+            if verdict.directive != self.directive {
+                tracing::debug!(
+                    target: "backfilld::impact",
+                    directive = ?verdict.directive,
+                    ratio = ?verdict.ratio,
+                    baseline_us = impact.baseline().map(|b| b.as_micros() as u64),
+                    "impact budget"
+                );
+                self.directive = verdict.directive;
+            }
+        }
+        CanaryVerdicts {
+            probe_delays: self
+                .detector
+                .as_ref()
+                .map_or(0, DelayDetector::delayed_total),
+            impact: self.directive,
+        }
+    }
+}

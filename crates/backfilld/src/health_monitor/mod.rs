@@ -1,0 +1,294 @@
+//! The daemon's one health monitor: the task that owns the health probe (standby lag,
+//! locks, slots, operator throttles, production's sessions), the production-activity judge
+//! and the production-latency canary, and that alone publishes the health samples the
+//! worker's jobs run on.
+//!
+//! Rooms: [`probe`] (the probe `[throttle]` configures, also used by `plan`), [`canary`]
+//! (the canary's round trips and their judges), [`gauges`] (the daemon-wide gauges,
+//! refreshed on a task of their own).
+
+mod canary;
+pub mod gauges;
+mod probe;
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use backfill_core::activity::ProductionActivity;
+use backfill_core::throttle::HealthSample;
+use backfill_dataplane::HealthProbe;
+use tokio::sync::{mpsc, watch};
+
+use crate::database::Database;
+use crate::settings::ThrottleConfig;
+use crate::shutdown::Shutdown;
+use crate::telemetry;
+use canary::{CanaryJudges, CanaryReading, CanaryTimer, CanaryVerdicts};
+pub(crate) use probe::health_probe;
+
+/// What the monitor's readers hand its judges: a probe sample or a canary round trip,
+/// each stamped with when it was taken (time since the monitor started).
+enum Reading {
+    // Boxed: a sample is large next to a canary's round trip.
+    Probe {
+        at: Duration,
+        sample: Box<HealthSample>,
+    },
+    Canary(CanaryReading),
+}
+
+/// The health monitor (see the module docs): its readers — the probe every
+/// `throttle.probe_interval`, the canary every `throttle.canary_interval` — only read, and
+/// its [`Judges`] judge what they read and publish.
+pub struct HealthMonitor {
+    probe: HealthProbe,
+    probe_interval: Duration,
+    /// `None` when no judge needs the canary.
+    canary: Option<CanaryTimer>,
+    judges: Judges,
+}
+
+impl HealthMonitor {
+    /// Starts the monitor on a task of its own: the receiver of its samples, and the task
+    /// (aborting it stops the probe and the canary alike).
+    pub fn spawn(
+        throttle: &ThrottleConfig,
+        db: &Database,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<(watch::Receiver<HealthSample>, tokio::task::JoinHandle<()>)> {
+        // Production sessions are counted only for sharing the primary (the impact budget or
+        // the duty cycle).
+        let impact = throttle.impact_settings();
+        let sharing = throttle.busy_duty_cycle < 1.0 || impact.is_some();
+        let probe = health_probe(throttle, db, sharing.then_some(throttle.probe_interval), 0)?;
+        let canary_judges = CanaryJudges::new(throttle.max_probe_delay, impact);
+        let canary = match &canary_judges {
+            None => None,
+            Some(judges) => {
+                let pool = db
+                    .primary_probe_pool()
+                    .context("the production-latency canary's connection")?;
+                Some(CanaryTimer::new(
+                    pool,
+                    throttle,
+                    judges.needs_rows().then(|| db.control.clone()),
+                ))
+            }
+        };
+        let (published, samples) = watch::channel(HealthSample::default());
+        let monitor = HealthMonitor {
+            probe,
+            probe_interval: throttle.probe_interval,
+            canary,
+            judges: Judges {
+                activity: ActivityJudge::new(sharing),
+                canary: canary_judges,
+                verdicts: CanaryVerdicts::default(),
+                latest: None,
+                published,
+            },
+        };
+        Ok((samples, tokio::spawn(monitor.run(shutdown))))
+    }
+
+    /// Reads until shutdown, the probe and the canary on their own cadences, while the
+    /// judges take each reading in turn.
+    async fn run(self, shutdown: Shutdown) {
+        let HealthMonitor {
+            probe,
+            probe_interval,
+            canary,
+            mut judges,
+        } = self;
+        let origin = Instant::now();
+        let (readings, mut to_judge) = mpsc::channel(4);
+        let probing = read_probe(
+            probe,
+            probe_interval,
+            origin,
+            readings.clone(),
+            shutdown.clone(),
+        );
+        let judging = async {
+            while let Some(reading) = to_judge.recv().await {
+                judges.judge(reading);
+            }
+        };
+        match canary {
+            Some(canary) => {
+                tokio::join!(probing, canary.run(origin, readings, shutdown), judging);
+            }
+            None => {
+                drop(readings);
+                tokio::join!(probing, judging);
+            }
+        }
+    }
+}
+
+/// Samples health every `interval` until shutdown and hands each sample to the judges.
+async fn read_probe(
+    probe: HealthProbe,
+    interval: Duration,
+    origin: Instant,
+    readings: mpsc::Sender<Reading>,
+    shutdown: Shutdown,
+) {
+    while !shutdown.is_triggered() {
+        let sample = Box::new(probe.sample().await);
+        let at = origin.elapsed();
+        if readings.send(Reading::Probe { at, sample }).await.is_err() {
+            return;
+        }
+        shutdown.sleep(interval).await;
+    }
+}
+
+/// What judges the readings, and the one writer of the health samples. A sample is
+/// published only once it is complete: never before the probe's first reading (until then
+/// the channel holds a placeholder that knows nothing of standbys or blocked sessions,
+/// which no batch may run on), and afterwards the probe's latest reading with the activity
+/// verdict and the canary's verdicts folded in. A canary verdict that changes re-publishes
+/// it at once: a delay reaches the throttle within one canary interval, not one probe
+/// interval.
+struct Judges {
+    activity: ActivityJudge,
+    canary: Option<CanaryJudges>,
+    /// The canary's verdicts, carried into every sample.
+    verdicts: CanaryVerdicts,
+    /// The latest complete sample; `None` until the probe's first reading.
+    latest: Option<HealthSample>,
+    published: watch::Sender<HealthSample>,
+}
+
+impl Judges {
+    /// Folds one reading into the latest sample, and publishes the sample if it is
+    /// complete and the reading changed it.
+    fn judge(&mut self, reading: Reading) {
+        match reading {
+            Reading::Probe { at, mut sample } => {
+                sample.production_active = self.activity.judge(at, &sample);
+                telemetry::record_replication_lag(&sample);
+                self.verdicts.fold_into(&mut sample);
+                self.latest = Some(*sample);
+            }
+            Reading::Canary(reading) => {
+                let Some(judges) = self.canary.as_mut() else {
+                    return;
+                };
+                let active = self
+                    .latest
+                    .as_ref()
+                    .is_some_and(|sample| sample.production_active);
+                let verdicts = judges.judge(&reading, active);
+                if verdicts == self.verdicts {
+                    return;
+                }
+                self.verdicts = verdicts;
+                match self.latest.as_mut() {
+                    Some(latest) => verdicts.fold_into(latest),
+                    None => return,
+                }
+            }
+        }
+        if let Some(latest) = &self.latest {
+            self.published.send_replace(latest.clone());
+        }
+    }
+}
+
+/// Whether production is at work on the primary, judged from the sessions each sample
+/// counted (see [`backfill_core::activity`]); each change is logged when sharing is on.
+struct ActivityJudge {
+    sharing: bool,
+    activity: ProductionActivity,
+    was_active: bool,
+}
+
+impl ActivityJudge {
+    fn new(sharing: bool) -> Self {
+        ActivityJudge {
+            sharing,
+            activity: ProductionActivity::default(),
+            was_active: false,
+        }
+    }
+
+    /// Whether production is active as of `sample`, taken at `at`.
+    fn judge(&mut self, at: Duration, sample: &HealthSample) -> bool {
+        let active = self.activity.observe(at, sample.production_sessions);
+        if self.sharing && active != self.was_active {
+            note_production_activity(active, sample.production_sessions);
+        }
+        self.was_active = active;
+        active
+    }
+}
+
+/// Logs when jobs start and stop sharing the primary with production.
+fn note_production_activity(active: bool, sessions: u32) {
+    if active {
+        tracing::info!(
+            sessions,
+            "production is at work on the primary: sharing it (the impact budget, throttle.impact_budget_ratio; without its signal, the duty cycle, throttle.busy_duty_cycle)"
+        );
+    } else {
+        tracing::info!(
+            "no production sessions at work on the primary for a while: running flat out"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A canary round trip of `round_trip_ms`, ending at `at_ms`.
+    fn canary(at_ms: u64, round_trip_ms: u64) -> Reading {
+        Reading::Canary(CanaryReading {
+            at: Duration::from_millis(at_ms),
+            round_trip: Some(Duration::from_millis(round_trip_ms)),
+            rows_done: None,
+        })
+    }
+
+    #[test]
+    fn only_complete_samples_are_published() {
+        let (published, mut samples) = watch::channel(HealthSample::default());
+        let mut judges = Judges {
+            activity: ActivityJudge::new(false),
+            canary: CanaryJudges::new(Duration::from_millis(5), None),
+            verdicts: CanaryVerdicts::default(),
+            latest: None,
+            published,
+        };
+        // A delayed canary before the probe's first reading is judged, not published.
+        judges.judge(canary(0, 1));
+        judges.judge(canary(100, 50));
+        assert!(!samples.has_changed().expect("open"));
+
+        // The probe's first reading is published, with the canary's count in it.
+        let probed = HealthSample {
+            missing_standbys: vec!["standby1".to_owned()],
+            ..HealthSample::default()
+        };
+        judges.judge(Reading::Probe {
+            at: Duration::from_millis(200),
+            sample: Box::new(probed),
+        });
+        assert!(samples.has_changed().expect("open"));
+        let first = samples.borrow_and_update().clone();
+        assert_eq!(first.missing_standbys, ["standby1"]);
+        assert_eq!(first.probe_delays, 1);
+
+        // A round trip that changes no verdict publishes nothing; a delayed one publishes
+        // the probe's reading again with the new count.
+        judges.judge(canary(300, 1));
+        assert!(!samples.has_changed().expect("open"));
+        judges.judge(canary(400, 50));
+        assert!(samples.has_changed().expect("open"));
+        let second = samples.borrow_and_update().clone();
+        assert_eq!(second.probe_delays, 2);
+        assert_eq!(second.missing_standbys, ["standby1"]);
+    }
+}

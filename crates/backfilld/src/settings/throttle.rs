@@ -1,0 +1,265 @@
+//! `[throttle]`: the limits the throttle holds jobs to, the health probe and the canary.
+
+use std::time::Duration;
+
+use backfill_core::signals::SignalLimits;
+use backfill_core::throttle::{QueryLimits, ThrottleSettings};
+use serde::Deserialize;
+
+use super::database::check_database_url;
+use super::{BatchSettings, SettingsError};
+
+/// `[throttle]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThrottleConfig {
+    #[serde(with = "humantime_serde")]
+    pub max_lag: Duration,
+    pub max_lag_bytes: u64,
+    #[serde(deserialize_with = "name_list")]
+    pub expected_standbys: Vec<String>,
+    #[serde(deserialize_with = "name_list")]
+    pub replica_urls: Vec<String>,
+    pub max_rows_per_second: f64,
+    #[serde(with = "humantime_serde")]
+    pub max_blocking: Duration,
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    /// A canary round trip this much over the quietest recent one counts as production
+    /// being delayed; zero turns the canary off.
+    #[serde(with = "humantime_serde")]
+    pub max_probe_delay: Duration,
+    /// How often the canary runs.
+    #[serde(with = "humantime_serde")]
+    pub canary_interval: Duration,
+    /// Impact budget: production's latency (the canary's) may rise to this many times its
+    /// own baseline; 0 turns the budget off (the duty cycle then shares the primary).
+    pub impact_budget_ratio: f64,
+    /// A rise in production's latency smaller than this never counts against the budget.
+    #[serde(with = "humantime_serde")]
+    pub impact_floor: Duration,
+    /// How often the impact budget rests briefly to re-learn production's baseline.
+    #[serde(with = "humantime_serde")]
+    pub impact_relearn_every: Duration,
+    /// While production is at work on the primary, the share of time a job's batches may
+    /// run; 1 turns sharing off.
+    pub busy_duty_cycle: f64,
+    /// While production is at work, the batch duration steered towards.
+    #[serde(with = "humantime_serde")]
+    pub busy_batch_target: Duration,
+    /// Run even when the role cannot see standby positions and other sessions' lock
+    /// waits (no pg_monitor): the lag and lock probes are then blind.
+    pub allow_blind: bool,
+    /// Hold while a replication slot retains this many bytes of WAL; 0 turns it off.
+    pub max_slot_retained_bytes: u64,
+    /// SQL returning one number or boolean, run on the primary every probe interval;
+    /// empty: none.
+    pub query: String,
+    /// Hold while the query's value is above this.
+    pub query_max: f64,
+    /// After a hold, run again once the value is at or below this.
+    pub query_resume: f64,
+    /// A failing query lets jobs run instead of holding them.
+    pub query_fail_open: bool,
+    /// Hold a job while a vacuum works on its table (wraparound-prevention ones always hold).
+    pub hold_while_vacuumed: bool,
+    /// Hold while the primary writes this many bytes of WAL per second; 0 turns it off.
+    pub max_wal_bytes_per_second: u64,
+    /// Hold while this many completed WAL segments await archiving; 0 turns it off.
+    pub max_archive_pending_segments: u64,
+    /// Hold while WAL archiving is failing.
+    pub hold_while_archive_failing: bool,
+    /// Hold a job while dead rows are this share of its table; 0 turns it off.
+    pub max_dead_tuple_ratio: f64,
+    /// Prometheus server the query is sent to (`http://host:port`); empty: no query.
+    pub prometheus_url: String,
+    /// PromQL expression giving one number (the largest series counts).
+    pub prometheus_query: String,
+    /// Hold while the expression's value is above this.
+    pub prometheus_max: f64,
+    /// After a hold, run again once the value is at or below this.
+    pub prometheus_resume: f64,
+    /// An unreachable Prometheus or unreadable answer lets jobs run instead of holding them.
+    pub prometheus_fail_open: bool,
+}
+
+impl ThrottleConfig {
+    /// Checks `[throttle]` on its own, naming the bad key.
+    pub(super) fn validate(&self) -> Result<(), SettingsError> {
+        let fail = |msg: String| Err(SettingsError(msg));
+        if !(self.max_rows_per_second >= 0.0 && self.max_rows_per_second.is_finite()) {
+            return fail(format!(
+                "throttle.max_rows_per_second must be 0 (no limit) or positive, got {}",
+                self.max_rows_per_second
+            ));
+        }
+        if self.max_lag.is_zero() || self.max_lag_bytes == 0 {
+            return fail(
+                "throttle.max_lag and throttle.max_lag_bytes must be positive".to_string(),
+            );
+        }
+        if self.probe_interval.is_zero() || self.probe_timeout.is_zero() {
+            return fail(
+                "throttle.probe_interval and throttle.probe_timeout must be positive".to_string(),
+            );
+        }
+        if self.canary_interval.is_zero() {
+            return fail("throttle.canary_interval must be positive".to_string());
+        }
+        let ratio = self.impact_budget_ratio;
+        if !(ratio == 0.0 || (ratio.is_finite() && ratio > 1.0)) {
+            return fail(format!(
+                "throttle.impact_budget_ratio must be 0 (off) or a number above 1 (1.3: production's latency may rise 30 %), got {ratio}"
+            ));
+        }
+        if self.impact_relearn_every < Duration::from_secs(5) {
+            return fail(format!(
+                "throttle.impact_relearn_every must be at least 5s (each re-learning rests every job for about two seconds), got {}",
+                humantime::format_duration(self.impact_relearn_every)
+            ));
+        }
+        if !(self.query_max.is_finite()
+            && self.query_resume.is_finite()
+            && self.query_resume <= self.query_max)
+        {
+            return fail(format!(
+                "throttle.query_resume ({}) must be a number at or below throttle.query_max ({})",
+                self.query_resume, self.query_max
+            ));
+        }
+        let (url, query) = (self.prometheus_url.trim(), self.prometheus_query.trim());
+        if url.is_empty() != query.is_empty() {
+            return fail(
+                "throttle.prometheus_url and throttle.prometheus_query go together: set both or neither"
+                    .to_string(),
+            );
+        }
+        if !url.is_empty() {
+            backfill_dataplane::PrometheusQuery::new(url, query, self.probe_timeout)
+                .map_err(|e| SettingsError(format!("throttle.prometheus_url: {e}")))?;
+        }
+        if !(self.prometheus_max.is_finite()
+            && self.prometheus_resume.is_finite()
+            && self.prometheus_resume <= self.prometheus_max)
+        {
+            return fail(format!(
+                "throttle.prometheus_resume ({}) must be a number at or below throttle.prometheus_max ({})",
+                self.prometheus_resume, self.prometheus_max
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.max_dead_tuple_ratio) {
+            return fail(format!(
+                "throttle.max_dead_tuple_ratio must be 0 (off) or a share in (0, 1], got {}",
+                self.max_dead_tuple_ratio
+            ));
+        }
+        for (i, replica) in self.replica_urls.iter().enumerate() {
+            check_database_url(&format!("throttle.replica_urls[{i}]"), replica)?;
+        }
+        Ok(())
+    }
+
+    /// The impact budget's settings (`impact_*`), or `None` when it is off.
+    pub fn impact_settings(&self) -> Option<backfill_core::impact::ImpactSettings> {
+        (self.impact_budget_ratio > 0.0).then_some(backfill_core::impact::ImpactSettings {
+            budget_ratio: self.impact_budget_ratio,
+            floor: self.impact_floor,
+            relearn_every: self.impact_relearn_every,
+        })
+    }
+
+    /// The throttle controller's settings for a job that overrides nothing: `batch` sizes
+    /// and target, these limits; health-driven holds are re-checked at the probe cadence,
+    /// so a hold ends as soon as a fresh sample allows it.
+    pub fn job_defaults(&self, batch: &BatchSettings) -> ThrottleSettings {
+        ThrottleSettings {
+            min_batch_size: batch.min_size,
+            max_batch_size: batch.max_size,
+            start_batch_size: batch.size,
+            target_batch: batch.target,
+            max_lag: self.max_lag,
+            max_lag_bytes: self.max_lag_bytes,
+            // 0 in the config means no limit.
+            max_rows_per_second: Some(self.max_rows_per_second).filter(|rate| *rate > 0.0),
+            hold_recheck: self.probe_interval,
+            busy_duty_cycle: self.busy_duty_cycle,
+            busy_batch_target: self.busy_batch_target,
+            // 0 in the config means off.
+            max_slot_retained_bytes: Some(self.max_slot_retained_bytes).filter(|limit| *limit > 0),
+            query_limits: QueryLimits {
+                hold_above: self.query_max,
+                resume_at_or_below: self.query_resume,
+                fail_open: self.query_fail_open,
+            },
+            hold_while_vacuumed: self.hold_while_vacuumed,
+            // 0 in the config means off.
+            signal_limits: SignalLimits {
+                max_wal_bytes_per_second: Some(self.max_wal_bytes_per_second)
+                    .filter(|limit| *limit > 0),
+                max_archive_pending_segments: Some(self.max_archive_pending_segments)
+                    .filter(|limit| *limit > 0),
+                hold_while_archive_failing: self.hold_while_archive_failing,
+                max_dead_tuple_ratio: Some(self.max_dead_tuple_ratio).filter(|ratio| *ratio > 0.0),
+                job_query_fail_open: self.query_fail_open,
+                prometheus: QueryLimits {
+                    hold_above: self.prometheus_max,
+                    resume_at_or_below: self.prometheus_resume,
+                    fail_open: self.prometheus_fail_open,
+                },
+            },
+            ..ThrottleSettings::default()
+        }
+    }
+}
+
+/// Reads a list from a TOML array or from one comma-separated string (how
+/// `BACKFILLD_THROTTLE__EXPECTED_STANDBYS=a,b` arrives), trimming every entry and dropping
+/// empty ones: an empty variable must mean "none", not one standby called "" that is
+/// always missing and would hold every job forever.
+fn name_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    struct NameList;
+
+    impl<'de> serde::de::Visitor<'de> for NameList {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of names or one comma-separated string")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Self::Value, E> {
+            Ok(value
+                .split(',')
+                .map(str::trim)
+                .filter(|name| !name.is_empty())
+                .map(str::to_owned)
+                .collect())
+        }
+
+        // The environment source parses a lone "1" as a number; it is still a name.
+        fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Self::Value, E> {
+            Ok(vec![value.to_string()])
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Self::Value, E> {
+            Ok(vec![value.to_string()])
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut names = Vec::new();
+            while let Some(name) = seq.next_element::<String>()? {
+                let name = name.trim();
+                if !name.is_empty() {
+                    names.push(name.to_owned());
+                }
+            }
+            Ok(names)
+        }
+    }
+
+    deserializer.deserialize_any(NameList)
+}
