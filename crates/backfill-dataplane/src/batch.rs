@@ -53,11 +53,12 @@ use std::time::{Duration, Instant};
 
 use backfill_core::bisect::{BisectStep, Bisection};
 use backfill_core::error_class::ErrorClass;
+use backfill_core::lease::{millis, Lease};
+use backfill_core::queue_sql;
 use deadpool_postgres::{Pool, Transaction};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
 use tokio_postgres_rustls::MakeRustlsConnect;
-use uuid::Uuid;
 
 use crate::pool::Endpoint;
 use crate::target::{moved_keys_error, BatchKeys, BatchTarget, PassWrites};
@@ -83,15 +84,6 @@ impl BatchBackend {
     fn set(&self, pid: i32) {
         self.0.store(pid, Ordering::Relaxed);
     }
-}
-
-/// The lease a batch must still hold to commit.
-#[derive(Debug, Clone, Copy)]
-pub struct Fence {
-    pub job_id: i64,
-    pub token: Uuid,
-    /// A committed batch also extends the lease by this much.
-    pub lease: Duration,
 }
 
 /// What a batch is to select: up to `limit` keys from `source`; a key whose row one of
@@ -201,26 +193,6 @@ pub struct BatchRunner {
     cancel_tls: Option<MakeRustlsConnect>,
 }
 
-const FENCE_SQL: &str = "UPDATE backfill.jobs \
-       SET checkpoint = coalesce($3, checkpoint), rows_done = rows_done + $4, \
-           batches_done = batches_done + 1, \
-           lease_expires_at = greatest(lease_expires_at, now() + $5::int8 * interval '1 millisecond'), \
-           heartbeat_at = now(), updated_at = now(), last_error = NULL \
-     WHERE id = $1 AND lease_token = $2 AND state = 'running' \
-       AND upper_key IS NOT DISTINCT FROM $6 \
-     RETURNING txid_current()";
-
-const RECORD_FAILED_SQL: &str = "INSERT INTO backfill.failed_rows AS f (job_id, key, reason, sqlstate, message, next_attempt_at) \
-     SELECT $1, k, r, s, m, now() + $6::int8 * interval '1 millisecond' \
-       FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) AS u(k, r, s, m) \
-     ON CONFLICT (job_id, key) DO UPDATE \
-       SET attempts = f.attempts + 1, reason = excluded.reason, sqlstate = excluded.sqlstate, \
-           message = excluded.message, last_failed_at = now(), \
-           next_attempt_at = now() + least($6::int8 * power(2, f.attempts), $7::int8) * interval '1 millisecond'";
-
-const FORGET_FAILED_SQL: &str =
-    "DELETE FROM backfill.failed_rows WHERE job_id = $1 AND key = ANY($2::text[])";
-
 impl BatchRunner {
     /// A runner on `pool`; failed keys are retried with `backoff`.
     pub fn new(pool: Pool, backoff: RetryBackoff) -> Self {
@@ -252,7 +224,7 @@ impl BatchRunner {
     pub async fn run(
         &self,
         target: &BatchTarget,
-        fence: Fence,
+        lease: &Lease,
         request: BatchRequest<'_>,
         backend: &BatchBackend,
         stop: impl Future<Output = ()>,
@@ -272,7 +244,7 @@ impl BatchRunner {
             }
         };
         let cancel = client.cancel_token();
-        let mut work = pin!(self.run_on(&mut client, target, fence, request, backend));
+        let mut work = pin!(self.run_on(&mut client, target, lease, request, backend));
         let mut stop = pin!(stop);
         let mut canceled = false;
         let result = loop {
@@ -304,7 +276,7 @@ impl BatchRunner {
         &self,
         client: &mut deadpool_postgres::Object,
         target: &BatchTarget,
-        fence: Fence,
+        lease: &Lease,
         request: BatchRequest<'_>,
         backend: &BatchBackend,
     ) -> Result<Option<BatchStats>, BatchFailure> {
@@ -332,7 +304,7 @@ impl BatchRunner {
                 ..BatchStats::default()
             };
             return self
-                .commit(tx, target, fence, source, CommitKeys::default(), stats)
+                .commit(tx, target, lease, source, CommitKeys::default(), stats)
                 .await
                 .map(Some);
         };
@@ -363,7 +335,7 @@ impl BatchRunner {
                     }
                 }
             };
-            return Box::pin(self.bisect_on(client, target, fence, source, keys, vanished)).await;
+            return Box::pin(self.bisect_on(client, target, lease, source, keys, vanished)).await;
         }
         let count = selected.count();
         let stats = BatchStats {
@@ -378,7 +350,7 @@ impl BatchRunner {
             settled: selected.listed(),
             ran: selected.listed(),
         };
-        self.commit(tx, target, fence, source, keys, stats)
+        self.commit(tx, target, lease, source, keys, stats)
             .await
             .map(Some)
     }
@@ -390,7 +362,7 @@ impl BatchRunner {
         &self,
         client: &mut deadpool_postgres::Object,
         target: &BatchTarget,
-        fence: Fence,
+        lease: &Lease,
         source: KeySource<'_>,
         keys: Vec<String>,
         vanished: Vec<String>,
@@ -477,7 +449,7 @@ impl BatchRunner {
             settled,
             ran: &keys,
         };
-        self.commit(tx, target, fence, source, keys, stats)
+        self.commit(tx, target, lease, source, keys, stats)
             .await
             .map(Some)
     }
@@ -489,7 +461,7 @@ impl BatchRunner {
         &self,
         tx: Transaction<'_>,
         target: &BatchTarget,
-        fence: Fence,
+        lease: &Lease,
         source: KeySource<'_>,
         keys: CommitKeys<'_>,
         stats: BatchStats,
@@ -513,13 +485,12 @@ impl BatchRunner {
                     .await?
             }
         }
-        let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         if !stats.failures.is_empty() {
             let column = |field: fn(&RowFailure) -> Option<&str>| -> Vec<Option<&str>> {
                 stats.failures.iter().map(field).collect()
             };
             tx.execute(
-                RECORD_FAILED_SQL,
+                queue_sql::RECORD_FAILED,
                 &[
                     &target.owner_id,
                     &column(|f| Some(f.key.as_str())),
@@ -545,7 +516,7 @@ impl BatchRunner {
                     .filter(|k| !failed.contains(k))
                     .chain(stats.vanished.iter().map(String::as_str))
                     .collect();
-                tx.execute(FORGET_FAILED_SQL, &[&target.owner_id, &applied])
+                tx.execute(queue_sql::FORGET_FAILED, &[&target.owner_id, &applied])
                     .await
                     .map_err(|e| BatchError::from_driver(context("forgetting retried rows"), &e))?;
                 None
@@ -553,18 +524,18 @@ impl BatchRunner {
         };
         let applied = i64::try_from(stats.applied).unwrap_or(i64::MAX);
         let fence_statement = tx
-            .prepare_cached(FENCE_SQL)
+            .prepare_cached(queue_sql::FENCE_BATCH)
             .await
             .map_err(|e| BatchError::from_driver(context("advancing the checkpoint"), &e))?;
         let fenced = tx
             .query_opt(
                 &fence_statement,
                 &[
-                    &fence.job_id,
-                    &fence.token,
+                    &lease.job_id,
+                    &lease.token.0,
                     &checkpoint,
                     &applied,
-                    &millis(fence.lease),
+                    &lease.millis(),
                     // A slice split meanwhile has a lower upper bound: keys of this
                     // batch may now belong to another slice, so it must not commit.
                     &target.upper_key,

@@ -19,8 +19,8 @@ mod target;
 mod undo;
 
 pub use batch::{
-    BatchBackend, BatchRequest, BatchRunner, BatchStats, FailureReason, Fence, KeySource,
-    RetryBackoff, RowFailure, RunOutcome,
+    BatchBackend, BatchRequest, BatchRunner, BatchStats, FailureReason, KeySource, RetryBackoff,
+    RowFailure, RunOutcome,
 };
 pub use error::{BatchError, DataPlaneError};
 pub use health::{HealthProbe, LatencyCanary, Signals};

@@ -1,7 +1,9 @@
 //! A job's definition resolved against the live catalog: quoted names, the key's
 //! real type, the batch statement with bound placeholders, and the key queries.
 
+use backfill_core::job_spec::JobSpec;
 use backfill_core::placeholders::{bind_placeholders, BoundSql, Placeholder};
+use backfill_core::queue_sql;
 use deadpool_postgres::{Client, Transaction};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -14,14 +16,9 @@ use crate::{BatchError, DataPlaneError};
 #[derive(Debug, Clone)]
 pub struct JobDefinition {
     pub job_id: i64,
-    pub name: String,
-    pub table_name: String,
-    pub key_column: String,
-    pub batch_sql: String,
-    pub pending_predicate: Option<String>,
-    /// True for rows whose new shape disagrees with the old; checked after each
+    /// What the job runs, on which table; its `check_predicate` is checked after each
     /// batch statement (see the batch module).
-    pub check_predicate: Option<String>,
+    pub spec: JobSpec,
     /// The job whose failed rows these are: the parent of a slice, else the job.
     pub owner_id: i64,
     /// A slice's inclusive upper key bound, or the last key of a whole job's pass;
@@ -173,12 +170,12 @@ impl BatchTarget {
         // In the job's own session: its search_path decides what its SQL names.
         let tx = client.transaction().await.map_err(|e| {
             DataPlaneError::Batch(BatchError::from_driver(
-                format!("job {:?}: BEGIN", job.name),
+                format!("job {:?}: BEGIN", job.spec.name),
                 &e,
             ))
         })?;
         // A role the daemon cannot take (not a member, dropped) is the job's fault.
-        job.session.enter(&tx, &job.name).await.map_err(|e| {
+        job.session.enter(&tx, &job.spec.name).await.map_err(|e| {
             if e.class().is_transient() {
                 DataPlaneError::Batch(e)
             } else {
@@ -209,21 +206,21 @@ impl BatchTarget {
                    LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = $2 \
                                            AND a.attnum > 0 AND NOT a.attisdropped \
                   WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p')",
-                &[&job.table_name, &job.key_column],
+                &[&job.spec.table_name, &job.spec.key_column],
             )
             .await
             .map_err(|e| {
-                definition_or_transient(&job.name, "resolving table_name", &e, |message| {
+                definition_or_transient(&job.spec.name, "resolving table_name", &e, |message| {
                     format!(
                         "table_name {:?} cannot be resolved: {message}",
-                        job.table_name
+                        job.spec.table_name
                     )
                 })
             })?
             .ok_or_else(|| {
                 definition_error(format!(
                     "table {} does not exist (or is not a table)",
-                    job.table_name
+                    job.spec.table_name
                 ))
             })?;
         let table: String = row.get(0);
@@ -231,7 +228,7 @@ impl BatchTarget {
         let key_column = key_column.ok_or_else(|| {
             definition_error(format!(
                 "key_column {:?} does not exist in table {table}",
-                job.key_column
+                job.spec.key_column
             ))
         })?;
         let key_type: String = row.get(2);
@@ -249,15 +246,15 @@ impl BatchTarget {
                  (ALTER TABLE {table} ALTER COLUMN {key_column} SET NOT NULL)"
             )));
         }
-        let batch = bind_placeholders(&job.batch_sql, &key_type)
+        let batch = bind_placeholders(&job.spec.batch_sql, &key_type)
             .map_err(|e| definition_error(e.to_string()))?;
         let sql = TargetSql::new(
             job.owner_id,
             &table,
             &key_column,
             &key_type,
-            job.pending_predicate.as_deref(),
-            job.check_predicate.as_deref(),
+            job.spec.pending_predicate.as_deref(),
+            job.spec.check_predicate.as_deref(),
             // Undo is captured for each key a batch runs on.
             batch.params.contains(&Placeholder::Keys) || job.keep_undo,
         );
@@ -272,7 +269,7 @@ impl BatchTarget {
         });
         let mut target = BatchTarget {
             job_id: job.job_id,
-            job_name: job.name.clone(),
+            job_name: job.spec.name.clone(),
             table,
             key_column,
             key_type,
@@ -284,8 +281,8 @@ impl BatchTarget {
             undo,
         };
         for (column, predicate) in [
-            ("pending_predicate", &job.pending_predicate),
-            ("check_predicate", &job.check_predicate),
+            ("pending_predicate", &job.spec.pending_predicate),
+            ("check_predicate", &job.spec.check_predicate),
         ] {
             if let Some(predicate) = predicate {
                 check_stands_alone(tx, &target, column, predicate).await?;
@@ -482,9 +479,7 @@ impl TargetSql {
         statement_needs_each_key: bool,
     ) -> TargetSql {
         let pending = predicate.map_or_else(|| "true".to_string(), |p| format!("({p})"));
-        let not_failed = format!(
-            "NOT EXISTS (SELECT 1 FROM backfill.failed_rows f WHERE f.job_id = {owner_id} AND f.key = t.{key}::text)"
-        );
+        let not_failed = queue_sql::not_failed(owner_id, key);
         let after = format!("t.{key} > $1::text::{key_type}");
         let below = |n: &str| format!("t.{key} <= {n}::text::{key_type}");
         let queries = |select: &dyn Fn(&str) -> String| KeyQueries {
@@ -532,7 +527,7 @@ impl TargetSql {
                   WHERE f.job_id = {owner_id} AND {eligible} \
                     AND f.next_attempt_at <= now() \
                   ORDER BY f.key::{key_type} LIMIT $2",
-                eligible = backfill_core::queue_sql::retry_eligible(1)
+                eligible = queue_sql::retry_eligible(1)
             ),
             check_disagrees: check_predicate.map(|check| {
                 format!(

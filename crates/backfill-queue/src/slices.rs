@@ -5,8 +5,8 @@
 
 use sqlx::PgPool;
 
-use crate::lease::LeaseToken;
 use crate::{Context, QueueError};
+use backfill_core::lease::Lease;
 
 /// Where the slices of a job stand.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -53,13 +53,13 @@ impl Slices {
     /// every slice is finished. Returns false when the lease is gone.
     pub async fn cut(
         &self,
-        parent_id: i64,
-        token: LeaseToken,
+        lease: &Lease,
         split_keys: &[String],
         last_key: Option<&str>,
         estimates: &[i64],
     ) -> Result<bool, QueueError> {
         debug_assert_eq!(estimates.len(), split_keys.len() + 1);
+        let parent_id = lease.job_id;
         let context = format!("cutting job {parent_id} into slices");
         let mut tx = self.pool.begin().await.context(&context)?;
         let total: i64 = estimates.iter().sum();
@@ -70,7 +70,7 @@ impl Slices {
               WHERE id = $1 AND lease_token = $2 AND state = 'running'",
         )
         .bind(parent_id)
-        .bind(token.0)
+        .bind(lease.token.0)
         .bind(total)
         .execute(&mut *tx)
         .await

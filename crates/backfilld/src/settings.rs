@@ -625,18 +625,17 @@ impl Settings {
         if self.database.connect_timeout.is_zero() {
             return fail("database.connect_timeout must be positive".to_string());
         }
-        if self.batch.min_size == 0 || self.batch.min_size > self.batch.max_size {
-            return fail(format!(
-                "batch.min_size ({}) must be positive and not above batch.max_size ({})",
-                self.batch.min_size, self.batch.max_size
-            ));
+        backfill_core::job_spec::BatchBounds {
+            min: self.batch.min_size,
+            max: self.batch.max_size,
+            start: self.batch.size,
         }
-        if self.batch.size < self.batch.min_size || self.batch.size > self.batch.max_size {
-            return fail(format!(
-                "batch.size ({}) must lie within batch.min_size..batch.max_size ({}..{})",
-                self.batch.size, self.batch.min_size, self.batch.max_size
-            ));
-        }
+        .check(backfill_core::job_spec::BatchBoundNames {
+            min: "batch.min_size",
+            max: "batch.max_size",
+            start: "batch.size",
+        })
+        .map_err(|e| SettingsError(e.to_string()))?;
         self.breaker_limits().validate().map_err(SettingsError)?;
         self.check_events()?;
         if self.batch.max_attempts < 1 {
