@@ -1,6 +1,8 @@
-//! Every statement on the `backfill` schema that the daemon runs, written once: the control
-//! plane (sqlx) and the data plane (tokio-postgres) must agree on them to the letter, and a
-//! reader finds the whole queue protocol in one file.
+//! The statements on the `backfill` schema's job and failed-row tables and its functions,
+//! written once: the control plane (sqlx) and the data plane (tokio-postgres) must agree on
+//! them to the letter, and a reader finds the whole queue protocol in one file. Statements
+//! the data plane derives from a job's own table (key queries, undo capture) are built
+//! there, taking their `backfill.*` parts ([`retry_eligible`], [`not_failed`]) from here.
 //!
 //! Fenced statements take the job's id as `$1` and its lease token as `$2` (see
 //! [`crate::lease`]): a write by a worker whose lease is gone changes no row.
@@ -232,6 +234,110 @@ pub fn not_failed(owner_id: i64, key: &str) -> String {
         "NOT EXISTS (SELECT 1 FROM backfill.failed_rows f WHERE f.job_id = {owner_id} AND f.key = t.{key}::text)"
     )
 }
+
+// ---- Slices -----------------------------------------------------------------
+
+/// Gives a parent job back (fenced) as it is cut into slices, recording the rows they are estimated to hold (`$3`).
+pub const CUT_RELEASE_PARENT: &str = "UPDATE backfill.jobs \
+                SET lease_token = NULL, leased_by = NULL, lease_expires_at = NULL, \
+                    rows_total_estimate = $3, updated_at = now() \
+              WHERE id = $1 AND lease_token = $2 AND state = 'running'";
+
+/// Name, state and last error of every slice of job `$1`, in slice order.
+pub const SLICE_STATES: &str =
+    "SELECT name, state, last_error FROM backfill.jobs WHERE parent_id = $1 ORDER BY slice_no";
+
+/// Slices of job `$1` some worker is running now.
+pub const ACTIVE_SLICES: &str = "SELECT count(*) FROM backfill.jobs \
+              WHERE parent_id = $1 AND state = 'running' AND lease_expires_at > now()";
+
+/// The running slice with the most rows left, if at least `$1`.
+pub const STEAL_CANDIDATE: &str =
+    "SELECT id AS slice_id, parent_id, coalesce(checkpoint, lower_key) AS after, upper_key, \
+                    rows_total_estimate - rows_done AS remaining \
+               FROM backfill.jobs \
+              WHERE parent_id IS NOT NULL AND state = 'running' AND phase = 'scan' \
+                AND lease_expires_at > now() AND rows_total_estimate - rows_done >= $1 \
+              ORDER BY remaining DESC LIMIT 1";
+
+/// The upper key of slice `$1`.
+pub const SLICE_UPPER_KEY: &str = "SELECT upper_key FROM backfill.jobs WHERE id = $1";
+
+/// Shrinks slice `$1` to end at `$2` (a key of type `key_type`) and moves `$4` rows of its
+/// estimate away, provided its upper key is still `$3` and its checkpoint below `$2`.
+pub fn shrink_slice(key_type: &str) -> String {
+    format!(
+        "UPDATE backfill.jobs \
+                SET upper_key = $2, rows_total_estimate = rows_total_estimate - $4, updated_at = now() \
+              WHERE id = $1 AND state = 'running' AND upper_key IS NOT DISTINCT FROM $3 \
+                AND (coalesce(checkpoint, lower_key) IS NULL \
+                     OR coalesce(checkpoint, lower_key)::{key_type} < $2::text::{key_type}) \
+                AND ($3::text IS NULL OR $2::text::{key_type} < $3::text::{key_type})"
+    )
+}
+
+/// Adds slices of job `$1`, one per lower key, upper key and estimate (`$2`–`$4`), numbered after those it has and copying its definition.
+pub const ADD_SLICES: &str = "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, \
+             check_predicate, batch_size, min_batch_size, max_batch_size, target_batch_ms, \
+             max_rows_per_second, max_attempts, priority, not_before, created_at, \
+             parent_id, slice_no, lower_key, upper_key, rows_total_estimate, enqueued_by, search_path, \
+             keep_undo, undo_columns) \
+         SELECT p.name || '#' || (n.taken + s.n), p.table_name, p.key_column, p.batch_sql, \
+                p.pending_predicate, p.check_predicate, p.batch_size, p.min_batch_size, \
+                p.max_batch_size, p.target_batch_ms, p.max_rows_per_second, p.max_attempts, \
+                p.priority, p.not_before, p.created_at, \
+                p.id, n.taken + s.n, s.lower_key, s.upper_key, s.estimate, p.enqueued_by, p.search_path, \
+                p.keep_undo, p.undo_columns \
+           FROM backfill.jobs p, \
+                (SELECT coalesce(max(slice_no), 0) AS taken FROM backfill.jobs WHERE parent_id = $1) n, \
+                unnest($2::text[], $3::text[], $4::int8[]) WITH ORDINALITY AS s(lower_key, upper_key, estimate, n) \
+          WHERE p.id = $1";
+
+// ---- Events -----------------------------------------------------------------
+
+/// Tells `backfill_events` listeners that job `$1` has been throttled (reason `$2`) for `$3` seconds.
+pub const NOTIFY_THROTTLED: &str = "SELECT pg_notify('backfill_events', jsonb_build_object( \
+                 'event', 'throttled', 'job', name, 'id', id, 'parent_id', parent_id, \
+                 'old_state', state, 'new_state', state, 'worker', leased_by, 'last_error', NULL, \
+                 'rows_done', rows_done, 'at', now(), 'reason', $2::text, \
+                 'throttled_seconds', round($3::numeric, 1))::text) \
+               FROM backfill.jobs WHERE id = $1";
+
+/// The state and last error of the job named `$1`.
+pub const OUTCOME_OF: &str = "SELECT state, last_error FROM backfill.jobs WHERE name = $1";
+
+// ---- Status -----------------------------------------------------------------
+
+/// Every job's row of `backfill.job_status` (or the one named `$1`), oldest first.
+pub const JOB_STATUS: &str =
+    "SELECT job_id, name, state, phase, table_name, rows_done, rows_remaining, \
+                    percent::float8 AS percent, rows_per_second, \
+                    extract(epoch FROM eta)::float8 AS eta_seconds, batch_size, throttle_state, \
+                    throttle_reason, failed_rows, worker, last_heartbeat, last_error, priority, \
+                    created_at, started_at, finished_at, run_windows, in_window, finish_by, \
+                    recent_rows_per_second, forecast_finish, late, undo_rows, undo_bytes \
+               FROM backfill.job_status \
+              WHERE $1::text IS NULL OR name = $1 \
+              ORDER BY created_at, job_id";
+
+/// Jobs per state.
+pub const COUNT_BY_STATE: &str = "SELECT state, count(*) FROM backfill.jobs GROUP BY state";
+
+// ---- Undo data --------------------------------------------------------------
+
+/// Enqueues a revert of job `$1` between keys `$2` and `$3`, forced or not (`$4`).
+pub const REVERT: &str = "SELECT backfill.revert($1, $2, $3, force => $4)";
+
+/// Drops the undo data of job `$1`.
+pub const PURGE_UNDO: &str = "SELECT backfill.purge_undo($1)";
+
+/// Drops the undo data of jobs finished more than `$1` milliseconds ago.
+pub const PURGE_EXPIRED_UNDO: &str =
+    "SELECT backfill.purge_expired_undo($1::int8 * interval '1 millisecond')";
+
+/// Undo rows and bytes per job that has some.
+pub const UNDO_SIZES: &str = "SELECT name, undo_rows, undo_bytes FROM backfill.job_status \
+          WHERE undo_rows IS NOT NULL AND parent_id IS NULL ORDER BY name";
 
 /// The rule for a failed row (aliased `f`) being eligible for a retry, with the job's
 /// `max_attempts` as parameter `$n`: attempts left, and either an error (a verification
