@@ -44,6 +44,12 @@
 //! `failed_rows` would help no one, so the batch rolls back and the job fails with
 //! a message saying so. Only the first batch is judged this way: later batches,
 //! retries and verification sweeps may legitimately consist of bad rows only.
+//!
+//! # Rooms
+//!
+//! This file: the batch's types, its transaction, bisection and the fenced commit;
+//! `batch_keys.rs`: selecting the keys; `batch_statement.rs`: running the statement and
+//! check_predicate on them, and judging a first batch where every key failed.
 
 use std::future::Future;
 use std::pin::pin;
@@ -52,15 +58,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backfill_core::bisect::{BisectStep, Bisection};
-use backfill_core::error_class::ErrorClass;
+use backfill_core::lease::{millis, Lease};
+use backfill_core::queue_sql;
 use deadpool_postgres::{Pool, Transaction};
-use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
 use tokio_postgres_rustls::MakeRustlsConnect;
-use uuid::Uuid;
 
+use crate::batch_keys::{select_keys, SelectedKeys};
+use crate::batch_statement::{apply, check_predicate_error, wrong_statement_error, Applied};
 use crate::pool::Endpoint;
-use crate::target::{moved_keys_error, BatchKeys, BatchTarget, PassWrites};
+use crate::target::{BatchKeys, BatchTarget};
+use crate::target_reads::PassWrites;
 use crate::BatchError;
 
 /// Savepoints a bisecting transaction may release before it commits what it has
@@ -83,15 +91,6 @@ impl BatchBackend {
     fn set(&self, pid: i32) {
         self.0.store(pid, Ordering::Relaxed);
     }
-}
-
-/// The lease a batch must still hold to commit.
-#[derive(Debug, Clone, Copy)]
-pub struct Fence {
-    pub job_id: i64,
-    pub token: Uuid,
-    /// A committed batch also extends the lease by this much.
-    pub lease: Duration,
 }
 
 /// What a batch is to select: up to `limit` keys from `source`; a key whose row one of
@@ -201,26 +200,6 @@ pub struct BatchRunner {
     cancel_tls: Option<MakeRustlsConnect>,
 }
 
-const FENCE_SQL: &str = "UPDATE backfill.jobs \
-       SET checkpoint = coalesce($3, checkpoint), rows_done = rows_done + $4, \
-           batches_done = batches_done + 1, \
-           lease_expires_at = greatest(lease_expires_at, now() + $5::int8 * interval '1 millisecond'), \
-           heartbeat_at = now(), updated_at = now(), last_error = NULL \
-     WHERE id = $1 AND lease_token = $2 AND state = 'running' \
-       AND upper_key IS NOT DISTINCT FROM $6 \
-     RETURNING txid_current()";
-
-const RECORD_FAILED_SQL: &str = "INSERT INTO backfill.failed_rows AS f (job_id, key, reason, sqlstate, message, next_attempt_at) \
-     SELECT $1, k, r, s, m, now() + $6::int8 * interval '1 millisecond' \
-       FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) AS u(k, r, s, m) \
-     ON CONFLICT (job_id, key) DO UPDATE \
-       SET attempts = f.attempts + 1, reason = excluded.reason, sqlstate = excluded.sqlstate, \
-           message = excluded.message, last_failed_at = now(), \
-           next_attempt_at = now() + least($6::int8 * power(2, f.attempts), $7::int8) * interval '1 millisecond'";
-
-const FORGET_FAILED_SQL: &str =
-    "DELETE FROM backfill.failed_rows WHERE job_id = $1 AND key = ANY($2::text[])";
-
 impl BatchRunner {
     /// A runner on `pool`; failed keys are retried with `backoff`.
     pub fn new(pool: Pool, backoff: RetryBackoff) -> Self {
@@ -252,7 +231,7 @@ impl BatchRunner {
     pub async fn run(
         &self,
         target: &BatchTarget,
-        fence: Fence,
+        lease: &Lease,
         request: BatchRequest<'_>,
         backend: &BatchBackend,
         stop: impl Future<Output = ()>,
@@ -272,7 +251,7 @@ impl BatchRunner {
             }
         };
         let cancel = client.cancel_token();
-        let mut work = pin!(self.run_on(&mut client, target, fence, request, backend));
+        let mut work = pin!(self.run_on(&mut client, target, lease, request, backend));
         let mut stop = pin!(stop);
         let mut canceled = false;
         let result = loop {
@@ -304,7 +283,7 @@ impl BatchRunner {
         &self,
         client: &mut deadpool_postgres::Object,
         target: &BatchTarget,
-        fence: Fence,
+        lease: &Lease,
         request: BatchRequest<'_>,
         backend: &BatchBackend,
     ) -> Result<Option<BatchStats>, BatchFailure> {
@@ -332,7 +311,7 @@ impl BatchRunner {
                 ..BatchStats::default()
             };
             return self
-                .commit(tx, target, fence, source, CommitKeys::default(), stats)
+                .commit(tx, target, lease, source, CommitKeys::default(), stats)
                 .await
                 .map(Some);
         };
@@ -363,7 +342,7 @@ impl BatchRunner {
                     }
                 }
             };
-            return Box::pin(self.bisect_on(client, target, fence, source, keys, vanished)).await;
+            return Box::pin(self.bisect_on(client, target, lease, source, keys, vanished)).await;
         }
         let count = selected.count();
         let stats = BatchStats {
@@ -378,7 +357,7 @@ impl BatchRunner {
             settled: selected.listed(),
             ran: selected.listed(),
         };
-        self.commit(tx, target, fence, source, keys, stats)
+        self.commit(tx, target, lease, source, keys, stats)
             .await
             .map(Some)
     }
@@ -390,7 +369,7 @@ impl BatchRunner {
         &self,
         client: &mut deadpool_postgres::Object,
         target: &BatchTarget,
-        fence: Fence,
+        lease: &Lease,
         source: KeySource<'_>,
         keys: Vec<String>,
         vanished: Vec<String>,
@@ -477,7 +456,7 @@ impl BatchRunner {
             settled,
             ran: &keys,
         };
-        self.commit(tx, target, fence, source, keys, stats)
+        self.commit(tx, target, lease, source, keys, stats)
             .await
             .map(Some)
     }
@@ -489,7 +468,7 @@ impl BatchRunner {
         &self,
         tx: Transaction<'_>,
         target: &BatchTarget,
-        fence: Fence,
+        lease: &Lease,
         source: KeySource<'_>,
         keys: CommitKeys<'_>,
         stats: BatchStats,
@@ -513,13 +492,12 @@ impl BatchRunner {
                     .await?
             }
         }
-        let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         if !stats.failures.is_empty() {
             let column = |field: fn(&RowFailure) -> Option<&str>| -> Vec<Option<&str>> {
                 stats.failures.iter().map(field).collect()
             };
             tx.execute(
-                RECORD_FAILED_SQL,
+                queue_sql::RECORD_FAILED,
                 &[
                     &target.owner_id,
                     &column(|f| Some(f.key.as_str())),
@@ -545,7 +523,7 @@ impl BatchRunner {
                     .filter(|k| !failed.contains(k))
                     .chain(stats.vanished.iter().map(String::as_str))
                     .collect();
-                tx.execute(FORGET_FAILED_SQL, &[&target.owner_id, &applied])
+                tx.execute(queue_sql::FORGET_FAILED, &[&target.owner_id, &applied])
                     .await
                     .map_err(|e| BatchError::from_driver(context("forgetting retried rows"), &e))?;
                 None
@@ -553,18 +531,18 @@ impl BatchRunner {
         };
         let applied = i64::try_from(stats.applied).unwrap_or(i64::MAX);
         let fence_statement = tx
-            .prepare_cached(FENCE_SQL)
+            .prepare_cached(queue_sql::FENCE_BATCH)
             .await
             .map_err(|e| BatchError::from_driver(context("advancing the checkpoint"), &e))?;
         let fenced = tx
             .query_opt(
                 &fence_statement,
                 &[
-                    &fence.job_id,
-                    &fence.token,
+                    &lease.job_id,
+                    &lease.token.0,
                     &checkpoint,
                     &applied,
-                    &millis(fence.lease),
+                    &lease.millis(),
                     // A slice split meanwhile has a lower upper bound: keys of this
                     // batch may now belong to another slice, so it must not commit.
                     &target.upper_key,
@@ -598,7 +576,7 @@ struct CommitKeys<'a> {
     ran: &'a [String],
 }
 
-enum BatchFailure {
+pub(crate) enum BatchFailure {
     Fenced,
     Error(BatchError),
 }
@@ -607,260 +585,4 @@ impl From<BatchError> for BatchFailure {
     fn from(e: BatchError) -> Self {
         BatchFailure::Error(e)
     }
-}
-
-/// The keys a batch selected (at least one).
-enum SelectedKeys {
-    /// Each key, in key order.
-    Each(Vec<String>),
-    /// The first and last key and how many lie between them, for a statement that
-    /// needs no more (`TargetSql::key_spans`).
-    Span {
-        first: String,
-        last: String,
-        count: usize,
-    },
-}
-
-impl SelectedKeys {
-    /// The keys to run the statement on.
-    fn batch_keys(&self) -> BatchKeys<'_> {
-        match self {
-            SelectedKeys::Each(keys) => BatchKeys::Each(keys),
-            SelectedKeys::Span { first, last, .. } => BatchKeys::Span { first, last },
-        }
-    }
-
-    fn count(&self) -> usize {
-        match self {
-            SelectedKeys::Each(keys) => keys.len(),
-            SelectedKeys::Span { count, .. } => *count,
-        }
-    }
-
-    /// Each key where they were listed (always so for retried keys, the only batches
-    /// whose commit needs them); empty for a span.
-    fn listed(&self) -> &[String] {
-        match self {
-            SelectedKeys::Each(keys) => keys,
-            SelectedKeys::Span { .. } => &[],
-        }
-    }
-}
-
-/// Selects the next batch's keys from `source`: only their first, last and count where
-/// the job allows (`key_spans`, not for retried keys), else — or with `each_key` — each.
-/// `None` when no key is left. Second: retried keys whose rows are gone (never run).
-async fn select_keys(
-    tx: &Transaction<'_>,
-    target: &BatchTarget,
-    request: BatchRequest<'_>,
-    each_key: bool,
-) -> Result<(Option<SelectedKeys>, Vec<String>), BatchError> {
-    let BatchRequest {
-        source,
-        limit,
-        pass_writes: writes,
-    } = request;
-    let limit = i64::from(limit);
-    let sql = &target.sql;
-    let spans = sql
-        .key_spans
-        .as_ref()
-        .filter(|_| !each_key && !matches!(source, KeySource::FailedRows { .. }));
-    let queries = spans.unwrap_or(&sql.keys);
-    let (query, params): (&str, Vec<&(dyn ToSql + Sync)>) = match (&source, &target.upper_key) {
-        (KeySource::After(None), None) => (&queries.first, vec![&limit]),
-        (KeySource::After(Some(after)), None) => (&queries.next, vec![after, &limit]),
-        (KeySource::After(None), Some(upper)) => (&queries.first_below, vec![upper, &limit]),
-        (KeySource::After(Some(after)), Some(upper)) => {
-            (&queries.next_below, vec![after, upper, &limit])
-        }
-        // A verification sweep is bounded like any pass (NULL: the table was empty).
-        (KeySource::AfterExcludingFailed(None), upper) => {
-            (&queries.first_excluding_failed, vec![upper, &limit])
-        }
-        (KeySource::AfterExcludingFailed(Some(after)), upper) => {
-            (&queries.next_excluding_failed, vec![after, upper, &limit])
-        }
-        // Retried keys are always listed: their commit forgets each one that applied.
-        (KeySource::FailedRows { max_attempts }, _) => {
-            (&sql.retry_keys, vec![max_attempts, &limit])
-        }
-    };
-    // Prepared once per connection, like the batch statement: a plain query would be
-    // parsed and planned again for every batch, one more round trip each time.
-    let rows = async {
-        let statement = tx.prepare_cached(query).await?;
-        tx.query(&statement, &params).await
-    }
-    .await
-    .map_err(|e| {
-        BatchError::from_driver(
-            format!("job {:?}: selecting the next keys", target.job_name),
-            &e,
-        )
-    })?;
-    if let KeySource::FailedRows { .. } = source {
-        let (present, vanished): (Vec<_>, Vec<_>) =
-            rows.into_iter().partition(|row| row.get::<_, bool>(1));
-        let keys: Vec<String> = present.into_iter().map(|row| row.get(0)).collect();
-        let vanished = vanished.into_iter().map(|row| row.get(0)).collect();
-        return Ok((
-            (!keys.is_empty()).then_some(SelectedKeys::Each(keys)),
-            vanished,
-        ));
-    }
-    if spans.is_none() {
-        if let Some(moved) = rows.iter().find(|row| writes.wrote(row.get(1))) {
-            let key: String = moved.get(0);
-            return Err(moved_keys_error(
-                &target.job_name,
-                &key,
-                "ahead of the checkpoint",
-            ));
-        }
-        let keys: Vec<String> = rows.into_iter().map(|row| row.get(0)).collect();
-        return Ok((
-            (!keys.is_empty()).then_some(SelectedKeys::Each(keys)),
-            Vec::new(),
-        ));
-    }
-    // min/max are NULL over no rows.
-    let span = rows.first().and_then(|row| {
-        let first: Option<String> = row.get(0);
-        let last: Option<String> = row.get(1);
-        let count: i64 = row.get(2);
-        Some(SelectedKeys::Span {
-            first: first?,
-            last: last?,
-            count: usize::try_from(count).ok()?,
-        })
-    });
-    Ok((span, Vec::new()))
-}
-
-/// What one run of the job's statement on some keys came to.
-#[derive(Debug)]
-enum Applied {
-    /// It ran, and check_predicate (if any) holds for none of the rows: the changes may stay.
-    Agrees,
-    /// It ran, but check_predicate holds for some rows: its changes must be rolled back.
-    Disagrees,
-    /// It failed because of a row (the transaction, or savepoint, is aborted): bisect.
-    RowError(BatchError),
-}
-
-/// Runs the job's statement on `keys` (described by `context`), then its check_predicate
-/// on the same keys. Errors that no row explains end the batch.
-async fn apply(
-    tx: &Transaction<'_>,
-    target: &BatchTarget,
-    keys: BatchKeys<'_>,
-    context: &str,
-) -> Result<Applied, BatchFailure> {
-    if let (Some(undo), BatchKeys::Each(each)) = (&target.undo, keys) {
-        // Before the statement, in its savepoint: rolled back with it.
-        undo.read_old(tx, each, context).await?;
-    }
-    if let Err(e) = run_statement(tx, target, &keys).await {
-        let error = BatchError::from_driver(format!("{context}: batch statement"), &e);
-        return match error.class() {
-            ErrorClass::RowLevel => Ok(Applied::RowError(error)),
-            _ => Err(error.into()),
-        };
-    }
-    let (check, keys) = match (&target.sql.check_disagrees, keys) {
-        (None, _) => return Ok(Applied::Agrees),
-        (Some(check), BatchKeys::Each(keys)) => (check, keys),
-        (Some(_), BatchKeys::Span { .. }) => {
-            unreachable!("key spans are never selected for a job with check_predicate")
-        }
-    };
-    // The statement may have changed how keys parse: pin the session before the check.
-    target.session.repin(tx, context).await?;
-    let checked = async {
-        let check = tx.prepare_cached(check).await?;
-        tx.query_one(&check, &[&keys]).await
-    }
-    .await;
-    match checked {
-        Ok(row) if row.get::<_, bool>(0) => Ok(Applied::Disagrees),
-        Ok(_) => Ok(Applied::Agrees),
-        Err(e) => {
-            let error = BatchError::from_driver(format!("{context}: check_predicate"), &e);
-            match error.class() {
-                ErrorClass::RowLevel => Ok(Applied::RowError(error)),
-                _ => Err(error.into()),
-            }
-        }
-    }
-}
-
-/// What a key whose row disagrees with check_predicate is recorded with.
-fn check_predicate_error(context: String) -> BatchError {
-    BatchError {
-        context,
-        sqlstate: None,
-        message:
-            "check_predicate holds after batch_sql: the new values disagree with the old ones, \
-                  so the row was left unchanged"
-                .to_string(),
-        connection_closed: false,
-        canceled_by_us: false,
-    }
-}
-
-/// The job-level error for a first batch in which every key failed alone the same
-/// way (see the module docs), or `None` when the failures are the rows' own.
-fn wrong_statement_error(
-    target: &BatchTarget,
-    source: KeySource<'_>,
-    bisection: &Bisection<(FailureReason, BatchError)>,
-    keys: &[String],
-    failures: &[RowFailure],
-) -> Option<BatchError> {
-    let first = failures.first()?;
-    let same_failure =
-        |f: &RowFailure| f.reason == first.reason && f.error.sqlstate == first.error.sqlstate;
-    // A revert's conflicts are rows someone else changed, however many (issue 17).
-    let judged = matches!(source, KeySource::After(None))
-        && first.error.sqlstate.as_deref() != Some(crate::undo::CONFLICT_SQLSTATE)
-        && bisection.walked_key_by_key()
-        && failures.len() == keys.len()
-        && failures.iter().all(same_failure);
-    if !judged {
-        return None;
-    }
-    let name = &target.job_name;
-    let what = match first.reason {
-        FailureReason::Error => "failed alone with the same error",
-        FailureReason::Verification => "disagreed with check_predicate",
-    };
-    Some(BatchError {
-        context: format!(
-            "job {name:?}: every one of the {} keys of its first batch ({}..={}) {what}, so batch_sql \
-             (or check_predicate) most likely cannot work for any row; nothing was applied or recorded. \
-             Fix the job (UPDATE backfill.jobs SET batch_sql = …) or the rows, then select \
-             backfill.retry_failed('{}'). Key {}",
-            keys.len(),
-            first.key,
-            keys[keys.len() - 1],
-            name.replace('\'', "''"),
-            first.key,
-        ),
-        ..first.error.clone()
-    })
-}
-
-/// Runs the job's statement on `keys`, binding each placeholder.
-async fn run_statement(
-    tx: &Transaction<'_>,
-    target: &BatchTarget,
-    keys: &BatchKeys<'_>,
-) -> Result<(), tokio_postgres::Error> {
-    let statement = tx.prepare_cached(&target.batch.sql).await?;
-    tx.execute(&statement, &target.statement_params(keys))
-        .await
-        .map(|_| ())
 }

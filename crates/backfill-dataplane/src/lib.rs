@@ -8,6 +8,8 @@
 //! transaction around user SQL.
 
 mod batch;
+mod batch_keys;
+mod batch_statement;
 mod error;
 mod health;
 mod plan;
@@ -16,11 +18,13 @@ mod prometheus;
 mod session;
 mod slicing;
 mod target;
+mod target_reads;
+mod target_sql;
 mod undo;
 
 pub use batch::{
-    BatchBackend, BatchRequest, BatchRunner, BatchStats, FailureReason, Fence, KeySource,
-    RetryBackoff, RowFailure, RunOutcome,
+    BatchBackend, BatchRequest, BatchRunner, BatchStats, FailureReason, KeySource, RetryBackoff,
+    RowFailure, RunOutcome,
 };
 pub use error::{BatchError, DataPlaneError};
 pub use health::{HealthProbe, LatencyCanary, Signals};
@@ -28,5 +32,6 @@ pub use plan::{TrialBatch, UNDO_ROW_OVERHEAD_BYTES};
 pub use pool::{connect_pool, error_chain, Endpoint, SessionSettings, SslMode};
 pub use prometheus::PrometheusQuery;
 pub use session::{pinned_startup_settings, JobSession};
-pub use target::{BatchTarget, JobDefinition, PassWrites};
+pub use target::{BatchTarget, JobDefinition};
+pub use target_reads::PassWrites;
 pub use undo::row_image;

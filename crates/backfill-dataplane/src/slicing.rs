@@ -75,12 +75,9 @@ impl BatchTarget {
             pending = self.sql.pending,
         );
         let context = format!("job {:?}: finding where to split a slice", self.job_name);
-        let tx = self.begin(client, &context).await?;
-        let row = tx
-            .query_opt(&sql, &[&after, &upper, &offset])
-            .await
-            .map_err(|e| BatchError::from_driver(&context, &e))?;
-        drop(tx.rollback().await);
-        Ok(row.map(|row| row.get(0)))
+        self.read_in_session(client, &context, &sql, &[&after, &upper, &offset], |rows| {
+            rows.first().map(|row| row.get(0))
+        })
+        .await
     }
 }

@@ -1,12 +1,14 @@
 //! A job's definition resolved against the live catalog: quoted names, the key's
 //! real type, the batch statement with bound placeholders, and the key queries.
 
+use backfill_core::job_spec::JobSpec;
 use backfill_core::placeholders::{bind_placeholders, BoundSql, Placeholder};
 use deadpool_postgres::{Client, Transaction};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use crate::session::JobSession;
+use crate::target_sql::TargetSql;
 use crate::undo::UndoSql;
 use crate::{BatchError, DataPlaneError};
 
@@ -14,14 +16,9 @@ use crate::{BatchError, DataPlaneError};
 #[derive(Debug, Clone)]
 pub struct JobDefinition {
     pub job_id: i64,
-    pub name: String,
-    pub table_name: String,
-    pub key_column: String,
-    pub batch_sql: String,
-    pub pending_predicate: Option<String>,
-    /// True for rows whose new shape disagrees with the old; checked after each
+    /// What the job runs, on which table; its `check_predicate` is checked after each
     /// batch statement (see the batch module).
-    pub check_predicate: Option<String>,
+    pub spec: JobSpec,
     /// The job whose failed rows these are: the parent of a slice, else the job.
     pub owner_id: i64,
     /// A slice's inclusive upper key bound, or the last key of a whole job's pass;
@@ -80,88 +77,6 @@ impl<'a> BatchKeys<'a> {
     }
 }
 
-/// Rows above a finished pass's last key that are checked for ones the pass itself
-/// moved there.
-const ROWS_PAST_CHECKED: u32 = 10_000;
-
-/// The transactions (32-bit xids, as `xmin` shows them) of the batches a pass has
-/// committed in this run: a row one of them wrote, met again ahead of the checkpoint or
-/// past the pass's end, was moved there by the job's own statement.
-#[derive(Debug, Clone, Default)]
-pub struct PassWrites(std::collections::HashSet<u32>);
-
-impl PassWrites {
-    /// Remembers a committed batch's transaction (`txid_current()`, epoch and all).
-    pub fn remember(&mut self, txid: i64) {
-        // xmin is the txid without its epoch: the low 32 bits.
-        self.0.insert((txid & 0xffff_ffff) as u32);
-    }
-
-    /// Forgets every batch: a new pass starts.
-    pub fn clear(&mut self) {
-        self.0.clear();
-    }
-
-    /// Whether the row version written by `xmin` (as text) is one of this pass's.
-    pub fn wrote(&self, xmin: &str) -> bool {
-        xmin.parse().is_ok_and(|xid: u32| self.0.contains(&xid))
-    }
-}
-
-/// The error for a job whose statement moved the row now at `key` (see [`PassWrites`]).
-pub(crate) fn moved_keys_error(job: &str, key: &str, whereabouts: &str) -> BatchError {
-    BatchError {
-        context: format!("job {job:?}, key {key}"),
-        sqlstate: None,
-        message: format!(
-            "batch_sql moves rows' keys (it changes key_column): the row now at this key was written by \
-             one of the job's own batches and lies {whereabouts}, so walking on would apply it again or miss it. \
-             A backfill statement must not change the key; this batch was rolled back"
-        ),
-        connection_closed: false,
-        canceled_by_us: false,
-    }
-}
-
-/// The SQL texts derived from a job once, at claim.
-#[derive(Debug, Clone)]
-pub(crate) struct TargetSql {
-    /// `pending_predicate` as a filter over alias `t` (`true` without one).
-    pub pending: String,
-    /// Select each key of the next batch, as text.
-    pub keys: KeyQueries,
-    /// Select only the first and last key of the next batch and how many there are, for
-    /// a statement that needs no more (no `:keys`, no check_predicate): the server then
-    /// sends one row instead of every key. `None` when the statement needs each key, or
-    /// the key type has no `min`/`max` (uuid).
-    pub key_spans: Option<KeyQueries>,
-    pub retry_keys: String,
-    /// Whether check_predicate holds for any of the keys in `$1`; `None` without one.
-    pub check_disagrees: Option<String>,
-    pub count_pending_after: String,
-    pub count_pending_all: String,
-    pub count_pending_excluding_failed: String,
-    /// The table's largest key, as text (one row, NULL when the table is empty).
-    pub last_key: String,
-    /// The first [`ROWS_PAST_CHECKED`] keys above `$1` with the transaction that wrote each.
-    pub rows_past: String,
-}
-
-/// One query per way of walking the key order for the next batch; parameters: the
-/// checkpoint key (`next…`), a slice's upper key (`…below`), then the batch size.
-#[derive(Debug, Clone)]
-pub(crate) struct KeyQueries {
-    pub first: String,
-    pub next: String,
-    /// As `first`/`next`, bounded above by a slice's upper key.
-    pub first_below: String,
-    pub next_below: String,
-    /// As `first_below`/`next_below`, skipping keys recorded in `failed_rows`
-    /// (verification sweeps, bounded like every pass).
-    pub first_excluding_failed: String,
-    pub next_excluding_failed: String,
-}
-
 impl BatchTarget {
     /// Resolves `job` against the catalog and has the server parse every
     /// statement, so a job that cannot run fails now with a clear message
@@ -173,12 +88,12 @@ impl BatchTarget {
         // In the job's own session: its search_path decides what its SQL names.
         let tx = client.transaction().await.map_err(|e| {
             DataPlaneError::Batch(BatchError::from_driver(
-                format!("job {:?}: BEGIN", job.name),
+                format!("job {:?}: BEGIN", job.spec.name),
                 &e,
             ))
         })?;
         // A role the daemon cannot take (not a member, dropped) is the job's fault.
-        job.session.enter(&tx, &job.name).await.map_err(|e| {
+        job.session.enter(&tx, &job.spec.name).await.map_err(|e| {
             if e.class().is_transient() {
                 DataPlaneError::Batch(e)
             } else {
@@ -209,21 +124,21 @@ impl BatchTarget {
                    LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = $2 \
                                            AND a.attnum > 0 AND NOT a.attisdropped \
                   WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p')",
-                &[&job.table_name, &job.key_column],
+                &[&job.spec.table_name, &job.spec.key_column],
             )
             .await
             .map_err(|e| {
-                definition_or_transient(&job.name, "resolving table_name", &e, |message| {
+                definition_or_transient(&job.spec.name, "resolving table_name", &e, |message| {
                     format!(
                         "table_name {:?} cannot be resolved: {message}",
-                        job.table_name
+                        job.spec.table_name
                     )
                 })
             })?
             .ok_or_else(|| {
                 definition_error(format!(
                     "table {} does not exist (or is not a table)",
-                    job.table_name
+                    job.spec.table_name
                 ))
             })?;
         let table: String = row.get(0);
@@ -231,7 +146,7 @@ impl BatchTarget {
         let key_column = key_column.ok_or_else(|| {
             definition_error(format!(
                 "key_column {:?} does not exist in table {table}",
-                job.key_column
+                job.spec.key_column
             ))
         })?;
         let key_type: String = row.get(2);
@@ -249,15 +164,15 @@ impl BatchTarget {
                  (ALTER TABLE {table} ALTER COLUMN {key_column} SET NOT NULL)"
             )));
         }
-        let batch = bind_placeholders(&job.batch_sql, &key_type)
+        let batch = bind_placeholders(&job.spec.batch_sql, &key_type)
             .map_err(|e| definition_error(e.to_string()))?;
         let sql = TargetSql::new(
             job.owner_id,
             &table,
             &key_column,
             &key_type,
-            job.pending_predicate.as_deref(),
-            job.check_predicate.as_deref(),
+            job.spec.pending_predicate.as_deref(),
+            job.spec.check_predicate.as_deref(),
             // Undo is captured for each key a batch runs on.
             batch.params.contains(&Placeholder::Keys) || job.keep_undo,
         );
@@ -272,7 +187,7 @@ impl BatchTarget {
         });
         let mut target = BatchTarget {
             job_id: job.job_id,
-            job_name: job.name.clone(),
+            job_name: job.spec.name.clone(),
             table,
             key_column,
             key_type,
@@ -284,8 +199,8 @@ impl BatchTarget {
             undo,
         };
         for (column, predicate) in [
-            ("pending_predicate", &job.pending_predicate),
-            ("check_predicate", &job.check_predicate),
+            ("pending_predicate", &job.spec.pending_predicate),
+            ("check_predicate", &job.spec.check_predicate),
         ] {
             if let Some(predicate) = predicate {
                 check_stands_alone(tx, &target, column, predicate).await?;
@@ -387,176 +302,6 @@ impl BatchTarget {
                 }
             })
             .collect()
-    }
-
-    /// Opens a transaction on `client` in the job's own session (its role and
-    /// search_path), for reading the job's table as the job's SQL would.
-    pub(crate) async fn begin<'c>(
-        &self,
-        client: &'c mut Client,
-        step: &str,
-    ) -> Result<Transaction<'c>, BatchError> {
-        let tx = client.transaction().await.map_err(|e| {
-            BatchError::from_driver(format!("job {:?}: {step}: BEGIN", self.job_name), &e)
-        })?;
-        self.session.enter(&tx, &self.job_name).await?;
-        Ok(tx)
-    }
-
-    /// Rows for which the pending predicate holds above `after` (all rows when
-    /// `after` is `None`), excluding keys already in `failed_rows` if asked.
-    pub async fn count_pending(
-        &self,
-        client: &mut Client,
-        after: Option<&str>,
-        excluding_failed: bool,
-    ) -> Result<i64, BatchError> {
-        let context = format!(
-            "counting pending rows of job {:?} in {}",
-            self.job_name, self.table
-        );
-        let tx = self.begin(client, &context).await?;
-        let row = match (after, excluding_failed) {
-            (_, true) => {
-                tx.query_one(&self.sql.count_pending_excluding_failed, &[])
-                    .await
-            }
-            (Some(after), false) => tx.query_one(&self.sql.count_pending_after, &[&after]).await,
-            (None, false) => tx.query_one(&self.sql.count_pending_all, &[]).await,
-        }
-        .map_err(|e| BatchError::from_driver(&context, &e))?;
-        drop(tx.rollback().await);
-        Ok(row.get(0))
-    }
-
-    /// After a pass that ended at `last_key`: the job's error when a row above it (of the
-    /// first [`ROWS_PAST_CHECKED`]) was written by one of the pass's own batches — the
-    /// job's statement moved it past the end.
-    pub async fn row_moved_past(
-        &self,
-        client: &mut Client,
-        last_key: &str,
-        writes: &PassWrites,
-    ) -> Result<Option<BatchError>, BatchError> {
-        let context = format!("job {:?}: looking past the end of its pass", self.job_name);
-        let tx = self.begin(client, &context).await?;
-        let rows = tx
-            .query(&self.sql.rows_past, &[&last_key])
-            .await
-            .map_err(|e| BatchError::from_driver(&context, &e))?;
-        drop(tx.rollback().await);
-        Ok(rows
-            .into_iter()
-            .find(|row| writes.wrote(row.get(1)))
-            .map(|row| {
-                let key: String = row.get(0);
-                moved_keys_error(&self.job_name, &key, "past the end of its pass")
-            }))
-    }
-
-    /// The table's last key now (`None` when it is empty): where a pass that starts now
-    /// ends, so that it ends even when the job's statement moves keys forward.
-    pub async fn last_key(&self, client: &mut Client) -> Result<Option<String>, BatchError> {
-        let context = format!(
-            "job {:?}: reading the last key of {}",
-            self.job_name, self.table
-        );
-        let tx = self.begin(client, &context).await?;
-        let row = tx
-            .query_one(&self.sql.last_key, &[])
-            .await
-            .map_err(|e| BatchError::from_driver(&context, &e))?;
-        drop(tx.rollback().await);
-        Ok(row.get(0))
-    }
-}
-
-impl TargetSql {
-    fn new(
-        owner_id: i64,
-        table: &str,
-        key: &str,
-        key_type: &str,
-        predicate: Option<&str>,
-        check_predicate: Option<&str>,
-        statement_needs_each_key: bool,
-    ) -> TargetSql {
-        let pending = predicate.map_or_else(|| "true".to_string(), |p| format!("({p})"));
-        let not_failed = format!(
-            "NOT EXISTS (SELECT 1 FROM backfill.failed_rows f WHERE f.job_id = {owner_id} AND f.key = t.{key}::text)"
-        );
-        let after = format!("t.{key} > $1::text::{key_type}");
-        let below = |n: &str| format!("t.{key} <= {n}::text::{key_type}");
-        let queries = |select: &dyn Fn(&str) -> String| KeyQueries {
-            first: select(&pending).replace("$LIMIT", "$1"),
-            next: select(&format!("{after} AND {pending}")).replace("$LIMIT", "$2"),
-            first_below: select(&format!("{} AND {pending}", below("$1"))).replace("$LIMIT", "$2"),
-            next_below: select(&format!("{after} AND {} AND {pending}", below("$2")))
-                .replace("$LIMIT", "$3"),
-            first_excluding_failed: select(&format!(
-                "{} AND {pending} AND {not_failed}",
-                below("$1")
-            ))
-            .replace("$LIMIT", "$2"),
-            next_excluding_failed: select(&format!(
-                "{after} AND {} AND {pending} AND {not_failed}",
-                below("$2")
-            ))
-            .replace("$LIMIT", "$3"),
-        };
-        let batch = |columns: &str, filter: &str| {
-            format!("SELECT {columns} FROM {table} t WHERE {filter} ORDER BY t.{key} LIMIT $LIMIT")
-        };
-        // Each key with the transaction that last wrote its row: a row this job's own
-        // batch wrote, met again ahead of the checkpoint, was moved there by the job.
-        let each_key = format!("t.{key}::text, t.xmin::text");
-        let key_as_k = format!("t.{key} AS k");
-        TargetSql {
-            keys: queries(&|filter| batch(&each_key, filter)),
-            key_spans: (!statement_needs_each_key && check_predicate.is_none()).then(|| {
-                queries(&|filter| {
-                    format!(
-                        "SELECT min(b.k)::text, max(b.k)::text, count(*) FROM ({}) b",
-                        batch(&key_as_k, filter)
-                    )
-                })
-            }),
-            // Verification failures are retried only when retry_failed() reset
-            // their attempts to 0: without a change to the data or the job,
-            // batch_sql computes the same disagreeing values again.
-            // With whether the key's row still exists: a vanished row is forgotten, never
-            // counted as applied.
-            retry_keys: format!(
-                "SELECT f.key, EXISTS (SELECT FROM {table} t WHERE t.{key} = f.key::{key_type}) \
-                   FROM backfill.failed_rows f \
-                  WHERE f.job_id = {owner_id} AND {eligible} \
-                    AND f.next_attempt_at <= now() \
-                  ORDER BY f.key::{key_type} LIMIT $2",
-                eligible = backfill_core::queue_sql::retry_eligible(1)
-            ),
-            check_disagrees: check_predicate.map(|check| {
-                format!(
-                    "SELECT EXISTS (SELECT FROM {table} t \
-                      WHERE t.{key} = ANY($1::text[]::{key_type}[]) AND ({check}))"
-                )
-            }),
-            count_pending_after: format!(
-                "SELECT count(*) FROM {table} t WHERE {after} AND {pending}"
-            ),
-            count_pending_all: format!("SELECT count(*) FROM {table} t WHERE {pending}"),
-            count_pending_excluding_failed: format!(
-                "SELECT count(*) FROM {table} t WHERE {pending} AND {not_failed}"
-            ),
-            // ORDER BY rather than max(): every orderable key type has it (uuid has no max).
-            rows_past: format!(
-                "SELECT t.{key}::text, t.xmin::text FROM {table} t WHERE t.{key} > $1::text::{key_type} \
-                  ORDER BY t.{key} LIMIT {ROWS_PAST_CHECKED}"
-            ),
-            last_key: format!(
-                "SELECT (SELECT t.{key}::text FROM {table} t ORDER BY t.{key} DESC LIMIT 1)"
-            ),
-            pending,
-        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use backfill_core::queue_sql;
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgListener;
 
@@ -63,20 +64,13 @@ impl Queue {
         reason: &str,
         lasted: Duration,
     ) -> Result<(), QueueError> {
-        sqlx::query(
-            "SELECT pg_notify('backfill_events', jsonb_build_object( \
-                 'event', 'throttled', 'job', name, 'id', id, 'parent_id', parent_id, \
-                 'old_state', state, 'new_state', state, 'worker', leased_by, 'last_error', NULL, \
-                 'rows_done', rows_done, 'at', now(), 'reason', $2::text, \
-                 'throttled_seconds', round($3::numeric, 1))::text) \
-               FROM backfill.jobs WHERE id = $1",
-        )
-        .bind(job_id)
-        .bind(reason)
-        .bind(lasted.as_secs_f64())
-        .execute(self.pool())
-        .await
-        .context(&format!("notifying that job {job_id} is throttled"))?;
+        sqlx::query(queue_sql::NOTIFY_THROTTLED)
+            .bind(job_id)
+            .bind(reason)
+            .bind(lasted.as_secs_f64())
+            .execute(self.pool())
+            .await
+            .context(&format!("notifying that job {job_id} is throttled"))?;
         Ok(())
     }
 
@@ -85,12 +79,11 @@ impl Queue {
         &self,
         name: &str,
     ) -> Result<Option<(JobState, Option<String>)>, QueueError> {
-        let row: Option<(String, Option<String>)> =
-            sqlx::query_as("SELECT state, last_error FROM backfill.jobs WHERE name = $1")
-                .bind(name)
-                .fetch_optional(self.pool())
-                .await
-                .context(&format!("reading the state of job {name:?}"))?;
+        let row: Option<(String, Option<String>)> = sqlx::query_as(queue_sql::OUTCOME_OF)
+            .bind(name)
+            .fetch_optional(self.pool())
+            .await
+            .context(&format!("reading the state of job {name:?}"))?;
         Ok(row.and_then(|(state, error)| state.parse().ok().map(|state| (state, error))))
     }
 }

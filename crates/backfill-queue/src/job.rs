@@ -3,6 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use backfill_core::job_spec::{JobSpec, JobTunables};
+use backfill_core::queue_sql;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
@@ -68,6 +70,13 @@ impl FromStr for JobState {
     }
 }
 
+impl TryFrom<String> for JobState {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
 /// Which pass over the table a job is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -103,23 +112,26 @@ impl FromStr for Phase {
     }
 }
 
+impl TryFrom<String> for Phase {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
 /// A job's definition and progress, as a worker sees it after claiming.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Job {
     pub id: i64,
-    pub name: String,
-    pub table_name: String,
-    pub key_column: String,
-    pub batch_sql: String,
-    pub pending_predicate: Option<String>,
-    pub check_predicate: Option<String>,
-    pub batch_size: Option<i32>,
-    pub min_batch_size: Option<i32>,
-    pub max_batch_size: Option<i32>,
-    pub target_batch_ms: Option<i32>,
-    pub max_rows_per_second: Option<f64>,
-    pub max_attempts: Option<i32>,
+    /// What the job runs, on which table.
+    #[sqlx(flatten)]
+    pub spec: JobSpec,
+    /// The job's own tuning columns as claimed (a live retune changes them later).
+    #[sqlx(flatten)]
+    pub tunables: JobTunables,
+    #[sqlx(try_from = "String")]
     pub state: JobState,
+    #[sqlx(try_from = "String")]
     pub phase: Phase,
     pub checkpoint: Option<String>,
     pub rows_done: i64,
@@ -162,79 +174,11 @@ impl Job {
     }
 }
 
-/// The columns of `backfill.jobs` that [`Job`] reads, in one place.
-pub(crate) const JOB_COLUMNS: &str = "j.id, j.name, j.table_name, j.key_column, j.batch_sql, \
-    j.pending_predicate, j.check_predicate, j.batch_size, j.min_batch_size, j.max_batch_size, \
-    j.target_batch_ms, j.max_rows_per_second, j.max_attempts, j.state, j.phase, j.checkpoint, \
-    j.rows_done, j.batches_done, j.rows_total_estimate, j.verify_sweeps, j.started_at, \
-    j.parallelism, j.parent_id, j.lower_key, j.upper_key, j.enqueued_by::text AS enqueued_by, \
-    j.search_path, \
-    coalesce(j.breaker_failed_share, (SELECT p.breaker_failed_share FROM backfill.jobs p WHERE p.id = j.parent_id)) \
-        AS breaker_failed_share, \
-    coalesce(j.breaker_failed_rows, (SELECT p.breaker_failed_rows FROM backfill.jobs p WHERE p.id = j.parent_id)) \
-        AS breaker_failed_rows, \
-    j.keep_undo, j.undo_columns";
-
-impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Job {
-    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
-        use sqlx::Row;
-        let decode = |column: &str, e: String| sqlx::Error::ColumnDecode {
-            index: column.to_string(),
-            source: e.into(),
-        };
-        let state: String = row.try_get("state")?;
-        let phase: String = row.try_get("phase")?;
-        Ok(Job {
-            id: row.try_get("id")?,
-            name: row.try_get("name")?,
-            table_name: row.try_get("table_name")?,
-            key_column: row.try_get("key_column")?,
-            batch_sql: row.try_get("batch_sql")?,
-            pending_predicate: row.try_get("pending_predicate")?,
-            check_predicate: row.try_get("check_predicate")?,
-            batch_size: row.try_get("batch_size")?,
-            min_batch_size: row.try_get("min_batch_size")?,
-            max_batch_size: row.try_get("max_batch_size")?,
-            target_batch_ms: row.try_get("target_batch_ms")?,
-            max_rows_per_second: row.try_get("max_rows_per_second")?,
-            max_attempts: row.try_get("max_attempts")?,
-            state: state.parse().map_err(|e| decode("state", e))?,
-            phase: phase.parse().map_err(|e| decode("phase", e))?,
-            checkpoint: row.try_get("checkpoint")?,
-            rows_done: row.try_get("rows_done")?,
-            batches_done: row.try_get("batches_done")?,
-            rows_total_estimate: row.try_get("rows_total_estimate")?,
-            verify_sweeps: row.try_get("verify_sweeps")?,
-            started_at: row.try_get("started_at")?,
-            parallelism: row.try_get("parallelism")?,
-            parent_id: row.try_get("parent_id")?,
-            lower_key: row.try_get("lower_key")?,
-            upper_key: row.try_get("upper_key")?,
-            enqueued_by: row.try_get("enqueued_by")?,
-            search_path: row.try_get("search_path")?,
-            breaker_failed_share: row.try_get("breaker_failed_share")?,
-            breaker_failed_rows: row.try_get("breaker_failed_rows")?,
-            keep_undo: row.try_get("keep_undo")?,
-            undo_columns: row.try_get("undo_columns")?,
-        })
-    }
-}
-
 /// A job to enqueue: the same columns an engineer would INSERT.
 #[derive(Debug, Clone, Default)]
 pub struct NewJob {
-    pub name: String,
-    pub table_name: String,
-    pub key_column: String,
-    pub batch_sql: String,
-    pub pending_predicate: Option<String>,
-    pub check_predicate: Option<String>,
-    pub batch_size: Option<i32>,
-    pub min_batch_size: Option<i32>,
-    pub max_batch_size: Option<i32>,
-    pub target_batch_ms: Option<i32>,
-    pub max_rows_per_second: Option<f64>,
-    pub max_attempts: Option<i32>,
+    pub spec: JobSpec,
+    pub tunables: JobTunables,
     pub priority: Option<i32>,
     pub not_before: Option<DateTime<Utc>>,
     pub parallelism: Option<i32>,
@@ -245,31 +189,25 @@ impl NewJob {
     /// validation trigger refuses bad definitions (on a pool, or inside a transaction);
     /// returns the job id.
     pub async fn enqueue<'e>(&self, db: impl sqlx::PgExecutor<'e>) -> Result<i64, QueueError> {
-        sqlx::query_scalar(
-            "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate, \
-                 check_predicate, batch_size, min_batch_size, max_batch_size, target_batch_ms, \
-                 max_rows_per_second, max_attempts, priority, not_before, parallelism) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, coalesce($13, 0), coalesce($14, now()), \
-                     coalesce($15, 1)) \
-             RETURNING id",
-        )
-        .bind(&self.name)
-        .bind(&self.table_name)
-        .bind(&self.key_column)
-        .bind(&self.batch_sql)
-        .bind(&self.pending_predicate)
-        .bind(&self.check_predicate)
-        .bind(self.batch_size)
-        .bind(self.min_batch_size)
-        .bind(self.max_batch_size)
-        .bind(self.target_batch_ms)
-        .bind(self.max_rows_per_second)
-        .bind(self.max_attempts)
-        .bind(self.priority)
-        .bind(self.not_before)
-        .bind(self.parallelism)
-        .fetch_one(db)
-        .await
-        .context(&format!("enqueueing job {:?}", self.name))
+        let (spec, tunables) = (&self.spec, &self.tunables);
+        sqlx::query_scalar(queue_sql::ENQUEUE)
+            .bind(&spec.name)
+            .bind(&spec.table_name)
+            .bind(&spec.key_column)
+            .bind(&spec.batch_sql)
+            .bind(&spec.pending_predicate)
+            .bind(&spec.check_predicate)
+            .bind(tunables.batch_size)
+            .bind(tunables.min_batch_size)
+            .bind(tunables.max_batch_size)
+            .bind(tunables.target_batch_ms)
+            .bind(tunables.max_rows_per_second)
+            .bind(tunables.max_attempts)
+            .bind(self.priority)
+            .bind(self.not_before)
+            .bind(self.parallelism)
+            .fetch_one(db)
+            .await
+            .context(&format!("enqueueing job {:?}", spec.name))
     }
 }

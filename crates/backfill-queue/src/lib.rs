@@ -14,7 +14,7 @@ mod undo;
 
 pub use events::{EventWait, JobEvent, JobEvents, EVENTS_CHANNEL};
 pub use job::{Job, JobState, NewJob, Phase};
-pub use lease::{ClaimedJob, HeartbeatReport, JobProgress, LeaseToken, Queue, Tunables};
+pub use lease::{ClaimedJob, HeartbeatReport, JobProgress, Queue, Tunables};
 pub use notifications::{QueueChange, QueueNotifications, CONTROL_CHANNEL};
 pub use schema::{migrate, schema_is_current, MIGRATOR};
 pub use slices::{SliceSummary, Slices, StealCandidate};

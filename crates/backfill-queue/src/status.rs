@@ -1,5 +1,6 @@
 //! Reading `backfill.job_status` and steering jobs through the SQL functions.
 
+use backfill_core::queue_sql;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
@@ -50,26 +51,16 @@ pub struct JobStatus {
 impl JobStatus {
     /// Every job's status, newest last; or just the named one.
     pub async fn fetch(pool: &PgPool, name: Option<&str>) -> Result<Vec<JobStatus>, QueueError> {
-        sqlx::query_as(
-            "SELECT job_id, name, state, phase, table_name, rows_done, rows_remaining, \
-                    percent::float8 AS percent, rows_per_second, \
-                    extract(epoch FROM eta)::float8 AS eta_seconds, batch_size, throttle_state, \
-                    throttle_reason, failed_rows, worker, last_heartbeat, last_error, priority, \
-                    created_at, started_at, finished_at, run_windows, in_window, finish_by, \
-                    recent_rows_per_second, forecast_finish, late, undo_rows, undo_bytes \
-               FROM backfill.job_status \
-              WHERE $1::text IS NULL OR name = $1 \
-              ORDER BY created_at, job_id",
-        )
-        .bind(name)
-        .fetch_all(pool)
-        .await
-        .context("reading backfill.job_status")
+        sqlx::query_as(queue_sql::JOB_STATUS)
+            .bind(name)
+            .fetch_all(pool)
+            .await
+            .context("reading backfill.job_status")
     }
 
     /// Number of jobs in each state, for the `backfill_jobs{state}` gauge.
     pub async fn count_by_state(pool: &PgPool) -> Result<Vec<(String, i64)>, QueueError> {
-        sqlx::query_as("SELECT state, count(*) FROM backfill.jobs GROUP BY state")
+        sqlx::query_as(queue_sql::COUNT_BY_STATE)
             .fetch_all(pool)
             .await
             .context("counting jobs by state")

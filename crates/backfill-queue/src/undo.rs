@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use backfill_core::queue_sql;
 use sqlx::PgPool;
 
 use crate::{Context, QueueError};
@@ -23,7 +24,7 @@ pub async fn revert<'e>(
     job_name: &str,
     request: &RevertRequest,
 ) -> Result<String, QueueError> {
-    sqlx::query_scalar("SELECT backfill.revert($1, $2, $3, force => $4)")
+    sqlx::query_scalar(queue_sql::REVERT)
         .bind(job_name)
         .bind(&request.from_key)
         .bind(&request.to_key)
@@ -35,7 +36,7 @@ pub async fn revert<'e>(
 
 /// Drops the undo data of `job_name` through `backfill.purge_undo`; returns the rows dropped.
 pub async fn purge_undo(pool: &PgPool, job_name: &str) -> Result<i64, QueueError> {
-    sqlx::query_scalar("SELECT backfill.purge_undo($1)")
+    sqlx::query_scalar(queue_sql::PURGE_UNDO)
         .bind(job_name)
         .fetch_one(pool)
         .await
@@ -46,7 +47,7 @@ pub async fn purge_undo(pool: &PgPool, job_name: &str) -> Result<i64, QueueError
 /// ago; returns the rows dropped.
 pub async fn purge_expired_undo(pool: &PgPool, retention: Duration) -> Result<i64, QueueError> {
     let millis = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-    sqlx::query_scalar("SELECT backfill.purge_expired_undo($1::int8 * interval '1 millisecond')")
+    sqlx::query_scalar(queue_sql::PURGE_EXPIRED_UNDO)
         .bind(millis)
         .fetch_one(pool)
         .await
@@ -55,11 +56,8 @@ pub async fn purge_expired_undo(pool: &PgPool, retention: Duration) -> Result<i6
 
 /// Undo data per job that has some: (job name, rows, bytes).
 pub async fn undo_sizes(pool: &PgPool) -> Result<Vec<(String, i64, i64)>, QueueError> {
-    sqlx::query_as(
-        "SELECT name, undo_rows, undo_bytes FROM backfill.job_status \
-          WHERE undo_rows IS NOT NULL AND parent_id IS NULL ORDER BY name",
-    )
-    .fetch_all(pool)
-    .await
-    .context("reading undo data sizes")
+    sqlx::query_as(queue_sql::UNDO_SIZES)
+        .fetch_all(pool)
+        .await
+        .context("reading undo data sizes")
 }

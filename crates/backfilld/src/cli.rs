@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use backfill_core::job_spec::{JobSpec, JobTunables};
 use clap::{Args, Parser, Subcommand};
 
 /// Safe, throttled, resumable data backfills on live PostgreSQL.
@@ -104,44 +105,10 @@ fn positive_duration(text: &str) -> Result<Duration, String> {
 /// The job's definition, as columns of backfill.jobs.
 #[derive(Debug, Args)]
 pub struct EnqueueArgs {
-    /// Unique job name.
-    #[arg(long)]
-    pub name: String,
-    /// Target table, e.g. public.users.
-    #[arg(long)]
-    pub table: String,
-    /// Unique, indexed key column walked in order.
-    #[arg(long)]
-    pub key: String,
-    /// The batch statement, using :keys, :first_key and/or :last_key.
-    #[arg(long)]
-    pub sql: String,
-    /// Boolean expression true for rows that still need work.
-    #[arg(long)]
-    pub pending: Option<String>,
-    /// Boolean expression true for rows whose new shape disagrees with the old.
-    #[arg(long)]
-    pub check: Option<String>,
-    /// Keys in the first batch (the throttle adapts it); default batch.size.
-    #[arg(long, value_name = "KEYS")]
-    pub batch_size: Option<i32>,
-    /// Fewest keys per batch the throttle shrinks to; default batch.min_size.
-    #[arg(long, value_name = "KEYS")]
-    pub min_batch_size: Option<i32>,
-    /// Most keys per batch the throttle grows to; default batch.max_size.
-    #[arg(long, value_name = "KEYS")]
-    pub max_batch_size: Option<i32>,
-    /// Batch duration the throttle steers towards, in milliseconds; default batch.target.
-    #[arg(long, value_name = "MS")]
-    pub target_batch_ms: Option<i32>,
-    /// Most rows written per second, however healthy the database; default
-    /// throttle.max_rows_per_second.
-    #[arg(long, value_name = "ROWS")]
-    pub max_rows_per_second: Option<f64>,
-    /// Attempts per failing row before it is set aside in backfill.failed_rows; default
-    /// batch.max_attempts.
-    #[arg(long, value_name = "N")]
-    pub max_attempts: Option<i32>,
+    #[command(flatten)]
+    pub spec: JobSpec,
+    #[command(flatten)]
+    pub tunables: JobTunables,
     /// Higher runs first among jobs waiting (default 0).
     #[arg(long, value_name = "N")]
     pub priority: Option<i32>,

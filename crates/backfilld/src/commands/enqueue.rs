@@ -19,11 +19,11 @@ pub async fn enqueue(pool: &PgPool, args: EnqueueArgs) -> Result<(), CliFailure>
         .map_err(CliFailure::Fatal)?;
     let id = job.enqueue(&mut *tx).await?;
     if paused {
-        SteeringVerb::Pause.apply(&mut *tx, &job.name).await?;
+        SteeringVerb::Pause.apply(&mut *tx, &job.spec.name).await?;
     }
     tx.commit()
         .await
-        .with_context(|| format!("enqueueing job {}: committing", job.name))
+        .with_context(|| format!("enqueueing job {}: committing", job.spec.name))
         .map_err(CliFailure::Fatal)?;
     let state = if paused { "paused" } else { "pending" };
     println!("enqueued job {id} ({state})");
@@ -32,18 +32,8 @@ pub async fn enqueue(pool: &PgPool, args: EnqueueArgs) -> Result<(), CliFailure>
 
 fn new_job(args: EnqueueArgs) -> NewJob {
     NewJob {
-        name: args.name,
-        table_name: args.table,
-        key_column: args.key,
-        batch_sql: args.sql,
-        pending_predicate: args.pending,
-        check_predicate: args.check,
-        batch_size: args.batch_size,
-        min_batch_size: args.min_batch_size,
-        max_batch_size: args.max_batch_size,
-        target_batch_ms: args.target_batch_ms,
-        max_rows_per_second: args.max_rows_per_second,
-        max_attempts: args.max_attempts,
+        spec: args.spec,
+        tunables: args.tunables,
         priority: args.priority,
         not_before: args.not_before,
         parallelism: args.parallelism,

@@ -161,7 +161,7 @@ pub async fn plan(
     let holding_signals = signals_holding(settings, db, &throttle, job.id)
         .await
         .map_err(|e| fatal(&e))?;
-    let status = JobStatus::fetch(&db.control, Some(&job.name))
+    let status = JobStatus::fetch(&db.control, Some(&job.spec.name))
         .await?
         .into_iter()
         .next();
@@ -182,7 +182,7 @@ pub async fn plan(
             .and_then(|s| s.forecast_finish),
         run_windows: status.as_ref().and_then(|s| s.run_windows.clone()),
         in_window: status.as_ref().is_none_or(|s| s.in_window),
-        job: job.name,
+        job: job.spec.name,
         table: target.table.clone(),
         key_column: target.key_column.clone(),
         state: job.state.to_string(),

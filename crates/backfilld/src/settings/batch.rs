@@ -36,18 +36,17 @@ impl BatchSettings {
     /// Checks `[batch]`, naming the bad key.
     pub(super) fn validate(&self) -> Result<(), SettingsError> {
         let fail = |msg: String| Err(SettingsError(msg));
-        if self.min_size == 0 || self.min_size > self.max_size {
-            return fail(format!(
-                "batch.min_size ({}) must be positive and not above batch.max_size ({})",
-                self.min_size, self.max_size
-            ));
+        backfill_core::job_spec::BatchBounds {
+            min: self.min_size,
+            max: self.max_size,
+            start: self.size,
         }
-        if self.size < self.min_size || self.size > self.max_size {
-            return fail(format!(
-                "batch.size ({}) must lie within batch.min_size..batch.max_size ({}..{})",
-                self.size, self.min_size, self.max_size
-            ));
-        }
+        .check(backfill_core::job_spec::BatchBoundNames {
+            min: "batch.min_size",
+            max: "batch.max_size",
+            start: "batch.size",
+        })
+        .map_err(|e| SettingsError(e.to_string()))?;
         self.breaker_limits().validate().map_err(SettingsError)?;
         if self.max_attempts < 1 {
             return fail(format!(

@@ -5,15 +5,16 @@ use std::time::{Duration, Instant};
 
 use backfill_core::breaker::BreakerCount;
 use backfill_core::error_class::{ErrorClass, TransientKind};
+use backfill_core::lease::Lease;
 use backfill_core::phase::{transient_outcome, FailingStreak};
 use backfill_core::throttle::{
     BatchOutcome, BatchReport, ThrottleController, ThrottleDecision, ThrottleReason,
 };
 use backfill_dataplane::{
-    BatchBackend, BatchError, BatchRequest, BatchStats, BatchTarget, DataPlaneError, Fence,
-    KeySource, PassWrites, RunOutcome,
+    BatchBackend, BatchError, BatchRequest, BatchStats, BatchTarget, DataPlaneError, KeySource,
+    PassWrites, RunOutcome,
 };
-use backfill_queue::{Job, JobProgress, JobState, LeaseToken, Phase};
+use backfill_queue::{Job, JobProgress, JobState, Phase};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -25,18 +26,8 @@ use crate::shutdown::Shutdown;
 use crate::telemetry::JobMetrics;
 
 impl<'w> JobRun<'w> {
-    pub(super) fn start(
-        worker: &'w Worker,
-        job: Job,
-        token: LeaseToken,
-        shutdown: Shutdown,
-    ) -> Self {
+    pub(super) fn start(worker: &'w Worker, job: Job, lease: Lease, shutdown: Shutdown) -> Self {
         let settings = &worker.settings;
-        let fence = Fence {
-            job_id: job.id,
-            token: token.0,
-            lease: settings.worker.lease,
-        };
         let (stop_tx, stop) = watch::channel(None);
         let (progress, progress_rx) = watch::channel(JobProgress {
             rows_done: job.rows_done,
@@ -46,9 +37,7 @@ impl<'w> JobRun<'w> {
         let heartbeat = tokio::spawn(heartbeat_loop(
             worker.queue.clone(),
             HeartbeatOf {
-                job_id: job.id,
-                token,
-                lease: settings.worker.lease,
+                lease,
                 interval: settings.worker.heartbeat,
                 forecast_window: settings.worker.forecast_window,
             },
@@ -59,7 +48,7 @@ impl<'w> JobRun<'w> {
         let throttle_settings = throttle_settings(settings, &job);
         JobRun {
             worker,
-            fence,
+            lease,
             shutdown,
             rate_budget: throttle_settings.max_rows_per_second,
             duty_budget: throttle_settings.busy_duty_cycle,
@@ -84,7 +73,7 @@ impl<'w> JobRun<'w> {
             stop,
             progress,
             heartbeat,
-            metrics: JobMetrics::new(&job.name),
+            metrics: JobMetrics::new(&job.spec.name),
             failure_log: FailureLog::default(),
             job,
         }
@@ -194,7 +183,7 @@ impl<'w> JobRun<'w> {
                 .runner
                 .run(
                     &target,
-                    self.fence,
+                    &self.lease,
                     BatchRequest {
                         source,
                         limit: batch_size,
@@ -381,14 +370,10 @@ impl<'w> JobRun<'w> {
         }
     }
 
-    pub(super) fn fence_token(&self) -> LeaseToken {
-        LeaseToken(self.fence.token)
-    }
-
     pub(super) fn max_attempts(&self) -> i32 {
         self.job
-            .max_attempts
-            .unwrap_or(self.worker.settings.batch.max_attempts)
+            .tunables
+            .max_attempts_or(self.worker.settings.batch.max_attempts)
     }
 }
 

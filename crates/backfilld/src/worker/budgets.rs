@@ -1,7 +1,7 @@
 //! The job's throttle settings (deployment defaults under its own columns), and the
 //! shares of the rate budget and of the duty cycle next to production it runs on.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use backfill_core::slicing::{duty_share, rate_share};
 use backfill_core::throttle::ThrottleSettings;
@@ -58,28 +58,5 @@ impl JobRun<'_> {
 
 /// The job's throttle: deployment defaults, overridden by the job's own columns.
 pub(crate) fn throttle_settings(settings: &WorkerSections, job: &Job) -> ThrottleSettings {
-    let defaults = settings.throttle_defaults();
-    let positive = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok()).filter(|v| *v > 0);
-    let min_batch_size = positive(job.min_batch_size).unwrap_or(defaults.min_batch_size);
-    let max_batch_size = positive(job.max_batch_size)
-        .unwrap_or(defaults.max_batch_size)
-        .max(min_batch_size);
-    let start_batch_size = positive(job.batch_size)
-        .unwrap_or(defaults.start_batch_size)
-        .clamp(min_batch_size, max_batch_size);
-    let target_batch = positive(job.target_batch_ms)
-        .map(|ms| Duration::from_millis(u64::from(ms)))
-        .unwrap_or(defaults.target_batch);
-    let max_rows_per_second = job
-        .max_rows_per_second
-        .or(defaults.max_rows_per_second)
-        .filter(|rate| *rate > 0.0);
-    ThrottleSettings {
-        min_batch_size,
-        max_batch_size,
-        start_batch_size,
-        target_batch,
-        max_rows_per_second,
-        ..defaults
-    }
+    job.tunables.throttle_settings(settings.throttle_defaults())
 }

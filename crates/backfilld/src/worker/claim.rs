@@ -57,7 +57,8 @@ impl Worker {
                 Ok(Some(claimed)) => {
                     backoff.reset();
                     let job_id = claimed.job.id;
-                    let span = tracing::info_span!("job", job = %claimed.job.name, job_id, slot);
+                    let span =
+                        tracing::info_span!("job", job = %claimed.job.spec.name, job_id, slot);
                     let end = self.drive(claimed, &shutdown).instrument(span).await;
                     self.driving.lock().await.retain(|id| *id != job_id);
                     self.work_signal.raise();
@@ -97,9 +98,9 @@ impl Worker {
 
     /// Works on one claimed job until it ends, is taken away, or we shut down.
     async fn drive(&self, claimed: ClaimedJob, shutdown: &Shutdown) -> JobEnd {
-        let ClaimedJob { job, token } = claimed;
+        let ClaimedJob { job, lease } = claimed;
         info!(phase = job.phase.as_str(), checkpoint = ?job.checkpoint, rows_done = job.rows_done, "claimed job");
-        let mut run = JobRun::start(self, job, token, shutdown.clone());
+        let mut run = JobRun::start(self, job, lease, shutdown.clone());
         let end = run.execute().await;
         run.stop_heartbeat();
         match end {
@@ -108,17 +109,15 @@ impl Worker {
                 rows_done = run.rows_done,
                 "job finished"
             ),
-            JobEnd::Stopped(StopReason::Shutdown) => {
-                match self.queue.release(run.job.id, token).await {
-                    Ok(true) => {
-                        info!(checkpoint = ?run.checkpoint, "shutting down: lease released")
-                    }
-                    Ok(false) => info!("shutting down: the lease was already gone"),
-                    Err(e) => {
-                        warn!(error = %e, "shutting down: could not release the lease; it expires by itself")
-                    }
+            JobEnd::Stopped(StopReason::Shutdown) => match self.queue.release(&lease).await {
+                Ok(true) => {
+                    info!(checkpoint = ?run.checkpoint, "shutting down: lease released")
                 }
-            }
+                Ok(false) => info!("shutting down: the lease was already gone"),
+                Err(e) => {
+                    warn!(error = %e, "shutting down: could not release the lease; it expires by itself")
+                }
+            },
             JobEnd::Stopped(StopReason::LeaseLost(state)) => {
                 info!(
                     state = state.map_or("deleted", JobState::as_str),
@@ -137,14 +136,12 @@ impl Worker {
             JobEnd::Stopped(StopReason::OutsideWindow) => {
                 info!(checkpoint = ?run.checkpoint, "outside the job's run windows: given back to rest until one opens (holding, reason window)")
             }
-            JobEnd::Stopped(StopReason::Unreachable) => {
-                match self.queue.release(run.job.id, token).await {
-                    Ok(_) => warn!("database trouble: job given back to the queue"),
-                    Err(e) => {
-                        warn!(error = %e, "database trouble: job not released; its lease expires by itself")
-                    }
+            JobEnd::Stopped(StopReason::Unreachable) => match self.queue.release(&lease).await {
+                Ok(_) => warn!("database trouble: job given back to the queue"),
+                Err(e) => {
+                    warn!(error = %e, "database trouble: job not released; its lease expires by itself")
                 }
-            }
+            },
         }
         run.failure_log.flush();
         run.metrics.job_left();

@@ -3,17 +3,16 @@
 
 use std::time::Duration;
 
-use backfill_queue::{HeartbeatReport, JobProgress, JobState, LeaseToken, Queue, Tunables};
+use backfill_core::lease::Lease;
+use backfill_queue::{HeartbeatReport, JobProgress, JobState, Queue, Tunables};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::StopReason;
 
-/// Whose lease a heartbeat extends, by how much, how often.
+/// Whose lease a heartbeat extends (by its duration), how often.
 pub(super) struct HeartbeatOf {
-    pub(super) job_id: i64,
-    pub(super) token: LeaseToken,
-    pub(super) lease: Duration,
+    pub(super) lease: Lease,
     pub(super) interval: Duration,
     /// The wall time the forecast's recent rate is measured over.
     pub(super) forecast_window: Duration,
@@ -30,8 +29,6 @@ pub(super) async fn heartbeat_loop(
     tunables: watch::Sender<Option<Tunables>>,
 ) {
     let HeartbeatOf {
-        job_id,
-        token,
         lease,
         interval,
         forecast_window,
@@ -47,7 +44,7 @@ pub(super) async fn heartbeat_loop(
         let mut current = progress.borrow().clone();
         recent.record(started.elapsed(), current.rows_done);
         current.recent_rows_per_second = recent.rows_per_second();
-        match queue.heartbeat(job_id, token, lease, &current).await {
+        match queue.heartbeat(&lease, &current).await {
             Ok(HeartbeatReport::Held(now)) => {
                 tunables.send_if_modified(|seen| {
                     let changed = seen.as_ref() != Some(&now);

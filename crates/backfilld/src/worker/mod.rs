@@ -21,9 +21,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backfill_core::breaker::BreakerCount;
+use backfill_core::lease::Lease;
 use backfill_core::phase::FailingStreak;
 use backfill_core::throttle::{BatchReport, HealthSample, ThrottleController, ThrottleReason};
-use backfill_dataplane::{BatchRunner, Fence, PassWrites};
+use backfill_dataplane::{BatchRunner, PassWrites};
 use backfill_queue::{Job, JobProgress, JobState, Phase, Queue, Tunables};
 use tokio::sync::watch;
 
@@ -115,7 +116,8 @@ enum PhaseStep {
 struct JobRun<'w> {
     worker: &'w Worker,
     job: Job,
-    fence: Fence,
+    /// The lease that fences every write of this run (queue calls and batch commits).
+    lease: Lease,
     shutdown: Shutdown,
     throttle: ThrottleController,
     last_report: Option<BatchReport>,

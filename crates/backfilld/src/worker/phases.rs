@@ -24,8 +24,7 @@ impl JobRun<'_> {
         };
         if summary.total == 0 {
             return Some(
-                match super::slicing::cut(self.worker, target, &self.job, self.fence_token()).await
-                {
+                match super::slicing::cut(self.worker, target, &self.job, &self.lease).await {
                     Ok(Some(_)) => JobEnd::Stopped(StopReason::Sliced),
                     Ok(None) => JobEnd::Stopped(StopReason::LeaseLost(None)),
                     Err(e) => {
@@ -85,7 +84,7 @@ impl JobRun<'_> {
         match self
             .worker
             .queue
-            .fix_pass_bound(self.job.id, self.fence_token(), last_key.as_deref())
+            .fix_pass_bound(&self.lease, last_key.as_deref())
             .await
         {
             Ok(true) => {}
@@ -143,16 +142,7 @@ impl JobRun<'_> {
             return false;
         }
         let progress = self.progress.borrow().clone();
-        let held = self
-            .worker
-            .queue
-            .heartbeat(
-                self.job.id,
-                self.fence_token(),
-                self.worker.settings.worker.lease,
-                &progress,
-            )
-            .await;
+        let held = self.worker.queue.heartbeat(&self.lease, &progress).await;
         if !matches!(held, Ok(HeartbeatReport::Held(_))) {
             return false;
         }
@@ -166,7 +156,7 @@ impl JobRun<'_> {
             Ok(client) => client,
             Err(e) => return warn!(error = %e, "cannot estimate the job's size"),
         };
-        let pending = if self.job.pending_predicate.is_some() || self.phase == Phase::Scan {
+        let pending = if self.job.spec.pending_predicate.is_some() || self.phase == Phase::Scan {
             target
                 .count_pending(&mut client, self.checkpoint.as_deref(), false)
                 .await
@@ -180,7 +170,7 @@ impl JobRun<'_> {
                 if let Err(e) = self
                     .worker
                     .queue
-                    .set_total_estimate(self.job.id, self.fence_token(), total)
+                    .set_total_estimate(&self.lease, total)
                     .await
                 {
                     warn!(error = %e, "cannot record the job's size");
@@ -224,12 +214,7 @@ impl JobRun<'_> {
     }
 
     pub(super) async fn enter_phase(&mut self, phase: Phase) -> bool {
-        match self
-            .worker
-            .queue
-            .enter_phase(self.job.id, self.fence_token(), phase)
-            .await
-        {
+        match self.worker.queue.enter_phase(&self.lease, phase).await {
             Ok(true) => {
                 self.phase = phase;
                 if phase == Phase::Verify {
@@ -254,7 +239,7 @@ impl JobRun<'_> {
                 return PhaseStep::End(JobEnd::Stopped(StopReason::Unreachable));
             }
         };
-        let pending = if self.job.pending_predicate.is_some() {
+        let pending = if self.job.spec.pending_predicate.is_some() {
             match target.count_pending(&mut client, None, true).await {
                 Ok(pending) => pending,
                 Err(e) => {
@@ -281,7 +266,7 @@ impl JobRun<'_> {
             after_sweep: self.phase == Phase::Verify,
         };
         let max_sweeps = self.worker.settings.worker.max_verify_sweeps;
-        match judge_verification(count, max_sweeps, self.job.id, &self.job.name) {
+        match judge_verification(count, max_sweeps, self.job.id, &self.job.spec.name) {
             VerificationVerdict::SweepAgain { sweeps } => {
                 info!(
                     pending,
@@ -312,12 +297,7 @@ impl JobRun<'_> {
         match self
             .worker
             .queue
-            .finish(
-                self.job.id,
-                self.fence_token(),
-                state,
-                last_error.as_deref(),
-            )
+            .finish(&self.lease, state, last_error.as_deref())
             .await
         {
             Ok(true) => {

@@ -2,9 +2,10 @@
 //! an idle worker splitting the busiest running slice (work stealing), so the
 //! job ends when its last rows are done, not when its slowest slice is.
 
+use backfill_core::lease::Lease;
 use backfill_core::slicing::{cut_fractions, distinct_cuts, even_estimates, steal_threshold};
 use backfill_dataplane::{BatchTarget, DataPlaneError, JobDefinition, JobSession};
-use backfill_queue::{Job, LeaseToken};
+use backfill_queue::Job;
 use tracing::{debug, info};
 
 use super::Worker;
@@ -13,12 +14,7 @@ use super::Worker;
 pub fn job_definition(job: &Job) -> JobDefinition {
     JobDefinition {
         job_id: job.id,
-        name: job.name.clone(),
-        table_name: job.table_name.clone(),
-        key_column: job.key_column.clone(),
-        batch_sql: job.batch_sql.clone(),
-        pending_predicate: job.pending_predicate.clone(),
-        check_predicate: job.check_predicate.clone(),
+        spec: job.spec.clone(),
         owner_id: job.owner_id(),
         upper_key: job.upper_key.clone(),
         session: JobSession {
@@ -34,7 +30,7 @@ pub fn job_definition(job: &Job) -> JobDefinition {
 pub async fn resolve(worker: &Worker, job: &Job) -> Result<BatchTarget, DataPlaneError> {
     let mut client = worker.runner.pool().get().await.map_err(|e| {
         DataPlaneError::Batch(backfill_dataplane::BatchError::from_pool(
-            format!("job {:?}: connecting to resolve the job", job.name),
+            format!("job {:?}: connecting to resolve the job", job.spec.name),
             &e,
         ))
     })?;
@@ -48,7 +44,7 @@ pub async fn cut(
     worker: &Worker,
     target: &BatchTarget,
     job: &Job,
-    token: LeaseToken,
+    lease: &Lease,
 ) -> Result<Option<usize>, String> {
     let mut client = worker
         .runner
@@ -77,7 +73,7 @@ pub async fn cut(
     let estimates = even_estimates(pending, cuts.len() + 1);
     let slices = worker.queue.slices();
     let cut = slices
-        .cut(job.id, token, &cuts, last_key.as_deref(), &estimates)
+        .cut(lease, &cuts, last_key.as_deref(), &estimates)
         .await
         .map_err(|e| e.to_string())?;
     if cut {
@@ -105,7 +101,7 @@ pub async fn steal(worker: &Worker) -> bool {
     let target = match resolve(worker, &slice).await {
         Ok(target) => target,
         Err(e) => {
-            debug!(error = %e, slice = %slice.name, "cannot resolve a slice to split");
+            debug!(error = %e, slice = %slice.spec.name, "cannot resolve a slice to split");
             return false;
         }
     };
@@ -127,12 +123,12 @@ pub async fn steal(worker: &Worker) -> bool {
     };
     match slices.split(&candidate, &target.key_type, &mid, half).await {
         Ok(true) => {
-            info!(slice = %slice.name, at = %mid, rows_moved = half, "split a busy slice for an idle worker");
+            info!(slice = %slice.spec.name, at = %mid, rows_moved = half, "split a busy slice for an idle worker");
             true
         }
         Ok(false) => false,
         Err(e) => {
-            debug!(error = %e, slice = %slice.name, "splitting a slice failed");
+            debug!(error = %e, slice = %slice.spec.name, "splitting a slice failed");
             false
         }
     }

@@ -46,7 +46,7 @@ impl JobRun<'_> {
         let given_back = self
             .worker
             .queue
-            .rest(self.job.id, self.fence_token(), worker.stuck_rest, &why)
+            .rest(&self.lease, worker.stuck_rest, &why)
             .await;
         if matches!(given_back, Ok(true)) {
             warn!(reason = %why, "job not moving");
@@ -68,21 +68,25 @@ impl JobRun<'_> {
         let mut changed = false;
         let mut restart_at = false;
         for (column, old, new) in [
-            ("batch_size", &mut job.batch_size, new.batch_size),
+            (
+                "batch_size",
+                &mut job.tunables.batch_size,
+                new.job.batch_size,
+            ),
             (
                 "min_batch_size",
-                &mut job.min_batch_size,
-                new.min_batch_size,
+                &mut job.tunables.min_batch_size,
+                new.job.min_batch_size,
             ),
             (
                 "max_batch_size",
-                &mut job.max_batch_size,
-                new.max_batch_size,
+                &mut job.tunables.max_batch_size,
+                new.job.max_batch_size,
             ),
             (
                 "target_batch_ms",
-                &mut job.target_batch_ms,
-                new.target_batch_ms,
+                &mut job.tunables.target_batch_ms,
+                new.job.target_batch_ms,
             ),
         ] {
             if *old != new {
@@ -92,9 +96,9 @@ impl JobRun<'_> {
                 changed = true;
             }
         }
-        if job.max_rows_per_second != new.max_rows_per_second {
-            info!(column = "max_rows_per_second", old = ?job.max_rows_per_second, new = ?new.max_rows_per_second, "retuned");
-            job.max_rows_per_second = new.max_rows_per_second;
+        if job.tunables.max_rows_per_second != new.job.max_rows_per_second {
+            info!(column = "max_rows_per_second", old = ?job.tunables.max_rows_per_second, new = ?new.job.max_rows_per_second, "retuned");
+            job.tunables.max_rows_per_second = new.job.max_rows_per_second;
             changed = true;
         }
         if self.priority.is_some_and(|old| old != new.priority) {
@@ -135,13 +139,9 @@ impl JobRun<'_> {
         let why = format!(
             "circuit breaker: {tripped} since this worker claimed the job; paused. Fix the rows (backfill.failed_rows where job_id = {}) or batch_sql, then select backfill.resume('{}')",
             self.job.id,
-            self.job.name.replace('\'', "''")
+            self.job.spec.name.replace('\'', "''")
         );
-        let given_back = self
-            .worker
-            .queue
-            .pause_for(self.job.id, self.fence_token(), &why)
-            .await;
+        let given_back = self.worker.queue.pause_for(&self.lease, &why).await;
         if matches!(given_back, Ok(true)) {
             warn!(reason = %why, "too many rows failed");
         }
@@ -162,11 +162,7 @@ impl JobRun<'_> {
         if self.tunables.borrow().as_ref().is_none_or(|t| t.in_window) {
             return None;
         }
-        let given_back = self
-            .worker
-            .queue
-            .rest_outside_window(self.job.id, self.fence_token())
-            .await;
+        let given_back = self.worker.queue.rest_outside_window(&self.lease).await;
         Some(
             self.given_back(
                 given_back,
