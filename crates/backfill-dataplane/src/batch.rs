@@ -217,8 +217,8 @@ impl BatchRunner {
         self
     }
 
-    /// The pool, for probes and counts.
-    pub fn pool(&self) -> &Pool {
+    /// The pool, for the reads between batches (`runner_reads`).
+    pub(crate) fn pool(&self) -> &Pool {
         &self.pool
     }
 

@@ -15,6 +15,7 @@ mod health;
 mod plan;
 mod pool;
 mod prometheus;
+mod runner_reads;
 mod session;
 mod slicing;
 mod target;

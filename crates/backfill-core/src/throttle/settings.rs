@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::job_spec::{BatchBoundNames, BatchBounds, BatchBoundsError};
 use crate::signals::SignalLimits;
 
 /// Smallest rate budget, also used in place of a nonsense one (zero, negative, NaN): failing
@@ -130,29 +131,9 @@ pub const DEFAULT_MAX_ARCHIVE_PENDING_SEGMENTS: u64 = 32;
 /// Why a set of [`ThrottleSettings`] makes no sense.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ThrottleSettingsError {
-    /// `min_batch_size` is zero.
-    #[error("min_batch_size must be at least 1")]
-    ZeroMinBatchSize,
-    /// `min_batch_size` exceeds `max_batch_size`.
-    #[error("min_batch_size ({min}) is larger than max_batch_size ({max})")]
-    MinAboveMax {
-        /// The configured minimum.
-        min: u32,
-        /// The configured maximum.
-        max: u32,
-    },
-    /// `start_batch_size` lies outside the min..=max range.
-    #[error(
-        "start_batch_size ({start}) is outside min_batch_size..=max_batch_size ({min}..={max})"
-    )]
-    StartOutOfRange {
-        /// The configured start size.
-        start: u32,
-        /// The configured minimum.
-        min: u32,
-        /// The configured maximum.
-        max: u32,
-    },
+    /// The batch-size bounds make no sense (one rule for every place that sets them).
+    #[error(transparent)]
+    BatchBounds(#[from] BatchBoundsError),
     /// A duration that must be positive is zero.
     #[error("{name} must be greater than zero")]
     ZeroDuration {
@@ -199,20 +180,16 @@ pub enum ThrottleSettingsError {
 impl ThrottleSettings {
     /// Checks the settings, reporting the first nonsense value with a message for the user.
     pub fn validate(&self) -> Result<(), ThrottleSettingsError> {
-        let (min, max, start) = (
-            self.min_batch_size,
-            self.max_batch_size,
-            self.start_batch_size,
-        );
-        if min == 0 {
-            return Err(ThrottleSettingsError::ZeroMinBatchSize);
+        BatchBounds {
+            min: self.min_batch_size,
+            max: self.max_batch_size,
+            start: self.start_batch_size,
         }
-        if min > max {
-            return Err(ThrottleSettingsError::MinAboveMax { min, max });
-        }
-        if !(min..=max).contains(&start) {
-            return Err(ThrottleSettingsError::StartOutOfRange { start, min, max });
-        }
+        .check(BatchBoundNames {
+            min: "min_batch_size",
+            max: "max_batch_size",
+            start: "start_batch_size",
+        })?;
         for (name, value) in [
             ("target_batch", self.target_batch),
             ("max_lag", self.max_lag),

@@ -83,7 +83,7 @@ impl<'w> JobRun<'w> {
         self.heartbeat.abort();
     }
 
-    pub(super) fn stop_reason(&self) -> Option<StopReason> {
+    fn stop_reason(&self) -> Option<StopReason> {
         if self.shutdown.is_triggered() {
             return Some(StopReason::Shutdown);
         }

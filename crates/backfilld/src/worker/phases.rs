@@ -67,14 +67,7 @@ impl JobRun<'_> {
         {
             return Ok(true); // a slice has bounds of its own; retries walk failed keys
         }
-        let last_key = match self.worker.runner.pool().get().await {
-            Ok(mut client) => target
-                .last_key(&mut client)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        let last_key = match last_key {
+        let last_key = match self.worker.runner.last_key(target).await {
             Ok(last_key) => last_key,
             Err(e) => {
                 warn!(error = %e, "cannot read where the pass ends");
@@ -110,14 +103,12 @@ impl JobRun<'_> {
         if self.phase == Phase::Retry {
             return None;
         }
-        let moved = match self.worker.runner.pool().get().await {
-            Ok(mut client) => target
-                .row_moved_past(&mut client, last_key, &self.writes)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match moved {
+        match self
+            .worker
+            .runner
+            .row_moved_past(target, last_key, &self.writes)
+            .await
+        {
             Ok(None) => None,
             Ok(Some(error)) => Some(self.finish(JobState::Failed, Some(error.to_string())).await),
             Err(e) => {
@@ -152,13 +143,10 @@ impl JobRun<'_> {
 
     /// Counts the rows the job still has to touch, once per job.
     pub(super) async fn estimate_total(&mut self, target: &BatchTarget) {
-        let mut client = match self.worker.runner.pool().get().await {
-            Ok(client) => client,
-            Err(e) => return warn!(error = %e, "cannot estimate the job's size"),
-        };
         let pending = if self.job.spec.pending_predicate.is_some() || self.phase == Phase::Scan {
-            target
-                .count_pending(&mut client, self.checkpoint.as_deref(), false)
+            self.worker
+                .runner
+                .count_pending(target, self.checkpoint.as_deref(), false)
                 .await
         } else {
             Ok(0)
@@ -213,7 +201,7 @@ impl JobRun<'_> {
         }
     }
 
-    pub(super) async fn enter_phase(&mut self, phase: Phase) -> bool {
+    async fn enter_phase(&mut self, phase: Phase) -> bool {
         match self.worker.queue.enter_phase(&self.lease, phase).await {
             Ok(true) => {
                 self.phase = phase;
@@ -231,16 +219,9 @@ impl JobRun<'_> {
     }
 
     /// Counts what is left; succeeds only at 100 %.
-    pub(super) async fn verify(&mut self, target: &mut BatchTarget) -> PhaseStep {
-        let mut client = match self.worker.runner.pool().get().await {
-            Ok(client) => client,
-            Err(e) => {
-                warn!(error = %e, "cannot verify");
-                return PhaseStep::End(JobEnd::Stopped(StopReason::Unreachable));
-            }
-        };
+    async fn verify(&mut self, target: &mut BatchTarget) -> PhaseStep {
         let pending = if self.job.spec.pending_predicate.is_some() {
-            match target.count_pending(&mut client, None, true).await {
+            match self.worker.runner.count_pending(target, None, true).await {
                 Ok(pending) => pending,
                 Err(e) => {
                     warn!(error = %e, "verification count failed");
@@ -250,7 +231,6 @@ impl JobRun<'_> {
         } else {
             0 // Without a pending predicate every row was visited once; nothing to count.
         };
-        drop(client);
         let failed = match self.worker.queue.failed_row_count(self.job.id).await {
             Ok(failed) => failed,
             Err(e) => {

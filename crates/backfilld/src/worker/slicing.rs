@@ -28,13 +28,7 @@ pub fn job_definition(job: &Job) -> JobDefinition {
 
 /// Resolves a job against the catalog on a pooled data-plane connection.
 pub async fn resolve(worker: &Worker, job: &Job) -> Result<BatchTarget, DataPlaneError> {
-    let mut client = worker.runner.pool().get().await.map_err(|e| {
-        DataPlaneError::Batch(backfill_dataplane::BatchError::from_pool(
-            format!("job {:?}: connecting to resolve the job", job.spec.name),
-            &e,
-        ))
-    })?;
-    BatchTarget::resolve(&mut client, &job_definition(job)).await
+    worker.runner.resolve(&job_definition(job)).await
 }
 
 /// Cuts the leased `job` into `job.parallelism` slices of about equal pending
@@ -46,30 +40,21 @@ pub async fn cut(
     job: &Job,
     lease: &Lease,
 ) -> Result<Option<usize>, String> {
-    let mut client = worker
-        .runner
-        .pool()
-        .get()
-        .await
-        .map_err(|e| e.to_string())?;
     let parallelism = u32::try_from(job.parallelism).unwrap_or(1);
+    let runner = &worker.runner;
     let cuts = distinct_cuts(
-        target
-            .sample_cuts(&mut client, &cut_fractions(parallelism))
+        runner
+            .sample_cuts(target, &cut_fractions(parallelism))
             .await
             .map_err(|e| e.to_string())?,
     );
-    let pending = target
-        .count_pending(&mut client, None, false)
+    let pending = runner
+        .count_pending(target, None, false)
         .await
         .map_err(|e| e.to_string())?;
     // The last slice ends where the job's keys end now: rows arriving above belong
     // to the verification sweeps, as for a job walked whole.
-    let last_key = target
-        .last_key(&mut client)
-        .await
-        .map_err(|e| e.to_string())?;
-    drop(client);
+    let last_key = runner.last_key(target).await.map_err(|e| e.to_string())?;
     let estimates = even_estimates(pending, cuts.len() + 1);
     let slices = worker.queue.slices();
     let cut = slices
@@ -105,19 +90,16 @@ pub async fn steal(worker: &Worker) -> bool {
             return false;
         }
     };
-    let Ok(mut client) = worker.runner.pool().get().await else {
-        return false;
-    };
     let half = candidate.remaining / 2;
-    let mid = target
+    let mid = worker
+        .runner
         .key_at_offset(
-            &mut client,
+            &target,
             candidate.after.as_deref(),
             candidate.upper_key.as_deref(),
             half,
         )
         .await;
-    drop(client);
     let Ok(Some(mid)) = mid else {
         return false;
     };

@@ -16,7 +16,7 @@ impl JobRun<'_> {
     /// How driving the job ends after a fenced call that gave it back (rested, paused):
     /// stopped for `reason` when it did, the lease lost when the fence refused, the
     /// database unreachable when the call failed (`what` names the call in the log).
-    pub(super) async fn given_back(
+    async fn given_back(
         &self,
         given_back: Result<bool, backfill_queue::QueueError>,
         reason: StopReason,
@@ -175,7 +175,7 @@ impl JobRun<'_> {
 
     /// The circuit breaker's limits for this job: its own columns as last read, else the
     /// configured defaults.
-    pub(super) fn breaker_limits(&self) -> BreakerLimits {
+    fn breaker_limits(&self) -> BreakerLimits {
         let (share, rows) = match self.tunables.borrow().as_ref() {
             Some(now) => (now.breaker_failed_share, now.breaker_failed_rows),
             None => (self.job.breaker_failed_share, self.job.breaker_failed_rows),
