@@ -1,4 +1,4 @@
-//! The statements on the `backfill` schema's job and failed-row tables and its functions,
+//! Every statement on the `backfill` schema (jobs, failed rows, throttles, undo, status, migrations),
 //! written once: the control plane (sqlx) and the data plane (tokio-postgres) must agree on
 //! them to the letter, and a reader finds the whole queue protocol in one file. Statements
 //! the data plane derives from a job's own table (key queries, undo capture) are built
@@ -346,6 +346,72 @@ pub const UNDO_SIZES: &str = "SELECT name, undo_rows, undo_bytes FROM backfill.j
 pub fn retry_eligible(max_attempts_param: u8) -> String {
     format!("f.attempts < ${max_attempts_param} AND (f.reason = 'error' OR f.attempts = 0)")
 }
+
+// ---- Health probe, gauges and schema checks ------------------------------------------
+
+/// The tightest operator throttle in force on each running job or slice; a slice matches
+/// through its parent's name too.
+pub const OPERATOR_THROTTLES: &str = "SELECT j.id, min(t.ratio)::float8 \
+   FROM backfill.throttles t \
+   JOIN backfill.jobs j ON (j.state = 'running' OR j.id = $1) \
+   LEFT JOIN backfill.jobs p ON p.id = j.parent_id \
+  WHERE t.expires_at > now() AND (j.name LIKE t.job_pattern OR p.name LIKE t.job_pattern) \
+  GROUP BY j.id";
+
+/// Vacuums at work on running jobs' tables in this database; the table name resolves with
+/// the probe's search_path, which is why jobs name it schema-qualified.
+pub const VACUUMS_ON_JOB_TABLES: &str = "SELECT j.id, \
+        bool_or(coalesce(a.query, '') LIKE '%(to prevent wraparound)%') \
+   FROM pg_stat_progress_vacuum v \
+   JOIN backfill.jobs j ON (j.state = 'running' OR j.id = $1) AND v.relid = to_regclass(j.table_name) \
+   LEFT JOIN pg_stat_activity a ON a.pid = v.pid \
+  WHERE v.datname = current_database() \
+  GROUP BY j.id";
+
+/// Dead-tuple ratio of running jobs' tables big enough to judge.
+pub const DEAD_TUPLES_OF_JOB_TABLES: &str =
+    "SELECT j.id, s.n_dead_tup::float8 / (s.n_live_tup + s.n_dead_tup) \
+   FROM backfill.jobs j \
+   JOIN pg_stat_all_tables s ON s.relid = to_regclass(j.table_name) \
+  WHERE (j.state = 'running' OR j.id = $2) AND s.n_live_tup + s.n_dead_tup >= $1";
+
+/// Running jobs' own throttle queries (a slice's from its parent), with who they run as.
+pub const JOB_THROTTLE_QUERIES: &str =
+    "SELECT j.id, coalesce(p.throttle_query, j.throttle_query), \
+        coalesce(p.throttle_query_max, j.throttle_query_max), j.enqueued_by::text, \
+        coalesce(j.search_path, '') \
+   FROM backfill.jobs j LEFT JOIN backfill.jobs p ON p.id = j.parent_id \
+  WHERE (j.state = 'running' OR j.id = $1) \
+    AND coalesce(p.throttle_query, j.throttle_query) IS NOT NULL";
+
+/// Rows the running jobs have committed in all (the canary's progress check).
+pub const RUNNING_ROWS_DONE: &str =
+    "SELECT coalesce(sum(rows_done), 0)::int8 FROM backfill.jobs WHERE state = 'running'";
+
+/// Names of the failed jobs (`backfill_job_failed`).
+pub const FAILED_JOB_NAMES: &str = "SELECT name FROM backfill.jobs WHERE state = 'failed'";
+
+/// Forecasts, deadline margins and windows of unfinished whole jobs, for their gauges.
+pub const JOB_STEERING_GAUGES: &str =
+    "SELECT name, extract(epoch FROM forecast_finish - now())::float8 AS forecast_seconds, \
+                CASE WHEN forecast_finish IS NOT NULL OR now() > finish_by \
+                     THEN extract(epoch FROM finish_by - greatest(forecast_finish, now()))::float8 \
+                END AS deadline_margin_seconds, \
+                coalesce(late, false) AS late, \
+                coalesce(throttle_reason = 'window', false) AS outside_window, \
+                coalesce(cardinality(run_windows) > 0, false) AS has_windows \
+           FROM backfill.job_status \
+          WHERE parent_id IS NULL AND state IN ('pending', 'running', 'paused')";
+
+/// Whether schema `backfill` is installed, and whether this session may read its
+/// migration history.
+pub const SCHEMA_INSTALLED: &str = "SELECT to_regclass('backfill.jobs') IS NOT NULL, \
+                coalesce(has_table_privilege(to_regclass('backfill._sqlx_migrations'), 'SELECT'), false)";
+
+/// The latest migration applied successfully (none: never installed).
+pub const LATEST_MIGRATION: &str =
+    "SELECT max(version) FROM backfill._sqlx_migrations WHERE success \
+         AND to_regclass('backfill._sqlx_migrations') IS NOT NULL";
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,6 @@
 //! The embedded, versioned migrations that install and upgrade schema `backfill`.
 
+use backfill_core::queue_sql;
 use sqlx::migrate::Migrator;
 use sqlx::{Connection, PgConnection, PgPool};
 
@@ -44,18 +45,15 @@ pub async fn migrate(pool: &PgPool) -> Result<(), QueueError> {
 
 /// True when every embedded migration has been applied (what `/readyz` checks).
 pub async fn schema_is_current(pool: &PgPool) -> Result<bool, QueueError> {
-    let latest: Option<i64> = sqlx::query_scalar(
-        "SELECT max(version) FROM backfill._sqlx_migrations WHERE success \
-         AND to_regclass('backfill._sqlx_migrations') IS NOT NULL",
-    )
-    .fetch_one(pool)
-    .await
-    .or_else(|e| match &e {
-        // Table missing: the schema has never been installed.
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => Ok(None),
-        _ => Err(e),
-    })
-    .context("reading applied migrations")?;
+    let latest: Option<i64> = sqlx::query_scalar(queue_sql::LATEST_MIGRATION)
+        .fetch_one(pool)
+        .await
+        .or_else(|e| match &e {
+            // Table missing: the schema has never been installed.
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => Ok(None),
+            _ => Err(e),
+        })
+        .context("reading applied migrations")?;
     let wanted = MIGRATOR.iter().map(|m| m.version).max();
     Ok(latest.is_some() && latest >= wanted)
 }

@@ -1,5 +1,6 @@
 //! The primary's signals, read on one connection (see the module docs of [`super`]).
 
+use backfill_core::queue_sql;
 use backfill_core::signals::{
     archive_pending_segments, ArchiveStatus, TableDeadTuples, DEAD_TUPLES_MIN_ROWS,
 };
@@ -64,25 +65,6 @@ const SLOTS_SQL: &str = "SELECT slot_name::text, \
    FROM pg_replication_slots \
   WHERE restart_lsn IS NOT NULL AND wal_status IS DISTINCT FROM 'lost'";
 
-/// The tightest operator throttle in force on each running job or slice; a slice matches
-/// through its parent's name too.
-const OPERATOR_THROTTLES_SQL: &str = "SELECT j.id, min(t.ratio)::float8 \
-   FROM backfill.throttles t \
-   JOIN backfill.jobs j ON (j.state = 'running' OR j.id = $1) \
-   LEFT JOIN backfill.jobs p ON p.id = j.parent_id \
-  WHERE t.expires_at > now() AND (j.name LIKE t.job_pattern OR p.name LIKE t.job_pattern) \
-  GROUP BY j.id";
-
-/// Vacuums at work on running jobs' tables in this database; the table name resolves with
-/// the probe's search_path, which is why jobs name it schema-qualified.
-const VACUUMS_SQL: &str = "SELECT j.id, \
-        bool_or(coalesce(a.query, '') LIKE '%(to prevent wraparound)%') \
-   FROM pg_stat_progress_vacuum v \
-   JOIN backfill.jobs j ON (j.state = 'running' OR j.id = $1) AND v.relid = to_regclass(j.table_name) \
-   LEFT JOIN pg_stat_activity a ON a.pid = v.pid \
-  WHERE v.datname = current_database() \
-  GROUP BY j.id";
-
 /// The WAL insert position, in bytes from the start of WAL.
 const WAL_POSITION_SQL: &str = "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::float8";
 
@@ -93,20 +75,6 @@ const ARCHIVER_SQL: &str = "SELECT current_setting('archive_mode') <> 'off', \
         (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size'), \
         coalesce(a.last_failed_time > coalesce(a.last_archived_time, '-infinity'), false) \
    FROM pg_stat_archiver a";
-
-/// Dead-tuple ratio of running jobs' tables big enough to judge.
-const DEAD_TUPLES_SQL: &str = "SELECT j.id, s.n_dead_tup::float8 / (s.n_live_tup + s.n_dead_tup) \
-   FROM backfill.jobs j \
-   JOIN pg_stat_all_tables s ON s.relid = to_regclass(j.table_name) \
-  WHERE (j.state = 'running' OR j.id = $2) AND s.n_live_tup + s.n_dead_tup >= $1";
-
-/// Running jobs' own throttle queries (a slice's from its parent), with who they run as.
-const JOB_QUERIES_SQL: &str = "SELECT j.id, coalesce(p.throttle_query, j.throttle_query), \
-        coalesce(p.throttle_query_max, j.throttle_query_max), j.enqueued_by::text, \
-        coalesce(j.search_path, '') \
-   FROM backfill.jobs j LEFT JOIN backfill.jobs p ON p.id = j.parent_id \
-  WHERE (j.state = 'running' OR j.id = $1) \
-    AND coalesce(p.throttle_query, j.throttle_query) IS NOT NULL";
 
 impl HealthProbe {
     pub(super) async fn sample_primary(&self) -> Result<(HealthSample, Vec<JobQuerySpec>), String> {
@@ -170,7 +138,7 @@ impl HealthProbe {
         }
         if self.signals.operator_throttles {
             let throttles = client
-                .query(OPERATOR_THROTTLES_SQL, &[&self.signals.also_job])
+                .query(queue_sql::OPERATOR_THROTTLES, &[&self.signals.also_job])
                 .await
                 .map_err(|e| format!("reading backfill.throttles: {e}"))?;
             sample.operator_throttles = throttles
@@ -182,7 +150,7 @@ impl HealthProbe {
                 .collect();
             // Read with the operator throttles: both need the queue, whose jobs they name.
             let vacuums = client
-                .query(VACUUMS_SQL, &[&self.signals.also_job])
+                .query(queue_sql::VACUUMS_ON_JOB_TABLES, &[&self.signals.also_job])
                 .await
                 .map_err(|e| format!("reading pg_stat_progress_vacuum: {e}"))?;
             sample.vacuums = vacuums
@@ -249,7 +217,10 @@ impl HealthProbe {
         if self.signals.dead_tuples {
             let min_rows = i64::try_from(DEAD_TUPLES_MIN_ROWS).unwrap_or(i64::MAX);
             let rows = client
-                .query(DEAD_TUPLES_SQL, &[&min_rows, &self.signals.also_job])
+                .query(
+                    queue_sql::DEAD_TUPLES_OF_JOB_TABLES,
+                    &[&min_rows, &self.signals.also_job],
+                )
                 .await
                 .map_err(|e| format!("reading pg_stat_all_tables: {e}"))?;
             sample.dead_tuples = rows
@@ -263,7 +234,7 @@ impl HealthProbe {
         let mut job_queries = Vec::new();
         if self.signals.job_queries {
             let jobs = client
-                .query(JOB_QUERIES_SQL, &[&self.signals.also_job])
+                .query(queue_sql::JOB_THROTTLE_QUERIES, &[&self.signals.also_job])
                 .await
                 .map_err(|e| format!("reading jobs' throttle queries: {e}"))?;
             job_queries = jobs

@@ -7,6 +7,7 @@ mod status;
 mod wait;
 
 use anyhow::Context as _;
+use backfill_core::queue_sql;
 use backfill_queue::{QueueError, SteeringVerb};
 use sqlx::PgPool;
 
@@ -116,14 +117,11 @@ pub async fn run(verb: Verb, settings: Settings) -> Result<(), CliFailure> {
 /// binary, saying what to do, instead of a raw "relation does not exist" (exit 2: running
 /// the verb again will not help until someone migrates).
 async fn require_schema(pool: &PgPool) -> Result<(), CliFailure> {
-    let (installed, reads_history): (bool, bool) = sqlx::query_as(
-        "SELECT to_regclass('backfill.jobs') IS NOT NULL, \
-                coalesce(has_table_privilege(to_regclass('backfill._sqlx_migrations'), 'SELECT'), false)",
-    )
-    .fetch_one(pool)
-    .await
-    .context("looking for schema backfill")
-    .map_err(CliFailure::Fatal)?;
+    let (installed, reads_history): (bool, bool) = sqlx::query_as(queue_sql::SCHEMA_INSTALLED)
+        .fetch_one(pool)
+        .await
+        .context("looking for schema backfill")
+        .map_err(CliFailure::Fatal)?;
     // An engineer with README's grants cannot read the migration history: the schema is
     // there, and its version is the daemon's business (workers migrate as they start).
     if installed && (!reads_history || backfill_queue::schema_is_current(pool).await?) {

@@ -2,6 +2,7 @@
 //! ([`CanaryTimer`]), and judged by the delay detector (`throttle.max_probe_delay`) and the
 //! impact budget (`throttle.impact_budget_ratio`), either or both ([`CanaryJudges`]).
 
+use backfill_core::queue_sql;
 use std::time::{Duration, Instant};
 
 use backfill_core::impact::{ImpactController, ImpactDirective, ImpactSettings};
@@ -90,11 +91,9 @@ impl CanaryTimer {
 
 /// Rows the running jobs have committed in all.
 async fn running_rows_done(control: &PgPool) -> Result<u64, sqlx::Error> {
-    let rows: i64 = sqlx::query_scalar(
-        "SELECT coalesce(sum(rows_done), 0)::int8 FROM backfill.jobs WHERE state = 'running'",
-    )
-    .fetch_one(control)
-    .await?;
+    let rows: i64 = sqlx::query_scalar(queue_sql::RUNNING_ROWS_DONE)
+        .fetch_one(control)
+        .await?;
     Ok(u64::try_from(rows).unwrap_or(0))
 }
 

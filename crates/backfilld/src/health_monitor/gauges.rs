@@ -1,6 +1,7 @@
 //! The daemon-wide gauges: the daemon's limits, the queue's jobs by state, failed jobs,
 //! deadlines and windows, and undo data, refreshed on a task of their own.
 
+use backfill_core::queue_sql;
 use std::time::{Duration, Instant};
 
 use backfill_queue::JobStatus;
@@ -55,26 +56,16 @@ pub async fn report_queue_state(control: &PgPool) {
         Ok(counts) => telemetry::record_job_states(&counts),
         Err(e) => tracing::debug!(error = %e, "cannot count jobs by state"),
     }
-    let failed = sqlx::query_scalar("SELECT name FROM backfill.jobs WHERE state = 'failed'")
+    let failed = sqlx::query_scalar(queue_sql::FAILED_JOB_NAMES)
         .fetch_all(control)
         .await;
     match failed {
         Ok(names) => telemetry::record_failed_jobs(&names),
         Err(e) => tracing::debug!(error = %e, "cannot list failed jobs"),
     }
-    let steering = sqlx::query_as(
-        "SELECT name, extract(epoch FROM forecast_finish - now())::float8 AS forecast_seconds, \
-                CASE WHEN forecast_finish IS NOT NULL OR now() > finish_by \
-                     THEN extract(epoch FROM finish_by - greatest(forecast_finish, now()))::float8 \
-                END AS deadline_margin_seconds, \
-                coalesce(late, false) AS late, \
-                coalesce(throttle_reason = 'window', false) AS outside_window, \
-                coalesce(cardinality(run_windows) > 0, false) AS has_windows \
-           FROM backfill.job_status \
-          WHERE parent_id IS NULL AND state IN ('pending', 'running', 'paused')",
-    )
-    .fetch_all(control)
-    .await;
+    let steering = sqlx::query_as(queue_sql::JOB_STEERING_GAUGES)
+        .fetch_all(control)
+        .await;
     match steering {
         Ok(jobs) => telemetry::record_job_steering(&jobs),
         Err(e) => tracing::debug!(error = %e, "cannot read job deadlines and windows"),
