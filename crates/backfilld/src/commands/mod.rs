@@ -1,9 +1,11 @@
-//! The operator verbs: `migrate`, `enqueue`, `status`, `plan`, `pause|resume|cancel|retry`
-//! and `wait`, one file each where there is more than a line to them.
+//! The operator verbs: `migrate`, `enqueue`, `status`, `plan`, `pause|resume|cancel|retry`,
+//! `revert` and `wait`, one file each (`migrate` is one call).
 
 mod enqueue;
 mod plan;
+mod revert;
 mod status;
+mod steer;
 mod wait;
 
 use anyhow::Context as _;
@@ -87,24 +89,16 @@ pub async fn run(verb: Verb, settings: Settings) -> Result<(), CliFailure> {
         Verb::Plan { name, exact, json } => {
             plan::print(&settings.worker_sections(), &db, &name, exact, json).await?
         }
-        Verb::Pause { name } => steer(pool, SteeringVerb::Pause, &name).await?,
-        Verb::Resume { name } => steer(pool, SteeringVerb::Resume, &name).await?,
-        Verb::Cancel { name } => steer(pool, SteeringVerb::Cancel, &name).await?,
-        Verb::Retry { name } => steer(pool, SteeringVerb::RetryFailed, &name).await?,
+        Verb::Pause { name } => steer::steer(pool, SteeringVerb::Pause, &name).await?,
+        Verb::Resume { name } => steer::steer(pool, SteeringVerb::Resume, &name).await?,
+        Verb::Cancel { name } => steer::steer(pool, SteeringVerb::Cancel, &name).await?,
+        Verb::Retry { name } => steer::steer(pool, SteeringVerb::RetryFailed, &name).await?,
         Verb::Revert {
             name,
             from,
             to,
             force,
-        } => {
-            let request = backfill_queue::RevertRequest {
-                from_key: from,
-                to_key: to,
-                force,
-            };
-            let revert = backfill_queue::revert(pool, &name, &request).await?;
-            println!("job {name}: enqueued revert job {revert} (pending)");
-        }
+        } => revert::revert(pool, &name, from, to, force).await?,
         Verb::Wait { name, timeout } => {
             wait::wait(&backfill_queue::Queue::new(pool.clone()), &name, timeout).await?
         }
@@ -132,10 +126,4 @@ async fn require_schema(pool: &PgPool) -> Result<(), CliFailure> {
     } else {
         "schema backfill is not installed in this database: run `backfilld migrate` first (or start a worker, which migrates)".to_string()
     }))
-}
-
-async fn steer(pool: &PgPool, verb: SteeringVerb, name: &str) -> Result<(), CliFailure> {
-    let state = verb.apply(pool, name).await?;
-    println!("job {name}: {state}");
-    Ok(())
 }
