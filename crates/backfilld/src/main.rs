@@ -28,10 +28,10 @@ use clap::Parser;
 use crate::cli::{Cli, Verb};
 use crate::commands::CliFailure;
 use crate::database::Database;
-use crate::health_monitor::gauges::DaemonGauges;
 use crate::health_monitor::HealthMonitor;
 use crate::settings::{LogFormat, Settings};
 use crate::shutdown::Shutdown;
+use crate::telemetry::gauges::DaemonGauges;
 use crate::worker::Worker;
 
 fn main() -> ExitCode {
@@ -200,7 +200,7 @@ async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<
         webhook.finish(bound).await;
     }
     if exit_when_idle && !shutdown.is_triggered() && !settings.http.listen.is_empty() {
-        health_monitor::gauges::report_queue_state(&db.control).await;
+        telemetry::gauges::report_queue_state(&db.control).await;
         telemetry::await_final_scrape(settings.http.final_scrape_wait).await;
     }
     // Stop probing before the pools close under it.

@@ -3,12 +3,11 @@
 //! and the production-latency canary, and that alone publishes the health samples the
 //! worker's jobs run on.
 //!
-//! Rooms: [`probe`] (the probe `[throttle]` configures, also used by `plan`), [`canary`]
-//! (the canary's round trips and their judges), [`gauges`] (the daemon-wide gauges,
-//! refreshed on a task of their own).
+//! Rooms: [`probe`] (the probe `[throttle]` configures, also used by `plan`) and [`canary`]
+//! (the canary's round trips and their judges). The daemon-wide gauges are
+//! `telemetry::gauges`.
 
 mod canary;
-pub mod gauges;
 mod probe;
 
 use std::time::{Duration, Instant};

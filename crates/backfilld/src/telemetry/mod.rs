@@ -6,6 +6,7 @@
 
 mod daemon;
 mod exporter;
+pub mod gauges;
 mod http;
 mod job;
 
