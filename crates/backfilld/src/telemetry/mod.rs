@@ -2,7 +2,8 @@
 //!
 //! Rooms: [`exporter`] (the Prometheus recorder and every metric's description), [`job`]
 //! (one job's series), [`daemon`] (the daemon-wide series: replicas, canary, impact
-//! budget, the queue), [`http`] (the endpoints, the final scrape, peak memory).
+//! budget, the queue), [`gauges`] (the task refreshing the daemon-wide gauges from the
+//! queue), [`http`] (the endpoints, the final scrape, peak memory).
 
 mod daemon;
 mod exporter;
