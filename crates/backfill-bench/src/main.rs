@@ -129,15 +129,25 @@ struct Options {
     /// Seconds each frontier competitor runs before its window opens.
     #[arg(long, default_value_t = 3)]
     frontier_settle: u64,
+    /// Seconds backfilld's default settles on top of --frontier-settle (its pace climbs).
+    #[arg(long, default_value_t = 10)]
+    frontier_climb: u64,
     /// Seconds of each frontier competitor's measured window.
     #[arg(long, default_value_t = 6)]
     frontier_window: u64,
-    /// Fixed `max_rows_per_second` of the frontier's fixed-rate backfilld runs.
+    /// Fixed `max_rows_per_second` of the frontier's fixed-rate backfilld runs (0: none).
     #[arg(long, value_delimiter = ',', default_values_t = [1000, 5000])]
     frontier_fixed_rates: Vec<u32>,
-    /// Sleeps (ms) of the frontier's naive batch-then-sleep loops.
+    /// Sleeps (ms) of the frontier's naive batch-then-sleep loops (0: none).
     #[arg(long, value_delimiter = ',', default_values_t = [20, 200])]
     frontier_sleeps: Vec<u64>,
+    /// The frontier's load step, once per round: pgbench FROM tx/s, then TO, then FROM
+    /// again, next to backfilld's default.
+    #[arg(long, value_delimiter = ',', default_values_t = [20, 200])]
+    frontier_step: Vec<u32>,
+    /// Seconds of each phase of the load step (0: no step).
+    #[arg(long, default_value_t = 20)]
+    frontier_step_phase: u64,
     /// Keep the daemon logs in this directory (default: a temporary one).
     #[arg(long)]
     logs: Option<PathBuf>,
@@ -171,6 +181,12 @@ fn main() -> ExitCode {
 async fn run(options: Options) -> anyhow::Result<()> {
     if options.rows < 1 {
         bail!("--rows must be at least 1, got {}", options.rows);
+    }
+    if options.frontier_step.len() != 2 {
+        bail!(
+            "--frontier-step takes two rates, FROM,TO; got {:?}",
+            options.frontier_step
+        );
     }
     let daemon = Daemon {
         binary: match &options.backfilld {
@@ -273,20 +289,24 @@ async fn run(options: Options) -> anyhow::Result<()> {
         let mut variants = Vec::new();
         if !options.skip_unshared && !options.quick {
             variants.push((
-                "4b. backfilld, default throttle without sharing (busy_duty_cycle = 1)".to_string(),
-                ("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "1".to_string()),
+                "4b. backfilld, default throttle without sharing (impact_budget_ratio = 0, busy_duty_cycle = 1)"
+                    .to_string(),
+                vec![
+                    ("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "0".to_string()),
+                    ("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "1".to_string()),
+                ],
             ));
         }
         if options.rate_limited > 0 && !options.quick {
             let rate = options.rate_limited;
             variants.push((
                 format!("4c. backfilld, default throttle + max_rows_per_second = {rate}"),
-                ("BACKFILLD_THROTTLE__MAX_ROWS_PER_SECOND", rate.to_string()),
+                vec![("BACKFILLD_THROTTLE__MAX_ROWS_PER_SECOND", rate.to_string())],
             ));
         }
-        for (label, (key, value)) in variants {
+        for (label, extra) in variants {
             let mut settings = throttled.clone();
-            settings.push((key.to_string(), value));
+            settings.extend(extra.into_iter().map(|(k, v)| (k.to_string(), v)));
             let name = format!("{label}, under pgbench");
             let variant = done(bench.backfilld_under_load(&settings, &name).await?);
             longest = longest.max(variant.observed.wall);
@@ -335,17 +355,30 @@ async fn run(options: Options) -> anyhow::Result<()> {
             clients: 4,
             rounds: options.frontier_rounds.max(1),
             settle: Duration::from_secs(options.frontier_settle),
+            climb: Duration::from_secs(options.frontier_climb),
             window: Duration::from_secs(options.frontier_window.max(1)),
             competitors: frontier::default_competitors(
                 &throttled,
                 &options.frontier_fixed_rates,
                 &options.frontier_sleeps,
             ),
+            step: (options.frontier_step_phase > 0).then(|| frontier::LoadStep {
+                from: options.frontier_step[0],
+                to: options.frontier_step[1],
+                phase: Duration::from_secs(options.frontier_step_phase),
+            }),
         };
         let load_before = load_average();
-        let rows = frontier::run(&bench.fixture, &bench.daemon, &plan, &bench.work_dir).await?;
+        let (rows, steps) =
+            frontier::run(&bench.fixture, &bench.daemon, &plan, &bench.work_dir).await?;
+        let step = match &plan.step {
+            Some(step) if !steps.is_empty() => {
+                format!("\n{}", frontier::step_to_markdown(&steps, step))
+            }
+            _ => String::new(),
+        };
         frontier_markdown = Some(format!(
-            "{}
+            "{}{step}
 Load average (1/5/15 min) before the frontier: {load_before}; after: {}
 ",
             frontier::to_markdown(&rows, &plan, 1.3),
