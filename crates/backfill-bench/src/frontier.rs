@@ -154,12 +154,14 @@ pub struct FrontierRow {
     pub p99_ratio: Vec<f64>,
 }
 
-/// The default competitors: `fixed_rates` for backfilld with sharing off, `sleeps` for the
-/// naive loop (zeros skipped: `0` runs none of either).
+/// The default competitors: `variants` of backfilld's default (one setting each),
+/// `fixed_rates` for backfilld with sharing off, `sleeps` for the naive loop (zeros
+/// skipped: `0` runs none of either).
 pub fn default_competitors(
     base: &[(String, String)],
     fixed_rates: &[u32],
     sleeps: &[u64],
+    variants: &[(String, String)],
 ) -> Vec<Competitor> {
     let with = |extra: &[(&str, String)]| {
         let mut settings = base.to_vec();
@@ -174,6 +176,12 @@ pub fn default_competitors(
             with(&[("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "0".to_string())]),
         ),
     ];
+    competitors.extend(variants.iter().map(|(key, value)| {
+        Competitor::Backfilld(
+            format!("backfilld default, {key}={value}"),
+            with(&[(key.as_str(), value.clone())]),
+        )
+    }));
     competitors.extend(
         sleeps
             .iter()
@@ -448,7 +456,8 @@ async fn run_one(
         fixture.drop_database(db)?;
         return Ok((done, f64::NAN));
     }
-    let settle = if competitor.label() == DEFAULT_LABEL {
+    // The default and its variants climb.
+    let settle = if competitor.label().starts_with("backfilld default") {
         plan.settle + plan.climb
     } else {
         plan.settle
@@ -599,7 +608,9 @@ pub fn to_markdown(rows: &[FrontierRow], plan: &FrontierPlan, budget: f64) -> St
 /// phase, how long rows/s took to settle.
 pub fn step_to_markdown(timelines: &[StepTimeline], step: &LoadStep) -> String {
     let mut out = format!(
-        "Load step: backfilld's default on a fresh copy next to pgbench at {from} tx/s, then          {to} tx/s (a second pgbench adds {extra}), then {from} tx/s again, {phase} s each;          per {bucket} s since the daemon started, median (min–max) over {rounds} rounds.\n\n\
+        "Load step: backfilld's default on a fresh copy next to pgbench at {from} tx/s, then \
+         {to} tx/s (a second pgbench adds {extra}), then {from} tx/s again, {phase} s each; \
+         per {bucket} s since the daemon started, median (min–max) over {rounds} rounds.\n\n\
          | s | pgbench tx/s | rows/s | pgbench p99 ms |\n|---:|---:|---:|---:|\n",
         from = step.from,
         to = step.to,
@@ -633,7 +644,8 @@ pub fn step_to_markdown(timelines: &[StepTimeline], step: &LoadStep) -> String {
     for (phase, chunk) in medians.chunks(per_phase).enumerate() {
         if let Some(settled) = settling(chunk) {
             out.push_str(&format!(
-                "\nPhase {} ({} tx/s): rows/s settled at {:.0} (median of the phase's second half),                  within 30 % of it from {} s into the phase.",
+                "\nPhase {} ({} tx/s): rows/s settled at {:.0} (median of the phase's second \
+                 half), within 30 % of it from {} s into the phase.",
                 phase + 1,
                 if phase == 1 { step.to } else { step.from },
                 settled.0,
@@ -678,7 +690,7 @@ mod tests {
 
     #[test]
     fn the_competitors_include_the_baseline_both_defaults_and_the_alternatives() {
-        let competitors = default_competitors(&[], &[1000], &[50]);
+        let competitors = default_competitors(&[], &[1000], &[50], &[]);
         let labels: Vec<String> = competitors.iter().map(Competitor::label).collect();
         assert_eq!(labels[0], "pgbench alone");
         assert!(labels.iter().any(|l| l.starts_with("backfilld default")));

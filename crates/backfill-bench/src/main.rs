@@ -138,6 +138,10 @@ struct Options {
     /// Fixed `max_rows_per_second` of the frontier's fixed-rate backfilld runs (0: none).
     #[arg(long, value_delimiter = ',', default_values_t = [1000, 5000])]
     frontier_fixed_rates: Vec<u32>,
+    /// A variant of backfilld's default in the frontier, KEY=VALUE (repeatable; e.g.
+    /// BACKFILLD_THROTTLE__IMPACT_FLOOR=3ms, to compare a setting with its default).
+    #[arg(long = "frontier-variant", value_parser = parse_setting)]
+    frontier_variants: Vec<(String, String)>,
     /// Sleeps (ms) of the frontier's naive batch-then-sleep loops (0: none).
     #[arg(long, value_delimiter = ',', default_values_t = [20, 200])]
     frontier_sleeps: Vec<u64>,
@@ -361,6 +365,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
                 &throttled,
                 &options.frontier_fixed_rates,
                 &options.frontier_sleeps,
+                &options.frontier_variants,
             ),
             step: (options.frontier_step_phase > 0).then(|| frontier::LoadStep {
                 from: options.frontier_step[0],

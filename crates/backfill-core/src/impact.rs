@@ -18,8 +18,9 @@
 //!   from [`START_RATE`], judged once a second ([`GROW_AFTER`], [`CUT_AFTER`]). Over budget
 //!   cuts it by [`CUT_FACTOR`]. Under budget it grows, as fast as the room left allows:
 //!   while the canary's rise is under [`ROOMY_SHARE`] of what the budget allows, it
-//!   multiplies ([`SLOW_START_FACTOR`] until the first cut, [`ROOMY_FACTOR`] after one, but
-//!   never past the rate last cut at in one step); closer to the budget it grows by
+//!   multiplies ([`SLOW_START_FACTOR`] until the first cut; [`ROOMY_FACTOR`] after one, up
+//!   to [`APPROACH`] of the rate last cut at, then again once past it); otherwise, and
+//!   between [`APPROACH`] of the last cut and the cut itself, it grows by
 //!   [`GROWTH_FRACTION`] of the rate (at least [`MIN_GROWTH`]). A cut by a noisy second is
 //!   thus won back in a second or two, and a pace far under what production allows (a
 //!   light load) climbs there in seconds, not minutes, while a pace near the budget creeps.
@@ -80,6 +81,10 @@ pub const SLOW_START_FACTOR: f64 = 2.0;
 /// Growth per judgement after a cut while there is room ([`ROOMY_SHARE`]): back to where it
 /// was cut in one or two seconds, and past it in a few if that cut was noise.
 pub const ROOMY_FACTOR: f64 = 1.5;
+
+/// After a cut, a roomy climb multiplies only up to this share of the rate last cut at,
+/// then grows additively to it (as TCP CUBIC's plateau near its last maximum).
+pub const APPROACH: f64 = 0.85;
 
 /// "Room": the canary's rise over its baseline is under this share of the rise the budget
 /// allows. The rise grows with the pace, so a pace using less than half the allowed rise
@@ -330,14 +335,21 @@ impl ImpactController {
             self.enter_pacing(now);
         } else if span >= GROW_AFTER {
             let roomy = rise < allowed * ROOMY_SHARE;
+            let additive = self.rate + (self.rate * GROWTH_FRACTION).max(MIN_GROWTH);
             let grown = match self.cut_at {
-                None if roomy => self.rate * SLOW_START_FACTOR,
-                // Back up to the last cut fast, but not past it in one step.
-                Some(cut_at) if roomy && self.rate < cut_at => {
-                    (self.rate * ROOMY_FACTOR).min(cut_at)
+                _ if !roomy => additive,
+                None => self.rate * SLOW_START_FACTOR,
+                // Back fast to just under the last cut, then creep up to it: production's
+                // latency often turns up steeply near its limit (a hockey stick), and
+                // jumping back to the rate that was over budget would spend every other
+                // second over it.
+                Some(cut_at) if self.rate < cut_at * APPROACH => {
+                    (self.rate * ROOMY_FACTOR).min(cut_at * APPROACH)
                 }
-                Some(_) if roomy => self.rate * ROOMY_FACTOR,
-                _ => self.rate + (self.rate * GROWTH_FRACTION).max(MIN_GROWTH),
+                Some(cut_at) if self.rate < cut_at => additive,
+                // Past the last cut with room to spare: that cut was noise, or production
+                // has lightened since.
+                Some(_) => self.rate * ROOMY_FACTOR,
             };
             // Never past twice what the jobs achieve: a pace they cannot reach buys nothing.
             let cap = self
@@ -533,12 +545,14 @@ mod tests {
         let flat = |_: Option<ImpactDirective>| ms(2);
         let (now, _) = run(&mut controller, ms(0), ms(6_000), true, flat);
         let before = controller.rate();
-        // One noisy second: the canary is slow whatever we do.
+        // One noisy second: the canary is slow whatever we do. It may straddle two
+        // judgements and cost two cuts.
         let (now, _) = run(&mut controller, now, ms(1_100), true, |_| ms(20));
         let cut = controller.rate();
         assert!(cut <= before * CUT_FACTOR + 1e-9, "{before} → {cut}");
-        // Back at the old pace within three judgements (×1.5 a second while roomy), ...
-        let (now, _) = run(&mut controller, now, ms(3_100), true, flat);
+        // Back at the old pace within five judgements (×1.5 to 85 % of the last cut, a
+        // tenth more a second to it, ×1.5 past it), ...
+        let (now, _) = run(&mut controller, now, ms(5_100), true, flat);
         assert!(
             controller.rate() >= before - 1e-9,
             "{before} → {cut} → {}",
@@ -552,6 +566,39 @@ mod tests {
             "{back} → {}",
             controller.rate()
         );
+    }
+
+    #[test]
+    fn under_a_hockey_stick_it_spends_most_seconds_under_the_knee() {
+        let settings = ImpactSettings {
+            relearn_every: Duration::from_secs(3600),
+            ..ImpactSettings::default()
+        };
+        let mut controller = ImpactController::new(settings, ms(0));
+        // Production does not notice us up to 3 000 rows/s, then suffers badly.
+        let hockey = |d: Option<ImpactDirective>| match d {
+            Some(ImpactDirective::Pace(rate)) if rate > 3_000.0 => ms(10),
+            _ => ms(2),
+        };
+        let (mut now, _) = run(&mut controller, ms(0), ms(30_000), true, hockey);
+        let mut rates = Vec::new();
+        for _ in 0..60 {
+            let (next, verdict) = run(&mut controller, now, ms(1_000), true, hockey);
+            now = next;
+            if let Some(ImpactDirective::Pace(rate)) = verdict.directive {
+                rates.push(rate);
+            }
+        }
+        let over = rates.iter().filter(|r| **r > 3_000.0).count();
+        let mean = rates.iter().sum::<f64>() / rates.len() as f64;
+        // Back to 85 % of the last cut at once, then a tenth more a second: over the knee
+        // about one second in four, not every other one.
+        assert!(
+            over * 10 <= rates.len() * 3,
+            "{over} of {}: {rates:?}",
+            rates.len()
+        );
+        assert!(mean >= 3_000.0 * 0.75, "mean {mean}: {rates:?}");
     }
 
     #[test]
