@@ -223,23 +223,9 @@ pub async fn run(
     work_dir: &std::path::Path,
 ) -> anyhow::Result<(Vec<FrontierRow>, Vec<StepTimeline>)> {
     let template = "frontier_template";
-    fixture.drop_database(template)?;
-    fixture.psql("postgres", &format!("CREATE DATABASE {template}"))?;
-    fixture
-        .psql(
-            template,
-            &ORDERS_SQL.replace("{rows}", &plan.rows.to_string()),
-        )
-        .context("seeding the orders table")?;
+    seed_orders(fixture, template, plan.rows)?;
     if let Some(step) = plan.step {
-        fixture.drop_database(STEP_TEMPLATE)?;
-        fixture.psql("postgres", &format!("CREATE DATABASE {STEP_TEMPLATE}"))?;
-        fixture
-            .psql(
-                STEP_TEMPLATE,
-                &ORDERS_SQL.replace("{rows}", &step.rows.to_string()),
-            )
-            .context("seeding the load step's orders table")?;
+        seed_orders(fixture, STEP_TEMPLATE, step.rows)?;
     }
     let mut rows: Vec<FrontierRow> = Vec::new();
     let mut steps = Vec::new();
@@ -313,6 +299,24 @@ pub async fn run(
     Ok((rows, steps))
 }
 
+/// Creates database `db` (afresh) holding the orders table with `rows` rows.
+fn seed_orders(fixture: &Fixture, db: &str, rows: i64) -> anyhow::Result<()> {
+    fixture.drop_database(db)?;
+    fixture.psql("postgres", &format!("CREATE DATABASE {db}"))?;
+    fixture
+        .psql(db, &ORDERS_SQL.replace("{rows}", &rows.to_string()))
+        .with_context(|| format!("seeding {rows} orders rows in {db}"))?;
+    Ok(())
+}
+
+/// Stops a daemon the way a deployment does (SIGTERM) and waits for it.
+fn stop_daemon(child: &mut std::process::Child) {
+    let pid = libc::pid_t::try_from(child.id()).unwrap_or(0);
+    // SAFETY: signalling our own child, not reaped yet.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let _ = child.wait();
+}
+
 /// The load step of one round (see [`LoadStep`]).
 async fn run_step(
     fixture: &Fixture,
@@ -377,10 +381,7 @@ async fn run_step(
             .map_or(0, |row| row.get(0));
         done.push(rows);
     }
-    let pid = libc::pid_t::try_from(child.id()).unwrap_or(0);
-    // SAFETY: signalling our own child, not reaped yet.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let _ = child.wait();
+    stop_daemon(&mut child);
     let mut transactions = base.stop()?;
     if let Some(load) = extra {
         extra_transactions = load.stop()?;
@@ -508,10 +509,7 @@ async fn run_one(
         let _ = task.await;
     }
     if let Some(mut child) = child {
-        let pid = libc::pid_t::try_from(child.id()).unwrap_or(0);
-        // SAFETY: signalling our own child, not reaped yet.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let _ = child.wait();
+        stop_daemon(&mut child);
     }
     let transactions = load.map(Load::stop).transpose()?.unwrap_or_default();
     let window = (epoch_micros(opened), epoch_micros(closed));
@@ -543,10 +541,7 @@ async fn until_finished(
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     if let Some(child) = child {
-        let pid = libc::pid_t::try_from(child.id()).unwrap_or(0);
-        // SAFETY: signalling our own child, not reaped yet.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let _ = child.wait();
+        stop_daemon(child);
     }
     let (seconds, rows) = answer
         .split_once(' ')
