@@ -735,17 +735,36 @@ fn plan_on_a_million_rows_estimates_and_changes_nothing() {
             .expect("expected_seconds")
             > 0.0
     );
-    // The suite turns sharing the primary off; with it on (the default), plan also says the
-    // least the job takes while production is at work: the expected time over the duty
-    // cycle.
-    assert!(report["min_seconds_next_to_production"].is_null());
-    let shared = backfilld_at(
-        &db.url(),
-        &["plan", JOB, "--json"],
-        &[("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "0.05")],
+    // Next to production, plan also says the least the job takes. By default (the suite
+    // turns only the duty cycle off) the impact budget shares the primary: at best the
+    // trial's speed after a first rest to learn production's baseline (1.8 s), a climb
+    // from 200 rows/s and a rest every 30 s.
+    assert_eq!(report["next_to_production_by"], "impact_budget");
+    let expected = report["expected_seconds"]
+        .as_f64()
+        .expect("expected_seconds");
+    let at_best = report["min_seconds_next_to_production"]
+        .as_f64()
+        .expect("min_seconds_next_to_production");
+    assert!(
+        at_best >= expected + 1.8 && at_best <= expected * 31.8 / 30.0 + 1.8 + 30.0,
+        "{at_best} s next to production for {expected} s alone"
     );
+    let impact_text = backfilld_at(&db.url(), &["plan", JOB], &[]);
+    assert!(
+        impact_text.stdout.contains("by the impact budget"),
+        "{}",
+        impact_text.stdout
+    );
+    // Without the impact budget, the duty cycle: the expected time over it.
+    let duty_cycle = [
+        ("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "0"),
+        ("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "0.05"),
+    ];
+    let shared = backfilld_at(&db.url(), &["plan", JOB, "--json"], &duty_cycle);
     assert!(shared.status.success(), "plan failed: {}", shared.stderr);
     let shared: Value = serde_json::from_str(&shared.stdout).expect("plan --json is JSON");
+    assert_eq!(shared["next_to_production_by"], "duty_cycle");
     let expected = shared["expected_seconds"]
         .as_f64()
         .expect("expected_seconds");
@@ -756,11 +775,7 @@ fn plan_on_a_million_rows_estimates_and_changes_nothing() {
         (at_least - expected / 0.05).abs() <= 1e-9 * at_least,
         "{at_least} s next to production for {expected} s alone"
     );
-    let shared_text = backfilld_at(
-        &db.url(),
-        &["plan", JOB],
-        &[("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "0.05")],
-    );
+    let shared_text = backfilld_at(&db.url(), &["plan", JOB], &duty_cycle);
     assert!(
         shared_text
             .stdout
@@ -768,6 +783,15 @@ fn plan_on_a_million_rows_estimates_and_changes_nothing() {
         "{}",
         shared_text.stdout
     );
+    // Sharing off: nothing to say.
+    let unshared = backfilld_at(
+        &db.url(),
+        &["plan", JOB, "--json"],
+        &[("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "0")],
+    );
+    let unshared: Value = serde_json::from_str(&unshared.stdout).expect("plan --json is JSON");
+    assert!(unshared["min_seconds_next_to_production"].is_null());
+    assert!(unshared["next_to_production_by"].is_null());
 
     // ...and rolled it back: the table and the job are exactly as before.
     assert_eq!(table_hash(), table_before, "plan changed the table");

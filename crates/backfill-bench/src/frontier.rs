@@ -42,7 +42,14 @@ SELECT g, g % 50000, (ARRAY['new', 'paid', 'shipped'])[1 + g % 3], (g % 100000) 
        left(repeat(md5(g::text), 7), 200), NULL
   FROM generate_series(1, {rows}) AS g;
 CREATE INDEX orders_customer_id ON public.orders (customer_id);
-VACUUM (FREEZE, ANALYZE) public.orders;";
+VACUUM (FREEZE, ANALYZE) public.orders;
+CREATE EXTENSION pg_prewarm;";
+
+/// Run on each fresh copy before anything else: the copy's pages are in no cache, and
+/// pgbench's first random reads from disk raised its p99 to 30–100 ms for tens of seconds
+/// (seen on a 2,000,000-row copy), whoever ran next to it.
+const PREWARM_SQL: &str = "SELECT pg_prewarm('public.orders'), pg_prewarm('public.orders_pkey'), \
+                           pg_prewarm('public.orders_customer_id')";
 
 /// The backfill, as the README teaches it: a key range that says itself which rows still
 /// need work.
@@ -95,6 +102,13 @@ impl Competitor {
     }
 }
 
+/// backfilld with `config/default.toml`: the impact budget next to production.
+const DEFAULT_LABEL: &str = "backfilld default (impact budget 1.3)";
+
+/// The frontier row of backfilld's default with no production at all ("pgbench tx/s" 0):
+/// the unloaded rows/s the light load is measured against.
+pub const UNLOADED_RATE: u32 = 0;
+
 /// How the frontier runs.
 #[derive(Debug, Clone)]
 pub struct FrontierPlan {
@@ -105,8 +119,42 @@ pub struct FrontierPlan {
     pub rounds: u32,
     /// Each competitor runs this long before its window opens.
     pub settle: Duration,
+    /// backfilld's default settles this much longer: it rests ~2 s to learn production's
+    /// baseline, then its pace climbs from a few hundred rows/s (the load step shows the
+    /// climb; the frontier compares steady states).
+    pub climb: Duration,
     pub window: Duration,
     pub competitors: Vec<Competitor>,
+    /// The load step, once per round (none: no step).
+    pub step: Option<LoadStep>,
+}
+
+/// A load step mid-run: backfilld's default next to pgbench at `from` tx/s, then at `to`
+/// (a second pgbench adds the difference), then at `from` again, each for `phase`: how
+/// fast the loop converges after production's load changes under it.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadStep {
+    pub from: u32,
+    pub to: u32,
+    pub phase: Duration,
+    /// Rows of the step's own orders table: enough that the job never ends within the
+    /// step (at light load the pace climbs past 40,000 rows/s).
+    pub rows: i64,
+}
+
+/// The load step's template database.
+const STEP_TEMPLATE: &str = "frontier_step_template";
+
+/// Width of the load step's timeline buckets.
+const STEP_BUCKET: Duration = Duration::from_secs(2);
+
+/// The load step of one round: per [`STEP_BUCKET`] since backfilld started, the offered
+/// rate, backfilld's rows per second and pgbench's p99.
+#[derive(Debug, Clone, Default)]
+pub struct StepTimeline {
+    pub offered: Vec<u32>,
+    pub rows_per_second: Vec<f64>,
+    pub p99_ms: Vec<f64>,
 }
 
 /// One competitor at one intensity, over the rounds.
@@ -119,12 +167,14 @@ pub struct FrontierRow {
     pub p99_ratio: Vec<f64>,
 }
 
-/// The default competitors: `fixed_rates` for backfilld with sharing off, `sleeps` for the
-/// naive loop.
+/// The default competitors: `variants` of backfilld's default (one setting each),
+/// `fixed_rates` for backfilld with sharing off, `sleeps` for the naive loop (zeros
+/// skipped: `0` runs none of either).
 pub fn default_competitors(
     base: &[(String, String)],
     fixed_rates: &[u32],
     sleeps: &[u64],
+    variants: &[(String, String)],
 ) -> Vec<Competitor> {
     let with = |extra: &[(&str, String)]| {
         let mut settings = base.to_vec();
@@ -133,21 +183,25 @@ pub fn default_competitors(
     };
     let mut competitors = vec![
         Competitor::Alone,
-        Competitor::Backfilld(
-            "backfilld default (impact budget 1.3)".to_string(),
-            with(&[]),
-        ),
+        Competitor::Backfilld(DEFAULT_LABEL.to_string(), with(&[])),
         Competitor::Backfilld(
             "backfilld old default (duty cycle 5 %)".to_string(),
             with(&[("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "0".to_string())]),
         ),
     ];
+    competitors.extend(variants.iter().map(|(key, value)| {
+        Competitor::Backfilld(
+            format!("backfilld default, {key}={value}"),
+            with(&[(key.as_str(), value.clone())]),
+        )
+    }));
     competitors.extend(
         sleeps
             .iter()
+            .filter(|ms| **ms > 0)
             .map(|ms| Competitor::Naive(Duration::from_millis(*ms))),
     );
-    for rate in fixed_rates {
+    for rate in fixed_rates.iter().filter(|rate| **rate > 0) {
         competitors.push(Competitor::Backfilld(
             format!("backfilld fixed {rate} rows/s, sharing off"),
             with(&[
@@ -160,66 +214,201 @@ pub fn default_competitors(
     competitors
 }
 
-/// Runs the frontier and returns one row per intensity and competitor.
+/// Runs the frontier and returns one row per intensity and competitor (with backfilld's
+/// default unloaded first), and the load step's timeline of each round.
 pub async fn run(
     fixture: &Fixture,
     daemon: &Daemon,
     plan: &FrontierPlan,
     work_dir: &std::path::Path,
-) -> anyhow::Result<Vec<FrontierRow>> {
+) -> anyhow::Result<(Vec<FrontierRow>, Vec<StepTimeline>)> {
     let template = "frontier_template";
-    fixture.drop_database(template)?;
-    fixture.psql("postgres", &format!("CREATE DATABASE {template}"))?;
-    fixture
-        .psql(
-            template,
-            &ORDERS_SQL.replace("{rows}", &plan.rows.to_string()),
-        )
-        .context("seeding the orders table")?;
+    seed_orders(fixture, template, plan.rows)?;
+    if let Some(step) = plan.step {
+        seed_orders(fixture, STEP_TEMPLATE, step.rows)?;
+    }
     let mut rows: Vec<FrontierRow> = Vec::new();
+    let mut steps = Vec::new();
+    let default = plan
+        .competitors
+        .iter()
+        .find(|c| c.label() == DEFAULT_LABEL)
+        .cloned();
     for round in 1..=plan.rounds {
-        for &rate in &plan.rates {
-            let mut alone_p99 = None;
-            for competitor in &plan.competitors {
-                let label = competitor.label();
-                eprintln!(
-                    "backfill-bench: frontier round {round}, pgbench {rate} tx/s: {label} (load {})",
-                    crate::load_average()
-                );
-                let (done, p99) =
-                    run_one(fixture, daemon, plan, rate, competitor, work_dir, round).await?;
-                if *competitor == Competitor::Alone {
-                    alone_p99 = Some(p99);
-                }
-                let ratio = alone_p99.map_or(f64::NAN, |alone| p99 / alone);
-                eprintln!(
-                    "backfill-bench:   {:.0} rows/s, p99 {p99:.2} ms ({ratio:.2}× alone)",
-                    done
-                );
-                let row = match rows
-                    .iter_mut()
-                    .find(|r| r.rate == rate && r.competitor == label)
-                {
-                    Some(row) => row,
-                    None => {
-                        rows.push(FrontierRow {
-                            rate,
-                            competitor: label,
-                            rows_per_second: Vec::new(),
-                            p99_ms: Vec::new(),
-                            p99_ratio: Vec::new(),
-                        });
-                        rows.last_mut().expect("just pushed")
-                    }
-                };
-                row.rows_per_second.push(done);
-                row.p99_ms.push(p99);
-                row.p99_ratio.push(ratio);
+        // Unloaded first: backfilld's default with no production, flat out.
+        let unloaded = default.iter().map(|c| (UNLOADED_RATE, c));
+        let loaded = plan
+            .rates
+            .iter()
+            .flat_map(|&rate| plan.competitors.iter().map(move |c| (rate, c)));
+        let mut alone_p99 = None;
+        for (rate, competitor) in unloaded.chain(loaded) {
+            let label = competitor.label();
+            eprintln!(
+                "backfill-bench: frontier round {round}, pgbench {rate} tx/s: {label} (load {})",
+                crate::load_average()
+            );
+            let (done, p99) =
+                run_one(fixture, daemon, plan, rate, competitor, work_dir, round).await?;
+            if *competitor == Competitor::Alone {
+                alone_p99 = Some(p99);
             }
+            let ratio = match alone_p99 {
+                Some(alone) if rate != UNLOADED_RATE => p99 / alone,
+                _ => f64::NAN,
+            };
+            eprintln!(
+                "backfill-bench:   {:.0} rows/s, p99 {p99:.2} ms ({ratio:.2}× alone)",
+                done
+            );
+            let row = match rows
+                .iter_mut()
+                .find(|r| r.rate == rate && r.competitor == label)
+            {
+                Some(row) => row,
+                None => {
+                    rows.push(FrontierRow {
+                        rate,
+                        competitor: label,
+                        rows_per_second: Vec::new(),
+                        p99_ms: Vec::new(),
+                        p99_ratio: Vec::new(),
+                    });
+                    rows.last_mut().expect("just pushed")
+                }
+            };
+            row.rows_per_second.push(done);
+            row.p99_ms.push(p99);
+            row.p99_ratio.push(ratio);
+        }
+        if let (Some(step), Some(Competitor::Backfilld(_, settings))) = (plan.step, &default) {
+            eprintln!(
+                "backfill-bench: frontier round {round}, load step {} → {} → {} tx/s (load {})",
+                step.from,
+                step.to,
+                step.from,
+                crate::load_average()
+            );
+            steps.push(run_step(fixture, daemon, plan, step, settings, work_dir, round).await?);
         }
     }
     fixture.drop_database(template)?;
-    Ok(rows)
+    if plan.step.is_some() {
+        fixture.drop_database(STEP_TEMPLATE)?;
+    }
+    Ok((rows, steps))
+}
+
+/// Creates database `db` (afresh) holding the orders table with `rows` rows.
+fn seed_orders(fixture: &Fixture, db: &str, rows: i64) -> anyhow::Result<()> {
+    fixture.drop_database(db)?;
+    fixture.psql("postgres", &format!("CREATE DATABASE {db}"))?;
+    fixture
+        .psql(db, &ORDERS_SQL.replace("{rows}", &rows.to_string()))
+        .with_context(|| format!("seeding {rows} orders rows in {db}"))?;
+    Ok(())
+}
+
+/// Stops a daemon the way a deployment does (SIGTERM) and waits for it.
+fn stop_daemon(child: &mut std::process::Child) {
+    let pid = libc::pid_t::try_from(child.id()).unwrap_or(0);
+    // SAFETY: signalling our own child, not reaped yet.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let _ = child.wait();
+}
+
+/// The load step of one round (see [`LoadStep`]).
+async fn run_step(
+    fixture: &Fixture,
+    daemon: &Daemon,
+    plan: &FrontierPlan,
+    step: LoadStep,
+    settings: &[(String, String)],
+    work_dir: &std::path::Path,
+    round: u32,
+) -> anyhow::Result<StepTimeline> {
+    let db = "frontier_step";
+    fixture.fresh_copy(STEP_TEMPLATE, db)?;
+    fixture.psql(db, PREWARM_SQL)?;
+    let url = fixture.primary.url(db);
+    let conninfo = fixture.primary.conninfo(db);
+    let pgbench = fixture.primary.binaries().path("pgbench");
+    let start_load = |rate: u32| {
+        Load::start_script(
+            &pgbench,
+            &conninfo,
+            ORDERS_SCRIPT,
+            &[("orders_rows", step.rows.to_string())],
+            plan.clients,
+            rate,
+        )
+    };
+    let base = start_load(step.from)?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    daemon.migrate(&url)?;
+    fixture.psql(db, ORDERS_JOB_SQL)?;
+    let (client, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .context("connecting the load step's sampler")?;
+    tokio::spawn(connection);
+    let log = work_dir.join(format!("frontier-{round}-step.log"));
+    let mut child = daemon.spawn(&url, settings, &log)?;
+    let started = SystemTime::now();
+    let buckets = (3 * step.phase.as_secs()).div_ceil(STEP_BUCKET.as_secs()) as usize;
+    let mut done = Vec::with_capacity(buckets + 1);
+    let mut extra = None;
+    let mut extra_transactions = Vec::new();
+    let mut tick = tokio::time::interval(STEP_BUCKET);
+    for bucket in 0..=buckets {
+        tick.tick().await;
+        let at = Duration::from_secs(bucket as u64 * STEP_BUCKET.as_secs());
+        if at == step.phase {
+            extra = Some(start_load(step.to.saturating_sub(step.from))?);
+        }
+        if at == 2 * step.phase {
+            if let Some(load) = extra.take() {
+                extra_transactions = load.stop()?;
+            }
+        }
+        // The job's own counter: one row read, no scan of the table.
+        let rows: i64 = client
+            .query_opt(
+                "SELECT rows_done FROM backfill.jobs WHERE name = 'label_orders'",
+                &[],
+            )
+            .await
+            .context("reading the job's rows_done")?
+            .map_or(0, |row| row.get(0));
+        done.push(rows);
+    }
+    stop_daemon(&mut child);
+    let mut transactions = base.stop()?;
+    if let Some(load) = extra {
+        extra_transactions = load.stop()?;
+    }
+    transactions.extend(extra_transactions);
+    fixture.drop_database(db)?;
+    let origin = epoch_micros(started);
+    let width = i64::try_from(STEP_BUCKET.as_micros()).unwrap_or(i64::MAX);
+    let mut timeline = StepTimeline::default();
+    for (bucket, pair) in done.windows(2).enumerate() {
+        let from = Duration::from_secs(bucket as u64 * STEP_BUCKET.as_secs());
+        let phase = from.as_secs() / step.phase.as_secs().max(1);
+        timeline
+            .offered
+            .push(if phase == 1 { step.to } else { step.from });
+        timeline
+            .rows_per_second
+            .push((pair[1] - pair[0]) as f64 / STEP_BUCKET.as_secs_f64());
+        let window = (
+            origin + bucket as i64 * width,
+            origin + (bucket as i64 + 1) * width,
+        );
+        timeline
+            .p99_ms
+            .push(LatencySummary::over(&transactions, window).map_or(f64::NAN, |s| s.p99_ms));
+    }
+    Ok(timeline)
 }
 
 /// One competitor next to pgbench at `rate`: rows per second in the window and pgbench's
@@ -235,17 +424,23 @@ async fn run_one(
 ) -> anyhow::Result<(f64, f64)> {
     let db = "frontier_run";
     fixture.fresh_copy("frontier_template", db)?;
+    fixture.psql(db, PREWARM_SQL)?;
     let url = fixture.primary.url(db);
     let conninfo = fixture.primary.conninfo(db);
     let pgbench = fixture.primary.binaries().path("pgbench");
-    let load = Load::start_script(
-        &pgbench,
-        &conninfo,
-        ORDERS_SCRIPT,
-        &[("orders_rows", plan.rows.to_string())],
-        plan.clients,
-        rate,
-    )?;
+    // No production at all for the unloaded row.
+    let load = (rate != UNLOADED_RATE)
+        .then(|| {
+            Load::start_script(
+                &pgbench,
+                &conninfo,
+                ORDERS_SCRIPT,
+                &[("orders_rows", plan.rows.to_string())],
+                plan.clients,
+                rate,
+            )
+        })
+        .transpose()?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let stop = Arc::new(AtomicBool::new(false));
     let mut child = None;
@@ -283,7 +478,20 @@ async fn run_one(
             }));
         }
     }
-    tokio::time::sleep(plan.settle).await;
+    if rate == UNLOADED_RATE {
+        // Flat out, the job ends within seconds: its own start to its end, verification
+        // included.
+        let done = until_finished(fixture, db, child.as_mut()).await?;
+        fixture.drop_database(db)?;
+        return Ok((done, f64::NAN));
+    }
+    // The default and its variants climb.
+    let settle = if competitor.label().starts_with("backfilld default") {
+        plan.settle + plan.climb
+    } else {
+        plan.settle
+    };
+    tokio::time::sleep(settle).await;
     let count = || -> anyhow::Result<i64> {
         fixture
             .psql(
@@ -301,12 +509,9 @@ async fn run_one(
         let _ = task.await;
     }
     if let Some(mut child) = child {
-        let pid = libc::pid_t::try_from(child.id()).unwrap_or(0);
-        // SAFETY: signalling our own child, not reaped yet.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let _ = child.wait();
+        stop_daemon(&mut child);
     }
-    let transactions = load.stop()?;
+    let transactions = load.map(Load::stop).transpose()?.unwrap_or_default();
     let window = (epoch_micros(opened), epoch_micros(closed));
     let p99 = LatencySummary::over(&transactions, window).map_or(f64::NAN, |s| s.p99_ms);
     let seconds = closed
@@ -316,6 +521,41 @@ async fn run_one(
     fixture.drop_database(db)?;
     Ok(((done_after - done_before) as f64 / seconds, p99))
 }
+
+/// Waits for the frontier's job in `db` to end (at most [`UNLOADED_LIMIT`]), stops the
+/// daemon, and returns the job's rows per second from its start to its end.
+async fn until_finished(
+    fixture: &Fixture,
+    db: &str,
+    child: Option<&mut std::process::Child>,
+) -> anyhow::Result<f64> {
+    let query =
+        "SELECT coalesce(extract(epoch FROM finished_at - started_at), 0) || ' ' || rows_done \
+                 FROM backfill.jobs WHERE name = 'label_orders' AND state = 'succeeded'";
+    let deadline = std::time::Instant::now() + UNLOADED_LIMIT;
+    let answer = loop {
+        let answer = fixture.psql(db, query)?;
+        if !answer.is_empty() || std::time::Instant::now() >= deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    if let Some(child) = child {
+        stop_daemon(child);
+    }
+    let (seconds, rows) = answer
+        .split_once(' ')
+        .with_context(|| format!("the unloaded job did not succeed within {UNLOADED_LIMIT:?}"))?;
+    let (seconds, rows): (f64, f64) = (seconds.parse()?, rows.parse()?);
+    Ok(if seconds > 0.0 {
+        rows / seconds
+    } else {
+        f64::NAN
+    })
+}
+
+/// The unloaded job must end within this long.
+const UNLOADED_LIMIT: Duration = Duration::from_secs(300);
 
 fn child_name(competitor: &Competitor) -> String {
     competitor
@@ -343,14 +583,15 @@ pub fn to_markdown(rows: &[FrontierRow], plan: &FrontierPlan, budget: f64) -> St
     let mut out = format!(
         "Frontier: {} orders rows (10 columns, 200-byte payload, index on customer_id); \
          pgbench -M prepared -c {} -j 2 -R <rate> reading and updating one random order per \
-         transaction; each competitor on a fresh copy, {} s settling then a {} s window; {} \
-         rounds; median (min–max) over the rounds. p99 ratio: pgbench's p99 in the window over \
+         transaction; each competitor on a fresh copy, {} s settling ({} s for backfilld's \
+         default, whose pace climbs) then a {} s window; {} rounds; median (min–max) over the rounds. p99 ratio: pgbench's p99 in the window over \
          its p99 alone in the same round.\n\n\
          | pgbench tx/s | competitor | rows/s | pgbench p99 ms | p99 ratio | within {budget}× |\n\
          |---:|---|---:|---:|---:|:---:|\n",
         plan.rows,
         plan.clients,
         plan.settle.as_secs(),
+        (plan.settle + plan.climb).as_secs(),
         plan.window.as_secs(),
         plan.rounds
     );
@@ -365,14 +606,17 @@ pub fn to_markdown(rows: &[FrontierRow], plan: &FrontierPlan, budget: f64) -> St
             percentile(&finite, 50.0)
         };
         let within = match ratio {
-            _ if row.competitor == "pgbench alone" => "",
+            _ if row.competitor == "pgbench alone" || row.rate == UNLOADED_RATE => "",
             Some(r) if r <= budget => "yes",
             Some(_) => "no",
             None => "?",
         };
+        let rate = match row.rate {
+            UNLOADED_RATE => "none (unloaded)".to_string(),
+            rate => rate.to_string(),
+        };
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {within} |\n",
-            row.rate,
+            "| {rate} | {} | {} | {} | {} | {within} |\n",
             row.competitor,
             median_range(&row.rows_per_second, 0),
             median_range(&row.p99_ms, 2),
@@ -380,6 +624,73 @@ pub fn to_markdown(rows: &[FrontierRow], plan: &FrontierPlan, budget: f64) -> St
         ));
     }
     out
+}
+
+/// The load step over the rounds as a Markdown table: per bucket, the offered load,
+/// backfilld's rows/s and pgbench's p99 (median and range over the rounds); then, per
+/// phase, how long rows/s took to settle.
+pub fn step_to_markdown(timelines: &[StepTimeline], step: &LoadStep) -> String {
+    let mut out = format!(
+        "Load step: backfilld's default on a fresh copy of {rows} orders rows next to pgbench at \
+         {from} tx/s, then \
+         {to} tx/s (a second pgbench adds {extra}), then {from} tx/s again, {phase} s each; \
+         per {bucket} s since the daemon started, median (min–max) over {rounds} rounds.\n\n\
+         | s | pgbench tx/s | rows/s | pgbench p99 ms |\n|---:|---:|---:|---:|\n",
+        rows = step.rows,
+        from = step.from,
+        to = step.to,
+        extra = step.to.saturating_sub(step.from),
+        phase = step.phase.as_secs(),
+        bucket = STEP_BUCKET.as_secs(),
+        rounds = timelines.len(),
+    );
+    let buckets = timelines
+        .iter()
+        .map(|t| t.rows_per_second.len())
+        .min()
+        .unwrap_or(0);
+    let column = |of: fn(&StepTimeline) -> &Vec<f64>, bucket: usize| -> Vec<f64> {
+        timelines.iter().map(|t| of(t)[bucket]).collect()
+    };
+    let mut medians = Vec::with_capacity(buckets);
+    for bucket in 0..buckets {
+        let rows = column(|t| &t.rows_per_second, bucket);
+        medians.push(percentile(&rows, 50.0).unwrap_or(f64::NAN));
+        out.push_str(&format!(
+            "| {}–{} | {} | {} | {} |\n",
+            bucket as u64 * STEP_BUCKET.as_secs(),
+            (bucket as u64 + 1) * STEP_BUCKET.as_secs(),
+            timelines[0].offered[bucket],
+            median_range(&rows, 0),
+            median_range(&column(|t| &t.p99_ms, bucket), 2),
+        ));
+    }
+    let per_phase = (step.phase.as_secs() / STEP_BUCKET.as_secs()).max(1) as usize;
+    for (phase, chunk) in medians.chunks(per_phase).enumerate() {
+        if let Some(settled) = settling(chunk) {
+            out.push_str(&format!(
+                "\nPhase {} ({} tx/s): rows/s settled at {:.0} (median of the phase's second \
+                 half), within 30 % of it from {} s into the phase.",
+                phase + 1,
+                if phase == 1 { step.to } else { step.from },
+                settled.0,
+                settled.1 as u64 * STEP_BUCKET.as_secs(),
+            ));
+        }
+    }
+    out.push('\n');
+    out
+}
+
+/// The settled value of a phase's rows/s (the median of its second half) and the first
+/// bucket from which every later one is within 30 % of it.
+fn settling(rows_per_second: &[f64]) -> Option<(f64, usize)> {
+    let settled = percentile(&rows_per_second[rows_per_second.len() / 2..], 50.0)?;
+    let near = |v: f64| (v - settled).abs() <= 0.3 * settled.abs();
+    let from = (0..rows_per_second.len())
+        .find(|&i| rows_per_second[i..].iter().all(|v| near(*v)))
+        .unwrap_or(rows_per_second.len());
+    Some((settled, from))
 }
 
 #[cfg(test)]
@@ -393,8 +704,18 @@ mod tests {
     }
 
     #[test]
+    fn a_phase_settles_where_it_stays_within_thirty_percent() {
+        assert_eq!(
+            settling(&[100.0, 500.0, 900.0, 1_000.0, 1_100.0, 1_000.0]),
+            Some((1_000.0, 2))
+        );
+        assert_eq!(settling(&[5.0, 5.0]), Some((5.0, 0)));
+        assert_eq!(settling(&[]), None);
+    }
+
+    #[test]
     fn the_competitors_include_the_baseline_both_defaults_and_the_alternatives() {
-        let competitors = default_competitors(&[], &[1000], &[50]);
+        let competitors = default_competitors(&[], &[1000], &[50], &[]);
         let labels: Vec<String> = competitors.iter().map(Competitor::label).collect();
         assert_eq!(labels[0], "pgbench alone");
         assert!(labels.iter().any(|l| l.starts_with("backfilld default")));

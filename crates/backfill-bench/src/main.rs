@@ -113,15 +113,18 @@ struct Options {
     /// with --quick).
     #[arg(long, default_value_t = 0)]
     rate_limited: u32,
-    /// Rows of the frontier's orders table (`--frontier-full`: the issue's 2,000,000).
-    #[arg(long, default_value_t = 200_000)]
+    /// Rows of the frontier's orders table (`--frontier-full`: the issue's 2,000,000): at
+    /// light load the default climbs past 40,000 rows/s, and the job must not end within
+    /// the window.
+    #[arg(long, default_value_t = 600_000)]
     frontier_rows: i64,
     /// The frontier at full size: 2,000,000 orders rows (slow: the copies dominate).
     #[arg(long)]
     frontier_full: bool,
-    /// pgbench rates of the frontier: light, medium, heavy (near saturation on 2 cores
-    /// with durable commits).
-    #[arg(long, value_delimiter = ',', default_values_t = [20, 200, 1000])]
+    /// pgbench rates of the frontier: light, medium, heavy (600: near what the 2-core
+    /// benchmark machine serves with durable commits; 1,000 overloaded it by itself while
+    /// others were building).
+    #[arg(long, value_delimiter = ',', default_values_t = [20, 200, 600])]
     frontier_rates: Vec<u32>,
     /// Rounds of the frontier (medians and ranges over them).
     #[arg(long, default_value_t = 3)]
@@ -129,15 +132,32 @@ struct Options {
     /// Seconds each frontier competitor runs before its window opens.
     #[arg(long, default_value_t = 3)]
     frontier_settle: u64,
+    /// Seconds backfilld's default settles on top of --frontier-settle (its pace climbs).
+    #[arg(long, default_value_t = 10)]
+    frontier_climb: u64,
     /// Seconds of each frontier competitor's measured window.
     #[arg(long, default_value_t = 6)]
     frontier_window: u64,
-    /// Fixed `max_rows_per_second` of the frontier's fixed-rate backfilld runs.
+    /// Fixed `max_rows_per_second` of the frontier's fixed-rate backfilld runs (0: none).
     #[arg(long, value_delimiter = ',', default_values_t = [1000, 5000])]
     frontier_fixed_rates: Vec<u32>,
-    /// Sleeps (ms) of the frontier's naive batch-then-sleep loops.
+    /// A variant of backfilld's default in the frontier, KEY=VALUE (repeatable; e.g.
+    /// BACKFILLD_THROTTLE__IMPACT_FLOOR=3ms, to compare a setting with its default).
+    #[arg(long = "frontier-variant", value_parser = parse_setting)]
+    frontier_variants: Vec<(String, String)>,
+    /// Sleeps (ms) of the frontier's naive batch-then-sleep loops (0: none).
     #[arg(long, value_delimiter = ',', default_values_t = [20, 200])]
     frontier_sleeps: Vec<u64>,
+    /// The frontier's load step, once per round: pgbench FROM tx/s, then TO, then FROM
+    /// again, next to backfilld's default.
+    #[arg(long, value_delimiter = ',', default_values_t = [20, 200])]
+    frontier_step: Vec<u32>,
+    /// Seconds of each phase of the load step (0: no step).
+    #[arg(long, default_value_t = 20)]
+    frontier_step_phase: u64,
+    /// Rows of the load step's orders table.
+    #[arg(long, default_value_t = 1_000_000)]
+    frontier_step_rows: i64,
     /// Keep the daemon logs in this directory (default: a temporary one).
     #[arg(long)]
     logs: Option<PathBuf>,
@@ -171,6 +191,12 @@ fn main() -> ExitCode {
 async fn run(options: Options) -> anyhow::Result<()> {
     if options.rows < 1 {
         bail!("--rows must be at least 1, got {}", options.rows);
+    }
+    if options.frontier_step.len() != 2 {
+        bail!(
+            "--frontier-step takes two rates, FROM,TO; got {:?}",
+            options.frontier_step
+        );
     }
     let daemon = Daemon {
         binary: match &options.backfilld {
@@ -273,20 +299,24 @@ async fn run(options: Options) -> anyhow::Result<()> {
         let mut variants = Vec::new();
         if !options.skip_unshared && !options.quick {
             variants.push((
-                "4b. backfilld, default throttle without sharing (busy_duty_cycle = 1)".to_string(),
-                ("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "1".to_string()),
+                "4b. backfilld, default throttle without sharing (impact_budget_ratio = 0, busy_duty_cycle = 1)"
+                    .to_string(),
+                vec![
+                    ("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "0".to_string()),
+                    ("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "1".to_string()),
+                ],
             ));
         }
         if options.rate_limited > 0 && !options.quick {
             let rate = options.rate_limited;
             variants.push((
                 format!("4c. backfilld, default throttle + max_rows_per_second = {rate}"),
-                ("BACKFILLD_THROTTLE__MAX_ROWS_PER_SECOND", rate.to_string()),
+                vec![("BACKFILLD_THROTTLE__MAX_ROWS_PER_SECOND", rate.to_string())],
             ));
         }
-        for (label, (key, value)) in variants {
+        for (label, extra) in variants {
             let mut settings = throttled.clone();
-            settings.push((key.to_string(), value));
+            settings.extend(extra.into_iter().map(|(k, v)| (k.to_string(), v)));
             let name = format!("{label}, under pgbench");
             let variant = done(bench.backfilld_under_load(&settings, &name).await?);
             longest = longest.max(variant.observed.wall);
@@ -335,17 +365,32 @@ async fn run(options: Options) -> anyhow::Result<()> {
             clients: 4,
             rounds: options.frontier_rounds.max(1),
             settle: Duration::from_secs(options.frontier_settle),
+            climb: Duration::from_secs(options.frontier_climb),
             window: Duration::from_secs(options.frontier_window.max(1)),
             competitors: frontier::default_competitors(
                 &throttled,
                 &options.frontier_fixed_rates,
                 &options.frontier_sleeps,
+                &options.frontier_variants,
             ),
+            step: (options.frontier_step_phase > 0).then(|| frontier::LoadStep {
+                from: options.frontier_step[0],
+                to: options.frontier_step[1],
+                phase: Duration::from_secs(options.frontier_step_phase),
+                rows: options.frontier_step_rows,
+            }),
         };
         let load_before = load_average();
-        let rows = frontier::run(&bench.fixture, &bench.daemon, &plan, &bench.work_dir).await?;
+        let (rows, steps) =
+            frontier::run(&bench.fixture, &bench.daemon, &plan, &bench.work_dir).await?;
+        let step = match &plan.step {
+            Some(step) if !steps.is_empty() => {
+                format!("\n{}", frontier::step_to_markdown(&steps, step))
+            }
+            _ => String::new(),
+        };
         frontier_markdown = Some(format!(
-            "{}
+            "{}{step}
 Load average (1/5/15 min) before the frontier: {load_before}; after: {}
 ",
             frontier::to_markdown(&rows, &plan, 1.3),

@@ -350,7 +350,8 @@ impl Bench {
     }
 
     /// Cuts the enqueued job in `db` into `parallelism` slices and gives the daemon as
-    /// many job slots; returns `settings` with that.
+    /// many job slots (unless `settings` set `worker.concurrency`); returns `settings` with
+    /// that.
     fn with_slices(
         &self,
         db: &str,
@@ -365,14 +366,21 @@ impl Bench {
                     "UPDATE backfill.jobs SET parallelism = {parallelism} WHERE name = 'split_full_name'"
                 ),
             )?;
+            // As many job slots as slices, unless the settings say otherwise (to measure a
+            // daemon with fewer slots than slices, e.g. one default daemon).
+            let slots = settings
+                .iter()
+                .find(|(key, _)| key == "BACKFILLD_WORKER__CONCURRENCY")
+                .and_then(|(_, value)| value.parse::<u32>().ok())
+                .unwrap_or(parallelism);
             settings.push((
                 "BACKFILLD_WORKER__CONCURRENCY".to_string(),
-                parallelism.to_string(),
+                slots.to_string(),
             ));
             // One data-plane connection per job slot, plus one for the health probes.
             settings.push((
                 "BACKFILLD_DATABASE__POOL_SIZE".to_string(),
-                (parallelism + 1).to_string(),
+                (slots + 1).to_string(),
             ));
         }
         Ok(settings)

@@ -5,6 +5,7 @@ use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use backfill_core::error_class::ErrorClass;
+use backfill_core::impact::ImpactController;
 use backfill_dataplane::BatchTarget;
 use backfill_queue::{Job, JobStatus, Phase};
 use serde::Serialize;
@@ -81,10 +82,15 @@ pub struct PlanReport {
     pub target_batch_seconds: f64,
     /// Pending rows at the expected rate, on a healthy database (no lag holds).
     pub expected_seconds: Option<f64>,
-    /// The least it takes while production is at work on the primary: the job then runs
-    /// at most `throttle.busy_duty_cycle` of the time, in batches of about a millisecond that
-    /// carry fewer rows per second than the trial's (`None` with sharing off).
+    /// The least it takes while production is at work on the primary (`None` with sharing
+    /// off): with the impact budget, the climb to the trial's speed and the rests that
+    /// re-learn production's baseline (what production's latency allows on top is only
+    /// known by running); with the duty cycle, the expected time over
+    /// `throttle.busy_duty_cycle`.
     pub min_seconds_next_to_production: Option<f64>,
+    /// How the job shares the primary with production: `impact_budget`, `duty_cycle`, or
+    /// `None` with sharing off.
+    pub next_to_production_by: Option<&'static str>,
     /// The throttle signals that would hold the job right now (reason labels, most severe
     /// first), each judged on its own by the health probe the worker runs.
     pub holding_signals: Vec<&'static str>,
@@ -157,6 +163,13 @@ pub async fn plan(
         (Some(pending), Some(rate)) => Some(pending as f64 / rate),
         _ => None,
     };
+    let next_to_production = next_to_production(
+        settings,
+        &throttle,
+        pending,
+        expected_rows_per_second,
+        expected_seconds,
+    );
     let trial_ok = trial.as_ref().ok();
     let holding_signals = signals_holding(settings, db, &throttle, job.id)
         .await
@@ -219,12 +232,37 @@ pub async fn plan(
         max_rows_per_second,
         target_batch_seconds: throttle.target_batch.as_secs_f64(),
         expected_seconds,
-        min_seconds_next_to_production: expected_seconds
-            .filter(|_| throttle.busy_duty_cycle < 1.0)
-            .map(|seconds| seconds / throttle.busy_duty_cycle),
+        min_seconds_next_to_production: next_to_production.and_then(|(_, seconds)| seconds),
+        next_to_production_by: next_to_production.map(|(by, _)| by),
         holding_signals,
         planning_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// How the job shares the primary with production, and the least it then takes (`None`
+/// with sharing off): the impact budget's best case at the trial's speed (see
+/// [`ImpactController::best_case_seconds`]), or without it the expected time over the duty
+/// cycle.
+fn next_to_production(
+    settings: &Settings,
+    throttle: &backfill_core::throttle::ThrottleSettings,
+    pending: Option<i64>,
+    rows_per_second: Option<f64>,
+    expected_seconds: Option<f64>,
+) -> Option<(&'static str, Option<f64>)> {
+    match settings.impact_settings() {
+        Some(impact) => Some((
+            "impact_budget",
+            pending.zip(rows_per_second).map(|(rows, rate)| {
+                ImpactController::best_case_seconds(&impact, rows as f64, rate)
+            }),
+        )),
+        None if throttle.busy_duty_cycle < 1.0 => Some((
+            "duty_cycle",
+            expected_seconds.map(|seconds| seconds / throttle.busy_duty_cycle),
+        )),
+        None => None,
+    }
 }
 
 /// The signals that would hold job `job_id` now: two health samples a probe interval apart
@@ -364,8 +402,13 @@ impl PlanReport {
             _ => out.push_str("  expected       unknown (no trial batch timing)\n"),
         }
         if let Some(at_least) = self.min_seconds_next_to_production.filter(|s| *s > 0.0) {
+            let how = if self.next_to_production_by == Some("impact_budget") {
+                "while other sessions are at work the job shares the primary by the impact budget: as many rows/s as production's latency allows, climbing there from a few hundred and resting ~2 s every throttle.impact_relearn_every; this is the bound when production's latency never binds"
+            } else {
+                "while other sessions are at work the job shares the primary: ~1 ms batches, throttle.busy_duty_cycle of the time"
+            };
             out.push_str(&format!(
-                "  next to production  at least ~{} (while other sessions are at work the job shares the primary: ~1 ms batches, throttle.busy_duty_cycle of the time)\n",
+                "  next to production  at least ~{} ({how})\n",
                 seconds(at_least),
             ));
         }
