@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::CliFailure;
 use crate::database::Database;
 use crate::health_monitor::health_probe;
-use crate::settings::WorkerSections;
+use crate::settings::{ThrottleConfig, WorkerSections};
 
 /// `plan`: the report, or JSON with `--json`; a failed trial batch fails the verb.
 pub async fn print(
@@ -164,7 +164,7 @@ pub async fn plan(
         _ => None,
     };
     let next_to_production = next_to_production(
-        settings,
+        &settings.throttle,
         &throttle,
         pending,
         expected_rows_per_second,
@@ -244,7 +244,7 @@ pub async fn plan(
 /// [`ImpactController::best_case_seconds`]), or without it the expected time over the duty
 /// cycle.
 fn next_to_production(
-    settings: &Settings,
+    settings: &ThrottleConfig,
     throttle: &backfill_core::throttle::ThrottleSettings,
     pending: Option<i64>,
     rows_per_second: Option<f64>,

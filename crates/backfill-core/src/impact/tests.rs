@@ -1,0 +1,415 @@
+//! Unit and property tests of the impact controller: learning the baseline, judging,
+//! the pace's growth and cuts, and `plan`'s best case.
+use super::*;
+use proptest::prelude::*;
+
+const CANARY: Duration = Duration::from_millis(50);
+
+fn ms(millis: u64) -> Duration {
+    Duration::from_millis(millis)
+}
+
+thread_local! {
+    /// Rows the simulated jobs committed, across the [`run`]s of one test (each test
+    /// runs on a thread of its own).
+    static ROWS: std::cell::Cell<f64> = const { std::cell::Cell::new(0.0) };
+}
+
+/// Drives `controller` from `from` for `span`, one canary every 50 ms whose round
+/// trip `latency(rate)` gives from the pace in force; the jobs achieve the pace.
+/// Returns the time reached and the last verdict.
+fn run(
+    controller: &mut ImpactController,
+    from: Duration,
+    span: Duration,
+    active: bool,
+    latency: impl Fn(Option<ImpactDirective>) -> Duration,
+) -> (Duration, ImpactVerdict) {
+    let mut now = from;
+    let mut verdict = controller.evaluate(now, active);
+    while now < from + span {
+        now += CANARY;
+        let rows = ROWS.with(|rows| {
+            if let Some(ImpactDirective::Pace(rate)) = verdict.directive {
+                rows.set(rows.get() + rate * CANARY.as_secs_f64());
+            }
+            rows.get()
+        });
+        controller.observe(now, latency(verdict.directive));
+        controller.record_rows(now, rows as u64);
+        verdict = controller.evaluate(now, active);
+    }
+    (now, verdict)
+}
+
+/// Production at 2 ms, plus 1 ms per 1 000 rows/s we write.
+fn linear(directive: Option<ImpactDirective>) -> Duration {
+    match directive {
+        Some(ImpactDirective::Pace(rate)) => ms(2) + Duration::from_secs_f64(rate / 1e6),
+        _ => ms(2),
+    }
+}
+
+#[test]
+fn it_rests_first_to_learn_the_baseline() {
+    let mut controller = ImpactController::new(ImpactSettings::default(), ms(0));
+    controller.observe(ms(10), ms(2));
+    assert_eq!(
+        controller.evaluate(ms(10), true).directive,
+        Some(ImpactDirective::Rest)
+    );
+    let (_, verdict) = run(&mut controller, ms(10), ms(2_000), true, linear);
+    let baseline = controller.baseline().expect("a baseline");
+    assert!(
+        baseline.abs_diff(ms(2)) < Duration::from_micros(1),
+        "{baseline:?}"
+    );
+    assert!(matches!(verdict.directive, Some(ImpactDirective::Pace(_))));
+}
+
+#[test]
+fn it_converges_below_the_budget_and_near_it() {
+    let settings = ImpactSettings {
+        relearn_every: Duration::from_secs(3600),
+        ..ImpactSettings::default()
+    };
+    let mut controller = ImpactController::new(settings, ms(0));
+    // Budget: the larger of 1.3 × 2 ms and 2 ms + the 1 ms floor, so 3 ms: at most
+    // 1 000 rows/s under `linear`.
+    let (now, _) = run(
+        &mut controller,
+        ms(0),
+        Duration::from_secs(60),
+        true,
+        linear,
+    );
+    let mut rates = Vec::new();
+    let mut at = now;
+    for _ in 0..40 {
+        let (next, verdict) = run(&mut controller, at, ms(1_000), true, linear);
+        at = next;
+        if let Some(ImpactDirective::Pace(rate)) = verdict.directive {
+            rates.push(rate);
+        }
+    }
+    let mean = rates.iter().sum::<f64>() / rates.len() as f64;
+    // One additive step over the limit at most, then a cut.
+    assert!(rates.iter().all(|r| *r <= 1_000.0 * 1.1), "{rates:?}");
+    assert!(mean >= 1_000.0 * 0.6, "mean {mean}: {rates:?}");
+}
+
+#[test]
+fn noise_under_the_floor_is_never_over_budget() {
+    let mut controller = ImpactController::new(ImpactSettings::default(), ms(0));
+    // 0.2 ms base, doubled by us: twice the baseline, but 0.2 ms is under the 1 ms floor.
+    let tiny = |d: Option<ImpactDirective>| match d {
+        Some(ImpactDirective::Pace(_)) => Duration::from_micros(400),
+        _ => Duration::from_micros(200),
+    };
+    let (_, verdict) = run(&mut controller, ms(0), Duration::from_secs(10), true, tiny);
+    assert!(verdict.ratio.is_some_and(|r| r > 1.5), "{verdict:?}");
+    // Slow start never ended: nothing was ever over budget.
+    assert!(
+        controller.rate() > START_RATE * 8.0,
+        "{}",
+        controller.rate()
+    );
+}
+
+#[test]
+fn over_budget_cuts_the_pace_within_a_second_and_a_half() {
+    let mut controller = ImpactController::new(ImpactSettings::default(), ms(0));
+    let (now, _) = run(&mut controller, ms(0), ms(5_000), true, linear);
+    let before = controller.rate();
+    // Production suffers badly now, whatever we do.
+    let (_, verdict) = run(&mut controller, now, ms(1_500), true, |_| ms(20));
+    assert!(
+        controller.rate() <= before * CUT_FACTOR,
+        "{before} → {}",
+        controller.rate()
+    );
+    assert!(verdict.ratio.is_some_and(|r| r > 5.0));
+}
+
+#[test]
+fn a_cut_by_a_noisy_second_is_won_back_within_seconds() {
+    let settings = ImpactSettings {
+        relearn_every: Duration::from_secs(3600),
+        ..ImpactSettings::default()
+    };
+    let mut controller = ImpactController::new(settings, ms(0));
+    // Production never notices us (a light load on a primary with room to spare).
+    let flat = |_: Option<ImpactDirective>| ms(2);
+    let (now, _) = run(&mut controller, ms(0), ms(6_000), true, flat);
+    let before = controller.rate();
+    // One noisy second: the canary is slow whatever we do. It may straddle two
+    // judgements and cost two cuts.
+    let (now, _) = run(&mut controller, now, ms(1_100), true, |_| ms(20));
+    let cut = controller.rate();
+    assert!(cut <= before * CUT_FACTOR + 1e-9, "{before} → {cut}");
+    // Back at the old pace within five judgements (×1.5 to 85 % of the last cut, a
+    // tenth more a second to it, ×1.5 past it), ...
+    let (now, _) = run(&mut controller, now, ms(5_100), true, flat);
+    assert!(
+        controller.rate() >= before - 1e-9,
+        "{before} → {cut} → {}",
+        controller.rate()
+    );
+    // ... and past it, multiplying again: that cut was noise.
+    let back = controller.rate();
+    run(&mut controller, now, ms(2_100), true, flat);
+    assert!(
+        controller.rate() >= back * 2.0,
+        "{back} → {}",
+        controller.rate()
+    );
+}
+
+#[test]
+fn under_a_hockey_stick_it_spends_most_seconds_under_the_knee() {
+    let settings = ImpactSettings {
+        relearn_every: Duration::from_secs(3600),
+        ..ImpactSettings::default()
+    };
+    let mut controller = ImpactController::new(settings, ms(0));
+    // Production does not notice us up to 3 000 rows/s, then suffers badly.
+    let hockey = |d: Option<ImpactDirective>| match d {
+        Some(ImpactDirective::Pace(rate)) if rate > 3_000.0 => ms(10),
+        _ => ms(2),
+    };
+    let (mut now, _) = run(&mut controller, ms(0), ms(30_000), true, hockey);
+    let mut rates = Vec::new();
+    for _ in 0..60 {
+        let (next, verdict) = run(&mut controller, now, ms(1_000), true, hockey);
+        now = next;
+        if let Some(ImpactDirective::Pace(rate)) = verdict.directive {
+            rates.push(rate);
+        }
+    }
+    let over = rates.iter().filter(|r| **r > 3_000.0).count();
+    let mean = rates.iter().sum::<f64>() / rates.len() as f64;
+    // Back to 85 % of the last cut at once, then a tenth more a second: over the knee
+    // about one second in four, not every other one.
+    assert!(
+        over * 10 <= rates.len() * 3,
+        "{over} of {}: {rates:?}",
+        rates.len()
+    );
+    assert!(mean >= 3_000.0 * 0.75, "mean {mean}: {rates:?}");
+}
+
+#[test]
+fn one_second_a_little_over_holds_the_pace_and_two_cut_it() {
+    let settings = ImpactSettings {
+        relearn_every: Duration::from_secs(3600),
+        ..ImpactSettings::default()
+    };
+    let mut controller = ImpactController::new(settings, ms(0));
+    let flat = |_: Option<ImpactDirective>| ms(2);
+    let (mut now, _) = run(&mut controller, ms(0), ms(6_000), true, flat);
+    // Right after a judgement (the pace just changed), so that each run below spans
+    // exactly one judgement's canaries.
+    let rate = controller.rate();
+    while controller.rate() == rate {
+        (now, _) = run(&mut controller, now, CANARY, true, flat);
+    }
+    let before = controller.rate();
+    // 2 ms over a 2 ms baseline: over the 1 ms allowance, under three times it.
+    let over = |_: Option<ImpactDirective>| ms(4);
+    let (now, _) = run(&mut controller, now, ms(1_000), true, over);
+    assert_eq!(controller.rate(), before, "one second over holds");
+    let (now, _) = run(&mut controller, now, ms(1_000), true, flat);
+    assert!(controller.rate() > before, "then grows again");
+    let grown = controller.rate();
+    let (_, _) = run(&mut controller, now, ms(2_000), true, over);
+    assert!(
+        (controller.rate() - grown * CUT_FACTOR).abs() < 1e-9,
+        "two seconds over cut once: {grown} → {}",
+        controller.rate()
+    );
+}
+
+#[test]
+fn near_the_budget_growth_turns_additive() {
+    let settings = ImpactSettings {
+        relearn_every: Duration::from_secs(3600),
+        ..ImpactSettings::default()
+    };
+    let mut controller = ImpactController::new(settings, ms(0));
+    // Under `linear` the budget (a 1 ms rise) is 1 000 rows/s and "room" (half that
+    // rise) 500 rows/s: from above 500 rows/s every growth step is a tenth of the pace
+    // (at least MIN_GROWTH).
+    let (mut now, _) = run(&mut controller, ms(0), ms(30_000), true, linear);
+    for _ in 0..20 {
+        let before = controller.rate();
+        let (next, _) = run(&mut controller, now, ms(1_000), true, linear);
+        now = next;
+        let after = controller.rate();
+        if after > before && before > 500.0 {
+            assert!(
+                after <= before + (before * GROWTH_FRACTION).max(MIN_GROWTH) + 1e-9,
+                "{before} → {after}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_best_case_adds_the_climb_and_the_rests_to_the_flat_out_time() {
+    let settings = ImpactSettings::default();
+    assert_eq!(
+        ImpactController::best_case_seconds(&settings, 0.0, 1e4),
+        0.0
+    );
+    assert_eq!(
+        ImpactController::best_case_seconds(&settings, 1e6, 0.0),
+        0.0
+    );
+    let flat_out = 1e7 / 1e4;
+    let best = ImpactController::best_case_seconds(&settings, 1e7, 1e4);
+    // A rest of 1.8 s per 30 s of pacing (6 %), and a climb of 6 s from 200 rows/s.
+    let rests = flat_out * (DRAIN + REST).as_secs_f64() / 30.0;
+    assert!(best > flat_out + rests, "{best}");
+    assert!(best < flat_out + rests + 10.0, "{best}");
+    // A job smaller than the climb is done during it: 200 rows in its first second,
+    // the other 100 at 400 rows/s.
+    let small = ImpactController::best_case_seconds(&settings, 300.0, 1e4);
+    assert!(
+        (small - ((DRAIN + REST).as_secs_f64() + 1.25)).abs() < 1e-9,
+        "{small}"
+    );
+}
+
+#[test]
+fn it_rests_again_every_relearn_interval_and_when_production_starts() {
+    let settings = ImpactSettings {
+        relearn_every: Duration::from_secs(10),
+        ..ImpactSettings::default()
+    };
+    let mut controller = ImpactController::new(settings, ms(0));
+    let mut rests = 0;
+    let mut now = ms(0);
+    let mut resting = false;
+    while now < Duration::from_secs(40) {
+        let (next, verdict) = run(&mut controller, now, CANARY, true, linear);
+        now = next;
+        let rest = verdict.directive == Some(ImpactDirective::Rest);
+        if rest && !resting {
+            rests += 1;
+        }
+        resting = rest;
+    }
+    assert_eq!(rests, 4, "the first rest and one per 10 s of pacing");
+    // Production stopping and starting again: a rest at once.
+    run(&mut controller, now, ms(100), false, linear);
+    let verdict = controller.evaluate(now + ms(150), true);
+    assert_eq!(verdict.directive, Some(ImpactDirective::Rest));
+}
+
+#[test]
+fn without_production_the_pace_is_not_judged() {
+    let mut controller = ImpactController::new(ImpactSettings::default(), ms(0));
+    let (now, _) = run(&mut controller, ms(0), ms(3_000), true, linear);
+    let before = controller.rate();
+    // Jobs run flat out while production is away: their canaries would cut the pace
+    // (or, quiet, double it) for nothing.
+    run(&mut controller, now, ms(10_000), false, |_| ms(50));
+    assert_eq!(controller.rate(), before);
+}
+
+#[test]
+fn a_silent_canary_is_no_signal() {
+    let mut controller = ImpactController::new(ImpactSettings::default(), ms(0));
+    let (now, _) = run(&mut controller, ms(0), ms(3_000), true, linear);
+    assert!(controller.evaluate(now, true).directive.is_some());
+    assert_eq!(
+        controller.evaluate(now + SIGNAL_TIMEOUT, true).directive,
+        None
+    );
+    // Never a canary at all: no signal either.
+    let mut blind = ImpactController::new(ImpactSettings::default(), ms(0));
+    assert_eq!(blind.evaluate(ms(5_000), true).directive, None);
+}
+
+#[test]
+fn the_pace_stays_within_twice_what_the_jobs_achieve() {
+    let mut controller = ImpactController::new(ImpactSettings::default(), ms(0));
+    let mut now = ms(0);
+    let mut verdict = controller.evaluate(now, true);
+    // The jobs manage only 1 000 rows/s, and production never notices.
+    let mut rows = 0u64;
+    while now < Duration::from_secs(30) {
+        now += CANARY;
+        if matches!(verdict.directive, Some(ImpactDirective::Pace(_))) {
+            rows += 50;
+        }
+        controller.observe(now, ms(2));
+        controller.record_rows(now, rows);
+        verdict = controller.evaluate(now, true);
+    }
+    assert!(controller.rate() <= 2_000.0 * 1.01, "{}", controller.rate());
+}
+
+#[test]
+fn nonsense_settings_fall_back_to_the_defaults() {
+    let controller = ImpactController::new(
+        ImpactSettings {
+            budget_ratio: f64::NAN,
+            floor: Duration::ZERO,
+            relearn_every: Duration::ZERO,
+        },
+        ms(0),
+    );
+    assert_eq!(controller.settings.budget_ratio, 1.3);
+    assert_eq!(controller.settings.relearn_every, Duration::from_secs(30));
+}
+
+#[test]
+fn quantiles_use_the_nearest_rank() {
+    let mut values: Vec<f64> = (1..=10).map(f64::from).collect();
+    assert_eq!(quantile(&mut values, 0.9), Some(9.0));
+    assert_eq!(quantile(&mut [3.0], 0.9), Some(3.0));
+    assert_eq!(quantile(&mut [], 0.9), None);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Whatever the canaries say (and whenever they are silent), the pace stays
+    /// within [MIN_RATE, MAX_RATE], never grows more than twofold in one judgement,
+    /// and every over-budget judgement leaves it no higher than before.
+    #[test]
+    fn the_pace_stays_bounded_and_moves_by_bounded_steps(
+        latencies in proptest::collection::vec(proptest::option::of(0u64..50_000), 1..400),
+        ratio in 1.01f64..3.0,
+        floor_us in 0u64..5_000,
+    ) {
+        let settings = ImpactSettings {
+            budget_ratio: ratio,
+            floor: Duration::from_micros(floor_us),
+            relearn_every: Duration::from_secs(7),
+        };
+        let mut controller = ImpactController::new(settings, ms(0));
+        let mut now = ms(0);
+        let mut rows = 0u64;
+        for latency in latencies {
+            now += CANARY;
+            let before = controller.rate();
+            if let Some(us) = latency {
+                controller.observe(now, Duration::from_micros(us));
+            }
+            rows += 10;
+            controller.record_rows(now, rows);
+            let verdict = controller.evaluate(now, true);
+            let after = controller.rate();
+            prop_assert!((MIN_RATE..=MAX_RATE).contains(&after));
+            prop_assert!(after <= (before * 2.0).max(START_RATE) + 1e-9);
+            if let Some(ImpactDirective::Pace(rate)) = verdict.directive {
+                prop_assert_eq!(rate, after);
+            }
+            if let Some(r) = verdict.ratio {
+                prop_assert!(r.is_finite() && r >= 0.0);
+            }
+        }
+    }
+}
