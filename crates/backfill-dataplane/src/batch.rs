@@ -217,9 +217,15 @@ impl BatchRunner {
         self
     }
 
-    /// The pool, for the reads between batches (`runner_reads`).
-    pub(crate) fn pool(&self) -> &Pool {
-        &self.pool
+    /// A pooled data-plane session for `job`'s `step` (a batch, or a read between batches).
+    pub(crate) async fn session_for(
+        &self,
+        job: &str,
+        step: &str,
+    ) -> Result<deadpool_postgres::Client, BatchError> {
+        self.pool.get().await.map_err(|e| {
+            BatchError::from_pool(format!("job {job:?}: getting a connection for {step}"), &e)
+        })
     }
 
     /// Runs one batch as `request` says, publishing its backend's pid in `backend` before
@@ -237,13 +243,9 @@ impl BatchRunner {
         stop: impl Future<Output = ()>,
     ) -> RunOutcome {
         let started = Instant::now();
-        let mut client = match self.pool.get().await {
+        let mut client = match self.session_for(&target.job_name, "a batch").await {
             Ok(client) => client,
-            Err(e) => {
-                let error = BatchError::from_pool(
-                    format!("job {:?}: getting a connection", target.job_name),
-                    &e,
-                );
+            Err(error) => {
                 return RunOutcome::Failed {
                     error,
                     duration: started.elapsed(),

@@ -2,22 +2,12 @@
 //! what is left, where a pass ends, where to cut or split), each on a pooled session of
 //! its own: the worker never holds a raw connection.
 
-use deadpool_postgres::Client;
-
 use crate::batch::BatchRunner;
 use crate::target::{BatchTarget, JobDefinition};
 use crate::target_reads::PassWrites;
 use crate::{BatchError, DataPlaneError};
 
 impl BatchRunner {
-    /// A pooled data-plane session for `job`'s `step`.
-    async fn session_for(&self, job: &str, step: &str) -> Result<Client, BatchError> {
-        self.pool()
-            .get()
-            .await
-            .map_err(|e| BatchError::from_pool(format!("job {job:?}: connecting for {step}"), &e))
-    }
-
     /// [`BatchTarget::resolve`]: the job checked against the catalog, as its role sees it.
     pub async fn resolve(&self, job: &JobDefinition) -> Result<BatchTarget, DataPlaneError> {
         let mut client = self

@@ -46,9 +46,8 @@ pub async fn purge_undo(pool: &PgPool, job_name: &str) -> Result<i64, QueueError
 /// The daemon's retention: drops the undo data of jobs finished more than `retention`
 /// ago; returns the rows dropped.
 pub async fn purge_expired_undo(pool: &PgPool, retention: Duration) -> Result<i64, QueueError> {
-    let millis = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
     sqlx::query_scalar(queue_sql::PURGE_EXPIRED_UNDO)
-        .bind(millis)
+        .bind(backfill_core::lease::millis(retention))
         .fetch_one(pool)
         .await
         .context("dropping expired undo data")
