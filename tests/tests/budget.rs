@@ -149,7 +149,9 @@ fn next_to_production_the_impact_budget_rests_to_learn_then_paces_the_job_in_sma
     // A cluster of its own: on the shared one, other tests' sessions are production too.
     let primary = pg_testkit::PgCluster::start_primary().expect("primary");
     let db = TestDb::on(&primary, "impact");
-    let rows = 20_000;
+    // The pace starts at 500 rows/s and doubles every two seconds at best: 10,000 rows
+    // span a rest and a few judgements.
+    let rows = 10_000;
     db.sql(&pg_testkit::demo_data::users_table_sql(rows));
     db.audit_updates("users", "id");
     db.migrate();

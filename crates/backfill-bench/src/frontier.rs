@@ -9,7 +9,9 @@
 //! duty cycle: `impact_budget_ratio = 0`), a naive batch-then-sleep loop at several sleeps,
 //! and backfilld at fixed rates with sharing off. Rows per second are counted in the window
 //! (rows done at its close minus at its open); the p99 ratio is pgbench's p99 in the window
-//! over the same round's p99 alone.
+//! over the mean of the same round's p99 alone, taken first and again last at each rate.
+//! Next to every competitor a second pgbench times backfilld's canary transaction, so the
+//! impact budget's signal can be set beside the p99 it stands for.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -79,6 +81,14 @@ UPDATE public.orders SET updated_at = now() WHERE id = :id;
 END;
 ";
 
+/// What the bench times next to every competitor: backfilld's committing canary (one
+/// transaction that takes a transaction ID, as `LatencyCanary` runs it), so the signal the
+/// impact budget reads can be set beside the p99 it stands for.
+const CANARY_SCRIPT: &str = "SELECT pg_current_xact_id();\n";
+
+/// The bench's canary runs at backfilld's default `throttle.canary_interval` (50 ms).
+const CANARY_RATE: u32 = 20;
+
 /// Keys per statement of the naive loop.
 const NAIVE_BATCH: i64 = 1_000;
 
@@ -129,9 +139,25 @@ pub struct FrontierPlan {
     /// climb; the frontier compares steady states).
     pub climb: Duration,
     pub window: Duration,
+    /// The window is stretched to hold at least this many pgbench transactions: at 20 tx/s
+    /// a 6 s window's p99 is its second-slowest transaction, and two runs of pgbench alone
+    /// differ by 2× (seen in issue 19's runs).
+    pub min_transactions: u32,
     pub competitors: Vec<Competitor>,
     /// The load step, once per round (none: no step).
     pub step: Option<LoadStep>,
+}
+
+impl FrontierPlan {
+    /// The measured window next to pgbench at `rate` tx/s.
+    pub fn window_at(&self, rate: u32) -> Duration {
+        match rate {
+            UNLOADED_RATE => self.window,
+            rate => self.window.max(Duration::from_secs_f64(
+                f64::from(self.min_transactions) / f64::from(rate),
+            )),
+        }
+    }
 }
 
 /// One competitor at one intensity, over the rounds.
@@ -142,6 +168,9 @@ pub struct FrontierRow {
     pub rows_per_second: Vec<f64>,
     pub p99_ms: Vec<f64>,
     pub p99_ratio: Vec<f64>,
+    /// The bench canary's p90 and p99 over the same round's alone.
+    pub canary_p90_ratio: Vec<f64>,
+    pub canary_p99_ratio: Vec<f64>,
 }
 
 /// The default competitors: `variants` of backfilld's default (one setting each),
@@ -214,50 +243,40 @@ pub async fn run(
     for round in 1..=plan.rounds {
         // Unloaded first: backfilld's default with no production, flat out.
         let unloaded = default.iter().map(|c| (UNLOADED_RATE, c));
-        let loaded = plan
-            .rates
-            .iter()
-            .flat_map(|&rate| plan.competitors.iter().map(move |c| (rate, c)));
-        let mut alone_p99 = None;
+        // pgbench alone runs first and again last at each rate: its p99 differs from one
+        // window to the next by tens of percent, and the ratio of every competitor is over
+        // the mean of the two (the alone row's own spread shows that noise).
+        let loaded = plan.rates.iter().flat_map(|&rate| {
+            plan.competitors
+                .iter()
+                .chain(std::iter::once(&Competitor::Alone))
+                .map(move |c| (rate, c))
+        });
+        let mut measured_at_rate: Vec<(&Competitor, Measured)> = Vec::new();
+        let mut at_rate = None;
         for (rate, competitor) in unloaded.chain(loaded) {
-            let label = competitor.label();
+            if at_rate != Some(rate) {
+                record(&mut rows, at_rate, &measured_at_rate);
+                measured_at_rate.clear();
+                at_rate = Some(rate);
+            }
             eprintln!(
-                "backfill-bench: frontier round {round}, pgbench {rate} tx/s: {label} (load {})",
+                "backfill-bench: frontier round {round}, pgbench {rate} tx/s: {} (load {})",
+                competitor.label(),
                 crate::load_average()
             );
-            let (done, p99) =
+            let measured =
                 run_one(fixture, daemon, plan, rate, competitor, work_dir, round).await?;
-            if *competitor == Competitor::Alone {
-                alone_p99 = Some(p99);
-            }
-            let ratio = match alone_p99 {
-                Some(alone) if rate != UNLOADED_RATE => p99 / alone,
-                _ => f64::NAN,
-            };
             eprintln!(
-                "backfill-bench:   {:.0} rows/s, p99 {p99:.2} ms ({ratio:.2}× alone)",
-                done
+                "backfill-bench:   {:.0} rows/s, p99 {:.2} ms; canary p90 {:.2} ms, p99 {:.2} ms",
+                measured.rows_per_second,
+                measured.p99_ms,
+                measured.canary_ms.0,
+                measured.canary_ms.1
             );
-            let row = match rows
-                .iter_mut()
-                .find(|r| r.rate == rate && r.competitor == label)
-            {
-                Some(row) => row,
-                None => {
-                    rows.push(FrontierRow {
-                        rate,
-                        competitor: label,
-                        rows_per_second: Vec::new(),
-                        p99_ms: Vec::new(),
-                        p99_ratio: Vec::new(),
-                    });
-                    rows.last_mut().expect("just pushed")
-                }
-            };
-            row.rows_per_second.push(done);
-            row.p99_ms.push(p99);
-            row.p99_ratio.push(ratio);
+            measured_at_rate.push((competitor, measured));
         }
+        record(&mut rows, at_rate, &measured_at_rate);
         if let (Some(step), Some(Competitor::Backfilld(_, settings))) = (plan.step, &default) {
             eprintln!(
                 "backfill-bench: frontier round {round}, load step {} → {} → {} tx/s (load {})",
@@ -274,6 +293,62 @@ pub async fn run(
         fixture.drop_database(STEP_TEMPLATE)?;
     }
     Ok((rows, steps))
+}
+
+/// Adds one round's measurements at `rate` to `rows`, with their ratios over the mean of
+/// that round's pgbench-alone runs at the rate.
+fn record(rows: &mut Vec<FrontierRow>, rate: Option<u32>, measured: &[(&Competitor, Measured)]) {
+    let Some(rate) = rate else {
+        return;
+    };
+    let alone: Vec<&Measured> = measured
+        .iter()
+        .filter(|(competitor, _)| **competitor == Competitor::Alone)
+        .map(|(_, m)| m)
+        .collect();
+    let mean_alone = |of: fn(&Measured) -> f64| {
+        let values: Vec<f64> = alone
+            .iter()
+            .map(|m| of(m))
+            .filter(|v| v.is_finite())
+            .collect();
+        values.iter().sum::<f64>() / values.len() as f64
+    };
+    let baseline = (
+        mean_alone(|m| m.p99_ms),
+        mean_alone(|m| m.canary_ms.0),
+        mean_alone(|m| m.canary_ms.1),
+    );
+    for (competitor, m) in measured {
+        let label = competitor.label();
+        let over = |value: f64, alone: f64| match rate {
+            UNLOADED_RATE => f64::NAN,
+            _ => value / alone,
+        };
+        let row = match rows
+            .iter_mut()
+            .position(|r| r.rate == rate && r.competitor == label)
+        {
+            Some(at) => &mut rows[at],
+            None => {
+                rows.push(FrontierRow {
+                    rate,
+                    competitor: label,
+                    rows_per_second: Vec::new(),
+                    p99_ms: Vec::new(),
+                    p99_ratio: Vec::new(),
+                    canary_p90_ratio: Vec::new(),
+                    canary_p99_ratio: Vec::new(),
+                });
+                rows.last_mut().expect("just pushed")
+            }
+        };
+        row.rows_per_second.push(m.rows_per_second);
+        row.p99_ms.push(m.p99_ms);
+        row.p99_ratio.push(over(m.p99_ms, baseline.0));
+        row.canary_p90_ratio.push(over(m.canary_ms.0, baseline.1));
+        row.canary_p99_ratio.push(over(m.canary_ms.1, baseline.2));
+    }
 }
 
 /// Creates database `db` (afresh) holding the orders table with `rows` rows.
@@ -294,8 +369,18 @@ fn stop_daemon(child: &mut std::process::Child) {
     let _ = child.wait();
 }
 
-/// One competitor next to pgbench at `rate`: rows per second in the window and pgbench's
-/// p99 in it (ms).
+/// What one competitor run measured in its window.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    rows_per_second: f64,
+    /// pgbench's p99, ms.
+    p99_ms: f64,
+    /// The bench's canary: p90 and p99 of its round trips, ms.
+    canary_ms: (f64, f64),
+}
+
+/// One competitor next to pgbench at `rate`: rows per second in the window, pgbench's
+/// p99 in it and the canary's tail.
 async fn run_one(
     fixture: &Fixture,
     daemon: &Daemon,
@@ -304,7 +389,7 @@ async fn run_one(
     competitor: &Competitor,
     work_dir: &std::path::Path,
     round: u32,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<Measured> {
     let db = "frontier_run";
     fixture.fresh_copy("frontier_template", db)?;
     fixture.psql(db, PREWARM_SQL)?;
@@ -323,6 +408,9 @@ async fn run_one(
                 rate,
             )
         })
+        .transpose()?;
+    let canary = (rate != UNLOADED_RATE)
+        .then(|| Load::start_script(&pgbench, &conninfo, CANARY_SCRIPT, &[], 1, CANARY_RATE))
         .transpose()?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -366,7 +454,11 @@ async fn run_one(
         // included.
         let done = until_finished(fixture, db, child.as_mut()).await?;
         fixture.drop_database(db)?;
-        return Ok((done, f64::NAN));
+        return Ok(Measured {
+            rows_per_second: done,
+            p99_ms: f64::NAN,
+            canary_ms: (f64::NAN, f64::NAN),
+        });
     }
     // The default and its variants climb.
     let settle = if competitor.label().starts_with("backfilld default") {
@@ -385,7 +477,8 @@ async fn run_one(
             .context("counting done rows")
     };
     let (opened, done_before) = (SystemTime::now(), count()?);
-    tokio::time::sleep(plan.window).await;
+    let window = plan.window_at(rate);
+    tokio::time::sleep(window).await;
     let (done_after, closed) = (count()?, SystemTime::now());
     stop.store(true, Ordering::Relaxed);
     if let Some(task) = naive {
@@ -395,14 +488,21 @@ async fn run_one(
         stop_daemon(&mut child);
     }
     let transactions = load.map(Load::stop).transpose()?.unwrap_or_default();
-    let window = (epoch_micros(opened), epoch_micros(closed));
-    let p99 = LatencySummary::over(&transactions, window).map_or(f64::NAN, |s| s.p99_ms);
+    let canaries = canary.map(Load::stop).transpose()?.unwrap_or_default();
+    let span = (epoch_micros(opened), epoch_micros(closed));
+    let p99 = LatencySummary::over(&transactions, span).map_or(f64::NAN, |s| s.p99_ms);
+    let canary_ms = LatencySummary::over(&canaries, span)
+        .map_or((f64::NAN, f64::NAN), |s| (s.p90_ms, s.p99_ms));
     let seconds = closed
         .duration_since(opened)
-        .unwrap_or(plan.window)
+        .unwrap_or(window)
         .as_secs_f64();
     fixture.drop_database(db)?;
-    Ok(((done_after - done_before) as f64 / seconds, p99))
+    Ok(Measured {
+        rows_per_second: (done_after - done_before) as f64 / seconds,
+        p99_ms: p99,
+        canary_ms,
+    })
 }
 
 /// Waits for the frontier's job in `db` to end (at most [`UNLOADED_LIMIT`]), stops the
@@ -467,15 +567,17 @@ pub fn to_markdown(rows: &[FrontierRow], plan: &FrontierPlan, budget: f64) -> St
         "Frontier: {} orders rows (10 columns, 200-byte payload, index on customer_id); \
          pgbench -M prepared -c {} -j 2 -R <rate> reading and updating one random order per \
          transaction; each competitor on a fresh copy, {} s settling ({} s for backfilld's \
-         default, whose pace climbs) then a {} s window; {} rounds; median (min–max) over the rounds. p99 ratio: pgbench's p99 in the window over \
-         its p99 alone in the same round.\n\n\
-         | pgbench tx/s | competitor | rows/s | pgbench p99 ms | p99 ratio | within {budget}× |\n\
-         |---:|---|---:|---:|---:|:---:|\n",
+         default, whose pace climbs) then a window of {} s or {} pgbench transactions, whichever is longer; {} rounds; median (min–max) over the rounds. p99 ratio: pgbench's p99 in the window over \
+         the mean of its p99 alone in the same round, run first and again last at each rate (the alone row's ratios show that baseline's own noise). Canary: a `SELECT pg_current_xact_id()` transaction every 50 ms on a session of its own, as backfilld's \
+         canary runs it, timed by a second pgbench; its p90 and p99 in the window over the same round's alone, likewise.\n\n\
+         | pgbench tx/s | competitor | rows/s | pgbench p99 ms | p99 ratio | within {budget}× | canary p90 ratio | canary p99 ratio |\n\
+         |---:|---|---:|---:|---:|:---:|---:|---:|\n",
         plan.rows,
         plan.clients,
         plan.settle.as_secs(),
         (plan.settle + plan.climb).as_secs(),
         plan.window.as_secs(),
+        plan.min_transactions,
         plan.rounds
     );
     for row in rows {
@@ -499,11 +601,13 @@ pub fn to_markdown(rows: &[FrontierRow], plan: &FrontierPlan, budget: f64) -> St
             rate => rate.to_string(),
         };
         out.push_str(&format!(
-            "| {rate} | {} | {} | {} | {} | {within} |\n",
+            "| {rate} | {} | {} | {} | {} | {within} | {} | {} |\n",
             row.competitor,
             median_range(&row.rows_per_second, 0),
             median_range(&row.p99_ms, 2),
             median_range(&row.p99_ratio, 2),
+            median_range(&row.canary_p90_ratio, 2),
+            median_range(&row.canary_p99_ratio, 2),
         ));
     }
     out

@@ -132,21 +132,26 @@ struct Options {
     /// Seconds each frontier competitor runs before its window opens.
     #[arg(long, default_value_t = 3)]
     frontier_settle: u64,
-    /// Seconds backfilld's default settles on top of --frontier-settle (its pace climbs).
-    #[arg(long, default_value_t = 10)]
+    /// Seconds backfilld's default settles on top of --frontier-settle (its pace climbs:
+    /// it doubles every five seconds from 500 rows/s after a rest of about two).
+    #[arg(long, default_value_t = 25)]
     frontier_climb: u64,
     /// Seconds of each frontier competitor's measured window.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 10)]
     frontier_window: u64,
+    /// Fewest pgbench transactions in a frontier window (the window stretches at low rates:
+    /// a p99 needs a few hundred).
+    #[arg(long, default_value_t = 1000)]
+    frontier_min_transactions: u32,
     /// Fixed `max_rows_per_second` of the frontier's fixed-rate backfilld runs (0: none).
-    #[arg(long, value_delimiter = ',', default_values_t = [1000, 5000])]
+    #[arg(long, value_delimiter = ',', default_values_t = [500, 1000, 2500])]
     frontier_fixed_rates: Vec<u32>,
     /// A variant of backfilld's default in the frontier, KEY=VALUE (repeatable; e.g.
     /// BACKFILLD_THROTTLE__IMPACT_FLOOR=3ms, to compare a setting with its default).
     #[arg(long = "frontier-variant", value_parser = parse_setting)]
     frontier_variants: Vec<(String, String)>,
     /// Sleeps (ms) of the frontier's naive batch-then-sleep loops (0: none).
-    #[arg(long, value_delimiter = ',', default_values_t = [20, 200])]
+    #[arg(long, value_delimiter = ',', default_values_t = [200, 1000])]
     frontier_sleeps: Vec<u64>,
     /// The frontier's load step, once per round: pgbench FROM tx/s, then TO, then FROM
     /// again, next to backfilld's default.
@@ -367,6 +372,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
             settle: Duration::from_secs(options.frontier_settle),
             climb: Duration::from_secs(options.frontier_climb),
             window: Duration::from_secs(options.frontier_window.max(1)),
+            min_transactions: options.frontier_min_transactions,
             competitors: frontier::default_competitors(
                 &throttled,
                 &options.frontier_fixed_rates,

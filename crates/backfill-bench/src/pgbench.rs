@@ -130,7 +130,8 @@ impl Load {
         let path = dir.path().join(script_name);
         std::fs::write(&path, script).context("writing the pgbench script")?;
         let child = Command::new(binary)
-            .args(["-n", "-M", "prepared", "-j", "2", "-l"])
+            .args(["-n", "-M", "prepared", "-l"])
+            .arg(format!("-j{}", clients.clamp(1, 2)))
             .arg(format!("--log-prefix={}", dir.path().join("txn").display()))
             .arg(format!("-c{clients}"))
             .arg(format!("-R{rate}"))
@@ -210,6 +211,7 @@ pub fn epoch_micros(at: SystemTime) -> i64 {
 pub struct LatencySummary {
     pub tps: f64,
     pub p50_ms: f64,
+    pub p90_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
     /// p99 of each script alone: `simple-update`, then the users script.
@@ -236,6 +238,7 @@ impl LatencySummary {
         Some(LatencySummary {
             tps: latencies.len() as f64 / seconds.max(1e-6),
             p50_ms: percentile(&latencies, 50.0)?,
+            p90_ms: percentile(&latencies, 90.0)?,
             p99_ms: percentile(&latencies, 99.0)?,
             max_ms: crate::stats::peak(&latencies)?,
             p99_by_script_ms: [p99_of_script(0), p99_of_script(1)],

@@ -142,7 +142,7 @@ pub fn install_metrics(idle_timeout: Option<Duration>) -> Result<PrometheusHandl
     );
     describe_gauge!(
         "backfill_impact_ratio",
-        "Production's latency (the canary's p90) over its baseline, as the impact budget last measured it."
+        "Production's latency (the tail of the canary's round trips, their p98) over its baseline, as the impact budget last measured it."
     );
     describe_gauge!(
         "backfill_impact_budget_rows_per_second",
