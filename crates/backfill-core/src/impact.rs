@@ -48,9 +48,14 @@ use std::time::Duration;
 /// a hundred. The p98 of a hundred is the third slowest: a stray or two do not set it.
 pub const TAIL_QUANTILE: f64 = 0.98;
 
-/// How long backfilld rests to learn the baseline (after [`DRAIN`]): [`BASELINE_RESTS`]
+/// How long backfilld rests to re-learn the baseline (after [`DRAIN`]): [`BASELINE_RESTS`]
 /// rests' canaries together are about as many as a judgement's.
 pub const REST: Duration = Duration::from_millis(2_000);
+
+/// The first rest is as long as a judgement's span: alone, a two-second rest's p98 is its
+/// slowest canary, and one stray there (2.4 ms against 0.5 ms, in issue 19's frontier) set
+/// a budget nothing ever exceeded.
+pub const FIRST_REST: Duration = CUT_AFTER;
 
 /// At the start of a rest, canaries are ignored this long: the last batch and its commit
 /// flush may still be running.
@@ -263,7 +268,12 @@ impl ImpactController {
             .is_some_and(|at| now.saturating_sub(at) < SIGNAL_TIMEOUT);
         match self.phase {
             Phase::Resting { since } => {
-                if now >= since.saturating_add(DRAIN).saturating_add(REST) {
+                let rest = if self.rests.is_empty() {
+                    FIRST_REST
+                } else {
+                    REST
+                };
+                if now >= since.saturating_add(DRAIN).saturating_add(rest) {
                     if self.samples.len() >= MIN_SAMPLES {
                         if self.rests.len() == BASELINE_RESTS {
                             self.rests.remove(0);
@@ -388,7 +398,7 @@ impl ImpactController {
     /// Projects the seconds a backfill of `rows` takes next to production at best, when
     /// its jobs manage `rows_per_second` flat out and production's latency never binds:
     /// the climb from [`START_RATE`] (slow start, one judgement every [`GROW_AFTER`]) after the first
-    /// rest, then the full rate, minus the rests that re-learn the baseline
+    /// rest ([`FIRST_REST`]), then the full rate, minus the rests that re-learn the baseline
     /// ([`DRAIN`] + [`REST`] every `relearn_every`). What production's latency allows is
     /// only known by running; this is the bound `plan` shows.
     pub fn best_case_seconds(settings: &ImpactSettings, rows: f64, rows_per_second: f64) -> f64 {
@@ -399,7 +409,7 @@ impl ImpactController {
         let relearn = settings.relearn_every.as_secs_f64().max(rest);
         // Share of the time spent pacing rather than resting.
         let pacing = relearn / (relearn + rest);
-        let mut seconds = rest;
+        let mut seconds = (DRAIN + FIRST_REST).as_secs_f64();
         let mut left = rows;
         let mut rate = START_RATE;
         let step = GROW_AFTER.as_secs_f64();
