@@ -29,9 +29,9 @@
 //!   multiplies ([`SLOW_START_FACTOR`] until the first cut; [`ROOMY_FACTOR`] after one, up
 //!   to [`APPROACH`] of the rate last cut at, then again once past it); otherwise, and
 //!   between [`APPROACH`] of the last cut and the cut itself, it grows by
-//!   [`GROWTH_FRACTION`] of the rate (at least [`MIN_GROWTH`]). A cut by a noisy second is
-//!   thus won back in a second or two, and a pace far under what production allows (a
-//!   light load) climbs there in seconds, not minutes, while a pace near the budget creeps.
+//!   [`GROWTH_FRACTION`] of the rate (at least [`MIN_GROWTH`]). A cut by noise is thus won
+//!   back in a few judgements, and a pace far under what production allows (a light load)
+//!   climbs there in seconds, not minutes, while a pace near the budget creeps.
 //!   The rate never grows past twice what the jobs achieved: a rate the jobs cannot reach
 //!   buys nothing and would make the next cut arrive late.
 //! - **No signal** (no canary answered for [`SIGNAL_TIMEOUT`]): no verdict; the throttle
@@ -44,8 +44,8 @@ use std::time::Duration;
 
 /// The tail judged (nearest rank). Issue 19's frontier, pgbench next to backfilld at fixed
 /// rates (durable commits, a quiet 2-core machine): where pgbench's p99 rose 2–7×, the
-/// canary's p99 rose 1.2–7× and its p90 at most 1.6×; a backfill stalls a few canaries in
-/// a hundred. The p98 of a hundred is the third slowest: a stray or two do not set it.
+/// canary's p99 rose 1.2–7.6× and its p90 mostly not at all; a backfill stalls a few
+/// canaries in a hundred. The p98 of a hundred is the third slowest: a stray or two do not set it.
 pub const TAIL_QUANTILE: f64 = 0.98;
 
 /// How long backfilld rests to re-learn the baseline (after [`DRAIN`]): [`BASELINE_RESTS`]
@@ -94,8 +94,8 @@ pub const MIN_GROWTH: f64 = 50.0;
 /// Growth per judgement under budget until the first cut (slow start, as TCP's).
 pub const SLOW_START_FACTOR: f64 = 2.0;
 
-/// Growth per judgement after a cut while there is room ([`ROOMY_SHARE`]): back to where it
-/// was cut in one or two seconds, and past it in a few if that cut was noise.
+/// Growth per judgement after a cut while there is room ([`ROOMY_SHARE`]): back near where
+/// it was cut in one or two judgements, and past it in a few if that cut was noise.
 pub const ROOMY_FACTOR: f64 = 1.5;
 
 /// After a cut, a roomy climb multiplies only up to this share of the rate last cut at,
@@ -133,8 +133,8 @@ impl Default for ImpactSettings {
     fn default() -> Self {
         ImpactSettings {
             budget_ratio: 1.3,
-            // Issue 19's frontier: 1 ms let pgbench's p99 rise 1.4–2.3× at 200–2,600
-            // rows/s; 500 µs held it within 1.3× but for noise at the light load.
+            // Issue 19's frontier: under 1 ms the canary's tail never rose over budget
+            // where pgbench's p99 rose 1.4–2.3×; 500 µs cuts sooner (docs/BENCHMARKS.md).
             floor: Duration::from_micros(500),
             relearn_every: Duration::from_secs(30),
         }
