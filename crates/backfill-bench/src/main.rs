@@ -133,7 +133,7 @@ struct Options {
     #[arg(long, default_value_t = 3)]
     frontier_settle: u64,
     /// Seconds backfilld's default settles on top of --frontier-settle (its pace climbs:
-    /// it doubles every five seconds from 500 rows/s after a rest of about two).
+    /// a first rest of about five seconds, then it doubles every two from 500 rows/s).
     #[arg(long, default_value_t = 25)]
     frontier_climb: u64,
     /// Seconds of each frontier competitor's measured window.

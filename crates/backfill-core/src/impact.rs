@@ -45,7 +45,8 @@ use std::time::Duration;
 /// The tail judged (nearest rank). Issue 19's frontier, pgbench next to backfilld at fixed
 /// rates (durable commits, a quiet 2-core machine): where pgbench's p99 rose 2–7×, the
 /// canary's p99 rose 1.2–7.6× and its p90 mostly not at all; a backfill stalls a few
-/// canaries in a hundred. The p98 of a hundred is the third slowest: a stray or two do not set it.
+/// canaries in a hundred. The p98 of a hundred is the third slowest: a stray or two do not
+/// set it.
 pub const TAIL_QUANTILE: f64 = 0.98;
 
 /// How long backfilld rests to re-learn the baseline (after [`DRAIN`]): [`BASELINE_RESTS`]
@@ -352,14 +353,10 @@ impl ImpactController {
             (baseline * (self.settings.budget_ratio - 1.0)).max(self.settings.floor.as_secs_f64());
         let rise = current - baseline;
         let over = rise > allowed;
-        let roomy = rise < allowed * ROOMY_SHARE;
+        let step = self.growth(rise < allowed * ROOMY_SHARE);
         // Multiplying with room to spare may go on fewer canaries (none of them over);
         // a cut, or creeping up near the last cut, waits for a full span's tail.
-        let multiplies = roomy
-            && self
-                .cut_at
-                .is_none_or(|cut_at| self.rate < cut_at * APPROACH || self.rate >= cut_at);
-        if span < CUT_AFTER && (over || !multiplies) {
+        if span < CUT_AFTER && (over || !step.multiplies) {
             return;
         }
         if over {
@@ -367,31 +364,44 @@ impl ImpactController {
             self.rate = (self.rate * CUT_FACTOR).max(MIN_RATE);
             self.enter_pacing(now);
         } else {
-            let additive = self.rate + (self.rate * GROWTH_FRACTION).max(MIN_GROWTH);
-            let grown = match self.cut_at {
-                _ if !roomy => additive,
-                None => self.rate * SLOW_START_FACTOR,
-                // Back fast to just under the last cut, then creep up to it: production's
-                // latency often turns up steeply near its limit (a hockey stick), and
-                // jumping back to the rate that was over budget would spend every other
-                // second over it.
-                Some(cut_at) if self.rate < cut_at * APPROACH => {
-                    (self.rate * ROOMY_FACTOR).min(cut_at * APPROACH)
-                }
-                Some(cut_at) if self.rate < cut_at => additive,
-                // Past the last cut with room to spare: that cut was noise, or production
-                // has lightened since.
-                Some(_) => self.rate * ROOMY_FACTOR,
-            };
             // Never past twice what the jobs achieve: a pace they cannot reach buys nothing.
             let cap = self
                 .achieved
                 .map_or(MAX_RATE, |a| (2.0 * a).max(START_RATE));
-            self.rate = grown
+            self.rate = step
+                .to
                 .min(cap)
                 .max(self.rate.min(cap))
                 .clamp(MIN_RATE, MAX_RATE);
             self.enter_pacing(now);
+        }
+    }
+
+    /// The next growth step from the pace in force; `roomy`: the canary's rise is under
+    /// [`ROOMY_SHARE`] of the allowed one.
+    fn growth(&self, roomy: bool) -> Growth {
+        let multiply = |factor: f64, limit: f64| Growth {
+            to: (self.rate * factor).min(limit),
+            multiplies: true,
+        };
+        let additive = Growth {
+            to: self.rate + (self.rate * GROWTH_FRACTION).max(MIN_GROWTH),
+            multiplies: false,
+        };
+        match self.cut_at {
+            _ if !roomy => additive,
+            None => multiply(SLOW_START_FACTOR, f64::INFINITY),
+            // Back fast to just under the last cut, then creep up to it: production's
+            // latency often turns up steeply near its limit (a hockey stick), and jumping
+            // back to the rate that was over budget would spend every other judgement
+            // over it.
+            Some(cut_at) if self.rate < cut_at * APPROACH => {
+                multiply(ROOMY_FACTOR, cut_at * APPROACH)
+            }
+            Some(cut_at) if self.rate < cut_at => additive,
+            // Past the last cut with room to spare: that cut was noise, or production has
+            // lightened since.
+            Some(_) => multiply(ROOMY_FACTOR, f64::INFINITY),
         }
     }
 
@@ -421,6 +431,14 @@ impl ImpactController {
         }
         seconds + left / (rows_per_second * pacing)
     }
+}
+
+/// A growth step of the pace: the rate it grows to, and whether it multiplies (and may
+/// then be taken on fewer canaries, see [`GROW_AFTER`]).
+#[derive(Debug, Clone, Copy)]
+struct Growth {
+    to: f64,
+    multiplies: bool,
 }
 
 /// The `q` quantile (nearest rank) of `values`; `None` when empty. Reorders `values`.
