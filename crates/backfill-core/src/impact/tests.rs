@@ -68,6 +68,34 @@ fn it_rests_first_to_learn_the_baseline() {
 }
 
 #[test]
+fn one_stray_canary_in_the_first_rest_does_not_set_the_baseline() {
+    // A first rest of two seconds had its slowest canary as its p98: one stray of 20 ms
+    // set a budget nothing ever exceeded (issue 19's frontier).
+    let mut controller = ImpactController::new(ImpactSettings::default(), ms(0));
+    let seen = std::cell::Cell::new(0);
+    let one_stray = |_: Option<ImpactDirective>| {
+        seen.set(seen.get() + 1);
+        if seen.get() == 20 {
+            ms(20)
+        } else {
+            ms(2)
+        }
+    };
+    run(
+        &mut controller,
+        ms(0),
+        DRAIN + FIRST_REST + CANARY,
+        true,
+        one_stray,
+    );
+    let baseline = controller.baseline().expect("a baseline");
+    assert!(
+        baseline.abs_diff(ms(2)) < Duration::from_micros(1),
+        "{baseline:?}"
+    );
+}
+
+#[test]
 fn it_converges_below_the_budget_and_near_it() {
     let settings = ImpactSettings {
         relearn_every: Duration::from_secs(3600),
