@@ -22,7 +22,11 @@
 //!   `floor` above it.
 //! - **Pace** (AIMD, as TCP congestion control, with a fast climb where there is room):
 //!   from [`START_RATE`]. Over budget, judged on [`CUT_AFTER`] of canaries, cuts it by
-//!   [`CUT_FACTOR`]. Under budget it grows, as fast as the room left allows (a
+//!   [`CUT_FACTOR`], or back to where the step that set it started when that step
+//!   multiplied (as TCP's slow start halves on a loss: the step is what went over). A pace
+//!   just set by a multiplying step is cut already after [`DECIDED_AFTER`] when enough of
+//!   its canaries are over that the full span's tail must be: a doubling over a cliff
+//!   costs production a second, not five. Under budget it grows, as fast as the room left allows (a
 //!   multiplying step is judged already after [`GROW_AFTER`] when not one canary was
 //!   over, an additive one after [`CUT_AFTER`]):
 //!   while the canary's rise is under [`ROOMY_SHARE`] of what the budget allows, it
@@ -75,6 +79,13 @@ pub const MAX_RATE: f64 = 10_000_000.0;
 /// changed: a hundred at the default 50 ms `canary_interval`, enough for a tail
 /// ([`TAIL_QUANTILE`]) that a stray canary does not set.
 pub const CUT_AFTER: Duration = Duration::from_millis(5_000);
+
+/// A pace just reached by a multiplying step is judged over budget already after this
+/// long when enough of its canaries are over that the full span's tail must be (see
+/// [`decided_tail`]): issue 19's frontier doubled from 15,000 to 29,000 rows/s next to
+/// 200 tx/s, where production's p99 went from 4 to 150 ms, and waiting out a full span
+/// there costs production five seconds of that.
+pub const DECIDED_AFTER: Duration = Duration::from_millis(1_000);
 
 /// Canaries are judged under budget once they span this long: with fewer than fifty, the
 /// p98 is the slowest of them, so growing this early asks that not one was over budget.
@@ -183,6 +194,9 @@ pub struct ImpactController {
     rate: f64,
     /// Rate at the last cut; `None` while still in slow start.
     cut_at: Option<f64>,
+    /// The pace before the step that set the one in force, when that step multiplied: a
+    /// cut undoes it.
+    stepped_from: Option<f64>,
     last_ratio: Option<f64>,
     last_canary: Option<Duration>,
     last_relearn: Duration,
@@ -219,6 +233,7 @@ impl ImpactController {
             rests: Vec::new(),
             rate: START_RATE,
             cut_at: None,
+            stepped_from: None,
             last_ratio: None,
             last_canary: None,
             last_relearn: now,
@@ -333,24 +348,35 @@ impl ImpactController {
         self.samples.clear();
     }
 
-    /// Cuts when over budget (after [`CUT_AFTER`]), grows when under it (after
-    /// [`GROW_AFTER`]).
+    /// Cuts when over budget (after [`CUT_AFTER`], or [`DECIDED_AFTER`] when a
+    /// multiplying step just set the pace and its tail is already decided), grows when
+    /// under it (after [`GROW_AFTER`]).
     fn judge(&mut self, now: Duration, since: Duration) {
         let Some(baseline) = self.baseline else {
             return;
         };
         let span = now.saturating_sub(since);
-        if span < GROW_AFTER || self.samples.len() < MIN_SAMPLES {
+        if span < DECIDED_AFTER || self.samples.len() < MIN_SAMPLES {
+            return;
+        }
+        // The rise the budget allows: the ratio's, or the floor when that is more.
+        let allowed =
+            (baseline * (self.settings.budget_ratio - 1.0)).max(self.settings.floor.as_secs_f64());
+        let ratio_of = |tail: f64| tail / baseline.max(f64::MIN_POSITIVE);
+        if self.stepped_from.is_some() {
+            if let Some(tail) = decided_tail(&mut self.samples, span, baseline + allowed) {
+                self.last_ratio = Some(ratio_of(tail));
+                self.cut(now);
+                return;
+            }
+        }
+        if span < GROW_AFTER {
             return;
         }
         let Some(current) = quantile(&mut self.samples, TAIL_QUANTILE) else {
             return;
         };
-        let ratio = current / baseline.max(f64::MIN_POSITIVE);
-        self.last_ratio = Some(ratio);
-        // The rise the budget allows: the ratio's, or the floor when that is more.
-        let allowed =
-            (baseline * (self.settings.budget_ratio - 1.0)).max(self.settings.floor.as_secs_f64());
+        self.last_ratio = Some(ratio_of(current));
         let rise = current - baseline;
         let over = rise > allowed;
         let step = self.growth(rise < allowed * ROOMY_SHARE);
@@ -360,21 +386,31 @@ impl ImpactController {
             return;
         }
         if over {
-            self.cut_at = Some(self.rate);
-            self.rate = (self.rate * CUT_FACTOR).max(MIN_RATE);
-            self.enter_pacing(now);
+            self.cut(now);
         } else {
             // Never past twice what the jobs achieve: a pace they cannot reach buys nothing.
             let cap = self
                 .achieved
                 .map_or(MAX_RATE, |a| (2.0 * a).max(START_RATE));
-            self.rate = step
+            let to = step
                 .to
                 .min(cap)
                 .max(self.rate.min(cap))
                 .clamp(MIN_RATE, MAX_RATE);
+            self.stepped_from = (step.multiplies && to > self.rate).then_some(self.rate);
+            self.rate = to;
             self.enter_pacing(now);
         }
+    }
+
+    /// Over budget: by [`CUT_FACTOR`], or back to the pace before the step that set this
+    /// one when that step multiplied and was bigger (as TCP halves on a loss in slow
+    /// start): that pace was judged under budget, the step is what went over.
+    fn cut(&mut self, now: Duration) {
+        self.cut_at = Some(self.rate);
+        let undone = self.stepped_from.take().unwrap_or(f64::INFINITY);
+        self.rate = (self.rate * CUT_FACTOR).min(undone).max(MIN_RATE);
+        self.enter_pacing(now);
     }
 
     /// The next growth step from the pace in force; `roomy`: the canary's rise is under
@@ -439,6 +475,27 @@ impl ImpactController {
 struct Growth {
     to: f64,
     multiplies: bool,
+}
+
+/// A tail already over `threshold` whatever the rest of the span says: a full
+/// [`CUT_AFTER`] span (at the canaries' pace so far over `span`) has its [`TAIL_QUANTILE`]
+/// at a rank with `k` canaries at or above it, so once `k` canaries so far are over
+/// `threshold`, so is the tail. Returns the lower bound of the tail they set (the `k`th
+/// slowest), or `None` while undecided. Reorders `values`.
+fn decided_tail(values: &mut [f64], span: Duration, threshold: f64) -> Option<f64> {
+    if values.is_empty() || span.is_zero() {
+        return None;
+    }
+    let full = (values.len() as f64 * CUT_AFTER.as_secs_f64() / span.as_secs_f64())
+        .ceil()
+        .max(values.len() as f64);
+    let above_tail = full as usize - (TAIL_QUANTILE * full).ceil() as usize + 1;
+    if values.len() < above_tail {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let decider = values[values.len() - above_tail];
+    (decider > threshold).then_some(decider)
 }
 
 /// The `q` quantile (nearest rank) of `values`; `None` when empty. Reorders `values`.

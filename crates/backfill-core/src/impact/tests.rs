@@ -272,14 +272,93 @@ fn two_stray_canaries_are_not_a_tail_but_three_are() {
         controller.rate()
     );
     // Three stalled canaries in a span of a hundred: a tail, over budget; the pace is
-    // cut.
+    // cut, back to where the step that grew it started.
     let grown = controller.rate();
-    run(&mut controller, now, CUT_AFTER, true, stalls(3));
     assert!(
-        (controller.rate() - grown * CUT_FACTOR).abs() < 1e-9,
-        "{grown} → {}",
+        grown > before * 1.4,
+        "{before} → {grown}: a multiplying step"
+    );
+    let (mut now, three) = (now, stalls(3));
+    let span_end = now + CUT_AFTER;
+    while controller.rate() == grown && now < span_end {
+        (now, _) = run(&mut controller, now, CANARY, true, &three);
+    }
+    assert!(
+        (controller.rate() - before.min(grown * CUT_FACTOR)).abs() < 1e-9,
+        "{before} → {grown} → {}",
         controller.rate()
     );
+}
+
+#[test]
+fn a_doubling_into_a_cliff_is_undone_within_a_second() {
+    // Production does not notice us up to 3 000 rows/s, then suffers badly: slow start
+    // doubles 500 → 1 000 → 2 000 → 4 000, over the cliff (issue 19's frontier: 15,000 →
+    // 29,000 rows/s next to 200 tx/s, production's p99 from 4 to 150 ms).
+    let cliff = |d: Option<ImpactDirective>| match d {
+        Some(ImpactDirective::Pace(rate)) if rate > 3_000.0 => ms(10),
+        _ => ms(2),
+    };
+    let mut controller = ImpactController::new(ImpactSettings::default(), ms(0));
+    let (mut now, mut before) = (ms(0), controller.rate());
+    while controller.rate() <= 3_000.0 {
+        before = controller.rate();
+        (now, _) = run(&mut controller, now, CANARY, true, cliff);
+        assert!(now < ms(30_000), "never reached the cliff");
+    }
+    let over_since = now;
+    let over = controller.rate();
+    while controller.rate() == over {
+        (now, _) = run(&mut controller, now, CANARY, true, cliff);
+        assert!(now < over_since + CUT_AFTER, "no cut within a span");
+    }
+    // Judged on a second of canaries, not five, and back to the pace before the doubling
+    // (a cut by CUT_FACTOR would stay over the cliff).
+    assert!(
+        now - over_since <= DECIDED_AFTER + CANARY,
+        "{:?} at {over} rows/s",
+        now - over_since
+    );
+    assert_eq!(controller.rate(), before, "{over} → {}", controller.rate());
+}
+
+#[test]
+fn a_cut_pace_is_cut_again_only_on_a_full_span() {
+    // After a cut, the canaries are judged on a full span again: production slow
+    // whatever we do costs one cut in five seconds, not one a second.
+    let mut controller = ImpactController::new(ImpactSettings::default(), ms(0));
+    let (now, _) = run(&mut controller, ms(0), ms(10_000), true, linear);
+    let before = controller.rate();
+    let (now, _) = run(&mut controller, now, DECIDED_AFTER * 2, true, |_| ms(20));
+    let cut = controller.rate();
+    assert!(cut < before, "{before} → {cut}");
+    run(
+        &mut controller,
+        now,
+        CUT_AFTER - DECIDED_AFTER * 2,
+        true,
+        |_| ms(20),
+    );
+    assert_eq!(
+        controller.rate(),
+        cut,
+        "{before} → {cut} → {}",
+        controller.rate()
+    );
+}
+
+#[test]
+fn a_decided_tail_needs_as_many_over_as_a_full_span_leaves_above_its_quantile() {
+    // 20 canaries over one of five seconds: a full span has 100, whose p98 is the third
+    // slowest; three over 3 ms decide it, two do not.
+    let span = Duration::from_secs(1);
+    let mut two: Vec<f64> = (0..20).map(|i| if i < 2 { 0.010 } else { 0.002 }).collect();
+    assert_eq!(decided_tail(&mut two, span, 0.003), None);
+    let mut three: Vec<f64> = (0..20).map(|i| if i < 3 { 0.010 } else { 0.002 }).collect();
+    assert_eq!(decided_tail(&mut three, span, 0.003), Some(0.010));
+    // Under the threshold, nothing is decided however many canaries there are.
+    let mut slow: Vec<f64> = vec![0.0029; 100];
+    assert_eq!(decided_tail(&mut slow, CUT_AFTER, 0.003), None);
 }
 
 #[test]
