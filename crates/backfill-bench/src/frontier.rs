@@ -81,10 +81,12 @@ UPDATE public.orders SET updated_at = now() WHERE id = :id;
 END;
 ";
 
-/// What the bench times next to every competitor: backfilld's committing canary (one
-/// transaction that takes a transaction ID, as `LatencyCanary` runs it), so the signal the
-/// impact budget reads can be set beside the p99 it stands for.
-const CANARY_SCRIPT: &str = "SELECT pg_current_xact_id();\n";
+/// What the bench times next to every competitor: backfilld's committing canary (the very
+/// statement `LatencyCanary` runs), so the signal the impact budget reads can be set beside
+/// the p99 it stands for.
+fn canary_script() -> String {
+    format!("{};\n", backfill_dataplane::CANARY_SQL)
+}
 
 /// The bench's canary runs at backfilld's default `throttle.canary_interval` (50 ms).
 const CANARY_RATE: u32 = 20;
@@ -410,7 +412,7 @@ async fn run_one(
         })
         .transpose()?;
     let canary = (rate != UNLOADED_RATE)
-        .then(|| Load::start_script(&pgbench, &conninfo, CANARY_SCRIPT, &[], 1, CANARY_RATE))
+        .then(|| Load::start_script(&pgbench, &conninfo, &canary_script(), &[], 1, CANARY_RATE))
         .transpose()?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -568,7 +570,7 @@ pub fn to_markdown(rows: &[FrontierRow], plan: &FrontierPlan, budget: f64) -> St
          pgbench -M prepared -c {} -j 2 -R <rate> reading and updating one random order per \
          transaction; each competitor on a fresh copy, {} s settling ({} s for backfilld's \
          default, whose pace climbs) then a window of {} s or {} pgbench transactions, whichever is longer; {} rounds; median (min–max) over the rounds. p99 ratio: pgbench's p99 in the window over \
-         the mean of its p99 alone in the same round, run first and again last at each rate (the alone row's ratios show that baseline's own noise). Canary: a `SELECT pg_current_xact_id()` transaction every 50 ms on a session of its own, as backfilld's \
+         the mean of its p99 alone in the same round, run first and again last at each rate (the alone row's ratios show that baseline's own noise). Canary: backfilld's canary transaction (`{}`) every 50 ms on a session of its own, as backfilld's \
          canary runs it, timed by a second pgbench; its p90 and p99 in the window over the same round's alone, likewise.\n\n\
          | pgbench tx/s | competitor | rows/s | pgbench p99 ms | p99 ratio | within {budget}× | canary p90 ratio | canary p99 ratio |\n\
          |---:|---|---:|---:|---:|:---:|---:|---:|\n",
@@ -578,7 +580,8 @@ pub fn to_markdown(rows: &[FrontierRow], plan: &FrontierPlan, budget: f64) -> St
         (plan.settle + plan.climb).as_secs(),
         plan.window.as_secs(),
         plan.min_transactions,
-        plan.rounds
+        plan.rounds,
+        backfill_dataplane::CANARY_SQL
     );
     for row in rows {
         let ratio = {

@@ -80,7 +80,7 @@ use backfill_core::throttle::{HealthSample, QueryReading};
 use deadpool_postgres::Pool;
 use futures::future::join_all;
 
-pub use canary::LatencyCanary;
+pub use canary::{LatencyCanary, CANARY_SQL};
 use failure_log::FailureLog;
 use lag::replica_lag;
 
