@@ -26,9 +26,9 @@
 //!   multiplied (as TCP's slow start halves on a loss: the step is what went over). A pace
 //!   just set by a multiplying step is cut already after [`DECIDED_AFTER`] when enough of
 //!   its canaries are over that the full span's tail must be: a doubling over a cliff
-//!   costs production a second, not five. Under budget it grows, as fast as the room left allows (a
-//!   multiplying step is judged already after [`GROW_AFTER`] when not one canary was
-//!   over, an additive one after [`CUT_AFTER`]):
+//!   costs production a second, not five. Under budget it grows, as fast as the room
+//!   left allows (a multiplying step is judged already after [`GROW_AFTER`] when not one
+//!   canary was over, an additive one after [`CUT_AFTER`]):
 //!   while the canary's rise is under [`ROOMY_SHARE`] of what the budget allows, it
 //!   multiplies ([`SLOW_START_FACTOR`] until the first cut; [`ROOMY_FACTOR`] after one, up
 //!   to [`APPROACH`] of the rate last cut at, then again once past it); otherwise, and
@@ -488,8 +488,8 @@ fn decided_tail(values: &mut [f64], span: Duration, threshold: f64) -> Option<f6
     }
     let full = (values.len() as f64 * CUT_AFTER.as_secs_f64() / span.as_secs_f64())
         .ceil()
-        .max(values.len() as f64);
-    let above_tail = full as usize - (TAIL_QUANTILE * full).ceil() as usize + 1;
+        .max(values.len() as f64) as usize;
+    let above_tail = full - nearest_rank(TAIL_QUANTILE, full) + 1;
     if values.len() < above_tail {
         return None;
     }
@@ -504,8 +504,12 @@ fn quantile(values: &mut [f64], q: f64) -> Option<f64> {
         return None;
     }
     values.sort_by(f64::total_cmp);
-    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
-    Some(values[rank - 1])
+    Some(values[nearest_rank(q, values.len()) - 1])
+}
+
+/// The 1-based rank of the `q` quantile (nearest rank) among `count` values (`count` ≥ 1).
+fn nearest_rank(q: f64, count: usize) -> usize {
+    ((q * count as f64).ceil() as usize).clamp(1, count)
 }
 
 #[cfg(test)]
