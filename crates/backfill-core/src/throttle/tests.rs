@@ -914,7 +914,7 @@ fn impact(directive: ImpactDirective) -> HealthSample {
 }
 
 #[test]
-fn the_impact_budget_replaces_the_duty_cycle_with_small_evenly_spaced_batches() {
+fn the_impact_budget_replaces_the_duty_cycle_with_evenly_spaced_batches() {
     let mut sim = Simulation::new(ThrottleSettings::default());
     let model = small_batch_cost();
     let paced = impact(ImpactDirective::Pace(3_000.0));
@@ -926,8 +926,8 @@ fn the_impact_budget_replaces_the_duty_cycle_with_small_evenly_spaced_batches() 
     for _ in 0..300 {
         let decision = sim.step(&paced, &model);
         assert_eq!(decision.reason(), Some(ThrottleReason::ImpactBudget));
-        // 20 ms of 3 000 rows/s: 60 keys, never a second's worth.
-        assert_eq!(run_size(decision), 60);
+        // 100 ms of 3 000 rows/s: 300 keys, never a second's worth.
+        assert_eq!(run_size(decision), 300);
         pauses.push(decision.wait());
     }
     let rate = sim.rate_since(mark);
@@ -940,7 +940,7 @@ fn the_impact_budget_replaces_the_duty_cycle_with_small_evenly_spaced_batches() 
     sim.throttle.set_impact_sharers(3);
     sim.step(&paced, &model);
     assert_eq!(sim.throttle.impact_rate(), Some(1_000.0));
-    assert_eq!(run_size(sim.step(&paced, &model)), 20);
+    assert_eq!(run_size(sim.step(&paced, &model)), 100);
 }
 
 #[test]
