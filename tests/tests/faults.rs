@@ -159,6 +159,9 @@ fn a_postgres_restart_mid_job_is_ridden_out() {
     let port = free_port();
     let mut env = quick_worker("survivor");
     env.push(("BACKFILLD_HTTP__LISTEN", format!("127.0.0.1:{port}")));
+    // HTTP for /readyz only: nobody scrapes /metrics, so waiting for a final scrape
+    // (http.final_scrape_wait, 30 s) would only delay the exit the test waits for.
+    env.push(("BACKFILLD_HTTP__FINAL_SCRAPE_WAIT", "0s".to_string()));
     let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
     wait_until("ready", RUN_LIMIT, || {
         http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)
