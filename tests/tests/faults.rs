@@ -43,7 +43,9 @@ fn batch_running(db: &TestDb, worker: &str) -> bool {
 #[test]
 fn sigterm_during_a_long_batch_commits_it_releases_the_lease_and_exits_zero() {
     let db = TestDb::new("sigterm_commit");
-    audited_items(&db, "items", 3_000);
+    // Three batches of 500, each two seconds long: the one in flight at SIGTERM, then two
+    // for the successor, which must go on from its checkpoint.
+    audited_items(&db, "items", 1_500);
     db.migrate();
     let slow = slow_batches(&db, 2.0);
     enqueue(
@@ -97,7 +99,7 @@ fn sigterm_during_a_long_batch_commits_it_releases_the_lease_and_exits_zero() {
         "{}",
         second.log_text()
     );
-    db.assert_updated_exactly_once("items", 3_000);
+    db.assert_updated_exactly_once("items", 1_500);
     eprintln!("SIGTERM → exit in {exit_time:?}; successor claimed after {takeover:?}");
 }
 
