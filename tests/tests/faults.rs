@@ -43,7 +43,9 @@ fn batch_running(db: &TestDb, worker: &str) -> bool {
 #[test]
 fn sigterm_during_a_long_batch_commits_it_releases_the_lease_and_exits_zero() {
     let db = TestDb::new("sigterm_commit");
-    audited_items(&db, "items", 3_000);
+    // Three batches of 500, each two seconds long: the one in flight at SIGTERM, then two
+    // for the successor, which must go on from its checkpoint.
+    audited_items(&db, "items", 1_500);
     db.migrate();
     let slow = slow_batches(&db, 2.0);
     enqueue(
@@ -97,7 +99,7 @@ fn sigterm_during_a_long_batch_commits_it_releases_the_lease_and_exits_zero() {
         "{}",
         second.log_text()
     );
-    db.assert_updated_exactly_once("items", 3_000);
+    db.assert_updated_exactly_once("items", 1_500);
     eprintln!("SIGTERM → exit in {exit_time:?}; successor claimed after {takeover:?}");
 }
 
@@ -159,6 +161,9 @@ fn a_postgres_restart_mid_job_is_ridden_out() {
     let port = free_port();
     let mut env = quick_worker("survivor");
     env.push(("BACKFILLD_HTTP__LISTEN", format!("127.0.0.1:{port}")));
+    // HTTP for /readyz only: nobody scrapes /metrics, so waiting for a final scrape
+    // (http.final_scrape_wait, 30 s) would only delay the exit the test waits for.
+    env.push(("BACKFILLD_HTTP__FINAL_SCRAPE_WAIT", "0s".to_string()));
     let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
     wait_until("ready", RUN_LIMIT, || {
         http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)

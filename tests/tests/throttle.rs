@@ -193,6 +193,9 @@ fn paused_replay_stops_commits_within_a_second_and_resumes_by_itself() {
     let port = free_port();
     let mut env = lag_test_env("lag", "lagging");
     env.push(("BACKFILLD_HTTP__LISTEN", format!("127.0.0.1:{port}")));
+    // The metrics are scraped while the job holds, not after: no final scrape to wait for
+    // (http.final_scrape_wait would keep the idle worker up for 30 s).
+    env.push(("BACKFILLD_HTTP__FINAL_SCRAPE_WAIT", "0s".to_string()));
     // The same standby probed directly too, as replica0.
     env.push(("BACKFILLD_THROTTLE__REPLICA_URLS", standby.url("postgres")));
     let sampler = LagSampler::start(&db, "lagging");
