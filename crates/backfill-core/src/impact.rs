@@ -19,10 +19,7 @@
 //!   (its latency moves with its own load, not only with ours).
 //! - **Impact**: the same tail over the canaries since the pace last changed, as a ratio
 //!   of the baseline. Over budget means over `budget_ratio × baseline` *and* more than
-//!   `floor` above it, *and* the canaries over that threshold more frequent than among the
-//!   rests' canaries, beyond chance ([`SIGNIFICANCE`]): a disk whose commit flush stalls
-//!   every few seconds whatever we do stalls the rests' canaries too, and those stalls are
-//!   not ours to cut for.
+//!   `floor` above it.
 //! - **Pace** (AIMD, as TCP congestion control, with a fast climb where there is room):
 //!   from [`START_RATE`]. Over budget, judged on [`CUT_AFTER`] of canaries, cuts it by
 //!   [`CUT_FACTOR`], or back to where the step that set it started when that step
@@ -130,14 +127,6 @@ pub const CUT_FACTOR: f64 = 0.7;
 /// forty-odd are too few for a p98.
 pub const BASELINE_RESTS: usize = 3;
 
-/// A tail over budget is ours only when this unlikely at rest: the span's canaries over
-/// the budget's threshold must be more than the rests' share of canaries over it leaves
-/// this likely by chance (one-sided binomial test). Issue 19's frontier: this machine's
-/// commit flush stalls for tens of milliseconds every few seconds with or without a
-/// backfill, and the controller cut for each stall as if it were ours; stalls as frequent
-/// as at rest are the environment's, not ours.
-pub const SIGNIFICANCE: f64 = 0.05;
-
 /// Without a canary for this long, there is no signal.
 pub const SIGNAL_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -216,9 +205,6 @@ pub struct ImpactController {
     /// Rows per second the jobs achieved over the last judged span.
     achieved: Option<f64>,
     production_active: bool,
-    /// Judgements whose tail was over budget but whose stalls were no more frequent
-    /// than at rest (not cut).
-    excused: u64,
 }
 
 impl ImpactController {
@@ -254,7 +240,6 @@ impl ImpactController {
             rows_mark: None,
             achieved: None,
             production_active: false,
-            excused: 0,
         }
     }
 
@@ -353,12 +338,6 @@ impl ImpactController {
             .and_then(|b| Duration::try_from_secs_f64(b).ok())
     }
 
-    /// Judgements over budget that were not cut: their stalls were no more frequent than
-    /// at rest (see [`SIGNIFICANCE`]).
-    pub fn excused(&self) -> u64 {
-        self.excused
-    }
-
     fn start_rest(&mut self, now: Duration) {
         self.phase = Phase::Resting { since: now };
         self.samples.clear();
@@ -370,8 +349,8 @@ impl ImpactController {
     }
 
     /// Cuts when over budget (after [`CUT_AFTER`], or [`DECIDED_AFTER`] when a
-    /// multiplying step just set the pace and its tail is already decided) and its stalls
-    /// are more frequent than at rest; grows when under it (after [`GROW_AFTER`]).
+    /// multiplying step just set the pace and its tail is already decided), grows when
+    /// under it (after [`GROW_AFTER`]).
     fn judge(&mut self, now: Duration, since: Duration) {
         let Some(baseline) = self.baseline else {
             return;
@@ -383,15 +362,12 @@ impl ImpactController {
         // The rise the budget allows: the ratio's, or the floor when that is more.
         let allowed =
             (baseline * (self.settings.budget_ratio - 1.0)).max(self.settings.floor.as_secs_f64());
-        let threshold = baseline + allowed;
         let ratio_of = |tail: f64| tail / baseline.max(f64::MIN_POSITIVE);
         if self.stepped_from.is_some() {
-            if let Some(tail) = decided_tail(&mut self.samples, span, threshold) {
-                if self.more_often_than_at_rest(threshold) {
-                    self.last_ratio = Some(ratio_of(tail));
-                    self.cut(now);
-                    return;
-                }
+            if let Some(tail) = decided_tail(&mut self.samples, span, baseline + allowed) {
+                self.last_ratio = Some(ratio_of(tail));
+                self.cut(now);
+                return;
             }
         }
         if span < GROW_AFTER {
@@ -402,16 +378,13 @@ impl ImpactController {
         };
         self.last_ratio = Some(ratio_of(current));
         let rise = current - baseline;
+        let over = rise > allowed;
         let step = self.growth(rise < allowed * ROOMY_SHARE);
         // Multiplying with room to spare may go on fewer canaries (none of them over);
         // a cut, or creeping up near the last cut, waits for a full span's tail.
-        if span < CUT_AFTER && (rise > allowed || !step.multiplies) {
+        if span < CUT_AFTER && (over || !step.multiplies) {
             return;
         }
-        // A tail over budget whose stalls are no more frequent than at rest is the
-        // environment's: no cut, and growth only additive (no room is left).
-        let over = rise > allowed && self.more_often_than_at_rest(threshold);
-        self.excused += u64::from(rise > allowed && !over);
         if over {
             self.cut(now);
         } else {
@@ -428,20 +401,6 @@ impl ImpactController {
             self.rate = to;
             self.enter_pacing(now);
         }
-    }
-
-    /// Whether the span's canaries over `threshold` are more frequent than the latest
-    /// rests' (see [`SIGNIFICANCE`]).
-    fn more_often_than_at_rest(&self, threshold: f64) -> bool {
-        let over = |values: &[f64]| values.iter().filter(|&&v| v > threshold).count();
-        let rest_over: usize = self.rests.iter().map(|rest| over(rest)).sum();
-        let rest_count: usize = self.rests.iter().map(Vec::len).sum();
-        more_often_than_at_rest(
-            over(&self.samples),
-            self.samples.len(),
-            rest_over,
-            rest_count,
-        )
     }
 
     /// Over budget: by [`CUT_FACTOR`], or back to the pace before the step that set this
@@ -537,26 +496,6 @@ fn decided_tail(values: &mut [f64], span: Duration, threshold: f64) -> Option<f6
     values.sort_by(f64::total_cmp);
     let decider = values[values.len() - above_tail];
     (decider > threshold).then_some(decider)
-}
-
-/// Whether `over` of `count` canaries over a threshold are too many to be chance when
-/// `rest_over` of `rest_count` canaries at rest were over it: the one-sided binomial tail
-/// P(X ≥ `over`) at the rests' rate is under [`SIGNIFICANCE`]. The rests' rate counts one
-/// more over and one more under than seen (Laplace's rule), so a clean rest does not make
-/// every stall significant.
-fn more_often_than_at_rest(over: usize, count: usize, rest_over: usize, rest_count: usize) -> bool {
-    if over == 0 || count == 0 {
-        return false;
-    }
-    let p = (rest_over as f64 + 1.0) / (rest_count as f64 + 2.0);
-    // P(X < over) by the recurrence pmf(i + 1) = pmf(i) · (n − i)/(i + 1) · p/(1 − p).
-    let mut pmf = (1.0 - p).powi(count as i32);
-    let mut below = 0.0;
-    for i in 0..over {
-        below += pmf;
-        pmf *= (count - i) as f64 / (i + 1) as f64 * p / (1.0 - p);
-    }
-    1.0 - below < SIGNIFICANCE
 }
 
 /// The `q` quantile (nearest rank) of `values`; `None` when empty. Reorders `values`.

@@ -291,69 +291,6 @@ fn two_stray_canaries_are_not_a_tail_but_three_are() {
 }
 
 #[test]
-fn stalls_are_ours_only_when_more_frequent_than_at_rest() {
-    // Clean rests (none of 120 over): three of a hundred over is no chance, two may be.
-    assert!(more_often_than_at_rest(3, 100, 0, 120));
-    assert!(!more_often_than_at_rest(2, 100, 0, 120));
-    // Rests with two of 120 over (under their p98): three or four of a hundred are the
-    // environment's rate; eight are not.
-    assert!(!more_often_than_at_rest(3, 100, 2, 120));
-    assert!(!more_often_than_at_rest(4, 100, 2, 120));
-    assert!(more_often_than_at_rest(8, 100, 2, 120));
-    // None over is never significant; a span all over always is.
-    assert!(!more_often_than_at_rest(0, 100, 0, 120));
-    assert!(more_often_than_at_rest(100, 100, 60, 120));
-}
-
-/// A canary latency where the environment stalls one canary in `rest_every` at rest and
-/// one in `pace_every` while pacing (20 ms against 2 ms), whatever the pace.
-fn environment_stalls(
-    rest_every: u32,
-    pace_every: u32,
-) -> impl Fn(Option<ImpactDirective>) -> Duration {
-    let (rests, paced) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
-    move |directive| {
-        let (seen, every) = match directive {
-            Some(ImpactDirective::Pace(_)) => (&paced, pace_every),
-            _ => (&rests, rest_every),
-        };
-        seen.set(seen.get() + 1);
-        if seen.get() % every == 0 {
-            ms(20)
-        } else {
-            ms(2)
-        }
-    }
-}
-
-#[test]
-fn stalls_as_frequent_as_at_rest_are_not_cut_for() {
-    // Issue 19's frontier: the machine's commit flush stalls every few seconds whether
-    // backfilld writes or not; rests see a stall or two, a pacing span three or four, and
-    // the old rule cut on every such span.
-    let mut controller = ImpactController::new(ImpactSettings::default(), ms(0));
-    let latency = environment_stalls(50, 30);
-    let (mut now, mut peak) = (ms(0), controller.rate());
-    while now < ms(90_000) {
-        (now, _) = run(&mut controller, now, CANARY, true, &latency);
-        assert_eq!(controller.cut_at, None, "cut at {now:?} from {peak}");
-        peak = peak.max(controller.rate());
-    }
-    assert!(controller.excused() > 0, "no span's tail was over budget");
-    assert!(peak > START_RATE * 2.0, "{peak}: the pace never grew");
-
-    // The same rests next to spans where one canary in eight stalls: that is ours.
-    let mut controller = ImpactController::new(ImpactSettings::default(), ms(0));
-    let latency = environment_stalls(50, 8);
-    let (now, _) = run(&mut controller, ms(0), ms(20_000), true, &latency);
-    assert!(
-        controller.rate() < START_RATE,
-        "{} at {now:?}: never cut",
-        controller.rate()
-    );
-}
-
-#[test]
 fn a_doubling_into_a_cliff_is_undone_within_a_second() {
     // Production does not notice us up to 3 000 rows/s, then suffers badly: slow start
     // doubles 500 → 1 000 → 2 000 → 4 000, over the cliff (issue 19's frontier: 15,000 →

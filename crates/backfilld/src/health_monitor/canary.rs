@@ -175,7 +175,6 @@ impl CanaryJudges {
                     directive = ?verdict.directive,
                     ratio = ?verdict.ratio,
                     baseline_us = impact.baseline().map(|b| b.as_micros() as u64),
-                    excused = impact.excused(),
                     "impact budget"
                 );
                 self.directive = verdict.directive;
