@@ -613,7 +613,45 @@ pub fn to_markdown(rows: &[FrontierRow], plan: &FrontierPlan, budget: f64) -> St
             median_range(&row.canary_p99_ratio, 2),
         ));
     }
+    out.push('\n');
+    out.push_str(&alone_disagreement(rows));
+    out.push('\n');
     out
+}
+
+/// Two pgbench-alone windows of one round and rate whose p99s differ by more than this
+/// factor measured the machine's own stalls: the ratios over their mean say little
+/// (issue 19's fourth round: 4.0 against 189.8 ms at 20 tx/s).
+const ALONE_DISAGREEMENT: f64 = 2.0;
+
+/// A sentence naming every round and rate whose two alone windows disagree by more than
+/// [`ALONE_DISAGREEMENT`], or saying that none did.
+fn alone_disagreement(rows: &[FrontierRow]) -> String {
+    let mut disagreeing = Vec::new();
+    for row in rows.iter().filter(|row| row.competitor == "pgbench alone") {
+        // Each round ran pgbench alone first and again last at the rate: two values.
+        for (round, pair) in row.p99_ms.chunks_exact(2).enumerate() {
+            let (low, high) = (pair[0].min(pair[1]), pair[0].max(pair[1]));
+            if high > low * ALONE_DISAGREEMENT {
+                disagreeing.push(format!(
+                    "{} tx/s round {} ({:.2} and {:.2} ms)",
+                    row.rate,
+                    round + 1,
+                    pair[0],
+                    pair[1]
+                ));
+            }
+        }
+    }
+    if disagreeing.is_empty() {
+        format!("The two pgbench-alone windows of every round agree within {ALONE_DISAGREEMENT}×.")
+    } else {
+        format!(
+            "Alone windows more than {ALONE_DISAGREEMENT}× apart, the machine's own stalls (the \
+             ratios of that round and rate measure them more than the competitors): {}.",
+            disagreeing.join("; ")
+        )
+    }
 }
 
 #[cfg(test)]
@@ -624,6 +662,35 @@ mod tests {
     fn medians_and_ranges_skip_what_was_not_measured() {
         assert_eq!(median_range(&[3.0, 1.0, 2.0], 1), "2.0 (1.0–3.0)");
         assert_eq!(median_range(&[f64::NAN], 1), "–");
+    }
+
+    #[test]
+    fn alone_windows_far_apart_are_named_by_round_and_rate() {
+        let row = |rate: u32, competitor: &str, p99_ms: Vec<f64>| FrontierRow {
+            rate,
+            competitor: competitor.to_string(),
+            rows_per_second: vec![0.0; p99_ms.len()],
+            p99_ratio: vec![1.0; p99_ms.len()],
+            canary_p90_ratio: vec![1.0; p99_ms.len()],
+            canary_p99_ratio: vec![1.0; p99_ms.len()],
+            p99_ms,
+        };
+        let calm = vec![
+            row(20, "pgbench alone", vec![4.0, 5.0, 4.5, 8.9]),
+            row(20, "backfilld default", vec![500.0, 600.0]),
+        ];
+        assert!(alone_disagreement(&calm).contains("agree within 2×"));
+        let stalled = vec![
+            row(20, "pgbench alone", vec![4.0, 5.0, 4.02, 189.8]),
+            row(200, "pgbench alone", vec![146.57, 13.27, 3.0, 3.1]),
+        ];
+        let sentence = alone_disagreement(&stalled);
+        assert!(
+            sentence.contains("20 tx/s round 2 (4.02 and 189.80 ms)")
+                && sentence.contains("200 tx/s round 1 (146.57 and 13.27 ms)")
+                && !sentence.contains("round 1 (4.00"),
+            "{sentence}"
+        );
     }
 
     #[test]
