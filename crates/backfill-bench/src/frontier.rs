@@ -107,7 +107,7 @@ pub enum Competitor {
 impl Competitor {
     fn label(&self) -> String {
         match self {
-            Competitor::Alone => "pgbench alone".to_string(),
+            Competitor::Alone => ALONE_LABEL.to_string(),
             Competitor::Backfilld(label, _) => label.clone(),
             Competitor::Naive(sleep) => {
                 format!(
@@ -118,6 +118,9 @@ impl Competitor {
         }
     }
 }
+
+/// pgbench with no competitor: the baseline of every ratio.
+const ALONE_LABEL: &str = "pgbench alone";
 
 /// backfilld with `config/default.toml`: the impact budget next to production.
 const DEFAULT_LABEL: &str = "backfilld default (impact budget 1.3)";
@@ -594,7 +597,7 @@ pub fn to_markdown(rows: &[FrontierRow], plan: &FrontierPlan, budget: f64) -> St
             percentile(&finite, 50.0)
         };
         let within = match ratio {
-            _ if row.competitor == "pgbench alone" || row.rate == UNLOADED_RATE => "",
+            _ if row.competitor == ALONE_LABEL || row.rate == UNLOADED_RATE => "",
             Some(r) if r <= budget => "yes",
             Some(_) => "no",
             None => "?",
@@ -628,7 +631,7 @@ const ALONE_DISAGREEMENT: f64 = 2.0;
 /// [`ALONE_DISAGREEMENT`], or saying that none did.
 fn alone_disagreement(rows: &[FrontierRow]) -> String {
     let mut disagreeing = Vec::new();
-    for row in rows.iter().filter(|row| row.competitor == "pgbench alone") {
+    for row in rows.iter().filter(|row| row.competitor == ALONE_LABEL) {
         // Each round ran pgbench alone first and again last at the rate: two values.
         for (round, pair) in row.p99_ms.chunks_exact(2).enumerate() {
             let (low, high) = (pair[0].min(pair[1]), pair[0].max(pair[1]));
@@ -676,13 +679,13 @@ mod tests {
             p99_ms,
         };
         let calm = vec![
-            row(20, "pgbench alone", vec![4.0, 5.0, 4.5, 8.9]),
+            row(20, ALONE_LABEL, vec![4.0, 5.0, 4.5, 8.9]),
             row(20, "backfilld default", vec![500.0, 600.0]),
         ];
         assert!(alone_disagreement(&calm).contains("agree within 2×"));
         let stalled = vec![
-            row(20, "pgbench alone", vec![4.0, 5.0, 4.02, 189.8]),
-            row(200, "pgbench alone", vec![146.57, 13.27, 3.0, 3.1]),
+            row(20, ALONE_LABEL, vec![4.0, 5.0, 4.02, 189.8]),
+            row(200, ALONE_LABEL, vec![146.57, 13.27, 3.0, 3.1]),
         ];
         let sentence = alone_disagreement(&stalled);
         assert!(
