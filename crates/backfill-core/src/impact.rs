@@ -20,6 +20,17 @@
 //! - **Impact**: the same tail over the canaries since the pace last changed, as a ratio
 //!   of the baseline. Over budget means over `budget_ratio × baseline` *and* more than
 //!   `floor` above it.
+//! - **Stalls that are not ours**: a disk that stalls a commit every few seconds with or
+//!   without a backfill puts a p98 on the edge between its calm mode and its stalls, at
+//!   rest and in a span alike (issue 19's fourth round). So the canaries' median is
+//!   judged too, against the latest rest's ([`CALM_QUANTILE`], same ratio and floor),
+//!   and so is how many canaries are over the tail's line ([`BROAD_QUANTILE`]). A median
+//!   over budget (the whole primary slower) or many canaries over the line (many
+//!   transactions delayed) cuts at once; a tail over budget by a few canaries, which is
+//!   what a stall of the disk looks like, cuts only on a second such span running (a
+//!   *strike* first), unless a multiplying step just set the pace. A baseline that
+//!   learned the stalls thus still sees the load in the median, and one that learned
+//!   the calm mode is not cut for each stall.
 //! - **Pace** (AIMD, as TCP congestion control, with a fast climb where there is room):
 //!   from [`START_RATE`]. Over budget, judged on [`CUT_AFTER`] of canaries, cuts it by
 //!   [`CUT_FACTOR`], or back to where the step that set it started when that step
@@ -124,8 +135,20 @@ pub const ROOMY_SHARE: f64 = 0.5;
 pub const CUT_FACTOR: f64 = 0.7;
 
 /// The baseline is the tail of this many latest rests' canaries together: one rest's
-/// forty-odd are too few for a p98.
-pub const BASELINE_RESTS: usize = 3;
+/// forty-odd are too few for a p98, and three (issue 19's fourth round) still learned
+/// either the disk's calm mode or its stalls, about one rest in three each.
+pub const BASELINE_RESTS: usize = 5;
+
+/// A tail over budget whose canaries at this quantile are over the same line is broad, not
+/// a few stalls: five or more of a span's hundred. A disk that stalls a commit every few
+/// seconds stalls one to three canaries a span (issue 19's fourth round); a backfill
+/// whose commit flushes delay production's delays many a little.
+pub const BROAD_QUANTILE: f64 = 0.95;
+
+/// The calm latency is the median of the canaries (of the latest rest, and of a span):
+/// production's typical transaction, which a stall of the disk every few seconds does
+/// not move and a backfill that loads the primary does.
+pub const CALM_QUANTILE: f64 = 0.5;
 
 /// Without a canary for this long, there is no signal.
 pub const SIGNAL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -189,6 +212,9 @@ pub struct ImpactController {
     samples: Vec<f64>,
     /// The canaries' tail while resting, seconds: of the latest rests' together.
     baseline: Option<f64>,
+    /// The canaries' median while resting, seconds: of the latest rest alone, as it moves
+    /// with production's own load.
+    calm: Option<f64>,
     /// The latest rests' canary round trips, seconds, oldest rest first.
     rests: Vec<Vec<f64>>,
     rate: f64,
@@ -197,6 +223,9 @@ pub struct ImpactController {
     /// The pace before the step that set the one in force, when that step multiplied: a
     /// cut undoes it.
     stepped_from: Option<f64>,
+    /// The last span's tail alone was over budget (its median was not): one more such
+    /// span running cuts, a span under budget clears it.
+    strike: bool,
     last_ratio: Option<f64>,
     last_canary: Option<Duration>,
     last_relearn: Duration,
@@ -230,10 +259,12 @@ impl ImpactController {
             phase: Phase::Resting { since: now },
             samples: Vec::new(),
             baseline: None,
+            calm: None,
             rests: Vec::new(),
             rate: START_RATE,
             cut_at: None,
             stepped_from: None,
+            strike: false,
             last_ratio: None,
             last_canary: None,
             last_relearn: now,
@@ -294,6 +325,7 @@ impl ImpactController {
                         if self.rests.len() == BASELINE_RESTS {
                             self.rests.remove(0);
                         }
+                        self.calm = quantile(&mut self.samples, CALM_QUANTILE);
                         self.rests.push(std::mem::take(&mut self.samples));
                         let mut pooled: Vec<f64> = self.rests.concat();
                         self.baseline = quantile(&mut pooled, TAIL_QUANTILE);
@@ -341,6 +373,7 @@ impl ImpactController {
     fn start_rest(&mut self, now: Duration) {
         self.phase = Phase::Resting { since: now };
         self.samples.clear();
+        self.strike = false;
     }
 
     fn enter_pacing(&mut self, now: Duration) {
@@ -350,18 +383,17 @@ impl ImpactController {
 
     /// Cuts when over budget (after [`CUT_AFTER`], or [`DECIDED_AFTER`] when a
     /// multiplying step just set the pace and its tail is already decided), grows when
-    /// under it (after [`GROW_AFTER`]).
+    /// under it (after [`GROW_AFTER`]). A tail over budget whose median is not is cut for
+    /// only on a second such span running (see [`Verdict::FewOver`]).
     fn judge(&mut self, now: Duration, since: Duration) {
-        let Some(baseline) = self.baseline else {
+        let (Some(baseline), Some(calm)) = (self.baseline, self.calm) else {
             return;
         };
         let span = now.saturating_sub(since);
         if span < DECIDED_AFTER || self.samples.len() < MIN_SAMPLES {
             return;
         }
-        // The rise the budget allows: the ratio's, or the floor when that is more.
-        let allowed =
-            (baseline * (self.settings.budget_ratio - 1.0)).max(self.settings.floor.as_secs_f64());
+        let allowed = self.allowed_rise(baseline);
         let ratio_of = |tail: f64| tail / baseline.max(f64::MIN_POSITIVE);
         if self.stepped_from.is_some() {
             if let Some(tail) = decided_tail(&mut self.samples, span, baseline + allowed) {
@@ -373,34 +405,63 @@ impl ImpactController {
         if span < GROW_AFTER {
             return;
         }
-        let Some(current) = quantile(&mut self.samples, TAIL_QUANTILE) else {
+        let (Some(current), Some(broad), Some(median)) = (
+            quantile(&mut self.samples, TAIL_QUANTILE),
+            quantile(&mut self.samples, BROAD_QUANTILE),
+            quantile(&mut self.samples, CALM_QUANTILE),
+        ) else {
             return;
         };
         self.last_ratio = Some(ratio_of(current));
         let rise = current - baseline;
-        let over = rise > allowed;
+        let verdict = if median - calm > self.allowed_rise(calm) || broad - baseline > allowed {
+            Verdict::Over
+        } else if rise > allowed {
+            Verdict::FewOver
+        } else {
+            Verdict::Under
+        };
         let step = self.growth(rise < allowed * ROOMY_SHARE);
         // Multiplying with room to spare may go on fewer canaries (none of them over);
-        // a cut, or creeping up near the last cut, waits for a full span's tail.
-        if span < CUT_AFTER && (over || !step.multiplies) {
+        // a cut, a strike, or creeping up near the last cut waits for a full span.
+        if span < CUT_AFTER && (verdict != Verdict::Under || !step.multiplies || self.strike) {
             return;
         }
-        if over {
-            self.cut(now);
-        } else {
-            // Never past twice what the jobs achieve: a pace they cannot reach buys nothing.
-            let cap = self
-                .achieved
-                .map_or(MAX_RATE, |a| (2.0 * a).max(START_RATE));
-            let to = step
-                .to
-                .min(cap)
-                .max(self.rate.min(cap))
-                .clamp(MIN_RATE, MAX_RATE);
-            self.stepped_from = (step.multiplies && to > self.rate).then_some(self.rate);
-            self.rate = to;
-            self.enter_pacing(now);
+        match verdict {
+            Verdict::Over => self.cut(now),
+            // The step that set this pace went over: undo it now.
+            Verdict::FewOver if self.strike || self.stepped_from.is_some() => self.cut(now),
+            Verdict::FewOver => {
+                self.strike = true;
+                self.enter_pacing(now);
+            }
+            // After a strike, a span under budget clears it; growing waits for the next.
+            Verdict::Under if self.strike => {
+                self.strike = false;
+                self.enter_pacing(now);
+            }
+            Verdict::Under => {
+                // Never past twice what the jobs achieve: a pace they cannot reach buys
+                // nothing.
+                let cap = self
+                    .achieved
+                    .map_or(MAX_RATE, |a| (2.0 * a).max(START_RATE));
+                let to = step
+                    .to
+                    .min(cap)
+                    .max(self.rate.min(cap))
+                    .clamp(MIN_RATE, MAX_RATE);
+                self.stepped_from = (step.multiplies && to > self.rate).then_some(self.rate);
+                self.rate = to;
+                self.enter_pacing(now);
+            }
         }
+    }
+
+    /// The rise over `level` the budget allows: the ratio's, or the floor when that is
+    /// more.
+    fn allowed_rise(&self, level: f64) -> f64 {
+        (level * (self.settings.budget_ratio - 1.0)).max(self.settings.floor.as_secs_f64())
     }
 
     /// Over budget: by [`CUT_FACTOR`], or back to the pace before the step that set this
@@ -408,6 +469,7 @@ impl ImpactController {
     /// start): that pace was judged under budget, the step is what went over.
     fn cut(&mut self, now: Duration) {
         self.cut_at = Some(self.rate);
+        self.strike = false;
         let undone = self.stepped_from.take().unwrap_or(f64::INFINITY);
         self.rate = (self.rate * CUT_FACTOR).min(undone).max(MIN_RATE);
         self.enter_pacing(now);
@@ -467,6 +529,22 @@ impl ImpactController {
         }
         seconds + left / (rows_per_second * pacing)
     }
+}
+
+/// A judgement of a full span against the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Over budget broadly: the canaries' median rose over its budget (the whole primary
+    /// is slower), or so did their [`BROAD_QUANTILE`] (more canaries are slow than a stall
+    /// of the disk now and then makes). Cut now.
+    Over,
+    /// The tail is over budget but only a few canaries are: ours, or a stall of the disk
+    /// that comes with or without us every few seconds (issue 19's fourth round: 30 of 34
+    /// cuts at rates that kept the budget). Cut when the span before was one too, or when
+    /// the step that set the pace multiplied.
+    FewOver,
+    /// Within budget.
+    Under,
 }
 
 /// A growth step of the pace: the rate it grows to, and whether it multiplies (and may

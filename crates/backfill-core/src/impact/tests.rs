@@ -147,12 +147,15 @@ fn noise_under_the_floor_is_never_over_budget() {
 }
 
 #[test]
-fn over_budget_cuts_the_pace_within_one_judgement() {
+fn over_budget_cuts_the_pace_within_two_spans() {
     let mut controller = ImpactController::new(ImpactSettings::default(), ms(0));
     let (now, _) = run(&mut controller, ms(0), ms(10_000), true, linear);
     let before = controller.rate();
-    // Production suffers badly now, whatever we do.
-    let (_, verdict) = run(&mut controller, now, CUT_AFTER + ms(100), true, |_| ms(20));
+    // Production suffers badly now, whatever we do. The span under way when it starts
+    // has its tail over but not its median (a strike); the next one, all of it slow, cuts.
+    let (_, verdict) = run(&mut controller, now, CUT_AFTER * 2 + ms(100), true, |_| {
+        ms(20)
+    });
     assert!(
         controller.rate() <= before * CUT_FACTOR,
         "{before} → {}",
@@ -327,24 +330,124 @@ fn a_cut_pace_is_cut_again_only_on_a_full_span() {
     // After a cut, the canaries are judged on a full span again: production slow
     // whatever we do costs one cut in five seconds, not one a second.
     let mut controller = ImpactController::new(ImpactSettings::default(), ms(0));
-    let (now, _) = run(&mut controller, ms(0), ms(10_000), true, linear);
+    let (mut now, _) = run(&mut controller, ms(0), ms(10_000), true, linear);
     let before = controller.rate();
-    let (now, _) = run(&mut controller, now, DECIDED_AFTER * 2, true, |_| ms(20));
+    let slow_since = now;
+    while controller.rate() == before {
+        (now, _) = run(&mut controller, now, CANARY, true, |_| ms(20));
+        assert!(now < slow_since + CUT_AFTER * 2 + ms(100), "no cut");
+    }
     let cut = controller.rate();
     assert!(cut < before, "{before} → {cut}");
-    run(
-        &mut controller,
-        now,
-        CUT_AFTER - DECIDED_AFTER * 2,
-        true,
-        |_| ms(20),
-    );
+    run(&mut controller, now, CUT_AFTER - CANARY * 2, true, |_| {
+        ms(20)
+    });
     assert_eq!(
         controller.rate(),
         cut,
         "{before} → {cut} → {}",
         controller.rate()
     );
+}
+
+#[test]
+fn a_stalled_tail_in_one_span_is_a_strike_and_in_two_running_a_cut() {
+    // Issue 19's fourth round: the disk stalls a commit every few seconds with or without
+    // a backfill, and one span's tail over budget cut the pace, again and again, to
+    // 50–300 rows/s. Now a tail over budget whose median is not cuts only on a second
+    // such span running.
+    let settings = ImpactSettings {
+        relearn_every: Duration::from_secs(3600),
+        ..ImpactSettings::default()
+    };
+    let mut controller = ImpactController::new(settings, ms(0));
+    let flat = |_: Option<ImpactDirective>| ms(2);
+    let (mut now, _) = run(&mut controller, ms(0), ms(20_000), true, flat);
+    // A cut (the slow-start step undone), after which the pace is not a multiplying
+    // step's and each run below spans exactly one judgement's canaries.
+    let grown = controller.rate();
+    while controller.rate() == grown {
+        (now, _) = run(&mut controller, now, CANARY, true, |_| ms(20));
+    }
+    let cut = controller.rate();
+    assert!(cut < grown, "{grown} → {cut}");
+    let stalls = |count: u32| {
+        let seen = std::cell::Cell::new(0);
+        move |_: Option<ImpactDirective>| {
+            seen.set(seen.get() + 1);
+            if seen.get() <= count {
+                ms(20)
+            } else {
+                ms(2)
+            }
+        }
+    };
+    // A span with three stalled canaries: its p98 is over budget, its median is not.
+    let (after_strike, verdict) = run(&mut controller, now, CUT_AFTER, true, stalls(3));
+    assert!(verdict.ratio.is_some_and(|r| r > 5.0), "{verdict:?}");
+    assert_eq!(controller.rate(), cut, "one stalled span cut the pace");
+    // Then a quiet span: the strike is cleared, and the pace holds for it.
+    let mut quiet = controller.clone();
+    let (now_quiet, _) = run(&mut quiet, after_strike, CUT_AFTER, true, flat);
+    assert_eq!(
+        quiet.rate(),
+        cut,
+        "a quiet span after a strike moved the pace"
+    );
+    // ... and a stalled span after that is a strike again, not a cut.
+    run(&mut quiet, now_quiet, CUT_AFTER, true, stalls(3));
+    assert_eq!(quiet.rate(), cut, "stalled spans apart cut the pace");
+    // A span with many canaries over budget is no stall of the disk: a cut at once.
+    let mut broad = quiet.clone();
+    let (now_broad, _) = run(&mut broad, now_quiet + CUT_AFTER, CUT_AFTER, true, flat);
+    assert_eq!(broad.rate(), cut, "the strike was not cleared");
+    run(&mut broad, now_broad, CUT_AFTER, true, stalls(6));
+    assert!(
+        (broad.rate() - cut * CUT_FACTOR).abs() < 1e-9,
+        "{cut} → {}: six of a hundred over",
+        broad.rate()
+    );
+    // Two stalled spans running: a cut.
+    run(&mut controller, after_strike, CUT_AFTER, true, stalls(3));
+    assert!(
+        (controller.rate() - cut * CUT_FACTOR).abs() < 1e-9,
+        "{cut} → {}",
+        controller.rate()
+    );
+}
+
+#[test]
+fn a_baseline_that_learned_the_stalls_still_cuts_when_the_median_rises() {
+    // Issue 19's fourth round: a rest whose p98 caught the disk's stalls (44.6 ms) set a
+    // tail nothing reached, and the pace doubled unopposed to 154,847 rows/s. The median
+    // (production's typical transaction) still shows the load.
+    let mut controller = ImpactController::new(ImpactSettings::default(), ms(0));
+    let seen = std::cell::Cell::new(0u32);
+    // One canary in twenty stalls 40 ms; the others take 2 ms plus 1 ms per 1 000
+    // rows/s we write.
+    let stalling = |d: Option<ImpactDirective>| {
+        seen.set(seen.get() + 1);
+        if seen.get().is_multiple_of(20) {
+            ms(40)
+        } else {
+            linear(d)
+        }
+    };
+    let mut now = ms(0);
+    let mut highest: f64 = 0.0;
+    while now < ms(60_000) {
+        (now, _) = run(&mut controller, now, CANARY, true, stalling);
+        highest = highest.max(controller.rate());
+    }
+    let baseline = controller.baseline().expect("a baseline");
+    assert!(
+        baseline >= ms(40),
+        "{baseline:?}: the tail learned the stalls"
+    );
+    // The median's budget is a 0.6 ms rise (1.3 × 2 ms): 600 rows/s under `stalling`.
+    // Slow start's one doubling past it is undone; then additive steps creep about it.
+    assert!(highest <= 1_000.0 + 1e-9, "highest pace {highest}");
+    assert!(controller.rate() <= 700.0, "{}", controller.rate());
 }
 
 #[test]
