@@ -16,7 +16,9 @@
 //!   together ([`REST`] each, after [`DRAIN`] for the last batch to finish) — about as many
 //!   canaries as a judgement has, so the two compare like with like. backfilld rests at
 //!   start, every `relearn_every`, and whenever production starts working on the primary
-//!   (its latency moves with its own load, not only with ours).
+//!   (its latency moves with its own load, not only with ours). A rest is trusted only as
+//!   far as the calmest span judged within budget since: one that caught a stall of the
+//!   disk, or the daemon's own start-up work, reads slower than production alone is.
 //! - **Impact**: the same tail over the canaries since the pace last changed, as a ratio
 //!   of the baseline. Over budget means over `budget_ratio × baseline` *and* more than
 //!   `floor` above it.
@@ -210,11 +212,12 @@ pub struct ImpactController {
     phase: Phase,
     /// Canary round trips (in seconds) of the current phase, in arrival order.
     samples: Vec<f64>,
-    /// The canaries' tail while resting, seconds: of the latest rests' together.
-    baseline: Option<f64>,
-    /// The canaries' median while resting, seconds: of the latest rest alone, as it moves
-    /// with production's own load.
-    calm: Option<f64>,
+    /// The canaries' levels while resting: the tail of the latest rests' together, the
+    /// median of the latest rest alone (it moves with production's own load).
+    rested: Option<Levels>,
+    /// The lowest levels of the spans judged within budget since the last rest: the
+    /// rests' are trusted only as far as these.
+    calmest: Option<Levels>,
     /// The latest rests' canary round trips, seconds, oldest rest first.
     rests: Vec<Vec<f64>>,
     rate: f64,
@@ -258,8 +261,8 @@ impl ImpactController {
             settings,
             phase: Phase::Resting { since: now },
             samples: Vec::new(),
-            baseline: None,
-            calm: None,
+            rested: None,
+            calmest: None,
             rests: Vec::new(),
             rate: START_RATE,
             cut_at: None,
@@ -325,10 +328,12 @@ impl ImpactController {
                         if self.rests.len() == BASELINE_RESTS {
                             self.rests.remove(0);
                         }
-                        self.calm = quantile(&mut self.samples, CALM_QUANTILE);
+                        let calm = quantile(&mut self.samples, CALM_QUANTILE);
                         self.rests.push(std::mem::take(&mut self.samples));
                         let mut pooled: Vec<f64> = self.rests.concat();
-                        self.baseline = quantile(&mut pooled, TAIL_QUANTILE);
+                        self.rested = quantile(&mut pooled, TAIL_QUANTILE)
+                            .zip(calm)
+                            .map(|(tail, calm)| Levels { tail, calm });
                     }
                     // Too few canaries: keep the old baseline (or none: no signal).
                     self.last_relearn = now;
@@ -350,7 +355,7 @@ impl ImpactController {
         let directive = match self.phase {
             _ if !readable => None,
             Phase::Resting { .. } => Some(ImpactDirective::Rest),
-            Phase::Pacing { .. } if self.baseline.is_none() => None,
+            Phase::Pacing { .. } if self.rested.is_none() => None,
             Phase::Pacing { .. } => Some(ImpactDirective::Pace(self.rate)),
         };
         ImpactVerdict {
@@ -366,14 +371,28 @@ impl ImpactController {
 
     /// The baseline canary tail, if learned.
     pub fn baseline(&self) -> Option<Duration> {
-        self.baseline
-            .and_then(|b| Duration::try_from_secs_f64(b).ok())
+        self.baseline_levels()
+            .and_then(|levels| Duration::try_from_secs_f64(levels.tail).ok())
+    }
+
+    /// What the canaries are judged against: the rests' levels, each no higher than in
+    /// the calmest span since the last rest. A rest can read slower than production
+    /// alone is: a stall of the disk sets a short rest's p98, and the daemon's own
+    /// start-up work (sizing the job) shares the first. In issue 19's fifth round first
+    /// rests read a p98 of 1.3–8.9 ms where spans at 500–1,000 rows/s right after them
+    /// read 0.1–0.7 of that; from an 8.9 ms baseline slow start doubled to 41,000 rows/s
+    /// next to 200 tx/s, production's p99 8×. Since the last rest only: production's own
+    /// latency moves, and each rest starts over.
+    fn baseline_levels(&self) -> Option<Levels> {
+        let rested = self.rested?;
+        Some(self.calmest.map_or(rested, |calmest| rested.min(calmest)))
     }
 
     fn start_rest(&mut self, now: Duration) {
         self.phase = Phase::Resting { since: now };
         self.samples.clear();
         self.strike = false;
+        self.calmest = None;
     }
 
     fn enter_pacing(&mut self, now: Duration) {
@@ -386,7 +405,11 @@ impl ImpactController {
     /// under it (after [`GROW_AFTER`]). A tail over budget whose median is not is cut for
     /// only on a second such span running (see [`Verdict::FewOver`]).
     fn judge(&mut self, now: Duration, since: Duration) {
-        let (Some(baseline), Some(calm)) = (self.baseline, self.calm) else {
+        let Some(Levels {
+            tail: baseline,
+            calm,
+        }) = self.baseline_levels()
+        else {
             return;
         };
         let span = now.saturating_sub(since);
@@ -426,6 +449,13 @@ impl ImpactController {
         // a cut, a strike, or creeping up near the last cut waits for a full span.
         if span < CUT_AFTER && (verdict != Verdict::Under || !step.multiplies || self.strike) {
             return;
+        }
+        if verdict == Verdict::Under {
+            let levels = Levels {
+                tail: current,
+                calm: median,
+            };
+            self.calmest = Some(self.calmest.map_or(levels, |calmest| calmest.min(levels)));
         }
         match verdict {
             Verdict::Over => self.cut(now),
@@ -528,6 +558,24 @@ impl ImpactController {
             rate *= SLOW_START_FACTOR;
         }
         seconds + left / (rows_per_second * pacing)
+    }
+}
+
+/// Where the canaries' round trips lie, seconds: their [`TAIL_QUANTILE`] and their
+/// [`CALM_QUANTILE`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Levels {
+    tail: f64,
+    calm: f64,
+}
+
+impl Levels {
+    /// Each level the lower of the two.
+    fn min(self, other: Levels) -> Levels {
+        Levels {
+            tail: self.tail.min(other.tail),
+            calm: self.calm.min(other.calm),
+        }
     }
 }
 

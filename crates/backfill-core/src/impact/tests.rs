@@ -451,6 +451,61 @@ fn a_baseline_that_learned_the_stalls_still_cuts_when_the_median_rises() {
 }
 
 #[test]
+fn a_rest_slower_than_the_calmest_span_after_it_is_trusted_only_as_far_as_that_span() {
+    // Issue 19's fifth round: a first rest read a p98 of 8.9 ms (a stall, or the daemon's
+    // own start-up), spans paced at 1,000 rows/s right after it 0.9 ms, and slow start
+    // doubled unopposed to 41,000 rows/s next to 200 tx/s.
+    let mut controller = ImpactController::new(ImpactSettings::default(), ms(0));
+    // Production at 1 ms plus 1 ms per 1 000 rows/s we write; every canary of the first
+    // rest at 9 ms.
+    let polluted_rest = |d: Option<ImpactDirective>| match d {
+        Some(ImpactDirective::Pace(rate)) => ms(1) + Duration::from_secs_f64(rate / 1e6),
+        _ => ms(9),
+    };
+    let (mut now, mut highest) = (ms(0), 0.0_f64);
+    while now < ms(29_000) {
+        (now, _) = run(&mut controller, now, CANARY, true, polluted_rest);
+        highest = highest.max(controller.rate());
+    }
+    assert!(
+        controller.baseline().is_some_and(|b| b < ms(2)),
+        "{:?}",
+        controller.baseline()
+    );
+    // Judged against 1.5 ms (the span at 500 rows/s), the budget's line is 2 ms:
+    // 1 000 rows/s; against the rest's 9 ms it would be 10 700.
+    assert!(highest <= 1_500.0, "highest pace {highest}");
+}
+
+#[test]
+fn the_calmest_span_counts_only_until_the_next_rest() {
+    // Production itself turns slower (its own load): the calmest span before it is stale,
+    // and the pace, cut for it, climbs back once a rest has learned the new level.
+    let settings = ImpactSettings {
+        relearn_every: Duration::from_secs(30),
+        ..ImpactSettings::default()
+    };
+    let mut controller = ImpactController::new(settings, ms(0));
+    let (now, _) = run(&mut controller, ms(0), ms(25_000), true, linear);
+    let slower = |d: Option<ImpactDirective>| linear(d) + ms(3);
+    let (now, _) = run(&mut controller, now, ms(10_000), true, slower);
+    let cut = controller.rate();
+    // The next rest is due at 30 s and lasts 2.3 s; then the climb back.
+    run(&mut controller, now, ms(30_000), true, slower);
+    // At 5 ms the budget allows a 1.5 ms rise: 1 500 rows/s.
+    assert!(
+        controller.rate() >= 1_000.0,
+        "{cut} → {} after a rest at 5 ms",
+        controller.rate()
+    );
+    assert!(
+        controller.baseline().is_some_and(|b| b >= ms(5)),
+        "{:?}",
+        controller.baseline()
+    );
+}
+
+#[test]
 fn a_decided_tail_needs_as_many_over_as_a_full_span_leaves_above_its_quantile() {
     // 20 canaries over one of five seconds: a full span has 100, whose p98 is the third
     // slowest; three over 3 ms decide it, two do not.
