@@ -50,6 +50,19 @@ fn linear(directive: Option<ImpactDirective>) -> Duration {
     }
 }
 
+/// Canaries at 2 ms, but the first `count` of them stall 20 ms.
+fn stalls(count: u32) -> impl Fn(Option<ImpactDirective>) -> Duration {
+    let seen = std::cell::Cell::new(0);
+    move |_: Option<ImpactDirective>| {
+        seen.set(seen.get() + 1);
+        if seen.get() <= count {
+            ms(20)
+        } else {
+            ms(2)
+        }
+    }
+}
+
 #[test]
 fn it_rests_first_to_learn_the_baseline() {
     let mut controller = ImpactController::new(ImpactSettings::default(), ms(0));
@@ -257,17 +270,6 @@ fn two_stray_canaries_are_not_a_tail_but_three_are() {
     }
     // Two canaries of the span stall 20 ms: strays, under the tail; the pace grows.
     let before = controller.rate();
-    let stalls = |count: u32| {
-        let seen = std::cell::Cell::new(0);
-        move |_: Option<ImpactDirective>| {
-            seen.set(seen.get() + 1);
-            if seen.get() <= count {
-                ms(20)
-            } else {
-                ms(2)
-            }
-        }
-    };
     let (now, _) = run(&mut controller, now, CUT_AFTER, true, stalls(2));
     assert!(
         controller.rate() > before,
@@ -371,17 +373,6 @@ fn a_stalled_tail_in_one_span_is_a_strike_and_in_two_running_a_cut() {
     }
     let cut = controller.rate();
     assert!(cut < grown, "{grown} → {cut}");
-    let stalls = |count: u32| {
-        let seen = std::cell::Cell::new(0);
-        move |_: Option<ImpactDirective>| {
-            seen.set(seen.get() + 1);
-            if seen.get() <= count {
-                ms(20)
-            } else {
-                ms(2)
-            }
-        }
-    };
     // A span with three stalled canaries: its p98 is over budget, its median is not.
     let (after_strike, verdict) = run(&mut controller, now, CUT_AFTER, true, stalls(3));
     assert!(verdict.ratio.is_some_and(|r| r > 5.0), "{verdict:?}");
@@ -480,12 +471,9 @@ fn a_rest_slower_than_the_calmest_span_after_it_is_trusted_only_as_far_as_that_s
 #[test]
 fn the_calmest_span_counts_only_until_the_next_rest() {
     // Production itself turns slower (its own load): the calmest span before it is stale,
-    // and the pace, cut for it, climbs back once a rest has learned the new level.
-    let settings = ImpactSettings {
-        relearn_every: Duration::from_secs(30),
-        ..ImpactSettings::default()
-    };
-    let mut controller = ImpactController::new(settings, ms(0));
+    // and the pace, cut for it, climbs back once a rest has learned the new level
+    // (every 30 s by default).
+    let mut controller = ImpactController::new(ImpactSettings::default(), ms(0));
     let (now, _) = run(&mut controller, ms(0), ms(25_000), true, linear);
     let slower = |d: Option<ImpactDirective>| linear(d) + ms(3);
     let (now, _) = run(&mut controller, now, ms(10_000), true, slower);
