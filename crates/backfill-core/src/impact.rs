@@ -379,10 +379,10 @@ impl ImpactController {
     /// the calmest span since the last rest. A rest can read slower than production
     /// alone is: a stall of the disk sets a short rest's p98, and the daemon's own
     /// start-up work (sizing the job) shares the first. In issue 19's fifth round first
-    /// rests read a p98 of 1.3–8.9 ms where spans at 500–1,000 rows/s right after them
-    /// read 0.1–0.7 of that; from an 8.9 ms baseline slow start doubled to 41,000 rows/s
-    /// next to 200 tx/s, production's p99 8×. Since the last rest only: production's own
-    /// latency moves, and each rest starts over.
+    /// rests read a p98 of 1.2–2.4 ms (8.9 ms once) where spans at 500–1,000 rows/s right
+    /// after them read 0.1–0.7 of that; from the 8.9 ms baseline slow start doubled to
+    /// 41,283 rows/s next to 200 tx/s, production's p99 6.95× its own. Since the last
+    /// rest only: production's own latency moves, and each rest starts over.
     fn baseline_levels(&self) -> Option<Levels> {
         let rested = self.rested?;
         Some(self.calmest.map_or(rested, |calmest| rested.min(calmest)))
@@ -428,10 +428,9 @@ impl ImpactController {
         if span < GROW_AFTER {
             return;
         }
-        let (Some(current), Some(broad), Some(median)) = (
-            quantile(&mut self.samples, TAIL_QUANTILE),
-            quantile(&mut self.samples, BROAD_QUANTILE),
-            quantile(&mut self.samples, CALM_QUANTILE),
+        let Some([current, broad, median]) = quantiles(
+            &mut self.samples,
+            [TAIL_QUANTILE, BROAD_QUANTILE, CALM_QUANTILE],
         ) else {
             return;
         };
@@ -626,11 +625,17 @@ fn decided_tail(values: &mut [f64], span: Duration, threshold: f64) -> Option<f6
 
 /// The `q` quantile (nearest rank) of `values`; `None` when empty. Reorders `values`.
 fn quantile(values: &mut [f64], q: f64) -> Option<f64> {
+    quantiles(values, [q]).map(|[value]| value)
+}
+
+/// The quantiles `qs` (nearest rank) of `values`, sorted once; `None` when empty.
+/// Reorders `values`.
+fn quantiles<const N: usize>(values: &mut [f64], qs: [f64; N]) -> Option<[f64; N]> {
     if values.is_empty() {
         return None;
     }
     values.sort_by(f64::total_cmp);
-    Some(values[nearest_rank(q, values.len()) - 1])
+    Some(qs.map(|q| values[nearest_rank(q, values.len()) - 1]))
 }
 
 /// The 1-based rank of the `q` quantile (nearest rank) among `count` values (`count` ≥ 1).
