@@ -13,7 +13,7 @@
 //! Next to every competitor a second pgbench times backfilld's canary transaction, so the
 //! impact budget's signal can be set beside the p99 it stands for.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -176,7 +176,16 @@ pub struct FrontierRow {
     /// The bench canary's p90 and p99 over the same round's alone.
     pub canary_p90_ratio: Vec<f64>,
     pub canary_p99_ratio: Vec<f64>,
+    /// Share of pgbench's transactions in the window slower than the budget's line
+    /// ([`BUDGET`] × the round's p99 alone), and the share of those that one of the
+    /// competitor's batches overlapped: what the p99 ratio cannot say, whether the slow
+    /// transactions are the competitor's doing or the machine's own.
+    pub over_line_share: Vec<f64>,
+    pub over_line_in_batch: Vec<f64>,
 }
+
+/// The budget the frontier measures against: backfilld's default `impact_budget_ratio`.
+pub const BUDGET: f64 = 1.3;
 
 /// The default competitors: `variants` of backfilld's default (one setting each),
 /// `fixed_rates` for backfilld with sharing off, `sleeps` for the naive loop (zeros
@@ -344,6 +353,8 @@ fn record(rows: &mut Vec<FrontierRow>, rate: Option<u32>, measured: &[(&Competit
                     p99_ratio: Vec::new(),
                     canary_p90_ratio: Vec::new(),
                     canary_p99_ratio: Vec::new(),
+                    over_line_share: Vec::new(),
+                    over_line_in_batch: Vec::new(),
                 });
                 rows.last_mut().expect("just pushed")
             }
@@ -353,6 +364,9 @@ fn record(rows: &mut Vec<FrontierRow>, rate: Option<u32>, measured: &[(&Competit
         row.p99_ratio.push(over(m.p99_ms, baseline.0));
         row.canary_p90_ratio.push(over(m.canary_ms.0, baseline.1));
         row.canary_p99_ratio.push(over(m.canary_ms.1, baseline.2));
+        let (share, in_batch) = over_line(&m.latencies, BUDGET * baseline.0);
+        row.over_line_share.push(share);
+        row.over_line_in_batch.push(in_batch);
     }
 }
 
@@ -375,13 +389,68 @@ fn stop_daemon(child: &mut std::process::Child) {
 }
 
 /// What one competitor run measured in its window.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Measured {
     rows_per_second: f64,
     /// pgbench's p99, ms.
     p99_ms: f64,
     /// The bench's canary: p90 and p99 of its round trips, ms.
     canary_ms: (f64, f64),
+    /// pgbench's transactions in the window: latency (ms), and whether one of the
+    /// competitor's batches overlapped it.
+    latencies: Vec<(f64, bool)>,
+}
+
+/// The share of `latencies` over `line` (ms), and the share of those overlapped by a
+/// batch (NaN when none was over).
+fn over_line(latencies: &[(f64, bool)], line: f64) -> (f64, f64) {
+    let over: Vec<bool> = latencies
+        .iter()
+        .filter(|(latency, _)| *latency > line)
+        .map(|(_, in_batch)| *in_batch)
+        .collect();
+    let share = over.len() as f64 / latencies.len().max(1) as f64;
+    let in_batch = over.iter().filter(|b| **b).count() as f64 / over.len() as f64;
+    (share, in_batch)
+}
+
+/// For each transaction (start, end), whether one of `batches` (start, end; sorted by
+/// start, epoch microseconds) overlapped it.
+fn overlapped_by(transactions: &[(i64, i64)], batches: &[(i64, i64)]) -> Vec<bool> {
+    let longest = batches.iter().map(|(s, e)| e - s).max().unwrap_or(0);
+    transactions
+        .iter()
+        .map(|&(start, end)| {
+            // Batches starting after the transaction ended cannot overlap it; of the
+            // earlier ones, only those starting within the longest batch of its start can.
+            let before_end = batches.partition_point(|&(s, _)| s <= end);
+            batches[..before_end]
+                .iter()
+                .rev()
+                .take_while(|&&(s, _)| s >= start - longest)
+                .any(|&(_, e)| e >= start)
+        })
+        .collect()
+}
+
+/// The batches backfilld logged committing (`batch committed`, at debug level: its time
+/// is the commit's, `duration_ms` the batch's), as (start, end) epoch microseconds.
+fn logged_batches(log: &std::path::Path) -> anyhow::Result<Vec<(i64, i64)>> {
+    let text =
+        std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let mut batches: Vec<(i64, i64)> = text
+        .lines()
+        .filter(|line| line.contains("\"batch committed\""))
+        .filter_map(|line| {
+            let entry: serde_json::Value = serde_json::from_str(line).ok()?;
+            let at = humantime::parse_rfc3339(entry["timestamp"].as_str()?).ok()?;
+            let end = epoch_micros(at);
+            let took = (entry["duration_ms"].as_f64()? * 1000.0) as i64;
+            Some((end - took, end))
+        })
+        .collect();
+    batches.sort_unstable();
+    Ok(batches)
 }
 
 /// One competitor next to pgbench at `rate`: rows per second in the window, pgbench's
@@ -419,6 +488,7 @@ async fn run_one(
         .transpose()?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let stop = Arc::new(AtomicBool::new(false));
+    let naive_rows = Arc::new(AtomicI64::new(0));
     let mut child = None;
     let mut naive = None;
     match competitor {
@@ -426,10 +496,7 @@ async fn run_one(
         Competitor::Backfilld(_, settings) => {
             daemon.migrate(&url)?;
             fixture.psql(db, ORDERS_JOB_SQL)?;
-            let log = work_dir.join(format!(
-                "frontier-{round}-{rate}-{}.log",
-                child_name(competitor)
-            ));
+            let log = log_of(competitor, rate, round, work_dir);
             child = Some(daemon.spawn(&url, settings, &log)?);
         }
         Competitor::Naive(sleep) => {
@@ -437,20 +504,22 @@ async fn run_one(
                 .await
                 .context("connecting the naive loop")?;
             tokio::spawn(connection);
-            let (stop, sleep) = (stop.clone(), *sleep);
+            let (stop, sleep, rows) = (stop.clone(), *sleep, naive_rows.clone());
             naive = Some(tokio::spawn(async move {
                 let mut after = 0i64;
+                let mut batches = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    if client
-                        .execute(NAIVE_SQL, &[&after, &NAIVE_BATCH])
-                        .await
-                        .is_err()
-                    {
+                    let started = epoch_micros(SystemTime::now());
+                    let Ok(updated) = client.execute(NAIVE_SQL, &[&after, &NAIVE_BATCH]).await
+                    else {
                         break;
-                    }
+                    };
+                    batches.push((started, epoch_micros(SystemTime::now())));
+                    rows.fetch_add(i64::try_from(updated).unwrap_or(0), Ordering::Relaxed);
                     after += NAIVE_BATCH;
                     tokio::time::sleep(sleep).await;
                 }
+                batches
             }));
         }
     }
@@ -463,6 +532,7 @@ async fn run_one(
             rows_per_second: done,
             p99_ms: f64::NAN,
             canary_ms: (f64::NAN, f64::NAN),
+            latencies: Vec::new(),
         });
     }
     // The default and its variants climb.
@@ -472,32 +542,71 @@ async fn run_one(
         plan.settle
     };
     tokio::time::sleep(settle).await;
-    let count = || -> anyhow::Result<i64> {
-        fixture
-            .psql(
-                db,
-                "SELECT count(*) FROM public.orders WHERE label IS NOT NULL",
-            )?
-            .parse()
-            .context("counting done rows")
+    // Rows done so far, without scanning the table: a count(*) of the labelled rows at each
+    // edge of the window stalled pgbench there (at 600 tx/s, 5–58 transactions over the
+    // budget's line in the second of each count; more after the default's longer climb,
+    // whose count met more rows to prune and hint), which a p99 of 6,000 transactions
+    // cannot ignore.
+    let (progress, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .context("connecting the bench's progress reader")?;
+    tokio::spawn(connection);
+    let done = || async {
+        anyhow::Ok(match competitor {
+            Competitor::Alone => 0,
+            Competitor::Naive(_) => naive_rows.load(Ordering::Relaxed),
+            Competitor::Backfilld(..) => progress
+                .query_one(
+                    "SELECT coalesce(sum(rows_done), 0)::bigint FROM backfill.jobs",
+                    &[],
+                )
+                .await
+                .context("reading the jobs' rows_done")?
+                .get(0),
+        })
     };
-    let (opened, done_before) = (SystemTime::now(), count()?);
+    let (opened, done_before) = (SystemTime::now(), done().await?);
     let window = plan.window_at(rate);
     tokio::time::sleep(window).await;
-    let (done_after, closed) = (count()?, SystemTime::now());
+    let (done_after, closed) = (done().await?, SystemTime::now());
     stop.store(true, Ordering::Relaxed);
-    if let Some(task) = naive {
-        let _ = task.await;
-    }
+    let mut batches = match naive {
+        Some(task) => task.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
     if let Some(mut child) = child {
         stop_daemon(&mut child);
+        batches = logged_batches(&log_of(competitor, rate, round, work_dir))?;
     }
     let transactions = load.map(Load::stop).transpose()?.unwrap_or_default();
     let canaries = canary.map(Load::stop).transpose()?.unwrap_or_default();
     let span = (epoch_micros(opened), epoch_micros(closed));
+    if rate != UNLOADED_RATE {
+        let timeline = work_dir.join(format!(
+            "frontier-{round}-{rate}-{}.transactions.tsv",
+            child_name(competitor)
+        ));
+        write_timeline(&timeline, span, &transactions, &canaries)?;
+    }
     let p99 = LatencySummary::over(&transactions, span).map_or(f64::NAN, |s| s.p99_ms);
     let canary_ms = LatencySummary::over(&canaries, span)
         .map_or((f64::NAN, f64::NAN), |s| (s.p90_ms, s.p99_ms));
+    let in_window: Vec<&crate::pgbench::Transaction> = transactions
+        .iter()
+        .filter(|t| (span.0..=span.1).contains(&t.completed_at_us))
+        .collect();
+    let intervals: Vec<(i64, i64)> = in_window
+        .iter()
+        .map(|t| {
+            let took = (t.latency_ms * 1000.0) as i64;
+            (t.completed_at_us - took, t.completed_at_us)
+        })
+        .collect();
+    let latencies = in_window
+        .iter()
+        .map(|t| t.latency_ms)
+        .zip(overlapped_by(&intervals, &batches))
+        .collect();
     let seconds = closed
         .duration_since(opened)
         .unwrap_or(window)
@@ -507,7 +616,27 @@ async fn run_one(
         rows_per_second: (done_after - done_before) as f64 / seconds,
         p99_ms: p99,
         canary_ms,
+        latencies,
     })
+}
+
+/// Writes every transaction of a run, pgbench's and the canary's, one per line (`kind
+/// completed_at_us latency_ms`, the window's bounds first): with the daemon's log beside
+/// it, the slow transactions can be matched with the pace and the rests that were in force.
+fn write_timeline(
+    path: &std::path::Path,
+    window: (i64, i64),
+    transactions: &[crate::pgbench::Transaction],
+    canaries: &[crate::pgbench::Transaction],
+) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let mut text = format!("window\t{}\t{}\n", window.0, window.1);
+    for (kind, list) in [("pgbench", transactions), ("canary", canaries)] {
+        for t in list {
+            let _ = writeln!(text, "{kind}\t{}\t{:.3}", t.completed_at_us, t.latency_ms);
+        }
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Waits for the frontier's job in `db` to end (at most [`UNLOADED_LIMIT`]), stops the
@@ -545,6 +674,19 @@ async fn until_finished(
 /// The unloaded job must end within this long.
 const UNLOADED_LIMIT: Duration = Duration::from_secs(300);
 
+/// The daemon log of `competitor`'s run at `rate` in `round`.
+fn log_of(
+    competitor: &Competitor,
+    rate: u32,
+    round: u32,
+    dir: &std::path::Path,
+) -> std::path::PathBuf {
+    dir.join(format!(
+        "frontier-{round}-{rate}-{}.log",
+        child_name(competitor)
+    ))
+}
+
 fn child_name(competitor: &Competitor) -> String {
     competitor
         .label()
@@ -574,9 +716,13 @@ pub fn to_markdown(rows: &[FrontierRow], plan: &FrontierPlan, budget: f64) -> St
          transaction; each competitor on a fresh copy, {} s settling ({} s for backfilld's \
          default, whose pace climbs) then a window of {} s or {} pgbench transactions, whichever is longer; {} rounds; median (min–max) over the rounds. p99 ratio: pgbench's p99 in the window over \
          the mean of its p99 alone in the same round, run first and again last at each rate (the alone row's ratios show that baseline's own noise). Canary: backfilld's canary transaction (`{}`) every 50 ms on a session of its own, as backfilld's \
-         canary runs it, timed by a second pgbench; its p90 and p99 in the window over the same round's alone, likewise.\n\n\
-         | pgbench tx/s | competitor | rows/s | pgbench p99 ms | p99 ratio | within {budget}× | canary p90 ratio | canary p99 ratio |\n\
-         |---:|---|---:|---:|---:|:---:|---:|---:|\n",
+         canary runs it, timed by a second pgbench; its p90 and p99 in the window over the same round's alone, likewise. Over the line: \
+         the share of pgbench's transactions in the window slower than {budget}× the round's p99 alone (a p99 within budget \
+         leaves at most 1 %), and how many of those one of the competitor's batches overlapped (its statement's \
+         start to its commit, from backfilld's log or the loop's own clock): slow transactions no batch overlapped are the \
+         machine's own, or the competitor's indirect cost (its canary, its WAL written ahead).\n\n\
+         | pgbench tx/s | competitor | rows/s | pgbench p99 ms | p99 ratio | within {budget}× | canary p90 ratio | canary p99 ratio | over the line % | of them in a batch % |\n\
+         |---:|---|---:|---:|---:|:---:|---:|---:|---:|---:|\n",
         plan.rows,
         plan.clients,
         plan.settle.as_secs(),
@@ -607,19 +753,26 @@ pub fn to_markdown(rows: &[FrontierRow], plan: &FrontierPlan, budget: f64) -> St
             rate => rate.to_string(),
         };
         out.push_str(&format!(
-            "| {rate} | {} | {} | {} | {} | {within} | {} | {} |\n",
+            "| {rate} | {} | {} | {} | {} | {within} | {} | {} | {} | {} |\n",
             row.competitor,
             median_range(&row.rows_per_second, 0),
             median_range(&row.p99_ms, 2),
             median_range(&row.p99_ratio, 2),
             median_range(&row.canary_p90_ratio, 2),
             median_range(&row.canary_p99_ratio, 2),
+            median_range(&percent(&row.over_line_share), 1),
+            median_range(&percent(&row.over_line_in_batch), 0),
         ));
     }
     out.push('\n');
     out.push_str(&alone_disagreement(rows));
     out.push('\n');
     out
+}
+
+/// Shares as percentages.
+fn percent(shares: &[f64]) -> Vec<f64> {
+    shares.iter().map(|share| share * 100.0).collect()
 }
 
 /// Two pgbench-alone windows of one round and rate whose p99s differ by more than this
@@ -676,6 +829,8 @@ mod tests {
             p99_ratio: vec![1.0; p99_ms.len()],
             canary_p90_ratio: vec![1.0; p99_ms.len()],
             canary_p99_ratio: vec![1.0; p99_ms.len()],
+            over_line_share: vec![0.0; p99_ms.len()],
+            over_line_in_batch: vec![0.0; p99_ms.len()],
             p99_ms,
         };
         let calm = vec![
@@ -694,6 +849,35 @@ mod tests {
                 && !sentence.contains("round 1 (4.00"),
             "{sentence}"
         );
+    }
+
+    #[test]
+    fn a_transaction_is_in_a_batch_when_any_batch_overlaps_it() {
+        // Batches at 100–110, 200–260 and 300–301. A transaction inside a batch, or
+        // spanning one, is in it; one between batches, or after the last, is not.
+        let batches = [(100, 110), (200, 260), (300, 301)];
+        let transactions = [
+            (0, 99),
+            (105, 106),
+            (111, 199),
+            (250, 400),
+            (255, 270),
+            (302, 320),
+        ];
+        assert_eq!(
+            overlapped_by(&transactions, &batches),
+            [false, true, false, true, true, false]
+        );
+        assert_eq!(overlapped_by(&transactions, &[]), [false; 6]);
+    }
+
+    #[test]
+    fn over_the_line_counts_the_slow_and_those_a_batch_overlapped() {
+        let latencies = [(1.0, true), (5.0, true), (6.0, false), (2.0, false)];
+        assert_eq!(over_line(&latencies, 4.0), (0.5, 0.5));
+        let (share, in_batch) = over_line(&latencies, 10.0);
+        assert_eq!(share, 0.0);
+        assert!(in_batch.is_nan());
     }
 
     #[test]

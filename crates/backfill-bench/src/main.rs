@@ -399,7 +399,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
             "{}{step}
 Load average (1/5/15 min) before the frontier: {load_before}; after: {}
 ",
-            frontier::to_markdown(&rows, &plan, 1.3),
+            frontier::to_markdown(&rows, &plan, frontier::BUDGET),
             load_average()
         ));
     }
