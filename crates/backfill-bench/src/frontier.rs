@@ -496,7 +496,7 @@ async fn run_one(
         Competitor::Backfilld(_, settings) => {
             daemon.migrate(&url)?;
             fixture.psql(db, ORDERS_JOB_SQL)?;
-            let log = log_of(competitor, rate, round, work_dir);
+            let log = run_file(competitor, rate, round, work_dir, "log");
             child = Some(daemon.spawn(&url, settings, &log)?);
         }
         Competitor::Naive(sleep) => {
@@ -576,25 +576,19 @@ async fn run_one(
     };
     if let Some(mut child) = child {
         stop_daemon(&mut child);
-        batches = logged_batches(&log_of(competitor, rate, round, work_dir))?;
+        batches = logged_batches(&run_file(competitor, rate, round, work_dir, "log"))?;
     }
     let transactions = load.map(Load::stop).transpose()?.unwrap_or_default();
     let canaries = canary.map(Load::stop).transpose()?.unwrap_or_default();
     let span = (epoch_micros(opened), epoch_micros(closed));
     if rate != UNLOADED_RATE {
-        let timeline = work_dir.join(format!(
-            "frontier-{round}-{rate}-{}.transactions.tsv",
-            child_name(competitor)
-        ));
+        let timeline = run_file(competitor, rate, round, work_dir, "transactions.tsv");
         write_timeline(&timeline, span, &transactions, &canaries)?;
     }
     let p99 = LatencySummary::over(&transactions, span).map_or(f64::NAN, |s| s.p99_ms);
     let canary_ms = LatencySummary::over(&canaries, span)
         .map_or((f64::NAN, f64::NAN), |s| (s.p90_ms, s.p99_ms));
-    let in_window: Vec<&crate::pgbench::Transaction> = transactions
-        .iter()
-        .filter(|t| (span.0..=span.1).contains(&t.completed_at_us))
-        .collect();
+    let in_window = crate::pgbench::within(&transactions, span);
     let intervals: Vec<(i64, i64)> = in_window
         .iter()
         .map(|t| {
@@ -674,15 +668,17 @@ async fn until_finished(
 /// The unloaded job must end within this long.
 const UNLOADED_LIMIT: Duration = Duration::from_secs(300);
 
-/// The daemon log of `competitor`'s run at `rate` in `round`.
-fn log_of(
+/// A file of `competitor`'s run at `rate` in `round`: its daemon's `log`, its
+/// `transactions.tsv`.
+fn run_file(
     competitor: &Competitor,
     rate: u32,
     round: u32,
     dir: &std::path::Path,
+    extension: &str,
 ) -> std::path::PathBuf {
     dir.join(format!(
-        "frontier-{round}-{rate}-{}.log",
+        "frontier-{round}-{rate}-{}.{extension}",
         child_name(competitor)
     ))
 }

@@ -206,6 +206,14 @@ pub fn epoch_micros(at: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
+/// The transactions that completed within `window` (epoch microseconds, both ends in).
+pub fn within(transactions: &[Transaction], window: (i64, i64)) -> Vec<&Transaction> {
+    transactions
+        .iter()
+        .filter(|t| (window.0..=window.1).contains(&t.completed_at_us))
+        .collect()
+}
+
 /// Latency and throughput of the transactions that completed within a window.
 #[derive(Debug, Clone, Copy)]
 pub struct LatencySummary {
@@ -221,10 +229,7 @@ pub struct LatencySummary {
 impl LatencySummary {
     /// Summarizes `transactions` completed within `window` (epoch microseconds).
     pub fn over(transactions: &[Transaction], window: (i64, i64)) -> Option<LatencySummary> {
-        let in_window: Vec<&Transaction> = transactions
-            .iter()
-            .filter(|t| (window.0..=window.1).contains(&t.completed_at_us))
-            .collect();
+        let in_window = within(transactions, window);
         let latencies: Vec<f64> = in_window.iter().map(|t| t.latency_ms).collect();
         let p99_of_script = |script: u32| {
             let of_script: Vec<f64> = in_window

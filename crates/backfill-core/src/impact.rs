@@ -90,9 +90,9 @@ pub const MAX_RATE: f64 = 10_000_000.0;
 pub const CUT_AFTER: Duration = Duration::from_millis(5_000);
 
 /// A pace just reached by a multiplying step is undone already after this long when the
-/// tail shows harm (see [`Evidence`]): issue 19's frontier doubled from 15,000 to 29,000 rows/s next to
-/// 200 tx/s, where production's p99 went from 4 to 150 ms, and waiting out a full span
-/// there costs production five seconds of that.
+/// tail shows harm (see [`Evidence`]): issue 19's frontier doubled from 15,000 to
+/// 29,000 rows/s next to 200 tx/s, where production's p99 went from 4 to 150 ms, and
+/// waiting out a full span there costs production five seconds of that.
 pub const DECIDED_AFTER: Duration = Duration::from_millis(1_000);
 
 /// Soonest the pace moves after it last changed, but for a multiplying step's undoing
@@ -242,8 +242,7 @@ pub struct ImpactController {
     /// The pace before the step that set the one in force, when that step multiplied: a
     /// cut undoes it.
     stepped_from: Option<f64>,
-    /// The last span's tail alone was over budget (its median was not): one more such
-    /// span running cuts, a span under budget clears it.
+    /// The tail's sequential test over the canaries since the pace last changed.
     evidence: Evidence,
     last_ratio: Option<f64>,
     last_canary: Option<Duration>,
@@ -638,21 +637,35 @@ impl Evidence {
         if over && !(self.overs_in_a_row - 1).is_multiple_of(EPISODE_CANARIES) {
             return;
         }
-        self.log_ratio += if over {
-            (HARM_SHARE / CALM_SHARE).ln()
-        } else {
-            ((1.0 - HARM_SHARE) / (1.0 - CALM_SHARE)).ln()
-        };
+        self.log_ratio += Self::weight(over);
     }
 
     fn verdict(&self) -> Option<Tail> {
-        if self.log_ratio >= ((1.0 - FALSE_GROWTH) / FALSE_CUT).ln() {
+        if self.log_ratio >= Self::harm_bound() {
             Some(Tail::Harm)
-        } else if self.log_ratio <= (FALSE_GROWTH / (1.0 - FALSE_CUT)).ln() {
+        } else if self.log_ratio <= Self::calm_bound() {
             Some(Tail::Calm)
         } else {
             None
         }
+    }
+
+    /// What one episode over the line, or one canary under it, adds to the log ratio.
+    fn weight(over: bool) -> f64 {
+        if over {
+            (HARM_SHARE / CALM_SHARE).ln()
+        } else {
+            ((1.0 - HARM_SHARE) / (1.0 - CALM_SHARE)).ln()
+        }
+    }
+
+    /// Wald's bounds for the error rates [`FALSE_CUT`] and [`FALSE_GROWTH`].
+    fn harm_bound() -> f64 {
+        ((1.0 - FALSE_GROWTH) / FALSE_CUT).ln()
+    }
+
+    fn calm_bound() -> f64 {
+        (FALSE_GROWTH / (1.0 - FALSE_CUT)).ln()
     }
 }
 
