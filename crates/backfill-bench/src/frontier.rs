@@ -187,14 +187,14 @@ pub struct FrontierRow {
 /// The budget the frontier measures against: backfilld's default `impact_budget_ratio`.
 pub const BUDGET: f64 = 1.3;
 
-/// The default competitors: `variants` of backfilld's default (one setting each),
+/// The default competitors: `variants` of backfilld's default (each one or more settings),
 /// `fixed_rates` for backfilld with sharing off, `sleeps` for the naive loop (zeros
 /// skipped: `0` runs none of either).
 pub fn default_competitors(
     base: &[(String, String)],
     fixed_rates: &[u32],
     sleeps: &[u64],
-    variants: &[(String, String)],
+    variants: &[Vec<(String, String)>],
 ) -> Vec<Competitor> {
     let with = |extra: &[(&str, String)]| {
         let mut settings = base.to_vec();
@@ -209,10 +209,15 @@ pub fn default_competitors(
             with(&[("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "0".to_string())]),
         ),
     ];
-    competitors.extend(variants.iter().map(|(key, value)| {
+    competitors.extend(variants.iter().map(|variant| {
+        let settings: Vec<(&str, String)> = variant
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.clone()))
+            .collect();
+        let named: Vec<String> = variant.iter().map(|(k, v)| format!("{k}={v}")).collect();
         Competitor::Backfilld(
-            format!("backfilld default, {key}={value}"),
-            with(&[(key.as_str(), value.clone())]),
+            format!("backfilld default, {}", named.join(" ")),
+            with(&settings),
         )
     }));
     competitors.extend(
@@ -887,5 +892,20 @@ mod tests {
             .any(|l| l.starts_with("backfilld old default")));
         assert!(labels.iter().any(|l| l.contains("sleep 50 ms")));
         assert!(labels.iter().any(|l| l.contains("fixed 1000")));
+    }
+
+    #[test]
+    fn a_variant_of_several_settings_sets_them_all_and_names_them_all() {
+        let variant = vec![
+            ("A".to_string(), "1".to_string()),
+            ("B".to_string(), "2s".to_string()),
+        ];
+        let competitors = default_competitors(&[], &[], &[], &[variant]);
+        let Some(Competitor::Backfilld(label, settings)) = competitors.last() else {
+            panic!("the variant is not the last competitor: {competitors:?}");
+        };
+        assert_eq!(label, "backfilld default, A=1 B=2s");
+        assert!(settings.contains(&("A".to_string(), "1".to_string())));
+        assert!(settings.contains(&("B".to_string(), "2s".to_string())));
     }
 }

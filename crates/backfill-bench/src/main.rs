@@ -146,10 +146,11 @@ struct Options {
     /// Fixed `max_rows_per_second` of the frontier's fixed-rate backfilld runs (0: none).
     #[arg(long, value_delimiter = ',', default_values_t = [500, 1000, 2500])]
     frontier_fixed_rates: Vec<u32>,
-    /// A variant of backfilld's default in the frontier, KEY=VALUE (repeatable; e.g.
-    /// BACKFILLD_THROTTLE__IMPACT_FLOOR=3ms, to compare a setting with its default).
-    #[arg(long = "frontier-variant", value_parser = parse_setting)]
-    frontier_variants: Vec<(String, String)>,
+    /// A variant of backfilld's default in the frontier, KEY=VALUE, or several separated by
+    /// spaces (repeatable; e.g. BACKFILLD_THROTTLE__IMPACT_FLOOR=3ms, to compare a setting
+    /// with its default).
+    #[arg(long = "frontier-variant", value_parser = parse_settings)]
+    frontier_variants: Vec<Vec<(String, String)>>,
     /// Sleeps (ms) of the frontier's naive batch-then-sleep loops (0: none).
     #[arg(long, value_delimiter = ',', default_values_t = [200, 1000])]
     frontier_sleeps: Vec<u64>,
@@ -173,6 +174,19 @@ fn parse_setting(text: &str) -> Result<(String, String), String> {
         .split_once('=')
         .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
     Ok((key.to_string(), value.to_string()))
+}
+
+/// Several KEY=VALUE settings separated by spaces (one variant that changes more than one
+/// setting: e.g. a cap on the rate and rare rests, to tell their costs apart).
+fn parse_settings(text: &str) -> Result<Vec<(String, String)>, String> {
+    let settings = text
+        .split_whitespace()
+        .map(parse_setting)
+        .collect::<Result<Vec<_>, _>>()?;
+    if settings.is_empty() {
+        return Err("a variant needs at least one KEY=VALUE".to_string());
+    }
+    Ok(settings)
 }
 
 fn main() -> ExitCode {
