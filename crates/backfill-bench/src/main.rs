@@ -417,7 +417,7 @@ Load average (1/5/15 min) before the frontier: {load_before}; after: {}
             load_average()
         ));
     }
-    report.context = context_lines(&options, &bench, &unthrottled, &throttled, load_before)?;
+    report.context = context_lines(&bench, &unthrottled, &throttled, load_before)?;
     if options.logs.is_some() {
         let log = bench.work_dir.join("postgres-primary.log");
         std::fs::copy(bench.fixture.primary.log_path(), &log)
@@ -458,7 +458,6 @@ fn progress(message: std::fmt::Arguments<'_>) {
 
 /// Where, when and how the run happened, one line each.
 fn context_lines(
-    options: &Options,
     bench: &Bench,
     unthrottled: &[(String, String)],
     throttled: &[(String, String)],
@@ -495,11 +494,14 @@ fn context_lines(
         let pairs: Vec<String> = settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
         pairs.join(" ")
     };
-    let command = if options.quick {
-        format!("scripts/bench --rows {} --quick", options.rows)
-    } else {
-        format!("scripts/bench --rows {}", options.rows)
-    };
+    // The command as it was given: a run of some scenarios must not read as a full one.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = std::iter::once("scripts/bench".to_string())
+        .chain(args.iter().map(|arg| {
+            shlex::try_quote(arg).map_or_else(|_| format!("{arg:?}"), |quoted| quoted.into_owned())
+        }))
+        .collect::<Vec<_>>()
+        .join(" ");
     Ok(vec![
         format!("Run: {when}, commit {}, `{command}`", git_commit()),
         format!(
