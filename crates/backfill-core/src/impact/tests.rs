@@ -77,6 +77,24 @@ fn every(nth: u32, count: u32) -> impl Fn(Option<ImpactDirective>) -> Duration {
     }
 }
 
+/// A controller (periodic rests off) whose canaries ran flat at 2 ms until right after a
+/// growth step, so that the canaries a test gives it next are all the evidence it has.
+/// Returns it, the time reached and the pace before the step.
+fn right_after_a_step(settings: ImpactSettings) -> (ImpactController, Duration, f64) {
+    let settings = ImpactSettings {
+        relearn_every: Duration::from_secs(3600),
+        ..settings
+    };
+    let mut controller = ImpactController::new(settings, ms(0));
+    let flat = |_: Option<ImpactDirective>| ms(2);
+    let (mut now, _) = run(&mut controller, ms(0), ms(20_000), true, flat);
+    let rate = controller.rate();
+    while controller.rate() == rate {
+        (now, _) = run(&mut controller, now, CANARY, true, flat);
+    }
+    (controller, now, rate)
+}
+
 /// How long calm canaries take to show calm to the sequential test from no evidence.
 fn calm_after() -> Duration {
     CANARY * (Evidence::calm_bound() / Evidence::weight(false)).ceil() as u32
@@ -280,19 +298,11 @@ fn under_a_hockey_stick_it_spends_most_seconds_under_the_knee() {
 #[test]
 fn two_scattered_slow_canaries_hold_the_pace_and_three_cut_it() {
     let settings = ImpactSettings {
-        relearn_every: Duration::from_secs(3600),
         floor: ms(1),
         ..ImpactSettings::default()
     };
-    let mut controller = ImpactController::new(settings, ms(0));
+    let (mut controller, now, rate) = right_after_a_step(settings);
     let flat = |_: Option<ImpactDirective>| ms(2);
-    let (mut now, _) = run(&mut controller, ms(0), ms(20_000), true, flat);
-    // Right after a growth step (the pace just changed), so that the canaries below are
-    // all the evidence the test has.
-    let rate = controller.rate();
-    while controller.rate() == rate {
-        (now, _) = run(&mut controller, now, CANARY, true, flat);
-    }
     let grown = controller.rate();
     assert!(grown > rate * 1.4, "{rate} → {grown}: a multiplying step");
     // Two slow canaries a second apart: not enough to say harm, nor calm yet; the pace
@@ -400,17 +410,7 @@ fn a_stall_of_the_disk_is_one_episode_and_scattered_slow_canaries_are_harm() {
     // a backfill, and one span's tail over budget cut the pace, again and again, to
     // 50–300 rows/s. Canaries over the line in a row are one episode: a stall holding
     // three of them is one event, three scattered ones are three.
-    let settings = ImpactSettings {
-        relearn_every: Duration::from_secs(3600),
-        ..ImpactSettings::default()
-    };
-    let mut controller = ImpactController::new(settings, ms(0));
-    let flat = |_: Option<ImpactDirective>| ms(2);
-    let (mut now, _) = run(&mut controller, ms(0), ms(20_000), true, flat);
-    let rate = controller.rate();
-    while controller.rate() == rate {
-        (now, _) = run(&mut controller, now, CANARY, true, flat);
-    }
+    let (mut controller, now, _) = right_after_a_step(ImpactSettings::default());
     let grown = controller.rate();
     // A stall holding three canaries in a row: the pace holds.
     let mut stalled = controller.clone();
@@ -712,18 +712,7 @@ fn a_pace_that_slows_one_canary_in_seventy_is_never_grown() {
     // production's transactions over the line, and a test that allowed a false growth one
     // time in five grew on the first hundred canaries that happened to hold no slow one.
     // Here the slow canaries come after gaps of 120 and then 25 calm ones: 1.4 %.
-    let settings = ImpactSettings {
-        relearn_every: Duration::from_secs(3600),
-        ..ImpactSettings::default()
-    };
-    let mut controller = ImpactController::new(settings, ms(0));
-    let flat = |_: Option<ImpactDirective>| ms(2);
-    let (mut now, _) = run(&mut controller, ms(0), ms(20_000), true, flat);
-    // Right after a step, so that the canaries below are all the evidence the test has.
-    let rate = controller.rate();
-    while controller.rate() == rate {
-        (now, _) = run(&mut controller, now, CANARY, true, flat);
-    }
+    let (mut controller, mut now, _) = right_after_a_step(ImpactSettings::default());
     let paced = controller.rate();
     let seen = std::cell::Cell::new(0u32);
     let gaps = |_: Option<ImpactDirective>| {
