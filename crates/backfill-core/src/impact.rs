@@ -549,11 +549,17 @@ impl ImpactController {
 
     /// Projects the seconds a backfill of `rows` takes next to production at best, when
     /// its jobs manage `rows_per_second` flat out and production's latency never binds:
-    /// the climb from [`START_RATE`] (slow start, one judgement every [`GROW_AFTER`]) after the first
-    /// rest ([`FIRST_REST`]), then the full rate, minus the rests that re-learn the baseline
+    /// the climb from [`START_RATE`] (slow start, one step each time the canaries, one every
+    /// `canary_interval`, show calm: see [`Evidence`]) after the first rest
+    /// ([`FIRST_REST`]), then the full rate, minus the rests that re-learn the baseline
     /// ([`DRAIN`] + [`REST`] every `relearn_every`). What production's latency allows is
     /// only known by running; this is the bound `plan` shows.
-    pub fn best_case_seconds(settings: &ImpactSettings, rows: f64, rows_per_second: f64) -> f64 {
+    pub fn best_case_seconds(
+        settings: &ImpactSettings,
+        canary_interval: Duration,
+        rows: f64,
+        rows_per_second: f64,
+    ) -> f64 {
         if rows <= 0.0 || !rows_per_second.is_finite() || rows_per_second <= 0.0 {
             return 0.0;
         }
@@ -564,7 +570,9 @@ impl ImpactController {
         let mut seconds = (DRAIN + FIRST_REST).as_secs_f64();
         let mut left = rows;
         let mut rate = START_RATE;
-        let step = GROW_AFTER.as_secs_f64();
+        let step = GROW_AFTER
+            .max(canary_interval * Evidence::canaries_to_calm())
+            .as_secs_f64();
         while rate < rows_per_second && left > 0.0 {
             let done = (rate * step).min(left);
             left -= done;
@@ -662,6 +670,11 @@ impl Evidence {
         }
     }
 
+    /// Canaries under the line it takes to show calm from no evidence.
+    fn canaries_to_calm() -> u32 {
+        (Self::calm_bound() / Self::weight(false)).ceil() as u32
+    }
+
     /// Wald's bounds for the error rates [`FALSE_CUT`] and [`FALSE_GROWTH`].
     fn harm_bound() -> f64 {
         ((1.0 - FALSE_GROWTH) / FALSE_CUT).ln()
@@ -672,8 +685,8 @@ impl Evidence {
     }
 }
 
-/// A growth step of the pace: the rate it grows to, and whether it multiplies (and may
-/// then be taken on fewer canaries, see [`GROW_AFTER`]).
+/// A growth step of the pace: the rate it grows to, and whether it multiplies (a cut then
+/// undoes it, see [`DECIDED_AFTER`]).
 #[derive(Debug, Clone, Copy)]
 struct Growth {
     to: f64,

@@ -97,7 +97,7 @@ fn right_after_a_step(settings: ImpactSettings) -> (ImpactController, Duration, 
 
 /// How long calm canaries take to show calm to the sequential test from no evidence.
 fn calm_after() -> Duration {
-    CANARY * (Evidence::calm_bound() / Evidence::weight(false)).ceil() as u32
+    CANARY * Evidence::canaries_to_calm()
 }
 
 #[test]
@@ -549,25 +549,27 @@ fn near_the_budget_growth_turns_additive() {
 fn the_best_case_adds_the_climb_and_the_rests_to_the_flat_out_time() {
     let settings = ImpactSettings::default();
     assert_eq!(
-        ImpactController::best_case_seconds(&settings, 0.0, 1e4),
+        ImpactController::best_case_seconds(&settings, CANARY, 0.0, 1e4),
         0.0
     );
     assert_eq!(
-        ImpactController::best_case_seconds(&settings, 1e6, 0.0),
+        ImpactController::best_case_seconds(&settings, CANARY, 1e6, 0.0),
         0.0
     );
     let flat_out = 1e7 / 1e4;
-    let best = ImpactController::best_case_seconds(&settings, 1e7, 1e4);
-    // A rest of 2.3 s per 30 s of pacing (8 %), a first one of 5.3 s and a climb of 10 s
-    // from 500 rows/s.
+    let best = ImpactController::best_case_seconds(&settings, CANARY, 1e7, 1e4);
+    // A rest of 2.3 s per 30 s of pacing (8 %), a first one of 5.3 s, and a climb from
+    // 500 rows/s of five doublings, each on the canaries that show calm (about ten seconds
+    // at 50 ms): about 48 s, in which 155,000 rows (15.5 s flat out) are written.
+    let step = (CANARY * Evidence::canaries_to_calm()).as_secs_f64();
+    let climb = 5.0 * step - 15.5 * step / 10.0;
     let rests = flat_out * (DRAIN + REST).as_secs_f64() / 30.0;
-    assert!(best > flat_out + rests + 3.0, "{best}");
-    assert!(best < flat_out + rests + 13.0, "{best}");
-    // A job smaller than the climb is done during it: 1,000 rows in its first two
-    // seconds at 500 rows/s, the other 500 at 1,000 rows/s.
-    let small = ImpactController::best_case_seconds(&settings, 1_500.0, 1e4);
+    assert!(best > flat_out + rests + climb, "{best}");
+    assert!(best < flat_out + rests + climb + 10.0, "{best}");
+    // A job smaller than the first step is done in it, at 500 rows/s.
+    let small = ImpactController::best_case_seconds(&settings, CANARY, 1_500.0, 1e4);
     assert!(
-        (small - ((DRAIN + FIRST_REST).as_secs_f64() + 2.5)).abs() < 1e-9,
+        (small - ((DRAIN + FIRST_REST).as_secs_f64() + 3.0)).abs() < 1e-9,
         "{small}"
     );
 }

@@ -254,7 +254,12 @@ fn next_to_production(
         Some(impact) => Some((
             "impact_budget",
             pending.zip(rows_per_second).map(|(rows, rate)| {
-                ImpactController::best_case_seconds(&impact, rows as f64, rate)
+                ImpactController::best_case_seconds(
+                    &impact,
+                    settings.canary_interval,
+                    rows as f64,
+                    rate,
+                )
             }),
         )),
         None if throttle.busy_duty_cycle < 1.0 => Some((
