@@ -133,8 +133,10 @@ struct Options {
     #[arg(long, default_value_t = 3)]
     frontier_settle: u64,
     /// Seconds backfilld's default settles on top of --frontier-settle (its pace climbs:
-    /// a first rest of about five seconds, then it doubles every two from 500 rows/s).
-    #[arg(long, default_value_t = 25)]
+    /// a first rest of about five seconds, then it doubles from 500 rows/s each time some
+    /// two hundred canaries show calm, five seconds or more at the default interval, and
+    /// then creeps: at 25 s it was still climbing, and the window measured the climb).
+    #[arg(long, default_value_t = 55)]
     frontier_climb: u64,
     /// Seconds of each frontier competitor's measured window.
     #[arg(long, default_value_t = 10)]
