@@ -768,6 +768,33 @@ pub fn to_markdown(rows: &[FrontierRow], plan: &FrontierPlan, budget: f64) -> St
     out.push('\n');
     out.push_str(&alone_disagreement(rows));
     out.push('\n');
+    out.push_str(&round_by_round(rows, plan.rounds));
+    out
+}
+
+/// Every competitor's rows/s and p99 ratio round by round: where a median sits at the
+/// budget, the rounds show whether it kept it in most of them or broke it in some by
+/// far (issue 19's eighth round read them off the bench's log).
+fn round_by_round(rows: &[FrontierRow], rounds: u32) -> String {
+    let mut out =
+        String::from("Round by round (rows/s at p99 ratio):\n\n| pgbench tx/s | competitor |");
+    for round in 1..=rounds {
+        out.push_str(&format!(" round {round} |"));
+    }
+    out.push_str("\n|---:|---|");
+    out.push_str(&"---:|".repeat(rounds as usize));
+    out.push('\n');
+    let measured = rows
+        .iter()
+        .filter(|row| row.competitor != ALONE_LABEL && row.rate != UNLOADED_RATE);
+    for row in measured {
+        out.push_str(&format!("| {} | {} |", row.rate, row.competitor));
+        for (rows_per_second, ratio) in row.rows_per_second.iter().zip(&row.p99_ratio) {
+            out.push_str(&format!(" {rows_per_second:.0} at {ratio:.2}× |"));
+        }
+        out.push('\n');
+    }
+    out.push('\n');
     out
 }
 
@@ -819,6 +846,50 @@ mod tests {
     fn medians_and_ranges_skip_what_was_not_measured() {
         assert_eq!(median_range(&[3.0, 1.0, 2.0], 1), "2.0 (1.0–3.0)");
         assert_eq!(median_range(&[f64::NAN], 1), "–");
+    }
+
+    #[test]
+    fn each_round_of_a_competitor_is_shown_beside_the_median() {
+        let row = |rate: u32, competitor: &str, rows: Vec<f64>, ratios: Vec<f64>| FrontierRow {
+            rate,
+            competitor: competitor.to_string(),
+            p99_ms: vec![1.0; rows.len()],
+            canary_p90_ratio: vec![1.0; rows.len()],
+            canary_p99_ratio: vec![1.0; rows.len()],
+            over_line_share: vec![0.0; rows.len()],
+            over_line_in_batch: vec![0.0; rows.len()],
+            rows_per_second: rows,
+            p99_ratio: ratios,
+        };
+        let table = round_by_round(
+            &[
+                row(
+                    UNLOADED_RATE,
+                    "backfilld default",
+                    vec![50_000.0],
+                    vec![f64::NAN],
+                ),
+                row(200, ALONE_LABEL, vec![0.0; 4], vec![1.0, 0.9, 1.1, 1.0]),
+                row(
+                    200,
+                    "backfilld default",
+                    vec![1660.0, 759.4, 1670.0],
+                    vec![1.23, 0.99, 1.544],
+                ),
+            ],
+            3,
+        );
+        assert!(
+            table.contains(
+                "| 200 | backfilld default | 1660 at 1.23× | 759 at 0.99× | 1670 at 1.54× |"
+            ),
+            "{table}"
+        );
+        assert!(table.contains("| round 1 | round 2 | round 3 |"), "{table}");
+        assert!(
+            !table.contains(ALONE_LABEL) && !table.contains("50000"),
+            "{table}"
+        );
     }
 
     #[test]
