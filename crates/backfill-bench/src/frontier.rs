@@ -848,18 +848,30 @@ mod tests {
         assert_eq!(median_range(&[f64::NAN], 1), "–");
     }
 
-    #[test]
-    fn each_round_of_a_competitor_is_shown_beside_the_median() {
-        let row = |rate: u32, competitor: &str, rows: Vec<f64>, ratios: Vec<f64>| FrontierRow {
+    /// A row of `values.len()` measurements, each ratio 1, share 0 and rows/s 0.
+    fn row_of(rate: u32, competitor: &str, values: usize) -> FrontierRow {
+        FrontierRow {
             rate,
             competitor: competitor.to_string(),
-            p99_ms: vec![1.0; rows.len()],
-            canary_p90_ratio: vec![1.0; rows.len()],
-            canary_p99_ratio: vec![1.0; rows.len()],
-            over_line_share: vec![0.0; rows.len()],
-            over_line_in_batch: vec![0.0; rows.len()],
-            rows_per_second: rows,
-            p99_ratio: ratios,
+            rows_per_second: vec![0.0; values],
+            p99_ms: vec![1.0; values],
+            p99_ratio: vec![1.0; values],
+            canary_p90_ratio: vec![1.0; values],
+            canary_p99_ratio: vec![1.0; values],
+            over_line_share: vec![0.0; values],
+            over_line_in_batch: vec![0.0; values],
+        }
+    }
+
+    #[test]
+    fn each_round_of_a_competitor_is_shown_beside_the_median() {
+        let row = |rate: u32, competitor: &str, rows: Vec<f64>, ratios: Vec<f64>| {
+            let values = rows.len();
+            FrontierRow {
+                rows_per_second: rows,
+                p99_ratio: ratios,
+                ..row_of(rate, competitor, values)
+            }
         };
         let table = round_by_round(
             &[
@@ -894,16 +906,12 @@ mod tests {
 
     #[test]
     fn alone_windows_far_apart_are_named_by_round_and_rate() {
-        let row = |rate: u32, competitor: &str, p99_ms: Vec<f64>| FrontierRow {
-            rate,
-            competitor: competitor.to_string(),
-            rows_per_second: vec![0.0; p99_ms.len()],
-            p99_ratio: vec![1.0; p99_ms.len()],
-            canary_p90_ratio: vec![1.0; p99_ms.len()],
-            canary_p99_ratio: vec![1.0; p99_ms.len()],
-            over_line_share: vec![0.0; p99_ms.len()],
-            over_line_in_batch: vec![0.0; p99_ms.len()],
-            p99_ms,
+        let row = |rate: u32, competitor: &str, p99_ms: Vec<f64>| {
+            let values = p99_ms.len();
+            FrontierRow {
+                p99_ms,
+                ..row_of(rate, competitor, values)
+            }
         };
         let calm = vec![
             row(20, ALONE_LABEL, vec![4.0, 5.0, 4.5, 8.9]),
