@@ -184,6 +184,14 @@ pub struct FrontierRow {
     pub over_line_in_batch: Vec<f64>,
 }
 
+impl FrontierRow {
+    /// A competitor judged against the budget: not pgbench alone (the baseline) and not
+    /// the unloaded run (no production to harm).
+    fn is_judged(&self) -> bool {
+        self.competitor != ALONE_LABEL && self.rate != UNLOADED_RATE
+    }
+}
+
 /// The budget the frontier measures against: backfilld's default `impact_budget_ratio`.
 pub const BUDGET: f64 = 1.3;
 
@@ -744,7 +752,7 @@ pub fn to_markdown(rows: &[FrontierRow], plan: &FrontierPlan, budget: f64) -> St
             percentile(&finite, 50.0)
         };
         let within = match ratio {
-            _ if row.competitor == ALONE_LABEL || row.rate == UNLOADED_RATE => "",
+            _ if !row.is_judged() => "",
             Some(r) if r <= budget => "yes",
             Some(_) => "no",
             None => "?",
@@ -784,10 +792,7 @@ fn round_by_round(rows: &[FrontierRow], rounds: u32) -> String {
     out.push_str("\n|---:|---|");
     out.push_str(&"---:|".repeat(rounds as usize));
     out.push('\n');
-    let measured = rows
-        .iter()
-        .filter(|row| row.competitor != ALONE_LABEL && row.rate != UNLOADED_RATE);
-    for row in measured {
+    for row in rows.iter().filter(|row| row.is_judged()) {
         out.push_str(&format!("| {} | {} |", row.rate, row.competitor));
         for (rows_per_second, ratio) in row.rows_per_second.iter().zip(&row.p99_ratio) {
             out.push_str(&format!(" {rows_per_second:.0} at {ratio:.2}× |"));
