@@ -144,14 +144,16 @@ fn decision_reasons(daemon: &Daemon) -> Vec<String> {
     reasons
 }
 
-#[test]
-fn next_to_production_the_impact_budget_rests_to_learn_then_paces_the_job_in_small_batches() {
-    // A cluster of its own: on the shared one, other tests' sessions are production too.
-    let primary = pg_testkit::PgCluster::start_primary().expect("primary");
-    let db = TestDb::on(&primary, "impact");
-    // The pace starts at 500 rows/s and doubles every two seconds at best: 10,000 rows
-    // span a rest and a few judgements.
-    let rows = 10_000;
+/// A job of `rows` on `primary` next to production (an [`Application`]), and a daemon on
+/// it with the impact budget on, its decisions and judgements logged, and `extra_env`;
+/// with the database, the application and the /metrics port.
+fn next_to_production<'c>(
+    primary: &'c pg_testkit::PgCluster,
+    name: &str,
+    rows: i64,
+    extra_env: &[(&'static str, &str)],
+) -> (TestDb<'c>, Application, Daemon, u16) {
+    let db = TestDb::on(primary, name);
     db.sql(&pg_testkit::demo_data::users_table_sql(rows));
     db.audit_updates("users", "id");
     db.migrate();
@@ -159,10 +161,10 @@ fn next_to_production_the_impact_budget_rests_to_learn_then_paces_the_job_in_sma
 
     let application = Application::start(&db);
     let port = free_port();
-    let mut env = quick_worker_json_log("impact");
+    let mut env = quick_worker_json_log(name);
     env.push(("BACKFILLD_HTTP__LISTEN", format!("127.0.0.1:{port}")));
     // The test machine's own load (other tests, compilers) moves the canary by
-    // milliseconds: a wide floor keeps this test about the mechanics, not the noise (the
+    // milliseconds: a wide floor keeps these tests about the mechanics, not the noise (the
     // cuts are unit-tested in backfill_core::impact and measured by scripts/bench).
     // On, as by default (quick_worker turns it off for the other tests).
     env.push(("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "1.3".to_string()));
@@ -171,7 +173,33 @@ fn next_to_production_the_impact_budget_rests_to_learn_then_paces_the_job_in_sma
         "RUST_LOG",
         "backfilld::batch=debug,backfilld::impact=debug,info".to_string(),
     ));
-    let mut daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
+    env.extend(
+        extra_env
+            .iter()
+            .map(|(key, value)| (*key, value.to_string())),
+    );
+    let daemon = Daemon::start(&db.url(), &["--exit-when-idle"], &env_refs(&env));
+    (db, application, daemon, port)
+}
+
+/// The daemon's "impact budget" log lines (one per change of its directive).
+fn impact_judgements(daemon: &Daemon) -> Vec<serde_json::Value> {
+    daemon
+        .log_text()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["message"] == "impact budget")
+        .collect()
+}
+
+#[test]
+fn next_to_production_the_impact_budget_rests_to_learn_then_paces_the_job_in_small_batches() {
+    // The pace starts at 500 rows/s and doubles every two seconds at best: 10,000 rows
+    // span a rest and a few judgements.
+    let rows = 10_000;
+    // A cluster of its own: on the shared one, other tests' sessions are production too.
+    let primary = pg_testkit::PgCluster::start_primary().expect("primary");
+    let (db, application, mut daemon, port) = next_to_production(&primary, "impact", rows, &[]);
     let mut paces = Vec::new();
     while daemon.wait(Duration::from_millis(200)).is_none() {
         if let Some((200, body)) = http_get(port, "/metrics") {
@@ -225,4 +253,50 @@ fn next_to_production_the_impact_budget_rests_to_learn_then_paces_the_job_in_sma
         median <= 1_000,
         "median paced batch {median}: {paced_sizes:?}"
     );
+}
+
+#[test]
+fn the_excess_judge_times_canaries_inside_the_batches_and_lets_a_calm_pace_grow() {
+    // A canary every 10 ms: calm shows within two seconds, and as many canaries fall
+    // inside batches (one per batch, at most one a canary interval) as a span needs.
+    let rows = 10_000;
+    let primary = pg_testkit::PgCluster::start_primary().expect("primary");
+    let (db, application, mut daemon, _port) = next_to_production(
+        &primary,
+        "impact_excess",
+        rows,
+        &[
+            ("BACKFILLD_THROTTLE__IMPACT_EXCESS_SHARE", "0.0025"),
+            ("BACKFILLD_THROTTLE__CANARY_INTERVAL", "10ms"),
+            // Nothing scrapes /metrics here: exit when done.
+            ("BACKFILLD_HTTP__FINAL_SCRAPE_WAIT", "0s"),
+        ],
+    );
+    daemon.expect_success(RUN_LIMIT);
+    assert!(application.stop() > 1);
+    db.assert_backfilled_exactly_once("users", rows);
+
+    let judgements = impact_judgements(&daemon);
+    // In-batch canaries were timed and judged, and the batches' busy time was read.
+    let judged: Vec<&serde_json::Value> = judgements
+        .iter()
+        .filter(|line| line["in_batch_canaries"].as_u64().unwrap_or(0) >= 20)
+        .collect();
+    assert!(!judged.is_empty(), "{judgements:#?}");
+    assert!(
+        judged.iter().all(|line| {
+            let busy = line["busy_share"].as_f64().unwrap_or(-1.0);
+            busy > 0.0 && busy < 1.0
+        }),
+        "{judged:#?}"
+    );
+    // Growth waits for the excess to be surely within budget: with the canaries under
+    // the wide floor it was, and the pace grew past where it starts.
+    let highest = judgements
+        .iter()
+        .filter_map(|line| line["directive"].as_str())
+        .filter_map(|directive| directive.strip_prefix("Some(Pace("))
+        .filter_map(|rest| rest.trim_end_matches("))").parse::<f64>().ok())
+        .fold(0.0, f64::max);
+    assert!(highest > 500.0, "{judgements:#?}");
 }

@@ -47,6 +47,10 @@
 //!   seconds at the default interval), more after one: a pace near the budget holds.
 //!   The rate never grows past twice what the jobs achieved: a rate the jobs cannot reach
 //!   buys nothing and would make the next cut arrive late.
+//! - **The batches' own share** (when `excess_share` is set): a second canary, timed
+//!   inside backfilld's batches, against the canaries timed anywhere, and the share of
+//!   the time the batches are in flight: see [`excess`]. The slow share the batches add
+//!   over `excess_share` (at 95 % confidence) cuts; growth waits until it is surely under.
 //! - **No signal** (no canary answered for [`SIGNAL_TIMEOUT`]): no verdict; the throttle
 //!   falls back to the fixed duty cycle next to production.
 //!
@@ -54,6 +58,11 @@
 //! small evenly spaced batches ([`crate::throttle`]), never a second's worth at once.
 
 use std::time::Duration;
+
+pub mod excess;
+
+use excess::ExcessEvidence;
+pub use excess::ExcessReading;
 
 /// The tail the baseline and the line are set by (nearest rank). Issue 19's frontier,
 /// pgbench next to backfilld at fixed rates (durable commits, a quiet 2-core machine):
@@ -180,6 +189,9 @@ pub struct ImpactSettings {
     pub floor: Duration,
     /// Re-learn the baseline (a brief rest) this often.
     pub relearn_every: Duration,
+    /// The share of production's transactions the batches may slow past the line, judged
+    /// from canaries timed inside them ([`excess`]); 0: not judged.
+    pub excess_share: f64,
 }
 
 impl Default for ImpactSettings {
@@ -190,6 +202,7 @@ impl Default for ImpactSettings {
             // where pgbench's p99 rose 1.4–2.3×; 500 µs cuts sooner (docs/BENCHMARKS.md).
             floor: Duration::from_micros(500),
             relearn_every: Duration::from_secs(30),
+            excess_share: 0.0,
         }
     }
 }
@@ -247,6 +260,12 @@ pub struct ImpactController {
     stepped_from: Option<f64>,
     /// The tail's sequential test over the canaries since the pace last changed.
     evidence: Evidence,
+    /// The in-batch canaries and the batches' busy time since the pace last changed.
+    excess: ExcessEvidence,
+    /// The batches' busy time in all, and when it was read last.
+    busy_mark: Option<(Duration, Duration)>,
+    /// The excess as last judged, when `excess_share` is set.
+    last_excess: Option<ExcessReading>,
     last_ratio: Option<f64>,
     last_canary: Option<Duration>,
     last_relearn: Duration,
@@ -274,6 +293,11 @@ impl ImpactController {
             } else {
                 settings.relearn_every
             },
+            excess_share: if settings.excess_share.is_finite() && settings.excess_share > 0.0 {
+                settings.excess_share
+            } else {
+                0.0
+            },
         };
         ImpactController {
             settings,
@@ -287,6 +311,9 @@ impl ImpactController {
             just_cut: false,
             stepped_from: None,
             evidence: Evidence::default(),
+            excess: ExcessEvidence::default(),
+            busy_mark: None,
+            last_excess: None,
             last_ratio: None,
             last_canary: None,
             last_relearn: now,
@@ -307,8 +334,29 @@ impl ImpactController {
         let round_trip = round_trip.as_secs_f64();
         if let (Phase::Pacing { .. }, Some(line)) = (self.phase, self.tail_line()) {
             self.evidence.observe(round_trip > line);
+            self.excess.observe_anywhere(round_trip > line);
         }
         self.samples.push(round_trip);
+    }
+
+    /// Records a canary timed inside one of backfilld's batches that answered at `now`
+    /// after `round_trip` (see [`excess`]).
+    pub fn observe_in_batch(&mut self, now: Duration, round_trip: Duration) {
+        self.last_canary = Some(now);
+        if let (Phase::Pacing { .. }, Some(line)) = (self.phase, self.tail_line()) {
+            self.excess.observe_inside(round_trip.as_secs_f64() > line);
+        }
+    }
+
+    /// Records that backfilld's batches had been in flight `busy_total` in all by `now`.
+    pub fn record_busy(&mut self, now: Duration, busy_total: Duration) {
+        self.busy_mark = Some((now, busy_total));
+        self.excess.record_busy(now, busy_total);
+    }
+
+    /// What the in-batch canaries said when the pace was last judged (`excess_share` set).
+    pub fn excess(&self) -> Option<ExcessReading> {
+        self.last_excess
     }
 
     /// Records how many rows the jobs have committed in all by `now` (a counter; one that
@@ -421,6 +469,7 @@ impl ImpactController {
         self.phase = Phase::Resting { since: now };
         self.samples.clear();
         self.evidence = Evidence::default();
+        self.excess = ExcessEvidence::from_mark(self.busy_mark);
         self.calmest = None;
     }
 
@@ -428,6 +477,7 @@ impl ImpactController {
         self.phase = Phase::Pacing { since: now };
         self.samples.clear();
         self.evidence = Evidence::default();
+        self.excess = ExcessEvidence::from_mark(self.busy_mark);
     }
 
     /// Cuts when the canaries' tail shows harm (Wald's test, see [`Evidence`]; after
@@ -448,8 +498,24 @@ impl ImpactController {
         }
         let allowed = self.allowed_rise(baseline);
         let ratio_of = |tail: f64| tail / baseline.max(f64::MIN_POSITIVE);
+        let excess_share = self.settings.excess_share;
+        let excess = (excess_share > 0.0)
+            .then(|| self.excess.reading(MIN_SAMPLES as u32))
+            .flatten();
+        if excess.is_some() {
+            self.last_excess = excess;
+        }
+        // Off, the batches' share never holds growth back; on, growth waits until it is
+        // surely within budget.
+        let excess_harm = excess.is_some_and(|reading| reading.low > excess_share);
+        let excess_calm =
+            excess_share <= 0.0 || excess.is_some_and(|reading| reading.high <= excess_share);
+        let excess_roomy = excess_share <= 0.0
+            || excess.is_some_and(|reading| reading.high <= excess_share * ROOMY_SHARE);
         // A multiplying step that shows harm is undone already after DECIDED_AFTER.
-        if self.stepped_from.is_some() && self.evidence.verdict() == Some(Tail::Harm) {
+        if self.stepped_from.is_some()
+            && (self.evidence.verdict() == Some(Tail::Harm) || excess_harm)
+        {
             self.last_ratio = quantile(&mut self.samples, TAIL_QUANTILE).map(ratio_of);
             self.cut(now);
             return;
@@ -467,10 +533,12 @@ impl ImpactController {
         let rise = current - baseline;
         // The whole primary slower, or many transactions delayed: not the tail's few.
         let broad_harm = median - calm > self.allowed_rise(calm) || broad - baseline > allowed;
+        let settled = !self.just_cut || span >= CUT_AFTER;
         let verdict = match self.evidence.verdict() {
             _ if broad_harm && span >= CUT_AFTER => Verdict::Over,
-            Some(Tail::Harm) if !self.just_cut || span >= CUT_AFTER => Verdict::Over,
-            Some(Tail::Calm) if !broad_harm => Verdict::Under,
+            _ if excess_harm && settled => Verdict::Over,
+            Some(Tail::Harm) if settled => Verdict::Over,
+            Some(Tail::Calm) if !broad_harm && excess_calm => Verdict::Under,
             _ => return,
         };
         if verdict == Verdict::Under {
@@ -483,7 +551,7 @@ impl ImpactController {
         match verdict {
             Verdict::Over => self.cut(now),
             Verdict::Under => {
-                let step = self.growth(rise < allowed * ROOMY_SHARE);
+                let step = self.growth(rise < allowed * ROOMY_SHARE && excess_roomy);
                 // Never past twice what the jobs achieve: a pace they cannot reach buys
                 // nothing.
                 let cap = self

@@ -3,6 +3,7 @@
 //! `main` reads the command line and configuration, then hands over to the
 //! verb. `run_daemon` below is the daemon's whole life in one screen.
 
+mod batches_in_flight;
 mod cli;
 mod commands;
 mod database;
@@ -25,6 +26,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser;
 
+use crate::batches_in_flight::BatchesInFlight;
 use crate::cli::{Cli, Verb};
 use crate::commands::CliFailure;
 use crate::database::Database;
@@ -168,7 +170,9 @@ async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<
             .map_err(anyhow::Error::msg)?;
         tracing::info!(%address, "serving /metrics, /healthz, /readyz");
     }
-    let (health, monitor) = HealthMonitor::spawn(&settings.throttle, &db, shutdown.clone())?;
+    let batches = Arc::new(BatchesInFlight::default());
+    let (health, monitor) =
+        HealthMonitor::spawn(&settings.throttle, &db, &batches, shutdown.clone())?;
     let gauges = DaemonGauges {
         control: db.control.clone(),
         interval: settings.throttle.probe_interval,
@@ -184,6 +188,7 @@ async fn run_daemon(settings: Settings, exit_when_idle: bool) -> anyhow::Result<
         instance: uuid::Uuid::new_v4(),
         settings: Arc::new(settings.worker_sections()),
         health,
+        batches,
         driving: Default::default(),
         work_signal: Default::default(),
     });

@@ -1,8 +1,11 @@
 //! The production-latency canary: its round trips timed on a connection of their own
 //! ([`CanaryTimer`]), and judged by the delay detector (`throttle.max_probe_delay`) and the
-//! impact budget (`throttle.impact_budget_ratio`), either or both ([`CanaryJudges`]).
+//! impact budget (`throttle.impact_budget_ratio`), either or both ([`CanaryJudges`]); with
+//! `throttle.impact_excess_share`, a second one timed inside the worker's batches
+//! ([`InBatchCanary`]).
 
 use backfill_core::queue_sql;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backfill_core::impact::{ImpactController, ImpactDirective, ImpactSettings};
@@ -13,6 +16,7 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 
 use super::Reading;
+use crate::batches_in_flight::BatchesInFlight;
 use crate::settings::ThrottleConfig;
 use crate::shutdown::Shutdown;
 use crate::telemetry;
@@ -30,6 +34,10 @@ pub(super) struct CanaryReading {
     /// The rows the running jobs have committed in all, read after the round trip when
     /// the impact budget is due to see them.
     pub(super) rows_done: Option<u64>,
+    /// Timed inside one of the worker's batches ([`InBatchCanary`]), not at its interval.
+    pub(super) in_batch: bool,
+    /// How long the worker's batches had been in flight in all by then.
+    pub(super) busy_total: Duration,
 }
 
 /// Times the canary every `throttle.canary_interval`.
@@ -39,6 +47,7 @@ pub(super) struct CanaryTimer {
     /// The queue, for the rows the running jobs have committed (the impact budget never
     /// paces far above what they achieve); `None` when no judge needs them.
     rows_from: Option<PgPool>,
+    batches: Arc<BatchesInFlight>,
 }
 
 impl CanaryTimer {
@@ -47,11 +56,13 @@ impl CanaryTimer {
         pool: deadpool_postgres::Pool,
         throttle: &ThrottleConfig,
         rows_from: Option<PgPool>,
+        batches: &Arc<BatchesInFlight>,
     ) -> Self {
         CanaryTimer {
             canary: LatencyCanary::new(pool, throttle.probe_timeout),
             interval: throttle.canary_interval,
             rows_from,
+            batches: Arc::clone(batches),
         }
     }
 
@@ -80,11 +91,79 @@ impl CanaryTimer {
                 at,
                 round_trip,
                 rows_done,
+                in_batch: false,
+                busy_total: self.batches.busy_total(),
             };
             if readings.send(Reading::Canary(reading)).await.is_err() {
                 return;
             }
             shutdown.sleep(self.interval).await;
+        }
+    }
+}
+
+/// Times a second canary, on a connection of its own, at a random moment inside one of
+/// the worker's batches, at most one every `throttle.canary_interval`: production's slow
+/// transactions fall inside the batches (`backfill_core::impact::excess`).
+pub(super) struct InBatchCanary {
+    canary: LatencyCanary,
+    interval: Duration,
+    batches: Arc<BatchesInFlight>,
+}
+
+impl InBatchCanary {
+    /// A canary on `pool`, timed inside `batches`.
+    pub(super) fn new(
+        pool: deadpool_postgres::Pool,
+        throttle: &ThrottleConfig,
+        batches: &Arc<BatchesInFlight>,
+    ) -> Self {
+        InBatchCanary {
+            canary: LatencyCanary::new(pool, throttle.probe_timeout),
+            interval: throttle.canary_interval,
+            batches: Arc::clone(batches),
+        }
+    }
+
+    /// Times the canary inside batches until shutdown, handing every round trip to the
+    /// judges.
+    pub(super) async fn run(
+        self,
+        origin: Instant,
+        readings: mpsc::Sender<Reading>,
+        shutdown: Shutdown,
+    ) {
+        let mut starts = self.batches.subscribe();
+        while !shutdown.is_triggered() {
+            tokio::select! {
+                changed = starts.changed() => if changed.is_err() { return },
+                () = shutdown.triggered() => return,
+            }
+            // A random moment of the batch, as production's transactions arrive at any;
+            // the latest batch's duration stands for this one's.
+            let offset = self.batches.latest_duration().mul_f64(fastrand::f64());
+            if !offset.is_zero() {
+                shutdown.sleep(offset).await;
+            }
+            if !self.batches.in_flight() {
+                continue;
+            }
+            let Some(round_trip) = self.canary.round_trip().await else {
+                continue;
+            };
+            let reading = CanaryReading {
+                at: origin.elapsed(),
+                round_trip: Some(round_trip),
+                rows_done: None,
+                in_batch: true,
+                busy_total: self.batches.busy_total(),
+            };
+            if readings.send(Reading::Canary(reading)).await.is_err() {
+                return;
+            }
+            shutdown.sleep(self.interval).await;
+            // Batches that started meanwhile are not waited for: the next one is.
+            starts.borrow_and_update();
         }
     }
 }
@@ -145,11 +224,23 @@ impl CanaryJudges {
         self.impact.is_some()
     }
 
+    /// Whether a judge needs the canary timed inside batches (the impact budget's excess
+    /// judge does).
+    pub(super) fn needs_in_batch(impact: Option<&ImpactSettings>) -> bool {
+        impact.is_some_and(|impact| impact.excess_share > 0.0)
+    }
+
     /// Judges one round trip, production being `active` on the primary as last sampled;
     /// the verdicts as of now.
     pub(super) fn judge(&mut self, reading: &CanaryReading, active: bool) -> CanaryVerdicts {
         let now = reading.at;
-        if let (Some(round_trip), Some(detector)) = (reading.round_trip, self.detector.as_mut()) {
+        if reading.in_batch {
+            if let (Some(round_trip), Some(impact)) = (reading.round_trip, self.impact.as_mut()) {
+                impact.observe_in_batch(now, round_trip);
+            }
+        } else if let (Some(round_trip), Some(detector)) =
+            (reading.round_trip, self.detector.as_mut())
+        {
             let verdict = detector.observe(now, round_trip);
             tracing::trace!(
                 target: "backfilld::canary",
@@ -161,20 +252,27 @@ impl CanaryJudges {
             telemetry::record_canary(verdict);
         }
         if let Some(impact) = self.impact.as_mut() {
-            if let Some(round_trip) = reading.round_trip {
+            if let (Some(round_trip), false) = (reading.round_trip, reading.in_batch) {
                 impact.observe(now, round_trip);
             }
+            impact.record_busy(now, reading.busy_total);
             if let Some(rows) = reading.rows_done {
                 impact.record_rows(now, rows);
             }
             let verdict = impact.evaluate(now, active);
             telemetry::record_impact(&verdict);
             if verdict.directive != self.directive {
+                let excess = impact.excess();
                 tracing::debug!(
                     target: "backfilld::impact",
                     directive = ?verdict.directive,
                     ratio = ?verdict.ratio,
                     baseline_us = impact.baseline().map(|b| b.as_micros() as u64),
+                    busy_share = excess.map(|e| e.busy_share),
+                    in_batch_canaries = excess.map(|e| e.inside_canaries),
+                    in_batch_over = excess.map(|e| e.inside_share),
+                    anywhere_over = excess.map(|e| e.anywhere_share),
+                    excess = excess.map(|e| e.estimate),
                     "impact budget"
                 );
                 self.directive = verdict.directive;

@@ -10,6 +10,7 @@
 mod canary;
 mod probe;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -18,11 +19,12 @@ use backfill_core::throttle::HealthSample;
 use backfill_dataplane::HealthProbe;
 use tokio::sync::{mpsc, watch};
 
+use crate::batches_in_flight::BatchesInFlight;
 use crate::database::Database;
 use crate::settings::ThrottleConfig;
 use crate::shutdown::Shutdown;
 use crate::telemetry;
-use canary::{CanaryJudges, CanaryReading, CanaryTimer, CanaryVerdicts};
+use canary::{CanaryJudges, CanaryReading, CanaryTimer, CanaryVerdicts, InBatchCanary};
 pub(crate) use probe::health_probe;
 
 /// What the monitor's readers hand its judges: a probe sample or a canary round trip,
@@ -44,6 +46,8 @@ pub struct HealthMonitor {
     probe_interval: Duration,
     /// `None` when no judge needs the canary.
     canary: Option<CanaryTimer>,
+    /// `None` unless the impact budget judges the batches' own share.
+    in_batch: Option<InBatchCanary>,
     judges: Judges,
 }
 
@@ -53,6 +57,7 @@ impl HealthMonitor {
     pub fn spawn(
         throttle: &ThrottleConfig,
         db: &Database,
+        batches: &Arc<BatchesInFlight>,
         shutdown: Shutdown,
     ) -> anyhow::Result<(watch::Receiver<HealthSample>, tokio::task::JoinHandle<()>)> {
         // Production sessions are counted only for sharing the primary (the impact budget or
@@ -71,7 +76,17 @@ impl HealthMonitor {
                     pool,
                     throttle,
                     judges.needs_rows().then(|| db.control.clone()),
+                    batches,
                 ))
+            }
+        };
+        let in_batch = match CanaryJudges::needs_in_batch(impact.as_ref()) {
+            false => None,
+            true => {
+                let pool = db
+                    .primary_probe_pool()
+                    .context("the in-batch canary's connection")?;
+                Some(InBatchCanary::new(pool, throttle, batches))
             }
         };
         let (published, samples) = watch::channel(HealthSample::default());
@@ -79,6 +94,7 @@ impl HealthMonitor {
             probe,
             probe_interval: throttle.probe_interval,
             canary,
+            in_batch,
             judges: Judges {
                 activity: ActivityJudge::new(sharing),
                 canary: canary_judges,
@@ -97,6 +113,7 @@ impl HealthMonitor {
             probe,
             probe_interval,
             canary,
+            in_batch,
             mut judges,
         } = self;
         let origin = Instant::now();
@@ -115,7 +132,20 @@ impl HealthMonitor {
         };
         match canary {
             Some(canary) => {
-                tokio::join!(probing, canary.run(origin, readings, shutdown), judging);
+                let (in_batch_readings, in_batch_shutdown) = (readings.clone(), shutdown.clone());
+                let in_batch = async move {
+                    if let Some(in_batch) = in_batch {
+                        in_batch
+                            .run(origin, in_batch_readings, in_batch_shutdown)
+                            .await;
+                    }
+                };
+                tokio::join!(
+                    probing,
+                    in_batch,
+                    canary.run(origin, readings, shutdown),
+                    judging
+                );
             }
             None => {
                 drop(readings);
@@ -248,6 +278,8 @@ mod tests {
             at: Duration::from_millis(at_ms),
             round_trip: Some(Duration::from_millis(round_trip_ms)),
             rows_done: None,
+            in_batch: false,
+            busy_total: Duration::ZERO,
         })
     }
 

@@ -155,6 +155,14 @@ fn nonsense_combinations_are_refused_naming_the_keys() {
             "throttle.impact_budget_ratio must be 0 (off) or a number above 1",
         ),
         (
+            &[("BACKFILLD_THROTTLE__IMPACT_EXCESS_SHARE", "0.02")],
+            "throttle.impact_excess_share must be 0 (off) or a share under 0.01",
+        ),
+        (
+            &[("BACKFILLD_THROTTLE__IMPACT_EXCESS_SHARE", "-0.001")],
+            "throttle.impact_excess_share must be 0 (off) or a share under 0.01",
+        ),
+        (
             &[("BACKFILLD_THROTTLE__IMPACT_RELEARN_EVERY", "1s")],
             "throttle.impact_relearn_every must be at least 5s",
         ),

@@ -43,6 +43,9 @@ pub struct ThrottleConfig {
     /// How often the impact budget rests briefly to re-learn production's baseline.
     #[serde(with = "humantime_serde")]
     pub impact_relearn_every: Duration,
+    /// The share of production's transactions backfilld's batches may slow past the
+    /// impact budget's line, judged from canaries timed inside them; 0: not judged.
+    pub impact_excess_share: f64,
     /// While production is at work on the primary, the share of time a job's batches may
     /// run; 1 turns sharing off.
     pub busy_duty_cycle: f64,
@@ -114,6 +117,12 @@ impl ThrottleConfig {
                 "throttle.impact_budget_ratio must be 0 (off) or a number above 1 (1.3: production's latency may rise 30 %), got {ratio}"
             ));
         }
+        let excess = self.impact_excess_share;
+        if !(excess.is_finite() && (0.0..0.01).contains(&excess)) {
+            return fail(format!(
+                "throttle.impact_excess_share must be 0 (off) or a share under 0.01 (0.0025: the batches may slow a quarter of a percent of production's transactions past the line; a p99 leaves 1 % over it), got {excess}"
+            ));
+        }
         if self.impact_relearn_every < Duration::from_secs(5) {
             return fail(format!(
                 "throttle.impact_relearn_every must be at least 5s (each re-learning rests every job for about two seconds), got {}",
@@ -167,6 +176,7 @@ impl ThrottleConfig {
             budget_ratio: self.impact_budget_ratio,
             floor: self.impact_floor,
             relearn_every: self.impact_relearn_every,
+            excess_share: self.impact_excess_share,
         })
     }
 

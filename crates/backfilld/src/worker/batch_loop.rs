@@ -178,6 +178,7 @@ impl<'w> JobRun<'w> {
             let source = self.key_source();
             let backend = BatchBackend::default();
             let stop = self.batch_stop(backend.clone());
+            let in_flight = self.worker.batches.start();
             let outcome = self
                 .worker
                 .runner
@@ -193,6 +194,7 @@ impl<'w> JobRun<'w> {
                     stop,
                 )
                 .await;
+            drop(in_flight);
             if let Some(end) = self.after_batch(outcome, batch_size, &mut target).await {
                 return end;
             }

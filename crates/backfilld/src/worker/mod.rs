@@ -31,6 +31,7 @@ use tokio::sync::watch;
 pub(crate) use budgets::throttle_settings;
 pub(crate) use slicing::job_definition;
 
+use crate::batches_in_flight::BatchesInFlight;
 use crate::settings::WorkerSections;
 use crate::shutdown::Shutdown;
 use crate::telemetry::JobMetrics;
@@ -45,6 +46,8 @@ pub struct Worker {
     /// This process: what makes a lease ours (two pods may share a `worker.id`).
     pub instance: uuid::Uuid,
     pub health: watch::Receiver<HealthSample>,
+    /// This worker's batches in flight, for the impact budget's in-batch canary.
+    pub batches: Arc<BatchesInFlight>,
     /// Jobs this process is driving now, so a claim never takes one of them
     /// back; held across each claim so two slots cannot race.
     pub driving: tokio::sync::Mutex<Vec<i64>>,
