@@ -49,8 +49,10 @@
 //!   buys nothing and would make the next cut arrive late.
 //! - **The batches' own share** (when `excess_share` is set): a second canary, timed
 //!   inside backfilld's batches, against the canaries timed anywhere, and the share of
-//!   the time the batches are in flight: see [`excess`]. The slow share the batches add
-//!   over `excess_share` (at 95 % confidence) cuts; growth waits until it is surely under.
+//!   the time the batches are in flight: see [`excess`]. It then judges the tail instead
+//!   of Wald's test: the slow share the batches add surely over `excess_share` (95 %
+//!   confidence) is harm, surely under it calm, and while neither the pace holds; growth
+//!   multiplies while it is surely under half of it.
 //! - **No signal** (no canary answered for [`SIGNAL_TIMEOUT`]): no verdict; the throttle
 //!   falls back to the fixed duty cycle next to production.
 //!
@@ -505,17 +507,16 @@ impl ImpactController {
         if excess.is_some() {
             self.last_excess = excess;
         }
-        // Off, the batches' share never holds growth back; on, growth waits until it is
-        // surely within budget.
-        let excess_harm = excess.is_some_and(|reading| reading.low > excess_share);
-        let excess_calm =
-            excess_share <= 0.0 || excess.is_some_and(|reading| reading.high <= excess_share);
-        let excess_roomy = excess_share <= 0.0
-            || excess.is_some_and(|reading| reading.high <= excess_share * ROOMY_SHARE);
+        // With the excess judge on, the batches' own share judges the tail: the canaries
+        // timed anywhere over the line are mostly the disk's own stalls (issue 19's ninth
+        // round: a judge that also heeded them cut where the batches added 0.04-0.09 %).
+        let tail = if excess_share > 0.0 {
+            excess.and_then(|reading| excess_verdict(reading, excess_share))
+        } else {
+            self.evidence.verdict()
+        };
         // A multiplying step that shows harm is undone already after DECIDED_AFTER.
-        if self.stepped_from.is_some()
-            && (self.evidence.verdict() == Some(Tail::Harm) || excess_harm)
-        {
+        if self.stepped_from.is_some() && tail == Some(Tail::Harm) {
             self.last_ratio = quantile(&mut self.samples, TAIL_QUANTILE).map(ratio_of);
             self.cut(now);
             return;
@@ -533,12 +534,10 @@ impl ImpactController {
         let rise = current - baseline;
         // The whole primary slower, or many transactions delayed: not the tail's few.
         let broad_harm = median - calm > self.allowed_rise(calm) || broad - baseline > allowed;
-        let settled = !self.just_cut || span >= CUT_AFTER;
-        let verdict = match self.evidence.verdict() {
+        let verdict = match tail {
             _ if broad_harm && span >= CUT_AFTER => Verdict::Over,
-            _ if excess_harm && settled => Verdict::Over,
-            Some(Tail::Harm) if settled => Verdict::Over,
-            Some(Tail::Calm) if !broad_harm && excess_calm => Verdict::Under,
+            Some(Tail::Harm) if !self.just_cut || span >= CUT_AFTER => Verdict::Over,
+            Some(Tail::Calm) if !broad_harm => Verdict::Under,
             _ => return,
         };
         if verdict == Verdict::Under {
@@ -551,7 +550,11 @@ impl ImpactController {
         match verdict {
             Verdict::Over => self.cut(now),
             Verdict::Under => {
-                let step = self.growth(rise < allowed * ROOMY_SHARE && excess_roomy);
+                let roomy = match excess {
+                    Some(reading) => reading.high <= excess_share * ROOMY_SHARE,
+                    None => rise < allowed * ROOMY_SHARE,
+                };
+                let step = self.growth(roomy);
                 // Never past twice what the jobs achieve: a pace they cannot reach buys
                 // nothing.
                 let cap = self
@@ -648,6 +651,18 @@ impl ImpactController {
             rate *= SLOW_START_FACTOR;
         }
         seconds + left / (rows_per_second * pacing)
+    }
+}
+
+/// The excess judge's verdict on the tail: harm when the batches' added slow share is
+/// surely over `share`, calm when it is surely under, else none yet.
+fn excess_verdict(reading: ExcessReading, share: f64) -> Option<Tail> {
+    if reading.low > share {
+        Some(Tail::Harm)
+    } else if reading.high <= share {
+        Some(Tail::Calm)
+    } else {
+        None
     }
 }
 

@@ -752,22 +752,31 @@ fn judging_excess(excess_share: f64) -> ImpactSettings {
     }
 }
 
-/// Drives `controller` from `from` for `span` as [`run`] does with periodic canaries
-/// flat at 2 ms, and with a canary inside a batch every 100 ms: the `nth` of them (from
-/// the first) stalls 20 ms, the others take 2 ms. The batches are in flight `busy` of
-/// the time. Returns the time reached and the highest pace seen.
+/// Drives `controller` from `from` for `span` as [`run`] does with periodic canaries,
+/// every `slow_anywhere_every`-th of them (0: none) stalling 20 ms and the others taking
+/// 2 ms, and with a canary inside a batch every 100 ms, every `slow_inside_every`-th
+/// stalling alike. The batches are in flight `busy` of the time. Returns the time
+/// reached and the highest pace seen.
 fn run_with_batches(
     controller: &mut ImpactController,
     from: Duration,
     span: Duration,
     busy: f64,
-    slow_inside_every: u32,
+    [slow_anywhere_every, slow_inside_every]: [u32; 2],
 ) -> (Duration, f64) {
     let mut now = from;
     let mut highest = controller.rate();
-    let mut inside = 0u32;
+    let (mut inside, mut anywhere) = (0u32, 0u32);
     while now < from + span {
-        (now, _) = run(controller, now, CANARY, true, |_| ms(2));
+        anywhere += 1;
+        let slow = slow_anywhere_every > 0 && anywhere.is_multiple_of(slow_anywhere_every);
+        (now, _) = run(controller, now, CANARY, true, |_| {
+            if slow {
+                ms(20)
+            } else {
+                ms(2)
+            }
+        });
         if (now.as_millis() / CANARY.as_millis()).is_multiple_of(2) {
             inside += 1;
             let slow = slow_inside_every > 0 && inside.is_multiple_of(slow_inside_every);
@@ -786,7 +795,7 @@ fn the_batches_own_share_cuts_where_the_canaries_anywhere_see_calm() {
     // in five is slow; the batches run 5 % of the time: they add 1 % of slow
     // transactions, four times the 0.25 % allowed.
     let mut judged = ImpactController::new(judging_excess(0.0025), ms(0));
-    let (_, highest) = run_with_batches(&mut judged, ms(0), ms(60_000), 0.05, 5);
+    let (_, highest) = run_with_batches(&mut judged, ms(0), ms(60_000), 0.05, [0, 5]);
     assert!(
         highest <= START_RATE && judged.rate() < START_RATE,
         "never grown, and cut: highest {highest}, now {} rows/s",
@@ -801,7 +810,7 @@ fn the_batches_own_share_cuts_where_the_canaries_anywhere_see_calm() {
     // The same canaries with the excess judge off: the canaries at their own interval
     // are flat, and the pace climbs.
     let mut blind = ImpactController::new(judging_excess(0.0), ms(0));
-    let (_, highest) = run_with_batches(&mut blind, ms(0), ms(60_000), 0.05, 5);
+    let (_, highest) = run_with_batches(&mut blind, ms(0), ms(60_000), 0.05, [0, 5]);
     assert!(highest >= 4.0 * START_RATE, "{highest}");
     assert_eq!(blind.excess(), None, "not judged while off");
 }
@@ -810,7 +819,7 @@ fn the_batches_own_share_cuts_where_the_canaries_anywhere_see_calm() {
 fn the_batches_own_share_well_within_budget_lets_the_pace_climb() {
     // One canary in fifty slow inside batches that run 2 % of the time: 0.04 % added.
     let mut judged = ImpactController::new(judging_excess(0.0025), ms(0));
-    let (_, highest) = run_with_batches(&mut judged, ms(0), ms(60_000), 0.02, 50);
+    let (_, highest) = run_with_batches(&mut judged, ms(0), ms(60_000), 0.02, [0, 50]);
     assert!(highest >= 4.0 * START_RATE, "{highest}");
     let excess = judged.excess().expect("judged");
     assert!(excess.high <= 0.0025, "{excess:?}");
@@ -829,4 +838,19 @@ fn without_canaries_inside_batches_the_excess_judge_holds_the_pace() {
     }
     assert_eq!(highest, START_RATE);
     assert_eq!(judged.rate(), START_RATE);
+}
+
+#[test]
+fn with_the_excess_judge_the_disks_own_stalls_do_not_hold_the_pace_back() {
+    // One canary in sixty slow wherever it is timed, inside batches or not: the disk's
+    // own stalls, which the batches do not add to. Wald's test over the canaries anywhere
+    // sees harm in them (1.7 % is nearer its 2 % than its 0.5 %); the excess judge sees
+    // none of it as the batches'.
+    let mut judged = ImpactController::new(judging_excess(0.0025), ms(0));
+    let (_, highest) = run_with_batches(&mut judged, ms(0), ms(90_000), 0.03, [60, 60]);
+    assert!(highest >= 4.0 * START_RATE, "{highest}");
+
+    let mut blind = ImpactController::new(judging_excess(0.0), ms(0));
+    let (_, highest) = run_with_batches(&mut blind, ms(0), ms(90_000), 0.03, [60, 60]);
+    assert!(highest <= START_RATE, "{highest}");
 }
