@@ -40,14 +40,33 @@ pub(super) struct CanaryReading {
     pub(super) busy_total: Duration,
 }
 
-/// Times the canary every `throttle.canary_interval`.
-pub(super) struct CanaryTimer {
+/// A canary on a connection of its own, how often it may run, and the worker's batches.
+struct TimedCanary {
     canary: LatencyCanary,
     interval: Duration,
+    batches: Arc<BatchesInFlight>,
+}
+
+impl TimedCanary {
+    fn new(
+        pool: deadpool_postgres::Pool,
+        throttle: &ThrottleConfig,
+        batches: &Arc<BatchesInFlight>,
+    ) -> Self {
+        TimedCanary {
+            canary: LatencyCanary::new(pool, throttle.probe_timeout),
+            interval: throttle.canary_interval,
+            batches: Arc::clone(batches),
+        }
+    }
+}
+
+/// Times the canary every `throttle.canary_interval`.
+pub(super) struct CanaryTimer {
+    timed: TimedCanary,
     /// The queue, for the rows the running jobs have committed (the impact budget never
     /// paces far above what they achieve); `None` when no judge needs them.
     rows_from: Option<PgPool>,
-    batches: Arc<BatchesInFlight>,
 }
 
 impl CanaryTimer {
@@ -59,10 +78,8 @@ impl CanaryTimer {
         batches: &Arc<BatchesInFlight>,
     ) -> Self {
         CanaryTimer {
-            canary: LatencyCanary::new(pool, throttle.probe_timeout),
-            interval: throttle.canary_interval,
+            timed: TimedCanary::new(pool, throttle, batches),
             rows_from,
-            batches: Arc::clone(batches),
         }
     }
 
@@ -74,8 +91,13 @@ impl CanaryTimer {
         shutdown: Shutdown,
     ) {
         let mut rows_read_at: Option<Instant> = None;
+        let TimedCanary {
+            canary,
+            interval,
+            batches,
+        } = &self.timed;
         while !shutdown.is_triggered() {
-            let round_trip = self.canary.round_trip().await;
+            let round_trip = canary.round_trip().await;
             let at = origin.elapsed();
             let mut rows_done = None;
             if let Some(control) = &self.rows_from {
@@ -92,12 +114,12 @@ impl CanaryTimer {
                 round_trip,
                 rows_done,
                 in_batch: false,
-                busy_total: self.batches.busy_total(),
+                busy_total: batches.busy_total(),
             };
             if readings.send(Reading::Canary(reading)).await.is_err() {
                 return;
             }
-            shutdown.sleep(self.interval).await;
+            shutdown.sleep(*interval).await;
         }
     }
 }
@@ -105,11 +127,7 @@ impl CanaryTimer {
 /// Times a second canary, on a connection of its own, at a random moment inside one of
 /// the worker's batches, at most one every `throttle.canary_interval`: production's slow
 /// transactions fall inside the batches (`backfill_core::impact::excess`).
-pub(super) struct InBatchCanary {
-    canary: LatencyCanary,
-    interval: Duration,
-    batches: Arc<BatchesInFlight>,
-}
+pub(super) struct InBatchCanary(TimedCanary);
 
 impl InBatchCanary {
     /// A canary on `pool`, timed inside `batches`.
@@ -118,11 +136,7 @@ impl InBatchCanary {
         throttle: &ThrottleConfig,
         batches: &Arc<BatchesInFlight>,
     ) -> Self {
-        InBatchCanary {
-            canary: LatencyCanary::new(pool, throttle.probe_timeout),
-            interval: throttle.canary_interval,
-            batches: Arc::clone(batches),
-        }
+        InBatchCanary(TimedCanary::new(pool, throttle, batches))
     }
 
     /// Times the canary inside batches until shutdown, handing every round trip to the
@@ -133,7 +147,12 @@ impl InBatchCanary {
         readings: mpsc::Sender<Reading>,
         shutdown: Shutdown,
     ) {
-        let mut starts = self.batches.subscribe();
+        let TimedCanary {
+            canary,
+            interval,
+            batches,
+        } = &self.0;
+        let mut starts = batches.subscribe();
         while !shutdown.is_triggered() {
             tokio::select! {
                 changed = starts.changed() => if changed.is_err() { return },
@@ -141,14 +160,14 @@ impl InBatchCanary {
             }
             // A random moment of the batch, as production's transactions arrive at any;
             // the latest batch's duration stands for this one's.
-            let offset = self.batches.latest_duration().mul_f64(fastrand::f64());
+            let offset = batches.latest_duration().mul_f64(fastrand::f64());
             if !offset.is_zero() {
                 shutdown.sleep(offset).await;
             }
-            if !self.batches.in_flight() {
+            if !batches.in_flight() {
                 continue;
             }
-            let Some(round_trip) = self.canary.round_trip().await else {
+            let Some(round_trip) = canary.round_trip().await else {
                 continue;
             };
             let reading = CanaryReading {
@@ -156,12 +175,12 @@ impl InBatchCanary {
                 round_trip: Some(round_trip),
                 rows_done: None,
                 in_batch: true,
-                busy_total: self.batches.busy_total(),
+                busy_total: batches.busy_total(),
             };
             if readings.send(Reading::Canary(reading)).await.is_err() {
                 return;
             }
-            shutdown.sleep(self.interval).await;
+            shutdown.sleep(*interval).await;
             // Batches that started meanwhile are not waited for: the next one is.
             starts.borrow_and_update();
         }
