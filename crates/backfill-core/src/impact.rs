@@ -264,8 +264,6 @@ pub struct ImpactController {
     evidence: Evidence,
     /// The in-batch canaries and the batches' busy time since the pace last changed.
     excess: ExcessEvidence,
-    /// The batches' busy time in all, and when it was read last.
-    busy_mark: Option<(Duration, Duration)>,
     /// The excess as last judged, when `excess_share` is set.
     last_excess: Option<ExcessReading>,
     last_ratio: Option<f64>,
@@ -314,7 +312,6 @@ impl ImpactController {
             stepped_from: None,
             evidence: Evidence::default(),
             excess: ExcessEvidence::default(),
-            busy_mark: None,
             last_excess: None,
             last_ratio: None,
             last_canary: None,
@@ -352,7 +349,6 @@ impl ImpactController {
 
     /// Records that backfilld's batches had been in flight `busy_total` in all by `now`.
     pub fn record_busy(&mut self, now: Duration, busy_total: Duration) {
-        self.busy_mark = Some((now, busy_total));
         self.excess.record_busy(now, busy_total);
     }
 
@@ -471,7 +467,7 @@ impl ImpactController {
         self.phase = Phase::Resting { since: now };
         self.samples.clear();
         self.evidence = Evidence::default();
-        self.excess = ExcessEvidence::from_mark(self.busy_mark);
+        self.excess = ExcessEvidence::from_mark(self.excess.latest_mark());
         self.calmest = None;
     }
 
@@ -479,7 +475,7 @@ impl ImpactController {
         self.phase = Phase::Pacing { since: now };
         self.samples.clear();
         self.evidence = Evidence::default();
-        self.excess = ExcessEvidence::from_mark(self.busy_mark);
+        self.excess = ExcessEvidence::from_mark(self.excess.latest_mark());
     }
 
     /// Cuts when the canaries' tail shows harm (Wald's test, see [`Evidence`]; after

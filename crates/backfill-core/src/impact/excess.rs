@@ -1,9 +1,9 @@
 //! The slow share backfilld's batches add to production, from canaries timed inside them.
 //!
-//! Issue 19's ninth round (`scripts/frontier-timelines --overlap`): next to pgbench at 200
-//! and 600 tx/s, 5–20 % of the transactions in flight while one of backfilld's batches was
-//! ended over the budget's line, against 0.2–1 % of the others; the batches were in
-//! flight 2–6 % of the time. So production's p99 moves when the share the batches add,
+//! Issue 19's ninth round (`scripts/frontier-timelines --overlap`, 91 frontier runs next
+//! to pgbench at 200 and 600 tx/s): of the transactions in flight while one of
+//! backfilld's batches was, a median of 4.4 % ended over the budget's line, against 0.55 %
+//! of the others; the batches were in flight 2–6 % of the time. So production's p99 moves when the share the batches add,
 //! `busy × (slow inside − slow outside)`, reaches a few tenths of a percent. A canary
 //! timed at an arbitrary moment lands inside a batch one time in twenty-five and sees
 //! that excess diluted in the disk's own stalls; a canary timed inside a batch sees it
@@ -43,19 +43,22 @@ impl Tally {
     }
 }
 
-/// What the in-batch canaries said over one span, for the log and the metrics.
+/// What the in-batch canaries said over one span, for the judge and the log.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ExcessReading {
     /// Share of the span's time backfilld's batches were in flight.
     pub busy_share: f64,
-    /// Canaries timed inside a batch, and the share of them over the line.
+    /// Canaries timed inside a batch.
     pub inside_canaries: u32,
+    /// Share of the canaries timed inside a batch over the line.
     pub inside_share: f64,
     /// Share of the canaries timed anywhere over the line.
     pub anywhere_share: f64,
-    /// The slow share the batches add: `busy × (inside − anywhere)`, and its bounds.
+    /// The slow share the batches add: `busy × (inside − anywhere)`.
     pub estimate: f64,
+    /// The estimate with the inside share at its low Wilson bound.
     pub low: f64,
+    /// The estimate with the inside share at its high Wilson bound.
     pub high: f64,
 }
 
@@ -70,6 +73,11 @@ pub(super) struct ExcessEvidence {
 }
 
 impl ExcessEvidence {
+    /// The latest busy mark recorded, if any: where the next span starts.
+    pub(super) fn latest_mark(&self) -> Option<(Duration, Duration)> {
+        self.busy_to.or(self.busy_from)
+    }
+
     /// A span starting from the latest busy mark, if any.
     pub(super) fn from_mark(mark: Option<(Duration, Duration)>) -> Self {
         ExcessEvidence {

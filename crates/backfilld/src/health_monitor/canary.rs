@@ -249,17 +249,9 @@ impl CanaryJudges {
         impact.is_some_and(|impact| impact.excess_share > 0.0)
     }
 
-    /// Judges one round trip, production being `active` on the primary as last sampled;
-    /// the verdicts as of now.
-    pub(super) fn judge(&mut self, reading: &CanaryReading, active: bool) -> CanaryVerdicts {
-        let now = reading.at;
-        if reading.in_batch {
-            if let (Some(round_trip), Some(impact)) = (reading.round_trip, self.impact.as_mut()) {
-                impact.observe_in_batch(now, round_trip);
-            }
-        } else if let (Some(round_trip), Some(detector)) =
-            (reading.round_trip, self.detector.as_mut())
-        {
+    /// A canary timed at its interval: the delay detector's, and the impact budget's tail.
+    fn observe_at_interval(&mut self, now: Duration, round_trip: Duration) {
+        if let Some(detector) = self.detector.as_mut() {
             let verdict = detector.observe(now, round_trip);
             tracing::trace!(
                 target: "backfilld::canary",
@@ -271,9 +263,26 @@ impl CanaryJudges {
             telemetry::record_canary(verdict);
         }
         if let Some(impact) = self.impact.as_mut() {
-            if let (Some(round_trip), false) = (reading.round_trip, reading.in_batch) {
-                impact.observe(now, round_trip);
+            impact.observe(now, round_trip);
+        }
+    }
+
+    /// Judges one round trip, production being `active` on the primary as last sampled;
+    /// the verdicts as of now.
+    pub(super) fn judge(&mut self, reading: &CanaryReading, active: bool) -> CanaryVerdicts {
+        let now = reading.at;
+        // A canary timed inside a batch is the excess judge's alone; one timed at its
+        // interval is the delay detector's and the budget's tail.
+        match (reading.round_trip, reading.in_batch) {
+            (Some(round_trip), true) => {
+                if let Some(impact) = self.impact.as_mut() {
+                    impact.observe_in_batch(now, round_trip);
+                }
             }
+            (Some(round_trip), false) => self.observe_at_interval(now, round_trip),
+            (None, _) => {}
+        }
+        if let Some(impact) = self.impact.as_mut() {
             impact.record_busy(now, reading.busy_total);
             if let Some(rows) = reading.rows_done {
                 impact.record_rows(now, rows);
