@@ -237,8 +237,8 @@ fn next_to_production_the_impact_budget_rests_to_learn_then_paces_the_job_in_sma
     );
     // The pace was exported, resting (0) and pacing (> 0).
     assert!(paces.iter().any(|p| *p > 0.0), "{paces:?}");
-    // Paced batches carry 100 ms of the pace, never a second's worth: far below the
-    // 10 000 keys the job grows to flat out (tests/tests/throttle.rs).
+    // Paced batches carry `throttle.rate_window` (20 ms) of the pace, never a second's:
+    // far below the 10 000 keys the job grows to flat out (tests/tests/throttle.rs).
     let mut paced_sizes: Vec<u64> = daemon
         .log_text()
         .lines()

@@ -29,7 +29,7 @@ pub use health::{
     BlockingBackend, HealthSample, OperatorThrottle, QueryReading, ReplicaLag, SlotRetention,
     TableVacuum,
 };
-pub use pacing::RATE_BUDGET_WINDOW;
+pub use pacing::DEFAULT_RATE_WINDOW;
 pub use report::{BatchOutcome, BatchReport};
 pub use settings::{
     QueryLimits, ThrottleSettings, ThrottleSettingsError, DEFAULT_MAX_ARCHIVE_PENDING_SEGMENTS,

@@ -9,15 +9,15 @@ use super::settings::MIN_ROWS_PER_SECOND;
 use super::{ThrottleController, ThrottleDecision, ThrottleReason};
 use crate::latency::PACING_WINDOW;
 
-/// A batch never carries more rows than this much of a rate budget (the configured one, or
-/// the impact budget's pace), so the pause that pays for it stays about this short: a
-/// second's budget written as one batch hurt production's latency more than a naive loop at
-/// the same rate (issue 19). Shorter is not kinder with durable commits, where every batch
-/// costs a commit flush: in issue 19's third frontier round, next to 200 tx/s, 10-row
-/// batches 32 times a second (the impact pace then spent 20 ms windows) raised pgbench's
-/// p99 1.55× at 602 rows/s, while 250-row batches ten times a second (a fixed 2,500 rows/s)
-/// left it at 0.87×.
-pub const RATE_BUDGET_WINDOW: Duration = Duration::from_millis(100);
+/// By default a batch carries at most this much of a rate budget (the configured one, or
+/// the impact budget's pace; `throttle.rate_window`), evenly spaced: a second's budget
+/// written as one batch hurt production's latency more than a naive loop at the same rate
+/// (issue 19). What production feels is how long each batch stalls its commits, more than
+/// how many batches there are: in issue 19's tenth frontier round, at a fixed 2,000 rows/s,
+/// 40-row batches every 20 ms left pgbench's p99 lower than 200-row batches every 100 ms in
+/// six rounds of six (medians 1.09× and 1.25× against 1.22× and 1.54× at 200 and 600 tx/s),
+/// and 500 ms or 1 s windows raised it more than 100 ms in 15 paired rounds of 18.
+pub const DEFAULT_RATE_WINDOW: Duration = Duration::from_millis(20);
 
 impl ThrottleController {
     /// Batch size and pause for the next batch: the longest of the pending backoff, the
@@ -160,13 +160,14 @@ impl ThrottleController {
         configured.into_iter().chain(paced).chain(impact)
     }
 
-    /// A rate budget spent in batches of [`RATE_BUDGET_WINDOW`], each charged at most a
-    /// window or a smallest batch.
+    /// A rate budget spent in batches of the `rate_window`, each charged at most a window
+    /// or a smallest batch.
     fn windowed_budget(&self, rate: f64, reason: ThrottleReason) -> RateBudget {
+        let window = self.settings.rate_window;
         RateBudget {
             rows_per_second: rate,
-            window: RATE_BUDGET_WINDOW,
-            max_charge: RATE_BUDGET_WINDOW.max(
+            window,
+            max_charge: window.max(
                 Duration::try_from_secs_f64(f64::from(self.settings.min_batch_size) / rate)
                     .unwrap_or(Duration::MAX),
             ),

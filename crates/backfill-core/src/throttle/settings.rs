@@ -51,6 +51,9 @@ pub struct ThrottleSettings {
     /// While production is active, the batch duration steered towards (if shorter than
     /// `target_batch`).
     pub busy_batch_target: Duration,
+    /// A rate budget (the configured one, the impact budget's pace) is spent in batches of
+    /// this much of it, evenly spaced.
+    pub rate_window: Duration,
     /// Hold when a replication slot retains this many bytes of WAL or more; `None`: off.
     pub max_slot_retained_bytes: Option<u64>,
     /// How to judge the throttle query's value.
@@ -103,6 +106,7 @@ impl Default for ThrottleSettings {
             hold_recheck: Duration::from_secs(1),
             busy_duty_cycle: 0.05,
             busy_batch_target: Duration::from_millis(1),
+            rate_window: super::DEFAULT_RATE_WINDOW,
             max_slot_retained_bytes: Some(DEFAULT_MAX_SLOT_RETAINED_BYTES),
             query_limits: QueryLimits::default(),
             hold_while_vacuumed: true,
@@ -319,6 +323,7 @@ impl ThrottleSettings {
             hold_recheck: positive_or(self.hold_recheck, defaults.hold_recheck),
             busy_duty_cycle: factor_or(self.busy_duty_cycle, UNIT_RANGE, defaults.busy_duty_cycle),
             busy_batch_target: positive_or(self.busy_batch_target, defaults.busy_batch_target),
+            rate_window: positive_or(self.rate_window, defaults.rate_window),
             max_slot_retained_bytes: match self.max_slot_retained_bytes {
                 Some(0) => defaults.max_slot_retained_bytes,
                 limit => limit,

@@ -127,6 +127,8 @@ struct Simulation {
     pending_report: Option<BatchReport>,
     rows_committed: u64,
     first_batch_start: Option<Duration>,
+    /// How much later than allowed every batch starts (the timer's and the loop's slack).
+    start_late: Duration,
 }
 
 impl Simulation {
@@ -137,6 +139,7 @@ impl Simulation {
             pending_report: None,
             rows_committed: 0,
             first_batch_start: None,
+            start_late: Duration::ZERO,
         }
     }
 
@@ -150,6 +153,7 @@ impl Simulation {
         let decision = self.throttle.decide(self.now, health, report.as_ref());
         self.now += decision.wait();
         if let ThrottleDecision::Run { batch_size, .. } = decision {
+            self.now += self.start_late;
             self.first_batch_start.get_or_insert(self.now);
             let outcome = run_batch(batch_size);
             if let BatchOutcome::Committed { rows, .. } = outcome {
@@ -854,12 +858,45 @@ fn rate_budget_is_respected_over_a_simulated_run() {
 }
 
 #[test]
-fn rate_budget_does_not_slow_a_database_bound_run() {
+fn batches_that_start_a_little_late_still_get_the_whole_rate_budget_but_idle_time_is_not_banked() {
     let mut sim = Simulation::new(ThrottleSettings {
-        max_rows_per_second: Some(100_000.0),
+        max_rows_per_second: Some(2_000.0),
         ..ThrottleSettings::default()
     });
-    // The database manages 10 000 rows/s, far below the budget.
+    // 40-row batches every 20 ms, each starting 1.2 ms after it was allowed to (as in
+    // issue 19's tenth round, which lost 6 % of the budget so).
+    sim.start_late = Duration::from_micros(1_200);
+    let model = small_batch_cost();
+    for _ in 0..10 {
+        sim.step(&HealthSample::healthy(), &model);
+    }
+    let mark = sim.mark();
+    for _ in 0..500 {
+        assert_eq!(run_size(sim.step(&HealthSample::healthy(), &model)), 40);
+    }
+    let rate = sim.rate_since(mark);
+    assert!((1_980.0..=2_000.0).contains(&rate), "{rate:.1} rows/s");
+    // A batch that starts a second late (a pause of the process) is priced from when it
+    // started, less at most a quarter window: the next waits out nearly the whole window.
+    sim.start_late = Duration::from_secs(1);
+    sim.step(&HealthSample::healthy(), &model);
+    sim.start_late = Duration::ZERO;
+    let wait = sim.step(&HealthSample::healthy(), &model).wait();
+    let batch = model(40).duration();
+    assert!(
+        wait + batch >= ms(15) && wait + batch <= ms(20),
+        "{wait:?} after a {batch:?} batch"
+    );
+}
+
+#[test]
+fn rate_budget_does_not_slow_a_database_bound_run() {
+    let mut sim = Simulation::new(ThrottleSettings {
+        max_rows_per_second: Some(1_000_000.0),
+        ..ThrottleSettings::default()
+    });
+    // The database manages 10 000 rows/s, far below the budget, whose window (20 ms of
+    // it: 20 000 keys) is larger than the largest batch.
     let model = cost_model(Duration::ZERO, Duration::from_micros(100));
     for _ in 0..20 {
         sim.step(&HealthSample::healthy(), &model);
@@ -926,8 +963,8 @@ fn the_impact_budget_replaces_the_duty_cycle_with_evenly_spaced_batches() {
     for _ in 0..300 {
         let decision = sim.step(&paced, &model);
         assert_eq!(decision.reason(), Some(ThrottleReason::ImpactBudget));
-        // 100 ms of 3 000 rows/s: 300 keys, never a second's worth.
-        assert_eq!(run_size(decision), 300);
+        // 20 ms of 3 000 rows/s: 60 keys, never a second's worth.
+        assert_eq!(run_size(decision), 60);
         pauses.push(decision.wait());
     }
     let rate = sim.rate_since(mark);
@@ -940,7 +977,43 @@ fn the_impact_budget_replaces_the_duty_cycle_with_evenly_spaced_batches() {
     sim.throttle.set_impact_sharers(3);
     sim.step(&paced, &model);
     assert_eq!(sim.throttle.impact_rate(), Some(1_000.0));
-    assert_eq!(run_size(sim.step(&paced, &model)), 100);
+    assert_eq!(run_size(sim.step(&paced, &model)), 20);
+}
+
+#[test]
+fn a_longer_rate_window_spends_the_same_rate_in_fewer_larger_batches() {
+    // The impact budget's pace and the configured budget alike.
+    for (health, budget) in [
+        (impact(ImpactDirective::Pace(3_000.0)), None),
+        (HealthSample::healthy(), Some(3_000.0)),
+    ] {
+        let mut sim = Simulation::new(ThrottleSettings {
+            rate_window: ms(500),
+            max_rows_per_second: budget,
+            ..ThrottleSettings::default()
+        });
+        let model = small_batch_cost();
+        for _ in 0..20 {
+            sim.step(&health, &model);
+        }
+        let mark = sim.mark();
+        let mut starts = Vec::new();
+        for _ in 0..40 {
+            let decision = sim.step(&health, &model);
+            // 500 ms of 3 000 rows/s.
+            assert_eq!(run_size(decision), 1_500, "{budget:?}");
+            starts.push(sim.now - model(1_500).duration());
+        }
+        let rate = sim.rate_since(mark);
+        assert!(
+            (2_850.0..=3_000.0).contains(&rate),
+            "{budget:?}: {rate:.0} rows/s"
+        );
+        // Two batches a second, half a second apart.
+        for gap in starts.windows(2).map(|pair| pair[1] - pair[0]) {
+            assert!(gap.abs_diff(ms(500)) <= ms(1), "{budget:?}: {gap:?}");
+        }
+    }
 }
 
 #[test]
@@ -1027,7 +1100,9 @@ fn a_long_batch_while_sharing_is_not_slow_unless_it_is_slow_for_the_target() {
     );
     assert_eq!(decision.reason(), Some(ThrottleReason::ProductionActive));
     assert_eq!(run_size(decision), 20);
-    assert_eq!(decision.wait(), ms(950));
+    // A 5 % duty cycle: 1 s from its start, which is priced at 5 ms (it started at 10 ms,
+    // allowed at 0: late by more than a quarter of the 20 ms rate window).
+    assert_eq!(decision.wait(), ms(945));
     // A batch that ran past the statement timeout rests no longer than backoff_max.
     let decision = throttle.decide(
         ms(40_000),
@@ -1089,6 +1164,7 @@ fn canary_delays_counted_before_the_first_decision_do_not_pace() {
 fn the_tighter_of_rate_limit_and_latency_pace_wins() {
     let mut sim = Simulation::new(ThrottleSettings {
         max_rows_per_second: Some(20_000.0),
+        rate_window: ms(100),
         ..ThrottleSettings::default()
     });
     let model = cost_model(Duration::ZERO, Duration::from_micros(10));
@@ -1096,7 +1172,7 @@ fn the_tighter_of_rate_limit_and_latency_pace_wins() {
         sim.step(&delays(0), &model);
     }
     // Pace: half of 100 000 rows/s, looser than the configured 20 000, but its 10 ms
-    // bursts are shorter than the rate limit's one-second ones.
+    // bursts are shorter than the rate limit's 100 ms windows.
     sim.step(&delays(1), &model);
     assert_eq!(sim.throttle.batch_size(), 500);
     let mark = sim.mark();

@@ -163,6 +163,14 @@ fn nonsense_combinations_are_refused_naming_the_keys() {
             "throttle.impact_excess_share must be 0 (off) or a share under 0.01",
         ),
         (
+            &[("BACKFILLD_THROTTLE__RATE_WINDOW", "5ms")],
+            "throttle.rate_window must be between 10ms and 10s (each batch carries this much of a rate budget), got 5ms",
+        ),
+        (
+            &[("BACKFILLD_THROTTLE__RATE_WINDOW", "1m")],
+            "throttle.rate_window must be between 10ms and 10s (each batch carries this much of a rate budget), got 1m",
+        ),
+        (
             &[("BACKFILLD_THROTTLE__IMPACT_RELEARN_EVERY", "1s")],
             "throttle.impact_relearn_every must be at least 5s",
         ),

@@ -9,6 +9,13 @@ use serde::Deserialize;
 use super::database::check_database_url;
 use super::{BatchSettings, SettingsError};
 
+/// Shortest `throttle.rate_window`: every batch costs a commit flush, and shorter windows
+/// mean more of them for the same rows.
+const MIN_RATE_WINDOW: Duration = Duration::from_millis(10);
+/// Longest `throttle.rate_window`: the pause that pays for a batch is about this long, and
+/// a pause is not a hold (the job is not re-checked for holds while it waits).
+const MAX_RATE_WINDOW: Duration = Duration::from_secs(10);
+
 /// `[throttle]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,6 +59,10 @@ pub struct ThrottleConfig {
     /// While production is at work, the batch duration steered towards.
     #[serde(with = "humantime_serde")]
     pub busy_batch_target: Duration,
+    /// A rate budget (`max_rows_per_second`, the impact budget's pace) is spent in batches
+    /// of this much of it.
+    #[serde(with = "humantime_serde")]
+    pub rate_window: Duration,
     /// Run even when the role cannot see standby positions and other sessions' lock
     /// waits (no pg_monitor): the lag and lock probes are then blind.
     pub allow_blind: bool,
@@ -110,6 +121,14 @@ impl ThrottleConfig {
         }
         if self.canary_interval.is_zero() {
             return fail("throttle.canary_interval must be positive".to_string());
+        }
+        if !(MIN_RATE_WINDOW..=MAX_RATE_WINDOW).contains(&self.rate_window) {
+            return fail(format!(
+                "throttle.rate_window must be between {} and {} (each batch carries this much of a rate budget), got {}",
+                humantime::format_duration(MIN_RATE_WINDOW),
+                humantime::format_duration(MAX_RATE_WINDOW),
+                humantime::format_duration(self.rate_window)
+            ));
         }
         let ratio = self.impact_budget_ratio;
         if !(ratio == 0.0 || (ratio.is_finite() && ratio > 1.0)) {
@@ -196,6 +215,7 @@ impl ThrottleConfig {
             hold_recheck: self.probe_interval,
             busy_duty_cycle: self.busy_duty_cycle,
             busy_batch_target: self.busy_batch_target,
+            rate_window: self.rate_window,
             // 0 in the config means off.
             max_slot_retained_bytes: Some(self.max_slot_retained_bytes).filter(|limit| *limit > 0),
             query_limits: QueryLimits {
