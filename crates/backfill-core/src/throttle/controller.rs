@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use super::pacing::WorkerCycles;
 use super::settings::{normalize_budget, MIN_ROWS_PER_SECOND, UNIT_RANGE};
 use super::{
     BatchOutcome, BatchReport, HealthSample, ThrottleDecision, ThrottleReason, ThrottleSettings,
@@ -83,6 +84,10 @@ pub struct ThrottleController {
     pub(super) last_commit: Option<CommitMark>,
     /// When the last Run decision let its batch start.
     allowed_start: Option<Duration>,
+    /// When the last Run decision released its batch, if a rate budget's window sized it.
+    window_sized_release: Option<Duration>,
+    /// How long the worker's recent cycles took; they stretch the rate window.
+    pub(super) cycles: WorkerCycles,
     /// Rows per second the last committed batch achieved while it ran.
     last_batch_rate: Option<f64>,
     /// The pace that keeps production's latency flat (see [`crate::latency`]).
@@ -117,6 +122,8 @@ impl ThrottleController {
             backoff_reason: None,
             last_commit: None,
             allowed_start: None,
+            window_sized_release: None,
+            cycles: WorkerCycles::default(),
             last_batch_rate: None,
             latency: LatencyPacer::default(),
             health_cut_since_last_batch: false,
@@ -162,6 +169,14 @@ impl ThrottleController {
         self.operator_ratio = operator_ratio.filter(|ratio| *ratio > 0.0 && *ratio < 1.0);
         let operator_hold = operator_ratio == Some(0.0);
 
+        let after_window_sized_batch = self.window_sized_release.is_some()
+            && matches!(
+                last_batch,
+                Some(BatchReport {
+                    outcome: BatchOutcome::Committed { .. },
+                    ..
+                })
+            );
         if let Some(report) = last_batch {
             self.health_cut_since_last_batch = false;
             let (size, report_reason, report_trouble) = self.absorb_report(now, base, report);
@@ -221,10 +236,7 @@ impl ThrottleController {
             }
             Some(lag) => self.lag_decision(now, &lag, health, reason),
         };
-        self.allowed_start = match decision {
-            ThrottleDecision::Run { pause_before, .. } => Some(now.saturating_add(pause_before)),
-            ThrottleDecision::Hold { .. } => None,
-        };
+        self.note_release(now, decision, after_window_sized_batch);
         self.last_decision = Some(decision);
         decision
     }
@@ -324,16 +336,46 @@ impl ThrottleController {
         &self.settings
     }
 
+    /// Remembers when the decision lets its batch start, to price it and to time the
+    /// worker's cycle. A batch released at once after a window-sized one is priced from
+    /// when the budgets allowed it, which may have passed while that one ran long: the
+    /// cycles of a busy host vary (2–70 ms on one), and the long ones must not cost the
+    /// budget what the short ones leave over.
+    fn note_release(
+        &mut self,
+        now: Duration,
+        decision: ThrottleDecision,
+        after_window_sized_batch: bool,
+    ) {
+        let ThrottleDecision::Run {
+            batch_size,
+            pause_before,
+            ..
+        } = decision
+        else {
+            self.allowed_start = None;
+            self.window_sized_release = None;
+            return;
+        };
+        let released = now.saturating_add(pause_before);
+        self.allowed_start = Some(match self.budgets_allow_at() {
+            Some(due) if after_window_sized_batch && pause_before.is_zero() => due.min(now),
+            _ => released,
+        });
+        self.window_sized_release = (self.rate_cap() == Some(batch_size)).then_some(released);
+    }
+
     /// The start the next one is priced from, for a batch that started at `actual` (about:
     /// a late call only makes it later). The timer and the loop's own work start every
-    /// batch a little after the time it was allowed; priced from `actual`, each batch
-    /// would lose that much of the budget (about 6 % in 20 ms windows). So a start up to a
-    /// quarter window late is priced from the allowed time; idle time past that is never
-    /// banked, so the next batch cannot burst.
+    /// batch a little after the time it was allowed, by more on a busy host (its cycles
+    /// ranged 2–70 ms); priced from `actual`, each batch would lose that much of the budget
+    /// (about 6 % in 20 ms windows on a quiet one). So a start up to one window late is
+    /// priced from the allowed time; idle time past that is never banked, so after a stall
+    /// at most one batch follows another without a pause.
     fn priced_start(&self, actual: Duration) -> Duration {
         match self.allowed_start {
             Some(allowed) if allowed <= actual => {
-                allowed.max(actual.saturating_sub(self.settings.rate_window / 4))
+                allowed.max(actual.saturating_sub(self.rate_window()))
             }
             _ => actual,
         }
@@ -362,6 +404,9 @@ impl ThrottleController {
                     rows,
                     duration,
                 });
+                if let Some(released) = self.window_sized_release {
+                    self.cycles.record(now.saturating_sub(released));
+                }
                 if rows > 0 && !duration.is_zero() {
                     self.last_batch_rate = Some(rows as f64 / duration.as_secs_f64());
                 }

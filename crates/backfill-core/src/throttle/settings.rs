@@ -52,7 +52,7 @@ pub struct ThrottleSettings {
     /// `target_batch`).
     pub busy_batch_target: Duration,
     /// A rate budget (the configured one, the impact budget's pace) is spent in batches of
-    /// this much of it, evenly spaced.
+    /// this much of it, evenly spaced (or of the worker's typical cycle, when longer).
     pub rate_window: Duration,
     /// Hold when a replication slot retains this many bytes of WAL or more; `None`: off.
     pub max_slot_retained_bytes: Option<u64>,

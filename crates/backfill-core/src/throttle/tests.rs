@@ -877,15 +877,18 @@ fn batches_that_start_a_little_late_still_get_the_whole_rate_budget_but_idle_tim
     let rate = sim.rate_since(mark);
     assert!((1_980.0..=2_000.0).contains(&rate), "{rate:.1} rows/s");
     // A batch that starts a second late (a pause of the process) is priced from when it
-    // started, less at most a quarter window: the next waits out nearly the whole window.
+    // started, less at most a window: the second is not made up, only one window is.
     sim.start_late = Duration::from_secs(1);
     sim.step(&HealthSample::healthy(), &model);
     sim.start_late = Duration::ZERO;
-    let wait = sim.step(&HealthSample::healthy(), &model).wait();
-    let batch = model(40).duration();
+    let mark = sim.mark();
+    while sim.now - mark.1 < Duration::from_secs(1) {
+        sim.step(&HealthSample::healthy(), &model);
+    }
+    let rows = sim.rows_committed - mark.0;
     assert!(
-        wait + batch >= ms(15) && wait + batch <= ms(20),
-        "{wait:?} after a {batch:?} batch"
+        (2_000..=2_080).contains(&rows),
+        "{rows} rows in the second after"
     );
 }
 
@@ -914,6 +917,46 @@ fn production_active() -> HealthSample {
 
 /// A small batch's cost on a busy 2-core primary: 0.4 ms of round trips and commit,
 /// 15 µs per row (docs/BENCHMARKS.md, 50- and 100-key batches flat out).
+#[test]
+fn a_worker_whose_cycle_outlasts_the_window_stretches_it_and_still_spends_the_budget() {
+    // Four workers sharing 4,000 rows/s on a busy 2-core host (issue 19's CI failure): each
+    // has 1,000 rows/s, 20 rows per 20 ms window, but its cycles took 2-70 ms, 28 ms
+    // typical, and the four wrote 2,462 rows/s between them.
+    let mut sim = Simulation::new(ThrottleSettings {
+        max_rows_per_second: Some(1_000.0),
+        ..ThrottleSettings::default()
+    });
+    let fixed = std::cell::Cell::new(0);
+    let busy_host = |size: u32| {
+        let spread = [5, 45, 12, 40, 2, 70, 20, 30];
+        fixed.set(fixed.get() + 1);
+        BatchOutcome::Committed {
+            rows: u64::from(size),
+            duration: ms(spread[fixed.get() % spread.len()]) + Duration::from_micros(50) * size,
+        }
+    };
+    for _ in 0..50 {
+        sim.step(&HealthSample::healthy(), busy_host);
+    }
+    let mark = sim.mark();
+    let mut largest = 0;
+    for _ in 0..400 {
+        largest = largest.max(run_size(sim.step(&HealthSample::healthy(), busy_host)));
+    }
+    let rate = sim.rate_since(mark);
+    assert!((970.0..=1_010.0).contains(&rate), "{rate:.1} rows/s");
+    // Stretched to about 1.25 times the typical cycle, not to the slowest one.
+    assert!((25..=60).contains(&largest), "largest batch {largest}");
+    // A quiet host again: back to 20 ms windows within a few batches.
+    for _ in 0..10 {
+        sim.step(&HealthSample::healthy(), cost_model(ms(1), Duration::ZERO));
+    }
+    assert_eq!(
+        run_size(sim.step(&HealthSample::healthy(), cost_model(ms(1), Duration::ZERO))),
+        20
+    );
+}
+
 fn small_batch_cost() -> impl Fn(u32) -> BatchOutcome {
     cost_model(Duration::from_micros(400), Duration::from_micros(15))
 }
@@ -1100,9 +1143,9 @@ fn a_long_batch_while_sharing_is_not_slow_unless_it_is_slow_for_the_target() {
     );
     assert_eq!(decision.reason(), Some(ThrottleReason::ProductionActive));
     assert_eq!(run_size(decision), 20);
-    // A 5 % duty cycle: 1 s from its start, which is priced at 5 ms (it started at 10 ms,
-    // allowed at 0: late by more than a quarter of the 20 ms rate window).
-    assert_eq!(decision.wait(), ms(945));
+    // A 5 % duty cycle: 1 s from its start, which is priced at 0 (it started at 10 ms,
+    // allowed at 0: late by less than the 20 ms rate window).
+    assert_eq!(decision.wait(), ms(940));
     // A batch that ran past the statement timeout rests no longer than backoff_max.
     let decision = throttle.decide(
         ms(40_000),
