@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use backfilld_e2e::{env_refs, quick_worker, wait_until, Daemon, TestDb};
+use pg_testkit::PgCluster;
 
 const RUN_LIMIT: Duration = Duration::from_secs(240);
 
@@ -129,7 +130,11 @@ fn two_of_four_workers_killed_the_other_two_finish_every_slice() {
 
 #[test]
 fn four_workers_share_one_rate_budget() {
-    let db = TestDb::new("scale_budget");
+    // A cluster of its own: on the shared one, the million-row test beside it filled the
+    // WAL so fast that every commit here stalled 150-300 ms at a time (waiting on new WAL
+    // segments, WALInitWrite), and the rate measured those stalls, not the sharing.
+    let primary = PgCluster::start_primary().expect("primary");
+    let db = TestDb::on(&primary, "scale_budget");
     skewed_items(&db, 80_000);
     db.migrate();
     // A budget far below what four workers reach on a slow 2-core host, so the
