@@ -915,8 +915,6 @@ fn production_active() -> HealthSample {
     }
 }
 
-/// A small batch's cost on a busy 2-core primary: 0.4 ms of round trips and commit,
-/// 15 µs per row (docs/BENCHMARKS.md, 50- and 100-key batches flat out).
 #[test]
 fn a_worker_whose_cycle_outlasts_the_window_stretches_it_and_still_spends_the_budget() {
     // Four workers sharing 4,000 rows/s on a busy 2-core host (issue 19's CI failure): each
@@ -926,13 +924,13 @@ fn a_worker_whose_cycle_outlasts_the_window_stretches_it_and_still_spends_the_bu
         max_rows_per_second: Some(1_000.0),
         ..ThrottleSettings::default()
     });
-    let fixed = std::cell::Cell::new(0);
+    let batches = std::cell::Cell::new(0);
     let busy_host = |size: u32| {
         let spread = [5, 45, 12, 40, 2, 70, 20, 30];
-        fixed.set(fixed.get() + 1);
+        batches.set(batches.get() + 1);
         BatchOutcome::Committed {
             rows: u64::from(size),
-            duration: ms(spread[fixed.get() % spread.len()]) + Duration::from_micros(50) * size,
+            duration: ms(spread[batches.get() % spread.len()]) + Duration::from_micros(50) * size,
         }
     };
     for _ in 0..50 {
@@ -957,6 +955,8 @@ fn a_worker_whose_cycle_outlasts_the_window_stretches_it_and_still_spends_the_bu
     );
 }
 
+/// A small batch's cost on a busy 2-core primary: 0.4 ms of round trips and commit,
+/// 15 µs per row (docs/BENCHMARKS.md, 50- and 100-key batches flat out).
 fn small_batch_cost() -> impl Fn(u32) -> BatchOutcome {
     cost_model(Duration::from_micros(400), Duration::from_micros(15))
 }
