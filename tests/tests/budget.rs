@@ -194,7 +194,7 @@ fn impact_judgements(daemon: &Daemon) -> Vec<serde_json::Value> {
 
 #[test]
 fn next_to_production_the_impact_budget_rests_to_learn_then_paces_the_job_in_small_batches() {
-    // The pace starts at 500 rows/s and doubles every two seconds at best: 10,000 rows
+    // The pace starts at 1,000 rows/s and doubles every two seconds at best: 10,000 rows
     // span a rest and a few judgements.
     let rows = 10_000;
     // A cluster of its own: on the shared one, other tests' sessions are production too.

@@ -738,7 +738,7 @@ fn plan_on_a_million_rows_estimates_and_changes_nothing() {
     // Next to production, plan also says the least the job takes. By default (the suite
     // turns only the duty cycle off) the impact budget shares the primary: at best the
     // trial's speed after a first rest to learn production's baseline (5.3 s), a climb
-    // from 500 rows/s (doubling each time the canaries show calm: 194 of them at 50 ms,
+    // from START_RATE (doubling each time the canaries show calm: 194 of them at 50 ms,
     // 9.7 s) and a rest every 30 s.
     assert_eq!(report["next_to_production_by"], "impact_budget");
     let expected = report["expected_seconds"]
@@ -747,7 +747,10 @@ fn plan_on_a_million_rows_estimates_and_changes_nothing() {
     let at_best = report["min_seconds_next_to_production"]
         .as_f64()
         .expect("min_seconds_next_to_production");
-    let doublings = (rows as f64 / expected / 500.0).log2().ceil().max(0.0);
+    let doublings = (rows as f64 / expected / backfill_core::impact::START_RATE)
+        .log2()
+        .ceil()
+        .max(0.0);
     assert!(
         at_best >= expected + 5.3 && at_best <= expected * 32.3 / 30.0 + 5.3 + 9.7 * doublings,
         "{at_best} s next to production for {expected} s alone"

@@ -133,7 +133,7 @@ struct Options {
     #[arg(long, default_value_t = 3)]
     frontier_settle: u64,
     /// Seconds backfilld's default settles on top of --frontier-settle (its pace climbs:
-    /// a first rest of about five seconds, then it doubles from 500 rows/s each time some
+    /// a first rest of about five seconds, then it doubles from 1,000 rows/s each time some
     /// two hundred canaries show calm, ten seconds or more at the default 50 ms interval, and
     /// then creeps: at 25 s it was still climbing, and the window measured the climb).
     #[arg(long, default_value_t = 55)]

@@ -15,7 +15,7 @@ fn a_tiny_quick_run_prints_every_scenario() {
     );
     // 5,000 rows: every scenario still runs start to end (scenario 4 through the impact
     // budget's first rest and a few doublings of its pace); a bigger table only makes
-    // scenario 4, paced from 500 rows/s, take longer. Slice counts 2 and 1 (the default's
+    // scenario 4, paced from 1,000 rows/s, take longer. Slice counts 2 and 1 (the default's
     // first two, in its order): the rows checked below; a third count runs the same code.
     let output = Command::new(bench)
         .args(["--rows", "5000", "--quick", "--parallelism", "2,1"])

@@ -86,7 +86,17 @@ pub const FIRST_REST: Duration = CUT_AFTER;
 pub const DRAIN: Duration = Duration::from_millis(300);
 
 /// Pace of the first batches after the first baseline (rows per second, whole daemon).
-pub const START_RATE: f64 = 500.0;
+/// Issue 19's eleventh round: a fixed 1,000 rows/s kept production's p99 within 1.3× by
+/// the median at 20, 200 and 600 tx/s, and the climb from 500 spent a minute below it.
+pub const START_RATE: f64 = 1_000.0;
+
+/// The tail's evidence alone never cuts the pace below this (rows per second, whole
+/// daemon); the median or p95 over budget on a full span still can. Wald's test allows
+/// a false cut one time in twenty, a run makes hundreds of judgements, and cuts below the
+/// start compounded: in issue 19's eleventh round two early readings cut the pace from
+/// 500 to 245 rows/s next to 200 tx/s, where the old duty cycle ran about 350 within
+/// budget, and it never climbed back within the two minutes measured.
+pub const TAIL_FLOOR_RATE: f64 = START_RATE / 2.0;
 
 /// Lowest pace: a job always moves.
 pub const MIN_RATE: f64 = 10.0;
@@ -514,7 +524,7 @@ impl ImpactController {
         // A multiplying step that shows harm is undone already after DECIDED_AFTER.
         if self.stepped_from.is_some() && tail == Some(Tail::Harm) {
             self.last_ratio = quantile(&mut self.samples, TAIL_QUANTILE).map(ratio_of);
-            self.cut(now);
+            self.cut(now, TAIL_FLOOR_RATE);
             return;
         }
         if span < GROW_AFTER {
@@ -531,8 +541,10 @@ impl ImpactController {
         // The whole primary slower, or many transactions delayed: not the tail's few.
         let broad_harm = median - calm > self.allowed_rise(calm) || broad - baseline > allowed;
         let verdict = match tail {
-            _ if broad_harm && span >= CUT_AFTER => Verdict::Over,
-            Some(Tail::Harm) if !self.just_cut || span >= CUT_AFTER => Verdict::Over,
+            _ if broad_harm && span >= CUT_AFTER => Verdict::Over { floor: MIN_RATE },
+            Some(Tail::Harm) if !self.just_cut || span >= CUT_AFTER => Verdict::Over {
+                floor: TAIL_FLOOR_RATE,
+            },
             Some(Tail::Calm) if !broad_harm => Verdict::Under,
             _ => return,
         };
@@ -544,7 +556,7 @@ impl ImpactController {
             self.calmest = Some(self.calmest.map_or(levels, |calmest| calmest.min(levels)));
         }
         match verdict {
-            Verdict::Over => self.cut(now),
+            Verdict::Over { floor } => self.cut(now, floor),
             Verdict::Under => {
                 let roomy = match excess {
                     Some(reading) => reading.high <= excess_share * ROOMY_SHARE,
@@ -577,12 +589,14 @@ impl ImpactController {
 
     /// Over budget: by [`CUT_FACTOR`], or back to the pace before the step that set this
     /// one when that step multiplied and was bigger (as TCP halves on a loss in slow
-    /// start): that pace was judged under budget, the step is what went over.
-    fn cut(&mut self, now: Duration) {
+    /// start): that pace was judged under budget, the step is what went over. Never below
+    /// `floor`, and never up to it: a pace already under the floor holds.
+    fn cut(&mut self, now: Duration, floor: f64) {
         self.cut_at = Some(self.rate);
         self.just_cut = true;
         let undone = self.stepped_from.take().unwrap_or(f64::INFINITY);
-        self.rate = (self.rate * CUT_FACTOR).min(undone).max(MIN_RATE);
+        let floor = floor.max(MIN_RATE).min(self.rate);
+        self.rate = (self.rate * CUT_FACTOR).min(undone).max(floor);
         self.enter_pacing(now);
     }
 
@@ -681,11 +695,12 @@ impl Levels {
 }
 
 /// A judgement of the pace in force.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum Verdict {
     /// Over budget: the tail shows harm, or the canaries' median or their
-    /// [`BROAD_QUANTILE`] rose over budget on a full span. Cut.
-    Over,
+    /// [`BROAD_QUANTILE`] rose over budget on a full span. Cut, but not below `floor`
+    /// ([`TAIL_FLOOR_RATE`] when the tail alone showed harm).
+    Over { floor: f64 },
     /// Within budget, on enough canaries to say so. Grow.
     Under,
 }
