@@ -22,7 +22,7 @@ use anyhow::Context as _;
 use crate::daemon::Daemon;
 use crate::fixture::Fixture;
 use crate::pgbench::{epoch_micros, LatencySummary, Load};
-use crate::stats::percentile;
+use crate::stats::median;
 
 mod step;
 
@@ -707,7 +707,7 @@ fn child_name(competitor: &Competitor) -> String {
 /// Median, and the range as `min–max`.
 fn median_range(values: &[f64], digits: usize) -> String {
     let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
-    match percentile(&finite, 50.0) {
+    match median(&finite) {
         None => "–".to_string(),
         Some(median) => {
             let min = finite.iter().copied().fold(f64::INFINITY, f64::min);
@@ -749,7 +749,7 @@ pub fn to_markdown(rows: &[FrontierRow], plan: &FrontierPlan, budget: f64) -> St
                 .copied()
                 .filter(|v| v.is_finite())
                 .collect();
-            percentile(&finite, 50.0)
+            median(&finite)
         };
         let within = match ratio {
             _ if !row.is_judged() => "",

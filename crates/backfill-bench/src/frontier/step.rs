@@ -9,7 +9,7 @@ use super::{median_range, stop_daemon, FrontierPlan, ORDERS_JOB_SQL, ORDERS_SCRI
 use crate::daemon::Daemon;
 use crate::fixture::Fixture;
 use crate::pgbench::{epoch_micros, LatencySummary, Load};
-use crate::stats::percentile;
+use crate::stats::{median, percentile};
 
 /// A load step mid-run: backfilld's default next to pgbench at `from` tx/s, then at `to`
 /// (a second pgbench adds the difference), then at `from` again, each for `phase`: how
@@ -162,7 +162,7 @@ pub fn step_to_markdown(timelines: &[StepTimeline], step: &LoadStep) -> String {
     let mut medians = Vec::with_capacity(buckets);
     for bucket in 0..buckets {
         let rows = column(|t| &t.rows_per_second, bucket);
-        medians.push(percentile(&rows, 50.0).unwrap_or(f64::NAN));
+        medians.push(median(&rows).unwrap_or(f64::NAN));
         out.push_str(&format!(
             "| {}–{} | {} | {} | {} |\n",
             bucket as u64 * STEP_BUCKET.as_secs(),
