@@ -91,7 +91,9 @@ pub const DRAIN: Duration = Duration::from_millis(300);
 pub const START_RATE: f64 = 1_000.0;
 
 /// The tail's evidence alone never cuts the pace below this (rows per second, whole
-/// daemon); the median or p95 over budget on a full span still can. Wald's test allows
+/// daemon), nor below half the most the jobs have achieved when that is less (a pace
+/// above what slow jobs reach would not bind at all); the median or p95 over budget on a
+/// full span still can. Wald's test allows
 /// a false cut one time in twenty, a run makes hundreds of judgements, and cuts below the
 /// start compounded: in issue 19's eleventh round two early readings cut the pace from
 /// 500 to 245 rows/s next to 200 tx/s, where the old duty cycle ran about 350 within
@@ -283,6 +285,9 @@ pub struct ImpactController {
     rows_mark: Option<(Duration, u64)>,
     /// Rows per second the jobs achieved over the last judged span.
     achieved: Option<f64>,
+    /// The most they achieved over any span paced throughout: the tail's floor is at most
+    /// half of it.
+    peak_achieved: Option<f64>,
     production_active: bool,
 }
 
@@ -328,6 +333,7 @@ impl ImpactController {
             last_relearn: now,
             rows_mark: None,
             achieved: None,
+            peak_achieved: None,
             production_active: false,
         }
     }
@@ -375,7 +381,18 @@ impl ImpactController {
             Some((at, rows)) if now > at => {
                 let span = (now - at).as_secs_f64();
                 if span >= GROW_AFTER.as_secs_f64() {
-                    self.achieved = Some(rows_total.saturating_sub(rows) as f64 / span);
+                    let achieved = rows_total.saturating_sub(rows) as f64 / span;
+                    self.achieved = Some(achieved);
+                    // Only a span paced throughout tells what the jobs reach: one that
+                    // held part of a rest reads low.
+                    let paced_throughout =
+                        matches!(self.phase, Phase::Pacing { .. }) && at >= self.last_relearn;
+                    if paced_throughout {
+                        self.peak_achieved = Some(
+                            self.peak_achieved
+                                .map_or(achieved, |peak| peak.max(achieved)),
+                        );
+                    }
                     self.rows_mark = Some((now, rows_total));
                 }
             }
@@ -524,7 +541,7 @@ impl ImpactController {
         // A multiplying step that shows harm is undone already after DECIDED_AFTER.
         if self.stepped_from.is_some() && tail == Some(Tail::Harm) {
             self.last_ratio = quantile(&mut self.samples, TAIL_QUANTILE).map(ratio_of);
-            self.cut(now, TAIL_FLOOR_RATE);
+            self.cut(now, self.tail_floor());
             return;
         }
         if span < GROW_AFTER {
@@ -543,7 +560,7 @@ impl ImpactController {
         let verdict = match tail {
             _ if broad_harm && span >= CUT_AFTER => Verdict::Over { floor: MIN_RATE },
             Some(Tail::Harm) if !self.just_cut || span >= CUT_AFTER => Verdict::Over {
-                floor: TAIL_FLOOR_RATE,
+                floor: self.tail_floor(),
             },
             Some(Tail::Calm) if !broad_harm => Verdict::Under,
             _ => return,
@@ -579,6 +596,13 @@ impl ImpactController {
                 self.enter_pacing(now);
             }
         }
+    }
+
+    /// The lowest pace the tail's evidence alone may cut to: [`TAIL_FLOOR_RATE`], or half
+    /// the most the jobs have achieved when that is less.
+    fn tail_floor(&self) -> f64 {
+        self.peak_achieved
+            .map_or(TAIL_FLOOR_RATE, |peak| TAIL_FLOOR_RATE.min(peak / 2.0))
     }
 
     /// The rise over `level` the budget allows: the ratio's, or the floor when that is
@@ -699,7 +723,7 @@ impl Levels {
 enum Verdict {
     /// Over budget: the tail shows harm, or the canaries' median or their
     /// [`BROAD_QUANTILE`] rose over budget on a full span. Cut, but not below `floor`
-    /// ([`TAIL_FLOOR_RATE`] when the tail alone showed harm).
+    /// (the tail's floor when the tail alone showed harm).
     Over { floor: f64 },
     /// Within budget, on enough canaries to say so. Grow.
     Under,

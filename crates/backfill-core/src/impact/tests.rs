@@ -458,7 +458,10 @@ fn the_tail_alone_never_cuts_below_the_floor_and_a_risen_median_does() {
         lowest = lowest.min(controller.rate());
     }
     assert!(cuts >= 2, "{cuts} cuts");
-    assert_eq!(lowest, TAIL_FLOOR_RATE);
+    assert_eq!(
+        lowest, TAIL_FLOOR_RATE,
+        "jobs that achieve the pace: the floor is 500"
+    );
 
     // Production's typical transaction slower with every row we write (2 ms plus 10 ms per
     // 1 000 rows/s): the median over budget cuts below the floor, towards the 60 rows/s
@@ -473,6 +476,44 @@ fn the_tail_alone_never_cuts_below_the_floor_and_a_risen_median_does() {
         controller.rate() < TAIL_FLOOR_RATE / 2.0,
         "{}",
         controller.rate()
+    );
+}
+
+#[test]
+fn for_jobs_slower_than_the_floor_the_tail_still_cuts_to_half_what_they_achieve() {
+    // Jobs that reach 200 rows/s flat out (a heavy statement): with the floor at 500 rows/s
+    // no pace the tail could set would bind them. One canary in thirty slow while they run.
+    let settings = ImpactSettings {
+        relearn_every: Duration::from_secs(3600),
+        ..ImpactSettings::default()
+    };
+    let mut controller = ImpactController::new(settings, ms(0));
+    let (mut now, mut rows, mut paced, mut lowest) = (ms(0), 0.0_f64, 0u32, f64::INFINITY);
+    let mut verdict = controller.evaluate(now, true);
+    while now < ms(120_000) {
+        now += CANARY;
+        let slow = match verdict.directive {
+            Some(ImpactDirective::Pace(rate)) => {
+                rows += rate.min(200.0) * CANARY.as_secs_f64();
+                paced += 1;
+                paced.is_multiple_of(30)
+            }
+            _ => false,
+        };
+        controller.observe(now, if slow { ms(20) } else { ms(2) });
+        controller.record_rows(now, rows as u64);
+        verdict = controller.evaluate(now, true);
+        if let Some(ImpactDirective::Pace(rate)) = verdict.directive {
+            lowest = lowest.min(rate);
+        }
+    }
+    assert!(
+        lowest < 200.0,
+        "the tail never bound the jobs: lowest {lowest}"
+    );
+    assert!(
+        lowest >= 100.0 - 1e-9,
+        "below half what they achieved: {lowest}"
     );
 }
 
