@@ -140,7 +140,7 @@ pub struct FrontierPlan {
     /// Each competitor runs this long before its window opens.
     pub settle: Duration,
     /// backfilld's default settles this much longer: it rests ~2 s to learn production's
-    /// baseline, then its pace climbs from a few hundred rows/s (the load step shows the
+    /// baseline, then its pace climbs from 1,000 rows/s (the load step shows the
     /// climb; the frontier compares steady states).
     pub climb: Duration,
     pub window: Duration,

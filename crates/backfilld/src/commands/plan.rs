@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use backfill_core::error_class::ErrorClass;
-use backfill_core::impact::ImpactController;
+use backfill_core::impact::{ImpactController, START_RATE};
 use backfill_dataplane::BatchTarget;
 use backfill_queue::{Job, JobStatus, Phase};
 use serde::Serialize;
@@ -408,9 +408,12 @@ impl PlanReport {
         }
         if let Some(at_least) = self.min_seconds_next_to_production.filter(|s| *s > 0.0) {
             let how = if self.next_to_production_by == Some("impact_budget") {
-                "while other sessions are at work the job shares the primary by the impact budget: as many rows/s as production's latency allows, climbing there from a few hundred and resting ~2 s every throttle.impact_relearn_every; this is the bound when production's latency never binds"
+                format!(
+                    "while other sessions are at work the job shares the primary by the impact budget: as many rows/s as production's latency allows, climbing there from {:.0} rows/s and resting ~2 s every throttle.impact_relearn_every; this is the bound when production's latency never binds",
+                    START_RATE
+                )
             } else {
-                "while other sessions are at work the job shares the primary: ~1 ms batches, throttle.busy_duty_cycle of the time"
+                "while other sessions are at work the job shares the primary: ~1 ms batches, throttle.busy_duty_cycle of the time".to_string()
             };
             out.push_str(&format!(
                 "  next to production  at least ~{} ({how})\n",
