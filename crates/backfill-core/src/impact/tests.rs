@@ -77,6 +77,15 @@ fn every(nth: u32, count: u32) -> impl Fn(Option<ImpactDirective>) -> Duration {
     }
 }
 
+/// The default settings with no periodic rest (only the first): a test's canaries are
+/// then all the evidence there is.
+fn rest_only_at_start() -> ImpactSettings {
+    ImpactSettings {
+        relearn_every: Duration::from_secs(3600),
+        ..ImpactSettings::default()
+    }
+}
+
 /// A controller (periodic rests off) whose canaries ran flat at 2 ms until right after a
 /// growth step, so that the canaries a test gives it next are all the evidence it has.
 /// Returns it, the time reached and the pace before the step.
@@ -148,9 +157,8 @@ fn one_stray_canary_in_the_first_rest_does_not_set_the_baseline() {
 #[test]
 fn it_converges_below_the_budget_and_near_it() {
     let settings = ImpactSettings {
-        relearn_every: Duration::from_secs(3600),
         floor: ms(1),
-        ..ImpactSettings::default()
+        ..rest_only_at_start()
     };
     let mut controller = ImpactController::new(settings, ms(0));
     // Budget: the larger of 1.3 × 2 ms and 2 ms + the 1 ms floor, so 3 ms: at most
@@ -225,9 +233,8 @@ fn over_budget_cuts_the_pace_within_two_spans() {
 #[test]
 fn a_cut_by_a_noisy_burst_is_won_back_step_by_step() {
     let settings = ImpactSettings {
-        relearn_every: Duration::from_secs(3600),
         floor: ms(1),
-        ..ImpactSettings::default()
+        ..rest_only_at_start()
     };
     let mut controller = ImpactController::new(settings, ms(0));
     // Production never notices us (a light load on a primary with room to spare).
@@ -264,9 +271,8 @@ fn a_cut_by_a_noisy_burst_is_won_back_step_by_step() {
 #[test]
 fn under_a_hockey_stick_it_spends_most_seconds_under_the_knee() {
     let settings = ImpactSettings {
-        relearn_every: Duration::from_secs(3600),
         floor: ms(1),
-        ..ImpactSettings::default()
+        ..rest_only_at_start()
     };
     let mut controller = ImpactController::new(settings, ms(0));
     // Production does not notice us up to 3 000 rows/s, then suffers badly.
@@ -348,10 +354,7 @@ fn a_doubling_into_a_cliff_is_undone_within_a_second() {
     };
     // No periodic rest on the way up: one falling in the step over the cliff would delay
     // the verdict by its length.
-    let settings = ImpactSettings {
-        relearn_every: Duration::from_secs(3600),
-        ..ImpactSettings::default()
-    };
+    let settings = rest_only_at_start();
     let mut controller = ImpactController::new(settings, ms(0));
     let (mut now, mut before) = (ms(0), controller.rate());
     while controller.rate() <= 3_000.0 {
@@ -433,10 +436,7 @@ fn the_tail_alone_never_cuts_below_the_floor_and_a_risen_median_does() {
     // it never climbed back in the two minutes measured. Here one canary in thirty is slow
     // while the jobs run, scattered: Wald's test sees harm again and again, the median
     // and the p95 see none.
-    let settings = ImpactSettings {
-        relearn_every: Duration::from_secs(3600),
-        ..ImpactSettings::default()
-    };
+    let settings = rest_only_at_start();
     let paced = std::cell::Cell::new(0u32);
     let scattered = |d: Option<ImpactDirective>| match d {
         Some(ImpactDirective::Pace(_)) => {
@@ -483,10 +483,7 @@ fn the_tail_alone_never_cuts_below_the_floor_and_a_risen_median_does() {
 fn for_jobs_slower_than_the_floor_the_tail_still_cuts_to_half_what_they_achieve() {
     // Jobs that reach 200 rows/s flat out (a heavy statement): with the floor at 500 rows/s
     // no pace the tail could set would bind them. One canary in thirty slow while they run.
-    let settings = ImpactSettings {
-        relearn_every: Duration::from_secs(3600),
-        ..ImpactSettings::default()
-    };
+    let settings = rest_only_at_start();
     let mut controller = ImpactController::new(settings, ms(0));
     let (mut now, mut rows, mut paced, mut lowest) = (ms(0), 0.0_f64, 0u32, f64::INFINITY);
     let mut verdict = controller.evaluate(now, true);
@@ -615,9 +612,8 @@ fn the_calmest_span_counts_only_until_the_next_rest() {
 #[test]
 fn near_the_budget_growth_turns_additive() {
     let settings = ImpactSettings {
-        relearn_every: Duration::from_secs(3600),
         floor: ms(1),
-        ..ImpactSettings::default()
+        ..rest_only_at_start()
     };
     let mut controller = ImpactController::new(settings, ms(0));
     // Under `linear` the budget (a 1 ms rise) is 1 000 rows/s and "room" (half that
@@ -839,9 +835,8 @@ fn a_pace_that_slows_one_canary_in_seventy_is_never_grown() {
 /// The excess judge on, at `excess_share`, with periodic rests off.
 fn judging_excess(excess_share: f64) -> ImpactSettings {
     ImpactSettings {
-        relearn_every: Duration::from_secs(3600),
         excess_share,
-        ..ImpactSettings::default()
+        ..rest_only_at_start()
     }
 }
 
