@@ -93,11 +93,11 @@ pub const START_RATE: f64 = 1_000.0;
 /// The tail's evidence alone never cuts the pace below this (rows per second, whole
 /// daemon), nor below half the most the jobs have achieved when that is less (a pace
 /// above what slow jobs reach would not bind at all); the median or p95 over budget on a
-/// full span still can. Wald's test allows
-/// a false cut one time in twenty, a run makes hundreds of judgements, and cuts below the
-/// start compounded: in issue 19's eleventh round two early readings cut the pace from
-/// 500 to 245 rows/s next to 200 tx/s, where the old duty cycle ran about 350 within
-/// budget, and it never climbed back within the two minutes measured.
+/// full span still can. Wald's test allows a false cut one time in twenty, a run makes
+/// hundreds of judgements, and cuts below the start compounded: in issue 19's eleventh
+/// round two early readings cut the pace from 500 to 245 rows/s next to 200 tx/s, where
+/// the old duty cycle ran about 350 within budget, and it never climbed back within the
+/// two minutes measured.
 pub const TAIL_FLOOR_RATE: f64 = START_RATE / 2.0;
 
 /// Lowest pace: a job always moves.

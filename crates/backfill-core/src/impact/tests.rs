@@ -25,13 +25,25 @@ fn run(
     active: bool,
     latency: impl Fn(Option<ImpactDirective>) -> Duration,
 ) -> (Duration, ImpactVerdict) {
+    run_jobs_reaching(controller, from, span, active, f64::INFINITY, latency)
+}
+
+/// As [`run`], but the jobs reach at most `capacity` rows/s whatever the pace.
+fn run_jobs_reaching(
+    controller: &mut ImpactController,
+    from: Duration,
+    span: Duration,
+    active: bool,
+    capacity: f64,
+    latency: impl Fn(Option<ImpactDirective>) -> Duration,
+) -> (Duration, ImpactVerdict) {
     let mut now = from;
     let mut verdict = controller.evaluate(now, active);
     while now < from + span {
         now += CANARY;
         let rows = ROWS.with(|rows| {
             if let Some(ImpactDirective::Pace(rate)) = verdict.directive {
-                rows.set(rows.get() + rate * CANARY.as_secs_f64());
+                rows.set(rows.get() + rate.min(capacity) * CANARY.as_secs_f64());
             }
             rows.get()
         });
@@ -74,6 +86,23 @@ fn every(nth: u32, count: u32) -> impl Fn(Option<ImpactDirective>) -> Duration {
         } else {
             ms(2)
         }
+    }
+}
+
+/// Canaries at 2 ms, but every `nth` one while the jobs are paced stalls 20 ms: slow
+/// canaries scattered among the batches, which the rests never see.
+fn every_while_paced(nth: u32) -> impl Fn(Option<ImpactDirective>) -> Duration {
+    let paced = std::cell::Cell::new(0u32);
+    move |directive: Option<ImpactDirective>| match directive {
+        Some(ImpactDirective::Pace(_)) => {
+            paced.set(paced.get() + 1);
+            if paced.get().is_multiple_of(nth) {
+                ms(20)
+            } else {
+                ms(2)
+            }
+        }
+        _ => ms(2),
     }
 }
 
@@ -437,23 +466,12 @@ fn the_tail_alone_never_cuts_below_the_floor_and_a_risen_median_does() {
     // while the jobs run, scattered: Wald's test sees harm again and again, the median
     // and the p95 see none.
     let settings = rest_only_at_start();
-    let paced = std::cell::Cell::new(0u32);
-    let scattered = |d: Option<ImpactDirective>| match d {
-        Some(ImpactDirective::Pace(_)) => {
-            paced.set(paced.get() + 1);
-            if paced.get().is_multiple_of(30) {
-                ms(20)
-            } else {
-                ms(2)
-            }
-        }
-        _ => ms(2),
-    };
+    let scattered = every_while_paced(30);
     let mut controller = ImpactController::new(settings, ms(0));
     let (mut now, mut lowest, mut cuts) = (ms(0), f64::INFINITY, 0);
     while now < ms(120_000) {
         let before = controller.rate();
-        (now, _) = run(&mut controller, now, CANARY, true, scattered);
+        (now, _) = run(&mut controller, now, CANARY, true, &scattered);
         cuts += u32::from(controller.rate() < before);
         lowest = lowest.min(controller.rate());
     }
@@ -483,26 +501,12 @@ fn the_tail_alone_never_cuts_below_the_floor_and_a_risen_median_does() {
 fn for_jobs_slower_than_the_floor_the_tail_still_cuts_to_half_what_they_achieve() {
     // Jobs that reach 200 rows/s flat out (a heavy statement): with the floor at 500 rows/s
     // no pace the tail could set would bind them. One canary in thirty slow while they run.
-    let settings = rest_only_at_start();
-    let mut controller = ImpactController::new(settings, ms(0));
-    let (mut now, mut rows, mut paced, mut lowest) = (ms(0), 0.0_f64, 0u32, f64::INFINITY);
-    let mut verdict = controller.evaluate(now, true);
+    let scattered = every_while_paced(30);
+    let mut controller = ImpactController::new(rest_only_at_start(), ms(0));
+    let (mut now, mut lowest) = (ms(0), f64::INFINITY);
     while now < ms(120_000) {
-        now += CANARY;
-        let slow = match verdict.directive {
-            Some(ImpactDirective::Pace(rate)) => {
-                rows += rate.min(200.0) * CANARY.as_secs_f64();
-                paced += 1;
-                paced.is_multiple_of(30)
-            }
-            _ => false,
-        };
-        controller.observe(now, if slow { ms(20) } else { ms(2) });
-        controller.record_rows(now, rows as u64);
-        verdict = controller.evaluate(now, true);
-        if let Some(ImpactDirective::Pace(rate)) = verdict.directive {
-            lowest = lowest.min(rate);
-        }
+        (now, _) = run_jobs_reaching(&mut controller, now, CANARY, true, 200.0, &scattered);
+        lowest = lowest.min(controller.rate());
     }
     assert!(
         lowest < 200.0,
