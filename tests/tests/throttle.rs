@@ -313,12 +313,18 @@ fn paused_replay_stops_commits_within_a_second_and_resumes_by_itself() {
         "{holds:?}"
     );
     let hold_logged = log_time(&db, &holds[0]);
-    let running_again = worker_lines(&daemon, "throttle: running freely");
+    // Running again: freely, or paced by the job's own rate limit alone (its 20 ms window
+    // caps batches at 200 rows whenever the worker's cycle is quick, as on a quiet host).
+    let running_again: Vec<_> = ["throttle: running freely", "throttle: slowing down"]
+        .into_iter()
+        .flat_map(|message| worker_lines(&daemon, message))
+        .filter(|line| line["reason"] != "replication_lag")
+        .collect();
     assert!(
         running_again
             .iter()
             .any(|line| log_time(&db, line) > hold_logged),
-        "never ran freely again after the hold"
+        "never ran again, unheld by the lag, after the hold: {running_again:?}"
     );
 
     assert_eq!(db.job_state("split_full_name"), "succeeded");
