@@ -36,7 +36,9 @@
 //!   from [`START_RATE`]. Harm cuts it by [`CUT_FACTOR`], or back to where the step that
 //!   set it started when that step multiplied (as TCP's slow start halves on a loss: the
 //!   step is what went over); a multiplying step is undone already after
-//!   [`DECIDED_AFTER`], any other step after [`GROW_AFTER`], and a pace set by a cut is
+//!   [`DECIDED_AFTER`], and also when it has not shown calm within
+//!   [`PROBATION_CALM_TIMES`] calm-times of canaries, rests in between keeping its
+//!   evidence; any other step is cut after [`GROW_AFTER`], and a pace set by a cut is
 //!   cut again only after [`CUT_AFTER`]: one burst of slow canaries is one cut. Calm grows
 //!   it, as fast as the room left allows: while the canary's rise is under
 //!   [`ROOMY_SHARE`] of what the budget allows, it multiplies ([`SLOW_START_FACTOR`] until
@@ -117,6 +119,12 @@ pub const CUT_AFTER: Duration = Duration::from_millis(5_000);
 /// 29,000 rows/s next to 200 tx/s, where production's p99 went from 4 to 150 ms, and
 /// waiting out a full span there costs production five seconds of that.
 pub const DECIDED_AFTER: Duration = Duration::from_millis(1_000);
+
+/// A multiplying step not shown calm on this many calm-times of canaries (the canaries
+/// it takes to show calm from no evidence, none over the line: ten seconds at the default
+/// `canary_interval`) is undone, rests between them or not. A step with no more than
+/// [`CALM_SHARE`] of its canaries over the line shows calm within that.
+pub const PROBATION_CALM_TIMES: u32 = 2;
 
 /// Soonest the pace moves after it last changed, but for a multiplying step's undoing
 /// ([`DECIDED_AFTER`]): the span's quantiles (for the room to grow, and the calmest span)
@@ -433,7 +441,7 @@ impl ImpactController {
                     }
                     // Too few canaries: keep the old baseline (or none: no signal).
                     self.last_relearn = now;
-                    self.enter_pacing(now);
+                    self.resume_pacing(now);
                 }
             }
             Phase::Pacing { since } => {
@@ -490,19 +498,31 @@ impl ImpactController {
             .map(|levels| levels.tail + self.allowed_rise(levels.tail))
     }
 
+    /// Rests to re-learn the baseline. The evidence on a multiplying step not yet shown
+    /// calm is kept for after the rest: reset, it let a step past the knee stand for 17–26 s
+    /// next to 200 tx/s in issue 19's twelfth round, each rest starting its judgement over.
     fn start_rest(&mut self, now: Duration) {
         self.phase = Phase::Resting { since: now };
         self.samples.clear();
-        self.evidence = Evidence::default();
+        if self.stepped_from.is_none() {
+            self.evidence = Evidence::default();
+        }
         self.excess = ExcessEvidence::from_mark(self.excess.latest_mark());
         self.calmest = None;
     }
 
-    fn enter_pacing(&mut self, now: Duration) {
+    /// Paces again at the pace in force after a rest (see [`Self::start_rest`] for the
+    /// evidence).
+    fn resume_pacing(&mut self, now: Duration) {
         self.phase = Phase::Pacing { since: now };
         self.samples.clear();
-        self.evidence = Evidence::default();
         self.excess = ExcessEvidence::from_mark(self.excess.latest_mark());
+    }
+
+    /// Paces at a pace just set: its evidence starts from nothing.
+    fn enter_pacing(&mut self, now: Duration) {
+        self.resume_pacing(now);
+        self.evidence = Evidence::default();
     }
 
     /// Cuts when the canaries' tail shows harm (Wald's test, see [`Evidence`]; after
@@ -538,8 +558,14 @@ impl ImpactController {
         } else {
             self.evidence.verdict()
         };
-        // A multiplying step that shows harm is undone already after DECIDED_AFTER.
-        if self.stepped_from.is_some() && tail == Some(Tail::Harm) {
+        // A multiplying step that shows harm is undone already after DECIDED_AFTER, and
+        // one that has not shown calm on PROBATION_CALM_TIMES calm-times of canaries is
+        // undone too: Wald's test may hold for minutes where 1–2 % of the canaries are
+        // over the line, which is just past the knee.
+        let unproven = self.evidence.canaries
+            >= PROBATION_CALM_TIMES * Evidence::canaries_to_calm()
+            && tail != Some(Tail::Calm);
+        if self.stepped_from.is_some() && (tail == Some(Tail::Harm) || unproven) {
             self.last_ratio = quantile(&mut self.samples, TAIL_QUANTILE).map(ratio_of);
             self.cut(now, self.tail_floor());
             return;
@@ -754,6 +780,8 @@ struct Evidence {
     log_ratio: f64,
     /// Canaries over the line in a row, up to the last one.
     overs_in_a_row: u32,
+    /// Canaries judged in all.
+    canaries: u32,
 }
 
 /// Canaries over the line in a row that count as one episode: 200 ms at the default
@@ -762,6 +790,7 @@ pub const EPISODE_CANARIES: u32 = 4;
 
 impl Evidence {
     fn observe(&mut self, over: bool) {
+        self.canaries += 1;
         self.overs_in_a_row = if over { self.overs_in_a_row + 1 } else { 0 };
         if over && !(self.overs_in_a_row - 1).is_multiple_of(EPISODE_CANARIES) {
             return;

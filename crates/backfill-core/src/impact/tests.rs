@@ -412,6 +412,58 @@ fn a_doubling_into_a_cliff_is_undone_within_a_second() {
 }
 
 #[test]
+fn a_doubling_just_past_the_knee_is_undone_within_two_calm_times_across_a_rest() {
+    // Issue 19's twelfth round, next to 200 tx/s: slow start doubled 2 000 → 4 000 rows/s,
+    // just past the knee, where a canary in seventy was over the line; Wald's test
+    // decides neither way there for a long time, each periodic rest started it over, and
+    // the pace stood 17–26 s before it came back. Here the knee is at 3 000 rows/s.
+    let seen = std::cell::Cell::new(0u32);
+    let past_the_knee = |directive: Option<ImpactDirective>| match directive {
+        Some(ImpactDirective::Pace(rate)) if rate > 3_000.0 => {
+            seen.set(seen.get() + 1);
+            match seen.get() % 147 {
+                121 | 0 => ms(20),
+                _ => ms(2),
+            }
+        }
+        _ => ms(2),
+    };
+    // Periodic rests on, as shipped.
+    let mut controller = ImpactController::new(ImpactSettings::default(), ms(0));
+    let (mut now, mut before) = (ms(0), controller.rate());
+    while controller.rate() <= 3_000.0 {
+        before = controller.rate();
+        (now, _) = run(&mut controller, now, CANARY, true, past_the_knee);
+        assert!(now < ms(120_000), "never passed the knee");
+    }
+    let over_since = now;
+    let over = controller.rate();
+    let (mut rested, mut was_resting) = (Duration::ZERO, false);
+    let mut verdict;
+    while controller.rate() == over {
+        (now, verdict) = run(&mut controller, now, CANARY, true, past_the_knee);
+        let resting = verdict.directive == Some(ImpactDirective::Rest);
+        if resting && !was_resting {
+            rested += DRAIN + REST;
+        }
+        was_resting = resting;
+        assert!(
+            now < over_since + ms(60_000),
+            "{over} rows/s, past the knee, stood a minute ({rested:?} of it resting)"
+        );
+    }
+    // Two calm-times of canaries while paced, the rests between them not counted, and
+    // the step undone, not cut by CUT_FACTOR (that would stay past the knee).
+    assert!(rested > Duration::ZERO, "no rest fell in the step");
+    assert!(
+        now - over_since <= calm_after() * PROBATION_CALM_TIMES + rested + ms(500),
+        "{over} rows/s stood {:?}, {rested:?} of it resting",
+        now - over_since
+    );
+    assert_eq!(controller.rate(), before, "{over} → {}", controller.rate());
+}
+
+#[test]
 fn a_cut_pace_is_cut_again_only_on_a_full_span() {
     // After a cut, the canaries are judged on a full span again: production slow
     // whatever we do costs one cut in five seconds, not one a second.
