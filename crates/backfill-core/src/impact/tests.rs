@@ -464,6 +464,30 @@ fn a_doubling_just_past_the_knee_is_undone_within_two_calm_times_across_a_rest()
 }
 
 #[test]
+fn a_step_with_the_calm_share_over_the_line_proves_itself_within_its_probation() {
+    // The probation must not undo a step that is calm by the test's own definition: two
+    // slow canaries right at its start (0.5 % of the probation's canaries, the worst
+    // place for them) leave it just enough calm canaries to show calm in time.
+    let (mut controller, mut now, _) = right_after_a_step(ImpactSettings::default());
+    let stepped = controller.rate();
+    let probation = CANARY * (PROBATION_CALM_TIMES * Evidence::canaries_to_calm());
+    let slow_at_start = every(5, 2);
+    let until = now + probation + CANARY * 2;
+    while controller.rate() == stepped {
+        (now, _) = run(&mut controller, now, CANARY, true, &slow_at_start);
+        assert!(
+            now < until,
+            "neither grew nor was undone within the probation"
+        );
+    }
+    assert!(
+        controller.rate() > stepped,
+        "{stepped} → {}: undone, though calm",
+        controller.rate()
+    );
+}
+
+#[test]
 fn a_cut_pace_is_cut_again_only_on_a_full_span() {
     // After a cut, the canaries are judged on a full span again: production slow
     // whatever we do costs one cut in five seconds, not one a second.
