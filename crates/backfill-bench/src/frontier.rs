@@ -13,6 +13,7 @@
 //! Next to every competitor a second pgbench times backfilld's canary transaction, so the
 //! impact budget's signal can be set beside the p99 it stands for.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -98,17 +99,31 @@ const NAIVE_BATCH: i64 = 1_000;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Competitor {
     Alone,
-    /// backfilld with `config/default.toml` plus these settings.
-    Backfilld(String, Vec<(String, String)>),
+    /// backfilld with `config/default.toml` plus `settings`, run from `binary` when set
+    /// (another build, e.g. the parent commit's: a code change compared in the same run).
+    Backfilld {
+        label: String,
+        settings: Vec<(String, String)>,
+        binary: Option<PathBuf>,
+    },
     /// UPDATE [`NAIVE_BATCH`] keys, commit, sleep this long, repeat.
     Naive(Duration),
 }
 
 impl Competitor {
+    /// backfilld from the bench's own binary.
+    fn backfilld(label: String, settings: Vec<(String, String)>) -> Self {
+        Competitor::Backfilld {
+            label,
+            settings,
+            binary: None,
+        }
+    }
+
     fn label(&self) -> String {
         match self {
             Competitor::Alone => ALONE_LABEL.to_string(),
-            Competitor::Backfilld(label, _) => label.clone(),
+            Competitor::Backfilld { label, .. } => label.clone(),
             Competitor::Naive(sleep) => {
                 format!(
                     "naive loop, {NAIVE_BATCH} keys then sleep {} ms",
@@ -195,14 +210,15 @@ impl FrontierRow {
 /// The budget the frontier measures against: backfilld's default `impact_budget_ratio`.
 pub const BUDGET: f64 = 1.3;
 
-/// The default competitors: `variants` of backfilld's default (each one or more settings),
-/// `fixed_rates` for backfilld with sharing off, `sleeps` for the naive loop (zeros
-/// skipped: `0` runs none of either).
+/// The default competitors: backfilld's default from `other_binaries` too, `variants` of
+/// backfilld's default (each one or more settings), `fixed_rates` for backfilld with
+/// sharing off, `sleeps` for the naive loop (zeros skipped: `0` runs none of either).
 pub fn default_competitors(
     base: &[(String, String)],
     fixed_rates: &[u32],
     sleeps: &[u64],
     variants: &[Vec<(String, String)>],
+    other_binaries: &[PathBuf],
 ) -> Vec<Competitor> {
     let with = |extra: &[(&str, String)]| {
         let mut settings = base.to_vec();
@@ -211,19 +227,24 @@ pub fn default_competitors(
     };
     let mut competitors = vec![
         Competitor::Alone,
-        Competitor::Backfilld(DEFAULT_LABEL.to_string(), with(&[])),
-        Competitor::Backfilld(
+        Competitor::backfilld(DEFAULT_LABEL.to_string(), with(&[])),
+        Competitor::backfilld(
             "backfilld old default (duty cycle 5 %)".to_string(),
             with(&[("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "0".to_string())]),
         ),
     ];
+    competitors.extend(other_binaries.iter().map(|binary| Competitor::Backfilld {
+        label: format!("backfilld default, binary {}", binary.display()),
+        settings: with(&[]),
+        binary: Some(binary.clone()),
+    }));
     competitors.extend(variants.iter().map(|variant| {
         let settings: Vec<(&str, String)> = variant
             .iter()
             .map(|(key, value)| (key.as_str(), value.clone()))
             .collect();
         let named: Vec<String> = variant.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        Competitor::Backfilld(
+        Competitor::backfilld(
             format!("backfilld default, {}", named.join(" ")),
             with(&settings),
         )
@@ -235,7 +256,7 @@ pub fn default_competitors(
             .map(|ms| Competitor::Naive(Duration::from_millis(*ms))),
     );
     for rate in fixed_rates.iter().filter(|rate| **rate > 0) {
-        competitors.push(Competitor::Backfilld(
+        competitors.push(Competitor::backfilld(
             format!("backfilld fixed {rate} rows/s, sharing off"),
             with(&[
                 ("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "0".to_string()),
@@ -304,7 +325,7 @@ pub async fn run(
             measured_at_rate.push((competitor, measured));
         }
         record(&mut rows, at_rate, &measured_at_rate);
-        if let (Some(step), Some(Competitor::Backfilld(_, settings))) = (plan.step, &default) {
+        if let (Some(step), Some(Competitor::Backfilld { settings, .. })) = (plan.step, &default) {
             eprintln!(
                 "backfill-bench: frontier round {round}, load step {} → {} → {} tx/s (load {})",
                 step.from,
@@ -506,7 +527,15 @@ async fn run_one(
     let mut naive = None;
     match competitor {
         Competitor::Alone => {}
-        Competitor::Backfilld(_, settings) => {
+        Competitor::Backfilld {
+            settings, binary, ..
+        } => {
+            let daemon = match binary {
+                Some(binary) => &Daemon {
+                    binary: binary.clone(),
+                },
+                None => daemon,
+            };
             daemon.migrate(&url)?;
             fixture.psql(db, ORDERS_JOB_SQL)?;
             let log = run_file(competitor, rate, round, work_dir, "log");
@@ -568,7 +597,7 @@ async fn run_one(
         anyhow::Ok(match competitor {
             Competitor::Alone => 0,
             Competitor::Naive(_) => naive_rows.load(Ordering::Relaxed),
-            Competitor::Backfilld(..) => progress
+            Competitor::Backfilld { .. } => progress
                 .query_one(
                     "SELECT coalesce(sum(rows_done), 0)::bigint FROM backfill.jobs",
                     &[],
@@ -967,7 +996,8 @@ mod tests {
 
     #[test]
     fn the_competitors_include_the_baseline_both_defaults_and_the_alternatives() {
-        let competitors = default_competitors(&[], &[1000], &[50], &[]);
+        let competitors =
+            default_competitors(&[], &[1000], &[50], &[], &[PathBuf::from("/tmp/parent")]);
         let labels: Vec<String> = competitors.iter().map(Competitor::label).collect();
         assert_eq!(labels[0], "pgbench alone");
         assert!(labels.iter().any(|l| l.starts_with("backfilld default")));
@@ -976,6 +1006,22 @@ mod tests {
             .any(|l| l.starts_with("backfilld old default")));
         assert!(labels.iter().any(|l| l.contains("sleep 50 ms")));
         assert!(labels.iter().any(|l| l.contains("fixed 1000")));
+        let compared = competitors.iter().find_map(|c| match c {
+            Competitor::Backfilld {
+                binary: Some(binary),
+                label,
+                ..
+            } => Some((binary.clone(), label.clone())),
+            _ => None,
+        });
+        assert_eq!(
+            compared,
+            Some((
+                PathBuf::from("/tmp/parent"),
+                "backfilld default, binary /tmp/parent".to_string()
+            )),
+            "the other binary's default must climb as the default does (its label)"
+        );
     }
 
     #[test]
@@ -984,8 +1030,11 @@ mod tests {
             ("A".to_string(), "1".to_string()),
             ("B".to_string(), "2s".to_string()),
         ];
-        let competitors = default_competitors(&[], &[], &[], &[variant]);
-        let Some(Competitor::Backfilld(label, settings)) = competitors.last() else {
+        let competitors = default_competitors(&[], &[], &[], &[variant], &[]);
+        let Some(Competitor::Backfilld {
+            label, settings, ..
+        }) = competitors.last()
+        else {
             panic!("the variant is not the last competitor: {competitors:?}");
         };
         assert_eq!(label, "backfilld default, A=1 B=2s");

@@ -153,6 +153,10 @@ struct Options {
     /// with its default).
     #[arg(long = "frontier-variant", value_parser = parse_settings)]
     frontier_variants: Vec<Vec<(String, String)>>,
+    /// Another backfilld binary whose default runs in the frontier too (repeatable; e.g.
+    /// the parent commit's build, to compare a code change with it in the same run).
+    #[arg(long = "frontier-compare-binary")]
+    frontier_compare_binaries: Vec<PathBuf>,
     /// Sleeps (ms) of the frontier's naive batch-then-sleep loops (0: none).
     #[arg(long, value_delimiter = ',', default_values_t = [200, 1000])]
     frontier_sleeps: Vec<u64>,
@@ -231,6 +235,16 @@ async fn run(options: Options) -> anyhow::Result<()> {
         bail!(
             "{} is missing: build it first (scripts/bench does: cargo build --release -p backfilld)",
             daemon.binary.display()
+        );
+    }
+    if let Some(missing) = options
+        .frontier_compare_binaries
+        .iter()
+        .find(|binary| !binary.is_file())
+    {
+        bail!(
+            "--frontier-compare-binary {}: no such file (build that backfilld first)",
+            missing.display()
         );
     }
     let wants = |s: Scenario| options.only.is_empty() || options.only.contains(&s);
@@ -394,6 +408,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
                 &options.frontier_fixed_rates,
                 &options.frontier_sleeps,
                 &options.frontier_variants,
+                &options.frontier_compare_binaries,
             ),
             step: (options.frontier_step_phase > 0).then(|| frontier::LoadStep {
                 from: options.frontier_step[0],
