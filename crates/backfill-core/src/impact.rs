@@ -39,8 +39,10 @@
 //!   [`DECIDED_AFTER`], and also when it has not shown calm within
 //!   [`PROBATION_CALM_TIMES`] calm-times of canaries, rests in between keeping its
 //!   evidence; any other step is cut after [`GROW_AFTER`], and a pace set by a cut is
-//!   cut again only after [`CUT_AFTER`]: one burst of slow canaries is one cut. Calm grows
-//!   it, as fast as the room left allows: while the canary's rise is under
+//!   cut again only after [`CUT_AFTER`]: one burst of slow canaries is one cut. The tail
+//!   alone cuts no lower than [`TAIL_FLOOR_RATE`] on one reading, below it only on a
+//!   second reading at the pace the floor held. Calm grows it, as fast as the room left
+//!   allows: while the canary's rise is under
 //!   [`ROOMY_SHARE`] of what the budget allows, it multiplies ([`SLOW_START_FACTOR`] until
 //!   the first cut; [`ROOMY_FACTOR`] after one, up to [`APPROACH`] of the rate last cut
 //!   at, then again once past it); otherwise, and between [`APPROACH`] of the last cut
@@ -92,14 +94,18 @@ pub const DRAIN: Duration = Duration::from_millis(300);
 /// the median at 20, 200 and 600 tx/s, and the climb from 500 spent a minute below it.
 pub const START_RATE: f64 = 1_000.0;
 
-/// The tail's evidence alone never cuts the pace below this (rows per second, whole
-/// daemon), nor below half the most the jobs have achieved when that is less (a pace
-/// above what slow jobs reach would not bind at all); the median or p95 over budget on a
-/// full span still can. Wald's test allows a false cut one time in twenty, a run makes
-/// hundreds of judgements, and cuts below the start compounded: in issue 19's eleventh
-/// round two early readings cut the pace from 500 to 245 rows/s next to 200 tx/s, where
-/// the old duty cycle ran about 350 within budget, and it never climbed back within the
-/// two minutes measured.
+/// One reading of the tail's evidence never cuts the pace below this (rows per second,
+/// whole daemon), nor below half the most the jobs have achieved when that is less (a
+/// pace above what slow jobs reach would not bind at all). Harm shown again at a pace
+/// the floor held, on a test of its own, cuts below it, and the median or p95 over budget
+/// on a full span always can. Wald's test allows a false cut one time in twenty,
+/// a run makes hundreds of judgements, and single cuts below the start compounded: in
+/// issue 19's eleventh round two early readings cut the pace from 500 to 245 rows/s next
+/// to 200 tx/s, where the old duty cycle ran about 350 within budget, and it never
+/// climbed back within the two minutes measured. Two false readings in a row at one pace
+/// come one time in four hundred; a constant alone bound too high where the machine is
+/// saturated (the thirteenth round: 500 rows/s read 1.18–1.80× next to 600 tx/s on a
+/// slower machine, where the old duty cycle's 100 rows/s read 0.99–1.41×).
 pub const TAIL_FLOOR_RATE: f64 = START_RATE / 2.0;
 
 /// Lowest pace: a job always moves.
@@ -280,6 +286,9 @@ pub struct ImpactController {
     /// The pace before the step that set the one in force, when that step multiplied: a
     /// cut undoes it.
     stepped_from: Option<f64>,
+    /// The pace in force when the tail's floor last held a cut: harm shown at it again
+    /// is confirmed and cuts below the floor (see [`TAIL_FLOOR_RATE`]).
+    floor_held_at: Option<f64>,
     /// The tail's sequential test over the canaries since the pace last changed.
     evidence: Evidence,
     /// The in-batch canaries and the batches' busy time since the pace last changed.
@@ -333,6 +342,7 @@ impl ImpactController {
             cut_at: None,
             just_cut: false,
             stepped_from: None,
+            floor_held_at: None,
             evidence: Evidence::default(),
             excess: ExcessEvidence::default(),
             last_excess: None,
@@ -617,6 +627,7 @@ impl ImpactController {
                     .max(self.rate.min(cap))
                     .clamp(MIN_RATE, MAX_RATE);
                 self.stepped_from = (step.multiplies && to > self.rate).then_some(self.rate);
+                self.floor_held_at = None;
                 self.just_cut = false;
                 self.rate = to;
                 self.enter_pacing(now);
@@ -625,8 +636,12 @@ impl ImpactController {
     }
 
     /// The lowest pace the tail's evidence alone may cut to: [`TAIL_FLOOR_RATE`], or half
-    /// the most the jobs have achieved when that is less.
+    /// the most the jobs have achieved when that is less; none when the floor already
+    /// held a cut at the pace in force (the harm is confirmed).
     fn tail_floor(&self) -> f64 {
+        if self.floor_held_at == Some(self.rate) {
+            return MIN_RATE;
+        }
         self.peak_achieved
             .map_or(TAIL_FLOOR_RATE, |peak| TAIL_FLOOR_RATE.min(peak / 2.0))
     }
@@ -640,13 +655,16 @@ impl ImpactController {
     /// Over budget: by [`CUT_FACTOR`], or back to the pace before the step that set this
     /// one when that step multiplied and was bigger (as TCP halves on a loss in slow
     /// start): that pace was judged under budget, the step is what went over. Never below
-    /// `floor`, and never up to it: a pace already under the floor holds.
+    /// `floor`, and never up to it: a pace already under the floor holds, and is
+    /// remembered as held (see [`Self::tail_floor`]).
     fn cut(&mut self, now: Duration, floor: f64) {
         self.cut_at = Some(self.rate);
         self.just_cut = true;
         let undone = self.stepped_from.take().unwrap_or(f64::INFINITY);
         let floor = floor.max(MIN_RATE).min(self.rate);
-        self.rate = (self.rate * CUT_FACTOR).min(undone).max(floor);
+        let to = (self.rate * CUT_FACTOR).min(undone).max(floor);
+        self.floor_held_at = (to >= self.rate).then_some(self.rate);
+        self.rate = to;
         self.enter_pacing(now);
     }
 

@@ -541,37 +541,78 @@ fn a_stall_of_the_disk_is_one_episode_and_scattered_slow_canaries_are_harm() {
     assert!(slow.rate() < before, "{before} → {}", slow.rate());
 }
 
+/// The paces `controller` (periodic rests off) sets over `span` from the start, as
+/// (since, rate) in order, while jobs reaching at most `capacity` rows/s run.
+fn paces(
+    controller: &mut ImpactController,
+    span: Duration,
+    capacity: f64,
+    latency: impl Fn(Option<ImpactDirective>) -> Duration,
+) -> Vec<(Duration, f64)> {
+    let (mut now, mut paces) = (ms(0), vec![(ms(0), controller.rate())]);
+    while now < span {
+        (now, _) = run_jobs_reaching(controller, now, CANARY, true, capacity, &latency);
+        if paces
+            .last()
+            .is_some_and(|(_, rate)| *rate != controller.rate())
+        {
+            paces.push((now, controller.rate()));
+        }
+    }
+    paces
+}
+
+/// Asserts that every pace at or below `floor` in `paces` that a lower one followed
+/// stood at least two full spans: one reading of the tail there is held by the floor,
+/// only a second one cuts. Returns how many did.
+fn held_then_cut(paces: &[(Duration, f64)], floor: f64) -> usize {
+    let below: Vec<_> = paces
+        .windows(2)
+        .filter(|pair| pair[0].1 <= floor + 1e-9 && pair[1].1 < pair[0].1)
+        .collect();
+    for pair in &below {
+        let (stood, rate) = (pair[1].0 - pair[0].0, pair[0].1);
+        assert!(
+            stood >= 2 * CUT_AFTER,
+            "{rate} rows/s was cut after {stood:?}, on one reading: {paces:?}"
+        );
+    }
+    below.len()
+}
+
 #[test]
-fn the_tail_alone_never_cuts_below_the_floor_and_a_risen_median_does() {
+fn one_reading_of_the_tail_never_cuts_below_the_floor_a_second_at_the_same_pace_does() {
     // Issue 19's eleventh round: two early readings of the tail cut the pace from 500 to
     // 245 rows/s next to 200 tx/s, below what the old duty cycle ran within budget, and
-    // it never climbed back in the two minutes measured. Here one canary in thirty is slow
-    // while the jobs run, scattered: Wald's test sees harm again and again, the median
-    // and the p95 see none.
-    let settings = rest_only_at_start();
-    let scattered = every_while_paced(30);
-    let mut controller = ImpactController::new(settings, ms(0));
-    let (mut now, mut lowest, mut cuts) = (ms(0), f64::INFINITY, 0);
-    while now < ms(120_000) {
-        let before = controller.rate();
-        (now, _) = run(&mut controller, now, CANARY, true, &scattered);
-        cuts += u32::from(controller.rate() < before);
-        lowest = lowest.min(controller.rate());
-    }
-    assert!(cuts >= 2, "{cuts} cuts");
-    assert_eq!(
-        lowest, TAIL_FLOOR_RATE,
-        "jobs that achieve the pace: the floor is 500"
+    // it never climbed back in the two minutes measured. Its thirteenth round: on a slower
+    // machine next to 600 tx/s that floor held the pace at 500 rows/s at 1.18–1.80×
+    // production's p99, while the canaries showed harm again and again. Here one canary
+    // in thirty is slow while the jobs run, scattered: Wald's test sees harm at every
+    // pace, the median and the p95 see none.
+    let mut controller = ImpactController::new(rest_only_at_start(), ms(0));
+    let paces = paces(
+        &mut controller,
+        ms(120_000),
+        f64::INFINITY,
+        every_while_paced(30),
+    );
+    assert!(
+        paces.iter().any(|(_, rate)| *rate == TAIL_FLOOR_RATE),
+        "jobs that achieve the pace: the floor is 500: {paces:?}"
+    );
+    assert!(
+        held_then_cut(&paces, TAIL_FLOOR_RATE) >= 2,
+        "harm shown again and again never cut below the floor: {paces:?}"
     );
 
     // Production's typical transaction slower with every row we write (2 ms plus 10 ms per
-    // 1 000 rows/s): the median over budget cuts below the floor, towards the 60 rows/s
-    // the budget allows.
+    // 1 000 rows/s): the median over budget cuts below the floor at once, towards the 60
+    // rows/s the budget allows.
     let steep = |d: Option<ImpactDirective>| match d {
         Some(ImpactDirective::Pace(rate)) => ms(2) + Duration::from_secs_f64(rate / 1e5),
         _ => ms(2),
     };
-    let mut controller = ImpactController::new(settings, ms(0));
+    let mut controller = ImpactController::new(rest_only_at_start(), ms(0));
     run(&mut controller, ms(0), ms(60_000), true, steep);
     assert!(
         controller.rate() < TAIL_FLOOR_RATE / 2.0,
@@ -581,24 +622,58 @@ fn the_tail_alone_never_cuts_below_the_floor_and_a_risen_median_does() {
 }
 
 #[test]
-fn for_jobs_slower_than_the_floor_the_tail_still_cuts_to_half_what_they_achieve() {
-    // Jobs that reach 200 rows/s flat out (a heavy statement): with the floor at 500 rows/s
-    // no pace the tail could set would bind them. One canary in thirty slow while they run.
-    let scattered = every_while_paced(30);
+fn harm_on_one_reading_at_the_floor_then_calm_never_cuts_below_it() {
+    // One canary in thirty slow above the floor; at it, one in twenty for the first 110
+    // canaries (harm on one full span, not broad), calm after that: the floor holds that
+    // one reading, and nothing confirms it.
+    let (seen, at_floor) = (std::cell::Cell::new(0u32), std::cell::Cell::new(0u32));
+    let latency = |d: Option<ImpactDirective>| {
+        let slow = match d {
+            Some(ImpactDirective::Pace(rate)) if rate > TAIL_FLOOR_RATE => {
+                seen.set(seen.get() + 1);
+                seen.get().is_multiple_of(30)
+            }
+            Some(ImpactDirective::Pace(_)) => {
+                at_floor.set(at_floor.get() + 1);
+                at_floor.get() <= 110 && at_floor.get().is_multiple_of(20)
+            }
+            _ => false,
+        };
+        if slow {
+            ms(20)
+        } else {
+            ms(2)
+        }
+    };
     let mut controller = ImpactController::new(rest_only_at_start(), ms(0));
-    let (mut now, mut lowest) = (ms(0), f64::INFINITY);
+    let (mut now, mut held) = (ms(0), false);
+    let mut lowest = f64::INFINITY;
     while now < ms(120_000) {
-        (now, _) = run_jobs_reaching(&mut controller, now, CANARY, true, 200.0, &scattered);
+        (now, _) = run(&mut controller, now, CANARY, true, latency);
+        held |= controller.floor_held_at.is_some();
         lowest = lowest.min(controller.rate());
     }
+    assert!(held, "the floor never held a cut: the test shows nothing");
+    assert_eq!(lowest, TAIL_FLOOR_RATE);
+}
+
+#[test]
+fn for_jobs_slower_than_the_floor_the_tail_still_cuts_to_half_what_they_achieve() {
+    // Jobs that reach 200 rows/s flat out (a heavy statement): with the floor at 500 rows/s
+    // no pace the tail could set would bind them. One canary in thirty slow while they run:
+    // one reading cuts no lower than 100 rows/s, half what they achieve.
+    let mut controller = ImpactController::new(rest_only_at_start(), ms(0));
+    let paces = paces(&mut controller, ms(120_000), 200.0, every_while_paced(30));
     assert!(
-        lowest < 200.0,
-        "the tail never bound the jobs: lowest {lowest}"
+        paces.iter().any(|(_, rate)| *rate < 200.0),
+        "the tail never bound the jobs: {paces:?}"
     );
+    let first_below = paces.iter().position(|(_, rate)| *rate < 100.0 - 1e-9);
     assert!(
-        lowest >= 100.0 - 1e-9,
-        "below half what they achieved: {lowest}"
+        first_below.is_some_and(|at| (paces[at - 1].1 - 100.0).abs() < 1e-9),
+        "the pace did not stand at half what they achieved, then go below it: {paces:?}"
     );
+    held_then_cut(&paces, 100.0);
 }
 
 #[test]
