@@ -289,6 +289,8 @@ pub struct ImpactController {
     /// The pace in force when the tail's floor last held a cut: harm shown at it again
     /// is confirmed and cuts below the floor (see [`TAIL_FLOOR_RATE`]).
     floor_held_at: Option<f64>,
+    /// Why the pace last changed, for the log.
+    last_change: Option<PaceChange>,
     /// The tail's sequential test over the canaries since the pace last changed.
     evidence: Evidence,
     /// The in-batch canaries and the batches' busy time since the pace last changed.
@@ -343,6 +345,7 @@ impl ImpactController {
             just_cut: false,
             stepped_from: None,
             floor_held_at: None,
+            last_change: None,
             evidence: Evidence::default(),
             excess: ExcessEvidence::default(),
             last_excess: None,
@@ -483,6 +486,11 @@ impl ImpactController {
         self.rate
     }
 
+    /// Why the pace last changed (none yet: it is the start's).
+    pub fn last_change(&self) -> Option<PaceChange> {
+        self.last_change
+    }
+
     /// The baseline canary tail, if learned.
     pub fn baseline(&self) -> Option<Duration> {
         self.baseline_levels()
@@ -577,6 +585,11 @@ impl ImpactController {
             && tail != Some(Tail::Calm);
         if self.stepped_from.is_some() && (tail == Some(Tail::Harm) || unproven) {
             self.last_ratio = quantile(&mut self.samples, TAIL_QUANTILE).map(ratio_of);
+            self.last_change = Some(if tail == Some(Tail::Harm) {
+                PaceChange::StepHarmed
+            } else {
+                PaceChange::StepUnproven
+            });
             self.cut(now, self.tail_floor());
             return;
         }
@@ -593,14 +606,24 @@ impl ImpactController {
         let rise = current - baseline;
         // The whole primary slower, or many transactions delayed: not the tail's few.
         let broad_harm = median - calm > self.allowed_rise(calm) || broad - baseline > allowed;
-        let verdict = match tail {
-            _ if broad_harm && span >= CUT_AFTER => Verdict::Over { floor: MIN_RATE },
-            Some(Tail::Harm) if !self.just_cut || span >= CUT_AFTER => Verdict::Over {
-                floor: self.tail_floor(),
-            },
-            Some(Tail::Calm) if !broad_harm => Verdict::Under,
+        let (verdict, change) = match tail {
+            _ if broad_harm && span >= CUT_AFTER => {
+                (Verdict::Over { floor: MIN_RATE }, PaceChange::BroadHarm)
+            }
+            Some(Tail::Harm) if !self.just_cut || span >= CUT_AFTER => {
+                let confirmed = self.floor_held_at == Some(self.rate);
+                let floor = self.tail_floor();
+                let change = if confirmed {
+                    PaceChange::TailHarmConfirmed
+                } else {
+                    PaceChange::TailHarm
+                };
+                (Verdict::Over { floor }, change)
+            }
+            Some(Tail::Calm) if !broad_harm => (Verdict::Under, PaceChange::Calm),
             _ => return,
         };
+        self.last_change = Some(change);
         if verdict == Verdict::Under {
             let levels = Levels {
                 tail: current,
@@ -760,6 +783,24 @@ impl Levels {
             calm: self.calm.min(other.calm),
         }
     }
+}
+
+/// Why the pace last changed: what the log says beside each new pace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaceChange {
+    /// The tail (or the excess judge) showed calm, and nothing broad was over budget:
+    /// grown.
+    Calm,
+    /// The tail showed harm: cut, on this one reading no lower than the tail's floor.
+    TailHarm,
+    /// The tail showed harm again at a pace its floor held: cut below the floor.
+    TailHarmConfirmed,
+    /// The canaries' median or p95 over budget on a full span: cut, to any pace.
+    BroadHarm,
+    /// A multiplying step the tail showed harm on: undone.
+    StepHarmed,
+    /// A multiplying step not shown calm within its probation: undone.
+    StepUnproven,
 }
 
 /// A judgement of the pace in force.

@@ -541,31 +541,34 @@ fn a_stall_of_the_disk_is_one_episode_and_scattered_slow_canaries_are_harm() {
     assert!(slow.rate() < before, "{before} → {}", slow.rate());
 }
 
-/// The paces `controller` (periodic rests off) sets over `span` from the start, as
-/// (since, rate) in order, while jobs reaching at most `capacity` rows/s run.
+/// A pace `controller` set: since when, the rate, and why.
+type Pace = (Duration, f64, Option<PaceChange>);
+
+/// The paces `controller` (periodic rests off) sets over `span` from the start, in
+/// order, while jobs reaching at most `capacity` rows/s run.
 fn paces(
     controller: &mut ImpactController,
     span: Duration,
     capacity: f64,
     latency: impl Fn(Option<ImpactDirective>) -> Duration,
-) -> Vec<(Duration, f64)> {
-    let (mut now, mut paces) = (ms(0), vec![(ms(0), controller.rate())]);
+) -> Vec<Pace> {
+    let (mut now, mut paces) = (ms(0), vec![(ms(0), controller.rate(), None)]);
     while now < span {
         (now, _) = run_jobs_reaching(controller, now, CANARY, true, capacity, &latency);
         if paces
             .last()
-            .is_some_and(|(_, rate)| *rate != controller.rate())
+            .is_some_and(|(_, rate, _)| *rate != controller.rate())
         {
-            paces.push((now, controller.rate()));
+            paces.push((now, controller.rate(), controller.last_change()));
         }
     }
     paces
 }
 
 /// Asserts that every pace at or below `floor` in `paces` that a lower one followed
-/// stood at least two full spans: one reading of the tail there is held by the floor,
-/// only a second one cuts. Returns how many did.
-fn held_then_cut(paces: &[(Duration, f64)], floor: f64) -> usize {
+/// stood at least two full spans and was cut on confirmed harm: one reading of the tail
+/// there is held by the floor, only a second one cuts. Returns how many did.
+fn held_then_cut(paces: &[Pace], floor: f64) -> usize {
     let below: Vec<_> = paces
         .windows(2)
         .filter(|pair| pair[0].1 <= floor + 1e-9 && pair[1].1 < pair[0].1)
@@ -573,8 +576,8 @@ fn held_then_cut(paces: &[(Duration, f64)], floor: f64) -> usize {
     for pair in &below {
         let (stood, rate) = (pair[1].0 - pair[0].0, pair[0].1);
         assert!(
-            stood >= 2 * CUT_AFTER,
-            "{rate} rows/s was cut after {stood:?}, on one reading: {paces:?}"
+            stood >= 2 * CUT_AFTER && pair[1].2 == Some(PaceChange::TailHarmConfirmed),
+            "{rate} rows/s was cut after {stood:?}, not on a second reading: {paces:?}"
         );
     }
     below.len()
@@ -597,7 +600,7 @@ fn one_reading_of_the_tail_never_cuts_below_the_floor_a_second_at_the_same_pace_
         every_while_paced(30),
     );
     assert!(
-        paces.iter().any(|(_, rate)| *rate == TAIL_FLOOR_RATE),
+        paces.iter().any(|(_, rate, _)| *rate == TAIL_FLOOR_RATE),
         "jobs that achieve the pace: the floor is 500: {paces:?}"
     );
     assert!(
@@ -665,10 +668,10 @@ fn for_jobs_slower_than_the_floor_the_tail_still_cuts_to_half_what_they_achieve(
     let mut controller = ImpactController::new(rest_only_at_start(), ms(0));
     let paces = paces(&mut controller, ms(120_000), 200.0, every_while_paced(30));
     assert!(
-        paces.iter().any(|(_, rate)| *rate < 200.0),
+        paces.iter().any(|(_, rate, _)| *rate < 200.0),
         "the tail never bound the jobs: {paces:?}"
     );
-    let first_below = paces.iter().position(|(_, rate)| *rate < 100.0 - 1e-9);
+    let first_below = paces.iter().position(|(_, rate, _)| *rate < 100.0 - 1e-9);
     assert!(
         first_below.is_some_and(|at| (paces[at - 1].1 - 100.0).abs() < 1e-9),
         "the pace did not stand at half what they achieved, then go below it: {paces:?}"

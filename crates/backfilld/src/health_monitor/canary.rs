@@ -295,6 +295,7 @@ impl CanaryJudges {
                     target: "backfilld::impact",
                     directive = ?verdict.directive,
                     ratio = ?verdict.ratio,
+                    change = ?impact.last_change(),
                     baseline_us = impact.baseline().map(|b| b.as_micros() as u64),
                     busy_share = excess.map(|e| e.busy_share),
                     in_batch_canaries = excess.map(|e| e.inside_canaries),
