@@ -611,14 +611,17 @@ impl ImpactController {
                 (Verdict::Over { floor: MIN_RATE }, PaceChange::BroadHarm)
             }
             Some(Tail::Harm) if !self.just_cut || span >= CUT_AFTER => {
-                let confirmed = self.floor_held_at == Some(self.rate);
-                let floor = self.tail_floor();
-                let change = if confirmed {
+                let change = if self.harm_confirmed() {
                     PaceChange::TailHarmConfirmed
                 } else {
                     PaceChange::TailHarm
                 };
-                (Verdict::Over { floor }, change)
+                (
+                    Verdict::Over {
+                        floor: self.tail_floor(),
+                    },
+                    change,
+                )
             }
             Some(Tail::Calm) if !broad_harm => (Verdict::Under, PaceChange::Calm),
             _ => return,
@@ -662,11 +665,17 @@ impl ImpactController {
     /// the most the jobs have achieved when that is less; none when the floor already
     /// held a cut at the pace in force (the harm is confirmed).
     fn tail_floor(&self) -> f64 {
-        if self.floor_held_at == Some(self.rate) {
+        if self.harm_confirmed() {
             return MIN_RATE;
         }
         self.peak_achieved
             .map_or(TAIL_FLOOR_RATE, |peak| TAIL_FLOOR_RATE.min(peak / 2.0))
+    }
+
+    /// The tail's floor already held a cut at the pace in force: harm shown now is shown
+    /// twice.
+    fn harm_confirmed(&self) -> bool {
+        self.floor_held_at == Some(self.rate)
     }
 
     /// The rise over `level` the budget allows: the ratio's, or the floor when that is
