@@ -585,12 +585,12 @@ impl ImpactController {
             && tail != Some(Tail::Calm);
         if self.stepped_from.is_some() && (tail == Some(Tail::Harm) || unproven) {
             self.last_ratio = quantile(&mut self.samples, TAIL_QUANTILE).map(ratio_of);
-            self.last_change = Some(if tail == Some(Tail::Harm) {
+            let change = if tail == Some(Tail::Harm) {
                 PaceChange::StepHarmed
             } else {
                 PaceChange::StepUnproven
-            });
-            self.cut(now, self.tail_floor());
+            };
+            self.cut_for(now, change);
             return;
         }
         if span < GROW_AFTER {
@@ -606,37 +606,26 @@ impl ImpactController {
         let rise = current - baseline;
         // The whole primary slower, or many transactions delayed: not the tail's few.
         let broad_harm = median - calm > self.allowed_rise(calm) || broad - baseline > allowed;
-        let (verdict, change) = match tail {
-            _ if broad_harm && span >= CUT_AFTER => {
-                (Verdict::Over { floor: MIN_RATE }, PaceChange::BroadHarm)
-            }
+        let change = match tail {
+            _ if broad_harm && span >= CUT_AFTER => PaceChange::BroadHarm,
             Some(Tail::Harm) if !self.just_cut || span >= CUT_AFTER => {
-                let change = if self.harm_confirmed() {
+                if self.harm_confirmed() {
                     PaceChange::TailHarmConfirmed
                 } else {
                     PaceChange::TailHarm
-                };
-                (
-                    Verdict::Over {
-                        floor: self.tail_floor(),
-                    },
-                    change,
-                )
+                }
             }
-            Some(Tail::Calm) if !broad_harm => (Verdict::Under, PaceChange::Calm),
+            Some(Tail::Calm) if !broad_harm => PaceChange::Calm,
             _ => return,
         };
-        self.last_change = Some(change);
-        if verdict == Verdict::Under {
-            let levels = Levels {
-                tail: current,
-                calm: median,
-            };
-            self.calmest = Some(self.calmest.map_or(levels, |calmest| calmest.min(levels)));
-        }
-        match verdict {
-            Verdict::Over { floor } => self.cut(now, floor),
-            Verdict::Under => {
+        match change {
+            PaceChange::Calm => {
+                self.last_change = Some(change);
+                let levels = Levels {
+                    tail: current,
+                    calm: median,
+                };
+                self.calmest = Some(self.calmest.map_or(levels, |calmest| calmest.min(levels)));
                 let roomy = match excess {
                     Some(reading) => reading.high <= excess_share * ROOMY_SHARE,
                     None => rise < allowed * ROOMY_SHARE,
@@ -658,7 +647,19 @@ impl ImpactController {
                 self.rate = to;
                 self.enter_pacing(now);
             }
+            harm => self.cut_for(now, harm),
         }
+    }
+
+    /// Cuts for `harm` (see [`Self::cut`]): to any pace when broad, otherwise no lower
+    /// than the tail's floor.
+    fn cut_for(&mut self, now: Duration, harm: PaceChange) {
+        self.last_change = Some(harm);
+        let floor = match harm {
+            PaceChange::BroadHarm => MIN_RATE,
+            _ => self.tail_floor(),
+        };
+        self.cut(now, floor);
     }
 
     /// The lowest pace the tail's evidence alone may cut to: [`TAIL_FLOOR_RATE`], or half
@@ -810,17 +811,6 @@ pub enum PaceChange {
     StepHarmed,
     /// A multiplying step not shown calm within its probation: undone.
     StepUnproven,
-}
-
-/// A judgement of the pace in force.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Verdict {
-    /// Over budget: the tail shows harm, or the canaries' median or their
-    /// [`BROAD_QUANTILE`] rose over budget on a full span. Cut, but not below `floor`
-    /// (the tail's floor when the tail alone showed harm).
-    Over { floor: f64 },
-    /// Within budget, on enough canaries to say so. Grow.
-    Under,
 }
 
 /// What Wald's test over the tail has decided.
