@@ -291,6 +291,8 @@ pub struct ImpactController {
     floor_held_at: Option<f64>,
     /// Why the pace last changed, for the log.
     last_change: Option<PaceChange>,
+    /// Pace decisions so far: cuts (one the floor held included) and growths.
+    decisions: u64,
     /// The tail's sequential test over the canaries since the pace last changed.
     evidence: Evidence,
     /// The in-batch canaries and the batches' busy time since the pace last changed.
@@ -346,6 +348,7 @@ impl ImpactController {
             stepped_from: None,
             floor_held_at: None,
             last_change: None,
+            decisions: 0,
             evidence: Evidence::default(),
             excess: ExcessEvidence::default(),
             last_excess: None,
@@ -491,6 +494,12 @@ impl ImpactController {
         self.last_change
     }
 
+    /// Pace decisions made so far, cuts and growths: a cut the tail's floor held leaves
+    /// the pace as it was and is a decision all the same (the log tells it by this).
+    pub fn decisions(&self) -> u64 {
+        self.decisions
+    }
+
     /// The baseline canary tail, if learned.
     pub fn baseline(&self) -> Option<Duration> {
         self.baseline_levels()
@@ -621,6 +630,7 @@ impl ImpactController {
         match change {
             PaceChange::Calm => {
                 self.last_change = Some(change);
+                self.decisions += 1;
                 let levels = Levels {
                     tail: current,
                     calm: median,
@@ -691,6 +701,7 @@ impl ImpactController {
     /// `floor`, and never up to it: a pace already under the floor holds, and is
     /// remembered as held (see [`Self::tail_floor`]).
     fn cut(&mut self, now: Duration, floor: f64) {
+        self.decisions += 1;
         self.cut_at = Some(self.rate);
         self.just_cut = true;
         let undone = self.stepped_from.take().unwrap_or(f64::INFINITY);

@@ -661,6 +661,26 @@ fn harm_on_one_reading_at_the_floor_then_calm_never_cuts_below_it() {
 }
 
 #[test]
+fn a_cut_the_floor_held_is_a_decision_though_the_pace_stands() {
+    // Issue 19's fourteenth round: the impact log printed only a changed pace, so a cut
+    // the tail's floor held (the pace unchanged) showed nowhere until the next change.
+    let mut controller = ImpactController::new(rest_only_at_start(), ms(0));
+    let latency = every_while_paced(30);
+    let mut now = ms(0);
+    while now < ms(120_000) {
+        let (decisions, rate) = (controller.decisions(), controller.rate());
+        (now, _) = run(&mut controller, now, CANARY, true, &latency);
+        if controller.floor_held_at.is_some() {
+            assert_eq!(controller.rate(), rate, "the floor held no cut");
+            assert_eq!(controller.decisions(), decisions + 1);
+            assert_eq!(controller.last_change(), Some(PaceChange::TailHarm));
+            return;
+        }
+    }
+    panic!("the floor never held a cut in two minutes: the test shows nothing");
+}
+
+#[test]
 fn for_jobs_slower_than_the_floor_the_tail_still_cuts_to_half_what_they_achieve() {
     // Jobs that reach 200 rows/s flat out (a heavy statement): with the floor at 500 rows/s
     // no pace the tail could set would bind them. One canary in thirty slow while they run:

@@ -219,6 +219,9 @@ pub(super) struct CanaryJudges {
     impact: Option<ImpactController>,
     /// The impact budget's last directive.
     directive: Option<ImpactDirective>,
+    /// The impact budget's pace decisions as last logged: a cut its floor held changes
+    /// no directive and is logged all the same.
+    logged_decisions: u64,
 }
 
 impl CanaryJudges {
@@ -235,6 +238,7 @@ impl CanaryJudges {
             detector,
             impact: impact.map(|impact| ImpactController::new(impact, Duration::ZERO)),
             directive: None,
+            logged_decisions: 0,
         })
     }
 
@@ -289,7 +293,7 @@ impl CanaryJudges {
             }
             let verdict = impact.evaluate(now, active);
             telemetry::record_impact(&verdict);
-            if verdict.directive != self.directive {
+            if verdict.directive != self.directive || impact.decisions() != self.logged_decisions {
                 let excess = impact.excess();
                 tracing::debug!(
                     target: "backfilld::impact",
@@ -305,6 +309,7 @@ impl CanaryJudges {
                     "impact budget"
                 );
                 self.directive = verdict.directive;
+                self.logged_decisions = impact.decisions();
             }
         }
         CanaryVerdicts {
