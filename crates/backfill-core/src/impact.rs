@@ -289,7 +289,7 @@ pub struct ImpactController {
     /// The pace in force when the tail's floor last held a cut: harm shown at it again
     /// is confirmed and cuts below the floor (see [`TAIL_FLOOR_RATE`]).
     floor_held_at: Option<f64>,
-    /// Why the pace last changed, for the log.
+    /// Why the pace was last decided (a cut the floor held included), for the log.
     last_change: Option<PaceChange>,
     /// Pace decisions so far: cuts (one the floor held included) and growths.
     decisions: u64,
@@ -489,7 +489,8 @@ impl ImpactController {
         self.rate
     }
 
-    /// Why the pace last changed (none yet: it is the start's).
+    /// Why the pace was last decided, a cut the tail's floor held included (none yet: it
+    /// is the start's).
     pub fn last_change(&self) -> Option<PaceChange> {
         self.last_change
     }
@@ -806,7 +807,8 @@ impl Levels {
     }
 }
 
-/// Why the pace last changed: what the log says beside each new pace.
+/// Why the pace was last decided: what the log says beside each decision (a cut the
+/// tail's floor held leaves the pace as it was).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PaceChange {
     /// The tail (or the excess judge) showed calm, and nothing broad was over budget:
