@@ -315,6 +315,13 @@ pub async fn run(
             );
             let measured =
                 run_one(fixture, daemon, plan, rate, competitor, work_dir, round).await?;
+            let first_alone = *competitor == Competitor::Alone
+                && !measured_at_rate
+                    .iter()
+                    .any(|(c, _)| **c == Competitor::Alone);
+            if first_alone {
+                keep_first_alone_timeline(rate, round, work_dir)?;
+            }
             eprintln!(
                 "backfill-bench:   {:.0} rows/s, p99 {:.2} ms; canary p90 {:.2} ms, p99 {:.2} ms",
                 measured.rows_per_second,
@@ -709,6 +716,24 @@ async fn until_finished(
 
 /// The unloaded job must end within this long.
 const UNLOADED_LIMIT: Duration = Duration::from_secs(300);
+
+/// Moves the timeline of the first pgbench-alone window at `rate` in `round` aside
+/// (`first.transactions.tsv`): the last window at the rate, which the ratios also stand
+/// on, would write over it, and a replay of the canary's line needs both.
+fn keep_first_alone_timeline(rate: u32, round: u32, dir: &std::path::Path) -> anyhow::Result<()> {
+    let (from, to) = (
+        run_file(&Competitor::Alone, rate, round, dir, "transactions.tsv"),
+        run_file(
+            &Competitor::Alone,
+            rate,
+            round,
+            dir,
+            "first.transactions.tsv",
+        ),
+    );
+    std::fs::rename(&from, &to)
+        .with_context(|| format!("keeping {} as {}", from.display(), to.display()))
+}
 
 /// A file of `competitor`'s run at `rate` in `round`: its daemon's `log`, its
 /// `transactions.tsv`.
