@@ -630,8 +630,7 @@ impl ImpactController {
         };
         match change {
             PaceChange::Calm => {
-                self.last_change = Some(change);
-                self.decisions += 1;
+                self.decided(change);
                 let levels = Levels {
                     tail: current,
                     calm: median,
@@ -665,12 +664,18 @@ impl ImpactController {
     /// Cuts for `harm` (see [`Self::cut`]): to any pace when broad, otherwise no lower
     /// than the tail's floor.
     fn cut_for(&mut self, now: Duration, harm: PaceChange) {
-        self.last_change = Some(harm);
+        self.decided(harm);
         let floor = match harm {
             PaceChange::BroadHarm => MIN_RATE,
             _ => self.tail_floor(),
         };
         self.cut(now, floor);
+    }
+
+    /// Records a pace decision and why, for the log (a cut the floor held included).
+    fn decided(&mut self, change: PaceChange) {
+        self.last_change = Some(change);
+        self.decisions += 1;
     }
 
     /// The lowest pace the tail's evidence alone may cut to: [`TAIL_FLOOR_RATE`], or half
@@ -702,7 +707,6 @@ impl ImpactController {
     /// `floor`, and never up to it: a pace already under the floor holds, and is
     /// remembered as held (see [`Self::tail_floor`]).
     fn cut(&mut self, now: Duration, floor: f64) {
-        self.decisions += 1;
         self.cut_at = Some(self.rate);
         self.just_cut = true;
         let undone = self.stepped_from.take().unwrap_or(f64::INFINITY);
