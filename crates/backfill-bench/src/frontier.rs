@@ -24,6 +24,7 @@ use crate::daemon::Daemon;
 use crate::fixture::Fixture;
 use crate::pgbench::{epoch_micros, LatencySummary, Load};
 use crate::stats::median;
+use crate::walwaits::{WalWaitSampler, WalWaits};
 
 mod step;
 
@@ -91,6 +92,9 @@ fn canary_script() -> String {
 
 /// The bench's canary runs at backfilld's default `throttle.canary_interval` (50 ms).
 const CANARY_RATE: u32 = 20;
+
+/// The bench canary's `application_name`: not `pgbench`, which is production's.
+const CANARY_APPLICATION: &str = "backfill-bench-canary";
 
 /// Keys per statement of the naive loop.
 const NAIVE_BATCH: i64 = 1_000;
@@ -524,9 +528,24 @@ async fn run_one(
             )
         })
         .transpose()?;
+    // Named apart from production, so production's WAL waits are production's own.
+    let canary_conninfo = format!("{conninfo} application_name={CANARY_APPLICATION}");
     let canary = (rate != UNLOADED_RATE)
-        .then(|| Load::start_script(&pgbench, &conninfo, &canary_script(), &[], 1, CANARY_RATE))
+        .then(|| {
+            Load::start_script(
+                &pgbench,
+                &canary_conninfo,
+                &canary_script(),
+                &[],
+                1,
+                CANARY_RATE,
+            )
+        })
         .transpose()?;
+    let wal_waits = match rate {
+        UNLOADED_RATE => None,
+        _ => Some(WalWaitSampler::start(&conninfo).await?),
+    };
     tokio::time::sleep(Duration::from_secs(2)).await;
     let stop = Arc::new(AtomicBool::new(false));
     let naive_rows = Arc::new(AtomicI64::new(0));
@@ -629,10 +648,14 @@ async fn run_one(
     }
     let transactions = load.map(Load::stop).transpose()?.unwrap_or_default();
     let canaries = canary.map(Load::stop).transpose()?.unwrap_or_default();
+    let wal_waits = match wal_waits {
+        Some(sampler) => sampler.finish().await?,
+        None => WalWaits::default(),
+    };
     let span = (epoch_micros(opened), epoch_micros(closed));
     if rate != UNLOADED_RATE {
         let timeline = run_file(competitor, rate, round, work_dir, "transactions.tsv");
-        write_timeline(&timeline, span, &transactions, &canaries)?;
+        write_timeline(&timeline, span, &transactions, &canaries, &wal_waits)?;
     }
     let p99 = LatencySummary::over(&transactions, span).map_or(f64::NAN, |s| s.p99_ms);
     let canary_ms = LatencySummary::over(&canaries, span)
@@ -664,13 +687,16 @@ async fn run_one(
 }
 
 /// Writes every transaction of a run, pgbench's and the canary's, one per line (`kind
-/// completed_at_us latency_ms`, the window's bounds first): with the daemon's log beside
-/// it, the slow transactions can be matched with the pace and the rests that were in force.
+/// completed_at_us latency_ms`, the window's bounds first), then the WAL-wait samples
+/// (`wal at_us waiting active took_us`) and their cost (`sampler backend_cpu_us wall_us`):
+/// with the daemon's log beside it, the slow transactions can be matched with the pace
+/// and the rests that were in force.
 fn write_timeline(
     path: &std::path::Path,
     window: (i64, i64),
     transactions: &[crate::pgbench::Transaction],
     canaries: &[crate::pgbench::Transaction],
+    wal_waits: &WalWaits,
 ) -> anyhow::Result<()> {
     use std::fmt::Write as _;
     let mut text = format!("window\t{}\t{}\n", window.0, window.1);
@@ -678,6 +704,21 @@ fn write_timeline(
         for t in list {
             let _ = writeln!(text, "{kind}\t{}\t{:.3}", t.completed_at_us, t.latency_ms);
         }
+    }
+    for s in &wal_waits.samples {
+        let _ = writeln!(
+            text,
+            "wal\t{}\t{}\t{}\t{}",
+            s.at_us, s.waiting, s.active, s.took_us
+        );
+    }
+    if !wal_waits.samples.is_empty() {
+        let _ = writeln!(
+            text,
+            "sampler\t{:.0}\t{:.0}",
+            wal_waits.backend_cpu_seconds * 1e6,
+            wal_waits.wall_seconds * 1e6
+        );
     }
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }

@@ -20,6 +20,7 @@ mod report;
 mod sampler;
 mod scenarios;
 mod stats;
+mod walwaits;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};

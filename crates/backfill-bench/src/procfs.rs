@@ -72,9 +72,19 @@ pub fn tree_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
             ticks += stat.utime + stat.stime;
         }
     }
+    Ok(ticks as f64 / clock_ticks_per_second())
+}
+
+/// CPU time used so far by `pid` itself (user plus system), in seconds; `None` once it
+/// is gone.
+pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = read_stat(pid)?;
+    Some((stat.utime + stat.stime) as f64 / clock_ticks_per_second())
+}
+
+fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Ok(ticks as f64 / per_second.max(1) as f64)
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
 
 /// The fields of `/proc/<pid>/stat` used here.
@@ -129,5 +139,7 @@ mod tests {
     #[test]
     fn our_own_cpu_time_is_readable() {
         assert!(tree_cpu_seconds(std::process::id()).unwrap() >= 0.0);
+        let own = process_cpu_seconds(std::process::id()).unwrap();
+        assert!(own >= 0.0 && own <= tree_cpu_seconds(std::process::id()).unwrap());
     }
 }
