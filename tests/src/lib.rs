@@ -548,17 +548,38 @@ pub struct Application {
 impl Application {
     const TRANSACTION: &str = "BEGIN; SELECT count(*) FROM pg_class; COMMIT";
 
+    /// An application that reads, a transaction every 5 ms.
     pub fn start(db: &TestDb) -> Application {
+        Self::start_running(db, Self::TRANSACTION, Duration::from_millis(5))
+    }
+
+    /// An application that writes, one transaction after the other, each commit waiting
+    /// for its WAL to be flushed (on a cluster with `fsync = on`): it touches a row of
+    /// `shop_orders`, made here. Always at work, so that a sampler of its sessions every
+    /// 20 ms finds it active in most samples.
+    pub fn start_writing(db: &TestDb) -> Application {
+        db.sql(
+            "CREATE TABLE shop_orders (id int PRIMARY KEY, touched int NOT NULL); \
+             INSERT INTO shop_orders VALUES (1, 0)",
+        );
+        Self::start_running(
+            db,
+            "BEGIN; UPDATE shop_orders SET touched = touched + 1 WHERE id = 1; COMMIT",
+            Duration::ZERO,
+        )
+    }
+
+    fn start_running(db: &TestDb, transaction: &'static str, pause: Duration) -> Application {
         let app = Session::connect(&format!("{}?application_name=shop", db.url()));
-        app.execute(Self::TRANSACTION);
+        app.execute(transaction);
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = thread::spawn(move || {
             let mut transactions = 1u64;
             while !stopped.load(Ordering::Relaxed) {
-                app.execute(Self::TRANSACTION);
+                app.execute(transaction);
                 transactions += 1;
-                thread::sleep(Duration::from_millis(5));
+                thread::sleep(pause);
             }
             transactions
         });

@@ -153,13 +153,24 @@ fn next_to_production<'c>(
     rows: i64,
     extra_env: &[(&'static str, &str)],
 ) -> (TestDb<'c>, Application, Daemon, u16) {
+    next_to(Application::start, primary, name, rows, extra_env)
+}
+
+/// As [`next_to_production`], with the application `start` starts.
+fn next_to<'c>(
+    start: fn(&TestDb) -> Application,
+    primary: &'c pg_testkit::PgCluster,
+    name: &str,
+    rows: i64,
+    extra_env: &[(&'static str, &str)],
+) -> (TestDb<'c>, Application, Daemon, u16) {
     let db = TestDb::on(primary, name);
     db.sql(&pg_testkit::demo_data::users_table_sql(rows));
     db.audit_updates("users", "id");
     db.migrate();
     db.sql(pg_testkit::demo_data::SPLIT_NAME_JOB_SQL);
 
-    let application = Application::start(&db);
+    let application = start(&db);
     let port = free_port();
     let mut env = quick_worker_json_log(name);
     env.push(("BACKFILLD_HTTP__LISTEN", format!("127.0.0.1:{port}")));
@@ -299,4 +310,42 @@ fn the_excess_judge_times_canaries_inside_the_batches_and_lets_a_calm_pace_grow(
         .filter_map(|rest| rest.trim_end_matches("))").parse::<f64>().ok())
         .fold(0.0, f64::max);
     assert!(highest > 500.0, "{judgements:#?}");
+}
+
+#[test]
+fn the_wal_judge_learns_how_often_production_waits_on_the_wal_while_the_daemon_rests() {
+    // Durable commits, as in production: with fsync off no commit waits on a flush.
+    let primary = pg_testkit::PgCluster::start_primary_with(&[("fsync", "on")]).expect("primary");
+    let rows = 10_000;
+    let (db, application, mut daemon, _port) = next_to(
+        Application::start_writing,
+        &primary,
+        "impact_wal",
+        rows,
+        &[
+            ("BACKFILLD_THROTTLE__IMPACT_WAL_RISE", "1.15"),
+            // Nothing scrapes /metrics here: exit when done.
+            ("BACKFILLD_HTTP__FINAL_SCRAPE_WAIT", "0s"),
+        ],
+    );
+    daemon.expect_success(RUN_LIMIT);
+    assert!(application.stop() > 1);
+    db.assert_backfilled_exactly_once("users", rows);
+
+    // The sampler saw the application's session waiting on the WAL in some of the rests'
+    // samples, and the judge learned that share.
+    let judgements = impact_judgements(&daemon);
+    let learned: Vec<f64> = judgements
+        .iter()
+        .filter_map(|line| line["wal_share_at_rest"].as_f64())
+        .collect();
+    assert!(
+        !learned.is_empty(),
+        "{judgements:#?}\n{}",
+        daemon.log_text()
+    );
+    assert!(
+        learned.iter().all(|share| (0.02..=0.99).contains(share)),
+        "{learned:?}"
+    );
 }

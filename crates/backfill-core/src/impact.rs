@@ -57,6 +57,10 @@
 //!   of Wald's test: the slow share the batches add surely over `excess_share` (95 %
 //!   confidence) is harm, surely under it calm, and while neither the pace holds; growth
 //!   multiplies while it is surely under half of it.
+//! - **Production's WAL waits** (when `wal_rise` is set): the share of production's
+//!   active sessions waiting on the WAL, against the rests' share, is a second harm judge
+//!   (Wald's test, see [`wal`]): harm there cuts as the tail's does; calm is the canaries'
+//!   to say.
 //! - **No signal** (no canary answered for [`SIGNAL_TIMEOUT`]): no verdict; the throttle
 //!   falls back to the fixed duty cycle next to production.
 //!
@@ -66,9 +70,12 @@
 use std::time::Duration;
 
 pub mod excess;
+pub mod wal;
 
 use excess::ExcessEvidence;
 pub use excess::ExcessReading;
+pub use wal::WalWaitCount;
+use wal::{WalBaseline, WalEvidence};
 
 /// The tail the baseline and the line are set by (nearest rank). Issue 19's frontier,
 /// pgbench next to backfilld at fixed rates (durable commits, a quiet 2-core machine):
@@ -220,6 +227,9 @@ pub struct ImpactSettings {
     /// The share of production's transactions the batches may slow past the line, judged
     /// from canaries timed inside them ([`excess`]); 0: not judged.
     pub excess_share: f64,
+    /// The rise over its share at rest of production's active sessions waiting on the WAL
+    /// that is harm ([`wal`]; 1.15: 15 % more); 0: not judged.
+    pub wal_rise: f64,
 }
 
 impl Default for ImpactSettings {
@@ -231,6 +241,7 @@ impl Default for ImpactSettings {
             floor: Duration::from_micros(500),
             relearn_every: Duration::from_secs(30),
             excess_share: 0.0,
+            wal_rise: 0.0,
         }
     }
 }
@@ -299,6 +310,10 @@ pub struct ImpactController {
     excess: ExcessEvidence,
     /// The excess as last judged, when `excess_share` is set.
     last_excess: Option<ExcessReading>,
+    /// Production's share of sessions waiting on the WAL at rest, when `wal_rise` is set.
+    wal_baseline: WalBaseline,
+    /// The WAL waits' test since the pace last changed.
+    wal_evidence: WalEvidence,
     last_ratio: Option<f64>,
     last_canary: Option<Duration>,
     last_relearn: Duration,
@@ -334,6 +349,11 @@ impl ImpactController {
             } else {
                 0.0
             },
+            wal_rise: if settings.wal_rise.is_finite() && settings.wal_rise > 1.0 {
+                settings.wal_rise
+            } else {
+                0.0
+            },
         };
         ImpactController {
             settings,
@@ -352,6 +372,8 @@ impl ImpactController {
             evidence: Evidence::default(),
             excess: ExcessEvidence::default(),
             last_excess: None,
+            wal_baseline: WalBaseline::default(),
+            wal_evidence: WalEvidence::default(),
             last_ratio: None,
             last_canary: None,
             last_relearn: now,
@@ -384,6 +406,26 @@ impl ImpactController {
         self.last_canary = Some(now);
         if let (Phase::Pacing { .. }, Some(line)) = (self.phase, self.tail_line()) {
             self.excess.observe_inside(round_trip.as_secs_f64() > line);
+        }
+    }
+
+    /// Records a sample of production's sessions taken at `now`: how many were active and
+    /// how many of those waited on the WAL (judged when `wal_rise` is set).
+    pub fn observe_wal_waits(&mut self, now: Duration, count: WalWaitCount) {
+        if self.settings.wal_rise == 0.0 {
+            return;
+        }
+        match self.phase {
+            Phase::Resting { since } if now >= since.saturating_add(DRAIN) => {
+                self.wal_baseline.observe(count);
+            }
+            Phase::Resting { .. } => {}
+            Phase::Pacing { .. } => {
+                if let Some(calm) = self.wal_baseline.share() {
+                    self.wal_evidence
+                        .observe(count, calm, self.settings.wal_rise);
+                }
+            }
         }
     }
 
@@ -444,6 +486,7 @@ impl ImpactController {
                     REST
                 };
                 if now >= since.saturating_add(DRAIN).saturating_add(rest) {
+                    self.wal_baseline.end_rest();
                     if self.samples.len() >= MIN_SAMPLES {
                         if self.rests.len() == BASELINE_RESTS {
                             self.rests.remove(0);
@@ -501,6 +544,14 @@ impl ImpactController {
         self.decisions
     }
 
+    /// The share of production's active sessions waiting on the WAL while resting, when
+    /// the WAL judge is on and has learned it.
+    pub fn wal_share_at_rest(&self) -> Option<f64> {
+        (self.settings.wal_rise > 0.0)
+            .then(|| self.wal_baseline.share())
+            .flatten()
+    }
+
     /// The baseline canary tail, if learned.
     pub fn baseline(&self) -> Option<Duration> {
         self.baseline_levels()
@@ -534,7 +585,9 @@ impl ImpactController {
         self.samples.clear();
         if self.stepped_from.is_none() {
             self.evidence = Evidence::default();
+            self.wal_evidence = WalEvidence::default();
         }
+        self.wal_baseline.begin_rest();
         self.excess = ExcessEvidence::from_mark(self.excess.latest_mark());
         self.calmest = None;
     }
@@ -551,6 +604,7 @@ impl ImpactController {
     fn enter_pacing(&mut self, now: Duration) {
         self.resume_pacing(now);
         self.evidence = Evidence::default();
+        self.wal_evidence = WalEvidence::default();
     }
 
     /// Cuts when the canaries' tail shows harm (Wald's test, see [`Evidence`]; after
@@ -581,11 +635,15 @@ impl ImpactController {
         // With the excess judge on, the batches' own share judges the tail: the canaries
         // timed anywhere over the line are mostly the disk's own stalls (issue 19's ninth
         // round: a judge that also heeded them cut where the batches added 0.04-0.09 %).
-        let tail = if excess_share > 0.0 {
+        let canaries = if excess_share > 0.0 {
             excess.and_then(|reading| excess_verdict(reading, excess_share))
         } else {
             self.evidence.verdict()
         };
+        // Production's own WAL waits over their share at rest are harm the canaries may
+        // not have seen yet.
+        let wal_harm = canaries != Some(Tail::Harm) && self.wal_evidence.verdict().is_some();
+        let tail = if wal_harm { Some(Tail::Harm) } else { canaries };
         // A multiplying step that shows harm is undone already after DECIDED_AFTER, and
         // one that has not shown calm on PROBATION_CALM_TIMES calm-times of canaries is
         // undone too: Wald's test may hold for minutes where 1–2 % of the canaries are
@@ -621,6 +679,8 @@ impl ImpactController {
             Some(Tail::Harm) if !self.just_cut || span >= CUT_AFTER => {
                 if self.harm_confirmed() {
                     PaceChange::TailHarmConfirmed
+                } else if wal_harm {
+                    PaceChange::WalHarm
                 } else {
                     PaceChange::TailHarm
                 }
@@ -820,6 +880,9 @@ pub enum PaceChange {
     Calm,
     /// The tail showed harm: cut, on this one reading no lower than the tail's floor.
     TailHarm,
+    /// Production's WAL waits showed harm (the canaries' tail did not): cut as the tail's
+    /// harm cuts.
+    WalHarm,
     /// The tail showed harm again at a pace its floor held: cut below the floor.
     TailHarmConfirmed,
     /// The canaries' median or p95 over budget on a full span: cut, to any pace.

@@ -926,11 +926,13 @@ fn nonsense_settings_fall_back_to_the_defaults() {
             floor: Duration::ZERO,
             relearn_every: Duration::ZERO,
             excess_share: 0.0,
+            wal_rise: f64::NAN,
         },
         ms(0),
     );
     assert_eq!(controller.settings.budget_ratio, 1.3);
     assert_eq!(controller.settings.relearn_every, Duration::from_secs(30));
+    assert_eq!(controller.settings.wal_rise, 0.0, "NaN: not judged");
 }
 
 #[test]
@@ -953,6 +955,8 @@ proptest! {
         ratio in 1.01f64..3.0,
         floor_us in 0u64..5_000,
         excess_share in prop_oneof![Just(0.0), 0.0005f64..0.01],
+        wal_rise in prop_oneof![Just(0.0), 1.01f64..2.0],
+        wal_waits in proptest::collection::vec((0u32..20, 0u32..20), 400),
         in_batch in proptest::collection::vec(0u64..50_000, 400),
         busy in 0.0f64..1.0,
     ) {
@@ -961,16 +965,20 @@ proptest! {
             floor: Duration::from_micros(floor_us),
             relearn_every: Duration::from_secs(7),
             excess_share,
+            wal_rise,
         };
         let mut controller = ImpactController::new(settings, ms(0));
         let mut now = ms(0);
         let mut rows = 0u64;
-        for (latency, inside_us) in latencies.into_iter().zip(in_batch) {
+        for ((latency, inside_us), (waiting, active)) in
+            latencies.into_iter().zip(in_batch).zip(wal_waits)
+        {
             now += CANARY;
             let before = controller.rate();
             if let Some(us) = latency {
                 controller.observe(now, Duration::from_micros(us));
             }
+            controller.observe_wal_waits(now, WalWaitCount { waiting, active });
             controller.observe_in_batch(now, Duration::from_micros(inside_us));
             controller.record_busy(now, now.mul_f64(busy));
             rows += 10;
@@ -1119,4 +1127,87 @@ fn with_the_excess_judge_the_disks_own_stalls_do_not_hold_the_pace_back() {
     let mut blind = ImpactController::new(judging_excess(0.0), ms(0));
     let (_, highest) = run_with_batches(&mut blind, ms(0), ms(90_000), 0.03, [60, 60]);
     assert!(highest <= START_RATE, "{highest}");
+}
+
+/// Drives `controller` from `from` for `span` with flat 2 ms canaries every 50 ms and, in
+/// between, a sample of ten production sessions every 25 ms of which `waiting(pace)` wait
+/// on the WAL (the pace in force; `None` at rest). Returns the time reached and the last
+/// verdict.
+fn run_with_wal_waits(
+    controller: &mut ImpactController,
+    from: Duration,
+    span: Duration,
+    waiting: impl Fn(Option<f64>) -> u32,
+) -> (Duration, ImpactVerdict) {
+    let mut now = from;
+    let mut verdict = controller.evaluate(now, true);
+    let mut rows = 0.0;
+    while now < from + span {
+        let pace = match verdict.directive {
+            Some(ImpactDirective::Pace(rate)) => Some(rate),
+            _ => None,
+        };
+        controller.observe_wal_waits(
+            now + CANARY / 2,
+            WalWaitCount {
+                waiting: waiting(pace),
+                active: 10,
+            },
+        );
+        now += CANARY;
+        rows += pace.unwrap_or(0.0) * CANARY.as_secs_f64();
+        controller.observe(now, ms(2));
+        controller.record_rows(now, rows as u64);
+        verdict = controller.evaluate(now, true);
+    }
+    (now, verdict)
+}
+
+/// The WAL judge on at a 15 % rise, with periodic rests off.
+fn judging_wal_waits() -> ImpactSettings {
+    ImpactSettings {
+        wal_rise: 1.15,
+        ..rest_only_at_start()
+    }
+}
+
+#[test]
+fn production_waiting_on_the_wal_more_than_at_rest_cuts_though_the_canaries_are_calm() {
+    // Six in ten production sessions wait on the WAL at rest; above 1,500 rows/s eight do.
+    // The canaries never move: only the WAL judge can tell the pace is over budget.
+    let waits = |pace: Option<f64>| {
+        if pace.is_some_and(|rate| rate > 1_500.0) {
+            8
+        } else {
+            6
+        }
+    };
+    let mut controller = ImpactController::new(judging_wal_waits(), ms(0));
+    let (now, _) = run_with_wal_waits(&mut controller, ms(0), Duration::from_secs(60), waits);
+    assert_eq!(controller.last_change(), Some(PaceChange::WalHarm));
+    assert!(
+        controller.rate() <= 1_500.0 / CUT_FACTOR,
+        "still at {} rows/s",
+        controller.rate()
+    );
+    // Without the judge the calm canaries grow the pace on and on.
+    let mut blind = ImpactController::new(rest_only_at_start(), ms(0));
+    run_with_wal_waits(&mut blind, ms(0), now - ms(0), waits);
+    assert!(
+        blind.rate() > 4.0 * controller.rate(),
+        "{} rows/s",
+        blind.rate()
+    );
+}
+
+#[test]
+fn production_waiting_on_the_wal_as_at_rest_lets_the_pace_grow() {
+    let mut controller = ImpactController::new(judging_wal_waits(), ms(0));
+    run_with_wal_waits(&mut controller, ms(0), Duration::from_secs(60), |_| 6);
+    assert!(
+        controller.rate() > 4.0 * START_RATE,
+        "{} rows/s",
+        controller.rate()
+    );
+    assert_eq!(controller.last_change(), Some(PaceChange::Calm));
 }

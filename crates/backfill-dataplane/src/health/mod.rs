@@ -66,11 +66,22 @@
 //! queries, and the operator's one value), [`canary`] (the production-latency canary) and
 //! [`failure_log`] (each failing target logged once).
 
+/// Which of `pg_stat_activity`'s sessions are production's: client sessions, not this
+/// one, not any of backfilld's (recognised by application_name, see `primary.rs`). A
+/// literal, for `concat!`.
+macro_rules! production_sessions {
+    () => {
+        "backend_type = 'client backend' AND pid <> pg_backend_pid() \
+         AND application_name NOT LIKE 'backfilld%'"
+    };
+}
+
 mod canary;
 mod failure_log;
 mod job_queries;
 mod lag;
 mod primary;
+mod wal_waits;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -83,6 +94,7 @@ use futures::future::join_all;
 pub use canary::{LatencyCanary, CANARY_SQL};
 use failure_log::FailureLog;
 use lag::replica_lag;
+pub use wal_waits::ProductionWalWaits;
 
 use crate::PrometheusQuery;
 

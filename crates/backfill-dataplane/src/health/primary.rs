@@ -54,10 +54,11 @@ const BLOCKED_BY_US_SQL: &str = "WITH ours AS ( \
 /// and ended between two probes). What the throttle shares the primary with; see
 /// [`backfill_core::activity`]. Without pg_read_all_stats other roles' sessions show no
 /// state and are not seen.
-const PRODUCTION_SESSIONS_SQL: &str = "SELECT count(*)::int8 FROM pg_stat_activity \
-  WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
-    AND application_name NOT LIKE 'backfilld%' \
-    AND (state = 'active' OR state_change > clock_timestamp() - make_interval(secs => $1))";
+const PRODUCTION_SESSIONS_SQL: &str = concat!(
+    "SELECT count(*)::int8 FROM pg_stat_activity WHERE ",
+    production_sessions!(),
+    " AND (state = 'active' OR state_change > clock_timestamp() - make_interval(secs => $1))"
+);
 
 /// WAL each replication slot keeps from being recycled (see the module docs).
 const SLOTS_SQL: &str = "SELECT slot_name::text, \

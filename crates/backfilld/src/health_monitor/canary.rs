@@ -8,7 +8,7 @@ use backfill_core::queue_sql;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backfill_core::impact::{ImpactController, ImpactDirective, ImpactSettings};
+use backfill_core::impact::{ImpactController, ImpactDirective, ImpactSettings, WalWaitCount};
 use backfill_core::latency::DelayDetector;
 use backfill_core::throttle::HealthSample;
 use backfill_dataplane::LatencyCanary;
@@ -253,6 +253,19 @@ impl CanaryJudges {
         impact.is_some_and(|impact| impact.excess_share > 0.0)
     }
 
+    /// Whether a judge needs production's WAL waits sampled (the impact budget's WAL
+    /// judge does).
+    pub(super) fn needs_wal_waits(impact: Option<&ImpactSettings>) -> bool {
+        impact.is_some_and(|impact| impact.wal_rise > 0.0)
+    }
+
+    /// A sample of production's WAL waits taken at `now`, for the impact budget.
+    pub(super) fn observe_wal_waits(&mut self, now: Duration, count: WalWaitCount) {
+        if let Some(impact) = self.impact.as_mut() {
+            impact.observe_wal_waits(now, count);
+        }
+    }
+
     /// A canary timed at its interval: the delay detector's, and the impact budget's tail.
     fn observe_at_interval(&mut self, now: Duration, round_trip: Duration) {
         if let Some(detector) = self.detector.as_mut() {
@@ -306,6 +319,7 @@ impl CanaryJudges {
                     in_batch_over = excess.map(|e| e.inside_share),
                     anywhere_over = excess.map(|e| e.anywhere_share),
                     excess = excess.map(|e| e.estimate),
+                    wal_share_at_rest = impact.wal_share_at_rest(),
                     "impact budget"
                 );
                 self.directive = verdict.directive;

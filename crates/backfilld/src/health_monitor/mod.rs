@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use backfill_core::activity::ProductionActivity;
+use backfill_core::impact::WalWaitCount;
 use backfill_core::throttle::HealthSample;
-use backfill_dataplane::HealthProbe;
+use backfill_dataplane::{HealthProbe, ProductionWalWaits};
 use tokio::sync::{mpsc, watch};
 
 use crate::batches_in_flight::BatchesInFlight;
@@ -27,8 +28,13 @@ use crate::telemetry;
 use canary::{CanaryJudges, CanaryReading, CanaryTimer, CanaryVerdicts, InBatchCanary};
 pub(crate) use probe::health_probe;
 
-/// What the monitor's readers hand its judges: a probe sample or a canary round trip,
-/// each stamped with when it was taken (time since the monitor started).
+/// How often production's WAL waits are sampled for the impact budget's WAL judge
+/// (`throttle.impact_wal_rise`): the rate issue 19's sixteenth round judged it at.
+const WAL_WAIT_INTERVAL: Duration = Duration::from_millis(20);
+
+/// What the monitor's readers hand its judges: a probe sample, a canary round trip or a
+/// sample of production's WAL waits, each stamped with when it was taken (time since the
+/// monitor started).
 enum Reading {
     // Boxed: a sample is large next to a canary's round trip.
     Probe {
@@ -36,6 +42,10 @@ enum Reading {
         sample: Box<HealthSample>,
     },
     Canary(CanaryReading),
+    WalWaits {
+        at: Duration,
+        count: WalWaitCount,
+    },
 }
 
 /// The health monitor (see the module docs): its readers — the probe every
@@ -48,6 +58,8 @@ pub struct HealthMonitor {
     canary: Option<CanaryTimer>,
     /// `None` unless the impact budget judges the batches' own share.
     in_batch: Option<InBatchCanary>,
+    /// `None` unless the impact budget judges production's WAL waits.
+    wal_waits: Option<ProductionWalWaits>,
     judges: Judges,
 }
 
@@ -89,12 +101,22 @@ impl HealthMonitor {
                 Some(InBatchCanary::new(pool, throttle, batches))
             }
         };
+        let wal_waits = match CanaryJudges::needs_wal_waits(impact.as_ref()) {
+            false => None,
+            true => {
+                let pool = db
+                    .primary_probe_pool()
+                    .context("the WAL-wait sampler's connection")?;
+                Some(ProductionWalWaits::new(pool, throttle.probe_timeout))
+            }
+        };
         let (published, samples) = watch::channel(HealthSample::default());
         let monitor = HealthMonitor {
             probe,
             probe_interval: throttle.probe_interval,
             canary,
             in_batch,
+            wal_waits,
             judges: Judges {
                 activity: ActivityJudge::new(sharing),
                 canary: canary_judges,
@@ -106,14 +128,15 @@ impl HealthMonitor {
         Ok((samples, tokio::spawn(monitor.run(shutdown))))
     }
 
-    /// Reads until shutdown, the probe and the canary on their own cadences, while the
-    /// judges take each reading in turn.
+    /// Reads until shutdown, the probe, the canary and the WAL waits on their own
+    /// cadences, while the judges take each reading in turn.
     async fn run(self, shutdown: Shutdown) {
         let HealthMonitor {
             probe,
             probe_interval,
             canary,
             in_batch,
+            wal_waits,
             mut judges,
         } = self;
         let origin = Instant::now();
@@ -140,9 +163,16 @@ impl HealthMonitor {
                             .await;
                     }
                 };
+                let (wal_readings, wal_shutdown) = (readings.clone(), shutdown.clone());
+                let wal_waiting = async move {
+                    if let Some(wal_waits) = wal_waits {
+                        read_wal_waits(wal_waits, origin, wal_readings, wal_shutdown).await;
+                    }
+                };
                 tokio::join!(
                     probing,
                     in_batch,
+                    wal_waiting,
                     canary.run(origin, readings, shutdown),
                     judging
                 );
@@ -173,6 +203,30 @@ async fn read_probe(
     }
 }
 
+/// Samples production's WAL waits every [`WAL_WAIT_INTERVAL`] until shutdown and hands
+/// each sample to the judges (a sample that could not be read is skipped: the judge
+/// waits for evidence, it does not guess).
+async fn read_wal_waits(
+    wal_waits: ProductionWalWaits,
+    origin: Instant,
+    readings: mpsc::Sender<Reading>,
+    shutdown: Shutdown,
+) {
+    while !shutdown.is_triggered() {
+        if let Some(count) = wal_waits.sample().await {
+            let at = origin.elapsed();
+            if readings
+                .send(Reading::WalWaits { at, count })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        shutdown.sleep(WAL_WAIT_INTERVAL).await;
+    }
+}
+
 /// What judges the readings, and the one writer of the health samples. A sample is
 /// published only once it is complete: never before the probe's first reading (until then
 /// the channel holds a placeholder that knows nothing of standbys or blocked sessions,
@@ -200,6 +254,13 @@ impl Judges {
                 telemetry::record_replication_lag(&sample);
                 self.verdicts.fold_into(&mut sample);
                 self.latest = Some(*sample);
+            }
+            Reading::WalWaits { at, count } => {
+                // Weighed now, judged with the next canary.
+                if let Some(judges) = self.canary.as_mut() {
+                    judges.observe_wal_waits(at, count);
+                }
+                return;
             }
             Reading::Canary(reading) => {
                 let Some(judges) = self.canary.as_mut() else {

@@ -163,6 +163,14 @@ fn nonsense_combinations_are_refused_naming_the_keys() {
             "throttle.impact_excess_share must be 0 (off) or a share under 0.01",
         ),
         (
+            &[("BACKFILLD_THROTTLE__IMPACT_WAL_RISE", "0.9")],
+            "throttle.impact_wal_rise must be 0 (off) or a ratio above 1 and at most 2",
+        ),
+        (
+            &[("BACKFILLD_THROTTLE__IMPACT_WAL_RISE", "NaN")],
+            "throttle.impact_wal_rise must be 0 (off) or a ratio above 1 and at most 2",
+        ),
+        (
             &[("BACKFILLD_THROTTLE__RATE_WINDOW", "5ms")],
             "throttle.rate_window must be between 10ms and 10s (each batch carries this much of a rate budget), got 5ms",
         ),

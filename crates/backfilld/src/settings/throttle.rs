@@ -54,6 +54,9 @@ pub struct ThrottleConfig {
     /// The share of production's transactions backfilld's batches may slow past the
     /// impact budget's line, judged from canaries timed inside them; 0: not judged.
     pub impact_excess_share: f64,
+    /// The rise over its share at rest of production's active sessions waiting on the WAL
+    /// that the impact budget cuts on (1.15: 15 % more); 0: not judged.
+    pub impact_wal_rise: f64,
     /// While production is at work on the primary, the share of time a job's batches may
     /// run; 1 turns sharing off.
     pub busy_duty_cycle: f64,
@@ -143,6 +146,12 @@ impl ThrottleConfig {
                 "throttle.impact_excess_share must be 0 (off) or a share under 0.01 (0.0025: the batches may slow a quarter of a percent of production's transactions past the line; a p99 leaves 1 % over it), got {excess}"
             ));
         }
+        let rise = self.impact_wal_rise;
+        if !(rise == 0.0 || (rise.is_finite() && rise > 1.0 && rise <= 2.0)) {
+            return fail(format!(
+                "throttle.impact_wal_rise must be 0 (off) or a ratio above 1 and at most 2 (1.15: production's sessions may wait on the WAL 15 % more often than while backfilld rests), got {rise}"
+            ));
+        }
         if self.impact_relearn_every < Duration::from_secs(5) {
             return fail(format!(
                 "throttle.impact_relearn_every must be at least 5s (each re-learning rests every job for about two seconds), got {}",
@@ -197,6 +206,7 @@ impl ThrottleConfig {
             floor: self.impact_floor,
             relearn_every: self.impact_relearn_every,
             excess_share: self.impact_excess_share,
+            wal_rise: self.impact_wal_rise,
         })
     }
 
