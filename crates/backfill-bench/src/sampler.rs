@@ -55,6 +55,31 @@ impl Samples {
     }
 }
 
+/// A session of its own on `conninfo`, named `application_name`, with `sql` prepared on it.
+pub async fn sampling_session(
+    conninfo: &str,
+    application_name: &str,
+    sql: &str,
+) -> anyhow::Result<(tokio_postgres::Client, tokio_postgres::Statement)> {
+    let (client, connection) = tokio_postgres::connect(conninfo, NoTls)
+        .await
+        .context("connecting")?;
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("SET application_name = '{application_name}'"))
+        .await
+        .context("naming the session")?;
+    let statement = client.prepare(sql).await.context("preparing the sample")?;
+    Ok((client, statement))
+}
+
+/// Ticks every `interval`; a tick missed while a sample was slow is not made up.
+pub fn ticker(interval: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker
+}
+
 /// A running sampler; [`Sampler::finish`] stops it and hands over its samples.
 pub struct Sampler {
     stop: oneshot::Sender<()>,
@@ -64,23 +89,13 @@ pub struct Sampler {
 impl Sampler {
     /// Connects to `url` (the primary) and starts sampling.
     pub async fn start(url: &str) -> anyhow::Result<Sampler> {
-        let (client, connection) = tokio_postgres::connect(url, NoTls)
+        let (client, statement) = sampling_session(url, "backfill-bench", SAMPLE_SQL)
             .await
-            .context("connecting the lag sampler")?;
-        tokio::spawn(connection);
-        client
-            .batch_execute("SET application_name = 'backfill-bench'")
-            .await
-            .context("naming the sampler's session")?;
-        let statement = client
-            .prepare(SAMPLE_SQL)
-            .await
-            .context("preparing the lag sample")?;
+            .context("starting the lag sampler")?;
         let (stop, mut stopped) = oneshot::channel();
         let task = tokio::spawn(async move {
             let mut samples = Samples::default();
-            let mut ticker = tokio::time::interval(SAMPLE_INTERVAL);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut ticker = ticker(SAMPLE_INTERVAL);
             loop {
                 tokio::select! {
                     _ = &mut stopped => return Ok(samples),

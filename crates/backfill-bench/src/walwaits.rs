@@ -8,10 +8,10 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context as _;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_postgres::NoTls;
 
 use crate::pgbench::epoch_micros;
 use crate::procfs::process_cpu_seconds;
+use crate::sampler::{sampling_session, ticker};
 
 /// How often production's sessions are sampled: the daemon's canary window.
 pub const WAL_SAMPLE_INTERVAL: Duration = Duration::from_millis(20);
@@ -59,18 +59,9 @@ pub struct WalWaitSampler {
 impl WalWaitSampler {
     /// Connects to `conninfo` (the primary) and starts sampling.
     pub async fn start(conninfo: &str) -> anyhow::Result<WalWaitSampler> {
-        let (client, connection) = tokio_postgres::connect(conninfo, NoTls)
+        let (client, statement) = sampling_session(conninfo, "backfill-bench-walwaits", SAMPLE_SQL)
             .await
-            .context("connecting the WAL-wait sampler")?;
-        tokio::spawn(connection);
-        client
-            .batch_execute("SET application_name = 'backfill-bench-walwaits'")
-            .await
-            .context("naming the WAL-wait sampler's session")?;
-        let statement = client
-            .prepare(SAMPLE_SQL)
-            .await
-            .context("preparing the WAL-wait sample")?;
+            .context("starting the WAL-wait sampler")?;
         let pid: i32 = client
             .query_one("SELECT pg_backend_pid()", &[])
             .await
@@ -82,8 +73,7 @@ impl WalWaitSampler {
         let (stop, mut stopped) = oneshot::channel();
         let task = tokio::spawn(async move {
             let mut samples = Vec::new();
-            let mut ticker = tokio::time::interval(WAL_SAMPLE_INTERVAL);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut ticker = ticker(WAL_SAMPLE_INTERVAL);
             loop {
                 tokio::select! {
                     _ = &mut stopped => return Ok(samples),

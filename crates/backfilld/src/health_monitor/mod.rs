@@ -1,7 +1,8 @@
 //! The daemon's one health monitor: the task that owns the health probe (standby lag,
-//! locks, slots, operator throttles, production's sessions), the production-activity judge
-//! and the production-latency canary, and that alone publishes the health samples the
-//! worker's jobs run on.
+//! locks, slots, operator throttles, production's sessions), the production-activity judge,
+//! the production-latency canary and (with `throttle.impact_wal_rise`) the sampler of
+//! production's WAL waits, and that alone publishes the health samples the worker's jobs
+//! run on.
 //!
 //! Rooms: [`probe`] (the probe `[throttle]` configures, also used by `plan`) and [`canary`]
 //! (the canary's round trips and their judges). The daemon-wide gauges are
@@ -49,8 +50,9 @@ enum Reading {
 }
 
 /// The health monitor (see the module docs): its readers — the probe every
-/// `throttle.probe_interval`, the canary every `throttle.canary_interval` — only read, and
-/// its [`Judges`] judge what they read and publish.
+/// `throttle.probe_interval`, the canary every `throttle.canary_interval`, the WAL waits
+/// every [`WAL_WAIT_INTERVAL`] — only read, and its [`Judges`] judge what they read and
+/// publish.
 pub struct HealthMonitor {
     probe: HealthProbe,
     probe_interval: Duration,
