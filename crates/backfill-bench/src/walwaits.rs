@@ -17,11 +17,15 @@ use crate::sampler::{sampling_session, ticker};
 pub const WAL_SAMPLE_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Production is pgbench's load; the bench canary runs under another name
-/// ([`crate::frontier`]) and the sampler under its own. Both wait events named `WALWrite`
-/// (the I/O and the lock) count.
-const SAMPLE_SQL: &str = "SELECT \
-        count(*) FILTER (WHERE wait_event IN ('WALSync', 'WALWrite'))::int4, count(*)::int4 \
-   FROM pg_stat_activity WHERE application_name = 'pgbench' AND state = 'active'";
+/// ([`crate::frontier`]) and the sampler under its own. Waiting on the WAL is what the
+/// daemon's judge counts ([`backfill_dataplane::WAITING_ON_THE_WAL`]).
+fn sample_sql() -> String {
+    format!(
+        "SELECT count(*) FILTER (WHERE {})::int4, count(*)::int4 \
+           FROM pg_stat_activity WHERE application_name = 'pgbench' AND state = 'active'",
+        backfill_dataplane::WAITING_ON_THE_WAL
+    )
+}
 
 /// One look at production's sessions.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -59,9 +63,10 @@ pub struct WalWaitSampler {
 impl WalWaitSampler {
     /// Connects to `conninfo` (the primary) and starts sampling.
     pub async fn start(conninfo: &str) -> anyhow::Result<WalWaitSampler> {
-        let (client, statement) = sampling_session(conninfo, "backfill-bench-walwaits", SAMPLE_SQL)
-            .await
-            .context("starting the WAL-wait sampler")?;
+        let (client, statement) =
+            sampling_session(conninfo, "backfill-bench-walwaits", &sample_sql())
+                .await
+                .context("starting the WAL-wait sampler")?;
         let pid: i32 = client
             .query_one("SELECT pg_backend_pid()", &[])
             .await

@@ -28,7 +28,9 @@ pub use batch::{
     RowFailure, RunOutcome,
 };
 pub use error::{BatchError, DataPlaneError};
-pub use health::{HealthProbe, LatencyCanary, ProductionWalWaits, Signals, CANARY_SQL};
+pub use health::{
+    HealthProbe, LatencyCanary, ProductionWalWaits, Signals, CANARY_SQL, WAITING_ON_THE_WAL,
+};
 pub use plan::{TrialBatch, UNDO_ROW_OVERHEAD_BYTES};
 pub use pool::{connect_pool, error_chain, Endpoint, SessionSettings, SslMode};
 pub use prometheus::PrometheusQuery;

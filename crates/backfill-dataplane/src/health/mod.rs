@@ -76,6 +76,15 @@ macro_rules! production_sessions {
     };
 }
 
+/// What waiting on the WAL is, in `pg_stat_activity`: its flush (`IO:WALSync`), its write
+/// (`IO:WALWrite`) or the lock of whoever writes it (`LWLock:WALWrite`). A literal, for
+/// `concat!`.
+macro_rules! waiting_on_the_wal {
+    () => {
+        "wait_event IN ('WALSync', 'WALWrite')"
+    };
+}
+
 mod canary;
 mod failure_log;
 mod job_queries;
@@ -94,7 +103,7 @@ use futures::future::join_all;
 pub use canary::{LatencyCanary, CANARY_SQL};
 use failure_log::FailureLog;
 use lag::replica_lag;
-pub use wal_waits::ProductionWalWaits;
+pub use wal_waits::{ProductionWalWaits, WAITING_ON_THE_WAL};
 
 use crate::PrometheusQuery;
 

@@ -6,12 +6,15 @@ use std::time::Duration;
 use backfill_core::impact::WalWaitCount;
 use deadpool_postgres::Pool;
 
-/// Production's active sessions, and how many of them wait on the WAL: its flush
-/// (`IO:WALSync`), its write (`IO:WALWrite`) or the lock of whoever writes it
-/// (`LWLock:WALWrite`), where a commit behind a batch's WAL waits.
+/// A session of `pg_stat_activity` waiting on the WAL, where a commit behind a batch's WAL
+/// waits: the bench measures the signal by this same predicate.
+pub const WAITING_ON_THE_WAL: &str = waiting_on_the_wal!();
+
+/// Production's active sessions, and how many of them wait on the WAL.
 const WAL_WAITS_SQL: &str = concat!(
-    "SELECT count(*) FILTER (WHERE wait_event IN ('WALSync', 'WALWrite'))::int8, count(*)::int8 \
-       FROM pg_stat_activity WHERE state = 'active' AND ",
+    "SELECT count(*) FILTER (WHERE ",
+    waiting_on_the_wal!(),
+    ")::int8, count(*)::int8 FROM pg_stat_activity WHERE state = 'active' AND ",
     production_sessions!()
 );
 

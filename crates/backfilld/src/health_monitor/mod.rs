@@ -94,24 +94,12 @@ impl HealthMonitor {
                 ))
             }
         };
-        let in_batch = match CanaryJudges::needs_in_batch(impact.as_ref()) {
-            false => None,
-            true => {
-                let pool = db
-                    .primary_probe_pool()
-                    .context("the in-batch canary's connection")?;
-                Some(InBatchCanary::new(pool, throttle, batches))
-            }
-        };
-        let wal_waits = match CanaryJudges::needs_wal_waits(impact.as_ref()) {
-            false => None,
-            true => {
-                let pool = db
-                    .primary_probe_pool()
-                    .context("the WAL-wait sampler's connection")?;
-                Some(ProductionWalWaits::new(pool, throttle.probe_timeout))
-            }
-        };
+        let needs_in_batch = CanaryJudges::needs_in_batch(impact.as_ref());
+        let in_batch = own_connection(db, needs_in_batch, "the in-batch canary")?
+            .map(|pool| InBatchCanary::new(pool, throttle, batches));
+        let needs_wal_waits = CanaryJudges::needs_wal_waits(impact.as_ref());
+        let wal_waits = own_connection(db, needs_wal_waits, "the WAL-wait sampler")?
+            .map(|pool| ProductionWalWaits::new(pool, throttle.probe_timeout));
         let (published, samples) = watch::channel(HealthSample::default());
         let monitor = HealthMonitor {
             probe,
@@ -185,6 +173,20 @@ impl HealthMonitor {
             }
         }
     }
+}
+
+/// A connection of its own on the primary for `reader`, when it is `needed`.
+fn own_connection(
+    db: &Database,
+    needed: bool,
+    reader: &str,
+) -> anyhow::Result<Option<deadpool_postgres::Pool>> {
+    needed
+        .then(|| {
+            db.primary_probe_pool()
+                .with_context(|| format!("{reader}'s connection"))
+        })
+        .transpose()
 }
 
 /// Samples health every `interval` until shutdown and hands each sample to the judges.
