@@ -653,10 +653,10 @@ impl ImpactController {
             && tail != Some(Tail::Calm);
         if self.stepped_from.is_some() && (tail == Some(Tail::Harm) || unproven) {
             self.last_ratio = quantile(&mut self.samples, TAIL_QUANTILE).map(ratio_of);
-            let change = if tail == Some(Tail::Harm) {
-                PaceChange::StepHarmed
-            } else {
-                PaceChange::StepUnproven
+            let change = match tail {
+                Some(Tail::Harm) if wal_harm => PaceChange::StepWalHarmed,
+                Some(Tail::Harm) => PaceChange::StepHarmed,
+                _ => PaceChange::StepUnproven,
             };
             self.cut_for(now, change);
             return;
@@ -889,6 +889,9 @@ pub enum PaceChange {
     BroadHarm,
     /// A multiplying step the tail showed harm on: undone.
     StepHarmed,
+    /// A multiplying step production's WAL waits showed harm on (the tail did not):
+    /// undone.
+    StepWalHarmed,
     /// A multiplying step not shown calm within its probation: undone.
     StepUnproven,
 }

@@ -1132,16 +1132,17 @@ fn with_the_excess_judge_the_disks_own_stalls_do_not_hold_the_pace_back() {
 /// Drives `controller` from `from` for `span` with flat 2 ms canaries every 50 ms and, in
 /// between, a sample of ten production sessions every 25 ms of which `waiting(pace)` wait
 /// on the WAL (the pace in force; `None` at rest). Returns the time reached and the last
-/// verdict.
+/// verdict, and each pace decision with the pace it set.
 fn run_with_wal_waits(
     controller: &mut ImpactController,
     from: Duration,
     span: Duration,
     waiting: impl Fn(Option<f64>) -> u32,
-) -> (Duration, ImpactVerdict) {
+) -> (Duration, ImpactVerdict, Vec<(f64, PaceChange)>) {
     let mut now = from;
     let mut verdict = controller.evaluate(now, true);
     let mut rows = 0.0;
+    let mut changes: Vec<(f64, PaceChange)> = Vec::new();
     while now < from + span {
         let pace = match verdict.directive {
             Some(ImpactDirective::Pace(rate)) => Some(rate),
@@ -1159,8 +1160,14 @@ fn run_with_wal_waits(
         controller.observe(now, ms(2));
         controller.record_rows(now, rows as u64);
         verdict = controller.evaluate(now, true);
+        let decision = controller
+            .last_change()
+            .map(|change| (controller.rate(), change));
+        if let Some(decision) = decision.filter(|decision| changes.last() != Some(decision)) {
+            changes.push(decision);
+        }
     }
-    (now, verdict)
+    (now, verdict, changes)
 }
 
 /// The WAL judge on at a 15 % rise, with periodic rests off.
@@ -1183,7 +1190,7 @@ fn production_waiting_on_the_wal_more_than_at_rest_cuts_though_the_canaries_are_
         }
     };
     let mut controller = ImpactController::new(judging_wal_waits(), ms(0));
-    let (now, _) = run_with_wal_waits(&mut controller, ms(0), Duration::from_secs(60), waits);
+    let (now, _, _) = run_with_wal_waits(&mut controller, ms(0), Duration::from_secs(60), waits);
     assert_eq!(controller.last_change(), Some(PaceChange::WalHarm));
     assert!(
         controller.rate() <= 1_500.0 / CUT_FACTOR,
@@ -1210,4 +1217,35 @@ fn production_waiting_on_the_wal_as_at_rest_lets_the_pace_grow() {
         controller.rate()
     );
     assert_eq!(controller.last_change(), Some(PaceChange::Calm));
+}
+
+#[test]
+fn a_doubling_production_waits_on_the_wal_for_is_undone_in_the_wal_judges_name() {
+    // Six in ten production sessions wait on the WAL at rest and at the starting pace;
+    // eight once the pace has doubled. The canaries never move, so the log must say it
+    // was the WAL judge that undid the step, not the tail.
+    let waits = |pace: Option<f64>| {
+        if pace.is_some_and(|rate| rate > START_RATE) {
+            8
+        } else {
+            6
+        }
+    };
+    let mut controller = ImpactController::new(judging_wal_waits(), ms(0));
+    let (_, _, changes) =
+        run_with_wal_waits(&mut controller, ms(0), Duration::from_secs(30), waits);
+    let undone = changes
+        .iter()
+        .position(|(_, change)| *change == PaceChange::StepWalHarmed);
+    let Some(undone) = undone else {
+        panic!("no step undone by the WAL judge: {changes:?}");
+    };
+    assert!(
+        changes
+            .iter()
+            .all(|(_, change)| *change != PaceChange::StepHarmed),
+        "{changes:?}"
+    );
+    // Undone to the pace it stepped from, which production's WAL waits allow.
+    assert_eq!(changes[undone].0, START_RATE, "{changes:?}");
 }
