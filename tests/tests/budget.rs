@@ -349,3 +349,119 @@ fn the_wal_judge_learns_how_often_production_waits_on_the_wal_while_the_daemon_r
         "{learned:?}"
     );
 }
+
+/// When each of the daemon's rests after its rest at start began (restarted ones
+/// included), on the wall clock: the first of its "impact budget" lines resting with each
+/// count of rests begun, once it has paced.
+fn periodic_rest_starts(daemon: &Daemon) -> Vec<std::time::SystemTime> {
+    let mut counted = std::collections::HashSet::new();
+    let mut paced = false;
+    let mut starts = Vec::new();
+    for line in impact_judgements(daemon) {
+        let directive = line["directive"].as_str().unwrap_or_default();
+        paced |= directive.starts_with("Some(Pace");
+        if paced && directive == "Some(Rest)" && counted.insert(line["rests"].as_u64()) {
+            let at = line["timestamp"].as_str().expect("a timestamp");
+            starts.push(humantime::parse_rfc3339(at).expect("an RFC 3339 timestamp"));
+        }
+    }
+    starts
+}
+
+#[test]
+fn two_daemons_next_to_production_rest_at_the_same_wall_clock_moments() {
+    // Two pods of one Job, started apart: each rests to learn production's baseline at
+    // the wall clock's multiples of impact_relearn_every, so neither learns the other's
+    // batches. Their own start rests are their own.
+    const RELEARN_EVERY_S: u64 = 5;
+    // A rest begins with the first canary (every 50 ms) or probe sample judged after its
+    // moment; a slow test machine delays both.
+    const LATE: Duration = Duration::from_millis(1_000);
+    let primary = pg_testkit::PgCluster::start_primary().expect("primary");
+    let db = TestDb::on(&primary, "pods_rest");
+    db.migrate();
+    let application = Application::start(&db);
+    // Each daemon starts halfway between two such moments: a daemon that rested on a
+    // clock of its own (from its start) would rest about 2.5 s off them.
+    let start = |id: &str| {
+        let period = Duration::from_secs(RELEARN_EVERY_S).as_nanos();
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after the epoch")
+            .as_nanos();
+        let halfway = (since_epoch / period) * period + period / 2;
+        let wait = (halfway + if halfway > since_epoch { 0 } else { period }) - since_epoch;
+        thread::sleep(Duration::from_nanos(wait as u64));
+        let mut env = quick_worker_json_log(id);
+        env.push(("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "1.3".to_string()));
+        env.push((
+            "BACKFILLD_THROTTLE__IMPACT_RELEARN_EVERY",
+            format!("{RELEARN_EVERY_S}s"),
+        ));
+        env.push(("RUST_LOG", "backfilld::impact=debug,info".to_string()));
+        Daemon::start(&db.url(), &[], &env_refs(&env))
+    };
+    let first = start("pod_a");
+    // The second starts once the first has rested at start and paces.
+    wait_until("the first daemon's first pace", RUN_LIMIT, || {
+        impact_judgements(&first).iter().any(|line| {
+            line["directive"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("Some(Pace")
+        })
+    });
+    let second = start("pod_b");
+    wait_until(
+        "three periodic rests of the second daemon",
+        RUN_LIMIT,
+        || periodic_rest_starts(&second).len() >= 3,
+    );
+    let second_rests = periodic_rest_starts(&second);
+    let last = *second_rests.last().expect("three rests");
+    // The first logs its rest at that moment a few milliseconds before or after.
+    wait_until(
+        "the first daemon's rest at the second's last",
+        RUN_LIMIT,
+        || {
+            periodic_rest_starts(&first)
+                .last()
+                .is_some_and(|at| *at + LATE > last)
+        },
+    );
+    let first_rests = periodic_rest_starts(&first);
+    for mut daemon in [first, second] {
+        daemon.signal(libc::SIGTERM);
+        daemon.expect_success(RUN_LIMIT);
+    }
+    assert!(application.stop() > 1);
+
+    let late = |at: &std::time::SystemTime| {
+        let since_epoch = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after the epoch");
+        Duration::from_nanos(
+            (since_epoch.as_nanos() % Duration::from_secs(RELEARN_EVERY_S).as_nanos()) as u64,
+        )
+    };
+    assert!(first_rests.len() >= 3, "{first_rests:?}");
+    for (rests, daemon) in [(&first_rests, "first"), (&second_rests, "second")] {
+        for at in rests {
+            assert!(
+                late(at) < LATE,
+                "the {daemon} daemon rested {:?} after a multiple of {RELEARN_EVERY_S} s: {rests:?}",
+                late(at)
+            );
+        }
+    }
+    // Every periodic rest of the second is one of the first's, at the same moment.
+    for at in &second_rests {
+        assert!(
+            first_rests.iter().any(|other| {
+                let apart = at.duration_since(*other).unwrap_or_else(|e| e.duration());
+                apart < LATE
+            }),
+            "the second daemon rested at {at:?} alone: {first_rests:?} against {second_rests:?}"
+        );
+    }
+}

@@ -13,8 +13,10 @@
 //!   many canaries cross a *line* set by the tail of the canaries at rest.
 //! - **Baseline**: the [`TAIL_QUANTILE`] of the canaries of the last [`BASELINE_RESTS`]
 //!   rests together ([`REST`] each, after [`DRAIN`] for the last batch to finish).
-//!   backfilld rests at start, every `relearn_every`, and whenever production starts
-//!   working on the primary (its latency moves with its own load, not only with ours). A
+//!   backfilld rests at start, whenever production starts working on the primary (its
+//!   latency moves with its own load, not only with ours), and every `relearn_every` on
+//!   the wall clock ([`ImpactController::resting_on_the_wall_clock`]): the pods of one Job
+//!   rest together, none learning another's batches into its baseline. A
 //!   rest is trusted only as far as the calmest span judged within budget since: one that
 //!   caught a stall of the disk, or the daemon's own start-up work, reads slower than
 //!   production alone is.
@@ -317,6 +319,15 @@ pub struct ImpactController {
     last_ratio: Option<f64>,
     last_canary: Option<Duration>,
     last_relearn: Duration,
+    /// The first of `rests` is the rest at start (see [`Self::pool_rest`]).
+    start_rest_pooled: bool,
+    /// Rests begun so far, restarted ones included.
+    rests_begun: u64,
+    /// When the next periodic rest starts.
+    next_rest: Duration,
+    /// The wall clock (since the Unix epoch) at this controller's zero: periodic rests
+    /// fall on its multiples of `relearn_every`.
+    wall_at_zero: Duration,
     /// Rows the jobs had committed in all, and when, at the last growth judgement.
     rows_mark: Option<(Duration, u64)>,
     /// Rows per second the jobs achieved over the last judged span.
@@ -377,11 +388,34 @@ impl ImpactController {
             last_ratio: None,
             last_canary: None,
             last_relearn: now,
+            start_rest_pooled: false,
+            rests_begun: 1,
+            next_rest: now,
+            wall_at_zero: Duration::ZERO,
             rows_mark: None,
             achieved: None,
             peak_achieved: None,
             production_active: false,
         }
+    }
+
+    /// Rests at the wall clock's multiples of `relearn_every` (since the Unix epoch),
+    /// `wall` being the wall clock at `now`: daemons whose clocks agree (the pods of one
+    /// Job) then rest together, and none learns its baseline beside another's batches.
+    /// Without it the multiples count from the controller's own zero.
+    pub fn resting_on_the_wall_clock(mut self, now: Duration, wall: Duration) -> Self {
+        self.wall_at_zero = wall.saturating_sub(now);
+        self.next_rest = self.rest_after(now);
+        self
+    }
+
+    /// The first of the periodic rests' moments (see [`Self::resting_on_the_wall_clock`])
+    /// strictly after `now`.
+    fn rest_after(&self, now: Duration) -> Duration {
+        let period = self.settings.relearn_every.as_nanos().max(1);
+        let wall = (now + self.wall_at_zero).as_nanos();
+        let next = (wall / period + 1) * period - self.wall_at_zero.as_nanos();
+        Duration::from_nanos(u64::try_from(next).unwrap_or(u64::MAX))
     }
 
     /// Records a canary that answered at `now` after `round_trip`.
@@ -478,7 +512,16 @@ impl ImpactController {
         let readable = self
             .last_canary
             .is_some_and(|at| now.saturating_sub(at) < SIGNAL_TIMEOUT);
+        let periodic = now >= self.next_rest;
+        if periodic {
+            self.next_rest = self.rest_after(now);
+        }
         match self.phase {
+            // A periodic moment restarts a rest in progress (one production's start
+            // began), so that it ends with the other daemons' and learns nothing from
+            // their batches before it; but not the rest at start, longer than the
+            // shortest `relearn_every` and shared with no one anyway.
+            Phase::Resting { .. } if periodic && !self.rests.is_empty() => self.start_rest(now),
             Phase::Resting { since } => {
                 let rest = if self.rests.is_empty() {
                     FIRST_REST
@@ -488,11 +531,9 @@ impl ImpactController {
                 if now >= since.saturating_add(DRAIN).saturating_add(rest) {
                     self.wal_baseline.end_rest();
                     if self.samples.len() >= MIN_SAMPLES {
-                        if self.rests.len() == BASELINE_RESTS {
-                            self.rests.remove(0);
-                        }
                         let calm = quantile(&mut self.samples, CALM_QUANTILE);
-                        self.rests.push(std::mem::take(&mut self.samples));
+                        let rest = std::mem::take(&mut self.samples);
+                        self.pool_rest(rest);
                         let mut pooled: Vec<f64> = self.rests.concat();
                         self.rested = quantile(&mut pooled, TAIL_QUANTILE)
                             .zip(calm)
@@ -504,7 +545,7 @@ impl ImpactController {
                 }
             }
             Phase::Pacing { since } => {
-                if now.saturating_sub(self.last_relearn) >= self.settings.relearn_every {
+                if periodic {
                     self.start_rest(now);
                 } else if production_active {
                     self.judge(now, since);
@@ -527,6 +568,26 @@ impl ImpactController {
         }
     }
 
+    /// Pools a rest's canaries with the latest rests'. The rest at start, off the
+    /// periodic moments, leaves the pool once later rests hold as many canaries: a daemon
+    /// started beside pacing ones (another pod) learns it beside their batches, and its
+    /// start-up work shares it.
+    fn pool_rest(&mut self, rest: Vec<f64>) {
+        if self.rests.is_empty() {
+            self.start_rest_pooled = true;
+        }
+        if self.rests.len() == BASELINE_RESTS {
+            self.rests.remove(0);
+            self.start_rest_pooled = false;
+        }
+        self.rests.push(rest);
+        let later: usize = self.rests.iter().skip(1).map(Vec::len).sum();
+        if self.start_rest_pooled && later >= self.rests[0].len() {
+            self.rests.remove(0);
+            self.start_rest_pooled = false;
+        }
+    }
+
     /// The pace in force (rows per second, whole daemon).
     pub fn rate(&self) -> f64 {
         self.rate
@@ -542,6 +603,12 @@ impl ImpactController {
     /// the pace as it was and is a decision all the same (the log tells it by this).
     pub fn decisions(&self) -> u64 {
         self.decisions
+    }
+
+    /// Rests begun so far, the one at start and restarted ones included (the log tells
+    /// a rest restarted by this).
+    pub fn rests_begun(&self) -> u64 {
+        self.rests_begun
     }
 
     /// The share of production's active sessions waiting on the WAL while resting, when
@@ -582,6 +649,7 @@ impl ImpactController {
     /// next to 200 tx/s in issue 19's twelfth round, each rest starting its judgement over.
     fn start_rest(&mut self, now: Duration) {
         self.phase = Phase::Resting { since: now };
+        self.rests_begun += 1;
         self.samples.clear();
         if self.stepped_from.is_none() {
             self.evidence = Evidence::default();
@@ -810,7 +878,7 @@ impl ImpactController {
     /// the climb from [`START_RATE`] (slow start, one step each time the canaries, one every
     /// `canary_interval`, show calm: see [`Evidence`]) after the first rest
     /// ([`FIRST_REST`]), then the full rate, minus the rests that re-learn the baseline
-    /// ([`DRAIN`] + [`REST`] every `relearn_every`). What production's latency allows is
+    /// ([`DRAIN`] + [`REST`] in every `relearn_every`). What production's latency allows is
     /// only known by running; this is the bound `plan` shows.
     pub fn best_case_seconds(
         settings: &ImpactSettings,
@@ -822,9 +890,10 @@ impl ImpactController {
             return 0.0;
         }
         let rest = (DRAIN + REST).as_secs_f64();
-        let relearn = settings.relearn_every.as_secs_f64().max(rest);
-        // Share of the time spent pacing rather than resting.
-        let pacing = relearn / (relearn + rest);
+        let relearn = settings.relearn_every.as_secs_f64().max(2.0 * rest);
+        // Share of the time spent pacing rather than resting: a rest starts every
+        // `relearn_every` of the wall clock.
+        let pacing = (relearn - rest) / relearn;
         let mut seconds = (DRAIN + FIRST_REST).as_secs_f64();
         let mut left = rows;
         let mut rate = START_RATE;

@@ -832,12 +832,12 @@ fn the_best_case_adds_the_climb_and_the_rests_to_the_flat_out_time() {
     );
     let flat_out = 1e7 / 1e4;
     let best = ImpactController::best_case_seconds(&settings, CANARY, 1e7, 1e4);
-    // A rest of 2.3 s per 30 s of pacing (8 %), a first one of 5.3 s, and a climb from
+    // A rest of 2.3 s in every 30 s (8 %), a first one of 5.3 s, and a climb from
     // 1,000 rows/s of four doublings, each on the canaries that show calm (about ten
     // seconds at 50 ms): about 39 s, in which 150,000 rows (15 s flat out) are written.
     let step = (CANARY * Evidence::canaries_to_calm()).as_secs_f64();
     let climb = 4.0 * step - 15.0 * step / 10.0;
-    let rests = flat_out * (DRAIN + REST).as_secs_f64() / 30.0;
+    let rests = flat_out * (DRAIN + REST).as_secs_f64() / (30.0 - (DRAIN + REST).as_secs_f64());
     assert!(best > flat_out + rests + climb, "{best}");
     assert!(best < flat_out + rests + climb + 10.0, "{best}");
     // A job smaller than the first step is done in it, at 1,000 rows/s.
@@ -858,16 +858,20 @@ fn it_rests_again_every_relearn_interval_and_when_production_starts() {
     let mut rests = 0;
     let mut now = ms(0);
     let mut resting = false;
-    while now < Duration::from_secs(40) {
+    while now < Duration::from_secs(39) {
         let (next, verdict) = run(&mut controller, now, CANARY, true, linear);
         now = next;
         let rest = verdict.directive == Some(ImpactDirective::Rest);
         if rest && !resting {
             rests += 1;
+            assert!(
+                rests == 1 || now.as_millis().is_multiple_of(10_000),
+                "a periodic rest at {now:?}"
+            );
         }
         resting = rest;
     }
-    assert_eq!(rests, 4, "the first rest and one per 10 s of pacing");
+    assert_eq!(rests, 4, "the first rest and one every 10 s since");
     // Production stopping and starting again: a rest at once.
     run(&mut controller, now, ms(100), false, linear);
     let verdict = controller.evaluate(now + ms(150), true);
@@ -1248,4 +1252,117 @@ fn a_doubling_production_waits_on_the_wal_for_is_undone_in_the_wal_judges_name()
     );
     // Undone to the pace it stepped from, which production's WAL waits allow.
     assert_eq!(changes[undone].0, START_RATE, "{changes:?}");
+}
+
+/// Two daemons (pods of one Kubernetes Job) next to one production, the second started
+/// `later` than the first: each daemon's controller runs on its own clock (time since
+/// its own start), `align` tells it the wall clock as the daemon does. Production's
+/// canaries are 2 ms plus 1 ms per 1,000 rows/s both daemons write. Returns both
+/// baselines after `span`, and every rest's start on the wall clock, per daemon.
+fn two_daemons(
+    later: Duration,
+    span: Duration,
+    align: bool,
+) -> [(Option<Duration>, Vec<Duration>); 2] {
+    const WALL_AT_FIRST_START: Duration = Duration::from_secs(1_764_000_000);
+    let starts = [WALL_AT_FIRST_START, WALL_AT_FIRST_START + later];
+    let mut controllers: [Option<ImpactController>; 2] = [None, None];
+    let mut paces = [0.0f64; 2];
+    let mut resting = [false; 2];
+    let mut rests: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    let mut wall = WALL_AT_FIRST_START;
+    while wall < WALL_AT_FIRST_START + span {
+        let latency = ms(2) + Duration::from_secs_f64((paces[0] + paces[1]) / 1e6);
+        for daemon in 0..2 {
+            if wall < starts[daemon] {
+                continue;
+            }
+            let now = wall - starts[daemon];
+            let controller = controllers[daemon].get_or_insert_with(|| {
+                let controller = ImpactController::new(ImpactSettings::default(), now);
+                if align {
+                    controller.resting_on_the_wall_clock(now, wall)
+                } else {
+                    controller
+                }
+            });
+            controller.observe(now, latency);
+            let verdict = controller.evaluate(now, true);
+            let rest = verdict.directive == Some(ImpactDirective::Rest);
+            if rest && !resting[daemon] {
+                rests[daemon].push(wall);
+            }
+            resting[daemon] = rest;
+            paces[daemon] = match verdict.directive {
+                Some(ImpactDirective::Pace(rate)) => rate,
+                _ => 0.0,
+            };
+        }
+        wall += CANARY;
+    }
+    let [first, second] = controllers;
+    let [first_rests, second_rests] = rests;
+    [
+        (first.and_then(|c| c.baseline()), first_rests),
+        (second.and_then(|c| c.baseline()), second_rests),
+    ]
+}
+
+#[test]
+fn daemons_on_one_wall_clock_rest_together_and_learn_production_alone() {
+    // The second pod starts 13.37 s after the first: uncoordinated, each rested while
+    // the other's batches ran, and learned a baseline with them in it.
+    let [(first, first_rests), (second, second_rests)] =
+        two_daemons(ms(13_370), Duration::from_secs(150), true);
+    for (baseline, daemon) in [(first, "first"), (second, "second")] {
+        assert_eq!(baseline, Some(ms(2)), "the {daemon} daemon's baseline");
+    }
+    // Every periodic rest of one is a rest of the other, at the same moment: the first
+    // rests (at each start) are their own.
+    assert!(first_rests.len() >= 5, "{first_rests:?}");
+    assert_eq!(first_rests[1..], second_rests[1..], "rest starts");
+    for start in &first_rests[1..] {
+        assert!(start.as_secs().is_multiple_of(30), "{start:?}");
+    }
+    // Each on its own clock, the same two daemons learn each other's batches.
+    let [(first, _), (second, _)] = two_daemons(ms(13_370), Duration::from_secs(150), false);
+    assert!(
+        first > Some(ms(2)) || second > Some(ms(2)),
+        "{first:?} {second:?}"
+    );
+}
+
+#[test]
+fn a_rest_production_began_just_before_a_periodic_moment_restarts_at_it() {
+    let settings = ImpactSettings {
+        relearn_every: Duration::from_secs(10),
+        ..ImpactSettings::default()
+    };
+    // Wall clock at the controller's zero: 3 s past a multiple of 10 s.
+    let mut controller = ImpactController::new(settings, ms(0))
+        .resting_on_the_wall_clock(ms(0), Duration::from_secs(1_764_000_003));
+    let (now, verdict) = run(&mut controller, ms(0), ms(5_500), true, linear);
+    assert!(matches!(verdict.directive, Some(ImpactDirective::Pace(_))));
+    let begun = controller.rests_begun();
+    // Production stops, and starts again 1 s before the periodic moment (7 s here): a
+    // rest at once, restarted at the moment, ending with the other daemons'.
+    let (now, _) = run(&mut controller, now, ms(5_950) - now, false, linear);
+    let (now, verdict) = run(&mut controller, now, ms(50), true, linear);
+    assert_eq!(verdict.directive, Some(ImpactDirective::Rest));
+    assert_eq!(controller.rests_begun(), begun + 1);
+    let (now, verdict) = run(&mut controller, now, ms(7_000) - now, true, linear);
+    assert_eq!(verdict.directive, Some(ImpactDirective::Rest));
+    assert_eq!(controller.rests_begun(), begun + 2, "restarted at {now:?}");
+    let resting_until = ms(7_000) + DRAIN + REST;
+    let (now, verdict) = run(
+        &mut controller,
+        now,
+        resting_until - ms(50) - now,
+        true,
+        linear,
+    );
+    assert_eq!(verdict.directive, Some(ImpactDirective::Rest), "at {now:?}");
+    let (_, verdict) = run(&mut controller, now, ms(100), true, linear);
+    assert!(matches!(verdict.directive, Some(ImpactDirective::Pace(_))));
+    assert_eq!(controller.rests_begun(), begun + 2);
 }

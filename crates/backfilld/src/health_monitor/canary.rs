@@ -222,12 +222,21 @@ pub(super) struct CanaryJudges {
     /// The impact budget's pace decisions as last logged: a cut its floor held changes
     /// no directive and is logged all the same.
     logged_decisions: u64,
+    /// The impact budget's rests begun as last logged: a rest restarted at a periodic
+    /// moment changes no directive and is logged all the same.
+    logged_rests: u64,
 }
 
 impl CanaryJudges {
     /// The judges `throttle.max_probe_delay` (zero: no delay detector) and the impact
-    /// budget ask for; `None` when neither is on, and the canary need not run.
-    pub(super) fn new(max_probe_delay: Duration, impact: Option<ImpactSettings>) -> Option<Self> {
+    /// budget ask for; `None` when neither is on, and the canary need not run. Readings
+    /// count from the monitor's start, when the wall clock read `wall_at_origin` (since
+    /// the Unix epoch).
+    pub(super) fn new(
+        max_probe_delay: Duration,
+        impact: Option<ImpactSettings>,
+        wall_at_origin: Duration,
+    ) -> Option<Self> {
         let detector = Some(max_probe_delay)
             .filter(|delay| !delay.is_zero())
             .map(DelayDetector::new);
@@ -236,9 +245,13 @@ impl CanaryJudges {
         }
         Some(CanaryJudges {
             detector,
-            impact: impact.map(|impact| ImpactController::new(impact, Duration::ZERO)),
+            impact: impact.map(|impact| {
+                ImpactController::new(impact, Duration::ZERO)
+                    .resting_on_the_wall_clock(Duration::ZERO, wall_at_origin)
+            }),
             directive: None,
             logged_decisions: 0,
+            logged_rests: 0,
         })
     }
 
@@ -306,7 +319,10 @@ impl CanaryJudges {
             }
             let verdict = impact.evaluate(now, active);
             telemetry::record_impact(&verdict);
-            if verdict.directive != self.directive || impact.decisions() != self.logged_decisions {
+            if verdict.directive != self.directive
+                || impact.decisions() != self.logged_decisions
+                || impact.rests_begun() != self.logged_rests
+            {
                 let excess = impact.excess();
                 tracing::debug!(
                     target: "backfilld::impact",
@@ -320,10 +336,12 @@ impl CanaryJudges {
                     anywhere_over = excess.map(|e| e.anywhere_share),
                     excess = excess.map(|e| e.estimate),
                     wal_share_at_rest = impact.wal_share_at_rest(),
+                    rests = impact.rests_begun(),
                     "impact budget"
                 );
                 self.directive = verdict.directive;
                 self.logged_decisions = impact.decisions();
+                self.logged_rests = impact.rests_begun();
             }
         }
         CanaryVerdicts {

@@ -12,7 +12,7 @@ mod canary;
 mod probe;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use backfill_core::activity::ProductionActivity;
@@ -54,6 +54,8 @@ enum Reading {
 /// every [`WAL_WAIT_INTERVAL`] — only read, and its [`Judges`] judge what they read and
 /// publish.
 pub struct HealthMonitor {
+    /// What every reading's time is counted from.
+    origin: Instant,
     probe: HealthProbe,
     probe_interval: Duration,
     /// `None` when no judge needs the canary.
@@ -79,7 +81,13 @@ impl HealthMonitor {
         let impact = throttle.impact_settings();
         let sharing = throttle.busy_duty_cycle < 1.0 || impact.is_some();
         let probe = health_probe(throttle, db, sharing.then_some(throttle.probe_interval), 0)?;
-        let canary_judges = CanaryJudges::new(throttle.max_probe_delay, impact);
+        // Readings are stamped with the time since `origin`; the impact budget's periodic
+        // rests fall on the wall clock, so that the pods of one Job rest together.
+        let origin = Instant::now();
+        let wall_at_origin = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let canary_judges = CanaryJudges::new(throttle.max_probe_delay, impact, wall_at_origin);
         let canary = match &canary_judges {
             None => None,
             Some(judges) => {
@@ -102,6 +110,7 @@ impl HealthMonitor {
             .map(|pool| ProductionWalWaits::new(pool, throttle.probe_timeout));
         let (published, samples) = watch::channel(HealthSample::default());
         let monitor = HealthMonitor {
+            origin,
             probe,
             probe_interval: throttle.probe_interval,
             canary,
@@ -122,6 +131,7 @@ impl HealthMonitor {
     /// cadences, while the judges take each reading in turn.
     async fn run(self, shutdown: Shutdown) {
         let HealthMonitor {
+            origin,
             probe,
             probe_interval,
             canary,
@@ -129,7 +139,6 @@ impl HealthMonitor {
             wal_waits,
             mut judges,
         } = self;
-        let origin = Instant::now();
         let (readings, mut to_judge) = mpsc::channel(4);
         let probing = read_probe(
             probe,
@@ -353,7 +362,7 @@ mod tests {
         let (published, mut samples) = watch::channel(HealthSample::default());
         let mut judges = Judges {
             activity: ActivityJudge::new(false),
-            canary: CanaryJudges::new(Duration::from_millis(5), None),
+            canary: CanaryJudges::new(Duration::from_millis(5), None, Duration::ZERO),
             verdicts: CanaryVerdicts::default(),
             latest: None,
             published,
