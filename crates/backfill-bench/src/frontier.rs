@@ -62,12 +62,17 @@ const PREWARM_SQL: &str = "SELECT pg_prewarm('public.orders'), pg_prewarm('publi
 
 /// The backfill, as the README teaches it: a key range that says itself which rows still
 /// need work.
-const ORDERS_JOB_SQL: &str = "
-INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate)
-VALUES ('label_orders', 'public.orders', 'id',
-        $$UPDATE public.orders SET label = status || '/' || region || '/' || currency
-           WHERE id BETWEEN :first_key AND :last_key AND label IS NULL$$,
-        'label IS NULL')";
+/// The frontier's job, cut into `slices` (one per pod when several run).
+fn orders_job_sql(slices: u32) -> String {
+    format!(
+        "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate,
+                                    parallelism)
+         VALUES ('label_orders', 'public.orders', 'id',
+                 $$UPDATE public.orders SET label = status || '/' || region || '/' || currency
+                    WHERE id BETWEEN :first_key AND :last_key AND label IS NULL$$,
+                 'label IS NULL', {slices})"
+    )
+}
 
 /// The naive loop's statement: the next `$2` ids above `$1`.
 const NAIVE_SQL: &str =
@@ -168,6 +173,12 @@ pub struct FrontierPlan {
     /// differ by 2× (seen in issue 19's runs).
     pub min_transactions: u32,
     pub competitors: Vec<Competitor>,
+    /// backfilld daemons per backfilld run (the pods of one Job), the job cut into as many
+    /// slices; each daemon's pace, fixed rates included, is its own.
+    pub pods: u32,
+    /// Each pod after the first starts this long after the one before (a Job's pods
+    /// start apart: scheduling, image pulls).
+    pub pod_stagger: Duration,
     /// The load step, once per round (none: no step).
     pub step: Option<LoadStep>,
 }
@@ -549,7 +560,7 @@ async fn run_one(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let stop = Arc::new(AtomicBool::new(false));
     let naive_rows = Arc::new(AtomicI64::new(0));
-    let mut child = None;
+    let mut children = Vec::new();
     let mut naive = None;
     match competitor {
         Competitor::Alone => {}
@@ -563,9 +574,18 @@ async fn run_one(
                 None => daemon,
             };
             daemon.migrate(&url)?;
-            fixture.psql(db, ORDERS_JOB_SQL)?;
-            let log = run_file(competitor, rate, round, work_dir, "log");
-            child = Some(daemon.spawn(&url, settings, &log)?);
+            fixture.psql(db, &orders_job_sql(plan.pods))?;
+            for pod in 1..=plan.pods {
+                if pod > 1 {
+                    tokio::time::sleep(plan.pod_stagger).await;
+                }
+                let mut settings = settings.clone();
+                if plan.pods > 1 {
+                    settings.push(("BACKFILLD_WORKER__ID".to_string(), format!("bench-{pod}")));
+                }
+                let log = pod_log(competitor, rate, round, work_dir, pod);
+                children.push(daemon.spawn(&url, &settings, &log)?);
+            }
         }
         Competitor::Naive(sleep) => {
             let (client, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
@@ -594,7 +614,7 @@ async fn run_one(
     if rate == UNLOADED_RATE {
         // Flat out, the job ends within seconds: its own start to its end, verification
         // included.
-        let done = until_finished(fixture, db, child.as_mut()).await?;
+        let done = until_finished(fixture, db, &mut children).await?;
         fixture.drop_database(db)?;
         return Ok(Measured {
             rows_per_second: done,
@@ -624,8 +644,11 @@ async fn run_one(
             Competitor::Alone => 0,
             Competitor::Naive(_) => naive_rows.load(Ordering::Relaxed),
             Competitor::Backfilld { .. } => progress
+                // The slices' rows, not their parent's sum of them too.
                 .query_one(
-                    "SELECT coalesce(sum(rows_done), 0)::bigint FROM backfill.jobs",
+                    "SELECT coalesce(sum(rows_done), 0)::bigint FROM backfill.jobs AS job \
+                      WHERE NOT EXISTS \
+                            (SELECT FROM backfill.jobs AS slice WHERE slice.parent_id = job.id)",
                     &[],
                 )
                 .await
@@ -642,10 +665,13 @@ async fn run_one(
         Some(task) => task.await.unwrap_or_default(),
         None => Vec::new(),
     };
-    if let Some(mut child) = child {
-        stop_daemon(&mut child);
-        batches = logged_batches(&run_file(competitor, rate, round, work_dir, "log"))?;
+    for (pod, child) in (1..).zip(children.iter_mut()) {
+        stop_daemon(child);
+        batches.extend(logged_batches(&pod_log(
+            competitor, rate, round, work_dir, pod,
+        ))?);
     }
+    batches.sort_unstable();
     let transactions = load.map(Load::stop).transpose()?.unwrap_or_default();
     let canaries = canary.map(Load::stop).transpose()?.unwrap_or_default();
     let wal_waits = match wal_waits {
@@ -728,11 +754,16 @@ fn write_timeline(
 async fn until_finished(
     fixture: &Fixture,
     db: &str,
-    child: Option<&mut std::process::Child>,
+    children: &mut [std::process::Child],
 ) -> anyhow::Result<f64> {
-    let query =
-        "SELECT coalesce(extract(epoch FROM finished_at - started_at), 0) || ' ' || rows_done \
-                 FROM backfill.jobs WHERE name = 'label_orders' AND state = 'succeeded'";
+    // Its slices' rows (their parent's are not counted again), from the first start to
+    // the last finish; nothing until the job (the parent, when sliced) has succeeded.
+    let query = "SELECT coalesce(extract(epoch FROM max(job.finished_at) - min(job.started_at)), 0) \
+                        || ' ' || sum(job.rows_done) FILTER (WHERE NOT EXISTS \
+                               (SELECT FROM backfill.jobs AS slice WHERE slice.parent_id = job.id)) \
+                   FROM backfill.jobs AS job \
+                  WHERE EXISTS (SELECT FROM backfill.jobs \
+                                 WHERE name = 'label_orders' AND state = 'succeeded')";
     let deadline = std::time::Instant::now() + UNLOADED_LIMIT;
     let answer = loop {
         let answer = fixture.psql(db, query)?;
@@ -741,7 +772,7 @@ async fn until_finished(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    if let Some(child) = child {
+    for child in children {
         stop_daemon(child);
     }
     let (seconds, rows) = answer
@@ -791,6 +822,20 @@ fn run_file(
     ))
 }
 
+/// The log of `competitor`'s daemon `pod` (1 for the first, or only one).
+fn pod_log(
+    competitor: &Competitor,
+    rate: u32,
+    round: u32,
+    dir: &std::path::Path,
+    pod: u32,
+) -> std::path::PathBuf {
+    match pod {
+        1 => run_file(competitor, rate, round, dir, "log"),
+        pod => run_file(competitor, rate, round, dir, &format!("pod{pod}.log")),
+    }
+}
+
 fn child_name(competitor: &Competitor) -> String {
     competitor
         .label()
@@ -814,8 +859,17 @@ fn median_range(values: &[f64], digits: usize) -> String {
 
 /// The frontier as a Markdown table; `budget` is the p99 ratio the default must keep.
 pub fn to_markdown(rows: &[FrontierRow], plan: &FrontierPlan, budget: f64) -> String {
+    let pods = match plan.pods {
+        0 | 1 => String::new(),
+        pods => format!(
+            "{pods} backfilld daemons in each backfilld run (the pods of one Job, the job cut \
+             into {pods} slices; a fixed rate is each daemon's), each started {} s after the \
+             one before. ",
+            plan.pod_stagger.as_secs_f64()
+        ),
+    };
     let mut out = format!(
-        "Frontier: {} orders rows (10 columns, 200-byte payload, index on customer_id); \
+        "Frontier: {pods}{} orders rows (10 columns, 200-byte payload, index on customer_id); \
          pgbench -M prepared -c {} -j 2 -R <rate> reading and updating one random order per \
          transaction; each competitor on a fresh copy, {} s settling ({} s for backfilld's \
          default, whose pace climbs) then a window of {} s or {} pgbench transactions, whichever is longer; {} rounds; median (min–max) over the rounds. p99 ratio: pgbench's p99 in the window over \

@@ -158,6 +158,13 @@ struct Options {
     /// the parent commit's build, to compare a code change with it in the same run).
     #[arg(long = "frontier-compare-binary")]
     frontier_compare_binaries: Vec<PathBuf>,
+    /// backfilld daemons per frontier run of backfilld (the pods of one Job; the job is
+    /// cut into as many slices, and a fixed rate is each daemon's).
+    #[arg(long, default_value_t = 1)]
+    frontier_pods: u32,
+    /// Seconds between the starts of a frontier run's pods (a Job's pods start apart).
+    #[arg(long, default_value_t = 13.37)]
+    frontier_pod_stagger: f64,
     /// Sleeps (ms) of the frontier's naive batch-then-sleep loops (0: none).
     #[arg(long, value_delimiter = ',', default_values_t = [200, 1000])]
     frontier_sleeps: Vec<u64>,
@@ -411,6 +418,9 @@ async fn run(options: Options) -> anyhow::Result<()> {
                 &options.frontier_variants,
                 &options.frontier_compare_binaries,
             ),
+            pods: options.frontier_pods.max(1),
+            pod_stagger: Duration::try_from_secs_f64(options.frontier_pod_stagger)
+                .context("--frontier-pod-stagger: seconds, not negative")?,
             step: (options.frontier_step_phase > 0).then(|| frontier::LoadStep {
                 from: options.frontier_step[0],
                 to: options.frontier_step[1],

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 
-use super::{median_range, stop_daemon, FrontierPlan, ORDERS_JOB_SQL, ORDERS_SCRIPT, PREWARM_SQL};
+use super::{median_range, orders_job_sql, stop_daemon, FrontierPlan, ORDERS_SCRIPT, PREWARM_SQL};
 use crate::daemon::Daemon;
 use crate::fixture::Fixture;
 use crate::pgbench::{epoch_micros, LatencySummary, Load};
@@ -68,7 +68,7 @@ pub(super) async fn run_step(
     let base = start_load(step.from)?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     daemon.migrate(&url)?;
-    fixture.psql(db, ORDERS_JOB_SQL)?;
+    fixture.psql(db, &orders_job_sql(1))?;
     let (client, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
         .await
         .context("connecting the load step's sampler")?;
