@@ -848,12 +848,17 @@ fn the_best_case_adds_the_climb_and_the_rests_to_the_flat_out_time() {
     );
 }
 
+/// The default settings, re-learning the baseline every `period`.
+fn relearning_every(period: Duration) -> ImpactSettings {
+    ImpactSettings {
+        relearn_every: period,
+        ..ImpactSettings::default()
+    }
+}
+
 #[test]
 fn it_rests_again_every_relearn_interval_and_when_production_starts() {
-    let settings = ImpactSettings {
-        relearn_every: Duration::from_secs(10),
-        ..ImpactSettings::default()
-    };
+    let settings = relearning_every(Duration::from_secs(10));
     let mut controller = ImpactController::new(settings, ms(0));
     let mut rests = 0;
     let mut now = ms(0);
@@ -1334,10 +1339,7 @@ fn daemons_on_one_wall_clock_rest_together_and_learn_production_alone() {
 
 #[test]
 fn a_rest_production_began_just_before_a_periodic_moment_restarts_at_it() {
-    let settings = ImpactSettings {
-        relearn_every: Duration::from_secs(10),
-        ..ImpactSettings::default()
-    };
+    let settings = relearning_every(Duration::from_secs(10));
     // Wall clock at the controller's zero: 3 s past a multiple of 10 s.
     let mut controller = ImpactController::new(settings, ms(0))
         .resting_on_the_wall_clock(ms(0), Duration::from_secs(1_764_000_003));
