@@ -381,17 +381,20 @@ fn two_daemons_next_to_production_rest_at_the_same_wall_clock_moments() {
     let db = TestDb::on(&primary, "pods_rest");
     db.migrate();
     let application = Application::start(&db);
+    let period = Duration::from_secs(RELEARN_EVERY_S);
+    // How long after a multiple of the period (since the Unix epoch) `at` is.
+    let past_a_moment = |at: &std::time::SystemTime| {
+        let since_epoch = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after the epoch");
+        Duration::from_nanos((since_epoch.as_nanos() % period.as_nanos()) as u64)
+    };
     // Each daemon starts halfway between two such moments: a daemon that rested on a
     // clock of its own (from its start) would rest about 2.5 s off them.
     let start = |id: &str| {
-        let period = Duration::from_secs(RELEARN_EVERY_S).as_nanos();
-        let since_epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("after the epoch")
-            .as_nanos();
-        let halfway = (since_epoch / period) * period + period / 2;
-        let wait = (halfway + if halfway > since_epoch { 0 } else { period }) - since_epoch;
-        thread::sleep(Duration::from_nanos(wait as u64));
+        let past = past_a_moment(&std::time::SystemTime::now());
+        let to_halfway = (period * 3 / 2 - past).as_nanos() % period.as_nanos();
+        thread::sleep(Duration::from_nanos(to_halfway as u64));
         let mut env = quick_worker_json_log(id);
         env.push(("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "1.3".to_string()));
         env.push((
@@ -436,21 +439,13 @@ fn two_daemons_next_to_production_rest_at_the_same_wall_clock_moments() {
     }
     assert!(application.stop() > 1);
 
-    let late = |at: &std::time::SystemTime| {
-        let since_epoch = at
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("after the epoch");
-        Duration::from_nanos(
-            (since_epoch.as_nanos() % Duration::from_secs(RELEARN_EVERY_S).as_nanos()) as u64,
-        )
-    };
     assert!(first_rests.len() >= 3, "{first_rests:?}");
     for (rests, daemon) in [(&first_rests, "first"), (&second_rests, "second")] {
         for at in rests {
             assert!(
-                late(at) < LATE,
+                past_a_moment(at) < LATE,
                 "the {daemon} daemon rested {:?} after a multiple of {RELEARN_EVERY_S} s: {rests:?}",
-                late(at)
+                past_a_moment(at)
             );
         }
     }

@@ -61,8 +61,7 @@ const PREWARM_SQL: &str = "SELECT pg_prewarm('public.orders'), pg_prewarm('publi
                            pg_prewarm('public.orders_customer_id')";
 
 /// The backfill, as the README teaches it: a key range that says itself which rows still
-/// need work.
-/// The frontier's job, cut into `slices` (one per pod when several run).
+/// need work; cut into `slices` (one per pod when several run).
 fn orders_job_sql(slices: u32) -> String {
     format!(
         "INSERT INTO backfill.jobs (name, table_name, key_column, batch_sql, pending_predicate,
