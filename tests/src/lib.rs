@@ -284,13 +284,15 @@ impl Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("daemon.log");
         let file = std::fs::File::create(&log).expect("log file");
-        let child = base_command(database_url, env)
+        let mut command = base_command(database_url, env);
+        command
             .arg("run")
             .args(args)
             .stdout(Stdio::from(file.try_clone().expect("dup")))
-            .stderr(Stdio::from(file))
-            .spawn()
-            .expect("spawn backfilld");
+            .stderr(Stdio::from(file));
+        // Dies with the test binary even on SIGKILL, where drop does not run.
+        let child =
+            pg_testkit::spawn_tied_to_process(command, libc::SIGKILL).expect("spawn backfilld");
         Daemon {
             child,
             log,

@@ -43,14 +43,19 @@ impl Prometheus {
         .expect("write prometheus.yml");
         let port = free_port();
         let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log file");
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        command
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--log.level=warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
+            .stderr(Stdio::from(log));
+        // Dies with the test binary even on SIGKILL, where drop does not run.
+        let child = pg_testkit::spawn_tied_to_process(command, libc::SIGKILL)
             .unwrap_or_else(|e| {
                 panic!("cannot start {binary}: {e} (Debian: apt-get install prometheus; scripts/test does)")
             });

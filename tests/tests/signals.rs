@@ -794,7 +794,8 @@ impl Prometheus {
         )
         .expect("write prometheus.yml");
         let port = free_port();
-        let child = std::process::Command::new(&binary)
+        let mut command = std::process::Command::new(&binary);
+        command
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
@@ -803,11 +804,11 @@ impl Prometheus {
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--log.level=warn")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start {binary}: {e} (Debian: apt-get install prometheus)")
-            });
+            .stderr(std::process::Stdio::null());
+        // Dies with the test binary even on SIGKILL, where drop does not run.
+        let child = pg_testkit::spawn_tied_to_process(command, libc::SIGKILL).unwrap_or_else(|e| {
+            panic!("cannot start {binary}: {e} (Debian: apt-get install prometheus)")
+        });
         wait_until("Prometheus to be ready", RUN_LIMIT, || {
             matches!(http_get(port, "/-/ready"), Some((200, _)))
         });

@@ -77,13 +77,12 @@ impl Daemon {
         let log_file = std::fs::File::create(log)
             .with_context(|| format!("creating the daemon log {}", log.display()))?;
         let started = Instant::now();
-        let child = self
-            .command(url, settings)
+        let mut command = self.command(url, settings);
+        command
             .args(["run", "--exit-when-idle"])
             .stdout(log_file.try_clone().context("sharing the daemon log")?)
-            .stderr(log_file)
-            .spawn()
-            .with_context(|| format!("starting {}", self.binary.display()))?;
+            .stderr(log_file);
+        let child = self.spawn_tied(command)?;
         let usage = wait_with_usage(child)?;
         let wall = started.elapsed();
         let text = std::fs::read_to_string(log)
@@ -120,11 +119,18 @@ impl Daemon {
     ) -> anyhow::Result<std::process::Child> {
         let log_file = std::fs::File::create(log)
             .with_context(|| format!("creating the daemon log {}", log.display()))?;
-        self.command(url, settings)
+        let mut command = self.command(url, settings);
+        command
             .arg("run")
             .stdout(log_file.try_clone().context("sharing the daemon log")?)
-            .stderr(log_file)
-            .spawn()
+            .stderr(log_file);
+        self.spawn_tied(command)
+    }
+
+    /// Starts the daemon so that it dies with the benchmark: a benchmark stopped by a
+    /// signal would otherwise leave it running against a cluster that is gone.
+    fn spawn_tied(&self, command: Command) -> anyhow::Result<std::process::Child> {
+        pg_testkit::spawn_tied_to_process(command, libc::SIGKILL)
             .with_context(|| format!("starting {}", self.binary.display()))
     }
 

@@ -129,7 +129,8 @@ impl Load {
             .context("creating pgbench's log dir")?;
         let path = dir.path().join(script_name);
         std::fs::write(&path, script).context("writing the pgbench script")?;
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .args(["-n", "-M", "prepared", "-l"])
             .arg(format!("-j{}", clients.clamp(1, 2)))
             .arg(format!("--log-prefix={}", dir.path().join("txn").display()))
@@ -140,8 +141,9 @@ impl Load {
             .arg(conninfo)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
+            .stderr(Stdio::piped());
+        // Dies with the benchmark, like the clusters it loads.
+        let child = pg_testkit::spawn_tied_to_process(command, libc::SIGKILL)
             .with_context(|| format!("starting {}", binary.display()))?;
         Ok(Load { child, dir })
     }

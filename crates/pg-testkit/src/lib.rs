@@ -6,6 +6,8 @@
 //! - [`shared_primary`] is one primary per test binary; isolate tests with
 //!   [`PgCluster::create_database`].
 //! - [`TcpProxy`] sits in front of a cluster and cuts connections on demand.
+//! - [`spawn_tied_to_process`] starts any other child (a daemon under test) so that it dies
+//!   with the calling process, as the servers do.
 //!
 //! Servers are direct children of the calling process and die with it, even on SIGKILL; their
 //! directories are removed on drop and at normal process exit. When run as root (CI
@@ -45,4 +47,14 @@ pub use proxy::TcpProxy;
 /// searchable by that user too.
 pub fn chown_to_server_user(path: &std::path::Path) -> Result<(), TestkitError> {
     process::chown_to_server_user(path)
+}
+
+/// Spawns `command` so that the kernel sends it `death_signal` when this process dies, even
+/// on SIGKILL — for the daemons and load generators a test or benchmark runs beside its
+/// clusters, which would otherwise outlive it.
+pub fn spawn_tied_to_process(
+    command: std::process::Command,
+    death_signal: i32,
+) -> std::io::Result<std::process::Child> {
+    process::spawn_tied_to_process(command, death_signal)
 }

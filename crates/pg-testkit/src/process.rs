@@ -167,13 +167,17 @@ pub(crate) fn server_command(program: &Path, cwd: &Path) -> Result<Command, Test
     Ok(command)
 }
 
-/// Spawns a long-lived server so that it dies with this process, even on SIGKILL.
+/// Spawns a long-lived child so that it dies with this process, even on SIGKILL.
 ///
-/// The child asks the kernel for SIGQUIT (postgres' immediate shutdown, which also stops its
-/// backends) when its parent goes away. The kernel tracks the parent *thread*, not the
-/// process, and the test harness runs every test on a short-lived thread; so all servers are
-/// forked from one dedicated thread that lives as long as the process.
-pub(crate) fn spawn_tied_to_process(mut command: Command) -> io::Result<Child> {
+/// The child asks the kernel for `death_signal` when its parent goes away (postgres gets
+/// SIGQUIT: its immediate shutdown, which also stops its backends). The kernel tracks the
+/// parent *thread*, not the process, and the test harness runs every test on a short-lived
+/// thread; so all such children are forked from one dedicated thread that lives as long as
+/// the process.
+pub(crate) fn spawn_tied_to_process(
+    mut command: Command,
+    death_signal: libc::c_int,
+) -> io::Result<Child> {
     let parent_pid = std::process::id() as libc::pid_t;
     // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid) and does
     // not allocate, as required between fork and exec.
@@ -184,7 +188,7 @@ pub(crate) fn spawn_tied_to_process(mut command: Command) -> io::Result<Child> {
                 // Runs after std's setuid/setgid, which would otherwise clear the setting.
                 if libc::prctl(
                     libc::PR_SET_PDEATHSIG,
-                    libc::SIGQUIT as libc::c_ulong,
+                    death_signal as libc::c_ulong,
                     0,
                     0,
                     0,

@@ -1,4 +1,5 @@
-//! A process that owns a cluster and is SIGKILLed must not leave a server behind.
+//! A process that owns a cluster, or a child started with `spawn_tied_to_process`, and is
+//! SIGKILLed must not leave either behind.
 //!
 //! The test re-runs its own binary as the owner (the ignored helper test below), so no extra
 //! executable has to be located.
@@ -55,11 +56,12 @@ fn process_is_gone(pid: i32) -> bool {
     }
 }
 
-#[test]
-fn sigkilled_owner_leaves_no_server() {
+/// Runs the ignored helper test `helper` as an owner process and returns it with its
+/// `READY …` line.
+fn start_owner(helper: &str) -> (KillOnDrop, String) {
     let mut owner = KillOnDrop(
         Command::new(std::env::current_exe().unwrap())
-            .args(["owner_process", "--exact", "--ignored", "--nocapture"])
+            .args([helper, "--exact", "--ignored", "--nocapture"])
             .env(CHILD_ENV, "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -71,7 +73,13 @@ fn sigkilled_owner_leaves_no_server() {
         .lines()
         .map_while(Result::ok)
         .find(|line| line.starts_with("READY "))
-        .expect("owner process exited before reporting its cluster");
+        .unwrap_or_else(|| panic!("{helper} exited before reporting what it started"));
+    (owner, ready)
+}
+
+#[test]
+fn sigkilled_owner_leaves_no_server() {
+    let (mut owner, ready) = start_owner("owner_process");
     let field = |key: &str| {
         ready
             .split_whitespace()
@@ -100,4 +108,47 @@ fn sigkilled_owner_leaves_no_server() {
     assert!(log.contains("received immediate shutdown request"), "{log}");
     // A SIGKILLed owner cannot clean up after itself; we can.
     std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+#[ignore = "helper process for sigkilled_owner_leaves_no_tied_child; does nothing when run directly"]
+fn tied_child_owner_process() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    // Started from a thread that exits at once, as a daemon under test would be.
+    let child = KillOnDrop(
+        thread::spawn(|| {
+            let mut sleeper = Command::new("sleep");
+            sleeper.arg("60").stdin(Stdio::null());
+            pg_testkit::spawn_tied_to_process(sleeper, libc::SIGKILL).unwrap()
+        })
+        .join()
+        .unwrap(),
+    );
+    println!("READY child={}", child.0.id());
+    // Bounded, in case the parent test dies without killing us; dropping `child` reaps it.
+    thread::sleep(Duration::from_secs(60));
+}
+
+#[test]
+fn sigkilled_owner_leaves_no_tied_child() {
+    let (mut owner, ready) = start_owner("tied_child_owner_process");
+    let pid: i32 = ready
+        .strip_prefix("READY child=")
+        .and_then(|pid| pid.trim().parse().ok())
+        .unwrap_or_else(|| panic!("unexpected line from the owner: {ready}"));
+    assert!(!process_is_gone(pid), "the tied child {pid} never ran");
+
+    owner.0.kill().unwrap(); // SIGKILL: no destructor runs, only the kernel's signal.
+    owner.0.wait().unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !process_is_gone(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the tied child {pid} survived its owner's SIGKILL"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -249,10 +249,11 @@ fn launch(binaries: &PgBinaries, layout: &Layout, port: u16) -> Result<Postmaste
         // Its own process group, so a Ctrl-C meant for the test run does not fast-stop the
         // server behind our back; our own death is covered by the parent-death signal.
         .process_group(0);
-    let child = spawn_tied_to_process(command).map_err(|source| TestkitError::Spawn {
-        binary: postgres,
-        source,
-    })?;
+    let child =
+        spawn_tied_to_process(command, libc::SIGQUIT).map_err(|source| TestkitError::Spawn {
+            binary: postgres,
+            source,
+        })?;
     let mut postmaster = Postmaster {
         child,
         exited: None,
