@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use pg_testkit::{shared_primary, PgCluster};
 
+mod prometheus;
+pub use prometheus::Prometheus;
+
 /// The `backfilld` binary built next to this test binary (`target/<profile>/backfilld`).
 pub fn backfilld_bin() -> PathBuf {
     if let Ok(path) = std::env::var("BACKFILLD_BIN") {

@@ -6,10 +6,11 @@
 //! `prometheus`; scripts/test installs it).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use backfilld_e2e::{env_refs, free_port, http_get, quick_worker, wait_until, Daemon, TestDb};
+use backfilld_e2e::{
+    env_refs, free_port, http_get, quick_worker, wait_until, Daemon, Prometheus, TestDb,
+};
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -18,93 +19,18 @@ const NAMESPACE: &str = "backfill-e2e";
 /// The dashboard's `$scrape_job` (the PodMonitor's job label).
 const SCRAPE_JOB: &str = "backfilld";
 
-/// A throwaway Prometheus on a free loopback port, its data in a tempdir; killed on drop.
-struct Prometheus {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Prometheus {
-    /// Starts one scraping 127.0.0.1:`target` every second.
-    fn start(target: u16, honor_labels: bool) -> Prometheus {
-        let binary = std::env::var("PROMETHEUS_BIN").unwrap_or_else(|_| "prometheus".into());
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: {SCRAPE_JOB}\n    honor_labels: {honor_labels}\n\
-                 \x20   static_configs:\n      - targets: ['127.0.0.1:{target}']\n\
-                 \x20       labels: {{namespace: {NAMESPACE}}}\n"
-            ),
-        )
-        .expect("write prometheus.yml");
-        let port = free_port();
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log file");
-        let mut command = Command::new(&binary);
-        command
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--log.level=warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log));
-        // Dies with the test binary even on SIGKILL, where drop does not run.
-        let child = pg_testkit::spawn_tied_to_process(command, libc::SIGKILL)
-            .unwrap_or_else(|e| {
-                panic!("cannot start {binary}: {e} (Debian: apt-get install prometheus; scripts/test does)")
-            });
-        let mut prometheus = Prometheus {
-            child,
-            port,
-            _dir: dir,
-        };
-        wait_until("Prometheus to be ready", LIMIT, || {
-            if let Some(status) = prometheus.child.try_wait().expect("try_wait") {
-                panic!("prometheus exited with {status}:\n{}", prometheus.log());
-            }
-            matches!(http_get(port, "/-/ready"), Some((200, _)))
-        });
-        prometheus
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("prometheus.log")).unwrap_or_default()
-    }
-
-    /// Runs an instant query: the HTTP status and the parsed answer.
-    fn query(&self, expr: &str) -> (u16, Value) {
-        let encoded =
-            percent_encoding::utf8_percent_encode(expr, percent_encoding::NON_ALPHANUMERIC);
-        let (status, body) = http_get(self.port, &format!("/api/v1/query?query={encoded}"))
-            .expect("Prometheus answers");
-        let answer = serde_json::from_str(&body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}) from Prometheus: {body}"));
-        (status, answer)
-    }
-
-    /// The result vector of a query that must succeed.
-    fn vector(&self, expr: &str) -> Vec<Value> {
-        match self.query(expr) {
-            (200, answer) if answer["status"] == "success" => answer["data"]["result"]
-                .as_array()
-                .expect("a result vector")
-                .clone(),
-            (status, answer) => panic!("{expr} failed with HTTP {status}: {answer}"),
-        }
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A Prometheus scraping 127.0.0.1:`target` every second, as a PodMonitor would (the
+/// `namespace` target label), with `honor_labels` as given.
+fn scraping(target: u16, honor_labels: bool) -> Prometheus {
+    Prometheus::start(
+        &format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: {SCRAPE_JOB}\n    honor_labels: {honor_labels}\n\
+             \x20   static_configs:\n      - targets: ['127.0.0.1:{target}']\n\
+             \x20       labels: {{namespace: {NAMESPACE}}}\n"
+        ),
+        LIMIT,
+    )
 }
 
 fn repo_file(path: &str) -> PathBuf {
@@ -195,8 +121,8 @@ fn every_dashboard_query_runs_on_a_real_prometheus_under_both_honor_labels() {
     wait_until("the daemon to serve /metrics", LIMIT, || {
         http_get(port, "/metrics").is_some_and(|(status, _)| status == 200)
     });
-    let honoring = Prometheus::start(port, true);
-    let overriding = Prometheus::start(port, false);
+    let honoring = scraping(port, true);
+    let overriding = scraping(port, false);
 
     // Both jobs' series (each slice's too) in at least three scrapes of each Prometheus.
     let scraped = "count(count_over_time(backfill_rows_processed_total{backfill_job=~\"plain|sliced#.+\"}[1m]) >= 3) >= 3";

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use backfilld_e2e::{
     env_refs, free_port, http_get, quick_worker_json_log, readme_engineer_grants, wait_until,
-    Daemon, TestDb,
+    Daemon, Prometheus, TestDb,
 };
 use pg_testkit::demo_data::{users_table_sql, SPLIT_NAME_JOB_SQL};
 use pg_testkit::PgCluster;
@@ -773,68 +773,25 @@ fn app_metrics(value: std::sync::Arc<std::sync::Mutex<f64>>) -> u16 {
     port
 }
 
-/// A throwaway Prometheus server scraping 127.0.0.1:`target` every second; killed on drop.
-struct Prometheus {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
+/// A Prometheus scraping 127.0.0.1:`target` every second.
+fn scraping(target: u16) -> Prometheus {
+    Prometheus::start(
+        &format!(
+            "global:\n  scrape_interval: 1s\n\
+             scrape_configs:\n  - job_name: app\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
+        ),
+        RUN_LIMIT,
+    )
 }
 
-impl Prometheus {
-    fn start(target: u16) -> Prometheus {
-        let binary = std::env::var("PROMETHEUS_BIN").unwrap_or_else(|_| "prometheus".into());
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n\
-                 scrape_configs:\n  - job_name: app\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
-            ),
-        )
-        .expect("write prometheus.yml");
-        let port = free_port();
-        let mut command = std::process::Command::new(&binary);
-        command
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--log.level=warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        // Dies with the test binary even on SIGKILL, where drop does not run.
-        let child = pg_testkit::spawn_tied_to_process(command, libc::SIGKILL).unwrap_or_else(|e| {
-            panic!("cannot start {binary}: {e} (Debian: apt-get install prometheus)")
-        });
-        wait_until("Prometheus to be ready", RUN_LIMIT, || {
-            matches!(http_get(port, "/-/ready"), Some((200, _)))
-        });
-        Prometheus {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-
-    /// `app_latency_seconds` as Prometheus has it now, if it has it.
-    fn latency(&self) -> Option<f64> {
-        let (_, body) = http_get(self.port, "/api/v1/query?query=app_latency_seconds")?;
-        let answer: serde_json::Value = serde_json::from_str(&body).ok()?;
-        answer["data"]["result"][0]["value"][1]
-            .as_str()?
-            .parse()
-            .ok()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `app_latency_seconds` as Prometheus has it now, if it has it.
+fn scraped_latency(prometheus: &Prometheus) -> Option<f64> {
+    let (_, body) = http_get(prometheus.port(), "/api/v1/query?query=app_latency_seconds")?;
+    let answer: serde_json::Value = serde_json::from_str(&body).ok()?;
+    answer["data"]["result"][0]["value"][1]
+        .as_str()?
+        .parse()
+        .ok()
 }
 
 /// Waits until Prometheus has `app_latency_seconds == value` and returns when (database
@@ -844,7 +801,7 @@ fn prometheus_has(db: &TestDb, prometheus: &Prometheus, value: f64) -> f64 {
         &format!("Prometheus to have app_latency_seconds {value}"),
         RUN_LIMIT,
         || {
-            let has = prometheus.latency() == Some(value);
+            let has = scraped_latency(prometheus) == Some(value);
             if !has {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -859,14 +816,14 @@ fn a_prometheus_query_over_its_threshold_holds_the_job_and_so_does_an_unreachabl
     let db = TestDb::new("signals_prometheus");
     slow_job(&db, 1);
     let latency = std::sync::Arc::new(std::sync::Mutex::new(0.1));
-    let prometheus = Prometheus::start(app_metrics(latency.clone()));
+    let prometheus = scraping(app_metrics(latency.clone()));
     prometheus_has(&db, &prometheus, 0.1);
     let port = free_port();
     let mut env = daemon_env("prometheus", port);
     for (key, value) in [
         (
             "BACKFILLD_THROTTLE__PROMETHEUS_URL",
-            format!("http://127.0.0.1:{}", prometheus.port),
+            format!("http://127.0.0.1:{}", prometheus.port()),
         ),
         (
             "BACKFILLD_THROTTLE__PROMETHEUS_QUERY",
