@@ -277,12 +277,12 @@ impl Database {
 
     /// A one-connection data-plane pool to `url` (a replica), for a probe of its own.
     pub fn probe_pool(&self, url: &str) -> anyhow::Result<deadpool_postgres::Pool> {
-        Ok(Endpoint::parse(url)?.pool(&self.probe_session())?)
+        Ok(Endpoint::parse(url)?.probe_pool(&self.probe_session())?)
     }
 
     /// A one-connection data-plane pool to the database, for a probe of its own.
     pub fn primary_probe_pool(&self) -> anyhow::Result<deadpool_postgres::Pool> {
-        Ok(self.endpoint.pool(&self.probe_session())?)
+        Ok(self.endpoint.probe_pool(&self.probe_session())?)
     }
 
     fn probe_session(&self) -> SessionSettings {

@@ -9,6 +9,8 @@ use backfill_core::throttle::{
     TableVacuum,
 };
 use std::sync::PoisonError;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
 
 use super::job_queries::{read_query_value, JobQuerySpec};
 use super::lag::{combine_lag, missing_standbys, seconds};
@@ -73,33 +75,130 @@ const WAL_POSITION_SQL: &str = "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn
 /// segment size, and whether the last attempt failed (see the module docs).
 const ARCHIVER_SQL: &str = "SELECT current_setting('archive_mode') <> 'off', \
         a.last_archived_wal, pg_walfile_name(pg_current_wal_lsn()), \
-        (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size'), \
+        pg_size_bytes(current_setting('wal_segment_size')), \
         coalesce(a.last_failed_time > coalesce(a.last_archived_time, '-infinity'), false) \
    FROM pg_stat_archiver a";
 
 impl HealthProbe {
+    /// One sample of the primary. Every query is sent at once (tokio-postgres pipelines
+    /// the statements of futures polled together), each prepared once per connection:
+    /// parsing and planning them every sample cost the primary more than running them, and
+    /// one after the other they were a round trip each.
     pub(super) async fn sample_primary(&self) -> Result<(HealthSample, Vec<JobQuerySpec>), String> {
-        let mut client = self
+        let client = self
             .primary
             .get()
             .await
             .map_err(|e| format!("getting a connection: {}", error_chain(&e)))?;
-        let rows = client
-            .query(PRIMARY_LAG_SQL, &[])
-            .await
-            .map_err(|e| format!("reading pg_stat_replication: {e}"))?;
+        let client = &client;
+        let signals = &self.signals;
+        let window = self.activity_window.unwrap_or_default().as_secs_f64();
+        let min_dead_rows = i64::try_from(DEAD_TUPLES_MIN_ROWS).unwrap_or(i64::MAX);
+        let ours: [&(dyn ToSql + Sync); 1] = [&self.our_application_name];
+        let within: [&(dyn ToSql + Sync); 1] = [&window];
+        let by_job: [&(dyn ToSql + Sync); 1] = [&signals.also_job];
+        let dead_tuples_params: [&(dyn ToSql + Sync); 2] = [&min_dead_rows, &signals.also_job];
+        let throttle_query = async {
+            match &signals.throttle_query {
+                Some(query) => Some(client.simple_query(query).await),
+                None => None,
+            }
+        };
+        let (
+            lag,
+            blocked,
+            production,
+            slots,
+            throttles,
+            vacuums,
+            wal_position,
+            archiver,
+            dead_tuples,
+            job_queries,
+            throttle_query,
+        ) = tokio::join!(
+            read(
+                client,
+                true,
+                PRIMARY_LAG_SQL,
+                &[],
+                "reading pg_stat_replication"
+            ),
+            read(
+                client,
+                true,
+                BLOCKED_BY_US_SQL,
+                &ours,
+                "reading sessions blocked by ours"
+            ),
+            read(
+                client,
+                self.activity_window.is_some(),
+                PRODUCTION_SESSIONS_SQL,
+                &within,
+                "counting production sessions"
+            ),
+            read(
+                client,
+                signals.slots,
+                SLOTS_SQL,
+                &[],
+                "reading pg_replication_slots"
+            ),
+            // The vacuums are read with the operator throttles: both need the queue,
+            // whose jobs they name.
+            read(
+                client,
+                signals.operator_throttles,
+                queue_sql::OPERATOR_THROTTLES,
+                &by_job,
+                "reading backfill.throttles"
+            ),
+            read(
+                client,
+                signals.operator_throttles,
+                queue_sql::VACUUMS_ON_JOB_TABLES,
+                &by_job,
+                "reading pg_stat_progress_vacuum"
+            ),
+            read(
+                client,
+                signals.wal_rate,
+                WAL_POSITION_SQL,
+                &[],
+                "reading the WAL position"
+            ),
+            read(
+                client,
+                signals.archive,
+                ARCHIVER_SQL,
+                &[],
+                "reading pg_stat_archiver"
+            ),
+            read(
+                client,
+                signals.dead_tuples,
+                queue_sql::DEAD_TUPLES_OF_JOB_TABLES,
+                &dead_tuples_params,
+                "reading pg_stat_all_tables"
+            ),
+            read(
+                client,
+                signals.job_queries,
+                queue_sql::JOB_THROTTLE_QUERIES,
+                &by_job,
+                "reading jobs' throttle queries"
+            ),
+            throttle_query,
+        );
         let mut sample = HealthSample::default();
-        for row in rows {
+        for row in lag? {
             let name: String = row.get(0);
             let (lag, lag_bytes) = combine_lag(row.get(1), row.get(2));
             sample.replicas.push(ReplicaLag::new(name, lag, lag_bytes));
         }
         sample.missing_standbys = missing_standbys(&self.expected_standbys, &sample.replicas);
-        let blocked = client
-            .query(BLOCKED_BY_US_SQL, &[&self.our_application_name])
-            .await
-            .map_err(|e| format!("reading sessions blocked by ours: {e}"))?;
-        for row in blocked {
+        for row in blocked? {
             let blocker: Option<i32> = row.get(0);
             let sessions = u32::try_from(row.get::<_, i64>(1)).unwrap_or(u32::MAX);
             let longest = seconds(row.get(2));
@@ -115,59 +214,71 @@ impl HealthProbe {
                 }
             }
         }
-        if let Some(window) = self.activity_window {
-            let production = client
-                .query_one(PRODUCTION_SESSIONS_SQL, &[&window.as_secs_f64()])
-                .await
-                .map_err(|e| format!("counting production sessions: {e}"))?;
+        if let Some(production) = production?.first() {
             sample.production_sessions =
                 u32::try_from(production.get::<_, i64>(0)).unwrap_or(u32::MAX);
         }
-        if self.signals.slots {
-            let slots = client
-                .query(SLOTS_SQL, &[])
-                .await
-                .map_err(|e| format!("reading pg_replication_slots: {e}"))?;
-            sample.slots = slots
-                .iter()
-                .map(|row| SlotRetention {
-                    name: row.get(0),
-                    // float8 → u64 saturates; greatest(…, 0) ruled out negatives.
-                    retained_bytes: row.get::<_, f64>(1) as u64,
-                })
-                .collect();
+        sample.slots = slots?
+            .iter()
+            .map(|row| SlotRetention {
+                name: row.get(0),
+                // float8 → u64 saturates; greatest(…, 0) ruled out negatives.
+                retained_bytes: row.get::<_, f64>(1) as u64,
+            })
+            .collect();
+        sample.operator_throttles = throttles?
+            .iter()
+            .map(|row| OperatorThrottle {
+                job_id: row.get(0),
+                ratio: row.get(1),
+            })
+            .collect();
+        sample.vacuums = vacuums?
+            .iter()
+            .map(|row| TableVacuum {
+                job_id: row.get(0),
+                wraparound: row.get(1),
+            })
+            .collect();
+        if let Some(position) = wal_position?.first() {
+            let position: f64 = position.get(0);
+            let mut meter = self.wal_rate.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = meter.0.elapsed();
+            // float8 → u64 saturates; positions are never negative.
+            sample.wal_bytes_per_second = meter.1.observe(now, position as u64);
         }
-        if self.signals.operator_throttles {
-            let throttles = client
-                .query(queue_sql::OPERATOR_THROTTLES, &[&self.signals.also_job])
-                .await
-                .map_err(|e| format!("reading backfill.throttles: {e}"))?;
-            sample.operator_throttles = throttles
-                .iter()
-                .map(|row| OperatorThrottle {
-                    job_id: row.get(0),
-                    ratio: row.get(1),
-                })
-                .collect();
-            // Read with the operator throttles: both need the queue, whose jobs they name.
-            let vacuums = client
-                .query(queue_sql::VACUUMS_ON_JOB_TABLES, &[&self.signals.also_job])
-                .await
-                .map_err(|e| format!("reading pg_stat_progress_vacuum: {e}"))?;
-            sample.vacuums = vacuums
-                .iter()
-                .map(|row| TableVacuum {
-                    job_id: row.get(0),
-                    wraparound: row.get(1),
-                })
-                .collect();
+        if let Some(row) = archiver?.first() {
+            let archiving: bool = row.get(0);
+            let last_archived: Option<String> = row.get(1);
+            let (current, segment_size): (String, i64) = (row.get(2), row.get(3));
+            sample.archive = archiving.then(|| ArchiveStatus {
+                pending_segments: last_archived.and_then(|last| {
+                    archive_pending_segments(&current, &last, segment_size.unsigned_abs())
+                }),
+                failing: row.get(4),
+            });
         }
-        let job_queries = self.sample_more_signals(&mut client, &mut sample).await?;
-        if let Some(query) = &self.signals.throttle_query {
-            let reading = match client.simple_query(query).await {
-                Ok(messages) => read_query_value(&messages),
-                Err(e) => Err(format!("throttle.query failed: {}", error_chain(&e))),
-            };
+        sample.dead_tuples = dead_tuples?
+            .iter()
+            .map(|row| TableDeadTuples {
+                job_id: row.get(0),
+                ratio: row.get(1),
+            })
+            .collect();
+        let job_queries = job_queries?
+            .iter()
+            .map(|job| JobQuerySpec {
+                job_id: job.get(0),
+                query: job.get(1),
+                hold_above: job.get(2),
+                role: job.get(3),
+                search_path: job.get(4),
+            })
+            .collect();
+        if let Some(reading) = throttle_query {
+            let reading = reading
+                .map_err(|e| format!("throttle.query failed: {}", error_chain(&e)))
+                .and_then(|messages| read_query_value(&messages));
             sample.throttle_query = Some(match reading {
                 Ok(value) => {
                     self.failing.ok("throttle.query");
@@ -181,74 +292,102 @@ impl HealthProbe {
         }
         Ok((sample, job_queries))
     }
+}
 
-    /// The WAL rate, archiving, dead tuples and jobs' own throttle queries (see the
-    /// module docs).
-    pub(super) async fn sample_more_signals(
-        &self,
-        client: &mut deadpool_postgres::Client,
-        sample: &mut HealthSample,
-    ) -> Result<Vec<JobQuerySpec>, String> {
-        if self.signals.wal_rate {
-            let position: f64 = client
-                .query_one(WAL_POSITION_SQL, &[])
-                .await
-                .map_err(|e| format!("reading the WAL position: {e}"))?
-                .get(0);
-            let mut meter = self.wal_rate.lock().unwrap_or_else(PoisonError::into_inner);
-            let now = meter.0.elapsed();
-            // float8 → u64 saturates; positions are never negative.
-            sample.wal_bytes_per_second = meter.1.observe(now, position as u64);
-        }
-        if self.signals.archive {
-            let row = client
-                .query_one(ARCHIVER_SQL, &[])
-                .await
-                .map_err(|e| format!("reading pg_stat_archiver: {e}"))?;
-            let archiving: bool = row.get(0);
-            let last_archived: Option<String> = row.get(1);
-            let (current, segment_size): (String, i64) = (row.get(2), row.get(3));
-            sample.archive = archiving.then(|| ArchiveStatus {
-                pending_segments: last_archived.and_then(|last| {
-                    archive_pending_segments(&current, &last, segment_size.unsigned_abs())
-                }),
-                failing: row.get(4),
-            });
-        }
-        if self.signals.dead_tuples {
-            let min_rows = i64::try_from(DEAD_TUPLES_MIN_ROWS).unwrap_or(i64::MAX);
-            let rows = client
-                .query(
-                    queue_sql::DEAD_TUPLES_OF_JOB_TABLES,
-                    &[&min_rows, &self.signals.also_job],
-                )
-                .await
-                .map_err(|e| format!("reading pg_stat_all_tables: {e}"))?;
-            sample.dead_tuples = rows
-                .iter()
-                .map(|row| TableDeadTuples {
-                    job_id: row.get(0),
-                    ratio: row.get(1),
-                })
-                .collect();
-        }
-        let mut job_queries = Vec::new();
-        if self.signals.job_queries {
-            let jobs = client
-                .query(queue_sql::JOB_THROTTLE_QUERIES, &[&self.signals.also_job])
-                .await
-                .map_err(|e| format!("reading jobs' throttle queries: {e}"))?;
-            job_queries = jobs
-                .iter()
-                .map(|job| JobQuerySpec {
-                    job_id: job.get(0),
-                    query: job.get(1),
-                    hold_above: job.get(2),
-                    role: job.get(3),
-                    search_path: job.get(4),
-                })
-                .collect();
-        }
-        Ok(job_queries)
+/// The rows of `sql`, prepared once per connection, when the signal it reads is `wanted`
+/// (none otherwise); an error names what was being read. A statement that failed is
+/// prepared afresh next time: a cached one can go stale (a newer daemon migrating the
+/// queue's tables under it).
+async fn read(
+    client: &deadpool_postgres::Client,
+    wanted: bool,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    reading: &str,
+) -> Result<Vec<Row>, String> {
+    if !wanted {
+        return Ok(Vec::new());
+    }
+    let rows = match client.prepare_cached(sql).await {
+        Ok(statement) => client.query(&statement, params).await,
+        Err(e) => Err(e),
+    };
+    rows.map_err(|e| {
+        client.statement_cache.remove(sql, &[]);
+        format!("{reading}: {}", error_chain(&e))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use pg_testkit::PgCluster;
+
+    use super::super::{HealthProbe, Signals};
+    use crate::pool::{connect_pool, SessionSettings};
+
+    /// The probe's statements are prepared once per connection, so a change of the queue's
+    /// tables under a running daemon (a newer one migrating them) makes a cached statement
+    /// stale: PostgreSQL refuses it ("cached plan must not change result type"). That
+    /// sample fails, as any failed read does; the next one prepares the statement afresh
+    /// and the probe sees again, rather than holding every job for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_statement_gone_stale_under_the_probe_is_prepared_afresh() {
+        let cluster = PgCluster::start_primary().expect("start a primary");
+        let url = cluster.url("postgres");
+        let pool = connect_pool(&url, &SessionSettings::default()).expect("pool");
+        let admin = pool.get().await.expect("a session");
+        // Only the columns the jobs' throttle-query read names.
+        admin
+            .batch_execute(
+                "CREATE SCHEMA backfill; \
+                 CREATE TABLE backfill.jobs (id int8 PRIMARY KEY, parent_id int8, state text, \
+                     throttle_query text, throttle_query_max float8, enqueued_by name, \
+                     search_path text); \
+                 INSERT INTO backfill.jobs VALUES \
+                     (1, NULL, 'running', 'SELECT 0', 1, current_user, NULL)",
+            )
+            .await
+            .expect("a queue table");
+        let probe = HealthProbe::new(
+            pool.clone(),
+            Vec::new(),
+            Vec::new(),
+            "backfilld-test".into(),
+            Duration::from_secs(5),
+            None,
+        )
+        .with_signals(Signals {
+            job_queries: true,
+            ..Signals::default()
+        });
+        let read_jobs = |round: &str| {
+            let probe = &probe;
+            let round = round.to_owned();
+            async move {
+                let (sample, jobs) = probe.sample_primary().await.unwrap_or_else(|e| {
+                    panic!("{round}: the probe failed: {e}");
+                });
+                assert!(!sample.probe_failed, "{round}");
+                assert_eq!(jobs.len(), 1, "{round}: the running job's throttle query");
+                assert_eq!(jobs[0].query, "SELECT 0", "{round}");
+            }
+        };
+        read_jobs("before the change").await;
+        admin
+            .batch_execute("ALTER TABLE backfill.jobs ALTER COLUMN throttle_query TYPE varchar")
+            .await
+            .expect("change the column's type");
+        let Err(stale) = probe.sample_primary().await else {
+            panic!("the cached statement's result type changed under it, yet it ran");
+        };
+        assert!(
+            stale.contains("reading jobs' throttle queries")
+                && stale.contains("cached plan must not change result type"),
+            "the error names the read and the server's reason: {stale}"
+        );
+        read_jobs("after the failed sample").await;
+        read_jobs("once more").await;
     }
 }
