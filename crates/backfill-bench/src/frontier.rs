@@ -436,7 +436,7 @@ fn seed_orders(fixture: &Fixture, db: &str, rows: i64) -> anyhow::Result<()> {
 }
 
 /// Stops a daemon the way a deployment does (SIGTERM) and waits for it.
-fn stop_daemon(child: &mut std::process::Child) {
+pub fn stop_daemon(child: &mut std::process::Child) {
     let pid = libc::pid_t::try_from(child.id()).unwrap_or(0);
     // SAFETY: signalling our own child, not reaped yet.
     unsafe { libc::kill(pid, libc::SIGTERM) };

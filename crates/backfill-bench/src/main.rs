@@ -13,6 +13,7 @@
 mod daemon;
 mod fixture;
 mod frontier;
+mod idle_cost;
 mod lockwaits;
 mod pgbench;
 mod procfs;
@@ -58,6 +59,8 @@ enum Scenario {
     Undo,
     /// The impact budget's frontier: rows/s against production's p99 (issue 19).
     Frontier,
+    /// What a daemon with nothing to backfill costs the primary's CPU (issue 19).
+    IdleCost,
 }
 
 /// Benchmarks backfilld against a single UPDATE and a PL/pgSQL loop, idle and under load.
@@ -178,6 +181,16 @@ struct Options {
     /// Rows of the load step's orders table.
     #[arg(long, default_value_t = 1_000_000)]
     frontier_step_rows: i64,
+    /// backfilld binaries of the idle-cost runs (repeatable; default: the one under test),
+    /// e.g. the parent commit's build next to this one.
+    #[arg(long = "idle-cost-binary")]
+    idle_cost_binaries: Vec<PathBuf>,
+    /// Rounds of the idle-cost runs (the binaries alternate within each).
+    #[arg(long, default_value_t = 3)]
+    idle_cost_rounds: u32,
+    /// Seconds of each idle-cost run's measured window.
+    #[arg(long, default_value_t = 30)]
+    idle_cost_window: u64,
     /// Keep the daemon logs in this directory (default: a temporary one).
     #[arg(long)]
     logs: Option<PathBuf>,
@@ -445,6 +458,28 @@ Load average (1/5/15 min) before the frontier: {load_before}; after: {}
             load_average()
         ));
     }
+    let mut idle_cost_markdown = None;
+    // Minutes long, like the frontier: with --quick only when asked for by name.
+    if options.only.contains(&Scenario::IdleCost) || (options.only.is_empty() && !options.quick) {
+        let plan = idle_cost::IdleCostPlan {
+            binaries: if options.idle_cost_binaries.is_empty() {
+                vec![bench.daemon.binary.clone()]
+            } else {
+                options.idle_cost_binaries.clone()
+            },
+            rounds: options.idle_cost_rounds.max(1),
+            warmup: Duration::from_secs(10),
+            window: Duration::from_secs(options.idle_cost_window.max(1)),
+            load: LoadShape { rate: 20, ..load },
+        };
+        progress(format_args!(
+            "idle cost: {} binaries, {} rounds…",
+            plan.binaries.len(),
+            plan.rounds
+        ));
+        let costs = idle_cost::run(&bench.fixture, &bench.template, &plan, &bench.work_dir).await?;
+        idle_cost_markdown = Some(idle_cost::to_markdown(&costs, &plan));
+    }
     report.context = context_lines(&bench, &unthrottled, &throttled, load_before)?;
     if options.logs.is_some() {
         let log = bench.work_dir.join("postgres-primary.log");
@@ -456,6 +491,10 @@ Load average (1/5/15 min) before the frontier: {load_before}; after: {}
     if let Some(frontier) = frontier_markdown {
         markdown.push_str("\n### Frontier: rows/s against production's p99\n\n");
         markdown.push_str(&frontier);
+    }
+    if let Some(idle_cost) = idle_cost_markdown {
+        markdown.push_str("\n### What an idle daemon costs the primary\n\n");
+        markdown.push_str(&idle_cost);
     }
     println!("\n{markdown}");
     let out = match (&options.out, options.quick) {
