@@ -53,14 +53,20 @@ impl Report {
         for line in &self.context {
             let _ = writeln!(out, "- {line}");
         }
-        out.push('\n');
-        out.push_str(&self.table());
+        // A run of only the frontier or the idle cost measures none of these: no empty
+        // tables then.
+        if self.rows().next().is_some() {
+            out.push('\n');
+            out.push_str(&self.table());
+        }
         if !self.memory.is_empty() {
             out.push('\n');
             out.push_str(&self.memory_table());
         }
-        out.push('\n');
-        out.push_str(&self.targets());
+        if let Some(targets) = self.targets() {
+            out.push('\n');
+            out.push_str(&targets);
+        }
         out
     }
 
@@ -137,9 +143,12 @@ impl Report {
         out
     }
 
-    fn targets(&self) -> String {
+    /// The targets table, `None` when nothing that ran is judged by one.
+    fn targets(&self) -> Option<String> {
         let mut out = String::from("| target | measured | met |\n|---|---|---|\n");
+        let mut judged = false;
         let mut row = |target: &str, measured: String, met: bool| {
+            judged = true;
             let verdict = if met { "yes" } else { "**no**" };
             let _ = writeln!(out, "| {target} | {measured} | {verdict} |");
         };
@@ -209,7 +218,7 @@ impl Report {
         for loaded in &self.loaded {
             self.load_targets(loaded, &mut row);
         }
-        out
+        judged.then_some(out)
     }
 
     fn load_targets(&self, loaded: &Measurement, row: &mut impl FnMut(&str, String, bool)) {
@@ -338,6 +347,26 @@ mod tests {
         assert_eq!(value("max_blocking"), "200ms");
         assert_eq!(DEFAULT_MAX_LAG, Duration::from_secs(2));
         assert_eq!(DEFAULT_MAX_BLOCKING, Duration::from_millis(200));
+    }
+
+    /// A run of only the frontier or the idle cost prints its context, not an empty
+    /// scenario table or targets table.
+    #[test]
+    fn a_report_of_no_scenario_prints_no_empty_tables() {
+        let report = Report {
+            context: vec!["Run: now".to_string()],
+            single: None,
+            plpgsql: None,
+            unthrottled: Vec::new(),
+            undo: Vec::new(),
+            loaded: Vec::new(),
+            baseline: None,
+            memory: Vec::new(),
+        };
+        let markdown = report.to_markdown();
+        assert!(markdown.contains("- Run: now"), "{markdown}");
+        assert!(!markdown.contains("| scenario |"), "{markdown}");
+        assert!(!markdown.contains("| target |"), "{markdown}");
     }
 
     #[test]
