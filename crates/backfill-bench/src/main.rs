@@ -307,16 +307,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
     let mut throttled = vec![expected_standby_setting()];
     throttled.extend(options.throttled_settings.iter().cloned());
 
-    let mut report = Report {
-        context: Vec::new(),
-        single: None,
-        plpgsql: None,
-        unthrottled: Vec::new(),
-        undo: Vec::new(),
-        loaded: Vec::new(),
-        baseline: None,
-        memory: Vec::new(),
-    };
+    let mut report = Report::default();
     if wants(Scenario::Single) {
         report.single = Some(done(bench.single_update().await?));
     }
