@@ -6,6 +6,7 @@ use std::time::Duration;
 use backfill_core::throttle::ReplicaLag;
 use deadpool_postgres::Pool;
 
+use super::query_prepared;
 use crate::pool::error_chain;
 
 /// Lag as a standby sees it itself (see the module docs).
@@ -49,10 +50,10 @@ pub(super) async fn replica_lag(pool: &Pool, name: &str) -> Result<ReplicaLag, S
         .get()
         .await
         .map_err(|e| format!("connecting: {}", error_chain(&e)))?;
-    let row = client
-        .query_one(REPLICA_LAG_SQL, &[])
+    let rows = query_prepared(&client, REPLICA_LAG_SQL, &[])
         .await
-        .map_err(|e| format!("reading its replay position: {e}"))?;
+        .map_err(|e| format!("reading its replay position: {}", error_chain(&e)))?;
+    let row = rows.first().ok_or("reading its replay position: no row")?;
     let in_recovery: bool = row.get(0);
     if !in_recovery {
         return Err(

@@ -230,3 +230,22 @@ impl HealthProbe {
         )
     }
 }
+
+/// `sql`'s rows, the statement prepared once per connection: the probes run the same few
+/// statements many times a second, and parsing and planning each anew cost the primary
+/// more than running it. A statement that fails is forgotten, so a stale one (its tables
+/// changed under it) is prepared afresh next time.
+async fn query_prepared(
+    client: &deadpool_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let rows = match client.prepare_cached(sql).await {
+        Ok(statement) => client.query(&statement, params).await,
+        Err(e) => Err(e),
+    };
+    if rows.is_err() {
+        client.statement_cache.remove(sql, &[]);
+    }
+    rows
+}

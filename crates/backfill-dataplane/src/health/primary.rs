@@ -14,7 +14,7 @@ use tokio_postgres::Row;
 
 use super::job_queries::{read_query_value, JobQuerySpec};
 use super::lag::{combine_lag, missing_standbys, seconds};
-use super::HealthProbe;
+use super::{query_prepared, HealthProbe};
 use crate::pool::error_chain;
 
 /// Lag of every standby streaming from the primary. `state` filters out standbys that are
@@ -308,14 +308,9 @@ async fn read(
     if !wanted {
         return Ok(Vec::new());
     }
-    let rows = match client.prepare_cached(sql).await {
-        Ok(statement) => client.query(&statement, params).await,
-        Err(e) => Err(e),
-    };
-    rows.map_err(|e| {
-        client.statement_cache.remove(sql, &[]);
-        format!("{reading}: {}", error_chain(&e))
-    })
+    query_prepared(client, sql, params)
+        .await
+        .map_err(|e| format!("{reading}: {}", error_chain(&e)))
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@ use std::time::Duration;
 use backfill_core::impact::WalWaitCount;
 use deadpool_postgres::Pool;
 
+use super::query_prepared;
+
 /// A session of `pg_stat_activity` waiting on the WAL, where a commit behind a batch's WAL
 /// waits: the bench measures the signal by this same predicate.
 pub const WAITING_ON_THE_WAL: &str = waiting_on_the_wal!();
@@ -37,10 +39,11 @@ impl ProductionWalWaits {
     /// Without pg_read_all_stats other roles' sessions show no state and are not seen.
     pub async fn sample(&self) -> Option<WalWaitCount> {
         let client = self.pool.get().await.ok()?;
-        let row = tokio::time::timeout(self.timeout, client.query_one(WAL_WAITS_SQL, &[]))
+        let rows = tokio::time::timeout(self.timeout, query_prepared(&client, WAL_WAITS_SQL, &[]))
             .await
             .ok()?
             .ok()?;
+        let row = rows.first()?;
         let count = |i: usize| u32::try_from(row.get::<_, i64>(i)).unwrap_or(u32::MAX);
         Some(WalWaitCount {
             waiting: count(0),
