@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use pg_testkit::{shared_primary, PgCluster};
 
 mod prometheus;
-pub use prometheus::Prometheus;
+pub use prometheus::{serve_app_latency, Prometheus};
 
 /// The `backfilld` binary built next to this test binary (`target/<profile>/backfilld`).
 pub fn backfilld_bin() -> PathBuf {

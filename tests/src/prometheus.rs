@@ -1,7 +1,8 @@
 //! A throwaway Prometheus server for the tests that need a real one (Debian's `prometheus`
 //! package; scripts/test installs it, `PROMETHEUS_BIN` overrides the binary).
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -19,28 +20,11 @@ impl Prometheus {
     /// Starts one with `config` as its prometheus.yml and waits up to `timeout` until it is
     /// ready; panics with its log if it exits first.
     pub fn start(config: &str, timeout: Duration) -> Prometheus {
-        let binary = std::env::var("PROMETHEUS_BIN").unwrap_or_else(|_| "prometheus".into());
         let dir = tempfile::tempdir().expect("tempdir");
-        let config_path = dir.path().join("prometheus.yml");
-        std::fs::write(&config_path, config).expect("write prometheus.yml");
         let port = free_port();
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log file");
-        let mut command = Command::new(&binary);
-        command
-            .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--log.level=warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log));
         // Dies with the test binary even on SIGKILL, where drop does not run.
-        let child = pg_testkit::spawn_tied_to_process(command, libc::SIGKILL)
-            .unwrap_or_else(|e| {
-                panic!("cannot start {binary}: {e} (Debian: apt-get install prometheus; scripts/test does)")
-            });
+        let child = pg_testkit::spawn_prometheus(config, dir.path(), port)
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut prometheus = Prometheus { child, port, dir };
         wait_until("Prometheus to be ready", timeout, || {
             if let Some(status) = prometheus.child.try_wait().expect("try_wait") {
@@ -82,6 +66,53 @@ impl Prometheus {
             (status, answer) => panic!("{expr} failed with HTTP {status}: {answer}"),
         }
     }
+}
+
+impl Prometheus {
+    /// One scraping 127.0.0.1:`target` every second, ready within `timeout`.
+    pub fn scraping_every_second(target: u16, timeout: Duration) -> Prometheus {
+        Prometheus::start(
+            &format!(
+                "global:\n  scrape_interval: 1s\n\
+                 scrape_configs:\n  - job_name: app\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
+            ),
+            timeout,
+        )
+    }
+
+    /// `app_latency_seconds` (see [`serve_app_latency`]) as it has it now, if it has it.
+    pub fn app_latency(&self) -> Option<f64> {
+        let (_, body) = http_get(self.port, "/api/v1/query?query=app_latency_seconds")?;
+        let answer: Value = serde_json::from_str(&body).ok()?;
+        answer["data"]["result"][0]["value"][1]
+            .as_str()?
+            .parse()
+            .ok()
+    }
+}
+
+/// A tiny `/metrics` endpoint serving `app_latency_seconds <value>`, an application's
+/// latency SLI whose value the test sets; serves until the process ends. Returns its port.
+pub fn serve_app_latency(value: Arc<Mutex<f64>>) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let body = format!(
+                "# TYPE app_latency_seconds gauge\napp_latency_seconds {}\n",
+                *value.lock().expect("value")
+            );
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
 }
 
 impl Drop for Prometheus {

@@ -8,7 +8,8 @@ use std::thread;
 use std::time::Duration;
 
 use backfilld_e2e::{
-    env_refs, free_port, http_get, quick_worker_json_log, wait_until, Application, Daemon, TestDb,
+    env_refs, free_port, http_get, quick_worker_json_log, serve_app_latency, wait_until,
+    Application, Daemon, Prometheus, TestDb,
 };
 
 const RUN_LIMIT: Duration = Duration::from_secs(120);
@@ -459,4 +460,68 @@ fn two_daemons_next_to_production_rest_at_the_same_wall_clock_moments() {
             "the second daemon rested at {at:?} alone: {first_rests:?} against {second_rests:?}"
         );
     }
+}
+
+#[test]
+fn production_s_own_latency_from_prometheus_bounds_the_pace_the_canary_steers() {
+    // The application's p99 as its monitoring has it, 3 ms; a Prometheus scraping it.
+    let latency = Arc::new(std::sync::Mutex::new(0.003));
+    let prometheus =
+        Prometheus::scraping_every_second(serve_app_latency(latency.clone()), RUN_LIMIT);
+    wait_until("Prometheus to have the SLI", RUN_LIMIT, || {
+        prometheus.app_latency() == Some(0.003)
+    });
+    let primary = pg_testkit::PgCluster::start_primary().expect("primary");
+    // Paced near 1,000 rows/s, longer than the test watches: it is stopped at the end.
+    let rows = 200_000;
+    let url = format!("http://127.0.0.1:{}", prometheus.port());
+    let (_db, application, mut daemon, _port) = next_to_production(
+        &primary,
+        "impact_sli",
+        rows,
+        &[
+            ("BACKFILLD_THROTTLE__PROMETHEUS_URL", &url),
+            (
+                "BACKFILLD_THROTTLE__IMPACT_SLI_QUERY",
+                "max(app_latency_seconds)",
+            ),
+            ("BACKFILLD_THROTTLE__IMPACT_SLI_WINDOW", "3s"),
+            ("BACKFILLD_HTTP__FINAL_SCRAPE_WAIT", "0s"),
+        ],
+    );
+    let judged = |daemon: &Daemon, what: &dyn Fn(&serde_json::Value) -> bool| {
+        impact_judgements(daemon)
+            .into_iter()
+            .find(|line| what(line))
+    };
+    // It learned the SLI's baseline in its first rest, and then showed a pace within it.
+    wait_until("a pace the SLI shows within budget", RUN_LIMIT, || {
+        judged(&daemon, &|line| line["sli_proven"].as_f64().is_some()).is_some()
+    });
+    let proven = judged(&daemon, &|line| line["sli_proven"].as_f64().is_some()).expect("proven");
+    assert_eq!(proven["sli_baseline"].as_f64(), Some(0.003), "{proven}");
+
+    // Production's latency rises to 40 ms, over 1.3× and the test's wide 25 ms floor: the
+    // SLI cuts the pace, where the canary (under that floor) never would.
+    *latency.lock().expect("latency") = 0.040;
+    wait_until("the SLI to cut the pace", RUN_LIMIT, || {
+        judged(&daemon, &|line| line["change"] == "Some(SliHarm)").is_some()
+    });
+    let cut = judged(&daemon, &|line| line["change"] == "Some(SliHarm)").expect("cut");
+    let harmed = cut["sli_harmed"].as_f64().expect("the pace harmed");
+    let pace_after = cut["directive"]
+        .as_str()
+        .and_then(|d| d.strip_prefix("Some(Pace("))
+        .and_then(|d| d.trim_end_matches("))").parse::<f64>().ok())
+        .expect("a pace");
+    assert!(pace_after < harmed, "{cut}");
+    assert!(
+        cut["sli_ratio"].as_f64().is_some_and(|ratio| ratio > 10.0),
+        "{cut}"
+    );
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon
+        .wait(RUN_LIMIT)
+        .is_some_and(|status| status.success()));
+    assert!(application.stop() > 1);
 }

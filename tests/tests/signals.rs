@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use backfilld_e2e::{
-    env_refs, free_port, http_get, quick_worker_json_log, readme_engineer_grants, wait_until,
-    Daemon, Prometheus, TestDb,
+    env_refs, free_port, http_get, quick_worker_json_log, readme_engineer_grants,
+    serve_app_latency, wait_until, Daemon, Prometheus, TestDb,
 };
 use pg_testkit::demo_data::{users_table_sql, SPLIT_NAME_JOB_SQL};
 use pg_testkit::PgCluster;
@@ -749,51 +749,6 @@ fn plan_names_the_signals_that_would_hold_the_job_now() {
     assert_eq!(db.sql("SELECT backfill.unthrottle()"), "1");
 }
 
-/// A tiny `/metrics` endpoint serving `app_latency_seconds <value>`, the value shared with
-/// the test; serves until the process ends.
-fn app_metrics(value: std::sync::Arc<std::sync::Mutex<f64>>) -> u16 {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            let mut request = [0u8; 4096];
-            let _ = stream.read(&mut request);
-            let body = format!(
-                "# TYPE app_latency_seconds gauge\napp_latency_seconds {}\n",
-                *value.lock().expect("value")
-            );
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    port
-}
-
-/// A Prometheus scraping 127.0.0.1:`target` every second.
-fn scraping(target: u16) -> Prometheus {
-    Prometheus::start(
-        &format!(
-            "global:\n  scrape_interval: 1s\n\
-             scrape_configs:\n  - job_name: app\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
-        ),
-        RUN_LIMIT,
-    )
-}
-
-/// `app_latency_seconds` as Prometheus has it now, if it has it.
-fn scraped_latency(prometheus: &Prometheus) -> Option<f64> {
-    let (_, body) = http_get(prometheus.port(), "/api/v1/query?query=app_latency_seconds")?;
-    let answer: serde_json::Value = serde_json::from_str(&body).ok()?;
-    answer["data"]["result"][0]["value"][1]
-        .as_str()?
-        .parse()
-        .ok()
-}
-
 /// Waits until Prometheus has `app_latency_seconds == value` and returns when (database
 /// clock), polled every 20 ms so the time is close to when the daemon could first see it.
 fn prometheus_has(db: &TestDb, prometheus: &Prometheus, value: f64) -> f64 {
@@ -801,7 +756,7 @@ fn prometheus_has(db: &TestDb, prometheus: &Prometheus, value: f64) -> f64 {
         &format!("Prometheus to have app_latency_seconds {value}"),
         RUN_LIMIT,
         || {
-            let has = scraped_latency(prometheus) == Some(value);
+            let has = prometheus.app_latency() == Some(value);
             if !has {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -816,7 +771,8 @@ fn a_prometheus_query_over_its_threshold_holds_the_job_and_so_does_an_unreachabl
     let db = TestDb::new("signals_prometheus");
     slow_job(&db, 1);
     let latency = std::sync::Arc::new(std::sync::Mutex::new(0.1));
-    let prometheus = scraping(app_metrics(latency.clone()));
+    let prometheus =
+        Prometheus::scraping_every_second(serve_app_latency(latency.clone()), RUN_LIMIT);
     prometheus_has(&db, &prometheus, 0.1);
     let port = free_port();
     let mut env = daemon_env("prometheus", port);

@@ -63,6 +63,11 @@
 //!   active sessions waiting on the WAL, against the rests' share, is a second harm judge
 //!   (Wald's test, see [`wal`]): harm there cuts as the tail's does; calm is the canaries'
 //!   to say.
+//! - **Production's own latency** (when `sli_window` is set): its p99 as its monitoring
+//!   computes it (a Prometheus query), judged once a range against its value at the end
+//!   of long rests, bounds what the canaries steer: over budget cuts to any pace and caps
+//!   growth short of that pace until the next long rest; a pace it shows within budget is
+//!   one the canaries cut no lower than (see [`sli`]).
 //! - **No signal** (no canary answered for [`SIGNAL_TIMEOUT`]): no verdict; the throttle
 //!   falls back to the fixed duty cycle next to production.
 //!
@@ -72,10 +77,13 @@
 use std::time::Duration;
 
 pub mod excess;
+pub mod sli;
 pub mod wal;
 
 use excess::ExcessEvidence;
 pub use excess::ExcessReading;
+use sli::SliJudge;
+pub use sli::{SliReading, SliVerdict};
 pub use wal::WalWaitCount;
 use wal::{WalBaseline, WalEvidence};
 
@@ -232,6 +240,18 @@ pub struct ImpactSettings {
     /// The rise over its share at rest of production's active sessions waiting on the WAL
     /// that is harm ([`wal`]; 1.15: 15 % more); 0: not judged.
     pub wal_rise: f64,
+    /// How long after the pace is set production's latency SLI shows it alone (its
+    /// query's range plus the scrape interval), when the SLI is read ([`sli`]); zero: no
+    /// SLI.
+    pub sli_window: Duration,
+}
+
+impl ImpactSettings {
+    /// The rise over `level` the budget allows: the ratio's, or the floor when that is
+    /// more.
+    fn allowed_rise(&self, level: f64) -> f64 {
+        (level * (self.budget_ratio - 1.0)).max(self.floor.as_secs_f64())
+    }
 }
 
 impl Default for ImpactSettings {
@@ -244,6 +264,7 @@ impl Default for ImpactSettings {
             relearn_every: Duration::from_secs(30),
             excess_share: 0.0,
             wal_rise: 0.0,
+            sli_window: Duration::ZERO,
         }
     }
 }
@@ -316,6 +337,13 @@ pub struct ImpactController {
     wal_baseline: WalBaseline,
     /// The WAL waits' test since the pace last changed.
     wal_evidence: WalEvidence,
+    /// Production's SLI, when `sli_window` is set.
+    sli: Option<SliJudge>,
+    /// The rest in progress (or the last) is long enough to learn the SLI's baseline.
+    long_rest: bool,
+    /// When the pace in force was set, and that pace: rests, and judgements that leave it
+    /// as it was, do not set it anew (the SLI judges a pace a window after it is set).
+    pace_set: (Duration, f64),
     last_ratio: Option<f64>,
     last_canary: Option<Duration>,
     last_relearn: Duration,
@@ -365,7 +393,9 @@ impl ImpactController {
             } else {
                 0.0
             },
+            sli_window: settings.sli_window,
         };
+        let sli = (!settings.sli_window.is_zero()).then(|| SliJudge::new(settings.sli_window));
         ImpactController {
             settings,
             phase: Phase::Resting { since: now },
@@ -385,6 +415,9 @@ impl ImpactController {
             last_excess: None,
             wal_baseline: WalBaseline::default(),
             wal_evidence: WalEvidence::default(),
+            long_rest: sli.is_some(),
+            sli,
+            pace_set: (now, START_RATE),
             last_ratio: None,
             last_canary: None,
             last_relearn: now,
@@ -463,6 +496,38 @@ impl ImpactController {
         }
     }
 
+    /// Records a value of production's latency SLI read at `now` (when `sli_window` is
+    /// set; see [`sli`]): learned at the end of a long rest, judged while pacing next to
+    /// production, where over budget cuts the pace to any pace.
+    pub fn observe_sli(&mut self, now: Duration, value: f64) {
+        let Some(sli) = self.sli.as_mut() else {
+            return;
+        };
+        match self.phase {
+            Phase::Resting { since } if self.long_rest => {
+                sli.observe_at_rest(now.saturating_sub(since.saturating_add(DRAIN)), value);
+            }
+            Phase::Resting { .. } => {}
+            Phase::Pacing { .. } if self.production_active => {
+                if sli.judge(now, self.pace_set.0, self.rate, value, &self.settings)
+                    == Some(SliVerdict::Over)
+                {
+                    // No lower than a slower pace it proved: if production has grown
+                    // heavier since, that pace is judged in turn.
+                    let floor = sli.floor();
+                    self.decided(PaceChange::SliHarm);
+                    self.cut(now, floor);
+                }
+            }
+            Phase::Pacing { .. } => {}
+        }
+    }
+
+    /// What production's SLI said when last judged (`sli_window` set).
+    pub fn sli(&self) -> Option<SliReading> {
+        self.sli.as_ref().map(SliJudge::reading)
+    }
+
     /// Records that backfilld's batches had been in flight `busy_total` in all by `now`.
     pub fn record_busy(&mut self, now: Duration, busy_total: Duration) {
         self.excess.record_busy(now, busy_total);
@@ -506,7 +571,8 @@ impl ImpactController {
     /// baseline.
     pub fn evaluate(&mut self, now: Duration, production_active: bool) -> ImpactVerdict {
         if production_active && !self.production_active {
-            self.start_rest(now);
+            // Production's own latency moves with its load: the SLI's baseline too.
+            self.start_rest(now, true);
         }
         self.production_active = production_active;
         let readable = self
@@ -521,15 +587,26 @@ impl ImpactController {
             // began), so that it ends with the other daemons' and learns nothing from
             // their batches before it; but not the rest at start, longer than the
             // shortest `relearn_every` and shared with no one anyway.
-            Phase::Resting { .. } if periodic && !self.rests.is_empty() => self.start_rest(now),
+            Phase::Resting { .. } if periodic && !self.rests.is_empty() => {
+                let long = self.long_rest || self.sli_relearns_at(now);
+                self.start_rest(now, long);
+            }
             Phase::Resting { since } => {
-                let rest = if self.rests.is_empty() {
+                let mut rest = if self.rests.is_empty() {
                     FIRST_REST
                 } else {
                     REST
                 };
+                if let (true, Some(sli)) = (self.long_rest, self.sli.as_ref()) {
+                    rest = rest.max(sli.rest());
+                }
                 if now >= since.saturating_add(DRAIN).saturating_add(rest) {
                     self.wal_baseline.end_rest();
+                    if let (true, Some(sli)) = (self.long_rest, self.sli.as_mut()) {
+                        sli.end_long_rest();
+                        // The SLI's range held the rest: the pace shows a window from now.
+                        self.pace_set = (now, self.rate);
+                    }
                     if self.samples.len() >= MIN_SAMPLES {
                         let calm = quantile(&mut self.samples, CALM_QUANTILE);
                         let rest = std::mem::take(&mut self.samples);
@@ -546,7 +623,8 @@ impl ImpactController {
             }
             Phase::Pacing { since } => {
                 if periodic {
-                    self.start_rest(now);
+                    let long = self.sli_relearns_at(now);
+                    self.start_rest(now, long);
                 } else if production_active {
                     self.judge(now, since);
                 } else {
@@ -641,14 +719,25 @@ impl ImpactController {
     /// The line a canary is over budget above: the baseline's tail and the rise allowed.
     fn tail_line(&self) -> Option<f64> {
         self.baseline_levels()
-            .map(|levels| levels.tail + self.allowed_rise(levels.tail))
+            .map(|levels| levels.tail + self.settings.allowed_rise(levels.tail))
     }
 
-    /// Rests to re-learn the baseline. The evidence on a multiplying step not yet shown
+    /// Whether a periodic rest at `now` re-learns the SLI's baseline too: the first of
+    /// the periodic moments in each [`sli::SLI_RELEARN_EVERY`] of the wall clock, so that
+    /// the pods of one Job rest long together as well.
+    fn sli_relearns_at(&self, now: Duration) -> bool {
+        let wall = (now + self.wall_at_zero).as_nanos();
+        self.sli.is_some()
+            && wall % sli::SLI_RELEARN_EVERY.as_nanos() < self.settings.relearn_every.as_nanos()
+    }
+
+    /// Rests to re-learn the baseline; `long`: long enough for the SLI's as well (when
+    /// it is read). The evidence on a multiplying step not yet shown
     /// calm is kept for after the rest: reset, it let a step past the knee stand for 17–26 s
     /// next to 200 tx/s in issue 19's twelfth round, each rest starting its judgement over.
-    fn start_rest(&mut self, now: Duration) {
+    fn start_rest(&mut self, now: Duration, long: bool) {
         self.phase = Phase::Resting { since: now };
+        self.long_rest = long && self.sli.is_some();
         self.rests_begun += 1;
         self.samples.clear();
         if self.stepped_from.is_none() {
@@ -671,6 +760,9 @@ impl ImpactController {
     /// Paces at a pace just set: its evidence starts from nothing.
     fn enter_pacing(&mut self, now: Duration) {
         self.resume_pacing(now);
+        if self.pace_set.1 != self.rate {
+            self.pace_set = (now, self.rate);
+        }
         self.evidence = Evidence::default();
         self.wal_evidence = WalEvidence::default();
     }
@@ -691,7 +783,7 @@ impl ImpactController {
         if span < DECIDED_AFTER || self.samples.len() < MIN_SAMPLES {
             return;
         }
-        let allowed = self.allowed_rise(baseline);
+        let allowed = self.settings.allowed_rise(baseline);
         let ratio_of = |tail: f64| tail / baseline.max(f64::MIN_POSITIVE);
         let excess_share = self.settings.excess_share;
         let excess = (excess_share > 0.0)
@@ -741,7 +833,8 @@ impl ImpactController {
         self.last_ratio = Some(ratio_of(current));
         let rise = current - baseline;
         // The whole primary slower, or many transactions delayed: not the tail's few.
-        let broad_harm = median - calm > self.allowed_rise(calm) || broad - baseline > allowed;
+        let broad_harm =
+            median - calm > self.settings.allowed_rise(calm) || broad - baseline > allowed;
         let change = match tail {
             _ if broad_harm && span >= CUT_AFTER => PaceChange::BroadHarm,
             Some(Tail::Harm) if !self.just_cut || span >= CUT_AFTER => {
@@ -769,11 +862,16 @@ impl ImpactController {
                     None => rise < allowed * ROOMY_SHARE,
                 };
                 let step = self.growth(roomy);
-                // Never past twice what the jobs achieve: a pace they cannot reach buys
-                // nothing.
+                // Never past twice what the jobs achieve (a pace they cannot reach buys
+                // nothing), nor to a pace production's own latency showed over budget.
                 let cap = self
                     .achieved
-                    .map_or(MAX_RATE, |a| (2.0 * a).max(START_RATE));
+                    .map_or(MAX_RATE, |a| (2.0 * a).max(START_RATE))
+                    .min(
+                        self.sli
+                            .as_ref()
+                            .map_or(MAX_RATE, |sli| sli.growth_cap(APPROACH)),
+                    );
                 let to = step
                     .to
                     .min(cap)
@@ -797,7 +895,10 @@ impl ImpactController {
             PaceChange::BroadHarm => MIN_RATE,
             _ => self.tail_floor(),
         };
-        self.cut(now, floor);
+        // Production's own latency showed a pace within budget: the canaries, a proxy of
+        // it, cut no lower.
+        let proven = self.sli.as_ref().map_or(0.0, SliJudge::floor);
+        self.cut(now, floor.max(proven));
     }
 
     /// Records a pace decision and why, for the log (a cut the floor held included).
@@ -821,12 +922,6 @@ impl ImpactController {
     /// twice.
     fn harm_confirmed(&self) -> bool {
         self.floor_held_at == Some(self.rate)
-    }
-
-    /// The rise over `level` the budget allows: the ratio's, or the floor when that is
-    /// more.
-    fn allowed_rise(&self, level: f64) -> f64 {
-        (level * (self.settings.budget_ratio - 1.0)).max(self.settings.floor.as_secs_f64())
     }
 
     /// Over budget: by [`CUT_FACTOR`], or back to the pace before the step that set this
@@ -963,6 +1058,8 @@ pub enum PaceChange {
     StepWalHarmed,
     /// A multiplying step not shown calm within its probation: undone.
     StepUnproven,
+    /// Production's own latency SLI read over budget at the pace: cut, to any pace.
+    SliHarm,
 }
 
 /// What Wald's test over the tail has decided.

@@ -7,7 +7,7 @@
 //!   [`PgCluster::create_database`].
 //! - [`TcpProxy`] sits in front of a cluster and cuts connections on demand.
 //! - [`spawn_tied_to_process`] starts any other child (a daemon under test) so that it dies
-//!   with the calling process, as the servers do.
+//!   with the calling process, as the servers do; [`spawn_prometheus`] a Prometheus so.
 //!
 //! Servers are direct children of the calling process and die with it, even on SIGKILL; their
 //! directories are removed on drop and at normal process exit. When run as root (CI
@@ -57,4 +57,36 @@ pub fn spawn_tied_to_process(
     death_signal: i32,
 ) -> std::io::Result<std::process::Child> {
     process::spawn_tied_to_process(command, death_signal)
+}
+
+/// Starts a throwaway Prometheus (`$PROMETHEUS_BIN`, else `prometheus` from Debian's
+/// package) with `config` as its prometheus.yml, its data and its log (`prometheus.log`,
+/// warnings and errors) in `dir`, listening on 127.0.0.1:`port`, tied to this process as
+/// the servers are; an error names the binary and how to install it.
+pub fn spawn_prometheus(
+    config: &str,
+    dir: &std::path::Path,
+    port: u16,
+) -> std::io::Result<std::process::Child> {
+    let binary = std::env::var("PROMETHEUS_BIN").unwrap_or_else(|_| "prometheus".into());
+    let config_path = dir.join("prometheus.yml");
+    std::fs::write(&config_path, config)?;
+    let log = std::fs::File::create(dir.join("prometheus.log"))?;
+    let mut command = std::process::Command::new(&binary);
+    command
+        .arg(format!("--config.file={}", config_path.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--log.level=warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(log));
+    spawn_tied_to_process(command, libc::SIGKILL).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot start {binary}: {e} (Debian: apt-get install prometheus; scripts/test does)"),
+        )
+    })
 }

@@ -936,6 +936,7 @@ fn nonsense_settings_fall_back_to_the_defaults() {
             relearn_every: Duration::ZERO,
             excess_share: 0.0,
             wal_rise: f64::NAN,
+            sli_window: Duration::ZERO,
         },
         ms(0),
     );
@@ -968,6 +969,8 @@ proptest! {
         wal_waits in proptest::collection::vec((0u32..20, 0u32..20), 400),
         in_batch in proptest::collection::vec(0u64..50_000, 400),
         busy in 0.0f64..1.0,
+        sli_window_ms in prop_oneof![Just(0u64), 2_000u64..20_000],
+        sli in proptest::collection::vec(proptest::option::of(0u64..50_000), 400),
     ) {
         let settings = ImpactSettings {
             budget_ratio: ratio,
@@ -975,12 +978,13 @@ proptest! {
             relearn_every: Duration::from_secs(7),
             excess_share,
             wal_rise,
+            sli_window: ms(sli_window_ms),
         };
         let mut controller = ImpactController::new(settings, ms(0));
         let mut now = ms(0);
         let mut rows = 0u64;
-        for ((latency, inside_us), (waiting, active)) in
-            latencies.into_iter().zip(in_batch).zip(wal_waits)
+        for (((latency, inside_us), (waiting, active)), sli_us) in
+            latencies.into_iter().zip(in_batch).zip(wal_waits).zip(sli)
         {
             now += CANARY;
             let before = controller.rate();
@@ -989,6 +993,9 @@ proptest! {
             }
             controller.observe_wal_waits(now, WalWaitCount { waiting, active });
             controller.observe_in_batch(now, Duration::from_micros(inside_us));
+            if let Some(us) = sli_us {
+                controller.observe_sli(now, us as f64 / 1e6);
+            }
             controller.record_busy(now, now.mul_f64(busy));
             rows += 10;
             controller.record_rows(now, rows);
@@ -1367,4 +1374,124 @@ fn a_rest_production_began_just_before_a_periodic_moment_restarts_at_it() {
     let (_, verdict) = run(&mut controller, now, ms(100), true, linear);
     assert!(matches!(verdict.directive, Some(ImpactDirective::Pace(_))));
     assert_eq!(controller.rests_begun(), begun + 2);
+}
+
+/// The default settings, periodic rests off, production's SLI read with a 5 s window.
+fn reading_the_sli() -> ImpactSettings {
+    ImpactSettings {
+        sli_window: ms(5_000),
+        ..rest_only_at_start()
+    }
+}
+
+/// As [`run`], and production's SLI read every [`sli::SLI_READ_EVERY`]: `sli(rate)` from
+/// the pace in force (0 while resting). Returns the time reached and every pace set.
+fn run_reading_the_sli(
+    controller: &mut ImpactController,
+    from: Duration,
+    span: Duration,
+    latency: impl Fn(Option<ImpactDirective>) -> Duration,
+    sli: impl Fn(f64) -> f64,
+) -> (Duration, Vec<f64>) {
+    let mut now = from;
+    let mut verdict = controller.evaluate(now, true);
+    let mut paces = Vec::new();
+    let mut next_read = from;
+    while now < from + span {
+        now += CANARY;
+        controller.observe(now, latency(verdict.directive));
+        let rate = match verdict.directive {
+            Some(ImpactDirective::Pace(rate)) => rate,
+            _ => 0.0,
+        };
+        if now >= next_read {
+            controller.observe_sli(now, sli(rate));
+            next_read = now + sli::SLI_READ_EVERY;
+        }
+        verdict = controller.evaluate(now, true);
+        if let Some(ImpactDirective::Pace(rate)) = verdict.directive {
+            if paces.last() != Some(&rate) {
+                paces.push(rate);
+            }
+        }
+    }
+    (now, paces)
+}
+
+#[test]
+fn with_the_sli_the_first_rest_lasts_its_window_and_learns_its_baseline() {
+    let mut controller = ImpactController::new(reading_the_sli(), ms(0));
+    let flat = |_: Option<ImpactDirective>| ms(2);
+    // Without the SLI the first rest ends after DRAIN + FIRST_REST (5.3 s).
+    let (now, paces) = run_reading_the_sli(&mut controller, ms(0), ms(6_000), flat, |_| 0.003);
+    assert!(paces.is_empty(), "paced at {now:?}: {paces:?}");
+    let (_, paces) = run_reading_the_sli(&mut controller, now, ms(1_000), flat, |_| 0.003);
+    assert_eq!(paces, [START_RATE]);
+    assert_eq!(controller.sli().and_then(|sli| sli.baseline), Some(0.003));
+}
+
+#[test]
+fn a_pace_production_s_own_latency_shows_within_budget_holds_against_the_canaries() {
+    // Canaries at 2 ms until the SLI proves a pace, then every one at 20 ms: harm to the
+    // canaries, none to production.
+    let calm = |_: Option<ImpactDirective>| ms(2);
+    let slow = |_: Option<ImpactDirective>| ms(20);
+    let mut controller = ImpactController::new(reading_the_sli(), ms(0));
+    let mut now = ms(0);
+    while controller.sli().and_then(|sli| sli.proven).is_none() {
+        assert!(now < ms(60_000), "nothing proven in a minute");
+        (now, _) = run_reading_the_sli(&mut controller, now, ms(1_000), calm, |_| 0.003);
+    }
+    let proven = controller.rate();
+    let harmful_after = now;
+    let (now, paces) = run_reading_the_sli(&mut controller, now, ms(30_000), slow, |_| 0.003);
+    assert!(
+        paces.iter().all(|rate| *rate >= proven),
+        "the canaries cut below the proven {proven}: {paces:?}"
+    );
+    // Production's own latency over budget (6 ms against 3) cuts below it.
+    let (_, paces) = run_reading_the_sli(&mut controller, now, ms(12_000), slow, |_| 0.006);
+    assert!(
+        paces.iter().any(|rate| *rate < proven),
+        "not cut: {paces:?}"
+    );
+    assert_eq!(controller.sli().and_then(|sli| sli.proven), None);
+
+    // The same canaries without the SLI cut below that pace: the floor above is the SLI's.
+    let mut controller = ImpactController::new(rest_only_at_start(), ms(0));
+    let (now, _) = run(&mut controller, ms(0), harmful_after, true, calm);
+    let (_, paces) = run_reading_the_sli(&mut controller, now, ms(30_000), slow, |_| 0.003);
+    assert!(paces.iter().any(|rate| *rate < proven), "{paces:?}");
+}
+
+#[test]
+fn production_s_own_latency_over_budget_cuts_what_the_canaries_call_calm() {
+    // The canaries never move; production's p99 is 3 ms up to 1,000 rows/s and 1 ms more
+    // per 1,000 rows/s above: over budget (1.3× and 0.5 ms) from 2,000 rows/s.
+    let flat = |_: Option<ImpactDirective>| ms(2);
+    let production = |rate: f64| 0.003 + (rate - START_RATE).max(0.0) / 1e6;
+    let mut controller = ImpactController::new(reading_the_sli(), ms(0));
+    let (_, paces) = run_reading_the_sli(&mut controller, ms(0), ms(120_000), flat, production);
+    let first_over = paces
+        .iter()
+        .position(|rate| *rate >= 2.0 * START_RATE)
+        .expect("slow start reaches 2,000 rows/s");
+    assert!(
+        paces[first_over + 1..]
+            .iter()
+            .all(|rate| *rate < 2.0 * START_RATE),
+        "grew back to a pace the SLI showed over budget: {paces:?}"
+    );
+    let last = *paces.last().expect("paced");
+    assert!(
+        (1_500.0..2_000.0).contains(&last),
+        "settles just under the harm: {paces:?}"
+    );
+    assert_eq!(controller.last_change(), Some(PaceChange::Calm));
+    let sli = controller.sli().expect("the SLI is read");
+    assert_eq!(sli.harmed, Some(2.0 * START_RATE));
+    assert!(
+        sli.proven.is_some_and(|proven| proven >= 1_500.0),
+        "{sli:?}"
+    );
 }

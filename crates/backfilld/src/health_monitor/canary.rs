@@ -279,6 +279,13 @@ impl CanaryJudges {
         }
     }
 
+    /// A value of production's latency SLI read at `now`, for the impact budget.
+    pub(super) fn observe_sli(&mut self, now: Duration, value: f64) {
+        if let Some(impact) = self.impact.as_mut() {
+            impact.observe_sli(now, value);
+        }
+    }
+
     /// A canary timed at its interval: the delay detector's, and the impact budget's tail.
     fn observe_at_interval(&mut self, now: Duration, round_trip: Duration) {
         if let Some(detector) = self.detector.as_mut() {
@@ -324,6 +331,7 @@ impl CanaryJudges {
                 || impact.rests_begun() != self.logged_rests
             {
                 let excess = impact.excess();
+                let sli = impact.sli();
                 tracing::debug!(
                     target: "backfilld::impact",
                     directive = ?verdict.directive,
@@ -336,6 +344,10 @@ impl CanaryJudges {
                     anywhere_over = excess.map(|e| e.anywhere_share),
                     excess = excess.map(|e| e.estimate),
                     wal_share_at_rest = impact.wal_share_at_rest(),
+                    sli_baseline = sli.and_then(|s| s.baseline),
+                    sli_ratio = sli.and_then(|s| s.ratio),
+                    sli_proven = sli.and_then(|s| s.proven),
+                    sli_harmed = sli.and_then(|s| s.harmed),
                     rests = impact.rests_begun(),
                     "impact budget"
                 );

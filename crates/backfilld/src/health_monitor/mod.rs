@@ -1,8 +1,9 @@
 //! The daemon's one health monitor: the task that owns the health probe (standby lag,
 //! locks, slots, operator throttles, production's sessions), the production-activity judge,
-//! the production-latency canary and (with `throttle.impact_wal_rise`) the sampler of
-//! production's WAL waits, and that alone publishes the health samples the worker's jobs
-//! run on.
+//! the production-latency canary, (with `throttle.impact_wal_rise`) the sampler of
+//! production's WAL waits and (with `throttle.impact_sli_query`) the reader of
+//! production's latency SLI, and that alone publishes the health samples the worker's
+//! jobs run on.
 //!
 //! Rooms: [`probe`] (the probe `[throttle]` configures, also used by `plan`) and [`canary`]
 //! (the canary's round trips and their judges). The daemon-wide gauges are
@@ -16,9 +17,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use backfill_core::activity::ProductionActivity;
+use backfill_core::impact::sli::SLI_READ_EVERY;
 use backfill_core::impact::WalWaitCount;
-use backfill_core::throttle::HealthSample;
-use backfill_dataplane::{HealthProbe, ProductionWalWaits};
+use backfill_core::throttle::{HealthSample, QueryReading};
+use backfill_dataplane::{HealthProbe, ProductionWalWaits, PrometheusQuery};
 use tokio::sync::{mpsc, watch};
 
 use crate::batches_in_flight::BatchesInFlight;
@@ -47,6 +49,11 @@ enum Reading {
         at: Duration,
         count: WalWaitCount,
     },
+    /// A value of production's latency SLI.
+    Sli {
+        at: Duration,
+        value: f64,
+    },
 }
 
 /// The health monitor (see the module docs): its readers — the probe every
@@ -64,6 +71,8 @@ pub struct HealthMonitor {
     in_batch: Option<InBatchCanary>,
     /// `None` unless the impact budget judges production's WAL waits.
     wal_waits: Option<ProductionWalWaits>,
+    /// `None` unless the impact budget reads production's latency SLI.
+    sli: Option<PrometheusQuery>,
     judges: Judges,
 }
 
@@ -108,6 +117,13 @@ impl HealthMonitor {
         let needs_wal_waits = CanaryJudges::needs_wal_waits(impact.as_ref());
         let wal_waits = own_connection(db, needs_wal_waits, "the WAL-wait sampler")?
             .map(|pool| ProductionWalWaits::new(pool, throttle.probe_timeout));
+        let sli = match (&canary, throttle.impact_sli()) {
+            (Some(_), Some((url, query))) => Some(
+                PrometheusQuery::new(url, query, throttle.probe_timeout)
+                    .map_err(|e| anyhow::anyhow!("throttle.prometheus_url: {e}"))?,
+            ),
+            _ => None,
+        };
         let (published, samples) = watch::channel(HealthSample::default());
         let monitor = HealthMonitor {
             origin,
@@ -116,6 +132,7 @@ impl HealthMonitor {
             canary,
             in_batch,
             wal_waits,
+            sli,
             judges: Judges {
                 activity: ActivityJudge::new(sharing),
                 canary: canary_judges,
@@ -137,6 +154,7 @@ impl HealthMonitor {
             canary,
             in_batch,
             wal_waits,
+            sli,
             mut judges,
         } = self;
         let (readings, mut to_judge) = mpsc::channel(4);
@@ -168,10 +186,17 @@ impl HealthMonitor {
                         read_wal_waits(wal_waits, origin, wal_readings, wal_shutdown).await;
                     }
                 };
+                let (sli_readings, sli_shutdown) = (readings.clone(), shutdown.clone());
+                let sli_reading = async move {
+                    if let Some(sli) = sli {
+                        read_sli(sli, origin, sli_readings, sli_shutdown).await;
+                    }
+                };
                 tokio::join!(
                     probing,
                     in_batch,
                     wal_waiting,
+                    sli_reading,
                     canary.run(origin, readings, shutdown),
                     judging
                 );
@@ -240,6 +265,42 @@ async fn read_wal_waits(
     }
 }
 
+/// Reads production's latency SLI every [`SLI_READ_EVERY`] until shutdown and hands
+/// each value to the judges. A value that cannot be read is skipped (the canary steers
+/// alone meanwhile): logged when it starts failing or fails otherwise, and when it reads
+/// again.
+async fn read_sli(
+    sli: PrometheusQuery,
+    origin: Instant,
+    readings: mpsc::Sender<Reading>,
+    shutdown: Shutdown,
+) {
+    let mut failing: Option<String> = None;
+    while !shutdown.is_triggered() {
+        match sli.read().await {
+            QueryReading::Value(value) => {
+                if failing.take().is_some() {
+                    tracing::info!("throttle.impact_sli_query reads again");
+                }
+                let at = origin.elapsed();
+                if readings.send(Reading::Sli { at, value }).await.is_err() {
+                    return;
+                }
+            }
+            QueryReading::Failed(why) => {
+                if failing.as_deref() != Some(why.as_str()) {
+                    tracing::warn!(
+                        error = %why,
+                        "throttle.impact_sli_query: no value; the impact budget's canary steers alone until it reads"
+                    );
+                    failing = Some(why);
+                }
+            }
+        }
+        shutdown.sleep(SLI_READ_EVERY).await;
+    }
+}
+
 /// What judges the readings, and the one writer of the health samples. A sample is
 /// published only once it is complete: never before the probe's first reading (until then
 /// the channel holds a placeholder that knows nothing of standbys or blocked sessions,
@@ -272,6 +333,13 @@ impl Judges {
                 // Weighed now, judged with the next canary.
                 if let Some(judges) = self.canary.as_mut() {
                     judges.observe_wal_waits(at, count);
+                }
+                return;
+            }
+            Reading::Sli { at, value } => {
+                // Judged now; a cut reaches the jobs with the next canary.
+                if let Some(judges) = self.canary.as_mut() {
+                    judges.observe_sli(at, value);
                 }
                 return;
             }

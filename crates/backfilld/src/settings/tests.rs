@@ -183,6 +183,29 @@ fn nonsense_combinations_are_refused_naming_the_keys() {
             "throttle.impact_relearn_every must be at least 5s",
         ),
         (
+            &[("BACKFILLD_THROTTLE__IMPACT_SLI_QUERY", "max(app_p99)")],
+            "throttle.impact_sli_query is read from throttle.prometheus_url, which is empty",
+        ),
+        (
+            &[
+                ("BACKFILLD_THROTTLE__IMPACT_SLI_QUERY", "max(app_p99)"),
+                ("BACKFILLD_THROTTLE__PROMETHEUS_URL", "http://prometheus:9090"),
+                ("BACKFILLD_THROTTLE__IMPACT_BUDGET_RATIO", "0"),
+            ],
+            "throttle.impact_sli_query bounds the impact budget, which is off",
+        ),
+        (
+            &[
+                ("BACKFILLD_THROTTLE__IMPACT_SLI_QUERY", "max(app_p99)"),
+                ("BACKFILLD_THROTTLE__PROMETHEUS_URL", "prometheus:9090"),
+            ],
+            "throttle.prometheus_url: \"prometheus:9090\"",
+        ),
+        (
+            &[("BACKFILLD_THROTTLE__IMPACT_SLI_WINDOW", "1s")],
+            "throttle.impact_sli_window must be between 2s and 2m (the query's range plus the scrape interval; a long rest lasts it), got 1s",
+        ),
+        (
             &[("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "nan")],
             "busy_duty_cycle must be in (0, 1], got NaN",
         ),
@@ -274,4 +297,31 @@ fn stray_variables_are_ignored_but_unknown_keys_refused() {
 fn database_url_is_honoured() {
     let settings = with_env(&[("DATABASE_URL", "postgres://elsewhere/app")]).unwrap();
     assert_eq!(settings.database.url, "postgres://elsewhere/app");
+}
+
+#[test]
+fn the_impact_sli_needs_only_the_prometheus_url_and_sets_its_window() {
+    let defaults = Settings::load(None).expect("defaults");
+    let window = |settings: &Settings| {
+        settings
+            .throttle
+            .impact_settings()
+            .expect("the impact budget is on")
+            .sli_window
+    };
+    assert_eq!(window(&defaults), Duration::ZERO, "not read by default");
+    let reading = with_env(&[
+        (
+            "BACKFILLD_THROTTLE__PROMETHEUS_URL",
+            "http://prometheus:9090",
+        ),
+        ("BACKFILLD_THROTTLE__IMPACT_SLI_QUERY", "max(app_p99)"),
+        ("BACKFILLD_THROTTLE__IMPACT_SLI_WINDOW", "20s"),
+    ])
+    .expect("the SLI alone on the URL");
+    assert_eq!(window(&reading), Duration::from_secs(20));
+    assert_eq!(
+        reading.throttle.impact_sli(),
+        Some(("http://prometheus:9090", "max(app_p99)"))
+    );
 }

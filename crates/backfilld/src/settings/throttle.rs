@@ -16,6 +16,11 @@ const MIN_RATE_WINDOW: Duration = Duration::from_millis(10);
 /// longer windows hurt production more (issue 19's tenth round: 500 ms and 1 s already
 /// raised pgbench's p99 more than 100 ms).
 const MAX_RATE_WINDOW: Duration = Duration::from_secs(10);
+/// Shortest `throttle.impact_sli_window`: Prometheus's shortest useful range is a few
+/// scrapes.
+const MIN_SLI_WINDOW: Duration = Duration::from_secs(2);
+/// Longest `throttle.impact_sli_window`: a long rest lasts it, once every ten minutes.
+const MAX_SLI_WINDOW: Duration = Duration::from_secs(120);
 
 /// `[throttle]`
 #[derive(Debug, Clone, Deserialize)]
@@ -57,6 +62,13 @@ pub struct ThrottleConfig {
     /// The rise over its share at rest of production's active sessions waiting on the WAL
     /// that the impact budget cuts on (1.15: 15 % more); 0: not judged.
     pub impact_wal_rise: f64,
+    /// PromQL giving production's own latency (e.g. its p99 over a short range), read from
+    /// `prometheus_url` to bound the impact budget's pace; empty: not read.
+    pub impact_sli_query: String,
+    /// How long after a pace is set `impact_sli_query` shows it alone: its range plus the
+    /// scrape interval.
+    #[serde(with = "humantime_serde")]
+    pub impact_sli_window: Duration,
     /// While production is at work on the primary, the share of time a job's batches may
     /// run; 1 turns sharing off.
     pub busy_duty_cycle: f64,
@@ -168,15 +180,36 @@ impl ThrottleConfig {
             ));
         }
         let (url, query) = (self.prometheus_url.trim(), self.prometheus_query.trim());
-        if url.is_empty() != query.is_empty() {
+        let sli_query = self.impact_sli_query.trim();
+        if url.is_empty() && !sli_query.is_empty() {
             return fail(
-                "throttle.prometheus_url and throttle.prometheus_query go together: set both or neither"
+                "throttle.impact_sli_query is read from throttle.prometheus_url, which is empty"
+                    .to_string(),
+            );
+        }
+        if url.is_empty() != (query.is_empty() && sli_query.is_empty()) {
+            return fail(
+                "throttle.prometheus_url and throttle.prometheus_query go together: set both or neither (the URL may also serve throttle.impact_sli_query alone)"
                     .to_string(),
             );
         }
         if !url.is_empty() {
             backfill_dataplane::PrometheusQuery::new(url, query, self.probe_timeout)
                 .map_err(|e| SettingsError(format!("throttle.prometheus_url: {e}")))?;
+        }
+        if !sli_query.is_empty() && self.impact_budget_ratio == 0.0 {
+            return fail(
+                "throttle.impact_sli_query bounds the impact budget, which is off (throttle.impact_budget_ratio = 0): set the ratio or empty the query"
+                    .to_string(),
+            );
+        }
+        if !(MIN_SLI_WINDOW..=MAX_SLI_WINDOW).contains(&self.impact_sli_window) {
+            return fail(format!(
+                "throttle.impact_sli_window must be between {} and {} (the query's range plus the scrape interval; a long rest lasts it), got {}",
+                humantime::format_duration(MIN_SLI_WINDOW),
+                humantime::format_duration(MAX_SLI_WINDOW),
+                humantime::format_duration(self.impact_sli_window)
+            ));
         }
         if !(self.prometheus_max.is_finite()
             && self.prometheus_resume.is_finite()
@@ -207,7 +240,17 @@ impl ThrottleConfig {
             relearn_every: self.impact_relearn_every,
             excess_share: self.impact_excess_share,
             wal_rise: self.impact_wal_rise,
+            sli_window: self
+                .impact_sli()
+                .map_or(Duration::ZERO, |_| self.impact_sli_window),
         })
+    }
+
+    /// The impact budget's SLI query (`impact_sli_query` on `prometheus_url`), if set.
+    pub fn impact_sli(&self) -> Option<(&str, &str)> {
+        let query = self.impact_sli_query.trim();
+        (self.impact_budget_ratio > 0.0 && !query.is_empty())
+            .then(|| (self.prometheus_url.trim(), query))
     }
 
     /// The throttle controller's settings for a job that overrides nothing: `batch` sizes

@@ -1,0 +1,264 @@
+//! Production's own latency from its SLI (`sli_window`, off unless a query is set): the
+//! budget judged on the very thing it is stated in, as a bound on what the canaries steer.
+//!
+//! The canaries are quick but a proxy: near the knee their test cuts about as often in
+//! runs within budget as in runs over it (issue 19's fifteenth round), so the pace sits
+//! below what production tolerates where the canary's line is stricter than production's
+//! budget, and above it where the harm is on production's own tables, which the canary
+//! never touches. Production's p99 as its monitoring computes it (a Prometheus query over a
+//! short range) is slow, a range and a scrape behind, but it is the budget itself. So:
+//!
+//! - **Baseline**: its value at the end of a long rest (a range wholly at rest, `window`
+//!   long), the median of the latest [`SLI_BASELINES`]. Long rests are the first, the one
+//!   production's start begins, and one periodic rest in every [`SLI_RELEARN_EVERY`].
+//! - **Judged once a range**: a value read `window` or more after the pace was last set
+//!   shows that pace alone. Over budget (more than `budget_ratio` × the baseline and more
+//!   than the floor above it) cuts to any pace, and the pace it was read at is not tried
+//!   again until the next long rest; within budget, the pace is *proven*, and the
+//!   canaries' cuts go no lower than the highest pace proven. Values a range apart are
+//!   judged, not every reading: ranges that overlap are one judgement counted twice.
+
+use std::time::Duration;
+
+use super::ImpactSettings;
+
+/// Long rests whose SLI values make the baseline (their median): one rest's value over a
+/// short range is a few hundred transactions' p99, and one stall of the disk would set it.
+pub const SLI_BASELINES: usize = 3;
+
+/// One periodic rest in this long lasts the SLI's window, to re-learn its baseline: a
+/// 15 s rest every 10 minutes costs 2.5 % of the pace.
+pub const SLI_RELEARN_EVERY: Duration = Duration::from_secs(600);
+
+/// How often the daemon reads the SLI; a long rest lasts this much past its window, so
+/// that one value read in it saw nothing but the rest.
+pub const SLI_READ_EVERY: Duration = Duration::from_secs(1);
+
+/// What production's SLI said of the pace in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SliVerdict {
+    /// Within budget: the pace is proven.
+    Within,
+    /// Over budget.
+    Over,
+}
+
+/// The SLI's state as last judged, for the log.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SliReading {
+    /// The baseline (the SLI's unit, e.g. seconds).
+    pub baseline: Option<f64>,
+    /// The last value judged over the baseline.
+    pub ratio: Option<f64>,
+    /// The highest pace the SLI showed within budget: the canaries cut no lower.
+    pub proven: Option<f64>,
+    /// The pace the SLI last showed over budget: not tried again until a long rest.
+    pub harmed: Option<f64>,
+}
+
+/// The SLI judge (see the module docs). Pure, like the controller.
+#[derive(Debug, Clone)]
+pub(super) struct SliJudge {
+    /// How long after a pace is set the SLI shows it alone: the query's range plus the
+    /// scrape interval.
+    window: Duration,
+    /// The latest long rests' values, oldest first.
+    baselines: Vec<f64>,
+    /// The last value of the long rest in progress whose range lay wholly in it.
+    at_rest: Option<f64>,
+    /// When a value was last judged.
+    judged_at: Option<Duration>,
+    last_ratio: Option<f64>,
+    proven: Option<f64>,
+    harmed: Option<f64>,
+}
+
+impl SliJudge {
+    /// A judge of an SLI that shows a pace alone `window` after it is set.
+    pub(super) fn new(window: Duration) -> Self {
+        SliJudge {
+            window,
+            baselines: Vec::new(),
+            at_rest: None,
+            judged_at: None,
+            last_ratio: None,
+            proven: None,
+            harmed: None,
+        }
+    }
+
+    /// How long a long rest rests after its drain: a range wholly at rest, and one reading.
+    pub(super) fn rest(&self) -> Duration {
+        self.window + SLI_READ_EVERY
+    }
+
+    /// A value read `rested` into a long rest (after its drain).
+    pub(super) fn observe_at_rest(&mut self, rested: Duration, value: f64) {
+        if rested >= self.window && value.is_finite() && value > 0.0 {
+            self.at_rest = Some(value);
+        }
+    }
+
+    /// A long rest ends: its value joins the baseline, and a pace shown over budget before
+    /// it may be tried again (production's own load has moved since, or it was noise).
+    pub(super) fn end_long_rest(&mut self) {
+        if let Some(value) = self.at_rest.take() {
+            if self.baselines.len() == SLI_BASELINES {
+                self.baselines.remove(0);
+            }
+            self.baselines.push(value);
+            self.harmed = None;
+        }
+    }
+
+    /// The median of the latest long rests' values.
+    fn baseline(&self) -> Option<f64> {
+        let mut values = self.baselines.clone();
+        values.sort_by(f64::total_cmp);
+        values.get(values.len().saturating_sub(1) / 2).copied()
+    }
+
+    /// Judges `value`, read at `now`, of the pace `rate` set at `pace_set_at`: none while
+    /// the value's range still holds an earlier pace, within a range of the last
+    /// judgement, or before a baseline is learned; over budget as `budget` says.
+    pub(super) fn judge(
+        &mut self,
+        now: Duration,
+        pace_set_at: Duration,
+        rate: f64,
+        value: f64,
+        budget: &ImpactSettings,
+    ) -> Option<SliVerdict> {
+        let baseline = self.baseline()?;
+        let shows_the_pace = now >= pace_set_at + self.window;
+        let new_range = self
+            .judged_at
+            .is_none_or(|at| now >= at + self.window || at < pace_set_at);
+        if !(shows_the_pace && new_range && value.is_finite() && value >= 0.0) {
+            return None;
+        }
+        self.judged_at = Some(now);
+        self.last_ratio = Some(value / baseline.max(f64::MIN_POSITIVE));
+        if value - baseline > budget.allowed_rise(baseline) {
+            self.harmed = Some(self.harmed.map_or(rate, |harmed| harmed.min(rate)));
+            self.proven = self.proven.filter(|proven| *proven < rate);
+            Some(SliVerdict::Over)
+        } else {
+            self.proven = Some(self.proven.map_or(rate, |proven| proven.max(rate)));
+            Some(SliVerdict::Within)
+        }
+    }
+
+    /// The lowest pace the canaries may cut to: the highest the SLI proved (0: none).
+    pub(super) fn floor(&self) -> f64 {
+        self.proven.unwrap_or(0.0)
+    }
+
+    /// The highest pace growth may set: short of the one the SLI last showed over budget.
+    pub(super) fn growth_cap(&self, approach: f64) -> f64 {
+        self.harmed
+            .map_or(f64::INFINITY, |harmed| harmed * approach)
+    }
+
+    /// What the judge knows, for the log.
+    pub(super) fn reading(&self) -> SliReading {
+        SliReading {
+            baseline: self.baseline(),
+            ratio: self.last_ratio,
+            proven: self.proven,
+            harmed: self.harmed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    /// The default budget: 30 %, at least 0.5 ms.
+    fn budget() -> ImpactSettings {
+        ImpactSettings::default()
+    }
+
+    fn learned(values: &[f64]) -> SliJudge {
+        let mut judge = SliJudge::new(secs(10));
+        for value in values {
+            judge.observe_at_rest(secs(10), *value);
+            judge.end_long_rest();
+        }
+        judge
+    }
+
+    #[test]
+    fn the_baseline_is_the_median_of_the_latest_long_rests_and_a_short_range_teaches_nothing() {
+        let mut judge = learned(&[0.003, 0.009, 0.004, 0.005]);
+        // The oldest (3 ms) has left; the median of 9, 4 and 5 ms.
+        assert_eq!(judge.reading().baseline, Some(0.005));
+        // A value whose range held part of the pace before the rest is not learned.
+        judge.observe_at_rest(secs(9), 0.001);
+        judge.end_long_rest();
+        assert_eq!(judge.reading().baseline, Some(0.005));
+    }
+
+    #[test]
+    fn a_pace_is_judged_only_once_its_range_shows_it_alone_and_once_a_range() {
+        let mut judge = learned(&[0.003]);
+        // Set at 100 s: a value at 105 s still holds the pace before.
+        assert_eq!(
+            judge.judge(secs(105), secs(100), 1000.0, 0.003, &budget()),
+            None
+        );
+        assert_eq!(
+            judge.judge(secs(110), secs(100), 1000.0, 0.003, &budget()),
+            Some(SliVerdict::Within)
+        );
+        // The next reading's range overlaps the one judged: not judged again.
+        assert_eq!(
+            judge.judge(secs(111), secs(100), 1000.0, 0.009, &budget()),
+            None
+        );
+        assert_eq!(
+            judge.judge(secs(120), secs(100), 1000.0, 0.0035, &budget()),
+            Some(SliVerdict::Within)
+        );
+        assert_eq!(judge.reading().proven, Some(1000.0));
+    }
+
+    #[test]
+    fn over_budget_unproves_the_pace_and_caps_growth_until_a_long_rest() {
+        let mut judge = learned(&[0.003]);
+        judge.judge(secs(10), secs(0), 1000.0, 0.003, &budget());
+        judge.judge(secs(30), secs(20), 1500.0, 0.0036, &budget());
+        assert_eq!(judge.floor(), 1500.0);
+        // 4.5 ms is 1.5× a 3 ms baseline and 1.5 ms above it: over.
+        assert_eq!(
+            judge.judge(secs(50), secs(40), 2000.0, 0.0045, &budget()),
+            Some(SliVerdict::Over)
+        );
+        assert_eq!(judge.floor(), 1500.0, "a slower pace proven stays proven");
+        assert_eq!(judge.growth_cap(0.85), 1700.0);
+        // Over at 1,500 too: production has grown heavier; no pace is proven until one is
+        // shown within budget again.
+        judge.judge(secs(70), secs(60), 1500.0, 0.005, &budget());
+        assert_eq!(judge.floor(), 0.0);
+        assert_eq!(judge.growth_cap(0.85), 1275.0);
+        // A long rest learns production anew, and may try those paces again.
+        judge.observe_at_rest(secs(11), 0.004);
+        judge.end_long_rest();
+        assert_eq!(judge.growth_cap(0.85), f64::INFINITY);
+    }
+
+    #[test]
+    fn a_rise_under_the_floor_is_within_whatever_the_ratio() {
+        // 0.2 ms to 0.4 ms doubles, but 0.2 ms is under the 0.5 ms floor.
+        let mut judge = learned(&[0.0002]);
+        assert_eq!(
+            judge.judge(secs(10), secs(0), 5000.0, 0.0004, &budget()),
+            Some(SliVerdict::Within)
+        );
+    }
+}
