@@ -120,7 +120,7 @@ pub enum Competitor {
 
 impl Competitor {
     /// backfilld from the bench's own binary.
-    fn backfilld(label: String, settings: Vec<(String, String)>) -> Self {
+    pub fn backfilld(label: String, settings: Vec<(String, String)>) -> Self {
         Competitor::Backfilld {
             label,
             settings,
@@ -180,6 +180,8 @@ pub struct FrontierPlan {
     pub pod_stagger: Duration,
     /// The load step, once per round (none: no step).
     pub step: Option<LoadStep>,
+    /// pgbench's latencies are tailed into the bench's SLI histogram (see [`crate::sli`]).
+    pub sli: bool,
 }
 
 impl FrontierPlan {
@@ -538,6 +540,10 @@ async fn run_one(
             )
         })
         .transpose()?;
+    let sli_tail = match &load {
+        Some(load) if plan.sli => Some(crate::sli::LogTail::start(load.log_dir())),
+        _ => None,
+    };
     // Named apart from production, so production's WAL waits are production's own.
     let canary_conninfo = format!("{conninfo} application_name={CANARY_APPLICATION}");
     let canary = (rate != UNLOADED_RATE)
@@ -671,6 +677,7 @@ async fn run_one(
         ))?);
     }
     batches.sort_unstable();
+    drop(sli_tail);
     let transactions = load.map(Load::stop).transpose()?.unwrap_or_default();
     let canaries = canary.map(Load::stop).transpose()?.unwrap_or_default();
     let wal_waits = match wal_waits {

@@ -20,6 +20,7 @@ mod procfs;
 mod report;
 mod sampler;
 mod scenarios;
+mod sli;
 mod stats;
 mod walwaits;
 
@@ -161,6 +162,11 @@ struct Options {
     /// the parent commit's build, to compare a code change with it in the same run).
     #[arg(long = "frontier-compare-binary")]
     frontier_compare_binaries: Vec<PathBuf>,
+    /// Also run backfilld's default reading production's p99 from Prometheus
+    /// (`throttle.impact_sli_query`) over a range of this many seconds: pgbench's latencies
+    /// served to a Prometheus the bench starts, scraping every second (0: not run).
+    #[arg(long, default_value_t = 0)]
+    frontier_sli_range: u64,
     /// backfilld daemons per frontier run of backfilld (the pods of one Job; the job is
     /// cut into as many slices, and a fixed rate is each daemon's).
     #[arg(long, default_value_t = 1)]
@@ -214,6 +220,31 @@ fn parse_settings(text: &str) -> Result<Vec<(String, String)>, String> {
         return Err("a variant needs at least one KEY=VALUE".to_string());
     }
     Ok(settings)
+}
+
+/// backfilld's default settings (`base`) reading production's p99 over `range` from the
+/// bench's Prometheus: the window covers the range, a scrape and pgbench's buffered log.
+fn sli_settings(
+    base: &[(String, String)],
+    server: &sli::SliServer,
+    range: Duration,
+) -> Vec<(String, String)> {
+    let mut settings = base.to_vec();
+    settings.extend([
+        (
+            "BACKFILLD_THROTTLE__PROMETHEUS_URL".to_string(),
+            server.url(),
+        ),
+        (
+            "BACKFILLD_THROTTLE__IMPACT_SLI_QUERY".to_string(),
+            sli::SliServer::p99_query(range),
+        ),
+        (
+            "BACKFILLD_THROTTLE__IMPACT_SLI_WINDOW".to_string(),
+            format!("{}s", range.as_secs() + 3),
+        ),
+    ]);
+    settings
 }
 
 fn main() -> ExitCode {
@@ -402,6 +433,25 @@ async fn run(options: Options) -> anyhow::Result<()> {
     let frontier_wanted =
         options.only.contains(&Scenario::Frontier) || (options.only.is_empty() && !options.quick);
     if frontier_wanted {
+        let mut competitors = frontier::default_competitors(
+            &throttled,
+            &options.frontier_fixed_rates,
+            &options.frontier_sleeps,
+            &options.frontier_variants,
+            &options.frontier_compare_binaries,
+        );
+        // Kept until the frontier is done: the Prometheus the SLI competitor reads.
+        let sli_server = match options.frontier_sli_range {
+            0 => None,
+            range => {
+                let server = sli::SliServer::start().await?;
+                competitors.push(frontier::Competitor::backfilld(
+                    format!("backfilld default, production's p99 over {range} s from Prometheus"),
+                    sli_settings(&throttled, &server, Duration::from_secs(range)),
+                ));
+                Some(server)
+            }
+        };
         let plan = frontier::FrontierPlan {
             rows: if options.frontier_full {
                 2_000_000
@@ -415,13 +465,8 @@ async fn run(options: Options) -> anyhow::Result<()> {
             climb: Duration::from_secs(options.frontier_climb),
             window: Duration::from_secs(options.frontier_window.max(1)),
             min_transactions: options.frontier_min_transactions,
-            competitors: frontier::default_competitors(
-                &throttled,
-                &options.frontier_fixed_rates,
-                &options.frontier_sleeps,
-                &options.frontier_variants,
-                &options.frontier_compare_binaries,
-            ),
+            competitors,
+            sli: sli_server.is_some(),
             pods: options.frontier_pods.max(1),
             pod_stagger: Duration::try_from_secs_f64(options.frontier_pod_stagger)
                 .context("--frontier-pod-stagger: seconds, not negative")?,

@@ -148,6 +148,11 @@ impl Load {
         Ok(Load { child, dir })
     }
 
+    /// The directory pgbench writes its per-transaction logs (`txn.*`) into.
+    pub fn log_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// Ends the run as its `-T` timer would (SIGALRM: pgbench finishes the transactions
     /// in flight and flushes its logs) and returns every transaction it logged.
     pub fn stop(self) -> anyhow::Result<Vec<Transaction>> {
@@ -189,7 +194,7 @@ fn log_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 
 /// Parses `client_id transaction_no time script_no time_epoch time_us [schedule_lag]`;
 /// `None` for a transaction that did not complete (skipped or failed).
-fn parse_log_line(line: &str) -> Option<Transaction> {
+pub(crate) fn parse_log_line(line: &str) -> Option<Transaction> {
     let fields: Vec<&str> = line.split_whitespace().collect();
     let latency_us: f64 = fields.get(2)?.parse().ok()?;
     let script: u32 = fields.get(3)?.parse().ok()?;
