@@ -509,14 +509,20 @@ impl ImpactController {
             }
             Phase::Resting { .. } => {}
             Phase::Pacing { .. } if self.production_active => {
-                if sli.judge(now, self.pace_set.0, self.rate, value, &self.settings)
-                    == Some(SliVerdict::Over)
-                {
-                    // No lower than a slower pace it proved: if production has grown
-                    // heavier since, that pace is judged in turn.
-                    let floor = sli.floor();
-                    self.decided(PaceChange::SliHarm);
-                    self.cut(now, floor);
+                match sli.judge(now, self.pace_set.0, self.rate, value, &self.settings) {
+                    Some(SliVerdict::Over) => {
+                        // No lower than a slower pace it proved: if production has grown
+                        // heavier since, that pace is judged in turn.
+                        let floor = sli.floor();
+                        self.decided(PaceChange::SliHarm);
+                        self.cut(now, floor);
+                    }
+                    Some(SliVerdict::OwnRise) => {
+                        // Not ours to cut for: learn production as it is now.
+                        self.decided(PaceChange::SliOwnRise);
+                        self.start_rest(now, true);
+                    }
+                    Some(SliVerdict::Within) | None => {}
                 }
             }
             Phase::Pacing { .. } => {}
@@ -1060,6 +1066,10 @@ pub enum PaceChange {
     StepUnproven,
     /// Production's own latency SLI read over budget at the pace: cut, to any pace.
     SliHarm,
+    /// Production's own latency SLI read over budget at half the pace it was first over
+    /// at, or less: a rise of production's own; a long rest re-learns its baseline, the
+    /// pace left as it was.
+    SliOwnRise,
 }
 
 /// What Wald's test over the tail has decided.

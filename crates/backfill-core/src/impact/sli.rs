@@ -17,6 +17,9 @@
 //!   again until the next long rest; within budget, the pace is *proven*, and the
 //!   canaries' cuts go no lower than the highest pace proven. Values a range apart are
 //!   judged, not every reading: ranges that overlap are one judgement counted twice.
+//! - **Production's own rise**: over budget at half the pace first found over, or less,
+//!   is a rise halving the pace did not bring down: production's own. A long rest then
+//!   learns production as it is, its value replacing the baselines before it.
 
 use std::time::Duration;
 
@@ -34,6 +37,13 @@ pub const SLI_RELEARN_EVERY: Duration = Duration::from_secs(600);
 /// that one value read in it saw nothing but the rest.
 pub const SLI_READ_EVERY: Duration = Duration::from_secs(1);
 
+/// Over budget at this share of the pace first found over since the last long rest, or
+/// less: a rise that halving the pace did not bring down is production's own (its load,
+/// its disk), not ours. In issue 19's twenty-fourth round production's p99 read 1.73×,
+/// 1.80× and 1.56× at 343, 240 and 168 rows/s next to 600 tx/s, and the cuts and their
+/// growth caps pinned the pace at 118 rows/s.
+pub const OWN_RISE_SHARE: f64 = 0.5;
+
 /// What production's SLI said of the pace in force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SliVerdict {
@@ -41,6 +51,9 @@ pub enum SliVerdict {
     Within,
     /// Over budget.
     Over,
+    /// Over budget at [`OWN_RISE_SHARE`] of the pace first found over, or less: the rise
+    /// is production's own, and its baseline is re-learned.
+    OwnRise,
 }
 
 /// The SLI's state as last judged, for the log.
@@ -71,6 +84,11 @@ pub(super) struct SliJudge {
     last_ratio: Option<f64>,
     proven: Option<f64>,
     harmed: Option<f64>,
+    /// The pace first shown over budget since the last long rest.
+    first_harmed: Option<f64>,
+    /// A rise of production's own was seen: the next value learned replaces the
+    /// baselines before it, which production has left.
+    baselines_stale: bool,
 }
 
 impl SliJudge {
@@ -84,6 +102,8 @@ impl SliJudge {
             last_ratio: None,
             proven: None,
             harmed: None,
+            first_harmed: None,
+            baselines_stale: false,
         }
     }
 
@@ -100,9 +120,15 @@ impl SliJudge {
     }
 
     /// A long rest ends: its value joins the baseline, and a pace shown over budget before
-    /// it may be tried again (production's own load has moved since, or it was noise).
+    /// it may be tried again (production's own load has moved since, or it was noise). A
+    /// rise production's own is told anew from here, learned or not: a rest that learned
+    /// nothing (no value read) must not start another at once.
     pub(super) fn end_long_rest(&mut self) {
+        self.first_harmed = None;
         if let Some(value) = self.at_rest.take() {
+            if std::mem::take(&mut self.baselines_stale) {
+                self.baselines.clear();
+            }
             if self.baselines.len() == SLI_BASELINES {
                 self.baselines.remove(0);
             }
@@ -142,7 +168,13 @@ impl SliJudge {
         if value - baseline > budget.allowed_rise(baseline) {
             self.harmed = Some(self.harmed.map_or(rate, |harmed| harmed.min(rate)));
             self.proven = self.proven.filter(|proven| *proven < rate);
-            Some(SliVerdict::Over)
+            let first = *self.first_harmed.get_or_insert(rate);
+            if rate <= first * OWN_RISE_SHARE {
+                self.baselines_stale = true;
+                Some(SliVerdict::OwnRise)
+            } else {
+                Some(SliVerdict::Over)
+            }
         } else {
             self.proven = Some(self.proven.map_or(rate, |proven| proven.max(rate)));
             Some(SliVerdict::Within)
@@ -249,6 +281,27 @@ mod tests {
         // A long rest learns production anew, and may try those paces again.
         judge.observe_at_rest(secs(11), 0.004);
         judge.end_long_rest();
+        assert_eq!(judge.growth_cap(0.85), f64::INFINITY);
+    }
+
+    #[test]
+    fn over_budget_at_half_the_pace_first_found_over_is_production_s_own_rise() {
+        let mut judge = learned(&[0.003]);
+        let over = |judge: &mut SliJudge, at: u64, rate: f64| {
+            judge.judge(secs(at + 10), secs(at), rate, 0.006, &budget())
+        };
+        assert_eq!(over(&mut judge, 0, 1000.0), Some(SliVerdict::Over));
+        assert_eq!(over(&mut judge, 20, 700.0), Some(SliVerdict::Over));
+        assert_eq!(over(&mut judge, 40, 490.0), Some(SliVerdict::OwnRise));
+        // A long rest that read nothing learns nothing, but the rise is told anew.
+        judge.end_long_rest();
+        assert_eq!(judge.reading().baseline, Some(0.003));
+        assert_eq!(over(&mut judge, 60, 490.0), Some(SliVerdict::Over));
+        // One that read production at 6 ms makes that the baseline: the 3 ms production
+        // has left no longer counts, and the paces harmed may be tried again.
+        judge.observe_at_rest(secs(10), 0.006);
+        judge.end_long_rest();
+        assert_eq!(judge.reading().baseline, Some(0.006));
         assert_eq!(judge.growth_cap(0.85), f64::INFINITY);
     }
 

@@ -1495,3 +1495,32 @@ fn production_s_own_latency_over_budget_cuts_what_the_canaries_call_calm() {
         "{sli:?}"
     );
 }
+
+#[test]
+fn a_rise_of_production_s_own_is_relearned_not_cut_to_nothing() {
+    let calm = |_: Option<ImpactDirective>| ms(2);
+    let mut controller = ImpactController::new(reading_the_sli(), ms(0));
+    let mut now = ms(0);
+    while controller.sli().and_then(|sli| sli.proven).is_none() {
+        assert!(now < ms(60_000), "nothing proven in a minute");
+        (now, _) = run_reading_the_sli(&mut controller, now, ms(1_000), calm, |_| 0.003);
+    }
+    let (proven, begun) = (controller.rate(), controller.rests_begun());
+    // Production's own load doubles its p99 whatever the pace.
+    let (_, paces) = run_reading_the_sli(&mut controller, now, ms(120_000), calm, |_| 0.006);
+    let lowest = paces.iter().copied().fold(f64::INFINITY, f64::min);
+    assert!(
+        lowest >= proven * 0.3,
+        "cut to {lowest} from {proven}: {paces:?}"
+    );
+    assert_eq!(
+        controller.rests_begun(),
+        begun + 1,
+        "one long rest re-learned it"
+    );
+    assert_eq!(controller.sli().and_then(|sli| sli.baseline), Some(0.006));
+    assert!(
+        controller.rate() > lowest,
+        "never grew again after re-learning: {paces:?}"
+    );
+}
