@@ -1418,6 +1418,19 @@ fn run_reading_the_sli(
     (now, paces)
 }
 
+/// A controller reading the SLI ([`reading_the_sli`]) run on calm canaries and a flat 3 ms
+/// SLI until the SLI has proven a pace (the pace in force), and the time reached.
+fn with_a_pace_proven() -> (ImpactController, Duration) {
+    let calm = |_: Option<ImpactDirective>| ms(2);
+    let mut controller = ImpactController::new(reading_the_sli(), ms(0));
+    let mut now = ms(0);
+    while controller.sli().and_then(|sli| sli.proven).is_none() {
+        assert!(now < ms(60_000), "nothing proven in a minute");
+        (now, _) = run_reading_the_sli(&mut controller, now, ms(1_000), calm, |_| 0.003);
+    }
+    (controller, now)
+}
+
 #[test]
 fn with_the_sli_the_first_rest_lasts_its_window_and_learns_its_baseline() {
     let mut controller = ImpactController::new(reading_the_sli(), ms(0));
@@ -1436,12 +1449,7 @@ fn a_pace_production_s_own_latency_shows_within_budget_holds_against_the_canarie
     // canaries, none to production.
     let calm = |_: Option<ImpactDirective>| ms(2);
     let slow = |_: Option<ImpactDirective>| ms(20);
-    let mut controller = ImpactController::new(reading_the_sli(), ms(0));
-    let mut now = ms(0);
-    while controller.sli().and_then(|sli| sli.proven).is_none() {
-        assert!(now < ms(60_000), "nothing proven in a minute");
-        (now, _) = run_reading_the_sli(&mut controller, now, ms(1_000), calm, |_| 0.003);
-    }
+    let (mut controller, now) = with_a_pace_proven();
     let proven = controller.rate();
     let harmful_after = now;
     let (now, paces) = run_reading_the_sli(&mut controller, now, ms(30_000), slow, |_| 0.003);
@@ -1499,12 +1507,7 @@ fn production_s_own_latency_over_budget_cuts_what_the_canaries_call_calm() {
 #[test]
 fn a_rise_of_production_s_own_is_relearned_not_cut_to_nothing() {
     let calm = |_: Option<ImpactDirective>| ms(2);
-    let mut controller = ImpactController::new(reading_the_sli(), ms(0));
-    let mut now = ms(0);
-    while controller.sli().and_then(|sli| sli.proven).is_none() {
-        assert!(now < ms(60_000), "nothing proven in a minute");
-        (now, _) = run_reading_the_sli(&mut controller, now, ms(1_000), calm, |_| 0.003);
-    }
+    let (mut controller, now) = with_a_pace_proven();
     let (proven, begun) = (controller.rate(), controller.rests_begun());
     // Production's own load doubles its p99 whatever the pace.
     let (_, paces) = run_reading_the_sli(&mut controller, now, ms(120_000), calm, |_| 0.006);
