@@ -232,6 +232,17 @@ mod tests {
         ImpactSettings::default()
     }
 
+    /// `judge`'s verdict on `value` read a window (10 s) after `rate` was set at `set_at`
+    /// seconds.
+    fn a_window_after(
+        judge: &mut SliJudge,
+        set_at: u64,
+        rate: f64,
+        value: f64,
+    ) -> Option<SliVerdict> {
+        judge.judge(secs(set_at + 10), secs(set_at), rate, value, &budget())
+    }
+
     fn learned(values: &[f64]) -> SliJudge {
         let mut judge = SliJudge::new(secs(10));
         for value in values {
@@ -279,19 +290,19 @@ mod tests {
     #[test]
     fn over_budget_unproves_the_pace_and_caps_growth_until_a_long_rest() {
         let mut judge = learned(&[0.003]);
-        judge.judge(secs(10), secs(0), 1000.0, 0.003, &budget());
-        judge.judge(secs(30), secs(20), 1500.0, 0.0036, &budget());
+        a_window_after(&mut judge, 0, 1000.0, 0.003);
+        a_window_after(&mut judge, 20, 1500.0, 0.0036);
         assert_eq!(judge.floor(), 1500.0);
         // 4.5 ms is 1.5× a 3 ms baseline and 1.5 ms above it: over.
         assert_eq!(
-            judge.judge(secs(50), secs(40), 2000.0, 0.0045, &budget()),
+            a_window_after(&mut judge, 40, 2000.0, 0.0045),
             Some(SliVerdict::Over)
         );
         assert_eq!(judge.floor(), 1500.0, "a slower pace proven stays proven");
         assert_eq!(judge.growth_cap(0.85), 1700.0);
         // Over at 1,500 too: production has grown heavier; no pace is proven until one is
         // shown within budget again.
-        judge.judge(secs(70), secs(60), 1500.0, 0.005, &budget());
+        a_window_after(&mut judge, 60, 1500.0, 0.005);
         assert_eq!(judge.floor(), 0.0);
         assert_eq!(judge.growth_cap(0.85), 1275.0);
         // A long rest learns production anew, and may try those paces again.
@@ -303,9 +314,8 @@ mod tests {
     #[test]
     fn over_budget_at_half_the_pace_first_found_over_is_production_s_own_rise() {
         let mut judge = learned(&[0.003]);
-        let over = |judge: &mut SliJudge, at: u64, rate: f64| {
-            judge.judge(secs(at + 10), secs(at), rate, 0.006, &budget())
-        };
+        let over =
+            |judge: &mut SliJudge, at: u64, rate: f64| a_window_after(judge, at, rate, 0.006);
         assert_eq!(over(&mut judge, 0, 1000.0), Some(SliVerdict::Over));
         assert_eq!(over(&mut judge, 20, 700.0), Some(SliVerdict::Over));
         assert_eq!(over(&mut judge, 40, 490.0), Some(SliVerdict::OwnRise));
@@ -325,13 +335,16 @@ mod tests {
     fn a_long_rest_is_trusted_only_as_far_as_the_calmest_value_judged_after_it() {
         // The rest caught a stall: 4.6 ms, where production alone reads 2.6 ms.
         let mut judge = learned(&[0.0046]);
-        let at = |judge: &mut SliJudge, from: u64, rate: f64, value: f64| {
-            judge.judge(secs(from + 10), secs(from), rate, value, &budget())
-        };
-        assert_eq!(at(&mut judge, 0, 1000.0, 0.0026), Some(SliVerdict::Within));
+        assert_eq!(
+            a_window_after(&mut judge, 0, 1000.0, 0.0026),
+            Some(SliVerdict::Within)
+        );
         assert_eq!(judge.reading().baseline, Some(0.0026));
         // 4.4 ms is under the rest's 4.6 ms, and 1.7× production alone: over.
-        assert_eq!(at(&mut judge, 20, 2000.0, 0.0044), Some(SliVerdict::Over));
+        assert_eq!(
+            a_window_after(&mut judge, 20, 2000.0, 0.0044),
+            Some(SliVerdict::Over)
+        );
         // The next long rest that learns a value starts over from it.
         judge.observe_at_rest(secs(10), 0.003);
         judge.end_long_rest();
@@ -343,7 +356,7 @@ mod tests {
         // 0.2 ms to 0.4 ms doubles, but 0.2 ms is under the 0.5 ms floor.
         let mut judge = learned(&[0.0002]);
         assert_eq!(
-            judge.judge(secs(10), secs(0), 5000.0, 0.0004, &budget()),
+            a_window_after(&mut judge, 0, 5000.0, 0.0004),
             Some(SliVerdict::Within)
         );
     }
