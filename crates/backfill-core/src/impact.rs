@@ -593,8 +593,10 @@ impl ImpactController {
             // began), so that it ends with the other daemons' and learns nothing from
             // their batches before it; but not the rest at start, longer than the
             // shortest `relearn_every` and shared with no one anyway.
-            Phase::Resting { .. } if periodic && !self.rests.is_empty() => {
-                let long = self.long_rest || self.sli_relearns_at(now);
+            // Nor a long rest: it may outlast `relearn_every`, and restarted at each
+            // moment it would never end.
+            Phase::Resting { .. } if periodic && !self.rests.is_empty() && !self.long_rest => {
+                let long = self.sli_relearns_at(now);
                 self.start_rest(now, long);
             }
             Phase::Resting { since } => {

@@ -1527,3 +1527,35 @@ fn a_rise_of_production_s_own_is_relearned_not_cut_to_nothing() {
         "never grew again after re-learning: {paces:?}"
     );
 }
+
+#[test]
+fn a_long_rest_longer_than_relearn_every_still_ends() {
+    // The SLI's window (40 s) outlasts the periodic rests' period (30 s): the periodic
+    // moments inside the long rest at 600 s (the first of its ten minutes) must not
+    // restart it.
+    let settings = ImpactSettings {
+        sli_window: ms(40_000),
+        ..ImpactSettings::default()
+    };
+    let mut controller = ImpactController::new(settings, ms(0));
+    let flat = |_: Option<ImpactDirective>| ms(2);
+    let (now, _) = run_reading_the_sli(&mut controller, ms(0), ms(599_000), flat, |_| 0.003);
+    let begun = controller.rests_begun();
+    let (_, verdict) = run(&mut controller, now, ms(1_100), true, flat);
+    assert_eq!(
+        verdict.directive,
+        Some(ImpactDirective::Rest),
+        "the long rest at 600 s"
+    );
+    let (_, paces) = run_reading_the_sli(&mut controller, ms(600_100), ms(60_000), flat, |_| 0.003);
+    assert!(
+        !paces.is_empty(),
+        "never paced again after the long rest at 600 s"
+    );
+    // The long rest, and the short ones at 660 s at most: none restarted.
+    assert!(
+        controller.rests_begun() <= begun + 2,
+        "{} rests",
+        controller.rests_begun() - begun
+    );
+}
