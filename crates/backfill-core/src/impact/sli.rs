@@ -35,8 +35,8 @@ pub const SLI_BASELINES: usize = 3;
 /// 15 s rest every 10 minutes costs 2.5 % of the pace.
 pub const SLI_RELEARN_EVERY: Duration = Duration::from_secs(600);
 
-/// How often the daemon reads the SLI; a long rest lasts this much past its window, so
-/// that one value read in it saw nothing but the rest.
+/// How often the daemon reads the SLI; a long rest lasts twice this past its window, so
+/// that a value read in it saw nothing but the rest.
 pub const SLI_READ_EVERY: Duration = Duration::from_secs(1);
 
 /// Over budget at this share of the pace first found over since the last long rest, or
@@ -114,9 +114,11 @@ impl SliJudge {
         }
     }
 
-    /// How long a long rest rests after its drain: a range wholly at rest, and one reading.
+    /// How long a long rest rests after its drain: a range wholly at rest, and two
+    /// readings' time, so that one lands after the range even when a slow answer stretched
+    /// the reader's period past [`SLI_READ_EVERY`].
     pub(super) fn rest(&self) -> Duration {
-        self.window + SLI_READ_EVERY
+        self.window + 2 * SLI_READ_EVERY
     }
 
     /// A value read `rested` into a long rest (after its drain).

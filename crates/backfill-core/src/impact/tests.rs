@@ -1435,8 +1435,9 @@ fn with_a_pace_proven() -> (ImpactController, Duration) {
 fn with_the_sli_the_first_rest_lasts_its_window_and_learns_its_baseline() {
     let mut controller = ImpactController::new(reading_the_sli(), ms(0));
     let flat = |_: Option<ImpactDirective>| ms(2);
-    // Without the SLI the first rest ends after DRAIN + FIRST_REST (5.3 s).
-    let (now, paces) = run_reading_the_sli(&mut controller, ms(0), ms(6_000), flat, |_| 0.003);
+    // Without the SLI the first rest ends after DRAIN + FIRST_REST (5.3 s); with a 5 s
+    // window after DRAIN + 5 s + two readings' time (7.3 s).
+    let (now, paces) = run_reading_the_sli(&mut controller, ms(0), ms(7_000), flat, |_| 0.003);
     assert!(paces.is_empty(), "paced at {now:?}: {paces:?}");
     let (_, paces) = run_reading_the_sli(&mut controller, now, ms(1_000), flat, |_| 0.003);
     assert_eq!(paces, [START_RATE]);

@@ -203,7 +203,7 @@ fn nonsense_combinations_are_refused_naming_the_keys() {
         ),
         (
             &[("BACKFILLD_THROTTLE__IMPACT_SLI_WINDOW", "1s")],
-            "throttle.impact_sli_window must be between 2s and 2m (the query's range plus the scrape interval; a long rest lasts it), got 1s",
+            "throttle.impact_sli_window must be between 2s and 2m (the query's range plus the scrape interval; a long rest lasts it and 2s more), got 1s",
         ),
         (
             &[("BACKFILLD_THROTTLE__BUSY_DUTY_CYCLE", "nan")],

@@ -205,7 +205,7 @@ impl ThrottleConfig {
         }
         if !(MIN_SLI_WINDOW..=MAX_SLI_WINDOW).contains(&self.impact_sli_window) {
             return fail(format!(
-                "throttle.impact_sli_window must be between {} and {} (the query's range plus the scrape interval; a long rest lasts it), got {}",
+                "throttle.impact_sli_window must be between {} and {} (the query's range plus the scrape interval; a long rest lasts it and 2s more), got {}",
                 humantime::format_duration(MIN_SLI_WINDOW),
                 humantime::format_duration(MAX_SLI_WINDOW),
                 humantime::format_duration(self.impact_sli_window)
