@@ -25,7 +25,7 @@
 
 use std::time::Duration;
 
-use super::ImpactSettings;
+use super::{quantile, ImpactSettings};
 
 /// Long rests whose SLI values make the baseline (their median): one rest's value over a
 /// short range is a few hundred transactions' p99, and one stall of the disk would set it.
@@ -153,9 +153,7 @@ impl SliJudge {
     /// round: a first rest read 4.61 ms where production alone read about 2.5, and the
     /// judge proved 3,000 rows/s at 1.51× production's own p99).
     fn baseline(&self) -> Option<f64> {
-        let mut values = self.baselines.clone();
-        values.sort_by(f64::total_cmp);
-        let median = values.get(values.len().saturating_sub(1) / 2).copied()?;
+        let median = quantile(&mut self.baselines.clone(), 0.5)?;
         Some(self.calmest.map_or(median, |calmest| calmest.min(median)))
     }
 
