@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::{free_port, http_get, wait_until};
+use crate::{http_get, wait_until};
 
 /// A Prometheus on a free loopback port, its data and log in a tempdir; killed on drop.
 pub struct Prometheus {
@@ -21,10 +21,9 @@ impl Prometheus {
     /// ready; panics with its log if it exits first.
     pub fn start(config: &str, timeout: Duration) -> Prometheus {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
         // Dies with the test binary even on SIGKILL, where drop does not run.
-        let child = pg_testkit::spawn_prometheus(config, dir.path(), port)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (child, port) =
+            pg_testkit::spawn_prometheus(config, dir.path()).unwrap_or_else(|e| panic!("{e}"));
         let mut prometheus = Prometheus { child, port, dir };
         wait_until("Prometheus to be ready", timeout, || {
             if let Some(status) = prometheus.child.try_wait().expect("try_wait") {

@@ -63,8 +63,7 @@ impl SliServer {
             "global:\n  scrape_interval: {SCRAPE_EVERY}\n  evaluation_interval: {SCRAPE_EVERY}\n\
              scrape_configs:\n  - job_name: pgbench\n    static_configs:\n      - targets: ['127.0.0.1:{exporter}']\n"
         );
-        let port = free_port()?;
-        let prometheus = pg_testkit::spawn_prometheus(&config, dir.path(), port)?;
+        let (prometheus, port) = pg_testkit::spawn_prometheus(&config, dir.path())?;
         let mut server = SliServer {
             prometheus,
             port,
@@ -138,11 +137,6 @@ async fn serve_metrics(handle: PrometheusHandle) -> anyhow::Result<u16> {
         }
     });
     Ok(port)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).context("finding a free port")?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// Tails pgbench's per-transaction logs in `dir` into the histogram until stopped.

@@ -61,13 +61,14 @@ pub fn spawn_tied_to_process(
 
 /// Starts a throwaway Prometheus (`$PROMETHEUS_BIN`, else `prometheus` from Debian's
 /// package) with `config` as its prometheus.yml, its data and its log (`prometheus.log`,
-/// warnings and errors) in `dir`, listening on 127.0.0.1:`port`, tied to this process as
-/// the servers are; an error names the binary and how to install it.
+/// warnings and errors) in `dir`, listening on a free loopback port, tied to this process
+/// as the servers are: the child and its port. An error names the binary and how to
+/// install it.
 pub fn spawn_prometheus(
     config: &str,
     dir: &std::path::Path,
-    port: u16,
-) -> std::io::Result<std::process::Child> {
+) -> std::io::Result<(std::process::Child, u16)> {
+    let port = cluster::free_port().map_err(std::io::Error::other)?;
     let binary = std::env::var("PROMETHEUS_BIN").unwrap_or_else(|_| "prometheus".into());
     let config_path = dir.join("prometheus.yml");
     std::fs::write(&config_path, config)?;
@@ -83,10 +84,11 @@ pub fn spawn_prometheus(
         .arg("--log.level=warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::from(log));
-    spawn_tied_to_process(command, libc::SIGKILL).map_err(|e| {
+    let child = spawn_tied_to_process(command, libc::SIGKILL).map_err(|e| {
         std::io::Error::new(
             e.kind(),
             format!("cannot start {binary}: {e} (Debian: apt-get install prometheus; scripts/test does)"),
         )
-    })
+    })?;
+    Ok((child, port))
 }

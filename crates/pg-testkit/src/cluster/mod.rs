@@ -27,6 +27,7 @@ mod standby;
 
 pub use lifetime::shared_primary;
 pub(crate) use names::percent_encode;
+pub(crate) use server::free_port;
 pub use server::StopMode;
 
 use lifetime::register_for_exit_teardown;

@@ -319,7 +319,7 @@ fn is_ready(binaries: &PgBinaries, port: u16) -> bool {
 ///
 /// Bind-then-close leaves a window in which another process may take the port; `launch`
 /// detects that ("Address already in use") and the caller retries with a new one.
-fn free_port() -> Result<u16, TestkitError> {
+pub(crate) fn free_port() -> Result<u16, TestkitError> {
     TcpListener::bind((LOOPBACK, 0))
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
