@@ -66,8 +66,8 @@
 //! - **Production's own latency** (when `sli_window` is set): its p99 as its monitoring
 //!   computes it (a Prometheus query), judged once a range against its value at the end
 //!   of long rests, bounds what the canaries steer: over budget cuts to any pace and caps
-//!   growth short of that pace until the next long rest; a pace it shows within budget is
-//!   one the canaries cut no lower than (see [`sli`]).
+//!   growth short of that pace until the next long rest; a pace it shows within budget
+//!   with room to spare is one the canaries cut no lower than (see [`sli`]).
 //! - **No signal** (no canary answered for [`SIGNAL_TIMEOUT`]): no verdict; the throttle
 //!   falls back to the fixed duty cycle next to production.
 //!
@@ -522,7 +522,7 @@ impl ImpactController {
                         self.decided(PaceChange::SliOwnRise);
                         self.start_rest(now, true);
                     }
-                    Some(SliVerdict::Within) | None => {}
+                    Some(SliVerdict::Within | SliVerdict::WithinNarrowly) | None => {}
                 }
             }
             Phase::Pacing { .. } => {}

@@ -16,16 +16,20 @@
 //! - **Judged once a range**: a value read `window` or more after the pace was last set
 //!   shows that pace alone. Over budget (more than `budget_ratio` × the baseline and more
 //!   than the floor above it) cuts to any pace, and the pace it was read at is not tried
-//!   again until the next long rest; within budget, the pace is *proven*, and the
-//!   canaries' cuts go no lower than the highest pace proven. Values a range apart are
-//!   judged, not every reading: ranges that overlap are one judgement counted twice.
+//!   again until the next long rest; within budget with room to spare (the rise under
+//!   [`ROOMY_SHARE`] of the allowed one), the pace is *proven*, and the canaries' cuts go
+//!   no lower than the highest pace proven. A value within budget but near it proves
+//!   nothing: one reading's noise decides which side of the line it falls. Values a range
+//!   apart are judged, not every reading: ranges that overlap are one judgement counted
+//!   twice.
 //! - **Production's own rise**: over budget at half the pace first found over, or less,
-//!   is a rise halving the pace did not bring down: production's own. A long rest then
-//!   learns production as it is, its value replacing the baselines before it.
+//!   is a rise halving the pace did not bring down: production's own. So is over budget
+//!   at a pace no faster than one proven: that pace had room. A long rest then learns
+//!   production as it is, its value replacing the baselines before it.
 
 use std::time::Duration;
 
-use super::{quantile, ImpactSettings};
+use super::{quantile, ImpactSettings, ROOMY_SHARE};
 
 /// Long rests whose SLI values make the baseline (their median): one rest's value over a
 /// short range is a few hundred transactions' p99, and one stall of the disk would set it.
@@ -49,12 +53,16 @@ pub const OWN_RISE_SHARE: f64 = 0.5;
 /// What production's SLI said of the pace in force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SliVerdict {
-    /// Within budget: the pace is proven.
+    /// Within budget with room to spare: the pace is proven.
     Within,
+    /// Within budget, but with less than [`ROOMY_SHARE`] of the allowed rise to spare:
+    /// the pace holds, proven or not as before.
+    WithinNarrowly,
     /// Over budget.
     Over,
-    /// Over budget at [`OWN_RISE_SHARE`] of the pace first found over, or less: the rise
-    /// is production's own, and its baseline is re-learned.
+    /// Over budget at [`OWN_RISE_SHARE`] of the pace first found over, or less, or at a
+    /// pace no faster than one proven: the rise is production's own, and its baseline is
+    /// re-learned.
     OwnRise,
 }
 
@@ -181,19 +189,27 @@ impl SliJudge {
         if value > 0.0 {
             self.calmest = Some(self.calmest.map_or(value, |calmest| calmest.min(value)));
         }
-        if value - baseline > budget.allowed_rise(baseline) {
+        let (rise, allowed) = (value - baseline, budget.allowed_rise(baseline));
+        if rise > allowed {
             self.harmed = Some(self.harmed.map_or(rate, |harmed| harmed.min(rate)));
+            // A pace proven with room is over now: production has moved, not the pace
+            // (issue 19's twenty-fourth round: a stall read 3.12× at 168 rows/s, which
+            // had read 0.78× nine seconds before, and capped growth at 143 rows/s).
+            let had_room = self.proven.is_some_and(|proven| rate <= proven);
             self.proven = self.proven.filter(|proven| *proven < rate);
             let first = *self.first_harmed.get_or_insert(rate);
-            if rate <= first * OWN_RISE_SHARE {
+            if had_room || rate <= first * OWN_RISE_SHARE {
                 self.baselines_stale = true;
+                self.proven = None;
                 Some(SliVerdict::OwnRise)
             } else {
                 Some(SliVerdict::Over)
             }
-        } else {
+        } else if rise <= allowed * ROOMY_SHARE {
             self.proven = Some(self.proven.map_or(rate, |proven| proven.max(rate)));
             Some(SliVerdict::Within)
+        } else {
+            Some(SliVerdict::WithinNarrowly)
         }
     }
 
@@ -281,17 +297,17 @@ mod tests {
             None
         );
         assert_eq!(
-            judge.judge(secs(120), secs(100), 1000.0, 0.0035, &budget()),
+            judge.judge(secs(120), secs(100), 1000.0, 0.0034, &budget()),
             Some(SliVerdict::Within)
         );
         assert_eq!(judge.reading().proven, Some(1000.0));
     }
 
     #[test]
-    fn over_budget_unproves_the_pace_and_caps_growth_until_a_long_rest() {
+    fn over_budget_caps_growth_until_a_long_rest() {
         let mut judge = learned(&[0.003]);
         a_window_after(&mut judge, 0, 1000.0, 0.003);
-        a_window_after(&mut judge, 20, 1500.0, 0.0036);
+        a_window_after(&mut judge, 20, 1500.0, 0.0034);
         assert_eq!(judge.floor(), 1500.0);
         // 4.5 ms is 1.5× a 3 ms baseline and 1.5 ms above it: over.
         assert_eq!(
@@ -300,15 +316,53 @@ mod tests {
         );
         assert_eq!(judge.floor(), 1500.0, "a slower pace proven stays proven");
         assert_eq!(judge.growth_cap(0.85), 1700.0);
-        // Over at 1,500 too: production has grown heavier; no pace is proven until one is
-        // shown within budget again.
-        a_window_after(&mut judge, 60, 1500.0, 0.005);
-        assert_eq!(judge.floor(), 0.0);
-        assert_eq!(judge.growth_cap(0.85), 1275.0);
-        // A long rest learns production anew, and may try those paces again.
-        judge.observe_at_rest(secs(11), 0.004);
+        // A long rest learns production anew, and may try that pace again.
+        judge.observe_at_rest(secs(11), 0.003);
         judge.end_long_rest();
         assert_eq!(judge.growth_cap(0.85), f64::INFINITY);
+    }
+
+    #[test]
+    fn only_a_pace_within_budget_with_room_to_spare_is_proven() {
+        // 3 ms at rest: 0.9 ms allowed, and a pace is proven up to 0.45 ms above.
+        let mut judge = learned(&[0.003]);
+        assert_eq!(
+            a_window_after(&mut judge, 0, 1000.0, 0.0034),
+            Some(SliVerdict::Within)
+        );
+        assert_eq!(
+            a_window_after(&mut judge, 20, 2000.0, 0.0038),
+            Some(SliVerdict::WithinNarrowly)
+        );
+        assert_eq!(judge.floor(), 1000.0, "1.27× proves nothing");
+        assert_eq!(judge.growth_cap(0.85), f64::INFINITY, "nor harms");
+    }
+
+    #[test]
+    fn over_budget_at_a_pace_proven_with_room_is_production_s_own_rise() {
+        let mut judge = learned(&[0.003]);
+        a_window_after(&mut judge, 0, 1500.0, 0.0031);
+        // A stall: over at a pace that had room.
+        assert_eq!(
+            a_window_after(&mut judge, 20, 1500.0, 0.0094),
+            Some(SliVerdict::OwnRise)
+        );
+        assert_eq!(
+            judge.floor(),
+            0.0,
+            "production has moved: nothing stays proven"
+        );
+        // Its long rest replaces the baseline, and lifts the cap.
+        judge.observe_at_rest(secs(10), 0.004);
+        judge.end_long_rest();
+        assert_eq!(judge.reading().baseline, Some(0.004));
+        assert_eq!(judge.growth_cap(0.85), f64::INFINITY);
+        // Over at a pace faster than any proven is ours.
+        a_window_after(&mut judge, 60, 1000.0, 0.004);
+        assert_eq!(
+            a_window_after(&mut judge, 80, 1500.0, 0.006),
+            Some(SliVerdict::Over)
+        );
     }
 
     #[test]

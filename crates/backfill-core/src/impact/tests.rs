@@ -1458,13 +1458,13 @@ fn a_pace_production_s_own_latency_shows_within_budget_holds_against_the_canarie
         paces.iter().all(|rate| *rate >= proven),
         "the canaries cut below the proven {proven}: {paces:?}"
     );
-    // Production's own latency over budget (6 ms against 3) cuts below it.
-    let (_, paces) = run_reading_the_sli(&mut controller, now, ms(12_000), slow, |_| 0.006);
-    assert!(
-        paces.iter().any(|rate| *rate < proven),
-        "not cut: {paces:?}"
-    );
-    assert_eq!(controller.sli().and_then(|sli| sli.proven), None);
+    // Production's own latency over budget (6 ms against 3) at that pace says production
+    // has moved: a long rest re-learns it, not a cut (a stall of the disk does this).
+    let begun = controller.rests_begun();
+    let (_, paces) = run_reading_the_sli(&mut controller, now, ms(30_000), slow, |_| 0.006);
+    assert_eq!(controller.rests_begun(), begun + 1, "{paces:?}");
+    assert!(paces.iter().all(|rate| *rate >= proven), "cut: {paces:?}");
+    assert_eq!(controller.sli().and_then(|sli| sli.baseline), Some(0.006));
 
     // The same canaries without the SLI cut below that pace: the floor above is the SLI's.
     let mut controller = ImpactController::new(rest_only_at_start(), ms(0));
@@ -1499,8 +1499,10 @@ fn production_s_own_latency_over_budget_cuts_what_the_canaries_call_calm() {
     assert_eq!(controller.last_change(), Some(PaceChange::Calm));
     let sli = controller.sli().expect("the SLI is read");
     assert_eq!(sli.harmed, Some(2.0 * START_RATE));
+    // Proven only where production's p99 had room: up to 3.45 ms, 1,450 rows/s.
     assert!(
-        sli.proven.is_some_and(|proven| proven >= 1_500.0),
+        sli.proven
+            .is_some_and(|proven| (START_RATE..=1_450.0).contains(&proven)),
         "{sli:?}"
     );
 }
