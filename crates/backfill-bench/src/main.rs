@@ -164,7 +164,8 @@ struct Options {
     frontier_compare_binaries: Vec<PathBuf>,
     /// Also run backfilld's default reading production's p99 from Prometheus
     /// (`throttle.impact_sli_query`) over a range of this many seconds: pgbench's latencies
-    /// served to a Prometheus the bench starts, scraping every second (0: not run).
+    /// served to a Prometheus the bench starts, scraping every second (0: not run); each
+    /// `--frontier-compare-binary` reads it too.
     #[arg(long, default_value_t = 0)]
     frontier_sli_range: u64,
     /// backfilld daemons per frontier run of backfilld (the pods of one Job; the job is
@@ -445,10 +446,19 @@ async fn run(options: Options) -> anyhow::Result<()> {
             0 => None,
             range => {
                 let server = sli::SliServer::start().await?;
-                competitors.push(frontier::Competitor::backfilld(
-                    format!("backfilld default, production's p99 over {range} s from Prometheus"),
-                    sli_settings(&throttled, &server, Duration::from_secs(range)),
-                ));
+                let label =
+                    format!("backfilld default, production's p99 over {range} s from Prometheus");
+                let settings = sli_settings(&throttled, &server, Duration::from_secs(range));
+                // The other binaries read it too: a change to the SLI judge is compared
+                // with its parent in the same run.
+                competitors.extend(options.frontier_compare_binaries.iter().map(|binary| {
+                    frontier::Competitor::Backfilld {
+                        label: format!("{label}, binary {}", binary.display()),
+                        settings: settings.clone(),
+                        binary: Some(binary.clone()),
+                    }
+                }));
+                competitors.push(frontier::Competitor::backfilld(label, settings));
                 Some(server)
             }
         };
