@@ -192,13 +192,13 @@ impl SliJudge {
         let (rise, allowed) = (value - baseline, budget.allowed_rise(baseline));
         if rise > allowed {
             self.harmed = Some(self.harmed.map_or(rate, |harmed| harmed.min(rate)));
-            // A pace proven with room is over now: production has moved, not the pace
-            // (issue 19's twenty-fourth round: a stall read 3.12× at 168 rows/s, which
-            // had read 0.78× nine seconds before, and capped growth at 143 rows/s).
-            let had_room = self.proven.is_some_and(|proven| rate <= proven);
-            self.proven = self.proven.filter(|proven| *proven < rate);
+            // Over at a pace no faster than one proven with room: production has moved,
+            // not the pace (issue 19's twenty-fourth round: a stall read 3.12× at 168
+            // rows/s, which had read 0.78× nine seconds before, and capped growth at 143
+            // rows/s). A slower pace proven stays proven.
+            let production_moved = self.proven.is_some_and(|proven| rate <= proven);
             let first = *self.first_harmed.get_or_insert(rate);
-            if had_room || rate <= first * OWN_RISE_SHARE {
+            if production_moved || rate <= first * OWN_RISE_SHARE {
                 self.baselines_stale = true;
                 self.proven = None;
                 Some(SliVerdict::OwnRise)
