@@ -97,8 +97,8 @@ pub(super) struct SliJudge {
     harmed: Option<f64>,
     /// The pace first shown over budget since the last long rest.
     first_harmed: Option<f64>,
-    /// A rise of production's own was seen: the next value learned replaces the
-    /// baselines before it, which production has left.
+    /// A rise of production's own that a halved pace did not bring down was seen: the
+    /// next value learned replaces the baselines before it, which production has left.
     baselines_stale: bool,
     /// The lowest value judged since the last long rest learned one: production next to a
     /// pace is no faster than production alone, so the baseline is trusted only as far as
@@ -199,13 +199,14 @@ impl SliJudge {
             // rows/s). A slower pace proven stays proven.
             let production_moved = self.proven.is_some_and(|proven| rate <= proven);
             let first = *self.first_harmed.get_or_insert(rate);
-            if production_moved || rate <= first * OWN_RISE_SHARE {
+            let halved = rate <= first * OWN_RISE_SHARE;
+            if production_moved || halved {
                 // Only a halved pace is evidence enough to replace the baselines: a
                 // pace proven near the knee and then over is as likely our harm (issue
                 // 19's twenty-fifth round, k3: replaced, 2.96 ms became 4.53 ms next to
                 // 600 tx/s and the pace grew to 2.99× production's p99), so its rest's
                 // value joins the median instead.
-                self.baselines_stale = rate <= first * OWN_RISE_SHARE;
+                self.baselines_stale = halved;
                 self.proven = None;
                 Some(SliVerdict::OwnRise)
             } else {
