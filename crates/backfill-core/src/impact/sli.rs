@@ -205,8 +205,9 @@ impl SliJudge {
                 // pace proven near the knee and then over is as likely our harm (issue
                 // 19's twenty-fifth round, k3: replaced, 2.96 ms became 4.53 ms next to
                 // 600 tx/s and the pace grew to 2.99× production's p99), so its rest's
-                // value joins the median instead.
-                self.baselines_stale = halved;
+                // value joins the median instead. A halved-pace rise still waiting for
+                // a rest that reads a value keeps its claim.
+                self.baselines_stale |= halved;
                 self.proven = None;
                 Some(SliVerdict::OwnRise)
             } else {
@@ -391,6 +392,23 @@ mod tests {
         judge.end_long_rest();
         assert_eq!(judge.reading().baseline, Some(0.006));
         assert_eq!(judge.growth_cap(0.85), f64::INFINITY);
+    }
+
+    #[test]
+    fn a_halved_pace_s_claim_on_the_baselines_outlasts_a_rest_that_read_nothing() {
+        let mut judge = learned(&[0.003]);
+        let over =
+            |judge: &mut SliJudge, at: u64, rate: f64| a_window_after(judge, at, rate, 0.006);
+        over(&mut judge, 0, 1000.0);
+        assert_eq!(over(&mut judge, 20, 490.0), Some(SliVerdict::OwnRise));
+        judge.end_long_rest();
+        // Proven again, then over at that pace: a rise that may be ours near the knee,
+        // but production's own rise, seen before, has not yet been learned.
+        a_window_after(&mut judge, 40, 300.0, 0.0031);
+        assert_eq!(over(&mut judge, 60, 300.0), Some(SliVerdict::OwnRise));
+        judge.observe_at_rest(secs(10), 0.006);
+        judge.end_long_rest();
+        assert_eq!(judge.reading().baseline, Some(0.006));
     }
 
     #[test]
