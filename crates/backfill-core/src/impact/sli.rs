@@ -267,6 +267,12 @@ mod tests {
         judge.judge(secs(set_at + 10), secs(set_at), rate, value, &budget())
     }
 
+    /// `judge`'s verdict on 6 ms, twice a 3 ms baseline (over budget), read a window after
+    /// `rate` was set at `set_at` seconds.
+    fn twice_the_baseline(judge: &mut SliJudge, set_at: u64, rate: f64) -> Option<SliVerdict> {
+        a_window_after(judge, set_at, rate, 0.006)
+    }
+
     fn learned(values: &[f64]) -> SliJudge {
         let mut judge = SliJudge::new(secs(10));
         for value in values {
@@ -377,15 +383,25 @@ mod tests {
     #[test]
     fn over_budget_at_half_the_pace_first_found_over_is_production_s_own_rise() {
         let mut judge = learned(&[0.003]);
-        let over =
-            |judge: &mut SliJudge, at: u64, rate: f64| a_window_after(judge, at, rate, 0.006);
-        assert_eq!(over(&mut judge, 0, 1000.0), Some(SliVerdict::Over));
-        assert_eq!(over(&mut judge, 20, 700.0), Some(SliVerdict::Over));
-        assert_eq!(over(&mut judge, 40, 490.0), Some(SliVerdict::OwnRise));
+        assert_eq!(
+            twice_the_baseline(&mut judge, 0, 1000.0),
+            Some(SliVerdict::Over)
+        );
+        assert_eq!(
+            twice_the_baseline(&mut judge, 20, 700.0),
+            Some(SliVerdict::Over)
+        );
+        assert_eq!(
+            twice_the_baseline(&mut judge, 40, 490.0),
+            Some(SliVerdict::OwnRise)
+        );
         // A long rest that read nothing learns nothing, but the rise is told anew.
         judge.end_long_rest();
         assert_eq!(judge.reading().baseline, Some(0.003));
-        assert_eq!(over(&mut judge, 60, 490.0), Some(SliVerdict::Over));
+        assert_eq!(
+            twice_the_baseline(&mut judge, 60, 490.0),
+            Some(SliVerdict::Over)
+        );
         // One that read production at 6 ms makes that the baseline: the 3 ms production
         // has left no longer counts, and the paces harmed may be tried again.
         judge.observe_at_rest(secs(10), 0.006);
@@ -397,15 +413,19 @@ mod tests {
     #[test]
     fn a_halved_pace_s_claim_on_the_baselines_outlasts_a_rest_that_read_nothing() {
         let mut judge = learned(&[0.003]);
-        let over =
-            |judge: &mut SliJudge, at: u64, rate: f64| a_window_after(judge, at, rate, 0.006);
-        over(&mut judge, 0, 1000.0);
-        assert_eq!(over(&mut judge, 20, 490.0), Some(SliVerdict::OwnRise));
+        twice_the_baseline(&mut judge, 0, 1000.0);
+        assert_eq!(
+            twice_the_baseline(&mut judge, 20, 490.0),
+            Some(SliVerdict::OwnRise)
+        );
         judge.end_long_rest();
         // Proven again, then over at that pace: a rise that may be ours near the knee,
         // but production's own rise, seen before, has not yet been learned.
         a_window_after(&mut judge, 40, 300.0, 0.0031);
-        assert_eq!(over(&mut judge, 60, 300.0), Some(SliVerdict::OwnRise));
+        assert_eq!(
+            twice_the_baseline(&mut judge, 60, 300.0),
+            Some(SliVerdict::OwnRise)
+        );
         judge.observe_at_rest(secs(10), 0.006);
         judge.end_long_rest();
         assert_eq!(judge.reading().baseline, Some(0.006));
