@@ -906,11 +906,10 @@ pub fn to_markdown(rows: &[FrontierRow], plan: &FrontierPlan, budget: f64) -> St
                 .collect();
             median(&finite)
         };
-        let within = match ratio {
-            _ if !row.is_judged() => "",
-            Some(r) if r <= budget => "yes",
-            Some(_) => "no",
-            None => "?",
+        let within = if row.is_judged() {
+            within_cell(ratio, budget)
+        } else {
+            String::new()
         };
         let rate = match row.rate {
             UNLOADED_RATE => "none (unloaded)".to_string(),
@@ -933,6 +932,18 @@ pub fn to_markdown(rows: &[FrontierRow], plan: &FrontierPlan, budget: f64) -> St
     out.push('\n');
     out.push_str(&round_by_round(rows, plan.rounds));
     out
+}
+
+/// Whether a median p99 ratio kept `budget`, for the table: a "no" whose ratio prints
+/// as the budget itself (1.30 over 1.3, issue 19's twenty-sixth round) shows three
+/// decimals, so the cell does not contradict the figure beside it.
+fn within_cell(ratio: Option<f64>, budget: f64) -> String {
+    match ratio {
+        Some(r) if r <= budget => "yes".to_string(),
+        Some(r) if format!("{r:.2}") == format!("{budget:.2}") => format!("no ({r:.3}×)"),
+        Some(_) => "no".to_string(),
+        None => "?".to_string(),
+    }
 }
 
 /// Every competitor's rows/s and p99 ratio round by round: where a median sits at the
@@ -1062,6 +1073,14 @@ mod tests {
             !table.contains(ALONE_LABEL) && !table.contains("50000"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn a_median_over_the_budget_that_prints_as_the_budget_shows_why_it_is_over() {
+        assert_eq!(within_cell(Some(1.3), 1.3), "yes");
+        assert_eq!(within_cell(Some(1.3017), 1.3), "no (1.302×)");
+        assert_eq!(within_cell(Some(1.31), 1.3), "no");
+        assert_eq!(within_cell(None, 1.3), "?");
     }
 
     #[test]
