@@ -344,6 +344,8 @@ pub struct ImpactController {
     /// When the pace in force was set, and that pace: rests, and judgements that leave it
     /// as it was, do not set it anew (the SLI judges a pace a window after it is set).
     pace_set: (Duration, f64),
+    /// When the last rest ended (pacing resumed after it).
+    rest_ended: Duration,
     last_ratio: Option<f64>,
     last_canary: Option<Duration>,
     last_relearn: Duration,
@@ -418,6 +420,7 @@ impl ImpactController {
             long_rest: sli.is_some(),
             sli,
             pace_set: (now, START_RATE),
+            rest_ended: now,
             last_ratio: None,
             last_canary: None,
             last_relearn: now,
@@ -500,6 +503,7 @@ impl ImpactController {
     /// set; see [`sli`]): learned at the end of a long rest, judged while pacing next to
     /// production, where over budget cuts the pace to any pace.
     pub fn observe_sli(&mut self, now: Duration, value: f64) {
+        let shows_the_pace_from = self.sli_shows_the_pace_from();
         let Some(sli) = self.sli.as_mut() else {
             return;
         };
@@ -509,7 +513,7 @@ impl ImpactController {
             }
             Phase::Resting { .. } => {}
             Phase::Pacing { .. } if self.production_active => {
-                match sli.judge(now, self.pace_set.0, self.rate, value, &self.settings) {
+                match sli.judge(now, shows_the_pace_from, self.rate, value, &self.settings) {
                     Some(SliVerdict::Over) => {
                         // No lower than a slower pace it proved: if production has grown
                         // heavier since, that pace is judged in turn.
@@ -526,6 +530,21 @@ impl ImpactController {
                 }
             }
             Phase::Pacing { .. } => {}
+        }
+    }
+
+    /// Where a range of the SLI that ends a window later shows the pace in force alone:
+    /// after the pace was set, and after the last rest ended too where the periodic rests
+    /// leave a window and two readings between them. A range that holds
+    /// a short rest reads production partly alone, kinder than the pace (2.3 s of a 10 s
+    /// range), and a pace proven on it makes the next value over budget production's own.
+    fn sli_shows_the_pace_from(&self) -> Duration {
+        let between_rests = self.settings.relearn_every.saturating_sub(REST + DRAIN);
+        if self.settings.sli_window + 2 * sli::SLI_READ_EVERY < between_rests {
+            self.rest_ended.max(self.pace_set.0)
+        } else {
+            // No range would ever be free of the rests: judged as before.
+            self.pace_set.0
         }
     }
 
@@ -626,6 +645,7 @@ impl ImpactController {
                     }
                     // Too few canaries: keep the old baseline (or none: no signal).
                     self.last_relearn = now;
+                    self.rest_ended = now;
                     self.resume_pacing(now);
                 }
             }

@@ -13,8 +13,9 @@
 //!   judged since (production next to a pace is no faster than alone). Long rests are the
 //!   first, the one production's start begins, and one periodic rest in every
 //!   [`SLI_RELEARN_EVERY`].
-//! - **Judged once a range**: a value read `window` or more after the pace was last set
-//!   shows that pace alone. Over budget (more than `budget_ratio` × the baseline and more
+//! - **Judged once a range**: a value read `window` or more after the pace was last set,
+//!   and after the last rest ended, shows that pace alone (a range that held a short
+//!   rest reads production partly alone). Over budget (more than `budget_ratio` × the baseline and more
 //!   than the floor above it) cuts to any pace, and the pace it was read at is not tried
 //!   again until the next long rest; within budget with room to spare (the rise under
 //!   [`ROOMY_SHARE`] of the allowed one), the pace is *proven*, and the canaries' cuts go

@@ -1384,14 +1384,14 @@ fn reading_the_sli() -> ImpactSettings {
     }
 }
 
-/// As [`run`], and production's SLI read every [`sli::SLI_READ_EVERY`]: `sli(rate)` from
-/// the pace in force (0 while resting). Returns the time reached and every pace set.
+/// As [`run`], and production's SLI read every [`sli::SLI_READ_EVERY`]: `sli(now, rate)`
+/// from the pace in force (0 while resting). Returns the time reached and every pace set.
 fn run_reading_the_sli(
     controller: &mut ImpactController,
     from: Duration,
     span: Duration,
     latency: impl Fn(Option<ImpactDirective>) -> Duration,
-    sli: impl Fn(f64) -> f64,
+    mut sli: impl FnMut(Duration, f64) -> f64,
 ) -> (Duration, Vec<f64>) {
     let mut now = from;
     let mut verdict = controller.evaluate(now, true);
@@ -1405,7 +1405,7 @@ fn run_reading_the_sli(
             _ => 0.0,
         };
         if now >= next_read {
-            controller.observe_sli(now, sli(rate));
+            controller.observe_sli(now, sli(now, rate));
             next_read = now + sli::SLI_READ_EVERY;
         }
         verdict = controller.evaluate(now, true);
@@ -1426,7 +1426,7 @@ fn with_a_pace_proven() -> (ImpactController, Duration) {
     let mut now = ms(0);
     while controller.sli().and_then(|sli| sli.proven).is_none() {
         assert!(now < ms(60_000), "nothing proven in a minute");
-        (now, _) = run_reading_the_sli(&mut controller, now, ms(1_000), calm, |_| 0.003);
+        (now, _) = run_reading_the_sli(&mut controller, now, ms(1_000), calm, |_, _| 0.003);
     }
     (controller, now)
 }
@@ -1437,9 +1437,9 @@ fn with_the_sli_the_first_rest_lasts_its_window_and_learns_its_baseline() {
     let flat = |_: Option<ImpactDirective>| ms(2);
     // Without the SLI the first rest ends after DRAIN + FIRST_REST (5.3 s); with a 5 s
     // window after DRAIN + 5 s + two readings' time (7.3 s).
-    let (now, paces) = run_reading_the_sli(&mut controller, ms(0), ms(7_000), flat, |_| 0.003);
+    let (now, paces) = run_reading_the_sli(&mut controller, ms(0), ms(7_000), flat, |_, _| 0.003);
     assert!(paces.is_empty(), "paced at {now:?}: {paces:?}");
-    let (_, paces) = run_reading_the_sli(&mut controller, now, ms(1_000), flat, |_| 0.003);
+    let (_, paces) = run_reading_the_sli(&mut controller, now, ms(1_000), flat, |_, _| 0.003);
     assert_eq!(paces, [START_RATE]);
     assert_eq!(controller.sli().and_then(|sli| sli.baseline), Some(0.003));
 }
@@ -1453,7 +1453,7 @@ fn a_pace_production_s_own_latency_shows_within_budget_holds_against_the_canarie
     let (mut controller, now) = with_a_pace_proven();
     let proven = controller.rate();
     let harmful_after = now;
-    let (now, paces) = run_reading_the_sli(&mut controller, now, ms(30_000), slow, |_| 0.003);
+    let (now, paces) = run_reading_the_sli(&mut controller, now, ms(30_000), slow, |_, _| 0.003);
     assert!(
         paces.iter().all(|rate| *rate >= proven),
         "the canaries cut below the proven {proven}: {paces:?}"
@@ -1466,7 +1466,7 @@ fn a_pace_production_s_own_latency_shows_within_budget_holds_against_the_canarie
     let sli_decided = |change| matches!(change, Some(PaceChange::SliOwnRise | PaceChange::SliHarm));
     while !sli_decided(controller.last_change()) {
         assert!(now < from + ms(30_000), "the SLI decided nothing");
-        (now, _) = run_reading_the_sli(&mut controller, now, ms(100), slow, |_| 0.006);
+        (now, _) = run_reading_the_sli(&mut controller, now, ms(100), slow, |_, _| 0.006);
     }
     assert_eq!(controller.last_change(), Some(PaceChange::SliOwnRise));
     assert_eq!(controller.rests_begun(), begun + 1);
@@ -1475,7 +1475,7 @@ fn a_pace_production_s_own_latency_shows_within_budget_holds_against_the_canarie
     // The same canaries without the SLI cut below that pace: the floor above is the SLI's.
     let mut controller = ImpactController::new(rest_only_at_start(), ms(0));
     let (now, _) = run(&mut controller, ms(0), harmful_after, true, calm);
-    let (_, paces) = run_reading_the_sli(&mut controller, now, ms(30_000), slow, |_| 0.003);
+    let (_, paces) = run_reading_the_sli(&mut controller, now, ms(30_000), slow, |_, _| 0.003);
     assert!(paces.iter().any(|rate| *rate < proven), "{paces:?}");
 }
 
@@ -1486,7 +1486,9 @@ fn production_s_own_latency_over_budget_cuts_what_the_canaries_call_calm() {
     let flat = |_: Option<ImpactDirective>| ms(2);
     let production = |rate: f64| 0.003 + (rate - START_RATE).max(0.0) / 1e6;
     let mut controller = ImpactController::new(reading_the_sli(), ms(0));
-    let (_, paces) = run_reading_the_sli(&mut controller, ms(0), ms(120_000), flat, production);
+    let (_, paces) = run_reading_the_sli(&mut controller, ms(0), ms(120_000), flat, |_, rate| {
+        production(rate)
+    });
     let first_over = paces
         .iter()
         .position(|rate| *rate >= 2.0 * START_RATE)
@@ -1519,7 +1521,7 @@ fn a_rise_of_production_s_own_is_relearned_not_cut_to_nothing() {
     let (mut controller, now) = with_a_pace_proven();
     let (proven, begun) = (controller.rate(), controller.rests_begun());
     // Production's own load doubles its p99 whatever the pace.
-    let (_, paces) = run_reading_the_sli(&mut controller, now, ms(120_000), calm, |_| 0.006);
+    let (_, paces) = run_reading_the_sli(&mut controller, now, ms(120_000), calm, |_, _| 0.006);
     let lowest = paces.iter().copied().fold(f64::INFINITY, f64::min);
     assert!(
         lowest >= proven * 0.3,
@@ -1538,6 +1540,38 @@ fn a_rise_of_production_s_own_is_relearned_not_cut_to_nothing() {
 }
 
 #[test]
+fn a_range_that_holds_a_short_rest_proves_no_pace() {
+    // Periodic rests every 30 s, a 5 s window. Production's p99 is 6 ms, twice its 3 ms
+    // baseline, at any pace; only a range that still holds some of a rest reads 3 ms.
+    let settings = ImpactSettings {
+        sli_window: ms(5_000),
+        ..ImpactSettings::default()
+    };
+    let mut controller = ImpactController::new(settings, ms(0));
+    let calm = |_: Option<ImpactDirective>| ms(2);
+    let mut last_rest = Duration::ZERO;
+    let mut production = |now: Duration, rate: f64| {
+        if rate == 0.0 {
+            last_rest = now;
+        }
+        if now < last_rest + ms(5_000) {
+            0.003
+        } else {
+            0.006
+        }
+    };
+    let mut now = ms(0);
+    let mut sli_harm = false;
+    while now < ms(120_000) {
+        (now, _) = run_reading_the_sli(&mut controller, now, ms(100), calm, &mut production);
+        sli_harm |= controller.last_change() == Some(PaceChange::SliHarm);
+        let proven = controller.sli().and_then(|sli| sli.proven);
+        assert_eq!(proven, None, "proved a pace at {now:?}");
+    }
+    assert!(sli_harm, "production's p99 over budget never cut the pace");
+}
+
+#[test]
 fn a_long_rest_longer_than_relearn_every_still_ends() {
     // The SLI's window (40 s) outlasts the periodic rests' period (30 s): the periodic
     // moments inside the long rest at 600 s (the first of its ten minutes) must not
@@ -1548,7 +1582,7 @@ fn a_long_rest_longer_than_relearn_every_still_ends() {
     };
     let mut controller = ImpactController::new(settings, ms(0));
     let flat = |_: Option<ImpactDirective>| ms(2);
-    let (now, _) = run_reading_the_sli(&mut controller, ms(0), ms(599_000), flat, |_| 0.003);
+    let (now, _) = run_reading_the_sli(&mut controller, ms(0), ms(599_000), flat, |_, _| 0.003);
     let begun = controller.rests_begun();
     let (_, verdict) = run(&mut controller, now, ms(1_100), true, flat);
     assert_eq!(
@@ -1556,7 +1590,8 @@ fn a_long_rest_longer_than_relearn_every_still_ends() {
         Some(ImpactDirective::Rest),
         "the long rest at 600 s"
     );
-    let (_, paces) = run_reading_the_sli(&mut controller, ms(600_100), ms(60_000), flat, |_| 0.003);
+    let (_, paces) =
+        run_reading_the_sli(&mut controller, ms(600_100), ms(60_000), flat, |_, _| 0.003);
     assert!(
         !paces.is_empty(),
         "never paced again after the long rest at 600 s"
