@@ -317,6 +317,9 @@ pub struct ImpactController {
     /// The pace in force was set by a cut: another waits for a full span, so one burst of
     /// slow canaries is one cut, not one every [`GROW_AFTER`].
     just_cut: bool,
+    /// The pace in force is a step production's SLI gave and has yet to judge: the
+    /// canaries' tail neither cuts nor grows it meanwhile (only their broad harm cuts).
+    sli_step: bool,
     /// The pace before the step that set the one in force, when that step multiplied: a
     /// cut undoes it.
     stepped_from: Option<f64>,
@@ -408,6 +411,7 @@ impl ImpactController {
             rate: START_RATE,
             cut_at: None,
             just_cut: false,
+            sli_step: false,
             stepped_from: None,
             floor_held_at: None,
             last_change: None,
@@ -523,10 +527,13 @@ impl ImpactController {
                     }
                     Some(SliVerdict::OwnRise) => {
                         // Not ours to cut for: learn production as it is now.
+                        self.sli_step = false;
                         self.decided(PaceChange::SliOwnRise);
                         self.start_rest(now, true);
                     }
-                    Some(SliVerdict::Within | SliVerdict::WithinNarrowly) | None => {}
+                    Some(SliVerdict::Within) => self.grow_for_sli(now),
+                    // Near the line: a step the SLI gave holds, still the SLI's to judge.
+                    Some(SliVerdict::WithinNarrowly) | None => {}
                 }
             }
             Phase::Pacing { .. } => {}
@@ -865,6 +872,9 @@ impl ImpactController {
             median - calm > self.settings.allowed_rise(calm) || broad - baseline > allowed;
         let change = match tail {
             _ if broad_harm && span >= CUT_AFTER => PaceChange::BroadHarm,
+            // The SLI judges its own step: the canaries' tail is noise near the knee
+            // (issue 19's fifteenth round), production's p99 is the budget itself.
+            _ if self.sli_step => return,
             Some(Tail::Harm) if !self.just_cut || span >= CUT_AFTER => {
                 if self.harm_confirmed() {
                     PaceChange::TailHarmConfirmed
@@ -890,16 +900,7 @@ impl ImpactController {
                     None => rise < allowed * ROOMY_SHARE,
                 };
                 let step = self.growth(roomy);
-                // Never past twice what the jobs achieve (a pace they cannot reach buys
-                // nothing), nor to a pace production's own latency showed over budget.
-                let cap = self
-                    .achieved
-                    .map_or(MAX_RATE, |a| (2.0 * a).max(START_RATE))
-                    .min(
-                        self.sli
-                            .as_ref()
-                            .map_or(MAX_RATE, |sli| sli.growth_cap(APPROACH)),
-                    );
+                let cap = self.growth_cap();
                 let to = step
                     .to
                     .min(cap)
@@ -913,6 +914,41 @@ impl ImpactController {
             }
             harm => self.cut_for(now, harm),
         }
+    }
+
+    /// Production's own p99 showed the pace in force with room to spare: it grows by
+    /// [`ROOMY_FACTOR`], and the SLI judges the step. The canaries only bound the SLI
+    /// (issue 19's twenty-seventh round: it proved 1,000 rows/s at 1.02× next to 200 tx/s
+    /// and the pace stayed there for a minute, the canaries never calling calm, where a
+    /// fixed 2,000 rows/s kept the budget in every round).
+    fn grow_for_sli(&mut self, now: Duration) {
+        let to = (self.rate * ROOMY_FACTOR)
+            .min(self.growth_cap())
+            .clamp(MIN_RATE, MAX_RATE);
+        if to <= self.rate {
+            self.sli_step = false;
+            return;
+        }
+        self.decided(PaceChange::SliCalm);
+        self.stepped_from = None;
+        self.floor_held_at = None;
+        self.just_cut = false;
+        self.sli_step = true;
+        self.rate = to;
+        self.enter_pacing(now);
+    }
+
+    /// The highest pace growth may set: twice what the jobs achieve (a pace they cannot
+    /// reach buys nothing), and short of a pace production's own latency showed over
+    /// budget.
+    fn growth_cap(&self) -> f64 {
+        self.achieved
+            .map_or(MAX_RATE, |a| (2.0 * a).max(START_RATE))
+            .min(
+                self.sli
+                    .as_ref()
+                    .map_or(MAX_RATE, |sli| sli.growth_cap(APPROACH)),
+            )
     }
 
     /// Cuts for `harm` (see [`Self::cut`]): to any pace when broad, otherwise no lower
@@ -960,6 +996,7 @@ impl ImpactController {
     fn cut(&mut self, now: Duration, floor: f64) {
         self.cut_at = Some(self.rate);
         self.just_cut = true;
+        self.sli_step = false;
         let undone = self.stepped_from.take().unwrap_or(f64::INFINITY);
         let floor = floor.max(MIN_RATE).min(self.rate);
         let to = (self.rate * CUT_FACTOR).min(undone).max(floor);
@@ -1088,6 +1125,9 @@ pub enum PaceChange {
     StepUnproven,
     /// Production's own latency SLI read over budget at the pace: cut, to any pace.
     SliHarm,
+    /// Production's own latency SLI read within budget with room to spare: grown by
+    /// [`ROOMY_FACTOR`], the SLI judging the step.
+    SliCalm,
     /// Production's own latency SLI read over budget at half the pace it was first over
     /// at, or less: a rise of production's own; a long rest re-learns its baseline, the
     /// pace left as it was.
