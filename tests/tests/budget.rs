@@ -463,7 +463,7 @@ fn two_daemons_next_to_production_rest_at_the_same_wall_clock_moments() {
 }
 
 #[test]
-fn production_s_own_latency_from_prometheus_bounds_the_pace_the_canary_steers() {
+fn production_s_own_latency_from_prometheus_grows_and_bounds_the_pace_the_canary_steers() {
     // The application's p99 as its monitoring has it, 3 ms; a Prometheus scraping it.
     let latency = Arc::new(std::sync::Mutex::new(0.003));
     let prometheus =
@@ -500,6 +500,22 @@ fn production_s_own_latency_from_prometheus_bounds_the_pace_the_canary_steers() 
     });
     let proven = judged(&daemon, &|line| line["sli_proven"].as_f64().is_some()).expect("proven");
     assert_eq!(proven["sli_baseline"].as_f64(), Some(0.003), "{proven}");
+    let pace_of = |line: &serde_json::Value| {
+        line["directive"]
+            .as_str()
+            .and_then(|d| d.strip_prefix("Some(Pace("))
+            .and_then(|d| d.trim_end_matches("))").parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("a pace in {line}"))
+    };
+
+    // A pace shown with room to spare grows by half again, the SLI to judge the step: the
+    // canaries alone do not hold it down.
+    wait_until("the SLI to grow the pace it proved", RUN_LIMIT, || {
+        judged(&daemon, &|line| line["change"] == "Some(SliCalm)").is_some()
+    });
+    let grown = judged(&daemon, &|line| line["change"] == "Some(SliCalm)").expect("grown");
+    let from = grown["sli_proven"].as_f64().expect("the pace proven");
+    assert!(pace_of(&grown) > from, "{grown}");
 
     // Production's latency rises to 40 ms, over 1.3× and the test's wide 25 ms floor: the
     // SLI cuts the pace, where the canary (under that floor) never would.
@@ -509,12 +525,7 @@ fn production_s_own_latency_from_prometheus_bounds_the_pace_the_canary_steers() 
     });
     let cut = judged(&daemon, &|line| line["change"] == "Some(SliHarm)").expect("cut");
     let harmed = cut["sli_harmed"].as_f64().expect("the pace harmed");
-    let pace_after = cut["directive"]
-        .as_str()
-        .and_then(|d| d.strip_prefix("Some(Pace("))
-        .and_then(|d| d.trim_end_matches("))").parse::<f64>().ok())
-        .expect("a pace");
-    assert!(pace_after < harmed, "{cut}");
+    assert!(pace_of(&cut) < harmed, "{cut}");
     assert!(
         cut["sli_ratio"].as_f64().is_some_and(|ratio| ratio > 10.0),
         "{cut}"
