@@ -163,11 +163,12 @@ struct Options {
     #[arg(long = "frontier-compare-binary")]
     frontier_compare_binaries: Vec<PathBuf>,
     /// Also run backfilld's default reading production's p99 from Prometheus
-    /// (`throttle.impact_sli_query`) over a range of this many seconds: pgbench's latencies
-    /// served to a Prometheus the bench starts, scraping every second (0: not run); each
-    /// `--frontier-compare-binary` reads it too.
-    #[arg(long, default_value_t = 0)]
-    frontier_sli_range: u64,
+    /// (`throttle.impact_sli_query`) over a range of this many seconds, one run for each
+    /// range given (e.g. 10,20): pgbench's latencies served to a Prometheus the bench
+    /// starts, scraping every second (0: not run); each `--frontier-compare-binary` reads
+    /// it too.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    frontier_sli_range: Vec<u64>,
     /// backfilld daemons per frontier run of backfilld (the pods of one Job; the job is
     /// cut into as many slices, and a fixed rate is each daemon's).
     #[arg(long, default_value_t = 1)]
@@ -441,27 +442,33 @@ async fn run(options: Options) -> anyhow::Result<()> {
             &options.frontier_variants,
             &options.frontier_compare_binaries,
         );
-        // Kept until the frontier is done: the Prometheus the SLI competitor reads.
-        let sli_server = match options.frontier_sli_range {
-            0 => None,
-            range => {
-                let server = sli::SliServer::start().await?;
-                let label =
-                    format!("backfilld default, production's p99 over {range} s from Prometheus");
-                let settings = sli_settings(&throttled, &server, Duration::from_secs(range));
-                // The other binaries read it too: a change to the SLI judge is compared
-                // with its parent in the same run.
-                competitors.extend(options.frontier_compare_binaries.iter().map(|binary| {
-                    frontier::Competitor::Backfilld {
-                        label: format!("{label}, binary {}", binary.display()),
-                        settings: settings.clone(),
-                        binary: Some(binary.clone()),
-                    }
-                }));
-                competitors.push(frontier::Competitor::backfilld(label, settings));
-                Some(server)
-            }
+        let sli_ranges: Vec<u64> = options
+            .frontier_sli_range
+            .iter()
+            .copied()
+            .filter(|range| *range > 0)
+            .collect();
+        // Kept until the frontier is done: the Prometheus the SLI competitors read.
+        let sli_server = if sli_ranges.is_empty() {
+            None
+        } else {
+            Some(sli::SliServer::start().await?)
         };
+        for (range, server) in sli_ranges.iter().zip(sli_server.iter().cycle()) {
+            let label =
+                format!("backfilld default, production's p99 over {range} s from Prometheus");
+            let settings = sli_settings(&throttled, server, Duration::from_secs(*range));
+            // The other binaries read it too: a change to the SLI judge is compared with
+            // its parent in the same run.
+            competitors.extend(options.frontier_compare_binaries.iter().map(|binary| {
+                frontier::Competitor::Backfilld {
+                    label: format!("{label}, binary {}", binary.display()),
+                    settings: settings.clone(),
+                    binary: Some(binary.clone()),
+                }
+            }));
+            competitors.push(frontier::Competitor::backfilld(label, settings));
+        }
         let plan = frontier::FrontierPlan {
             rows: if options.frontier_full {
                 2_000_000
