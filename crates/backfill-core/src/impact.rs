@@ -536,8 +536,21 @@ impl ImpactController {
                     Some(SliVerdict::WithinNarrowly) | None => {}
                 }
             }
-            Phase::Pacing { .. } => {}
+            Phase::Pacing { .. } => sli.production_idle(),
         }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &ImpactSettings {
+        &self.settings
+    }
+
+    /// How long production's SLI has gone without judging a value read next to
+    /// production, when that is [`sli::SLI_UNJUDGED_WARN_AFTER`] or more: an SLI that
+    /// bounds nothing, for the log to say.
+    pub fn sli_unjudged(&self, now: Duration) -> Option<Duration> {
+        let unjudged = self.sli.as_ref()?.unjudged_for(now);
+        (unjudged >= sli::SLI_UNJUDGED_WARN_AFTER).then_some(unjudged)
     }
 
     /// Where a range of the SLI that ends a window later shows the pace in force alone:

@@ -52,6 +52,12 @@ pub const SLI_READ_EVERY: Duration = Duration::from_secs(1);
 /// growth caps pinned the pace at 118 rows/s.
 pub const OWN_RISE_SHARE: f64 = 0.5;
 
+/// Values read next to production this long without one judged is an SLI that bounds
+/// nothing: its window rarely fits between the rests and the pace's changes (issue 19's
+/// twenty-eighth round: a 23 s window judged nothing in three runs, the canaries changing
+/// the pace every 10–20 s). The daemon says so, once, in its log.
+pub const SLI_UNJUDGED_WARN_AFTER: Duration = Duration::from_secs(300);
+
 /// What production's SLI said of the pace in force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SliVerdict {
@@ -105,6 +111,9 @@ pub(super) struct SliJudge {
     /// pace is no faster than production alone, so the baseline is trusted only as far as
     /// this.
     calmest: Option<f64>,
+    /// Since when values read next to production have gone unjudged (none: the last one
+    /// was judged, or production went idle).
+    unjudged_since: Option<Duration>,
 }
 
 impl SliJudge {
@@ -121,6 +130,7 @@ impl SliJudge {
             first_harmed: None,
             baselines_stale: false,
             calmest: None,
+            unjudged_since: None,
         }
     }
 
@@ -178,6 +188,7 @@ impl SliJudge {
         value: f64,
         budget: &ImpactSettings,
     ) -> Option<SliVerdict> {
+        self.unjudged_since.get_or_insert(now);
         let baseline = self.baseline()?;
         let shows_the_pace = now >= pace_set_at + self.window;
         let new_range = self
@@ -187,6 +198,7 @@ impl SliJudge {
             return None;
         }
         self.judged_at = Some(now);
+        self.unjudged_since = None;
         self.last_ratio = Some(value / baseline.max(f64::MIN_POSITIVE));
         if value > 0.0 {
             self.calmest = Some(self.calmest.map_or(value, |calmest| calmest.min(value)));
@@ -220,6 +232,17 @@ impl SliJudge {
         } else {
             Some(SliVerdict::WithinNarrowly)
         }
+    }
+
+    /// How long values read next to production have gone unjudged by `now`.
+    pub(super) fn unjudged_for(&self, now: Duration) -> Duration {
+        self.unjudged_since
+            .map_or(Duration::ZERO, |since| now.saturating_sub(since))
+    }
+
+    /// Production went idle: no value is expected, so none has gone unjudged.
+    pub(super) fn production_idle(&mut self) {
+        self.unjudged_since = None;
     }
 
     /// The lowest pace the canaries may cut to: the highest the SLI proved (0: none).
@@ -316,6 +339,33 @@ mod tests {
             Some(SliVerdict::Within)
         );
         assert_eq!(judge.reading().proven, Some(1000.0));
+    }
+
+    #[test]
+    fn values_that_never_show_one_pace_alone_go_unjudged_until_one_does() {
+        // A 23 s window, the pace changed every 15 s: no range ever holds one pace alone.
+        let mut judge = SliJudge::new(secs(23));
+        judge.observe_at_rest(secs(23), 0.003);
+        judge.end_long_rest();
+        for at in (100..=400).step_by(3) {
+            let set_at = at - at % 15;
+            assert_eq!(
+                judge.judge(secs(at), secs(set_at), 1000.0, 0.003, &budget()),
+                None
+            );
+        }
+        assert_eq!(judge.unjudged_for(secs(400)), secs(300));
+        // Production idle: nothing was waiting.
+        judge.production_idle();
+        assert_eq!(judge.unjudged_for(secs(500)), Duration::ZERO);
+        // Values again, and one that shows its pace alone is judged.
+        judge.judge(secs(600), secs(590), 1000.0, 0.003, &budget());
+        assert_eq!(judge.unjudged_for(secs(610)), secs(10));
+        assert_eq!(
+            judge.judge(secs(613), secs(590), 1000.0, 0.003, &budget()),
+            Some(SliVerdict::Within)
+        );
+        assert_eq!(judge.unjudged_for(secs(620)), Duration::ZERO);
     }
 
     #[test]

@@ -225,6 +225,8 @@ pub(super) struct CanaryJudges {
     /// The impact budget's rests begun as last logged: a rest restarted at a periodic
     /// moment changes no directive and is logged all the same.
     logged_rests: u64,
+    /// Whether the log has said that production's SLI judges nothing, since it last did.
+    warned_sli_unjudged: bool,
 }
 
 impl CanaryJudges {
@@ -252,6 +254,7 @@ impl CanaryJudges {
             directive: None,
             logged_decisions: 0,
             logged_rests: 0,
+            warned_sli_unjudged: false,
         })
     }
 
@@ -279,10 +282,29 @@ impl CanaryJudges {
         }
     }
 
-    /// A value of production's latency SLI read at `now`, for the impact budget.
+    /// A value of production's latency SLI read at `now`, for the impact budget; says once
+    /// when the SLI has long judged nothing (it then bounds nothing).
     pub(super) fn observe_sli(&mut self, now: Duration, value: f64) {
-        if let Some(impact) = self.impact.as_mut() {
-            impact.observe_sli(now, value);
+        let Some(impact) = self.impact.as_mut() else {
+            return;
+        };
+        impact.observe_sli(now, value);
+        match impact.sli_unjudged(now) {
+            None => self.warned_sli_unjudged = false,
+            Some(_) if self.warned_sli_unjudged => {}
+            Some(unjudged) => {
+                self.warned_sli_unjudged = true;
+                tracing::warn!(
+                    target: "backfilld::impact",
+                    unjudged = ?unjudged,
+                    sli_window = ?impact.settings().sli_window,
+                    "production's SLI has judged no pace for {}s, so it bounds nothing: a \
+                     value is judged only once its range holds one pace alone, after the \
+                     last rest, and the pace changed or rested sooner; a shorter range in \
+                     throttle.impact_sli_query (and impact_sli_window) lets it judge",
+                    unjudged.as_secs()
+                );
+            }
         }
     }
 
