@@ -919,11 +919,8 @@ impl ImpactController {
                     .min(cap)
                     .max(self.rate.min(cap))
                     .clamp(MIN_RATE, MAX_RATE);
-                self.stepped_from = (step.multiplies && to > self.rate).then_some(self.rate);
-                self.floor_held_at = None;
-                self.just_cut = false;
-                self.rate = to;
-                self.enter_pacing(now);
+                let stepped_from = (step.multiplies && to > self.rate).then_some(self.rate);
+                self.grow_to(now, to, stepped_from);
             }
             harm => self.cut_for(now, harm),
         }
@@ -943,10 +940,16 @@ impl ImpactController {
             return;
         }
         self.decided(PaceChange::SliCalm);
-        self.stepped_from = None;
+        self.sli_step = true;
+        self.grow_to(now, to, None);
+    }
+
+    /// Sets the grown pace `to`, stepped from `stepped_from` when a cut should undo the
+    /// step: a floor held and a cut just made are behind it.
+    fn grow_to(&mut self, now: Duration, to: f64, stepped_from: Option<f64>) {
+        self.stepped_from = stepped_from;
         self.floor_held_at = None;
         self.just_cut = false;
-        self.sli_step = true;
         self.rate = to;
         self.enter_pacing(now);
     }
