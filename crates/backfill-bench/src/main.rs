@@ -454,20 +454,22 @@ async fn run(options: Options) -> anyhow::Result<()> {
         } else {
             Some(sli::SliServer::start().await?)
         };
-        for (range, server) in sli_ranges.iter().zip(sli_server.iter().cycle()) {
-            let label =
-                format!("backfilld default, production's p99 over {range} s from Prometheus");
-            let settings = sli_settings(&throttled, server, Duration::from_secs(*range));
-            // The other binaries read it too: a change to the SLI judge is compared with
-            // its parent in the same run.
-            competitors.extend(options.frontier_compare_binaries.iter().map(|binary| {
-                frontier::Competitor::Backfilld {
-                    label: format!("{label}, binary {}", binary.display()),
-                    settings: settings.clone(),
-                    binary: Some(binary.clone()),
-                }
-            }));
-            competitors.push(frontier::Competitor::backfilld(label, settings));
+        if let Some(server) = &sli_server {
+            for range in &sli_ranges {
+                let label =
+                    format!("backfilld default, production's p99 over {range} s from Prometheus");
+                let settings = sli_settings(&throttled, server, Duration::from_secs(*range));
+                // The other binaries read it too: a change to the SLI judge is compared with
+                // its parent in the same run.
+                competitors.extend(options.frontier_compare_binaries.iter().map(|binary| {
+                    frontier::Competitor::Backfilld {
+                        label: format!("{label}, binary {}", binary.display()),
+                        settings: settings.clone(),
+                        binary: Some(binary.clone()),
+                    }
+                }));
+                competitors.push(frontier::Competitor::backfilld(label, settings));
+            }
         }
         let plan = frontier::FrontierPlan {
             rows: if options.frontier_full {
